@@ -1,0 +1,181 @@
+"""Launch the real ``tritonserver`` binary shipped in the ``nvidia-pytriton`` wheel.
+
+The wheel carries the server, the Python backend and a Python 3.11 backend stub, but no ONNX Runtime
+backend. ``prepare_backend_directory`` lays out a backend directory the way the server accepts it on a
+CPU-only machine (see ``../shared/notes/triton-on-cpu.md``):
+
+* ``python/libtriton_python.so`` and ``python/triton_python_backend_utils.py`` are real copies
+  (a symlinked library is refused as "escaping the backend directory");
+* ``python/triton_python_backend_stub`` is a symlink to the wheel's 3.11 stub (a copy cannot find its
+  shared libraries);
+* ``onnxruntime/model.py`` is shopserve's Python-based ONNX Runtime backend, so the model configs say
+  ``backend: "onnxruntime"`` exactly as they would for the native backend on a GPU Triton build.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("shopserve.server")
+
+ORT_BACKEND_SOURCE = Path(__file__).resolve().parent / "ort_backend.py"
+
+
+class ServerError(RuntimeError):
+    """The Triton server could not be prepared, started or reached."""
+
+
+def pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ServerError(
+            "nvidia-pytriton is not installed; install the serving extra: pip install '.[serve]'"
+        ) from exc
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def prepare_backend_directory(destination: Path) -> Path:
+    """Create (or refresh) a backend directory that the bundled server can load."""
+    root = pytriton_root()
+    stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = stub / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"no Python backend stub for Python {sys.version_info[:2]} in {root}")
+    python_dir = destination / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy2(root / "backends" / "python" / name, python_dir / name)
+    link = python_dir / "triton_python_backend_stub"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(stub)
+    ort_dir = destination / "onnxruntime"
+    ort_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ORT_BACKEND_SOURCE, ort_dir / "model.py")
+    return destination
+
+
+@dataclass
+class ServerConfig:
+    model_repository: Path
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    work_dir: Path | None = None
+    response_cache_bytes: int = 16 * 1024 * 1024
+    log_verbose: int = 0
+
+
+class TritonServer:
+    """A ``tritonserver`` child process; use as a context manager or call start()/stop()."""
+
+    def __init__(self, config: ServerConfig, log_file: Path | None = None) -> None:
+        self.config = config
+        self.log_file = log_file
+        self.process: subprocess.Popen | None = None
+        self._log_handle = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.config.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.config.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.metrics_port}/metrics"
+
+    def command(self, backend_dir: Path) -> list[str]:
+        root = pytriton_root()
+        cfg = self.config
+        return [
+            str(root / "bin" / "tritonserver"),
+            f"--model-repository={Path(cfg.model_repository).resolve()}",
+            f"--backend-directory={backend_dir}",
+            f"--cache-directory={root / 'caches'}",
+            f"--cache-config=local,size={cfg.response_cache_bytes}",
+            "--pinned-memory-pool-byte-size=0",
+            "--allow-gpu-metrics=false",
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            "--strict-readiness=true",
+            f"--log-verbose={cfg.log_verbose}",
+            f"--http-port={cfg.http_port}",
+            f"--grpc-port={cfg.grpc_port}",
+            f"--metrics-port={cfg.metrics_port}",
+        ]
+
+    def start(self, timeout: float = 120.0) -> TritonServer:
+        repo = Path(self.config.model_repository)
+        if not (repo / "manifest.json").exists():
+            raise ServerError(
+                f"{repo} holds no built model repository (manifest.json is missing); "
+                "build it first: python -m shopserve.export build"
+            )
+        work_dir = Path(self.config.work_dir or repo.resolve().parent / ".triton")
+        backend_dir = prepare_backend_directory(work_dir / "backends")
+        env = dict(os.environ)
+        # The Python backend stub runs the first python on PATH: make it this environment's.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        stdout = subprocess.DEVNULL
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
+            stdout = self._log_handle
+        log.info("starting %s", " ".join(self.command(backend_dir)))
+        self.process = subprocess.Popen(
+            self.command(backend_dir), env=env, stdout=stdout, stderr=subprocess.STDOUT
+        )
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerError(
+                    f"tritonserver exited with code {self.process.returncode} before it was ready"
+                    + (f"; see {self.log_file}" if self.log_file else "")
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"tritonserver was not ready within {timeout:.0f} s")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
