@@ -50,9 +50,9 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         inputs = [
             {
-                name: pb_utils.get_input_tensor_by_name(request, name).as_numpy().astype(
-                    self.input_dtypes[name], copy=False
-                )
+                name: pb_utils.get_input_tensor_by_name(request, name)
+                .as_numpy()
+                .astype(self.input_dtypes[name], copy=False)
                 for name in self.input_names
             }
             for request in requests

@@ -80,9 +80,12 @@ class ServerConfig:
 class TritonServer:
     """A ``tritonserver`` child process; use as a context manager or call start()/stop()."""
 
-    def __init__(self, config: ServerConfig, log_file: Path | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, log_file: Path | None = None, inherit_output: bool = False
+    ) -> None:
         self.config = config
         self.log_file = log_file
+        self.inherit_output = inherit_output
         self.process: subprocess.Popen | None = None
         self._log_handle = None
 
@@ -130,7 +133,7 @@ class TritonServer:
         env = dict(os.environ)
         # The Python backend stub runs the first python on PATH: make it this environment's.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        stdout = subprocess.DEVNULL
+        stdout = None if self.inherit_output else subprocess.DEVNULL
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()

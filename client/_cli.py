@@ -1,0 +1,76 @@
+"""``shopserve search``: query the search endpoint from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+from ._client import DEFAULT_URL, Hit, SearchClient
+from ._errors import InvalidRequestError, SearchError
+
+TITLE_WIDTH = 70
+
+
+def _one_line(text: str, width: int) -> str:
+    """Collapse whitespace (titles may hold newlines or tabs) and cut to ``width`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def format_table(hits: Sequence[Hit]) -> str:
+    """Render hits as an aligned table: rank, score (4 decimals), product id, title."""
+    header = ("rank", "score", "product_id", "title")
+    rows = [
+        (str(hit.rank), f"{hit.score:.4f}", str(hit.product_id), _one_line(hit.title, TITLE_WIDTH))
+        for hit in hits
+    ]
+    widths = [max(len(row[col]) for row in [header, *rows]) for col in range(3)]
+    lines = [
+        f"{rank:>{widths[0]}}  {score:>{widths[1]}}  {product_id:>{widths[2]}}  {title}".rstrip()
+        for rank, score, product_id, title in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def format_json_lines(hits: Sequence[Hit]) -> str:
+    """One JSON object per hit, one per line."""
+    return "\n".join(json.dumps(dataclasses.asdict(hit), ensure_ascii=False) for hit in hits)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shopserve search", description="Search the product catalogue."
+    )
+    parser.add_argument("query", help="search text")
+    parser.add_argument(
+        "-k", "--top-k", type=int, default=10, help="number of results (default: 10)"
+    )
+    parser.add_argument(
+        "--url", default=DEFAULT_URL, help=f"Triton gRPC address (default: {DEFAULT_URL})"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="request timeout in seconds (default: 5)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``shopserve search``; ``argv`` excludes the program and subcommand names.
+
+    Returns 0 on success, 2 when the server rejects the request, 1 on any other error.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        with SearchClient(args.url, timeout=args.timeout) as client:
+            hits = client.search(args.query, top_k=args.top_k)
+    except SearchError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2 if isinstance(exc, InvalidRequestError) else 1
+    output = format_json_lines(hits) if args.json else format_table(hits)
+    if output:
+        print(output)
+    return 0

@@ -1,0 +1,318 @@
+"""Blocking and asyncio clients for the Triton ``search`` ensemble.
+
+Request building and response parsing are module functions shared by both clients. Query and
+TOP_K values are deliberately not range-checked here: the server is the authority on what is
+valid and answers bad values with INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aio_grpcclient
+from tritonclient.utils import InferenceServerException
+
+from ._errors import RequestTimeoutError, SearchError, ServerUnavailableError, map_error
+
+DEFAULT_URL = "127.0.0.1:8001"
+DEFAULT_MODEL_NAME = "search"
+OUTPUT_NAMES = ("PRODUCT_IDS", "SCORES", "TITLES")
+
+_INT32 = np.iinfo(np.int32)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result; ``rank`` is 1-based and ``score`` is a softmax probability."""
+
+    rank: int
+    product_id: int
+    score: float
+    title: str
+
+
+class TensorResult(Protocol):
+    """What :func:`parse_hits` needs from a tritonclient ``InferResult``."""
+
+    def as_numpy(self, name: str) -> np.ndarray | None: ...
+
+
+def build_inputs(query: str | bytes, top_k: int) -> list[grpcclient.InferInput]:
+    """Build the QUERY and TOP_K tensors (shape [1]; the ensemble has max_batch_size 0).
+
+    A str query is UTF-8 encoded; bytes are sent unchanged so that callers can send raw bytes.
+    """
+    if isinstance(query, str):
+        data = query.encode("utf-8")
+    elif isinstance(query, bytes):
+        data = query
+    else:
+        raise TypeError(f"query must be str or bytes, not {type(query).__name__}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        raise TypeError(f"top_k must be an int, not {type(top_k).__name__}")
+    if not _INT32.min <= top_k <= _INT32.max:
+        # Not a range check on the value's meaning: numpy would silently wrap it around.
+        raise OverflowError(f"top_k={top_k} does not fit in INT32")
+
+    query_input = grpcclient.InferInput("QUERY", [1], "BYTES")
+    query_input.set_data_from_numpy(np.array([data], dtype=np.object_))
+    top_k_input = grpcclient.InferInput("TOP_K", [1], "INT32")
+    top_k_input.set_data_from_numpy(np.array([top_k], dtype=np.int32))
+    return [query_input, top_k_input]
+
+
+def requested_outputs() -> list[grpcclient.InferRequestedOutput]:
+    return [grpcclient.InferRequestedOutput(name) for name in OUTPUT_NAMES]
+
+
+def parse_hits(result: TensorResult) -> list[Hit]:
+    """Turn the PRODUCT_IDS / SCORES / TITLES outputs into ranked hits."""
+    arrays = []
+    for name in OUTPUT_NAMES:
+        array = result.as_numpy(name)
+        if array is None:
+            raise SearchError(f"response is missing output {name}")
+        arrays.append(array.reshape(-1))
+    ids, scores, titles = arrays
+    if not len(ids) == len(scores) == len(titles):
+        raise SearchError(
+            f"response outputs differ in length: {len(ids)} ids, {len(scores)} scores, "
+            f"{len(titles)} titles"
+        )
+    return [
+        Hit(
+            rank=rank,
+            product_id=int(product_id),
+            score=float(score),
+            title=title.decode("utf-8", errors="replace"),
+        )
+        for rank, (product_id, score, title) in enumerate(
+            zip(ids, scores, titles, strict=True), start=1
+        )
+    ]
+
+
+def _not_ready(exc: InferenceServerException) -> bool:
+    """Answer a failed readiness probe: False when the server can't be reached, else raise."""
+    error = map_error(exc)
+    if isinstance(error, (ServerUnavailableError, RequestTimeoutError)):
+        return False
+    raise error from exc
+
+
+def _check_max_in_flight(max_in_flight: int) -> None:
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+
+
+class _ClientSettings:
+    def __init__(self, url: str, model_name: str, timeout: float) -> None:
+        self.url = url
+        self.model_name = model_name
+        self.timeout = timeout
+
+    def _client_timeout(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+
+class SearchClient(_ClientSettings):
+    """Blocking client over tritonclient.grpc; safe to share between threads.
+
+    ``timeout`` (seconds) is the default end-to-end deadline of every call.
+    """
+
+    def __init__(
+        self, url: str = DEFAULT_URL, model_name: str = DEFAULT_MODEL_NAME, timeout: float = 5.0
+    ) -> None:
+        super().__init__(url, model_name, timeout)
+        self._client = grpcclient.InferenceServerClient(url)
+
+    def ready(self) -> bool:
+        """True when the server is live and ready and the model is ready."""
+        try:
+            return bool(
+                self._client.is_server_live(client_timeout=self.timeout)
+                and self._client.is_server_ready(client_timeout=self.timeout)
+                and self._client.is_model_ready(self.model_name, client_timeout=self.timeout)
+            )
+        except InferenceServerException as exc:
+            return _not_ready(exc)
+
+    def search(
+        self, query: str | bytes, top_k: int = 10, timeout: float | None = None
+    ) -> list[Hit]:
+        """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged."""
+        inputs = build_inputs(query, top_k)
+        try:
+            result = self._client.infer(
+                self.model_name,
+                inputs,
+                outputs=requested_outputs(),
+                client_timeout=self._client_timeout(timeout),
+            )
+        except InferenceServerException as exc:
+            raise map_error(exc) from exc
+        return parse_hits(result)
+
+    def search_many(
+        self,
+        queries: Sequence[str | bytes],
+        top_k: int = 10,
+        timeout: float | None = None,
+        max_in_flight: int = 8,
+    ) -> list[list[Hit]]:
+        """Search all queries with up to ``max_in_flight`` requests outstanding at once.
+
+        Results come back in input order. After the first failure no further requests are
+        sent; the in-flight ones are awaited and then that first error is raised.
+        """
+        _check_max_in_flight(max_in_flight)
+        requests = [build_inputs(query, top_k) for query in queries]
+        client_timeout = self._client_timeout(timeout)
+        results: list[list[Hit]] = [[] for _ in requests]
+        failures: list[Exception] = []
+        slots = threading.Semaphore(max_in_flight)
+
+        def on_done(
+            index: int,
+            result: grpcclient.InferResult | None,
+            error: InferenceServerException | None,
+        ) -> None:
+            # Runs on a gRPC thread: record everything, the caller's thread raises it.
+            try:
+                if error is None:
+                    results[index] = parse_hits(result)
+                else:
+                    failures.append(map_error(error))
+            except Exception as exc:
+                failures.append(exc)
+            finally:
+                slots.release()
+
+        for index, inputs in enumerate(requests):
+            slots.acquire()
+            if failures:
+                slots.release()
+                break
+            try:
+                self._client.async_infer(
+                    self.model_name,
+                    inputs,
+                    partial(on_done, index),
+                    outputs=requested_outputs(),
+                    client_timeout=client_timeout,
+                )
+            except InferenceServerException as exc:
+                slots.release()
+                failures.append(map_error(exc))
+                break
+        for _ in range(max_in_flight):  # wait until every request in flight has finished
+            slots.acquire()
+        if failures:
+            raise failures[0]
+        return results
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> SearchClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncSearchClient(_ClientSettings):
+    """asyncio client over tritonclient.grpc.aio, for use from a single event loop.
+
+    The gRPC channel is opened on first use rather than in the constructor, because grpc.aio
+    channels are bound to the event loop that is running when they are created.
+    """
+
+    def __init__(
+        self, url: str = DEFAULT_URL, model_name: str = DEFAULT_MODEL_NAME, timeout: float = 5.0
+    ) -> None:
+        super().__init__(url, model_name, timeout)
+        self._client: aio_grpcclient.InferenceServerClient | None = None
+
+    def _triton(self) -> aio_grpcclient.InferenceServerClient:
+        if self._client is None:
+            self._client = aio_grpcclient.InferenceServerClient(self.url)
+        return self._client
+
+    async def ready(self) -> bool:
+        """True when the server is live and ready and the model is ready."""
+        client = self._triton()
+        try:
+            return bool(
+                await client.is_server_live(client_timeout=self.timeout)
+                and await client.is_server_ready(client_timeout=self.timeout)
+                and await client.is_model_ready(self.model_name, client_timeout=self.timeout)
+            )
+        except InferenceServerException as exc:
+            return _not_ready(exc)
+
+    async def search(
+        self, query: str | bytes, top_k: int = 10, timeout: float | None = None
+    ) -> list[Hit]:
+        """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged."""
+        return await self._infer(build_inputs(query, top_k), timeout)
+
+    async def search_many(
+        self,
+        queries: Sequence[str | bytes],
+        top_k: int = 10,
+        timeout: float | None = None,
+        max_in_flight: int = 8,
+    ) -> list[list[Hit]]:
+        """Search all queries with up to ``max_in_flight`` requests outstanding at once.
+
+        Results come back in input order; on the first failure the remaining requests are
+        cancelled and that error is raised.
+        """
+        _check_max_in_flight(max_in_flight)
+        requests = [build_inputs(query, top_k) for query in queries]
+        slots = asyncio.Semaphore(max_in_flight)
+
+        async def bounded(inputs: list[grpcclient.InferInput]) -> list[Hit]:
+            async with slots:
+                return await self._infer(inputs, timeout)
+
+        tasks = [asyncio.ensure_future(bounded(inputs)) for inputs in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except SearchError:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def _infer(self, inputs: list[grpcclient.InferInput], timeout: float | None) -> list[Hit]:
+        try:
+            result = await self._triton().infer(
+                self.model_name,
+                inputs,
+                outputs=requested_outputs(),
+                client_timeout=self._client_timeout(timeout),
+            )
+        except InferenceServerException as exc:
+            raise map_error(exc) from exc
+        return parse_hits(result)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def __aenter__(self) -> AsyncSearchClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

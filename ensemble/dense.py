@@ -1,0 +1,51 @@
+"""Dense retrieval: an HNSW inner-product index (FAISS) over L2-normalised item embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+DEFAULT_HNSW_M = 32
+DEFAULT_EF_CONSTRUCTION = 200
+DEFAULT_EF_SEARCH = 128
+
+
+class DenseIndex:
+    def __init__(self, index: faiss.IndexHNSWFlat, ef_search: int = DEFAULT_EF_SEARCH) -> None:
+        self.index = index
+        self.ef_search = ef_search
+        self.index.hnsw.efSearch = ef_search
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        m: int = DEFAULT_HNSW_M,
+        ef_construction: int = DEFAULT_EF_CONSTRUCTION,
+        ef_search: int = DEFAULT_EF_SEARCH,
+    ) -> DenseIndex:
+        index = faiss.IndexHNSWFlat(embeddings.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        return cls(index, ef_search)
+
+    def save(self, path: Path) -> None:
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path: Path, ef_search: int = DEFAULT_EF_SEARCH) -> DenseIndex:
+        return cls(faiss.read_index(str(path)), ef_search)
+
+    @property
+    def size(self) -> int:
+        return self.index.ntotal
+
+    def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``n`` rows and inner products for each query row (``-1`` rows pad a short list)."""
+        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
+        return rows, scores
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        return self.index.reconstruct_batch(np.asarray(rows, dtype=np.int64))

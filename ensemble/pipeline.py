@@ -1,0 +1,82 @@
+"""The whole search graph in-process: the reference the Triton ensemble is checked against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import store
+from .dense import DenseIndex
+from .lexical import LexicalIndex
+from .models import OnnxEncoder, OnnxRanker
+from .postprocess import PostProcessor, SearchResult
+from .retrieve import Candidates, Retriever
+from .tokenize import QueryTokenizer
+from .validation import check_top_k, decode_query
+
+__all__ = ["SearchPipeline", "SearchResult", "load_retriever", "load_tokenizer"]
+
+
+def load_tokenizer(repository: Path) -> QueryTokenizer:
+    params = store.config_parameters(repository, store.TOKENIZE)
+    return QueryTokenizer(
+        store.latest_version_dir(repository, store.TOKENIZE) / store.TOKENIZER_FILE,
+        max_length=int(params["max_length"]),
+    )
+
+
+def load_retriever(repository: Path) -> Retriever:
+    params = store.config_parameters(repository, store.RETRIEVE)
+    version_dir = store.latest_version_dir(repository, store.RETRIEVE)
+    return Retriever(
+        DenseIndex.load(version_dir / store.DENSE_INDEX_FILE, int(params["ef_search"])),
+        LexicalIndex.load(version_dir / store.LEXICAL_INDEX_DIR),
+        dense_depth=int(params["dense_depth"]),
+        lexical_depth=int(params["lexical_depth"]),
+    )
+
+
+class SearchPipeline:
+    """tokenize -> encoder -> retrieve + fuse -> ranker -> post-process, as in the ensemble."""
+
+    def __init__(
+        self,
+        tokenizer: QueryTokenizer,
+        encoder: OnnxEncoder,
+        retriever: Retriever,
+        ranker: OnnxRanker,
+        postprocessor: PostProcessor,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.retriever = retriever
+        self.ranker = ranker
+        self.postprocessor = postprocessor
+
+    @classmethod
+    def from_repository(cls, repository: Path | str, threads: int = 1) -> SearchPipeline:
+        repository = Path(repository)
+        latest = store.latest_version_dir
+        return cls(
+            load_tokenizer(repository),
+            OnnxEncoder(latest(repository, store.ENCODER) / store.ONNX_FILE, threads),
+            load_retriever(repository),
+            OnnxRanker(latest(repository, store.RANKER) / store.ONNX_FILE, threads),
+            PostProcessor(
+                store.Catalogue.load(latest(repository, store.POSTPROCESS) / store.CATALOGUE_FILE)
+            ),
+        )
+
+    def embed(self, query: str) -> np.ndarray:
+        return self.encoder(*self.tokenizer(query))[0]
+
+    def candidates(self, query: str) -> Candidates:
+        return self.retriever(query, self.embed(query))
+
+    def search(self, query: str | bytes, top_k: int = 10) -> SearchResult:
+        """Validate like the server does, then run every step."""
+        text = decode_query(query)
+        k = check_top_k(top_k)
+        candidates = self.candidates(text)
+        return self.postprocessor(candidates.rows, self.ranker(candidates.features), k)

@@ -1,0 +1,44 @@
+"""Post-processing: softmax over the candidates' ranker scores, then a stable top-k."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .store import Catalogue
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(initial=-np.inf))
+    return (shifted / shifted.sum()).astype(np.float32)
+
+
+def top_k(product_ids: np.ndarray, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most probable products, ties broken by ascending product id."""
+    if len(product_ids) == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    probabilities = softmax(np.asarray(logits, dtype=np.float32).reshape(-1))
+    order = np.lexsort((product_ids, -probabilities))[:k]
+    return product_ids[order].astype(np.int64), probabilities[order]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    product_ids: np.ndarray  # int64 [k]
+    scores: np.ndarray  # float32 [k], softmax probabilities over the candidates
+    titles: list[str]
+
+
+class PostProcessor:
+    """Candidate rows + ranker logits -> the top-k products with their titles."""
+
+    def __init__(self, catalogue: Catalogue) -> None:
+        self.catalogue = catalogue
+
+    def __call__(self, rows: np.ndarray, logits: np.ndarray, k: int) -> SearchResult:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        product_ids, scores = top_k(self.catalogue.product_ids[rows], logits, k)
+        row_of = dict(zip(self.catalogue.product_ids[rows].tolist(), rows.tolist(), strict=True))
+        titles = [self.catalogue.titles[row_of[pid]] for pid in product_ids.tolist()]
+        return SearchResult(product_ids, scores, titles)

@@ -1,0 +1,49 @@
+"""Hybrid candidate generation (dense ANN top-N ∪ lexical top-N) and feature fusion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dense import DenseIndex
+from .features import ranking_features
+from .lexical import LexicalIndex, top_rows
+
+DEFAULT_DENSE_DEPTH = 100
+DEFAULT_LEXICAL_DEPTH = 100
+
+
+@dataclass(frozen=True)
+class Candidates:
+    rows: np.ndarray  # int64 [n]: catalogue rows, ascending
+    features: np.ndarray  # float32 [n, NUM_FEATURES]
+
+
+class Retriever:
+    def __init__(
+        self,
+        dense: DenseIndex,
+        lexical: LexicalIndex,
+        dense_depth: int = DEFAULT_DENSE_DEPTH,
+        lexical_depth: int = DEFAULT_LEXICAL_DEPTH,
+    ) -> None:
+        if dense.size != lexical.size:
+            raise ValueError(f"dense index has {dense.size} items, lexical {lexical.size}")
+        self.dense = dense
+        self.lexical = lexical
+        self.dense_depth = dense_depth
+        self.lexical_depth = lexical_depth
+
+    def __call__(self, query: str, embedding: np.ndarray) -> Candidates:
+        embedding = np.asarray(embedding, dtype=np.float32).reshape(1, -1)
+        dense_rows, _ = self.dense.search(embedding, self.dense_depth)
+        terms = self.lexical.analyze(query)
+        bm25 = self.lexical.scores(terms)
+        lexical_rows = top_rows(bm25, self.lexical_depth)
+        rows = np.union1d(dense_rows[0][dense_rows[0] >= 0], lexical_rows)
+        cosine = self.dense.vectors(rows) @ embedding[0]
+        features = ranking_features(
+            self.lexical, terms, rows, cosine, bm25[rows], float(bm25.max(initial=0.0))
+        )
+        return Candidates(rows=rows, features=features)

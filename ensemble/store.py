@@ -1,0 +1,79 @@
+"""Where each step's artefacts live in a model repository, and how to load them."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ENSEMBLE = "search"
+TOKENIZE = "tokenize"
+ENCODER = "encoder"
+RETRIEVE = "retrieve"
+RANKER = "ranker"
+POSTPROCESS = "postprocess"
+STEPS = (TOKENIZE, ENCODER, RETRIEVE, RANKER, POSTPROCESS)
+
+TOKENIZER_FILE = "tokenizer.json"
+ONNX_FILE = "model.onnx"
+DENSE_INDEX_FILE = "dense.faiss"
+LEXICAL_INDEX_DIR = "lexical"
+CATALOGUE_FILE = "catalogue.json"
+MANIFEST_FILE = "manifest.json"
+
+_PARAMETER = re.compile(
+    r'parameters\s*\{\s*key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}\s*\}'
+)
+
+
+def version_dirs(repository: Path, model: str) -> list[Path]:
+    model_dir = Path(repository) / model
+    return (
+        sorted(
+            (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
+            key=lambda p: int(p.name),
+        )
+        if model_dir.is_dir()
+        else []
+    )
+
+
+def latest_version_dir(repository: Path, model: str) -> Path:
+    """The newest numbered version directory of ``model`` (Triton's default version policy)."""
+    versions = version_dirs(repository, model)
+    if not versions:
+        raise FileNotFoundError(f"no numbered version directory under {Path(repository) / model}")
+    return versions[-1]
+
+
+def config_parameters(repository: Path, model: str) -> dict[str, str]:
+    """The string ``parameters`` of a model's config.pbtxt, as the Triton adapters see them."""
+    text = (Path(repository) / model / "config.pbtxt").read_text()
+    return dict(_PARAMETER.findall(text))
+
+
+def adapter_parameters(model_config: dict) -> dict[str, str]:
+    """The same parameters from the JSON model config that Triton hands a Python model."""
+    return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    product_ids: np.ndarray  # int64 [n], by catalogue row
+    titles: list[str]
+
+    def save(self, path: Path) -> None:
+        path.write_text(
+            json.dumps({"product_ids": self.product_ids.tolist(), "titles": self.titles})
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Catalogue:
+        data = json.loads(Path(path).read_text())
+        return cls(np.asarray(data["product_ids"], dtype=np.int64), data["titles"])
+
+    def __len__(self) -> int:
+        return len(self.product_ids)

@@ -1,0 +1,34 @@
+"""Helpers shared by the Triton ``model.py`` adapters (imported only inside the Python backend)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from .store import adapter_parameters
+
+
+def model_context(args: dict) -> tuple[Path, dict[str, str]]:
+    """The adapter's version directory and its config parameters."""
+    config = json.loads(args["model_config"])
+    return Path(args["model_repository"]) / args["model_version"], adapter_parameters(config)
+
+
+def input_array(request, name: str) -> np.ndarray:
+    return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+
+
+def respond(**outputs: np.ndarray):
+    return pb_utils.InferenceResponse(
+        output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()]
+    )
+
+
+def invalid_argument(exc: Exception):
+    """A response that Triton returns to the client as gRPC INVALID_ARGUMENT."""
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+    )

@@ -1,0 +1,123 @@
+"""Reading a catalogue and its relevance judgments from the documented generic format.
+
+Catalogue (CSV or Parquet): ``product_id``, ``title``; optional ``description``, ``category``,
+``brand``, ``price``. Judgments: ``query``, ``product_id``, graded ``relevance``. The Home Depot column
+names (``product_uid``, ``product_title``, ``search_term``) are accepted as aliases, so its files are read
+through this same path. Gains for nDCG are ``relevance - min_relevance`` (Home Depot grades 1..3).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR", "../shared/data")) / "homedepot"
+CATALOGUE_ALIASES = {"product_uid": "product_id", "product_title": "title"}
+JUDGMENT_ALIASES = {"search_term": "query", "product_uid": "product_id"}
+OPTIONAL_CATALOGUE_COLUMNS = ("description", "category", "brand", "price")
+
+
+class DataError(ValueError):
+    """An input file is missing, unreadable or does not follow the documented format."""
+
+
+def _read_rows(path: Path, aliases: dict[str, str], required: tuple[str, ...]) -> list[dict]:
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from exc
+        rows = pq.read_table(path).to_pylist()
+    elif path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        raise DataError(f"{path}: expected a .csv or .parquet file")
+    rows = [{aliases.get(k, k): v for k, v in row.items()} for row in rows]
+    missing = [c for c in required if rows and c not in rows[0]]
+    if not rows or missing:
+        raise DataError(f"{path}: missing columns {missing or list(required)}")
+    return rows
+
+
+@dataclass(frozen=True)
+class CatalogueData:
+    product_ids: np.ndarray  # int64
+    titles: list[str]
+    extra: dict[str, list] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.product_ids)
+
+
+@dataclass(frozen=True)
+class Judgments:
+    """Graded judgments grouped by query, in order of first appearance (log order)."""
+
+    by_query: OrderedDict[str, dict[int, float]]
+    min_relevance: float
+
+    @property
+    def queries(self) -> list[str]:
+        return list(self.by_query)
+
+    def gains(self, query: str) -> dict[int, float]:
+        return {pid: rel - self.min_relevance for pid, rel in self.by_query[query].items()}
+
+    def subset(self, queries: list[str]) -> Judgments:
+        return Judgments(OrderedDict((q, self.by_query[q]) for q in queries), self.min_relevance)
+
+    def __len__(self) -> int:
+        return len(self.by_query)
+
+
+def load_catalogue(path: Path) -> CatalogueData:
+    rows = _read_rows(path, CATALOGUE_ALIASES, ("product_id", "title"))
+    try:
+        ids = np.array([int(r["product_id"]) for r in rows], dtype=np.int64)
+    except ValueError as exc:
+        raise DataError(f"{path}: product_id must be an integer ({exc})") from exc
+    if len(np.unique(ids)) != len(ids):
+        raise DataError(f"{path}: product_id values are not unique")
+    titles = [str(r["title"] or "").strip() for r in rows]
+    extra = {c: [r[c] for r in rows] for c in OPTIONAL_CATALOGUE_COLUMNS if c in rows[0]}
+    return CatalogueData(ids, titles, extra)
+
+
+def load_judgments(path: Path, catalogue: CatalogueData) -> Judgments:
+    rows = _read_rows(path, JUDGMENT_ALIASES, ("query", "product_id", "relevance"))
+    known = set(catalogue.product_ids.tolist())
+    by_query: OrderedDict[str, dict[int, float]] = OrderedDict()
+    for row in rows:
+        query, pid = str(row["query"]).strip(), int(row["product_id"])
+        if not query:
+            continue
+        if pid not in known:
+            raise DataError(f"{path}: product_id {pid} is not in the catalogue")
+        by_query.setdefault(query, {})[pid] = float(row["relevance"])
+    min_relevance = min(r for grades in by_query.values() for r in grades.values())
+    return Judgments(by_query, min_relevance)
+
+
+def split_queries(
+    queries: list[str], dev_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """A seeded query-level split: no query is in both parts; each part keeps log order."""
+    shuffled = list(queries)
+    random.Random(seed).shuffle(shuffled)
+    dev = set(shuffled[: round(len(shuffled) * dev_fraction)])
+    return [q for q in queries if q not in dev], [q for q in queries if q in dev]
+
+
+def fingerprint(paths: list[Path]) -> dict[str, str]:
+    """sha256 of each input file, keyed by file name."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}

@@ -1,0 +1,66 @@
+"""Evaluate a built repository on a judgments file (the build's dev split when it is the same file)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from shopserve.ensemble import store
+from shopserve.ensemble.models import OnnxEncoder, OnnxRanker
+from shopserve.ensemble.pipeline import load_retriever, load_tokenizer
+from shopserve.ensemble.retrieve import Retriever
+
+from .build import EMBED_THREADS, FP32_ENCODER_FILE
+from .data import CatalogueData, fingerprint, load_judgments, split_queries
+from .evaluate import evaluate
+from .index import build_dense_index
+
+log = logging.getLogger("shopserve.export.evaluate")
+
+
+def evaluate_repository(repository: Path, judgments_path: Path, fp32: bool = False) -> dict:
+    manifest = json.loads((repository / store.MANIFEST_FILE).read_text())
+    catalogue = store.Catalogue.load(
+        store.latest_version_dir(repository, store.POSTPROCESS) / store.CATALOGUE_FILE
+    )
+    judgments = load_judgments(
+        judgments_path, CatalogueData(catalogue.product_ids, catalogue.titles)
+    )
+    built_from = manifest["data"]["files"].get(judgments_path.name)
+    if built_from == fingerprint([judgments_path])[judgments_path.name]:
+        split = manifest["split"]
+        _, dev = split_queries(judgments.queries, split["dev_fraction"], split["seed"])
+        judgments, scope = judgments.subset(dev), f"dev split (seed {split['seed']})"
+    else:
+        scope = "all queries of a file the build did not see"
+    log.info("evaluating %d queries: %s", len(judgments), scope)
+    tokenizer = load_tokenizer(repository)
+    retriever = load_retriever(repository)
+    ranker = OnnxRanker(store.latest_version_dir(repository, store.RANKER) / store.ONNX_FILE)
+    encoder_dir = store.latest_version_dir(repository, store.ENCODER)
+    result = {"scope": scope, "judgments": str(judgments_path)}
+    precisions = {"int8": store.ONNX_FILE, **({"fp32": FP32_ENCODER_FILE} if fp32 else {})}
+    for precision, filename in precisions.items():
+        encoder = OnnxEncoder(encoder_dir / filename, EMBED_THREADS)
+        if precision == "int8":
+            embeddings = retriever.dense.index.reconstruct_n(0, retriever.dense.size)
+            precision_retriever = retriever
+        else:
+            embeddings = encoder.embed_texts(tokenizer, catalogue.titles, progress="embed fp32")
+            precision_retriever = Retriever(
+                build_dense_index(embeddings, retriever.dense.ef_search),
+                retriever.lexical,
+                retriever.dense_depth,
+                retriever.lexical_depth,
+            )
+        result[precision] = evaluate(
+            retriever.lexical,
+            embeddings,
+            precision_retriever,
+            ranker,
+            catalogue.product_ids,
+            judgments,
+            encoder.embed_texts(tokenizer, judgments.queries),
+        )
+    return result

@@ -1,0 +1,92 @@
+"""Shared fixtures: a fully built model repository and a real tritonserver serving it.
+
+The repository is built once per session from the real Home Depot data (``DATA_DIR``, default
+``../shared/data``) into a temporary copy of ``model_repository/``. Set ``SHOPSERVE_REPOSITORY`` to a
+repository you already built to skip that step while iterating.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from shopserve.export.data import DEFAULT_DATA_DIR
+
+PROJECT = Path(__file__).resolve().parents[1]
+SOURCE_REPOSITORY = PROJECT / "model_repository"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def copy_source_repository(destination: Path) -> Path:
+    """The project's model repository as source: configs and adapters, no built artefacts."""
+    shutil.copytree(
+        SOURCE_REPOSITORY,
+        destination,
+        ignore=lambda _dir, names: [
+            n for n in names if n.endswith((".onnx", ".faiss", ".json")) or n in ("lexical", "__pycache__")
+        ],
+    )
+    return destination
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DEFAULT_DATA_DIR / "products.csv").exists():
+        pytest.fail(f"the Home Depot data is not at {DEFAULT_DATA_DIR}; set DATA_DIR")
+    return DEFAULT_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def built_repository(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    existing = os.environ.get("SHOPSERVE_REPOSITORY")
+    if existing:
+        return Path(existing)
+    from shopserve.export.build import BuildOptions, build
+
+    repository = copy_source_repository(tmp_path_factory.mktemp("store") / "model_repository")
+    build(
+        BuildOptions(
+            catalogue=data_dir / "products.csv",
+            judgments=data_dir / "judgments.csv",
+            repository=repository,
+        )
+    )
+    return repository
+
+
+@pytest.fixture(scope="session")
+def manifest(built_repository: Path) -> dict:
+    import json
+
+    return json.loads((built_repository / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def pipeline(built_repository: Path):
+    from shopserve.ensemble import SearchPipeline
+
+    return SearchPipeline.from_repository(built_repository)
+
+
+@pytest.fixture(scope="session")
+def server(built_repository: Path, tmp_path_factory: pytest.TempPathFactory):
+    from shopserve.server import ServerConfig, TritonServer
+
+    work = tmp_path_factory.mktemp("triton")
+    config = ServerConfig(
+        built_repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+        work_dir=work,
+    )
+    with TritonServer(config, log_file=work / "server.log") as running:
+        yield running

@@ -1,0 +1,105 @@
+"""The release build's outputs: manifest, accuracy gate, index quality, evaluation numbers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from shopserve.ensemble import store
+from shopserve.ensemble.models import OnnxEncoder
+from shopserve.ensemble.pipeline import load_tokenizer
+from shopserve.export.build import FP32_ENCODER_FILE
+from shopserve.export.data import load_catalogue
+from shopserve.export.quantize import AccuracyGateError, accuracy_gate
+
+pytestmark = pytest.mark.slow
+
+
+def test_manifest_records_versions_checksums_data_and_split(built_repository, manifest, data_dir):
+    assert manifest["models"] == {m: 1 for m in (store.ENSEMBLE, *store.STEPS)}
+    for relative, digest in manifest["files"].items():
+        assert hashlib.sha256((built_repository / relative).read_bytes()).hexdigest() == digest
+    assert "encoder/1/model.onnx" in manifest["files"]
+    assert manifest["data"]["products"] == 54_667
+    expected = hashlib.sha256((data_dir / "judgments.csv").read_bytes()).hexdigest()
+    assert manifest["data"]["files"]["judgments.csv"] == expected
+    split = manifest["split"]
+    assert split["seed"] == 13 and split["train_queries"] + split["dev_queries"] == 10_617
+    assert manifest["timings_s"]["total"] > 0 and manifest["built_at"]
+
+
+def test_encoder_export_and_int8_gate_hold(manifest):
+    encoder = manifest["encoder"]
+    assert encoder["export"]["max_abs_diff"] <= 1e-4 and encoder["export"]["texts_checked"] >= 500
+    gate = encoder["gate"]
+    assert gate["passed"] and gate["texts"] >= 1000 and gate["mean_cosine"] >= 0.99
+    assert gate["relative_ndcg_drop"] <= 0.01 and gate["queries"] >= 2000
+
+
+def test_ann_index_recall(manifest):
+    assert manifest["dense_index"]["recall"] >= 0.98 and manifest["dense_index"]["queries"] >= 500
+
+
+def test_served_system_beats_every_baseline_on_the_full_catalogue(manifest):
+    evaluation = manifest["evaluation"]
+    systems = evaluation["systems"]
+    served = systems["encoder_ranker"]
+    assert evaluation["queries"] >= 2000
+    for baseline in ("bm25", "encoder", "zscore_fusion"):
+        assert served["ndcg10"] > systems[baseline]["ndcg10"], baseline
+    for baseline in ("bm25", "encoder"):
+        assert served["recall100"] > systems[baseline]["recall100"], baseline
+    # The measured shape of these data: BM25 beats zero-shot MiniLM, their fusion beats both.
+    assert systems["bm25"]["ndcg10"] > systems["encoder"]["ndcg10"]
+    assert systems["zscore_fusion"]["ndcg10"] > systems["bm25"]["ndcg10"]
+    assert served["rerank_ndcg10"] > evaluation["random_rerank_ndcg10"]
+
+
+def _corrupted_copy(source, destination, noise: float) -> None:
+    """The FP32 encoder with Gaussian noise on every weight matrix: a deliberately broken model."""
+    model = onnx.load(str(source))
+    rng = np.random.default_rng(0)
+    for initializer in model.graph.initializer:
+        weights = numpy_helper.to_array(initializer)
+        if weights.ndim == 2 and weights.dtype == np.float32:
+            noisy = weights + rng.normal(0, noise * weights.std(), weights.shape).astype(np.float32)
+            initializer.CopyFrom(numpy_helper.from_array(noisy, initializer.name))
+    onnx.save(model, str(destination))
+
+
+def test_gate_stops_a_degraded_model(built_repository, data_dir, tmp_path):
+    encoder_dir = store.latest_version_dir(built_repository, store.ENCODER)
+    broken = tmp_path / "broken.onnx"
+    _corrupted_copy(encoder_dir / FP32_ENCODER_FILE, broken, noise=0.5)
+    tokenizer = load_tokenizer(built_repository)
+    texts = load_catalogue(data_dir / "products.csv").titles[:1000]
+    reference = OnnxEncoder(encoder_dir / FP32_ENCODER_FILE, 2).embed_texts(tokenizer, texts)
+    degraded = OnnxEncoder(broken, 2).embed_texts(tokenizer, texts)
+    ndcg = {"fp32": 0.60, "int8": 0.55}
+    with pytest.raises(AccuracyGateError, match=r"mean cosine to FP32 is 0\.\d+ on 1000 texts"):
+        accuracy_gate(reference, degraded, ndcg.get, queries=100)
+    with pytest.raises(AccuracyGateError, match=r"nDCG@10 fell 8\.33%"):
+        accuracy_gate(reference, reference, ndcg.get, queries=100)
+    int8 = OnnxEncoder(encoder_dir / store.ONNX_FILE, 2).embed_texts(tokenizer, texts)
+    assert accuracy_gate(reference, int8, {"fp32": 0.6, "int8": 0.6}.get, queries=100).passed
+
+
+def test_evaluate_command_reproduces_the_build_numbers(built_repository, manifest, data_dir, tmp_path):
+    output = tmp_path / "eval.json"
+    subprocess.run(
+        [sys.executable, "-m", "shopserve.export", "evaluate", "--repository",
+         str(built_repository), "--data", str(data_dir), "--output", str(output)],
+        check=True, capture_output=True,
+    )
+    reproduced = json.loads(output.read_text())["int8"]
+    built = manifest["evaluation"]
+    assert reproduced["queries"] == built["queries"]
+    for name, metrics in built["systems"].items():
+        for metric, value in metrics.items():
+            assert reproduced["systems"][name][metric] == pytest.approx(value, abs=2e-3), (name, metric)

@@ -1,0 +1,267 @@
+"""Unit tests for shopserve.client that need no server (round trips are in test_server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import numpy as np
+import pytest
+from shopserve.client import (
+    AsyncSearchClient,
+    Hit,
+    InvalidRequestError,
+    RequestTimeoutError,
+    SearchClient,
+    SearchError,
+    ServerUnavailableError,
+    map_error,
+)
+from shopserve.client._cli import format_json_lines, format_table, main
+from shopserve.client._client import build_inputs, parse_hits, requested_outputs
+from tritonclient.utils import (
+    InferenceServerException,
+    deserialize_bytes_tensor,
+)
+
+# --- error mapping ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ("StatusCode.INVALID_ARGUMENT", InvalidRequestError),
+        ("StatusCode.UNAVAILABLE", ServerUnavailableError),
+        ("StatusCode.NOT_FOUND", ServerUnavailableError),
+        ("StatusCode.DEADLINE_EXCEEDED", RequestTimeoutError),
+        ("StatusCode.INTERNAL", SearchError),
+        ("StatusCode.CANCELLED", SearchError),
+        (None, SearchError),
+    ],
+)
+def test_map_error(status: str | None, expected: type[SearchError]) -> None:
+    error = map_error(InferenceServerException("server said no", status=status))
+    assert type(error) is expected
+    assert isinstance(error, SearchError)
+    assert error.message == "server said no"
+    assert error.status == status
+    assert str(error) == "server said no"
+
+
+def test_map_error_without_message_falls_back_to_status() -> None:
+    error = map_error(InferenceServerException("", status="StatusCode.INTERNAL"))
+    assert error.message == "StatusCode.INTERNAL"
+
+
+# --- request building ---------------------------------------------------------------------
+
+
+def _tensor(inp) -> tuple[str, str, list[int], bytes]:
+    tensor = inp._get_tensor()
+    return tensor.name, tensor.datatype, list(tensor.shape), inp._get_content()
+
+
+def test_build_inputs_names_dtypes_shapes() -> None:
+    query, top_k = build_inputs("cordless drill", 7)
+    q_name, q_dtype, q_shape, q_raw = _tensor(query)
+    k_name, k_dtype, k_shape, k_raw = _tensor(top_k)
+    assert (q_name, q_dtype, q_shape) == ("QUERY", "BYTES", [1])
+    assert (k_name, k_dtype, k_shape) == ("TOP_K", "INT32", [1])
+    assert deserialize_bytes_tensor(q_raw).tolist() == [b"cordless drill"]
+    assert np.frombuffer(k_raw, dtype=np.int32).tolist() == [7]
+
+
+def test_build_inputs_encodes_str_as_utf8() -> None:
+    query, _ = build_inputs("café ☕", 1)
+    assert deserialize_bytes_tensor(_tensor(query)[3]).tolist() == ["café ☕".encode()]
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe not utf-8", b"", b"caf\xc3\xa9"])
+def test_build_inputs_passes_bytes_through(raw: bytes) -> None:
+    query, _ = build_inputs(raw, 1)
+    assert deserialize_bytes_tensor(_tensor(query)[3]).tolist() == [raw]
+
+
+@pytest.mark.parametrize("top_k", [0, -5, 101, 10_000])
+def test_build_inputs_does_not_range_check(top_k: int) -> None:
+    _, k = build_inputs("", top_k)
+    assert np.frombuffer(_tensor(k)[3], dtype=np.int32).tolist() == [top_k]
+
+
+def test_build_inputs_accepts_numpy_int() -> None:
+    _, k = build_inputs("x", np.int64(3))
+    assert np.frombuffer(_tensor(k)[3], dtype=np.int32).tolist() == [3]
+
+
+@pytest.mark.parametrize("top_k", [True, False, 5.0, "5", None])
+def test_top_k_must_be_int(top_k: object) -> None:
+    with pytest.raises(TypeError, match="top_k"):
+        build_inputs("drill", top_k)  # type: ignore[arg-type]
+
+
+def test_top_k_must_fit_int32() -> None:
+    with pytest.raises(OverflowError):
+        build_inputs("drill", 2**31)
+
+
+def test_query_must_be_str_or_bytes() -> None:
+    with pytest.raises(TypeError, match="query"):
+        build_inputs(42, 5)  # type: ignore[arg-type]
+
+
+def test_requested_outputs() -> None:
+    assert [out._get_tensor().name for out in requested_outputs()] == [
+        "PRODUCT_IDS",
+        "SCORES",
+        "TITLES",
+    ]
+
+
+# --- response parsing ---------------------------------------------------------------------
+
+
+class FakeResult:
+    def __init__(self, **arrays: np.ndarray) -> None:
+        self._arrays = arrays
+
+    def as_numpy(self, name: str) -> np.ndarray | None:
+        return self._arrays.get(name)
+
+
+def test_parse_hits() -> None:
+    result = FakeResult(
+        PRODUCT_IDS=np.array([42, 7], dtype=np.int64),
+        SCORES=np.array([0.75, 0.25], dtype=np.float32),
+        TITLES=np.array(["Bohrschrauber äöü".encode(), b"Drill"], dtype=np.object_),
+    )
+    hits = parse_hits(result)
+    assert hits == [
+        Hit(rank=1, product_id=42, score=0.75, title="Bohrschrauber äöü"),
+        Hit(rank=2, product_id=7, score=0.25, title="Drill"),
+    ]
+    assert all(type(h.product_id) is int and type(h.score) is float for h in hits)
+
+
+def test_parse_hits_empty() -> None:
+    result = FakeResult(
+        PRODUCT_IDS=np.zeros(0, dtype=np.int64),
+        SCORES=np.zeros(0, dtype=np.float32),
+        TITLES=np.zeros(0, dtype=np.object_),
+    )
+    assert parse_hits(result) == []
+
+
+def test_parse_hits_missing_output() -> None:
+    result = FakeResult(PRODUCT_IDS=np.array([1]), SCORES=np.array([1.0]))
+    with pytest.raises(SearchError, match="TITLES"):
+        parse_hits(result)
+
+
+def test_parse_hits_length_mismatch() -> None:
+    result = FakeResult(
+        PRODUCT_IDS=np.array([1, 2]),
+        SCORES=np.array([1.0]),
+        TITLES=np.array([b"a", b"b"], dtype=np.object_),
+    )
+    with pytest.raises(SearchError, match="length"):
+        parse_hits(result)
+
+
+def test_hit_is_frozen() -> None:
+    hit = Hit(rank=1, product_id=1, score=1.0, title="x")
+    with pytest.raises(AttributeError):
+        hit.rank = 2  # type: ignore[misc]
+
+
+# --- CLI formatting -----------------------------------------------------------------------
+
+HITS = [
+    Hit(rank=1, product_id=123456, score=0.912345, title="Cordless drill 18V"),
+    Hit(rank=2, product_id=7, score=0.05, title="x" * 100),
+    Hit(rank=10, product_id=42, score=0.0001234, title="Multi\nline\ttitle"),
+]
+
+
+def test_format_table() -> None:
+    lines = format_table(HITS).splitlines()
+    assert len(lines) == 4
+    assert lines[0].split() == ["rank", "score", "product_id", "title"]
+    assert lines[1].split()[:3] == ["1", "0.9123", "123456"]
+    assert lines[3].split()[:3] == ["10", "0.0001", "42"]
+    # every title starts in the same column
+    column = lines[0].index("title")
+    assert lines[1][column:] == "Cordless drill 18V"
+    assert lines[2][column:] == "x" * 67 + "..."
+    assert lines[3][column:] == "Multi line title"
+    # numbers are right-aligned
+    assert lines[1].index("0.9123") == lines[3].index("0.0001")
+    assert (
+        len(
+            {
+                line.index(str(hit.product_id)) + len(str(hit.product_id))
+                for line, hit in zip(lines[1:], HITS, strict=True)
+            }
+        )
+        == 1
+    )
+
+
+def test_format_table_no_hits() -> None:
+    assert format_table([]).split() == ["rank", "score", "product_id", "title"]
+
+
+def test_format_json_lines() -> None:
+    rows = [json.loads(line) for line in format_json_lines(HITS).splitlines()]
+    assert rows[0] == {
+        "rank": 1,
+        "product_id": 123456,
+        "score": 0.912345,
+        "title": "Cordless drill 18V",
+    }
+    assert [row["rank"] for row in rows] == [1, 2, 10]
+
+
+# --- against nothing listening ------------------------------------------------------------
+
+
+@pytest.fixture
+def closed_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+def test_ready_false_when_nothing_listens(closed_url: str) -> None:
+    with SearchClient(closed_url, timeout=1.0) as client:
+        assert client.ready() is False
+
+
+def test_search_closed_port_raises_unavailable(closed_url: str) -> None:
+    with (
+        SearchClient(closed_url, timeout=1.0) as client,
+        pytest.raises(ServerUnavailableError) as info,
+    ):
+        client.search("drill")
+    assert info.value.status == "StatusCode.UNAVAILABLE"
+
+
+def test_search_many_closed_port_raises_unavailable(closed_url: str) -> None:
+    with SearchClient(closed_url, timeout=1.0) as client, pytest.raises(ServerUnavailableError):
+        client.search_many(["a", "b", "c"], max_in_flight=2)
+
+
+def test_async_closed_port(closed_url: str) -> None:
+    async def scenario() -> None:
+        async with AsyncSearchClient(closed_url, timeout=1.0) as client:
+            assert await client.ready() is False
+            with pytest.raises(ServerUnavailableError):
+                await client.search("drill")
+
+    asyncio.run(scenario())
+
+
+def test_cli_closed_port(closed_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["drill", "--url", closed_url, "--timeout", "1"]) == 1
+    assert capsys.readouterr().err.startswith("error: ")

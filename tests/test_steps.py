@@ -1,0 +1,153 @@
+"""Fast unit tests of the ensemble's step logic and the export's data handling (no server)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from shopserve.ensemble import MAX_QUERY_BYTES, InvalidRequest
+from shopserve.ensemble.features import FEATURE_NAMES, ranking_features, term_matches
+from shopserve.ensemble.lexical import LexicalIndex, top_rows
+from shopserve.ensemble.postprocess import softmax, top_k
+from shopserve.ensemble.tokenize import QueryTokenizer
+from shopserve.ensemble.validation import check_top_k, decode_query
+from shopserve.export import encoder as encoder_export
+from shopserve.export.data import DataError, load_catalogue, load_judgments, split_queries
+from shopserve.export.metrics import ndcg_at_k, rank_by_score, recall_at_k
+
+TITLES = [
+    "DEWALT 20-Volt MAX Cordless Drill Driver Kit",
+    "Simpson Strong-Tie 12-Gauge Angle Bracket",
+    "Drill Bit Set for Wood and Metal (21-Piece)",
+    "BEHR Premium Deck Over Wood Coating",
+]
+
+
+@pytest.fixture(scope="module")
+def lexical() -> LexicalIndex:
+    return LexicalIndex.build(TITLES, show_progress=False)
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"", "empty"),
+        (b"   \t ", "empty"),
+        (b"\xff\xfe drill", "not valid UTF-8"),
+        (b"x" * (MAX_QUERY_BYTES + 1), "limit"),
+        (np.array([b"a", b"b"], dtype=object), "exactly one"),
+    ],
+)
+def test_bad_queries_are_named(raw: object, problem: str) -> None:
+    with pytest.raises(InvalidRequest, match=problem):
+        decode_query(raw)
+
+
+def test_query_decoding_keeps_text() -> None:
+    assert decode_query(np.array(["perceuse sans fil é".encode()], dtype=object)) == (
+        "perceuse sans fil é"
+    )
+    assert decode_query(b"x" * MAX_QUERY_BYTES) == "x" * MAX_QUERY_BYTES
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (np.array([0], np.int32), "between 1 and 100"),
+        (np.array([-3], np.int32), "between 1 and 100"),
+        (np.array([101], np.int32), "between 1 and 100"),
+        (np.array([1.5], np.float32), "integer"),
+        (True, "integer"),
+    ],
+)
+def test_bad_top_k_is_named(raw: object, problem: str) -> None:
+    with pytest.raises(InvalidRequest, match=problem):
+        check_top_k(raw)
+
+
+def test_top_k_bounds_are_inclusive() -> None:
+    assert check_top_k(np.array([1], np.int32)) == 1
+    assert check_top_k(np.array([100], np.int32)) == 100
+
+
+def test_tokenizer_pads_to_bucket_and_truncates() -> None:
+    tokenizer = QueryTokenizer(encoder_export.model_dir() / "tokenizer.json", max_length=256)
+    ids, mask = tokenizer("cordless drill")
+    assert ids.shape == mask.shape == (1, 16)
+    expected = tokenizer.tokenizer.encode("cordless drill").ids
+    assert ids[0, : len(expected)].tolist() == expected and mask.sum() == len(expected)
+    ids, mask = tokenizer("drill " * 400)
+    assert ids.shape == (1, 256) and mask.all()
+
+
+def test_top_rows_orders_by_score_then_row() -> None:
+    scores = np.array([0.0, 2.0, 1.0, 2.0, -1.0, 3.0], dtype=np.float32)
+    assert top_rows(scores, 3).tolist() == [5, 1, 3]
+    assert top_rows(scores, 10).tolist() == [5, 1, 3, 2]  # non-positive scores are not hits
+
+
+def test_lexical_scores_and_term_matches(lexical: LexicalIndex) -> None:
+    terms = lexical.analyze("cordless drills")
+    assert terms == ["cordless", "drill"]
+    scores = lexical.scores(terms)
+    assert scores.argmax() == 0 and scores[1] == 0 and scores[2] > 0
+    matches = term_matches(lexical, lexical.token_ids(terms), np.arange(4))
+    assert matches.tolist() == [2, 0, 1, 0]
+
+
+def test_features_follow_their_names(lexical: LexicalIndex) -> None:
+    terms = lexical.analyze("cordless drill unknownword")
+    rows = np.array([0, 2])
+    bm25 = lexical.scores(terms)
+    cosine = np.array([0.8, 0.5], dtype=np.float32)
+    features = ranking_features(lexical, terms, rows, cosine, bm25[rows], float(bm25.max()))
+    named = dict(zip(FEATURE_NAMES, features.T, strict=True))
+    assert features.shape == (2, len(FEATURE_NAMES)) and features.dtype == np.float32
+    np.testing.assert_allclose(named["cosine_gap"], [0.0, -0.3], atol=1e-6)
+    np.testing.assert_allclose(named["bm25_ratio"], [1.0, bm25[2] / bm25[0]], rtol=1e-6)
+    np.testing.assert_allclose(named["query_coverage"], [2 / 3, 1 / 3], rtol=1e-6)
+    np.testing.assert_allclose(named["query_length"], np.log1p(3), rtol=1e-6)
+
+
+def test_top_k_is_softmax_with_stable_ties() -> None:
+    ids = np.array([30, 10, 20, 40])
+    logits = np.array([1.0, 2.0, 1.0, 0.0], dtype=np.float32)
+    product_ids, scores = top_k(ids, logits, 3)
+    assert product_ids.tolist() == [10, 20, 30]
+    np.testing.assert_allclose(scores, softmax(logits)[[1, 0, 2]], rtol=1e-6)
+    np.testing.assert_allclose(softmax(logits).sum(), 1.0, rtol=1e-6)
+
+
+def test_ndcg_recall_and_ranking() -> None:
+    gains = {1: 2.0, 2: 1.0, 3: 0.0}
+    assert ndcg_at_k([1, 2, 3], gains) == pytest.approx(1.0)
+    assert ndcg_at_k([9, 1], gains) == pytest.approx(
+        (2 / np.log2(3)) / (2 + 1 / np.log2(3))
+    )
+    assert recall_at_k([5, 1, 7], {1, 2}, 2) == 0.5
+    assert rank_by_score([7, 3, 5], np.array([1.0, 2.0, 2.0])) == [3, 5, 7]
+
+
+def test_generic_catalogue_format_and_split(tmp_path) -> None:
+    catalogue_file = tmp_path / "items.csv"
+    catalogue_file.write_text("product_id,title,brand\n1,Red Drill,ACME\n2,Blue Saw,ACME\n")
+    judgments_file = tmp_path / "judged.csv"
+    judgments_file.write_text("query,product_id,relevance\ndrill,1,3\ndrill,2,1\nsaw,2,2\n")
+    catalogue = load_catalogue(catalogue_file)
+    assert catalogue.product_ids.tolist() == [1, 2] and catalogue.extra["brand"] == ["ACME"] * 2
+    judgments = load_judgments(judgments_file, catalogue)
+    assert judgments.queries == ["drill", "saw"] and judgments.gains("drill") == {1: 2.0, 2: 0.0}
+    judgments_file.write_text("query,product_id,relevance\ndrill,99,3\n")
+    with pytest.raises(DataError, match="99 is not in the catalogue"):
+        load_judgments(judgments_file, catalogue)
+    with pytest.raises(DataError, match="missing columns"):
+        load_catalogue(judgments_file)
+
+
+def test_home_depot_split_is_seeded_and_disjoint(data_dir) -> None:
+    catalogue = load_catalogue(data_dir / "products.csv")
+    judgments = load_judgments(data_dir / "judgments.csv", catalogue)
+    assert len(catalogue) == 54_667 and len(judgments) == 10_617
+    train, dev = split_queries(judgments.queries, 0.2, seed=13)
+    assert not set(train) & set(dev) and len(train) + len(dev) == len(judgments)
+    assert (train, dev) == split_queries(judgments.queries, 0.2, seed=13)
+    assert dev != split_queries(judgments.queries, 0.2, seed=14)[1]
