@@ -13,10 +13,23 @@ DEFAULT_EF_SEARCH = 128
 
 
 class DenseIndex:
+    """HNSW search, plus the first two moments of the item embeddings, so that the mean and spread
+    of a query's cosine over the whole catalogue cost one 384x384 product instead of a full scan."""
+
     def __init__(self, index: faiss.IndexHNSWFlat, ef_search: int = DEFAULT_EF_SEARCH) -> None:
         self.index = index
         self.ef_search = ef_search
         self.index.hnsw.efSearch = ef_search
+        embeddings = index.reconstruct_n(0, index.ntotal).astype(np.float64)
+        self.mean = embeddings.mean(0)
+        self.second_moment = embeddings.T @ embeddings / max(len(embeddings), 1)
+
+    def cosine_moments(self, query: np.ndarray) -> tuple[float, float]:
+        """Mean and standard deviation of ``query``'s inner product over every item."""
+        query = np.asarray(query, dtype=np.float64).reshape(-1)
+        mean = float(query @ self.mean)
+        variance = float(query @ self.second_moment @ query) - mean * mean
+        return mean, float(np.sqrt(max(variance, 0.0)))
 
     @classmethod
     def build(

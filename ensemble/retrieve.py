@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .dense import DenseIndex
-from .features import ranking_features
+from .features import CatalogueStats, ranking_features
 from .lexical import LexicalIndex, top_rows
 
 DEFAULT_DENSE_DEPTH = 100
@@ -43,7 +43,6 @@ class Retriever:
         lexical_rows = top_rows(bm25, self.lexical_depth)
         rows = np.union1d(dense_rows[0][dense_rows[0] >= 0], lexical_rows)
         cosine = self.dense.vectors(rows) @ embedding[0]
-        features = ranking_features(
-            self.lexical, terms, rows, cosine, bm25[rows], float(bm25.max(initial=0.0))
-        )
+        stats = CatalogueStats.of(bm25, *self.dense.cosine_moments(embedding[0]))
+        features = ranking_features(self.lexical, terms, rows, cosine, bm25[rows], stats)
         return Candidates(rows=rows, features=features)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from shopserve.ensemble.features import ranking_features
+from shopserve.ensemble.features import CatalogueStats, ranking_features
 from shopserve.ensemble.lexical import LexicalIndex
 
 
@@ -24,13 +24,9 @@ class QueryScores:
 
     def features(self, lexical: LexicalIndex, rows: np.ndarray) -> np.ndarray:
         """Ranker features of ``rows``, computed exactly (no ANN)."""
+        stats = CatalogueStats.of(self.bm25, float(self.cosine.mean()), float(self.cosine.std()))
         return ranking_features(
-            lexical,
-            self.terms,
-            rows,
-            self.cosine[rows],
-            self.bm25[rows],
-            float(self.bm25.max(initial=0.0)),
+            lexical, self.terms, rows, self.cosine[rows], self.bm25[rows], stats
         )
 
     def fused(self) -> np.ndarray:
