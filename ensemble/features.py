@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .lexical import LexicalIndex
+from .lexical import LexicalIndex, QueryTerms
 
 FEATURE_NAMES = (
     "cosine",  # encoder cosine of query and title
@@ -17,6 +17,8 @@ FEATURE_NAMES = (
     "bm25_z",  # BM25 standardised over the whole catalogue for this query
     "query_coverage",  # share of the query's distinct terms found in the title
     "title_coverage",  # share of the title's distinct terms found in the query
+    "query_trigram_coverage",  # share of the query's character trigrams found in the title
+    "title_trigram_coverage",  # share of the title's character trigrams found in the query
     "title_length",  # log(1 + distinct title terms): an item-level statistic
     "query_length",  # log(1 + distinct query terms)
 )
@@ -48,23 +50,9 @@ def _standardise(values: np.ndarray, mean: float, std: float) -> np.ndarray:
     return (values - mean) / std if std > 0 else np.zeros_like(values)
 
 
-def term_matches(lexical: LexicalIndex, query_ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """How many of each row's distinct title terms are among ``query_ids``."""
-    starts = lexical.doc_offsets[rows]
-    lengths = lexical.doc_offsets[rows + 1] - starts
-    total = int(lengths.sum())
-    if total == 0 or query_ids.size == 0:
-        return np.zeros(len(rows), dtype=np.float32)
-    segment_starts = np.cumsum(lengths) - lengths
-    positions = np.repeat(starts - segment_starts, lengths) + np.arange(total)
-    hits = np.isin(lexical.doc_tokens[positions], query_ids).astype(np.float32)
-    sums = np.add.reduceat(hits, np.minimum(segment_starts, total - 1))
-    return np.where(lengths > 0, sums, 0.0).astype(np.float32)
-
-
 def ranking_features(
     lexical: LexicalIndex,
-    query_terms: list[str],
+    terms: QueryTerms,
     rows: np.ndarray,
     cosine: np.ndarray,
     bm25: np.ndarray,
@@ -72,9 +60,10 @@ def ranking_features(
 ) -> np.ndarray:
     """Features ``[len(rows), NUM_FEATURES]`` (float32) in the order of FEATURE_NAMES."""
     rows = np.asarray(rows, dtype=np.int64)
-    distinct_terms = len(set(query_terms))
-    matches = term_matches(lexical, lexical.token_ids(query_terms), rows)
-    title_lengths = (lexical.doc_offsets[rows + 1] - lexical.doc_offsets[rows]).astype(np.float32)
+    matches = lexical.words.matches(terms.word_ids, rows)
+    title_lengths = lexical.words.sizes(rows).astype(np.float32)
+    gram_matches = lexical.trigrams.matches(terms.trigram_ids, rows)
+    title_grams = lexical.trigrams.sizes(rows).astype(np.float32)
     features = np.empty((len(rows), NUM_FEATURES), dtype=np.float32)
     features[:, 0] = cosine
     features[:, 1] = cosine - (cosine.max() if len(rows) else 0.0)
@@ -82,8 +71,10 @@ def ranking_features(
     features[:, 3] = bm25
     features[:, 4] = bm25 / stats.best_bm25 if stats.best_bm25 > 0 else 0.0
     features[:, 5] = _standardise(bm25, stats.bm25_mean, stats.bm25_std)
-    features[:, 6] = matches / max(distinct_terms, 1)
+    features[:, 6] = matches / max(len(terms.words), 1)
     features[:, 7] = matches / np.maximum(title_lengths, 1.0)
-    features[:, 8] = np.log1p(title_lengths)
-    features[:, 9] = np.log1p(distinct_terms)
+    features[:, 8] = gram_matches / max(terms.trigram_count, 1)
+    features[:, 9] = gram_matches / np.maximum(title_grams, 1.0)
+    features[:, 10] = np.log1p(title_lengths)
+    features[:, 11] = np.log1p(len(terms.words))
     return features

@@ -1,9 +1,12 @@
-"""Lexical retrieval over product titles: BM25 (bm25s) with English stemming and stopwords."""
+"""Lexical retrieval over product titles: BM25 (bm25s) with English stemming and stopwords, plus
+each title's distinct word terms and character trigrams for the ranker's overlap features."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import bm25s
@@ -12,6 +15,7 @@ import Stemmer
 
 STOPWORDS = "en"
 STEMMER_LANGUAGE = "english"
+_WORD = re.compile(r"\w+")
 
 
 def top_rows(scores: np.ndarray, n: int) -> np.ndarray:
@@ -23,15 +27,75 @@ def top_rows(scores: np.ndarray, n: int) -> np.ndarray:
     return positive[np.lexsort((positive, -scores[positive]))]
 
 
-class LexicalIndex:
-    """BM25 over titles plus each title's distinct token ids (for term-overlap features)."""
+def char_trigrams(text: str) -> list[str]:
+    """Distinct character trigrams of each lower-cased word padded with '#': robust to typos."""
+    grams = (
+        padded[i : i + 3]
+        for word in _WORD.findall(text.lower())
+        for padded in (f"#{word}#",)
+        for i in range(len(padded) - 2)
+    )
+    return list(dict.fromkeys(grams))
 
-    def __init__(self, bm25: bm25s.BM25, doc_tokens: np.ndarray, doc_offsets: np.ndarray) -> None:
+
+@dataclass(frozen=True)
+class TermSets:
+    """One set of term ids per catalogue row, stored flat (``ids[offsets[r]:offsets[r + 1]]``)."""
+
+    ids: np.ndarray  # int64
+    offsets: np.ndarray  # int64 [rows + 1]
+
+    @classmethod
+    def from_lists(cls, rows: Iterable[Iterable[int]]) -> TermSets:
+        distinct = [list(dict.fromkeys(r)) for r in rows]
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in distinct])]).astype(np.int64)
+        ids = np.fromiter((i for r in distinct for i in r), dtype=np.int64, count=offsets[-1])
+        return cls(ids, offsets)
+
+    def save(self, path: Path) -> None:
+        np.savez(path, ids=self.ids, offsets=self.offsets)
+
+    @classmethod
+    def load(cls, path: Path) -> TermSets:
+        with np.load(path) as data:
+            return cls(data["ids"], data["offsets"])
+
+    def sizes(self, rows: np.ndarray) -> np.ndarray:
+        return self.offsets[rows + 1] - self.offsets[rows]
+
+    def matches(self, query_ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """How many of each row's terms are among ``query_ids`` (float32 [len(rows)])."""
+        lengths = self.sizes(rows)
+        total = int(lengths.sum())
+        if total == 0 or query_ids.size == 0:
+            return np.zeros(len(rows), dtype=np.float32)
+        segment_starts = np.cumsum(lengths) - lengths
+        positions = np.repeat(self.offsets[rows] - segment_starts, lengths) + np.arange(total)
+        hits = np.isin(self.ids[positions], query_ids).astype(np.float32)
+        sums = np.add.reduceat(hits, np.minimum(segment_starts, total - 1))
+        return np.where(lengths > 0, sums, 0.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class QueryTerms:
+    """A query analysed like the titles: stemmed word terms and character trigrams."""
+
+    words: list[str]  # distinct, in order, unknown ones included
+    word_ids: np.ndarray  # ids of the words the catalogue knows
+    trigram_count: int
+    trigram_ids: np.ndarray
+
+
+class LexicalIndex:
+    def __init__(
+        self, bm25: bm25s.BM25, words: TermSets, trigrams: TermSets, trigram_vocab: list[str]
+    ) -> None:
         self.bm25 = bm25
         self.stemmer = Stemmer.Stemmer(STEMMER_LANGUAGE)
         self.vocab: dict[str, int] = bm25.vocab_dict
-        self.doc_tokens = doc_tokens
-        self.doc_offsets = doc_offsets
+        self.words = words
+        self.trigrams = trigrams
+        self.trigram_vocab = {gram: i for i, gram in enumerate(trigram_vocab)}
 
     @classmethod
     def build(cls, titles: Sequence[str], show_progress: bool = True) -> LexicalIndex:
@@ -41,39 +105,46 @@ class LexicalIndex:
         )
         bm25 = bm25s.BM25()
         bm25.index(tokenized, show_progress=show_progress)
-        distinct = [list(dict.fromkeys(ids)) for ids in tokenized.ids]
-        lengths = np.array([len(ids) for ids in distinct], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        flat = np.fromiter((i for ids in distinct for i in ids), dtype=np.int64, count=offsets[-1])
         # bm25s numbers tokens in the tokenizer's vocabulary; map them to the index's vocabulary.
-        to_index = np.array(
-            [bm25.vocab_dict[token] for token, _ in sorted(tokenized.vocab.items(), key=_by_id)],
-            dtype=np.int64,
+        to_index = {i: bm25.vocab_dict[token] for token, i in tokenized.vocab.items()}
+        words = TermSets.from_lists([to_index[i] for i in ids] for ids in tokenized.ids)
+        trigram_vocab: dict[str, int] = {}
+        trigrams = TermSets.from_lists(
+            [trigram_vocab.setdefault(g, len(trigram_vocab)) for g in char_trigrams(title)]
+            for title in titles
         )
-        return cls(bm25, to_index[flat] if flat.size else flat, offsets)
+        return cls(bm25, words, trigrams, list(trigram_vocab))
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.bm25.save(str(directory), show_progress=False)
-        np.save(directory / "doc_tokens.npy", self.doc_tokens)
-        np.save(directory / "doc_offsets.npy", self.doc_offsets)
+        self.words.save(directory / "title_words.npz")
+        self.trigrams.save(directory / "title_trigrams.npz")
         (directory / "analyzer.json").write_text(
-            json.dumps({"stopwords": STOPWORDS, "stemmer": STEMMER_LANGUAGE})
+            json.dumps(
+                {
+                    "stopwords": STOPWORDS,
+                    "stemmer": STEMMER_LANGUAGE,
+                    "trigram_vocab": list(self.trigram_vocab),
+                }
+            )
         )
 
     @classmethod
     def load(cls, directory: Path) -> LexicalIndex:
-        bm25 = bm25s.BM25.load(str(directory))
+        analyzer = json.loads((directory / "analyzer.json").read_text())
         return cls(
-            bm25, np.load(directory / "doc_tokens.npy"), np.load(directory / "doc_offsets.npy")
+            bm25s.BM25.load(str(directory)),
+            TermSets.load(directory / "title_words.npz"),
+            TermSets.load(directory / "title_trigrams.npz"),
+            analyzer["trigram_vocab"],
         )
 
     @property
     def size(self) -> int:
-        return len(self.doc_offsets) - 1
+        return len(self.words.offsets) - 1
 
-    def analyze(self, text: str) -> list[str]:
-        """Lower-cased, stopword-free, stemmed tokens of ``text``."""
+    def analyze(self, text: str) -> QueryTerms:
         (tokens,) = bm25s.tokenize(
             [text],
             stopwords=STOPWORDS,
@@ -81,22 +152,22 @@ class LexicalIndex:
             return_ids=False,
             show_progress=False,
         )
-        return tokens
+        words = list(dict.fromkeys(tokens))
+        grams = char_trigrams(text)
+        return QueryTerms(
+            words,
+            _known_ids(words, self.vocab),
+            len(grams),
+            _known_ids(grams, self.trigram_vocab),
+        )
 
-    def token_ids(self, tokens: Sequence[str]) -> np.ndarray:
-        """Distinct vocabulary ids of ``tokens`` (unknown tokens have none)."""
-        ids = {self.vocab[t] for t in tokens if t in self.vocab}
-        return np.fromiter(sorted(ids), dtype=np.int64, count=len(ids))
-
-    def scores(self, tokens: Sequence[str]) -> np.ndarray:
-        """BM25 score of every title for the analysed query ``tokens``."""
-        if not tokens:
+    def scores(self, terms: QueryTerms) -> np.ndarray:
+        """BM25 score of every title for an analysed query."""
+        if not terms.words:
             return np.zeros(self.size, dtype=np.float32)
-        return self.bm25.get_scores(list(tokens)).astype(np.float32, copy=False)
-
-    def title_tokens(self, row: int) -> np.ndarray:
-        return self.doc_tokens[self.doc_offsets[row] : self.doc_offsets[row + 1]]
+        return self.bm25.get_scores(terms.words).astype(np.float32, copy=False)
 
 
-def _by_id(item: tuple[str, int]) -> int:
-    return item[1]
+def _known_ids(terms: Sequence[str], vocab: dict[str, int]) -> np.ndarray:
+    ids = sorted({vocab[t] for t in terms if t in vocab})
+    return np.asarray(ids, dtype=np.int64)

@@ -182,6 +182,8 @@ def build(options: BuildOptions) -> dict:
                 train.queries,
                 int8.embed_texts(tokenizer, train.queries, progress="embed train queries"),
                 [train.gains(q) for q in train.queries],
+                dense_depth=int(retrieve_params["dense_depth"]),
+                lexical_depth=int(retrieve_params["lexical_depth"]),
             )
             model, loss = train_ranker(lists, options.seed, options.epochs)
             diff = export_ranker(model, ranker_path, lists.features[lists.mask][:2048])

@@ -1,8 +1,9 @@
 """The learned ranker: an MLP over the fused features, trained listwise on graded judgments.
 
-Training lists hold each train query's judged products (gain = relevance - min relevance) plus a
-sample of the unjudged products the server would retrieve for it, as gain-0 examples: served over the
-whole catalogue, the ranker mostly sees such products. The loss is softmax cross-entropy against the gains'
+Training lists hold each train query's judged products (gain = relevance - min relevance) plus the
+unjudged products the server would retrieve for it, as gain-0 examples: served over the whole catalogue,
+the ranker mostly sees such products. (Only the hardest unjudged products as negatives, or none, both
+measured worse on dev: see the issue notes.) The loss is softmax cross-entropy against the gains'
 distribution (ListNet), matching the softmax probabilities the server returns.
 """
 
@@ -22,7 +23,6 @@ from .scoring import QueryScores
 
 log = logging.getLogger("shopserve.export.ranker")
 
-UNJUDGED_PER_QUERY = 20
 HIDDEN = 32
 MAX_ABS_DIFF = 1e-5
 
@@ -53,31 +53,21 @@ def training_lists(
     queries: list[str],
     query_embeddings: np.ndarray,
     gains: list[dict[int, float]],
-    candidate_depth: int,
-    hard: int,
-    sampled: int,
-    seed: int,
+    dense_depth: int,
+    lexical_depth: int,
 ) -> TrainingLists:
-    """One list per query: its judged products, then unjudged products (gain 0) from the candidates
-    the server would retrieve for it (dense top-N ∪ lexical top-N): the ``hard`` best by the z-score
-    fusion and ``sampled`` more drawn at random from the rest."""
-    rng = np.random.default_rng(seed)
+    """One list per query: its judged products, then every other product the server would retrieve
+    for it (dense top-N ∪ lexical top-N, exact search), unjudged and so gain 0."""
     lists = []
     for query, q_emb, q_gains in tqdm(
         list(zip(queries, query_embeddings, gains, strict=True)), desc="ranker features", unit="q"
     ):
         judged = np.array([row_of[pid] for pid in q_gains], dtype=np.int64)
         scores = QueryScores.compute(lexical, embeddings, query, q_emb)
-        pool = np.setdiff1d(
-            np.union1d(
-                top_rows(scores.cosine, candidate_depth), top_rows(scores.bm25, candidate_depth)
-            ),
-            judged,
+        pool = np.union1d(
+            top_rows(scores.cosine, dense_depth), top_rows(scores.bm25, lexical_depth)
         )
-        pool = pool[np.argsort(-scores.fused()[pool], kind="stable")]
-        rest = pool[hard:]
-        drawn = rng.choice(rest, min(sampled, len(rest)), replace=False)
-        rows = np.concatenate([judged, pool[:hard], np.sort(drawn)])
+        rows = np.concatenate([judged, np.setdiff1d(pool, judged)])
         target = np.zeros(len(rows), dtype=np.float32)
         target[: len(judged)] = list(q_gains.values())
         lists.append((scores.features(lexical, rows), target))

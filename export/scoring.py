@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 from shopserve.ensemble.features import CatalogueStats, ranking_features
-from shopserve.ensemble.lexical import LexicalIndex
+from shopserve.ensemble.lexical import LexicalIndex, QueryTerms
 
 
 @dataclass(frozen=True)
 class QueryScores:
-    terms: list[str]
+    terms: QueryTerms
     bm25: np.ndarray  # [catalogue]
     cosine: np.ndarray  # [catalogue]
 

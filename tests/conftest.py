@@ -31,7 +31,9 @@ def copy_source_repository(destination: Path) -> Path:
         SOURCE_REPOSITORY,
         destination,
         ignore=lambda _dir, names: [
-            n for n in names if n.endswith((".onnx", ".faiss", ".json")) or n in ("lexical", "__pycache__")
+            n
+            for n in names
+            if n.endswith((".onnx", ".faiss", ".json")) or n in ("lexical", "__pycache__")
         ],
     )
     return destination

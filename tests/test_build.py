@@ -90,16 +90,32 @@ def test_gate_stops_a_degraded_model(built_repository, data_dir, tmp_path):
     assert accuracy_gate(reference, int8, {"fp32": 0.6, "int8": 0.6}.get, queries=100).passed
 
 
-def test_evaluate_command_reproduces_the_build_numbers(built_repository, manifest, data_dir, tmp_path):
+def test_evaluate_command_reproduces_the_build_numbers(
+    built_repository, manifest, data_dir, tmp_path
+):
     output = tmp_path / "eval.json"
     subprocess.run(
-        [sys.executable, "-m", "shopserve.export", "evaluate", "--repository",
-         str(built_repository), "--data", str(data_dir), "--output", str(output)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "shopserve.export",
+            "evaluate",
+            "--repository",
+            str(built_repository),
+            "--data",
+            str(data_dir),
+            "--output",
+            str(output),
+        ],
+        check=True,
+        capture_output=True,
     )
     reproduced = json.loads(output.read_text())["int8"]
     built = manifest["evaluation"]
     assert reproduced["queries"] == built["queries"]
     for name, metrics in built["systems"].items():
         for metric, value in metrics.items():
-            assert reproduced["systems"][name][metric] == pytest.approx(value, abs=2e-3), (name, metric)
+            assert reproduced["systems"][name][metric] == pytest.approx(value, abs=2e-3), (
+                name,
+                metric,
+            )

@@ -14,12 +14,11 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from conftest import PROJECT, free_port
 from shopserve.client import AsyncSearchClient, InvalidRequestError, SearchClient
 from shopserve.client._cli import main as search_cli
 from shopserve.export.data import load_catalogue, load_judgments, split_queries
 from tritonclient.utils import InferenceServerException
-
-from .conftest import PROJECT, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -32,7 +31,9 @@ def client(server) -> SearchClient:
 
 @pytest.fixture(scope="module")
 def dev_queries(data_dir, manifest) -> list[str]:
-    judgments = load_judgments(data_dir / "judgments.csv", load_catalogue(data_dir / "products.csv"))
+    judgments = load_judgments(
+        data_dir / "judgments.csv", load_catalogue(data_dir / "products.csv")
+    )
     split = manifest["split"]
     return split_queries(judgments.queries, split["dev_fraction"], split["seed"])[1]
 
@@ -101,18 +102,24 @@ def _input(name: str, value: np.ndarray, datatype: str) -> grpcclient.InferInput
     [
         ([("QUERY", np.array([b"drill"], dtype=object), "BYTES")], "missing required input"),
         (
-            [("QUERY", np.array([b"drill"], dtype=object), "BYTES"),
-             ("TOP_K", np.array([5.0], np.float32), "FP32")],
+            [
+                ("QUERY", np.array([b"drill"], dtype=object), "BYTES"),
+                ("TOP_K", np.array([5.0], np.float32), "FP32"),
+            ],
             "unexpected datatype",
         ),
         (
-            [("QUERY", np.array([b"a", b"b"], dtype=object), "BYTES"),
-             ("TOP_K", np.array([5], np.int32), "INT32")],
+            [
+                ("QUERY", np.array([b"a", b"b"], dtype=object), "BYTES"),
+                ("TOP_K", np.array([5], np.int32), "INT32"),
+            ],
             "unexpected shape",
         ),
         (
-            [("QUERY", np.array([b"drill"], dtype=object), "BYTES"),
-             ("TOP_K", np.array([[5]], np.int32), "INT32")],
+            [
+                ("QUERY", np.array([b"drill"], dtype=object), "BYTES"),
+                ("TOP_K", np.array([[5]], np.int32), "INT32"),
+            ],
             "unexpected shape",
         ),
     ],
@@ -158,10 +165,26 @@ def test_response_cache_counts_hits(server, client) -> None:
 def test_serve_command_starts_and_stops_cleanly(built_repository, tmp_path) -> None:
     ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
     process = subprocess.Popen(
-        [sys.executable, "-m", "shopserve", "serve", "--model-repository", str(built_repository),
-         "--grpc-port", str(ports["grpc"]), "--http-port", str(ports["http"]),
-         "--metrics-port", str(ports["metrics"]), "--log-file", str(tmp_path / "triton.log")],
-        cwd=PROJECT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "shopserve",
+            "serve",
+            "--model-repository",
+            str(built_repository),
+            "--grpc-port",
+            str(ports["grpc"]),
+            "--http-port",
+            str(ports["http"]),
+            "--metrics-port",
+            str(ports["metrics"]),
+            "--log-file",
+            str(tmp_path / "triton.log"),
+        ],
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         deadline = time.monotonic() + 180

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from shopserve.ensemble import MAX_QUERY_BYTES, InvalidRequest
-from shopserve.ensemble.features import FEATURE_NAMES, ranking_features, term_matches
-from shopserve.ensemble.lexical import LexicalIndex, top_rows
+from shopserve.ensemble.features import FEATURE_NAMES, CatalogueStats, ranking_features
+from shopserve.ensemble.lexical import LexicalIndex, char_trigrams, top_rows
 from shopserve.ensemble.postprocess import softmax, top_k
 from shopserve.ensemble.tokenize import QueryTokenizer
 from shopserve.ensemble.validation import check_top_k, decode_query
@@ -86,12 +86,19 @@ def test_top_rows_orders_by_score_then_row() -> None:
 
 
 def test_lexical_scores_and_term_matches(lexical: LexicalIndex) -> None:
-    terms = lexical.analyze("cordless drills")
-    assert terms == ["cordless", "drill"]
+    terms = lexical.analyze("cordless drills drills")
+    assert terms.words == ["cordless", "drill"]
     scores = lexical.scores(terms)
     assert scores.argmax() == 0 and scores[1] == 0 and scores[2] > 0
-    matches = term_matches(lexical, lexical.token_ids(terms), np.arange(4))
-    assert matches.tolist() == [2, 0, 1, 0]
+    assert lexical.words.matches(terms.word_ids, np.arange(4)).tolist() == [2, 0, 1, 0]
+
+
+def test_trigrams_tolerate_typos(lexical: LexicalIndex) -> None:
+    assert char_trigrams("Go go") == ["#go", "go#"]
+    terms = lexical.analyze("cordles dril")  # misspelt: no word matches, many trigrams do
+    assert lexical.words.matches(terms.word_ids, np.arange(4)).tolist() == [0, 0, 0, 0]
+    grams = lexical.trigrams.matches(terms.trigram_ids, np.arange(4))
+    assert grams.argmax() == 0 and grams[0] >= 6 and grams[1] == 0
 
 
 def test_features_follow_their_names(lexical: LexicalIndex) -> None:
@@ -99,13 +106,33 @@ def test_features_follow_their_names(lexical: LexicalIndex) -> None:
     rows = np.array([0, 2])
     bm25 = lexical.scores(terms)
     cosine = np.array([0.8, 0.5], dtype=np.float32)
-    features = ranking_features(lexical, terms, rows, cosine, bm25[rows], float(bm25.max()))
+    stats = CatalogueStats.of(bm25, cosine_mean=0.3, cosine_std=0.1)
+    features = ranking_features(lexical, terms, rows, cosine, bm25[rows], stats)
     named = dict(zip(FEATURE_NAMES, features.T, strict=True))
     assert features.shape == (2, len(FEATURE_NAMES)) and features.dtype == np.float32
     np.testing.assert_allclose(named["cosine_gap"], [0.0, -0.3], atol=1e-6)
+    np.testing.assert_allclose(named["cosine_z"], [5.0, 2.0], rtol=1e-5)
     np.testing.assert_allclose(named["bm25_ratio"], [1.0, bm25[2] / bm25[0]], rtol=1e-6)
+    np.testing.assert_allclose(named["bm25_z"], (bm25[rows] - bm25.mean()) / bm25.std(), rtol=1e-5)
     np.testing.assert_allclose(named["query_coverage"], [2 / 3, 1 / 3], rtol=1e-6)
     np.testing.assert_allclose(named["query_length"], np.log1p(3), rtol=1e-6)
+    assert named["query_trigram_coverage"][0] > named["query_trigram_coverage"][1] > 0
+
+
+def test_cosine_moments_match_a_full_scan() -> None:
+    from shopserve.ensemble.dense import DenseIndex
+
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(500, 16)).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    index = DenseIndex.build(items, m=8, ef_construction=40, ef_search=40)
+    query = items[3]
+    mean, std = index.cosine_moments(query)
+    np.testing.assert_allclose(
+        [mean, std], [(items @ query).mean(), (items @ query).std()], rtol=1e-4
+    )
+    rows, scores = index.search(query[None], 5)
+    assert rows[0, 0] == 3 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_top_k_is_softmax_with_stable_ties() -> None:
@@ -120,9 +147,7 @@ def test_top_k_is_softmax_with_stable_ties() -> None:
 def test_ndcg_recall_and_ranking() -> None:
     gains = {1: 2.0, 2: 1.0, 3: 0.0}
     assert ndcg_at_k([1, 2, 3], gains) == pytest.approx(1.0)
-    assert ndcg_at_k([9, 1], gains) == pytest.approx(
-        (2 / np.log2(3)) / (2 + 1 / np.log2(3))
-    )
+    assert ndcg_at_k([9, 1], gains) == pytest.approx((2 / np.log2(3)) / (2 + 1 / np.log2(3)))
     assert recall_at_k([5, 1, 7], {1, 2}, 2) == 0.5
     assert rank_by_score([7, 3, 5], np.array([1.0, 2.0, 2.0])) == [3, 5, 7]
 
