@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    catalogue, judgments = _inputs(args)
+    catalogue, judgments = _inputs(args)  # evaluate reads the catalogue from the repository
     try:
         if args.command == "build":
             from .build import BuildOptions, build
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if judgments is None:
                 raise DataError("evaluate needs a judgments file")
-            result = evaluate_repository(args.repository, catalogue, judgments, fp32=args.fp32)
+            result = evaluate_repository(args.repository, judgments, fp32=args.fp32)
             text = json.dumps(result, indent=2)
             print(text)
             if args.output:

@@ -106,7 +106,7 @@ def _input(name: str, value: np.ndarray, datatype: str) -> grpcclient.InferInput
                 ("QUERY", np.array([b"drill"], dtype=object), "BYTES"),
                 ("TOP_K", np.array([5.0], np.float32), "FP32"),
             ],
-            "unexpected datatype",
+            "expects 'INT32'",
         ),
         (
             [
