@@ -17,6 +17,8 @@ def ort_session(model_path: Path | str, threads: int = 1) -> ort.InferenceSessio
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle threads must sleep, not spin: on 2 cores a spinning pool starves the other steps.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 

@@ -57,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-probe chatter
     catalogue, judgments = _inputs(args)  # evaluate reads the catalogue from the repository
     try:
         if args.command == "build":

@@ -33,6 +33,10 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(_parameter(config, "intra_op_threads", "1"))
         options.inter_op_num_threads = int(_parameter(config, "inter_op_threads", "1"))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Each model is its own process on shared cores: idle threads sleep instead of spinning.
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", _parameter(config, "allow_spinning", "0")
+        )
         self.session = ort.InferenceSession(
             os.path.join(version_dir, filename), options, providers=["CPUExecutionProvider"]
         )

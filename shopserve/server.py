@@ -133,6 +133,10 @@ class TritonServer:
         env = dict(os.environ)
         # The Python backend stub runs the first python on PATH: make it this environment's.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        # Every step is its own process; numpy's and faiss's thread pools would oversubscribe
+        # the cores that ONNX Runtime's intra-op threads (set per model) already use.
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(name, "1")
         stdout = None if self.inherit_output else subprocess.DEVNULL
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
