@@ -118,8 +118,12 @@ class _ClientSettings:
         self.model_name = model_name
         self.timeout = timeout
 
-    def _client_timeout(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else timeout
+    def _infer_options(self, timeout: float | None) -> dict:
+        """Keyword arguments of every infer call: the outputs and the deadline in seconds."""
+        return {
+            "outputs": requested_outputs(),
+            "client_timeout": self.timeout if timeout is None else timeout,
+        }
 
 
 class SearchClient(_ClientSettings):
@@ -151,12 +155,7 @@ class SearchClient(_ClientSettings):
         """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged."""
         inputs = build_inputs(query, top_k)
         try:
-            result = self._client.infer(
-                self.model_name,
-                inputs,
-                outputs=requested_outputs(),
-                client_timeout=self._client_timeout(timeout),
-            )
+            result = self._client.infer(self.model_name, inputs, **self._infer_options(timeout))
         except InferenceServerException as exc:
             raise map_error(exc) from exc
         return parse_hits(result)
@@ -175,7 +174,7 @@ class SearchClient(_ClientSettings):
         """
         _check_max_in_flight(max_in_flight)
         requests = [build_inputs(query, top_k) for query in queries]
-        client_timeout = self._client_timeout(timeout)
+        options = self._infer_options(timeout)
         results: list[list[Hit]] = [[] for _ in requests]
         failures: list[Exception] = []
         slots = threading.Semaphore(max_in_flight)
@@ -203,11 +202,7 @@ class SearchClient(_ClientSettings):
                 break
             try:
                 self._client.async_infer(
-                    self.model_name,
-                    inputs,
-                    partial(on_done, index),
-                    outputs=requested_outputs(),
-                    client_timeout=client_timeout,
+                    self.model_name, inputs, partial(on_done, index), **options
                 )
             except InferenceServerException as exc:
                 slots.release()
@@ -297,10 +292,7 @@ class AsyncSearchClient(_ClientSettings):
     async def _infer(self, inputs: list[grpcclient.InferInput], timeout: float | None) -> list[Hit]:
         try:
             result = await self._triton().infer(
-                self.model_name,
-                inputs,
-                outputs=requested_outputs(),
-                client_timeout=self._client_timeout(timeout),
+                self.model_name, inputs, **self._infer_options(timeout)
             )
         except InferenceServerException as exc:
             raise map_error(exc) from exc

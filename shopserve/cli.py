@@ -20,7 +20,9 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--log-file", type=Path, help="write the server's log here (default: stdout)")
+    parser.add_argument(
+        "--log-file", type=Path, help="write the server's log here (default: stdout)"
+    )
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for readiness")
     args = parser.parse_args(argv)
@@ -56,9 +58,6 @@ def serve(argv: list[str]) -> int:
     print("stopping tritonserver ...", flush=True)
     server.stop()
     return 0
-
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

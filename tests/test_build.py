@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from conftest import copy_source_repository
 from onnx import numpy_helper
 from shopserve.ensemble import store
 from shopserve.ensemble.models import OnnxEncoder
@@ -119,3 +120,26 @@ def test_evaluate_command_reproduces_the_build_numbers(
                 name,
                 metric,
             )
+
+
+def test_build_stops_at_the_gate_with_per_tensor_weights(data_dir, tmp_path):
+    repository = copy_source_repository(tmp_path / "model_repository")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shopserve.export",
+            "build",
+            "--data",
+            str(data_dir),
+            "--repository",
+            str(repository),
+            "--int8-weights",
+            "per-tensor",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1
+    assert "error: INT8 accuracy gate failed: mean cosine to FP32 is 0.9" in run.stderr
+    assert not (repository / "manifest.json").exists()
