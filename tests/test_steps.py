@@ -168,6 +168,19 @@ def test_generic_catalogue_format_and_split(tmp_path) -> None:
         load_catalogue(judgments_file)
 
 
+def test_parquet_catalogue_reads_like_csv(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "items.parquet"
+    pq.write_table(pa.table({"product_uid": [7, 9], "product_title": ["Hammer", "Saw"]}), path)
+    catalogue = load_catalogue(path)
+    assert catalogue.product_ids.tolist() == [7, 9] and catalogue.titles == ["Hammer", "Saw"]
+    (tmp_path / "items.txt").write_text("product_id,title\n")
+    with pytest.raises(DataError, match=r"expected a \.csv or \.parquet file"):
+        load_catalogue(tmp_path / "items.txt")
+
+
 def test_home_depot_split_is_seeded_and_disjoint(data_dir) -> None:
     catalogue = load_catalogue(data_dir / "products.csv")
     judgments = load_judgments(data_dir / "judgments.csv", catalogue)
