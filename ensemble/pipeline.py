@@ -37,6 +37,10 @@ def load_retriever(repository: Path) -> Retriever:
     )
 
 
+def _intra_op_threads(repository: Path, model: str) -> int:
+    return int(store.config_parameters(repository, model).get("intra_op_threads", "1"))
+
+
 class SearchPipeline:
     """tokenize -> encoder -> retrieve + fuse -> ranker -> post-process, as in the ensemble."""
 
@@ -55,14 +59,22 @@ class SearchPipeline:
         self.postprocessor = postprocessor
 
     @classmethod
-    def from_repository(cls, repository: Path | str, threads: int = 1) -> SearchPipeline:
+    def from_repository(cls, repository: Path | str) -> SearchPipeline:
+        """Load every step with the settings of its Triton config, ONNX Runtime threads included
+        (float reductions split over another thread count can flip near-tied candidates)."""
         repository = Path(repository)
         latest = store.latest_version_dir
         return cls(
             load_tokenizer(repository),
-            OnnxEncoder(latest(repository, store.ENCODER) / store.ONNX_FILE, threads),
+            OnnxEncoder(
+                latest(repository, store.ENCODER) / store.ONNX_FILE,
+                _intra_op_threads(repository, store.ENCODER),
+            ),
             load_retriever(repository),
-            OnnxRanker(latest(repository, store.RANKER) / store.ONNX_FILE, threads),
+            OnnxRanker(
+                latest(repository, store.RANKER) / store.ONNX_FILE,
+                _intra_op_threads(repository, store.RANKER),
+            ),
             PostProcessor(
                 store.Catalogue.load(latest(repository, store.POSTPROCESS) / store.CATALOGUE_FILE)
             ),

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                     dev_fraction=args.dev_fraction,
                     ranker=args.ranker,
                     epochs=args.epochs,
+                    per_channel=args.int8_weights == "per-channel",
                 )
             )
             print(json.dumps({k: record[k] for k in ("timings_s",) if k in record}, indent=2))

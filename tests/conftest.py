@@ -12,8 +12,13 @@ import shutil
 import socket
 from pathlib import Path
 
-import pytest
-from shopserve.export.data import DEFAULT_DATA_DIR
+# The in-process reference runs numpy with the thread settings the server gives its model processes
+# (shopserve.server), so both sum floats in the same order. Set before numpy is first imported.
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
+import pytest  # noqa: E402
+from shopserve.export.data import DEFAULT_DATA_DIR  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
 SOURCE_REPOSITORY = PROJECT / "model_repository"
