@@ -1,0 +1,87 @@
+"""``python -m benchmarks COMMAND``: run, tune, report, smoke, install."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import RESULTS_DIR, SOURCE_REPOSITORY, WORK_DIR, BenchmarkError, setup_logging
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="the full benchmark (sweep, baselines, ceiling, report)")
+    run.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
+    run.add_argument("--runs", type=int, default=3)
+    run.add_argument("--queries", type=int, default=2000)
+    run.add_argument("--concurrency", type=_ints, default=(1, 2, 4, 8, 16))
+    run.add_argument("--systems", type=lambda s: tuple(s.split(",")), default=None)
+    run.add_argument("--cross-check", type=_ints, default=(1, 8))
+    run.add_argument("--measurement-interval", type=int, default=4000, help="ms")
+    run.add_argument("--out", type=Path, default=RESULTS_DIR)
+    tune = commands.add_parser("tune", help="A/B the tuning changes; writes tuning.md")
+    tune.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
+    tune.add_argument("--runs", type=int, default=3)
+    tune.add_argument("--only", action="append", default=[], help="a change's name (repeatable)")
+    tune.add_argument("--out", type=Path, default=RESULTS_DIR)
+    report = commands.add_parser("report", help="rewrite summary.md and the plot")
+    report.add_argument("--out", type=Path, default=RESULTS_DIR)
+    smoke = commands.add_parser("smoke", help="seconds of everything (CI)")
+    smoke.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
+    smoke.add_argument("--out", type=Path, default=WORK_DIR / "smoke")
+    commands.add_parser("install", help="wire perf_analyzer and print its path")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        if args.command == "run":
+            from . import perf_analyzer
+            from .run import DEFAULT_SYSTEMS, RunOptions
+            from .run import run as run_all
+
+            path = run_all(
+                RunOptions(
+                    repository=args.repository,
+                    runs=args.runs,
+                    queries=args.queries,
+                    concurrency=args.concurrency,
+                    systems=args.systems or DEFAULT_SYSTEMS,
+                    cross_check=args.cross_check,
+                    settings=perf_analyzer.Settings(
+                        measurement_interval_ms=args.measurement_interval
+                    ),
+                    out=args.out,
+                )
+            )
+        elif args.command == "tune":
+            from .tuning import tune as tune_all
+
+            path = tune_all(args.repository, args.runs, tuple(args.only), out=args.out)
+        elif args.command == "report":
+            from .report import write
+
+            path = write(args.out)
+        elif args.command == "smoke":
+            from .run import smoke as run_smoke
+
+            run_smoke(args.out, args.repository)
+            path = args.out / "summary.md"
+        else:
+            from .perf_analyzer import install
+
+            path = install()
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

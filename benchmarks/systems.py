@@ -1,0 +1,69 @@
+"""The systems measured side by side, and how each is started and driven."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from shopserve.server import ServerConfig, TritonServer
+
+from .baseline import BaselineServer
+from .common import WORK_DIR, free_port
+from .loadgen import SessionFactory, http_sessions, triton_sessions
+
+log = logging.getLogger("benchmarks.systems")
+
+TRITON = "triton"
+FASTAPI = "fastapi"
+PERF_ANALYZER = "perf_analyzer"
+LOADGEN = "loadgen"
+
+
+@dataclass(frozen=True)
+class System:
+    """One column of the comparison: what serves, and what drives the load."""
+
+    name: str
+    label: str
+    server: str  # TRITON or FASTAPI
+    driver: str  # PERF_ANALYZER (Triton only) or LOADGEN
+    repository: Path  # a repository variant for Triton; the source repository for FastAPI
+    embeddings: str = ""  # FastAPI: FP32 catalogue embeddings (.npy) or "int8-index"
+
+
+@dataclass
+class Running:
+    """A started system: where to send load, and (Triton) where its statistics are."""
+
+    system: System
+    grpc_url: str = ""
+    http_url: str = ""  # Triton's HTTP endpoint (statistics) or the FastAPI app
+
+    def sessions(self) -> SessionFactory:
+        if self.system.server == TRITON:
+            return triton_sessions(self.grpc_url)
+        return http_sessions(self.http_url)
+
+
+@contextlib.contextmanager
+def started(system: System, log_dir: Path = WORK_DIR / "logs") -> Iterator[Running]:
+    """Start ``system`` on free ports; stop it (and everything it started) on exit."""
+    log_file = log_dir / f"{system.name}.log"
+    log.info("starting %s (%s); log %s", system.name, system.label, log_file)
+    if system.server == TRITON:
+        config = ServerConfig(
+            system.repository,
+            grpc_port=free_port(),
+            http_port=free_port(),
+            metrics_port=free_port(),
+            work_dir=WORK_DIR / "triton" / system.name,
+        )
+        with TritonServer(config, log_file=log_file) as server:
+            yield Running(system, grpc_url=server.grpc_url, http_url=server.http_url)
+    else:
+        with BaselineServer(system.repository, system.embeddings, free_port(), log_file) as app:
+            yield Running(system, http_url=app.url)
+    log.info("stopped %s", system.name)

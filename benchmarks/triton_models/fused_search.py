@@ -1,0 +1,36 @@
+"""Tuning variant: the whole search graph in one Python model (one Python hop instead of five).
+
+Copied as ``search/1/model.py`` of a variant repository whose ``search`` model is this Python model;
+it runs ``shopserve.ensemble.SearchPipeline`` over the artefacts of the same repository, so it returns
+exactly what the ensemble returns.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from shopserve.ensemble import SearchPipeline
+from shopserve.ensemble.triton_adapter import input_array, invalid_argument, model_context, respond
+from shopserve.ensemble.validation import InvalidRequest
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        version_dir, _ = model_context(args)
+        # The steps' artefacts and thread settings come from their own configs in this repository.
+        self.pipeline = SearchPipeline.from_repository(Path(version_dir).parents[1])
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                result = self.pipeline.search(
+                    input_array(request, "QUERY"), input_array(request, "TOP_K")
+                )
+            except InvalidRequest as exc:
+                responses.append(invalid_argument(exc))
+                continue
+            titles = np.array([t.encode("utf-8") for t in result.titles], dtype=np.object_)
+            responses.append(
+                respond(PRODUCT_IDS=result.product_ids, SCORES=result.scores, TITLES=titles)
+            )
+        return responses

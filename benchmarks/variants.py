@@ -1,0 +1,171 @@
+"""Model repository variants for the sweep and the tuning experiments, built as copies.
+
+The project's ``model_repository/`` is never modified: a variant is a directory under
+``benchmarks/work/repos/`` whose configs are edited copies and whose large artefacts are symlinks to
+the source repository's files (or to the FP32 artefacts cached by :mod:`benchmarks.fp32`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shopserve.ensemble import store
+
+from .common import WORK_DIR, BenchmarkError
+
+log = logging.getLogger("benchmarks.variants")
+
+REPOS_DIR = WORK_DIR / "repos"
+LINK_ABOVE_BYTES = 64 * 1024  # smaller files (configs, adapters) are copied
+FP32_ENCODER_FILE = "model_fp32.onnx"
+
+Edit = Callable[[str], str]
+
+
+def _replace_once(pattern: str, replacement: str, text: str, what: str) -> str:
+    new, count = re.subn(pattern, replacement, text, count=1, flags=re.DOTALL)
+    if count != 1:
+        raise BenchmarkError(f"config edit {what!r}: pattern not found")
+    return new
+
+
+def set_parameter(key: str, value: str) -> Edit:
+    """Set (or add) a string parameter of a model config."""
+
+    def edit(text: str) -> str:
+        line = f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+        pattern = rf'parameters\s*\{{\s*key:\s*"{re.escape(key)}"\s*value:\s*\{{[^}}]*\}}\s*\}}'
+        if re.search(pattern, text):
+            return re.sub(pattern, line, text, count=1)
+        return text.rstrip("\n") + "\n" + line + "\n"
+
+    return edit
+
+
+def set_instances(count: int) -> Edit:
+    def edit(text: str) -> str:
+        return _replace_once(
+            r"instance_group\s*\[.*?\]",
+            f"instance_group [ {{ kind: KIND_CPU count: {count} }} ]",
+            text,
+            "instance_group",
+        )
+
+    return edit
+
+
+def set_response_cache(enabled: bool) -> Edit:
+    def edit(text: str) -> str:
+        line = f"response_cache {{ enable: {'true' if enabled else 'false'} }}"
+        pattern = r"response_cache\s*\{[^}]*\}"
+        if re.search(pattern, text):
+            return re.sub(pattern, line, text, count=1)
+        return text.rstrip("\n") + "\n" + line + "\n"
+
+    return edit
+
+
+def set_default_model_filename(filename: str) -> Edit:
+    def edit(text: str) -> str:
+        return _replace_once(
+            r'default_model_filename:\s*"[^"]*"',
+            f'default_model_filename: "{filename}"',
+            text,
+            "default_model_filename",
+        )
+
+    return edit
+
+
+def dynamic_batching(max_batch_size: int, preferred: tuple[int, ...], delay_us: int) -> Edit:
+    """Turn on Triton's dynamic batcher: the first dim of every tensor becomes the batch dim."""
+
+    def edit(text: str) -> str:
+        text = _replace_once(
+            r"max_batch_size:\s*\d+", f"max_batch_size: {max_batch_size}", text, "max_batch_size"
+        )
+        text = re.sub(r"dims:\s*\[\s*-1\s*,\s*", "dims: [ ", text)
+        sizes = ", ".join(str(s) for s in preferred)
+        return (
+            text.rstrip("\n")
+            + f"\ndynamic_batching {{ preferred_batch_size: [ {sizes} ] "
+            + f"max_queue_delay_microseconds: {delay_us} }}\n"
+        )
+
+    return edit
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named set of config edits (per model) on top of the source repository."""
+
+    name: str
+    description: str
+    edits: Mapping[str, tuple[Edit, ...]] = field(default_factory=dict)
+    fp32: bool = False  # FP32 encoder and an HNSW index over FP32 catalogue embeddings
+    replace_files: Mapping[str, Path] = field(default_factory=dict)  # repo-relative -> file to use
+
+    def plus(self, name: str, description: str, **edits: tuple[Edit, ...]) -> Variant:
+        merged = {m: tuple(self.edits.get(m, ())) for m in self.edits}
+        for model, more in edits.items():
+            merged[model] = merged.get(model, ()) + tuple(more)
+        return Variant(name, description, merged, self.fp32, dict(self.replace_files))
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    if source.is_dir():
+        destination.symlink_to(source.resolve(), target_is_directory=True)
+    elif source.stat().st_size > LINK_ABOVE_BYTES:
+        destination.symlink_to(source.resolve())
+    else:
+        shutil.copy2(source, destination)
+
+
+def materialize(variant: Variant, source: Path, fp32_index: Path | None = None) -> Path:
+    """Write ``variant`` as a repository under ``benchmarks/work/repos/<name>`` and return it."""
+    destination = REPOS_DIR / variant.name
+    if destination.exists():
+        shutil.rmtree(destination)
+    destination.mkdir(parents=True)
+    shutil.copy2(source / store.MANIFEST_FILE, destination / store.MANIFEST_FILE)
+    replace = dict(variant.replace_files)
+    edits = {model: list(more) for model, more in variant.edits.items()}
+    if variant.fp32:
+        if fp32_index is None:
+            raise BenchmarkError(f"variant {variant.name} needs the FP32 HNSW index")
+        retrieve_version = store.latest_version_dir(source, store.RETRIEVE).name
+        replace[f"{store.RETRIEVE}/{retrieve_version}/{store.DENSE_INDEX_FILE}"] = fp32_index
+        edits.setdefault(store.ENCODER, []).insert(0, set_default_model_filename(FP32_ENCODER_FILE))
+    unknown = set(edits) - {store.ENSEMBLE, *store.STEPS}
+    if unknown:
+        raise BenchmarkError(f"variant {variant.name} edits unknown models {sorted(unknown)}")
+    for model in (store.ENSEMBLE, *store.STEPS):
+        model_dir = destination / model
+        model_dir.mkdir()
+        config = (source / model / "config.pbtxt").read_text()
+        for edit in edits.get(model, []):
+            config = edit(config)
+        (model_dir / "config.pbtxt").write_text(config)
+        for version in store.version_dirs(source, model):
+            (model_dir / version.name).mkdir()
+            for item in version.iterdir():
+                if item.name == "__pycache__":
+                    continue
+                relative = f"{model}/{version.name}/{item.name}"
+                _link_or_copy(replace.pop(relative, item), model_dir / version.name / item.name)
+    for relative, item in replace.items():  # files the source does not have: added
+        target = destination / relative
+        if not target.parent.is_dir():
+            raise BenchmarkError(f"variant {variant.name}: no directory for {relative}")
+        _link_or_copy(item, target)
+    (destination / "variant.json").write_text(
+        json.dumps({"name": variant.name, "description": variant.description}, indent=2) + "\n"
+    )
+    log.info("variant %s: %s -> %s", variant.name, variant.description, destination)
+    return destination
