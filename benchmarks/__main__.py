@@ -1,4 +1,4 @@
-"""``python -m benchmarks COMMAND``: run, tune, report, smoke, install."""
+"""``python -m benchmarks COMMAND``: run, tune, report, smoke, install, model-analyzer."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     smoke.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
     smoke.add_argument("--out", type=Path, default=WORK_DIR / "smoke")
     commands.add_parser("install", help="wire perf_analyzer and print its path")
+    analyzer = commands.add_parser("model-analyzer", help="prepare model_analyzer.yaml's paths")
+    analyzer.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
@@ -72,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
 
             run_smoke(args.out, args.repository)
             path = args.out / "summary.md"
+        elif args.command == "model-analyzer":
+            from .model_analyzer import prepare
+
+            print("prepared; run: " + " ".join(prepare(args.repository)))
+            return 0
         else:
             from .perf_analyzer import install
 
