@@ -138,7 +138,7 @@ def train_ranker(lists: TrainingLists, seed: int, epochs: int = 40, batch_size: 
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         loss_value = total / len(order)
     return model.eval(), loss_value
 

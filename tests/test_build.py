@@ -143,3 +143,27 @@ def test_build_stops_at_the_gate_with_per_tensor_weights(data_dir, tmp_path):
     assert run.returncode == 1
     assert "error: INT8 accuracy gate failed: mean cosine to FP32 is 0.9" in run.stderr
     assert not (repository / "manifest.json").exists()
+
+
+def test_evaluate_accepts_any_judgments_file_in_the_same_columns(
+    built_repository, data_dir, tmp_path
+):
+    import csv
+
+    from shopserve.export.reproduce import evaluate_repository
+
+    with (data_dir / "judgments.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    queries = list(dict.fromkeys(r["search_term"] for r in rows))[:150]
+    subset = tmp_path / "my_judgments.csv"
+    with subset.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["query", "product_id", "relevance"])
+        writer.writerows(
+            (r["search_term"], r["product_uid"], r["relevance"])
+            for r in rows
+            if r["search_term"] in queries
+        )
+    result = evaluate_repository(built_repository, subset)
+    assert result["scope"].startswith("all queries") and result["int8"]["queries"] == 150
+    assert 0 < result["int8"]["systems"]["encoder_ranker"]["ndcg10"] <= 1
