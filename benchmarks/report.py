@@ -284,16 +284,38 @@ def tuning_lines(tuning: dict | None) -> list[str]:
         "|---|---|" + "---|---|" * len(tuning["concurrency"]) + "---|",
     ]
     for row in tuning["changes"]:
-        cells = []
+        cells: list[str] = []
         for c in tuning["concurrency"]:
             b, a = row["before"].get(str(c)), row["after"].get(str(c))
             cells.append(_cell(b))
             cells.append(_cell(a))
-        lines.append(
-            f"| {row['change']} | {'yes' if row['kept'] else 'no'} | {' | '.join(cells)} | "
-            f"{row.get('note', '')} |"
-        )
+        kept = "yes" if row["kept"] else ("proposed" if _proposed(row) else "no")
+        lines.append(f"| {row['change']} | {kept} | {' | '.join(cells)} | {row.get('note', '')} |")
+    checks = tuning.get("ann_checks")
+    if checks:
+        lines += [
+            "",
+            "ANN efSearch against the targets (recall@100 of the INT8 index vs exact search on the "
+            "dev queries, target ≥ 0.98; top-10 agreement of the FP32 pipeline with HNSW vs with "
+            "exact search on 1,000 benchmark queries, target ≥ 0.99):",
+            "",
+            "| efSearch | recall@100 | FP32 top-10 agreement with exact search |",
+            "|---:|---:|---:|",
+            *(
+                f"| {ef} | {c['recall']:.4f} | {c['fp32_agreement']:.4f} |"
+                for ef, c in sorted(checks.items(), key=lambda item: int(item[0]))
+            ),
+        ]
     return lines
+
+
+def _proposed(row: dict) -> bool:
+    """A code change that passed the same rule as config changes (not applied here)."""
+    return (
+        row.get("kind") == "code"
+        and row.get("throughput_gain_c8", 0) >= 0.03
+        and row.get("dev_ndcg_after", 0) >= row.get("dev_ndcg_before", 1) * 0.995
+    )
 
 
 def _cell(point: dict | None) -> str:

@@ -5,6 +5,7 @@ it runs ``shopserve.ensemble.SearchPipeline`` over the artefacts of the same rep
 exactly what the ensemble returns.
 """
 
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ from shopserve.ensemble.validation import InvalidRequest
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        # The stub runs in the C locale and store.config_parameters reads configs (which hold
+        # UTF-8, e.g. "∪") without an encoding: read them as UTF-8 (proposed fix: encoding="utf-8").
+        locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
         version_dir, _ = model_context(args)
         # The steps' artefacts and thread settings come from their own configs in this repository.
         self.pipeline = SearchPipeline.from_repository(Path(version_dir).parents[1])
