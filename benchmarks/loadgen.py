@@ -95,9 +95,10 @@ class LoadResult:
     p95_us: float
     p99_us: float
     avg_us: float
-    requests: int
+    requests: int  # in the three merged windows
     windows: int
     stable: bool
+    all_requests: int  # over the whole measurement, windows not merged included
 
 
 def percentile_us(latencies: np.ndarray, percentile: float) -> float:
@@ -200,6 +201,7 @@ def measure(
         requests=len(merged),
         windows=len(throughputs),
         stable=stable,
+        all_requests=sum(len(w.completions) for w in workers),
     )
     log.info(
         "  %.1f req/s, p50 %.2f ms, p99 %.2f ms (%d windows%s)",

@@ -184,18 +184,70 @@ def _step_table(table: dict, system: str, in_process: dict[str, float] | None) -
     return lines
 
 
+CORES = 2
+
+
+def _cpu_order(key: str) -> tuple[int, str]:
+    if key in ("tritonserver", "uvicorn"):
+        return (0, key)
+    if key in STEPS:
+        return (1 + STEPS.index(key), key)
+    if key.startswith("client"):
+        return (99, key)
+    return (50, key)
+
+
+def _cpu_table(results: dict, table: dict, levels: tuple[int, ...] = (1, 8)) -> list[str]:
+    labels = {**results["systems"], "ensemble_loadgen": "ensemble via the Python load generator"}
+    lines = [
+        f"| system | concurrency | CPU ms per request, by process | total | bound: {CORES} cores "
+        "÷ total (req/s) | measured (req/s) |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for system, by_level in table.items():
+        for level in levels:
+            ms = [m for m in by_level.get(level, []) if m.get("cpu_ms")]
+            if not ms:
+                continue
+            keys = sorted({k for m in ms for k in m["cpu_ms"]}, key=_cpu_order)
+            values = {k: median([m["cpu_ms"][k] for m in ms if k in m["cpu_ms"]]) for k in keys}
+            total = sum(values.values())
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in values.items())
+            lines.append(
+                f"| {labels.get(system, system)} | {level} | {parts} | {total:.2f} | "
+                f"{CORES * 1000 / total:,.0f} | {median([m['throughput'] for m in ms]):,.0f} |"
+            )
+    return lines
+
+
 def _ceiling_table(runs: list[dict]) -> list[str]:
-    by_size: dict[int, list[float]] = defaultdict(list)
+    by_layout: dict[tuple[int, int], dict[int, list[float]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for run in runs:
         for point in run["ceiling"]:
-            by_size[point["batch_size"]].append(point["throughput"])
-    return [
-        "| encoder batch size | " + " | ".join(str(b) for b in sorted(by_size)) + " |",
-        "|---|" + "---:|" * len(by_size),
+            layout = (point.get("sessions", 1), point.get("threads", 2))
+            by_layout[layout][point["batch_size"]].append(point["throughput"])
+    sizes = sorted({b for layout in by_layout.values() for b in layout})
+    lines = [
         "| INT8 encoder alone, queries/s (median) | "
-        + " | ".join(_fmt(median(by_size[b]), 0) for b in sorted(by_size))
+        + " | ".join(f"batch {b}" for b in sizes)
         + " |",
+        "|---|" + "---:|" * len(sizes),
     ]
+    for (sessions, threads), points in sorted(by_layout.items()):
+        lines.append(
+            f"| {sessions} session(s) × {threads} intra-op thread(s) | "
+            + " | ".join(_fmt(median(points.get(b, [])), 0) for b in sizes)
+            + " |"
+        )
+    best = [_ceiling_best(run) for run in runs]
+    lines += [
+        "",
+        f"Ceiling (c) = the best point of each run, median {_fmt(median([b['throughput'] for b in best]), 0)}"
+        " queries/s; tokenization is not timed (done up front).",
+    ]
+    return lines
 
 
 def _agreement_lines(agreement: dict | None, labels: dict[str, str]) -> list[str]:
@@ -391,6 +443,12 @@ def write(out: Path) -> Path:
         "FP32 ensemble (b):",
         "",
         *_step_table(table, FP32, None),
+        "",
+        "CPU time per request, by process (utime + stime over the whole measurement ÷ requests "
+        "served; Triton's Python-backend stubs by model). On 2 cores, throughput cannot exceed "
+        "2 × 1000 ÷ total:",
+        "",
+        *_cpu_table(results, table),
         "",
         "## Ceiling (c)",
         "",

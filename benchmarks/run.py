@@ -18,19 +18,30 @@ from pathlib import Path
 
 from shopserve.ensemble import store
 
-from . import agreement, ceiling, fp32, machine, perf_analyzer, profile, report, stats, variants
+from . import (
+    agreement,
+    ceiling,
+    cpu,
+    fp32,
+    machine,
+    perf_analyzer,
+    profile,
+    report,
+    stats,
+    variants,
+)
 from .common import RESULTS_DIR, SOURCE_REPOSITORY, WORK_DIR, BenchmarkError, cpu_lock
 from .loadgen import answers as collect_answers
 from .loadgen import measure as loadgen_measure
 from .queries import Traffic, load_traffic, write_perf_analyzer_data
 from .systems import FASTAPI, LOADGEN, PERF_ANALYZER, TRITON, Running, System, started
-from .tuning import HEADLINE, SHIPPED
+from .tuning import HEADLINE, PROPOSED, SHIPPED
 
 log = logging.getLogger("benchmarks.run")
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
 DEFAULT_SYSTEMS = ("ensemble", "ensemble_fp32", "fastapi_torch")
-ALL_SYSTEMS = (*DEFAULT_SYSTEMS, "ensemble_shipped")
+ALL_SYSTEMS = (*DEFAULT_SYSTEMS, "ensemble_shipped", "ensemble_proposed", "fastapi_torch_1t")
 CROSS_CHECK = "ensemble_loadgen"  # the ensemble driven by the Python load generator
 ANSWER_CONCURRENCY = 2
 
@@ -54,7 +65,7 @@ def build_systems(repository: Path, names: tuple[str, ...]) -> dict[str, System]
     unknown = set(names) - set(ALL_SYSTEMS)
     if unknown:
         raise BenchmarkError(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS}")
-    needs_fp32 = {"ensemble_fp32", "fastapi_torch"} & set(names)
+    needs_fp32 = {"ensemble_fp32", "fastapi_torch", "fastapi_torch_1t"} & set(names)
     artefacts = fp32.ensure(repository) if needs_fp32 else None
     index = artefacts.index if artefacts else None
     made = {
@@ -81,6 +92,13 @@ def build_systems(repository: Path, names: tuple[str, ...]) -> dict[str, System]
             PERF_ANALYZER,
             variants.materialize(SHIPPED, repository),
         ),
+        "ensemble_proposed": lambda: System(
+            "ensemble_proposed",
+            "Triton, INT8, tuned configs + proposed code (one Python hop, no bucket padding)",
+            TRITON,
+            PERF_ANALYZER,
+            variants.materialize(PROPOSED, repository),
+        ),
         "fastapi_torch": lambda: System(
             "fastapi_torch",
             "(a) FastAPI + PyTorch FP32 eager, exact search",
@@ -90,14 +108,72 @@ def build_systems(repository: Path, names: tuple[str, ...]) -> dict[str, System]
             str(artefacts.embeddings) if artefacts else "",
         ),
     }
+    made["fastapi_torch_1t"] = lambda: replace(
+        made["fastapi_torch"](),
+        name="fastapi_torch_1t",
+        label="(a') as (a), torch.set_num_threads(1)",
+        torch_threads=1,
+    )
     return {name: made[name]() for name in names}
 
 
-def _measurement(system: str, driver: str, row, steps: dict | None = None) -> dict:
-    out = {"system": system, "driver": driver, **asdict(row)}
+def _measurement(
+    system: str, driver: str, row, steps: dict | None, cpu_ms: dict[str, float]
+) -> dict:
+    out = {"system": system, "driver": driver, **asdict(row), "cpu_ms": cpu_ms}
     if steps is not None:
         out["steps"] = {name: step.as_dict() for name, step in steps.items()}
     return out
+
+
+def _cpu_before(running: Running) -> tuple[dict[str, float], float, float]:
+    server = cpu.server_snapshot(running.pid, running.server_label) if running.pid else {}
+    return server, cpu.children_seconds(), cpu.self_seconds()
+
+
+def _cpu_after(
+    running: Running, before: tuple[dict[str, float], float, float], requests: int, client: str
+) -> dict[str, float]:
+    """CPU ms per request by process over one measurement (``client``: which client counts)."""
+    server_before, children_before, self_before = before
+    after = cpu.server_snapshot(running.pid, running.server_label) if running.pid else {}
+    out = cpu.per_request_ms(server_before, after, requests)
+    spent = (
+        cpu.children_seconds() - children_before
+        if client == PERF_ANALYZER
+        else cpu.self_seconds() - self_before
+    )
+    if requests > 0:
+        out[f"client ({client})"] = spent / requests * 1e3
+    return out
+
+
+def _measure_level(
+    running: Running,
+    driver: str,
+    level: int,
+    settings: perf_analyzer.Settings,
+    traffic: Traffic,
+    data: Path,
+    csv_path: Path,
+    wrapper: Path,
+) -> tuple[object, dict | None, dict[str, float]]:
+    """One concurrency level with either driver; Triton's step times and CPU per request."""
+    triton = running.system.server == TRITON
+    before = stats.snapshot(running.http_url) if triton else None
+    cpu_before = _cpu_before(running)
+    if driver == PERF_ANALYZER:
+        row = perf_analyzer.measure(
+            wrapper, running.grpc_url, store.ENSEMBLE, data, level, csv_path, settings
+        )
+    else:
+        row = loadgen_measure(running.sessions(), traffic.queries, level, settings)
+    steps = stats.difference(before, stats.snapshot(running.http_url)) if triton else None
+    if steps is not None and store.ENSEMBLE in steps:
+        requests = steps[store.ENSEMBLE].requests
+    else:
+        requests = getattr(row, "all_requests", 0)
+    return row, steps, _cpu_after(running, cpu_before, requests, driver)
 
 
 def sweep(
@@ -110,39 +186,32 @@ def sweep(
     wrapper: Path,
     cross_check: tuple[int, ...] = (),
 ) -> list[dict]:
-    """Every concurrency level against a started system; Triton's step times around each."""
+    """Every concurrency level against a started system (its own driver), then the cross-check
+    levels with the load generator; Triton's step times and CPU per request around each."""
     system = running.system
+    plan = [(system.name, system.driver, level) for level in concurrency]
+    if system.server == TRITON:
+        plan += [(CROSS_CHECK, LOADGEN, level) for level in cross_check]
     out = []
-    for level in concurrency:
-        if system.driver == PERF_ANALYZER:
-            before = stats.snapshot(running.http_url)
-            row = perf_analyzer.measure(
-                wrapper,
-                running.grpc_url,
-                store.ENSEMBLE,
-                data,
-                level,
-                raw_dir / f"{system.name}_c{level}.csv",
-                settings,
-            )
-            steps = stats.difference(before, stats.snapshot(running.http_url))
-            out.append(_measurement(system.name, PERF_ANALYZER, row, steps))
-        else:
-            log.info("load generator %s concurrency %d", system.name, level)
-            row = loadgen_measure(running.sessions(), traffic.queries, level, settings)
-            out.append(_measurement(system.name, LOADGEN, row))
-    for level in cross_check if system.server == TRITON else ():
-        log.info("load generator %s concurrency %d (cross-check)", system.name, level)
-        before = stats.snapshot(running.http_url)
-        row = loadgen_measure(running.sessions(), traffic.queries, level, settings)
-        steps = stats.difference(before, stats.snapshot(running.http_url))
-        out.append(_measurement(CROSS_CHECK, LOADGEN, row, steps))
+    for name, driver, level in plan:
+        log.info("%s: %s concurrency %d", name, driver, level)
+        row, steps, cpu_ms = _measure_level(
+            running,
+            driver,
+            level,
+            settings,
+            traffic,
+            data,
+            raw_dir / f"{name}_c{level}.csv",
+            wrapper,
+        )
+        out.append(_measurement(name, driver, row, steps, cpu_ms))
     _write_csv(raw_dir / f"{system.name}.csv", out)
     return out
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    columns = [k for k in rows[0] if k != "steps"] if rows else []
+    columns = [k for k in rows[0] if k not in ("steps", "cpu_ms")] if rows else []
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
@@ -167,6 +236,7 @@ def agreement_report(traffic: Traffic, answers: dict[str, list[list[int]]]) -> d
         ("fastapi_torch", "ensemble"),
         ("ensemble_fp32", "ensemble"),
         ("fastapi_torch", "ensemble_shipped"),
+        ("fastapi_torch", "ensemble_proposed"),
     ]
     return {
         "queries": len(traffic.queries),

@@ -32,6 +32,7 @@ class System:
     driver: str  # PERF_ANALYZER (Triton only) or LOADGEN
     repository: Path  # a repository variant for Triton; the source repository for FastAPI
     embeddings: str = ""  # FastAPI: FP32 catalogue embeddings (.npy) or "int8-index"
+    torch_threads: int = 0  # FastAPI: torch intra-op threads (0: torch's default, one per core)
 
 
 @dataclass
@@ -41,6 +42,11 @@ class Running:
     system: System
     grpc_url: str = ""
     http_url: str = ""  # Triton's HTTP endpoint (statistics) or the FastAPI app
+    pid: int = 0  # the server process (for CPU accounting); 0 when not started here
+
+    @property
+    def server_label(self) -> str:
+        return "tritonserver" if self.system.server == TRITON else "uvicorn"
 
     def sessions(self) -> SessionFactory:
         if self.system.server == TRITON:
@@ -62,8 +68,12 @@ def started(system: System, log_dir: Path = WORK_DIR / "logs") -> Iterator[Runni
             work_dir=WORK_DIR / "triton" / system.name,
         )
         with TritonServer(config, log_file=log_file) as server:
-            yield Running(system, grpc_url=server.grpc_url, http_url=server.http_url)
+            yield Running(
+                system, grpc_url=server.grpc_url, http_url=server.http_url, pid=server.process.pid
+            )
     else:
-        with BaselineServer(system.repository, system.embeddings, free_port(), log_file) as app:
-            yield Running(system, http_url=app.url)
+        with BaselineServer(
+            system.repository, system.embeddings, free_port(), log_file, system.torch_threads
+        ) as app:
+            yield Running(system, http_url=app.url, pid=app.process.pid)
     log.info("stopped %s", system.name)

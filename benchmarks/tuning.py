@@ -64,6 +64,27 @@ HEADLINE = SHIPPED.plus(
 )
 
 
+def _fused_search_config(_: str) -> str:
+    return (TEMPLATES / "fused_search.pbtxt").read_text()
+
+
+# The code changes the tuning proposes, on top of HEADLINE: the whole graph in one Python model
+# (2 instances), tokenized without bucket padding. Measured as the optional "ensemble_proposed".
+PROPOSED = Variant(
+    "ensemble_proposed",
+    "tuned configs + proposed code: one Python hop, no bucket padding",
+    {
+        **HEADLINE.edits,
+        store.ENSEMBLE: (
+            *HEADLINE.edits.get(store.ENSEMBLE, ()),
+            _fused_search_config,
+            set_parameter("pad_to_buckets", "false"),
+        ),
+    },
+    replace_files={"search/1/model.py": TEMPLATES / "fused_search.py"},
+)
+
+
 @dataclass(frozen=True)
 class Change:
     """One tuning step: config edits and/or adapter files on top of the current best variant."""
@@ -78,10 +99,6 @@ class Change:
     fp32: bool = False  # measured on the FP32 variant (b) of the current best
     informational: bool = False  # measured for the record, never kept (e.g. the response cache)
     note: str = ""
-
-
-def _fused_search_config(_: str) -> str:
-    return (TEMPLATES / "fused_search.pbtxt").read_text()
 
 
 CONFIG_CHANGES = (

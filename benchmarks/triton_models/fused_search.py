@@ -2,7 +2,8 @@
 
 Copied as ``search/1/model.py`` of a variant repository whose ``search`` model is this Python model;
 it runs ``shopserve.ensemble.SearchPipeline`` over the artefacts of the same repository, so it returns
-exactly what the ensemble returns.
+exactly what the ensemble returns. Config parameter ``pad_to_buckets`` ("true"/"false", default true):
+"false" tokenizes each query to its own length, as ``unpadded_tokenize.py`` does.
 """
 
 import locale
@@ -14,14 +15,26 @@ from shopserve.ensemble.triton_adapter import input_array, invalid_argument, mod
 from shopserve.ensemble.validation import InvalidRequest
 
 
+class _Unpadded:
+    """A QueryTokenizer whose single queries are not padded up to a length bucket."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, query: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.tokenizer.batch([query])
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         # The stub runs in the C locale and store.config_parameters reads configs (which hold
         # UTF-8, e.g. "∪") without an encoding: read them as UTF-8 (proposed fix: encoding="utf-8").
         locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
-        version_dir, _ = model_context(args)
+        version_dir, params = model_context(args)
         # The steps' artefacts and thread settings come from their own configs in this repository.
         self.pipeline = SearchPipeline.from_repository(Path(version_dir).parents[1])
+        if params.get("pad_to_buckets", "true") == "false":
+            self.pipeline.tokenizer = _Unpadded(self.pipeline.tokenizer)
 
     def execute(self, requests: list) -> list:
         responses = []
