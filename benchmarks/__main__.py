@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -11,6 +12,10 @@ from .common import RESULTS_DIR, SOURCE_REPOSITORY, WORK_DIR, BenchmarkError, se
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
     tune.add_argument("--runs", type=int, default=3)
     tune.add_argument("--only", action="append", default=[], help="a change's name (repeatable)")
+    tune.add_argument(
+        "--assume-kept",
+        action="append",
+        default=[],
+        help="a change applied to the base without measuring (repeatable; to resume a tuning)",
+    )
     tune.add_argument("--out", type=Path, default=RESULTS_DIR)
     report = commands.add_parser("report", help="rewrite summary.md and the plot")
     report.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -41,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     analyzer.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    # Stop cleanly (servers stopped by their context managers) on SIGTERM, and on SIGINT even when
+    # started in the background, where SIGINT would otherwise be ignored.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         if args.command == "run":
             from . import perf_analyzer
@@ -64,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "tune":
             from .tuning import tune as tune_all
 
-            path = tune_all(args.repository, args.runs, tuple(args.only), out=args.out)
+            path = tune_all(
+                args.repository,
+                args.runs,
+                tuple(args.only),
+                out=args.out,
+                assume_kept=tuple(args.assume_kept),
+            )
         elif args.command == "report":
             from .report import write
 

@@ -70,3 +70,10 @@ def per_request_ms(
     if requests <= 0:
         return {}
     return {k: (after[k] - before.get(k, 0.0)) / requests * 1e3 for k in after}
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy so far (user, nice, system, irq, softirq; not steal)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
+    return (user + nice + system + irq + softirq) / TICKS

@@ -376,6 +376,12 @@ def _cell(point: dict | None) -> str:
     return f"{point['throughput']:.0f}/s, p99 {point['p99_us'] / 1e3:.1f}"
 
 
+def _notes(out: Path) -> list[str]:
+    """The hand-written reading of a committed run (``notes.md``), if there is one."""
+    notes = out / "notes.md"
+    return [notes.read_text().rstrip(), ""] if notes.exists() else []
+
+
 def write(out: Path) -> Path:
     """Write ``summary.md`` and the plot from ``results.json`` (and ``tuning.json``)."""
     source = out / "results.json"
@@ -462,6 +468,7 @@ def write(out: Path) -> Path:
         "",
         *tuning_lines(tuning),
         "",
+        *_notes(out),
         "## Rerun",
         "",
         "`make bench` (full: 3 runs, about 40 minutes on 2 cores), `make bench-smoke` (seconds), "

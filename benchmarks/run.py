@@ -21,18 +21,16 @@ from shopserve.ensemble import store
 from . import (
     agreement,
     ceiling,
-    cpu,
     fp32,
     machine,
     perf_analyzer,
     profile,
     report,
-    stats,
     variants,
 )
 from .common import RESULTS_DIR, SOURCE_REPOSITORY, WORK_DIR, BenchmarkError, cpu_lock
 from .loadgen import answers as collect_answers
-from .loadgen import measure as loadgen_measure
+from .measure import ATTEMPTS, measure_level
 from .queries import Traffic, load_traffic, write_perf_analyzer_data
 from .systems import FASTAPI, LOADGEN, PERF_ANALYZER, TRITON, Running, System, started
 from .tuning import HEADLINE, PROPOSED, SHIPPED
@@ -117,65 +115,6 @@ def build_systems(repository: Path, names: tuple[str, ...]) -> dict[str, System]
     return {name: made[name]() for name in names}
 
 
-def _measurement(
-    system: str, driver: str, row, steps: dict | None, cpu_ms: dict[str, float]
-) -> dict:
-    out = {"system": system, "driver": driver, **asdict(row), "cpu_ms": cpu_ms}
-    if steps is not None:
-        out["steps"] = {name: step.as_dict() for name, step in steps.items()}
-    return out
-
-
-def _cpu_before(running: Running) -> tuple[dict[str, float], float, float]:
-    server = cpu.server_snapshot(running.pid, running.server_label) if running.pid else {}
-    return server, cpu.children_seconds(), cpu.self_seconds()
-
-
-def _cpu_after(
-    running: Running, before: tuple[dict[str, float], float, float], requests: int, client: str
-) -> dict[str, float]:
-    """CPU ms per request by process over one measurement (``client``: which client counts)."""
-    server_before, children_before, self_before = before
-    after = cpu.server_snapshot(running.pid, running.server_label) if running.pid else {}
-    out = cpu.per_request_ms(server_before, after, requests)
-    spent = (
-        cpu.children_seconds() - children_before
-        if client == PERF_ANALYZER
-        else cpu.self_seconds() - self_before
-    )
-    if requests > 0:
-        out[f"client ({client})"] = spent / requests * 1e3
-    return out
-
-
-def _measure_level(
-    running: Running,
-    driver: str,
-    level: int,
-    settings: perf_analyzer.Settings,
-    traffic: Traffic,
-    data: Path,
-    csv_path: Path,
-    wrapper: Path,
-) -> tuple[object, dict | None, dict[str, float]]:
-    """One concurrency level with either driver; Triton's step times and CPU per request."""
-    triton = running.system.server == TRITON
-    before = stats.snapshot(running.http_url) if triton else None
-    cpu_before = _cpu_before(running)
-    if driver == PERF_ANALYZER:
-        row = perf_analyzer.measure(
-            wrapper, running.grpc_url, store.ENSEMBLE, data, level, csv_path, settings
-        )
-    else:
-        row = loadgen_measure(running.sessions(), traffic.queries, level, settings)
-    steps = stats.difference(before, stats.snapshot(running.http_url)) if triton else None
-    if steps is not None and store.ENSEMBLE in steps:
-        requests = steps[store.ENSEMBLE].requests
-    else:
-        requests = getattr(row, "all_requests", 0)
-    return row, steps, _cpu_after(running, cpu_before, requests, driver)
-
-
 def sweep(
     running: Running,
     concurrency: tuple[int, ...],
@@ -185,6 +124,7 @@ def sweep(
     raw_dir: Path,
     wrapper: Path,
     cross_check: tuple[int, ...] = (),
+    attempts: int = ATTEMPTS,
 ) -> list[dict]:
     """Every concurrency level against a started system (its own driver), then the cross-check
     levels with the load generator; Triton's step times and CPU per request around each."""
@@ -195,7 +135,7 @@ def sweep(
     out = []
     for name, driver, level in plan:
         log.info("%s: %s concurrency %d", name, driver, level)
-        row, steps, cpu_ms = _measure_level(
+        row = measure_level(
             running,
             driver,
             level,
@@ -204,14 +144,15 @@ def sweep(
             data,
             raw_dir / f"{name}_c{level}.csv",
             wrapper,
+            attempts,
         )
-        out.append(_measurement(name, driver, row, steps, cpu_ms))
+        out.append({"system": name, "driver": driver, **row})
     _write_csv(raw_dir / f"{system.name}.csv", out)
     return out
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    columns = [k for k in rows[0] if k not in ("steps", "cpu_ms")] if rows else []
+    columns = [k for k in rows[0] if not isinstance(rows[0][k], dict)] if rows else []
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
@@ -382,7 +323,8 @@ def smoke(
     )
 
     def measure(running: Running) -> None:
-        measurements.extend(sweep(running, (1,), settings, traffic, data, raw, wrapper))
+        # One attempt: a smoke test does not wait for a quiet machine.
+        measurements.extend(sweep(running, (1,), settings, traffic, data, raw, wrapper, (), 1))
         answers[running.system.name] = collect_answers(running.sessions(), _answer_queries(traffic))
 
     if grpc_url:

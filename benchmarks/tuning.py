@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 from shopserve.ensemble import store
 
-from . import agreement, perf_analyzer, stats
-from .common import BENCH_DIR, RESULTS_DIR, SOURCE_REPOSITORY, WORK_DIR, cpu_lock
+from . import agreement, perf_analyzer
+from .common import BENCH_DIR, RESULTS_DIR, SOURCE_REPOSITORY, WORK_DIR, BenchmarkError, cpu_lock
 from .loadgen import answers as collect_answers
+from .measure import measure_level
 from .queries import Traffic, load_traffic, write_perf_analyzer_data
 from .systems import PERF_ANALYZER, TRITON, System, started
 from .variants import (
@@ -287,19 +288,19 @@ def _measure_once(
 ) -> None:
     with cpu_lock(f"tuning: {system.name}"), started(system) as running:
         for level in TUNING_CONCURRENCY:
-            before = stats.snapshot(running.http_url)
-            row = perf_analyzer.measure(
-                wrapper,
-                running.grpc_url,
-                store.ENSEMBLE,
-                data,
+            number = len(measured.points.get(level, []))
+            row = measure_level(
+                running,
+                PERF_ANALYZER,
                 level,
-                raw_dir / f"{system.name}_c{level}_{len(measured.points.get(level, []))}.csv",
                 settings,
+                traffic,
+                data,
+                raw_dir / f"{system.name}_c{level}_{number}.csv",
+                wrapper,
             )
-            steps = stats.difference(before, stats.snapshot(running.http_url))
-            measured.cache_hits += sum(s.cache_hits for s in steps.values())
-            measured.points.setdefault(level, []).append(asdict(row))
+            measured.cache_hits += sum(s["cache_hits"] for s in row.get("steps", {}).values())
+            measured.points.setdefault(level, []).append(row)
         if want_answers:
             measured.answers = collect_answers(running.sessions(), traffic.dev_queries, 8)
 
@@ -349,8 +350,11 @@ def tune(
     only: tuple[str, ...] = (),
     settings: perf_analyzer.Settings | None = None,
     out: Path = RESULTS_DIR,
+    assume_kept: tuple[str, ...] = (),
 ) -> Path:
-    """A/B every change in order; write ``tuning.json`` and ``tuning.md``; return the latter."""
+    """A/B every change in order (or those named in ``only``, on top of the changes named in
+    ``assume_kept``, applied without measuring); write ``tuning.json`` and ``tuning.md``, merged
+    with the rows of changes measured before; return ``tuning.md``."""
     from . import fp32 as fp32_artefacts
 
     settings = settings or perf_analyzer.Settings()
@@ -364,14 +368,21 @@ def tune(
     ef_values = tuple(sorted({c.ef_search for c in changes if c.ef_search} | {SHIPPED_EF_SEARCH}))
     with cpu_lock("tuning: ANN checks"):
         checks = ann_checks(repository, ef_values, traffic)
+    all_changes = {c.name: c for c in (*CONFIG_CHANGES, *CODE_CHANGES)}
+    unknown = (set(only) | set(assume_kept)) - set(all_changes)
+    if unknown:
+        raise BenchmarkError(f"unknown changes {sorted(unknown)}")
     current = SHIPPED
-    rows: list[dict] = []
+    for name in assume_kept:
+        current = _variant(current, all_changes[name], "current")
+    rows: list[dict] = _previous_rows(out) if only or assume_kept else []
     for number, change in enumerate(changes, start=1):
         check = checks.get(change.ef_search or 0)
         if change.required and checks[SHIPPED_EF_SEARCH].passes():
             change = replace(change, required=False)  # the shipped setting meets the targets
         if check and not check.passes():
-            rows.append(
+            _put(
+                rows,
                 {
                     "change": change.name,
                     "kind": "config",
@@ -381,7 +392,7 @@ def tune(
                     "note": f"not measured: recall@100 {check.recall:.4f} (target ≥ "
                     f"{MIN_ANN_RECALL}), FP32 top-10 agreement with exact search "
                     f"{check.fp32_agreement:.4f} (target ≥ {MIN_FP32_AGREEMENT})",
-                }
+                },
             )
             continue
         base = replace(current, fp32=True, name="fp32_base") if change.fp32 else current
@@ -403,12 +414,24 @@ def tune(
                 f"; recall@100 {shipped.recall:.4f} -> {check.recall:.4f}, FP32 top-10 agreement "
                 f"with exact search {shipped.fp32_agreement:.4f} -> {check.fp32_agreement:.4f}"
             )
-        rows.append(row)
+        _put(rows, row)
         log.info("%s: %s (%s)", change.name, "kept" if row["kept"] else "not kept", row["note"])
         if row["kept"] and not change.code and not change.fp32:
             current = replace(candidate, name="current")
         _write(out, checks, runs, rows)  # after every change: a long run keeps its results
     return _write(out, checks, runs, rows)
+
+
+def _previous_rows(out: Path) -> list[dict]:
+    path = out / "tuning.json"
+    return json.loads(path.read_text())["changes"] if path.exists() else []
+
+
+def _put(rows: list[dict], row: dict) -> None:
+    """Add or replace ``row`` (by change name), keeping the changes' declared order."""
+    order = [c.name for c in (*CONFIG_CHANGES, *CODE_CHANGES)]
+    rows[:] = [r for r in rows if r["change"] != row["change"]] + [row]
+    rows.sort(key=lambda r: order.index(r["change"]) if r["change"] in order else len(order))
 
 
 def _write(out: Path, checks: dict[int, AnnCheck], runs: int, rows: list[dict]) -> Path:
