@@ -35,6 +35,7 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its search for AVX builds
 
 
 @contextlib.contextmanager

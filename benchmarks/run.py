@@ -38,8 +38,14 @@ from .tuning import HEADLINE, PROPOSED, SHIPPED
 log = logging.getLogger("benchmarks.run")
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
-DEFAULT_SYSTEMS = ("ensemble", "ensemble_fp32", "fastapi_torch")
-ALL_SYSTEMS = (*DEFAULT_SYSTEMS, "ensemble_shipped", "ensemble_proposed", "fastapi_torch_1t")
+DEFAULT_SYSTEMS = (
+    "ensemble",
+    "ensemble_fp32",
+    "fastapi_torch",
+    "fastapi_torch_1t",
+    "ensemble_proposed",
+)
+ALL_SYSTEMS = (*DEFAULT_SYSTEMS, "ensemble_shipped")
 CROSS_CHECK = "ensemble_loadgen"  # the ensemble driven by the Python load generator
 ANSWER_CONCURRENCY = 2
 
@@ -178,6 +184,7 @@ def agreement_report(traffic: Traffic, answers: dict[str, list[list[int]]]) -> d
         ("ensemble_fp32", "ensemble"),
         ("fastapi_torch", "ensemble_shipped"),
         ("fastapi_torch", "ensemble_proposed"),
+        ("fastapi_torch", "fastapi_torch_1t"),
     ]
     return {
         "queries": len(traffic.queries),

@@ -57,8 +57,11 @@ SHIPPED = Variant(
 
 # The config changes the tuning kept (see results/tuning.md), applied in this order to SHIPPED.
 TUNED_EDITS: Mapping[str, tuple[Edit, ...]] = {
-    store.ENCODER: (set_parameter("intra_op_threads", "1"), set_instances(2)),
-    store.RETRIEVE: (set_instances(2), set_parameter("ef_search", "128")),
+    store.RETRIEVE: (set_parameter("ef_search", "512"),),
+    store.ENCODER: (set_parameter("intra_op_threads", "1"),),
+    store.TOKENIZE: (set_instances(2),),
+    store.RANKER: (set_instances(2),),
+    store.POSTPROCESS: (set_instances(2),),
 }
 HEADLINE = SHIPPED.plus(
     "ensemble", "INT8 ensemble, tuned configs, response cache off", **TUNED_EDITS
