@@ -72,8 +72,9 @@ def per_request_ms(
     return {k: (after[k] - before.get(k, 0.0)) / requests * 1e3 for k in after}
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent busy so far (user, nice, system, irq, softirq; not steal)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
-    return (user + nice + system + irq + softirq) / TICKS
+def machine_busy_seconds() -> tuple[float, float]:
+    """CPU seconds all cores spent busy so far (user, nice, system, irq, softirq), and stolen by
+    the hypervisor (steal: the host ran someone else while this VM wanted the core)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq) / TICKS, steal / TICKS

@@ -33,7 +33,7 @@ class _Accounting:
     def __init__(self, running: Running) -> None:
         self.running = running
         self.wall = time.monotonic()
-        self.machine = cpu.machine_busy_seconds()
+        self.machine, self.steal = cpu.machine_busy_seconds()
         self.server = cpu.server_snapshot(running.pid, running.server_label) if running.pid else {}
         self.children = cpu.children_seconds()
         self.own = cpu.self_seconds()
@@ -51,6 +51,10 @@ class _Accounting:
         ours += (later.children - self.children) + (later.own - self.own)
         wall = max(later.wall - self.wall, 1e-9)
         return max(0.0, (later.machine - self.machine) - ours) / wall
+
+    def steal_cores(self, later: _Accounting) -> float:
+        """Cores the hypervisor gave to other guests while this VM wanted them."""
+        return (later.steal - self.steal) / max(later.wall - self.wall, 1e-9)
 
 
 def wait_until_quiet(running: Running, limit: float = FOREIGN_LIMIT, window_s: float = 3.0) -> None:
@@ -109,6 +113,7 @@ def measure_level(
         **asdict(row),
         "cpu_ms": before.per_request_ms(after, requests, driver),
         "foreign_cores": round(foreign, 3),
+        "steal_cores": round(before.steal_cores(after), 3),
         "attempts": attempt,
     }
     if steps is not None:
