@@ -379,7 +379,7 @@ def tuning_lines(tuning: dict | None) -> list[str]:
             b, a = row["before"].get(str(c)), row["after"].get(str(c))
             cells.append(_cell(b))
             cells.append(_cell(a))
-        kept = "yes" if row["kept"] else ("proposed" if _proposed(row) else "no")
+        kept = _kept_label(row)
         lines.append(f"| {row['change']} | {kept} | {' | '.join(cells)} | {row.get('note', '')} |")
     checks = tuning.get("ann_checks")
     if checks:
@@ -399,13 +399,17 @@ def tuning_lines(tuning: dict | None) -> list[str]:
     return lines
 
 
-def _proposed(row: dict) -> bool:
-    """A code change that passed the same rule as config changes (not applied here)."""
-    return (
-        row.get("kind") == "code"
-        and row.get("throughput_gain_c8", 0) >= 0.03
-        and row.get("dev_ndcg_after", 0) >= row.get("dev_ndcg_before", 1) * 0.995
-    )
+def _kept_label(row: dict) -> str:
+    """Config changes: kept or not. Code changes pass the same rule but are proposals (not
+    applied to the headline); FP32 rows concern (b) only; informational rows are never kept."""
+    kind = row.get("kind", "config")
+    if kind == "code":
+        return "proposed (code)" if row["kept"] else "no"
+    if kind == "fp32":
+        return "safe for (b) only" if row["kept"] else "no"
+    if row["change"].startswith("response cache"):
+        return "– (sweep: off)"
+    return "yes" if row["kept"] else "no"
 
 
 def _cell(point: dict | None) -> str:
@@ -428,6 +432,8 @@ def write(out: Path) -> Path:
     results = json.loads(source.read_text())
     tuning_path = out / "tuning.json"
     tuning = json.loads(tuning_path.read_text()) if tuning_path.exists() else None
+    if tuning:
+        (out / "tuning.md").write_text("# Tuning\n\n" + "\n".join(tuning_lines(tuning)) + "\n")
     machine_info = json.loads((out / "machine.json").read_text())
     table = _by_system(results["runs"])
     head = headline(results)

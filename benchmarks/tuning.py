@@ -268,6 +268,7 @@ class Measured:
     points: dict[int, list[dict]] = field(default_factory=dict)  # concurrency -> one per run
     answers: list[list[int]] | None = None
     cache_hits: int = 0
+    requests: int = 0
 
     def median(self, level: int) -> dict:
         rows = self.points.get(level, [])
@@ -302,7 +303,9 @@ def _measure_once(
                 raw_dir / f"{system.name}_c{level}_{number}.csv",
                 wrapper,
             )
-            measured.cache_hits += sum(s["cache_hits"] for s in row.get("steps", {}).values())
+            ensemble = row.get("steps", {}).get(store.ENSEMBLE, {})
+            measured.cache_hits += ensemble.get("cache_hits", 0)
+            measured.requests += ensemble.get("requests", 0)
             measured.points.setdefault(level, []).append(row)
         if want_answers:
             measured.answers = collect_answers(running.sessions(), traffic.dev_queries, 8)
@@ -330,7 +333,10 @@ def _decide(change: Change, before: Measured, after: Measured, traffic: Traffic)
     if not change.deterministic:
         reasons.append("rejected: answers would depend on which queries share a batch")
     if after.cache_hits:
-        reasons.append(f"{after.cache_hits} cache hits")
+        reasons.append(
+            f"{after.cache_hits / max(after.requests, 1):.0%} of {after.requests:,} requests were "
+            "cache hits (every query repeats after the first pass over the 2,000)"
+        )
     return {
         "change": change.name,
         "kind": "code" if change.code else ("fp32" if change.fp32 else "config"),
@@ -438,10 +444,14 @@ def _put(rows: list[dict], row: dict) -> None:
 
 
 def _write(out: Path, checks: dict[int, AnnCheck], runs: int, rows: list[dict]) -> Path:
+    """Write tuning.json (ANN checks merged with earlier ones) and tuning.md."""
     from .report import tuning_lines
 
+    previous = out / "tuning.json"
+    ann = json.loads(previous.read_text()).get("ann_checks", {}) if previous.exists() else {}
+    ann.update({str(ef): asdict(c) for ef, c in checks.items()})
     result = {
-        "ann_checks": {str(ef): asdict(c) for ef, c in checks.items()},
+        "ann_checks": dict(sorted(ann.items(), key=lambda item: int(item[0]))),
         "runs": runs,
         "concurrency": list(TUNING_CONCURRENCY),
         "changes": rows,
