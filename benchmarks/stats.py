@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 from shopserve.ensemble import store
 
-STEP_ORDER = (store.ENSEMBLE, *store.STEPS)
+STEP_ORDER = store.MODELS
 
 
 def snapshot(http_url: str) -> dict[str, dict]:

@@ -142,10 +142,10 @@ def materialize(variant: Variant, source: Path, fp32_index: Path | None = None) 
         retrieve_version = store.latest_version_dir(source, store.RETRIEVE).name
         replace[f"{store.RETRIEVE}/{retrieve_version}/{store.DENSE_INDEX_FILE}"] = fp32_index
         edits.setdefault(store.ENCODER, []).insert(0, set_default_model_filename(FP32_ENCODER_FILE))
-    unknown = set(edits) - {store.ENSEMBLE, *store.STEPS}
+    unknown = set(edits) - set(store.MODELS)
     if unknown:
         raise BenchmarkError(f"variant {variant.name} edits unknown models {sorted(unknown)}")
-    for model in (store.ENSEMBLE, *store.STEPS):
+    for model in store.MODELS:
         model_dir = destination / model
         model_dir.mkdir()
         config = (source / model / "config.pbtxt").read_text()

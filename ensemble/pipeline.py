@@ -67,12 +67,12 @@ class SearchPipeline:
         return cls(
             load_tokenizer(repository),
             OnnxEncoder(
-                latest(repository, store.ENCODER) / store.ONNX_FILE,
+                store.model_file(repository, store.ENCODER),
                 _intra_op_threads(repository, store.ENCODER),
             ),
             load_retriever(repository),
             OnnxRanker(
-                latest(repository, store.RANKER) / store.ONNX_FILE,
+                store.model_file(repository, store.RANKER),
                 _intra_op_threads(repository, store.RANKER),
             ),
             PostProcessor(
@@ -86,7 +86,7 @@ class SearchPipeline:
     def candidates(self, query: str) -> Candidates:
         return self.retriever(query, self.embed(query))
 
-    def search(self, query: str | bytes, top_k: int = 10) -> SearchResult:
+    def search(self, query: str | bytes | np.ndarray, top_k: int | np.ndarray = 10) -> SearchResult:
         """Validate like the server does, then run every step."""
         text = decode_query(query)
         k = check_top_k(top_k)

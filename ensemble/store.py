@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-ENSEMBLE = "search"
+SEARCH = "search"  # the served endpoint: the whole step graph in one Python model (one IPC hop)
+ENSEMBLE = "search_steps"  # the same graph as a Triton ensemble of the five step models
 TOKENIZE = "tokenize"
 ENCODER = "encoder"
 RETRIEVE = "retrieve"
 RANKER = "ranker"
 POSTPROCESS = "postprocess"
 STEPS = (TOKENIZE, ENCODER, RETRIEVE, RANKER, POSTPROCESS)
+MODELS = (SEARCH, ENSEMBLE, *STEPS)
 
 TOKENIZER_FILE = "tokenizer.json"
 ONNX_FILE = "model.onnx"
@@ -24,6 +26,7 @@ LEXICAL_INDEX_DIR = "lexical"
 CATALOGUE_FILE = "catalogue.json"
 MANIFEST_FILE = "manifest.json"
 
+_DEFAULT_MODEL_FILENAME = re.compile(r'default_model_filename:\s*"([^"]+)"')
 _PARAMETER = re.compile(
     r'parameters\s*\{\s*key:\s*"([^"]+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"\s*\}\s*\}'
 )
@@ -51,8 +54,18 @@ def latest_version_dir(repository: Path, model: str) -> Path:
 
 def config_parameters(repository: Path, model: str) -> dict[str, str]:
     """The string ``parameters`` of a model's config.pbtxt, as the Triton adapters see them."""
-    text = (Path(repository) / model / "config.pbtxt").read_text()
-    return dict(_PARAMETER.findall(text))
+    return dict(_PARAMETER.findall(_config_text(repository, model)))
+
+
+def model_file(repository: Path, model: str) -> Path:
+    """The ONNX file Triton serves for ``model``: its ``default_model_filename`` (else model.onnx)
+    in the newest version directory."""
+    found = _DEFAULT_MODEL_FILENAME.search(_config_text(repository, model))
+    return latest_version_dir(repository, model) / (found.group(1) if found else ONNX_FILE)
+
+
+def _config_text(repository: Path, model: str) -> str:
+    return (Path(repository) / model / "config.pbtxt").read_text(encoding="utf-8")
 
 
 def adapter_parameters(model_config: dict) -> dict[str, str]:

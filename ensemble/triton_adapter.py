@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from .postprocess import SearchResult
 from .store import adapter_parameters
 
 
@@ -32,3 +33,9 @@ def invalid_argument(exc: Exception):
     return pb_utils.InferenceResponse(
         error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
     )
+
+
+def search_response(result: SearchResult):
+    """The endpoint's response: PRODUCT_IDS, SCORES and UTF-8 TITLES, best first."""
+    titles = np.array([t.encode("utf-8") for t in result.titles], dtype=np.object_)
+    return respond(PRODUCT_IDS=result.product_ids, SCORES=result.scores, TITLES=titles)

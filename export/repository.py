@@ -27,7 +27,7 @@ class RepositoryWriter:
     def __init__(self, repository: Path, version: int = 1) -> None:
         self.repository = Path(repository)
         self.version = version
-        missing = [m for m in (store.ENSEMBLE, *store.STEPS) if not self.config(m).exists()]
+        missing = [m for m in store.MODELS if not self.config(m).exists()]
         if missing:
             raise RepositoryError(
                 f"{self.repository} lacks config.pbtxt for {missing}; point --repository at a copy "
@@ -53,17 +53,19 @@ class RepositoryWriter:
     def checksums(self) -> dict[str, str]:
         files = sorted(
             p
-            for model in (store.ENSEMBLE, *store.STEPS)
+            for model in store.MODELS
             for p in (self.repository / model).rglob("*")
             if p.is_file() and "__pycache__" not in p.parts
         )
         return {str(p.relative_to(self.repository)): _sha256(p) for p in files}
 
     def write_manifest(self, build: dict) -> Path:
+        for model in store.MODELS:  # models without artefacts (search, the ensemble) get theirs too
+            self.version_dir(model)
         manifest = {
             "format": 1,
             "version": self.version,
-            "models": {model: self.version for model in (store.ENSEMBLE, *store.STEPS)},
+            "models": {model: self.version for model in store.MODELS},
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "host": {"python": platform.python_version(), "machine": platform.machine()},
             **build,

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_manifest_records_versions_checksums_data_and_split(built_repository, manifest, data_dir):
-    assert manifest["models"] == {m: 1 for m in (store.ENSEMBLE, *store.STEPS)}
+    assert manifest["models"] == {m: 1 for m in store.MODELS}
     for relative, digest in manifest["files"].items():
         assert hashlib.sha256((built_repository / relative).read_bytes()).hexdigest() == digest
     assert "encoder/1/model.onnx" in manifest["files"]

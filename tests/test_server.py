@@ -17,6 +17,7 @@ import tritonclient.grpc as grpcclient
 from conftest import PROJECT, free_port
 from shopserve.client import AsyncSearchClient, InvalidRequestError, SearchClient
 from shopserve.client._cli import main as search_cli
+from shopserve.ensemble import store
 from shopserve.export.data import load_catalogue, load_judgments, split_queries
 from tritonclient.utils import InferenceServerException
 
@@ -29,6 +30,13 @@ def client(server) -> SearchClient:
         yield search_client
 
 
+@pytest.fixture(scope="module", params=[store.SEARCH, store.ENSEMBLE])
+def endpoint(request, server) -> SearchClient:
+    """A client of each endpoint: the one-model graph and the five-model ensemble."""
+    with SearchClient(server.grpc_url, model_name=request.param, timeout=30) as search_client:
+        yield search_client
+
+
 @pytest.fixture(scope="module")
 def dev_queries(data_dir, manifest) -> list[str]:
     judgments = load_judgments(
@@ -38,9 +46,9 @@ def dev_queries(data_dir, manifest) -> list[str]:
     return split_queries(judgments.queries, split["dev_fraction"], split["seed"])[1]
 
 
-def test_served_ids_equal_the_in_process_pipeline(client, pipeline, dev_queries) -> None:
+def test_served_ids_equal_the_in_process_pipeline(endpoint, pipeline, dev_queries) -> None:
     queries = dev_queries[:200]
-    served = client.search_many(queries, top_k=10, max_in_flight=4)
+    served = endpoint.search_many(queries, top_k=10, max_in_flight=4)
     for query, hits in zip(queries, served, strict=True):
         reference = pipeline.search(query, 10)
         assert [h.product_id for h in hits] == reference.product_ids.tolist(), query
@@ -70,24 +78,24 @@ BAD_QUERIES = [
 
 
 @pytest.mark.parametrize(("query", "problem"), BAD_QUERIES)
-def test_bad_query_is_invalid_argument_and_server_keeps_serving(client, query, problem) -> None:
+def test_bad_query_is_invalid_argument_and_server_keeps_serving(endpoint, query, problem) -> None:
     with pytest.raises(InvalidRequestError, match=problem) as caught:
-        client.search(query, top_k=5)
+        endpoint.search(query, top_k=5)
     assert caught.value.status == "StatusCode.INVALID_ARGUMENT"
-    assert len(client.search("paint roller", top_k=5)) == 5
+    assert len(endpoint.search("paint roller", top_k=5)) == 5
 
 
 @pytest.mark.parametrize("top_k", [0, -1, 101, 10_000])
-def test_bad_top_k_is_invalid_argument(client, top_k) -> None:
+def test_bad_top_k_is_invalid_argument(endpoint, top_k) -> None:
     with pytest.raises(InvalidRequestError, match="TOP_K must be between 1 and 100"):
-        client.search("drill", top_k=top_k)
-    assert len(client.search("drill", top_k=2)) == 2
+        endpoint.search("drill", top_k=top_k)
+    assert len(endpoint.search("drill", top_k=2)) == 2
 
 
-def _raw_infer(server, inputs: list[grpcclient.InferInput]) -> InferenceServerException:
+def _raw_infer(server, model: str, inputs: list[grpcclient.InferInput]) -> InferenceServerException:
     triton = grpcclient.InferenceServerClient(server.grpc_url)
     with pytest.raises(InferenceServerException) as caught:
-        triton.infer("search", inputs)
+        triton.infer(model, inputs)
     return caught.value
 
 
@@ -124,11 +132,11 @@ def _input(name: str, value: np.ndarray, datatype: str) -> grpcclient.InferInput
         ),
     ],
 )
-def test_malformed_requests_are_invalid_argument(server, client, inputs, problem) -> None:
-    error = _raw_infer(server, [_input(*spec) for spec in inputs])
+def test_malformed_requests_are_invalid_argument(server, endpoint, inputs, problem) -> None:
+    error = _raw_infer(server, endpoint.model_name, [_input(*spec) for spec in inputs])
     assert error.status() == "StatusCode.INVALID_ARGUMENT"
     assert problem in error.message()
-    assert len(client.search("drill", top_k=1)) == 1
+    assert len(endpoint.search("drill", top_k=1)) == 1
 
 
 def test_async_client_and_batched_search(server) -> None:
