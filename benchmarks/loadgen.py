@@ -63,12 +63,12 @@ class HttpSession:
 
 
 class TritonSession:
-    """shopserve's gRPC client to the ``search`` model (one channel per worker)."""
+    """shopserve's gRPC client to one endpoint model (one channel per worker)."""
 
-    def __init__(self, url: str, top_k: int = TOP_K) -> None:
+    def __init__(self, url: str, model: str, top_k: int = TOP_K) -> None:
         from shopserve.client import SearchClient
 
-        self.client = SearchClient(url, timeout=120)
+        self.client = SearchClient(url, model_name=model, timeout=120)
         self.top_k = top_k
 
     def __call__(self, query: str) -> list[int]:
@@ -82,8 +82,8 @@ def http_sessions(url: str) -> SessionFactory:
     return lambda: HttpSession(url)
 
 
-def triton_sessions(url: str) -> SessionFactory:
-    return lambda: TritonSession(url)
+def triton_sessions(url: str, model: str) -> SessionFactory:
+    return lambda: TritonSession(url, model)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from shopserve.ensemble import store
-
 from . import cpu, perf_analyzer, stats
 from .loadgen import measure as loadgen_measure
 from .queries import Traffic
@@ -90,7 +88,7 @@ def measure_level(
         before = _Accounting(running)
         if driver == PERF_ANALYZER:
             row = perf_analyzer.measure(
-                wrapper, running.grpc_url, store.ENSEMBLE, data, level, csv_path, settings
+                wrapper, running.grpc_url, running.system.model, data, level, csv_path, settings
             )
         else:
             row = loadgen_measure(running.sessions(), traffic.queries, level, settings)
@@ -105,8 +103,8 @@ def measure_level(
             FOREIGN_LIMIT,
         )
         wait_until_quiet(running)
-    if steps is not None and store.ENSEMBLE in steps:
-        requests = steps[store.ENSEMBLE].requests
+    if steps is not None and running.system.model in steps:
+        requests = steps[running.system.model].requests
     else:
         requests = getattr(row, "all_requests", 0)
     out = {

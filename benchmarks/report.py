@@ -18,7 +18,7 @@ HEADLINE_CONCURRENCY = 8
 ENSEMBLE = "ensemble"
 BASELINE = "fastapi_torch"
 BASELINE_1T = "fastapi_torch_1t"
-PROPOSED = "ensemble_proposed"
+STEPS_SYSTEM = "ensemble_steps"
 FP32 = "ensemble_fp32"
 TARGETS = {"speedup_c8": 4.0, "ceiling_share": 0.5, "p99_c1_ms": 10.0, "agreement_fp32": 0.99}
 PLOT_FILE = "throughput_p99.png"
@@ -67,18 +67,6 @@ def headline(results: dict) -> dict:
             entry["speedup_c8_vs_1t"] = (
                 ens[HEADLINE_CONCURRENCY]["throughput"] / base_1t["throughput"]
             )
-        proposed = {c: m for (s, c), m in rows.items() if s == PROPOSED}
-        if proposed:
-            best_p = max(proposed, key=lambda c: proposed[c]["throughput"])
-            entry["proposed_ceiling_share"] = (
-                proposed[best_p]["throughput"] / _ceiling_best(run)["throughput"]
-            )
-            if 1 in proposed:
-                entry["proposed_p99_c1_ms"] = proposed[1]["p99_us"] / 1e3
-            if HEADLINE_CONCURRENCY in proposed and base:
-                entry["proposed_speedup_c8"] = (
-                    proposed[HEADLINE_CONCURRENCY]["throughput"] / base["throughput"]
-                )
         per_run.append(entry)
     keys = sorted({k for e in per_run for k in e} - {"run"})
     return {
@@ -135,16 +123,6 @@ def _targets(head: dict, agreement: dict | None) -> list[tuple[str, str, str, bo
                 None,
             )
         )
-    if "proposed_p99_c1_ms" in med:
-        rows.append(
-            (
-                "with the proposed code changes: p99 at 1; best ÷ ceiling; ÷ (a) at 8",
-                "–",
-                f"{med['proposed_p99_c1_ms']:.2f} ms; {med['proposed_ceiling_share']:.1%}; "
-                f"{med.get('proposed_speedup_c8', float('nan')):.2f}×",
-                None,
-            )
-        )
     for pair in (agreement or {}).get("pairs", []):
         if (pair["reference"], pair["other"]) == (BASELINE, FP32):
             rows.append(
@@ -188,37 +166,51 @@ def _sweep_table(results: dict, table: dict) -> list[str]:
     return lines
 
 
-def _step_table(table: dict, system: str, in_process: dict[str, float] | None) -> list[str]:
+def _section(intro: str, table_lines: list[str]) -> list[str]:
+    return [intro, "", *table_lines, ""] if table_lines else []
+
+
+def _step_table(
+    table: dict,
+    system: str,
+    endpoint: str,
+    steps: tuple[str, ...],
+    in_process: dict[str, float] | None,
+) -> list[str]:
+    """Per concurrency: each step model's time, the endpoint's server time, the client's rest."""
     levels = table.get(system, {})
     if not levels:
         return []
-    header = " | ".join(f"{s} (queue)" for s in STEPS)
+    step_cells = "".join(f" {s} (queue) |" for s in steps)
+    sum_cell = " Σ steps |" if steps else ""
     lines = [
-        f"| concurrency | {header} | Σ steps | ensemble (server) | client + gRPC |",
-        "|---:|" + "---:|" * (len(STEPS) + 3),
+        f"| concurrency |{step_cells}{sum_cell} {endpoint} (server, queue) | client + gRPC |",
+        "|---:|" + "---:|" * (len(steps) + (1 if steps else 0) + 2),
     ]
     for level in sorted(levels):
-        ms = [m for m in levels[level] if "steps" in m]
+        ms = [m for m in levels[level] if endpoint in m.get("steps", {})]
         if not ms:
             continue
-        cells = []
+        cells = ""
         total_steps = []
-        for step in STEPS:
+        for step in steps:
             totals = [m["steps"][step]["total_us"] for m in ms if step in m["steps"]]
             queues = [m["steps"][step]["queue_us"] for m in ms if step in m["steps"]]
-            cells.append(f"{median(totals) / 1e3:.2f} ({median(queues) / 1e3:.2f})")
+            cells += f" {median(totals) / 1e3:.2f} ({median(queues) / 1e3:.2f}) |"
             total_steps.append(median(totals))
-        server = median([m["steps"][store.ENSEMBLE]["total_us"] for m in ms])
+        if steps:
+            cells += f" {sum(total_steps) / 1e3:.2f} |"
+        server = median([m["steps"][endpoint]["total_us"] for m in ms])
+        queue = median([m["steps"][endpoint]["queue_us"] for m in ms])
         client = median([m["avg_us"] for m in ms]) - server
         lines.append(
-            f"| {level} | {' | '.join(cells)} | {sum(total_steps) / 1e3:.2f} | "
-            f"{server / 1e3:.2f} | {client / 1e3:.2f} |"
+            f"| {level} |{cells} {server / 1e3:.2f} ({queue / 1e3:.2f}) | {client / 1e3:.2f} |"
         )
     if in_process:
-        cells = " | ".join(f"{in_process[s] / 1e3:.2f}" for s in STEPS)
-        lines.append(
-            f"| in-process, no server | {cells} | {sum(in_process.values()) / 1e3:.2f} | – | – |"
-        )
+        total = sum(in_process.values()) / 1e3
+        cells = "".join(f" {in_process[s] / 1e3:.2f} |" for s in steps)
+        sum_cell = f" {total:.2f} |" if steps else ""
+        lines.append(f"| in-process, no server |{cells}{sum_cell} {total:.2f} | – |")
     return lines
 
 
@@ -400,11 +392,11 @@ def tuning_lines(tuning: dict | None) -> list[str]:
 
 
 def _kept_label(row: dict) -> str:
-    """Config changes: kept or not. Code changes pass the same rule but are proposals (not
-    applied to the headline); FP32 rows concern (b) only; informational rows are never kept."""
+    """Config changes: kept or not. Code changes that pass the same rule are applied in the
+    shipped code; FP32 rows concern (b) only; informational rows are never kept."""
     kind = row.get("kind", "config")
     if kind == "code":
-        return "proposed (code)" if row["kept"] else "no"
+        return "yes (code)" if row["kept"] else "no"
     if kind == "fp32":
         return "safe for (b) only" if row["kept"] else "no"
     if row["change"].startswith("response cache"):
@@ -483,20 +475,24 @@ def write(out: Path) -> Path:
         "",
         *_sweep_table(results, table),
         "",
-        "## Where the time goes (ensemble, server side, ms per request, median over runs)",
+        "## Where the time goes (server side, ms per request, median over runs)",
         "",
-        "Each step's time in Triton's statistics (queue + compute; compute of a Python-backend step "
-        "includes its stub round trip), the ensemble's own server time, and what the client saw "
-        "beyond it (perf_analyzer mean latency − server time: gRPC, serialisation, client). The "
-        "last row is the same step code in-process, one query at a time: the difference to the "
-        "served step at concurrency 1 is the per-hop cost of the Python backend.",
+        "Times in Triton's statistics (queue + compute; the compute of a Python-backend model "
+        "includes its stub round trip), and what the client saw beyond the server time "
+        "(perf_analyzer mean latency − server time: gRPC, serialisation, client).",
         "",
-        *_step_table(table, ENSEMBLE, in_process),
-        "",
-        "FP32 ensemble (b):",
-        "",
-        *_step_table(table, FP32, None),
-        "",
+        *_section(
+            f"`{store.SEARCH}`, the shipped endpoint (the whole graph in one Python model; the "
+            "in-process row is the sum of the steps below run in-process):",
+            _step_table(table, ENSEMBLE, store.SEARCH, (), in_process),
+        ),
+        *_section(
+            f"`{store.ENSEMBLE}`, the same graph as a five-model ensemble, step by step. The last "
+            "row is the same step code in-process, one query at a time: the difference to the "
+            "served step at concurrency 1 is the per-hop cost of the Python backend.",
+            _step_table(table, STEPS_SYSTEM, store.ENSEMBLE, STEPS, in_process),
+        ),
+        *_section("FP32 (b):", _step_table(table, FP32, store.SEARCH, (), None)),
         "CPU time per request, by process (utime + stime over the whole measurement ÷ requests "
         "served; Triton's Python-backend stubs by model). On 2 cores, throughput cannot exceed "
         "2 × 1000 ÷ total:",

@@ -33,19 +33,19 @@ from .loadgen import answers as collect_answers
 from .measure import ATTEMPTS, measure_level
 from .queries import Traffic, load_traffic, write_perf_analyzer_data
 from .systems import FASTAPI, LOADGEN, PERF_ANALYZER, TRITON, Running, System, started
-from .tuning import HEADLINE, PROPOSED, SHIPPED
+from .tuning import HEADLINE
 
 log = logging.getLogger("benchmarks.run")
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
 DEFAULT_SYSTEMS = (
     "ensemble",
+    "ensemble_steps",
     "ensemble_fp32",
     "fastapi_torch",
     "fastapi_torch_1t",
-    "ensemble_proposed",
 )
-ALL_SYSTEMS = (*DEFAULT_SYSTEMS, "ensemble_shipped")
+ALL_SYSTEMS = DEFAULT_SYSTEMS
 CROSS_CHECK = "ensemble_loadgen"  # the ensemble driven by the Python load generator
 ANSWER_CONCURRENCY = 2
 
@@ -75,33 +75,27 @@ def build_systems(repository: Path, names: tuple[str, ...]) -> dict[str, System]
     made = {
         "ensemble": lambda: System(
             "ensemble",
-            "Triton ensemble, INT8 encoder (tuned configs)",
+            f"Triton `{store.SEARCH}`, INT8 encoder (as shipped)",
             TRITON,
             PERF_ANALYZER,
             variants.materialize(HEADLINE, repository),
         ),
+        "ensemble_steps": lambda: System(
+            "ensemble_steps",
+            f"Triton `{store.ENSEMBLE}` (five-model ensemble), INT8 encoder",
+            TRITON,
+            PERF_ANALYZER,
+            variants.materialize(replace(HEADLINE, name="ensemble_steps"), repository),
+            model=store.ENSEMBLE,
+        ),
         "ensemble_fp32": lambda: System(
             "ensemble_fp32",
-            "(b) Triton ensemble, FP32 encoder + FP32 HNSW",
+            f"(b) Triton `{store.SEARCH}`, FP32 encoder + FP32 HNSW",
             TRITON,
             PERF_ANALYZER,
             variants.materialize(
                 replace(HEADLINE, name="ensemble_fp32", fp32=True), repository, index
             ),
-        ),
-        "ensemble_shipped": lambda: System(
-            "ensemble_shipped",
-            "Triton ensemble, INT8, configs as shipped",
-            TRITON,
-            PERF_ANALYZER,
-            variants.materialize(SHIPPED, repository),
-        ),
-        "ensemble_proposed": lambda: System(
-            "ensemble_proposed",
-            "Triton, INT8, tuned configs + proposed code (one Python hop, no bucket padding)",
-            TRITON,
-            PERF_ANALYZER,
-            variants.materialize(PROPOSED, repository),
         ),
         "fastapi_torch": lambda: System(
             "fastapi_torch",
@@ -182,8 +176,7 @@ def agreement_report(traffic: Traffic, answers: dict[str, list[list[int]]]) -> d
         ("fastapi_torch", "ensemble_fp32"),
         ("fastapi_torch", "ensemble"),
         ("ensemble_fp32", "ensemble"),
-        ("fastapi_torch", "ensemble_shipped"),
-        ("fastapi_torch", "ensemble_proposed"),
+        ("ensemble", "ensemble_steps"),
         ("fastapi_torch", "fastapi_torch_1t"),
     ]
     return {
@@ -319,7 +312,7 @@ def smoke(
     answers: dict[str, list[list[int]]] = {}
     points = ceiling.measure(repository, traffic.queries, (1, 8), 0.5, layouts=((1, 2),))
     steps_in_process = profile.step_times(repository, traffic.queries[:20])
-    ensemble = System("ensemble", "Triton ensemble (smoke)", TRITON, PERF_ANALYZER, repository)
+    ensemble = System("ensemble", "Triton search (smoke)", TRITON, PERF_ANALYZER, repository)
     baseline = System(
         "fastapi_torch",
         "(a) FastAPI + PyTorch FP32 eager (smoke: INT8 index vectors)",
@@ -337,7 +330,7 @@ def smoke(
     if grpc_url:
         measure(Running(ensemble, grpc_url=grpc_url, http_url=http_url))
     else:
-        ensemble = replace(ensemble, repository=variants.materialize(SHIPPED, repository))
+        ensemble = replace(ensemble, repository=variants.materialize(HEADLINE, repository))
         with started(ensemble, out / "logs") as running:
             measure(running)
     with started(baseline, out / "logs") as running:

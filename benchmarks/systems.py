@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from shopserve.ensemble import store
+
 from shopserve.server import ServerConfig, TritonServer
 
 from .baseline import BaselineServer
@@ -33,6 +35,7 @@ class System:
     repository: Path  # a repository variant for Triton; the source repository for FastAPI
     embeddings: str = ""  # FastAPI: FP32 catalogue embeddings (.npy) or "int8-index"
     torch_threads: int = 0  # FastAPI: torch intra-op threads (0: torch's default, one per core)
+    model: str = store.SEARCH  # Triton: the endpoint model the load is sent to
 
 
 @dataclass
@@ -50,7 +53,7 @@ class Running:
 
     def sessions(self) -> SessionFactory:
         if self.system.server == TRITON:
-            return triton_sessions(self.grpc_url)
+            return triton_sessions(self.grpc_url, self.system.model)
         return http_sessions(self.http_url)
 
 

@@ -1,10 +1,11 @@
 """Tuning by measurement: each change A/B-tested against the best configuration so far.
 
-Config changes that pass are kept and form :data:`HEADLINE` (the configuration the sweep measures as
-"ensemble"; ``model_repository/`` is never edited, see the recommendations in results/tuning.md).
-Changes that need code outside ``benchmarks/`` (a different tokenize adapter, fewer Python hops) are
-measured on top of the tuned configs with adapters from ``benchmarks/triton_models/`` and reported as
-proposals. A change is kept when, over paired runs (medians), throughput at concurrency 8 rises by
+The changes are replayed from :data:`UNTUNED` (the shipped repository with the configs it had before
+tuning) through the five-model ensemble ``search_steps``, in order, each on top of the changes kept
+before it; the kept ones are the configs ``model_repository/`` ships. The one-hop change is
+measured through the ``search`` endpoint (the whole graph in one Python model), which the project
+ships since it passed. (Tokenizing without bucket padding, also measured and shipped, is now in the
+code and cannot be replayed; its row stays in results/tuning.json.) A change is kept when, over paired runs (medians), throughput at concurrency 8 rises by
 ≥ 3 % without p99 at concurrency 1 rising by > 10 % (or p99 at 1 falls by ≥ 5 % without throughput
 falling by > 3 %), and its answers stay deterministic with dev nDCG@10 not lower by > 0.5 %.
 """
@@ -21,7 +22,7 @@ import numpy as np
 from shopserve.ensemble import store
 
 from . import agreement, perf_analyzer
-from .common import BENCH_DIR, RESULTS_DIR, SOURCE_REPOSITORY, WORK_DIR, BenchmarkError, cpu_lock
+from .common import RESULTS_DIR, SOURCE_REPOSITORY, WORK_DIR, BenchmarkError, cpu_lock
 from .loadgen import answers as collect_answers
 from .measure import measure_level
 from .queries import Traffic, load_traffic, write_perf_analyzer_data
@@ -39,9 +40,8 @@ from .variants import (
 
 log = logging.getLogger("benchmarks.tuning")
 
-TEMPLATES = BENCH_DIR / "triton_models"
 TUNING_CONCURRENCY = (1, 8)
-SHIPPED_EF_SEARCH = 256
+UNTUNED_EF_SEARCH = 256
 MIN_GAIN = 0.03
 MAX_P99_RISE = 0.10
 MIN_P99_GAIN = 0.05
@@ -49,54 +49,36 @@ MAX_NDCG_DROP = 0.005
 MIN_ANN_RECALL = 0.98  # the build's gate (shopserve.export.index.MIN_ANN_RECALL)
 MIN_FP32_AGREEMENT = 0.99  # (b) vs (a) top-10 agreement target
 
-SHIPPED = Variant(
-    "shipped",
-    "model_repository as shipped, response cache off",
-    {store.ENSEMBLE: (set_response_cache(False),)},
-)
-
-# The config changes the tuning kept (see results/tuning.md), applied in this order to SHIPPED.
-TUNED_EDITS: Mapping[str, tuple[Edit, ...]] = {
-    store.RETRIEVE: (set_parameter("ef_search", "512"),),
-    store.ENCODER: (set_parameter("intra_op_threads", "1"),),
-    store.TOKENIZE: (set_instances(2),),
-    store.RANKER: (set_instances(2),),
-    store.POSTPROCESS: (set_instances(2),),
+_CACHE_OFF = {
+    store.SEARCH: (set_response_cache(False),),
+    store.ENSEMBLE: (set_response_cache(False),),
 }
-HEADLINE = SHIPPED.plus(
-    "ensemble", "INT8 ensemble, tuned configs, response cache off", **TUNED_EDITS
-)
 
+# What the sweep measures: model_repository as shipped (tuned), response cache off.
+HEADLINE = Variant("ensemble", "model_repository as shipped, response cache off", _CACHE_OFF)
 
-def _fused_search_config(_: str) -> str:
-    return (TEMPLATES / "fused_search.pbtxt").read_text()
-
-
-# The code changes the tuning proposes, on top of HEADLINE: the whole graph in one Python model
-# (2 instances), tokenized without bucket padding. Measured as the optional "ensemble_proposed".
-PROPOSED = Variant(
-    "ensemble_proposed",
-    "tuned configs + proposed code: one Python hop, no bucket padding",
-    {
-        **HEADLINE.edits,
-        store.ENSEMBLE: (
-            *HEADLINE.edits.get(store.ENSEMBLE, ()),
-            _fused_search_config,
-            set_parameter("pad_to_buckets", "false"),
-        ),
+# The configs before tuning, where the replay of the tuning starts.
+UNTUNED = HEADLINE.plus(
+    "untuned",
+    "the configs before tuning, response cache off",
+    **{
+        store.RETRIEVE: (set_parameter("ef_search", str(UNTUNED_EF_SEARCH)),),
+        store.ENCODER: (set_parameter("intra_op_threads", "2"),),
+        store.TOKENIZE: (set_instances(1),),
+        store.RANKER: (set_instances(1),),
+        store.POSTPROCESS: (set_instances(1),),
     },
-    replace_files={"search/1/model.py": TEMPLATES / "fused_search.py"},
 )
 
 
 @dataclass(frozen=True)
 class Change:
-    """One tuning step: config edits and/or adapter files on top of the current best variant."""
+    """One tuning step: config edits on top of the current best variant, or another endpoint."""
 
     name: str
     edits: Mapping[str, tuple[Edit, ...]] = field(default_factory=dict)
-    files: Mapping[str, Path] = field(default_factory=dict)  # repo-relative path -> template
-    code: bool = False  # needs code outside benchmarks/: measured and proposed, never in HEADLINE
+    model: str = ""  # the endpoint measured after the change ("": the one measured before it)
+    code: bool = False  # a change of code (shipped when kept), not of configs
     deterministic: bool = True  # False: an answer depends on which requests share a batch
     ef_search: int | None = None  # checked against the ANN recall and agreement targets first
     required: bool = False  # kept when it makes a failing quality target pass, whatever the speed
@@ -153,15 +135,8 @@ CONFIG_CHANGES = (
 
 CODE_CHANGES = (
     Change(
-        "tokenize: no length-bucket padding (code)",
-        files={"tokenize/1/model.py": TEMPLATES / "unpadded_tokenize.py"},
-        code=True,
-        note="padding to a bucket only serves a dynamic batcher the INT8 encoder must not use",
-    ),
-    Change(
         "one Python hop: whole graph in one Python model, 2 instances (code)",
-        {store.ENSEMBLE: (_fused_search_config,)},
-        files={"search/1/model.py": TEMPLATES / "fused_search.py"},
+        model=store.SEARCH,
         code=True,
         note="5 Python-backend hops (IPC, stub scheduling) become 1",
     ),
@@ -190,8 +165,7 @@ def _variant(base: Variant, change: Change, name: str) -> Variant:
     merged = {m: tuple(e) for m, e in base.edits.items()}
     for model, more in change.edits.items():
         merged[model] = merged.get(model, ()) + tuple(more)
-    files = {**base.replace_files, **change.files}
-    return Variant(name, change.name, merged, base.fp32 or change.fp32, files)
+    return Variant(name, change.name, merged, base.fp32 or change.fp32)
 
 
 @dataclass(frozen=True)
@@ -303,7 +277,7 @@ def _measure_once(
                 raw_dir / f"{system.name}_c{level}_{number}.csv",
                 wrapper,
             )
-            ensemble = row.get("steps", {}).get(store.ENSEMBLE, {})
+            ensemble = row.get("steps", {}).get(system.model, {})
             measured.cache_hits += ensemble.get("cache_hits", 0)
             measured.requests += ensemble.get("requests", 0)
             measured.points.setdefault(level, []).append(row)
@@ -374,20 +348,21 @@ def tune(
     raw_dir = out / "raw" / "tuning"
     fp32_index = None
     changes = [c for c in (*CONFIG_CHANGES, *CODE_CHANGES) if not only or c.name in only]
-    ef_values = tuple(sorted({c.ef_search for c in changes if c.ef_search} | {SHIPPED_EF_SEARCH}))
+    ef_values = tuple(sorted({c.ef_search for c in changes if c.ef_search} | {UNTUNED_EF_SEARCH}))
     with cpu_lock("tuning: ANN checks"):
         checks = ann_checks(repository, ef_values, traffic)
     all_changes = {c.name: c for c in (*CONFIG_CHANGES, *CODE_CHANGES)}
     unknown = (set(only) | set(assume_kept)) - set(all_changes)
     if unknown:
         raise BenchmarkError(f"unknown changes {sorted(unknown)}")
-    current = SHIPPED
+    current, model = UNTUNED, store.ENSEMBLE
     for name in assume_kept:
         current = _variant(current, all_changes[name], "current")
+        model = all_changes[name].model or model
     rows: list[dict] = _previous_rows(out) if only or assume_kept else []
     for number, change in enumerate(changes, start=1):
         check = checks.get(change.ef_search or 0)
-        if change.required and checks[SHIPPED_EF_SEARCH].passes():
+        if change.required and checks[UNTUNED_EF_SEARCH].passes():
             change = replace(change, required=False)  # the shipped setting meets the targets
         if check and not check.passes():
             _put(
@@ -412,21 +387,25 @@ def tune(
         after_repo = materialize(candidate, repository, fp32_index)
         log.info("=== tuning %d/%d: %s", number, len(changes), change.name)
         before, after = Measured(), Measured()
+        after_model = change.model or model
         for run in range(runs):
-            for measured, repo in ((before, before_repo), (after, after_repo)):
-                system = System(repo.name, repo.name, TRITON, PERF_ANALYZER, repo)
+            for measured, repo, endpoint in (
+                (before, before_repo, model),
+                (after, after_repo, after_model),
+            ):
+                system = System(repo.name, repo.name, TRITON, PERF_ANALYZER, repo, model=endpoint)
                 _measure_once(system, measured, data, traffic, wrapper, settings, run == 0, raw_dir)
         row = _decide(change, before, after, traffic)
         if check:
-            shipped = checks[SHIPPED_EF_SEARCH]
+            shipped = checks[UNTUNED_EF_SEARCH]
             row["note"] += (
                 f"; recall@100 {shipped.recall:.4f} -> {check.recall:.4f}, FP32 top-10 agreement "
                 f"with exact search {shipped.fp32_agreement:.4f} -> {check.fp32_agreement:.4f}"
             )
         _put(rows, row)
         log.info("%s: %s (%s)", change.name, "kept" if row["kept"] else "not kept", row["note"])
-        if row["kept"] and not change.code and not change.fp32:
-            current = replace(candidate, name="current")
+        if row["kept"] and not change.fp32:
+            current, model = replace(candidate, name="current"), after_model
         _write(out, checks, runs, rows)  # after every change: a long run keeps its results
     return _write(out, checks, runs, rows)
 

@@ -109,13 +109,12 @@ class Variant:
     description: str
     edits: Mapping[str, tuple[Edit, ...]] = field(default_factory=dict)
     fp32: bool = False  # FP32 encoder and an HNSW index over FP32 catalogue embeddings
-    replace_files: Mapping[str, Path] = field(default_factory=dict)  # repo-relative -> file to use
 
     def plus(self, name: str, description: str, **edits: tuple[Edit, ...]) -> Variant:
         merged = {m: tuple(self.edits.get(m, ())) for m in self.edits}
         for model, more in edits.items():
             merged[model] = merged.get(model, ()) + tuple(more)
-        return Variant(name, description, merged, self.fp32, dict(self.replace_files))
+        return Variant(name, description, merged, self.fp32)
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:
@@ -134,7 +133,7 @@ def materialize(variant: Variant, source: Path, fp32_index: Path | None = None) 
         shutil.rmtree(destination)
     destination.mkdir(parents=True)
     shutil.copy2(source / store.MANIFEST_FILE, destination / store.MANIFEST_FILE)
-    replace = dict(variant.replace_files)
+    replace: dict[str, Path] = {}
     edits = {model: list(more) for model, more in variant.edits.items()}
     if variant.fp32:
         if fp32_index is None:

@@ -33,8 +33,10 @@ def test_benchmark_smoke(server, built_repository, tmp_path) -> None:
         assert row["concurrency"] == 1
         assert row["throughput"] > 0
         assert 0 < row["p50_us"] <= row["p99_us"]
-    steps = rows[("ensemble", "perf_analyzer")]["steps"]
-    assert set(steps) >= set(store.MODELS)
+    served = rows[("ensemble", "perf_analyzer")]
+    assert set(served["steps"]) == {store.SEARCH}  # one model serves a request, no step models
+    assert served["steps"][store.SEARCH]["requests"] > 0
+    assert 0 < served["steps"][store.SEARCH]["total_us"] < served["avg_us"]
     assert results["runs"][0]["ceiling"][0]["throughput"] > 0
     (pair,) = results["agreement"]["pairs"]
     assert pair["overlap"] > 0.5  # same lexical side, FP32 vs INT8 dense side

@@ -1,1 +1,0 @@
-"""Triton Python-model adapters used only by tuning variants (copied into variant repositories)."""
