@@ -11,6 +11,7 @@ Config parameters (all optional): ``intra_op_threads`` (default 1), ``inter_op_t
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections import defaultdict
@@ -47,6 +48,7 @@ class TritonPythonModel:
             for item in config["input"]
         }
         self.output_names = [item["name"] for item in config["output"]]
+        gc.freeze()  # collections then skip what was loaded (see triton_adapter.freeze_loaded_state)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(self.output_names, feeds)

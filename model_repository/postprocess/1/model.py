@@ -2,13 +2,19 @@
 
 from shopserve.ensemble import store
 from shopserve.ensemble.postprocess import PostProcessor
-from shopserve.ensemble.triton_adapter import input_array, model_context, search_response
+from shopserve.ensemble.triton_adapter import (
+    freeze_loaded_state,
+    input_array,
+    model_context,
+    search_response,
+)
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir, _ = model_context(args)
         self.postprocess = PostProcessor(store.Catalogue.load(version_dir / store.CATALOGUE_FILE))
+        freeze_loaded_state()
 
     def execute(self, requests: list) -> list:
         return [

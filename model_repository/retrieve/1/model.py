@@ -4,7 +4,12 @@ from shopserve.ensemble import store
 from shopserve.ensemble.dense import DenseIndex
 from shopserve.ensemble.lexical import LexicalIndex
 from shopserve.ensemble.retrieve import Retriever
-from shopserve.ensemble.triton_adapter import input_array, model_context, respond
+from shopserve.ensemble.triton_adapter import (
+    freeze_loaded_state,
+    input_array,
+    model_context,
+    respond,
+)
 from shopserve.ensemble.validation import decode_query
 
 
@@ -17,6 +22,7 @@ class TritonPythonModel:
             dense_depth=int(params["dense_depth"]),
             lexical_depth=int(params["lexical_depth"]),
         )
+        freeze_loaded_state()
 
     def execute(self, requests: list) -> list:
         responses = []

@@ -6,6 +6,7 @@ answers exactly as the "search_steps" ensemble and the in-process SearchPipeline
 
 from shopserve.ensemble import SearchPipeline
 from shopserve.ensemble.triton_adapter import (
+    freeze_loaded_state,
     input_array,
     invalid_argument,
     model_context,
@@ -18,6 +19,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir, _ = model_context(args)
         self.pipeline = SearchPipeline.from_repository(version_dir.parents[1])
+        freeze_loaded_state()
 
     def execute(self, requests: list) -> list:
         responses = []

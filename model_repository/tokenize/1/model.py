@@ -2,7 +2,13 @@
 
 from shopserve.ensemble import store
 from shopserve.ensemble.tokenize import QueryTokenizer
-from shopserve.ensemble.triton_adapter import input_array, invalid_argument, model_context, respond
+from shopserve.ensemble.triton_adapter import (
+    freeze_loaded_state,
+    input_array,
+    invalid_argument,
+    model_context,
+    respond,
+)
 from shopserve.ensemble.validation import InvalidRequest, check_top_k, decode_query
 
 
@@ -12,6 +18,7 @@ class TritonPythonModel:
         self.tokenizer = QueryTokenizer(
             version_dir / store.TOKENIZER_FILE, max_length=int(params["max_length"])
         )
+        freeze_loaded_state()
 
     def execute(self, requests: list) -> list:
         responses = []
