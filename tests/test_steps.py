@@ -189,3 +189,21 @@ def test_home_depot_split_is_seeded_and_disjoint(data_dir) -> None:
     assert not set(train) & set(dev) and len(train) + len(dev) == len(judgments)
     assert (train, dev) == split_queries(judgments.queries, 0.2, seed=13)
     assert dev != split_queries(judgments.queries, 0.2, seed=14)[1]
+
+
+def test_store_reads_the_served_file_and_parameters_from_the_source_configs(tmp_path) -> None:
+    from conftest import SOURCE_REPOSITORY
+    from shopserve.ensemble import store
+
+    repository = tmp_path / "repo"
+    for model in (store.ENCODER, store.RANKER, store.RETRIEVE):
+        (repository / model / "1").mkdir(parents=True)
+        config = (SOURCE_REPOSITORY / model / "config.pbtxt").read_text(encoding="utf-8")
+        (repository / model / "config.pbtxt").write_text(config, encoding="utf-8")
+    assert store.model_file(repository, store.RANKER) == repository / "ranker/1/model.onnx"
+    encoder_config = repository / store.ENCODER / "config.pbtxt"
+    encoder_config.write_text(
+        encoder_config.read_text().replace('"model.onnx"', '"model_fp32.onnx"'), encoding="utf-8"
+    )
+    assert store.model_file(repository, store.ENCODER) == repository / "encoder/1/model_fp32.onnx"
+    assert store.config_parameters(repository, store.RETRIEVE)["ef_search"] == "512"
