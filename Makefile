@@ -47,7 +47,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-# Performance (benchmarks/README.md): the full harness, about 40 minutes on 2 cores, writes
+# Performance (benchmarks/README.md): the full harness, about 30 minutes on 2 cores, writes
 # benchmarks/results/. It takes /tmp/shopserve-cpu.lock itself around each measurement: do not wrap it
 # in flock. bench-smoke runs seconds of everything into benchmarks/work/smoke/.
 bench: store

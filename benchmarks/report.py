@@ -147,12 +147,19 @@ def _targets(head: dict, agreement: dict | None) -> list[tuple[str, str, str, bo
     return rows
 
 
+def _labels(results: dict) -> dict[str, str]:
+    return {
+        **results["systems"],
+        "ensemble_loadgen": f"`{store.SEARCH}` via the Python load generator",
+    }
+
+
 def _sweep_table(results: dict, table: dict) -> list[str]:
     lines = [
         "| system | concurrency | throughput (req/s) | p50 (ms) | p99 (ms) | throughput range over runs |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    labels = {**results["systems"], "ensemble_loadgen": "ensemble via the Python load generator"}
+    labels = _labels(results)
     for system, levels in table.items():
         for level in sorted(levels):
             ms = levels[level]
@@ -228,7 +235,7 @@ def _cpu_order(key: str) -> tuple[int, str]:
 
 
 def _cpu_table(results: dict, table: dict, levels: tuple[int, ...] = (1, 8)) -> list[str]:
-    labels = {**results["systems"], "ensemble_loadgen": "ensemble via the Python load generator"}
+    labels = _labels(results)
     lines = [
         f"| system | concurrency | CPU ms per request, by process | total | bound: {CORES} cores "
         "÷ total (req/s) | measured (req/s) |",
@@ -514,7 +521,7 @@ def write(out: Path) -> Path:
         *_notes(out),
         "## Rerun",
         "",
-        "`make bench` (full: 3 runs, about 40 minutes on 2 cores), `make bench-smoke` (seconds), "
+        "`make bench` (full: 3 runs, about 30 minutes on 2 cores), `make bench-smoke` (seconds), "
         "`python -m benchmarks report` (this file and the plot from results.json), "
         "`python -m benchmarks tune` (the tuning table). See benchmarks/README.md.",
         "",
