@@ -323,7 +323,7 @@ def plot(results: dict, table: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    labels = {**results["systems"], "ensemble_loadgen": "ensemble via Python load generator"}
+    labels = _labels(results)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     for system, levels in table.items():
         xs = [median([m["p99_us"] / 1e3 for m in levels[c]]) for c in sorted(levels)]
