@@ -7,7 +7,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,16 +74,6 @@ def cpu_lock(what: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def free_port() -> int:
-    """A free TCP port chosen by the kernel (ephemeral range, never 8000-8002)."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in (8000, 8001, 8002):
-            return port
 
 
 def sha256_file(path: Path) -> str:

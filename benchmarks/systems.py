@@ -10,10 +10,10 @@ from pathlib import Path
 
 from shopserve.ensemble import store
 
-from shopserve.server import ServerConfig, TritonServer
+from shopserve.server import ServerConfig, TritonServer, free_ports
 
 from .baseline import BaselineServer
-from .common import WORK_DIR, free_port
+from .common import WORK_DIR
 from .loadgen import SessionFactory, http_sessions, triton_sessions
 
 log = logging.getLogger("benchmarks.systems")
@@ -63,11 +63,12 @@ def started(system: System, log_dir: Path = WORK_DIR / "logs") -> Iterator[Runni
     log_file = log_dir / f"{system.name}.log"
     log.info("starting %s (%s); log %s", system.name, system.label, log_file)
     if system.server == TRITON:
+        grpc_port, http_port, metrics_port = free_ports(3)
         config = ServerConfig(
             system.repository,
-            grpc_port=free_port(),
-            http_port=free_port(),
-            metrics_port=free_port(),
+            grpc_port=grpc_port,
+            http_port=http_port,
+            metrics_port=metrics_port,
             work_dir=WORK_DIR / "triton" / system.name,
         )
         with TritonServer(config, log_file=log_file) as server:
@@ -76,7 +77,7 @@ def started(system: System, log_dir: Path = WORK_DIR / "logs") -> Iterator[Runni
             )
     else:
         with BaselineServer(
-            system.repository, system.embeddings, free_port(), log_file, system.torch_threads
+            system.repository, system.embeddings, free_ports(1)[0], log_file, system.torch_threads
         ) as app:
             yield Running(system, http_url=app.url, pid=app.process.pid)
     log.info("stopped %s", system.name)

@@ -14,10 +14,12 @@ CPU-only machine (see ``../shared/notes/triton-on-cpu.md``):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,6 +66,15 @@ def prepare_backend_directory(destination: Path) -> Path:
     ort_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(ORT_BACKEND_SOURCE, ort_dir / "model.py")
     return destination
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports that are free now (bound together, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 # The in-process reference runs numpy with the thread settings the server gives its model processes
@@ -22,12 +21,6 @@ from shopserve.export.data import DEFAULT_DATA_DIR  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
 SOURCE_REPOSITORY = PROJECT / "model_repository"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def copy_source_repository(destination: Path) -> Path:
@@ -85,14 +78,15 @@ def pipeline(built_repository: Path):
 
 @pytest.fixture(scope="session")
 def server(built_repository: Path, tmp_path_factory: pytest.TempPathFactory):
-    from shopserve.server import ServerConfig, TritonServer
+    from shopserve.server import ServerConfig, TritonServer, free_ports
 
     work = tmp_path_factory.mktemp("triton")
+    grpc_port, http_port, metrics_port = free_ports(3)
     config = ServerConfig(
         built_repository,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
         work_dir=work,
     )
     with TritonServer(config, log_file=work / "server.log") as running:

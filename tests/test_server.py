@@ -14,12 +14,14 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import PROJECT, free_port
+from conftest import PROJECT
 from shopserve.client import AsyncSearchClient, InvalidRequestError, SearchClient
 from shopserve.client._cli import main as search_cli
 from shopserve.ensemble import store
 from shopserve.export.data import load_catalogue, load_judgments, split_queries
 from tritonclient.utils import InferenceServerException
+
+from shopserve.server import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -171,7 +173,7 @@ def test_response_cache_counts_hits(server, client) -> None:
 
 
 def test_serve_command_starts_and_stops_cleanly(built_repository, tmp_path) -> None:
-    ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
+    ports = dict(zip(("grpc", "http", "metrics"), free_ports(3), strict=True))
     process = subprocess.Popen(
         [
             sys.executable,

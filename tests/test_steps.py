@@ -207,3 +207,10 @@ def test_store_reads_the_served_file_and_parameters_from_the_source_configs(tmp_
     )
     assert store.model_file(repository, store.ENCODER) == repository / "encoder/1/model_fp32.onnx"
     assert store.config_parameters(repository, store.RETRIEVE)["ef_search"] == "512"
+
+
+def test_free_ports_are_distinct() -> None:
+    from shopserve.server import free_ports
+
+    ports = free_ports(3)
+    assert len(set(ports)) == 3 and all(1024 < p < 65536 for p in ports)
