@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from .common import BenchmarkError
-from .perf_analyzer import DEFAULT_SETTINGS, Settings
+from .perf_analyzer import DEFAULT_SETTINGS, LatencySummary, Settings
 from .queries import TOP_K, worker_order
 
 log = logging.getLogger("benchmarks.loadgen")
@@ -87,14 +87,9 @@ def triton_sessions(url: str, model: str) -> SessionFactory:
 
 
 @dataclass(frozen=True)
-class LoadResult:
-    concurrency: int
-    throughput: float
-    p50_us: float
-    p90_us: float
-    p95_us: float
-    p99_us: float
-    avg_us: float
+class LoadResult(LatencySummary):
+    """One concurrency level as the load generator measured it."""
+
     requests: int  # in the three merged windows
     windows: int
     stable: bool

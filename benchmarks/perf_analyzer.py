@@ -107,8 +107,8 @@ def version(wrapper: Path) -> str:
 
 
 @dataclass(frozen=True)
-class PerfRow:
-    """One concurrency level as perf_analyzer measured it (latencies in microseconds)."""
+class LatencySummary:
+    """Throughput and latencies (microseconds) of one concurrency level, whatever the driver."""
 
     concurrency: int
     throughput: float
@@ -117,6 +117,12 @@ class PerfRow:
     p95_us: float
     p99_us: float
     avg_us: float
+
+
+@dataclass(frozen=True)
+class PerfRow(LatencySummary):
+    """One concurrency level as perf_analyzer measured it."""
+
     client_send_us: float
     network_us: float  # network + server send/recv
     server_queue_us: float

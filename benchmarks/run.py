@@ -45,7 +45,6 @@ DEFAULT_SYSTEMS = (
     "fastapi_torch",
     "fastapi_torch_1t",
 )
-ALL_SYSTEMS = DEFAULT_SYSTEMS
 CROSS_CHECK = "ensemble_loadgen"  # the ensemble driven by the Python load generator
 ANSWER_CONCURRENCY = 2
 
@@ -66,9 +65,9 @@ class RunOptions:
 
 def build_systems(repository: Path, names: tuple[str, ...]) -> dict[str, System]:
     """Materialize the repository variants the chosen systems need."""
-    unknown = set(names) - set(ALL_SYSTEMS)
+    unknown = set(names) - set(DEFAULT_SYSTEMS)
     if unknown:
-        raise BenchmarkError(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS}")
+        raise BenchmarkError(f"unknown systems {sorted(unknown)}; choose from {DEFAULT_SYSTEMS}")
     needs_fp32 = {"ensemble_fp32", "fastapi_torch", "fastapi_torch_1t"} & set(names)
     artefacts = fp32.ensure(repository) if needs_fp32 else None
     index = artefacts.index if artefacts else None

@@ -87,6 +87,15 @@ class Change:
     note: str = ""
 
 
+# One 2-thread encoder instance behind Triton's dynamic batcher (preferred 4/8, 500 µs delay).
+ENCODER_BATCHING: Mapping[str, tuple[Edit, ...]] = {
+    store.ENCODER: (
+        set_parameter("intra_op_threads", "2"),
+        set_instances(1),
+        dynamic_batching(8, (4, 8), 500),
+    )
+}
+
 CONFIG_CHANGES = (
     Change(
         "retrieve: ef_search 256 -> 512",
@@ -121,13 +130,7 @@ CONFIG_CHANGES = (
     ),
     Change(
         "encoder: dynamic batching (INT8), preferred 4/8, delay 500 µs",
-        {
-            store.ENCODER: (
-                set_parameter("intra_op_threads", "2"),
-                set_instances(1),
-                dynamic_batching(8, (4, 8), 500),
-            )
-        },
+        ENCODER_BATCHING,
         deterministic=False,
         note="dynamic INT8 quantizes each batch with one scale: answers depend on the batch",
     ),
@@ -142,13 +145,7 @@ CODE_CHANGES = (
     ),
     Change(
         "FP32 (b): dynamic batching, preferred 4/8, delay 500 µs",
-        {
-            store.ENCODER: (
-                set_parameter("intra_op_threads", "2"),
-                set_instances(1),
-                dynamic_batching(8, (4, 8), 500),
-            )
-        },
+        ENCODER_BATCHING,
         fp32=True,
         note="FP32 is batch-invariant (~1e-7): batching is safe there",
     ),

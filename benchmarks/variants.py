@@ -35,52 +35,51 @@ def _replace_once(pattern: str, replacement: str, text: str, what: str) -> str:
     return new
 
 
-def set_parameter(key: str, value: str) -> Edit:
-    """Set (or add) a string parameter of a model config."""
+def _replacing(pattern: str, replacement: str, what: str) -> Edit:
+    """An edit that replaces the one match of ``pattern`` (an error when there is none)."""
+    return lambda text: _replace_once(pattern, replacement, text, what)
+
+
+def _replace_or_append(pattern: str, line: str) -> Edit:
+    """Replace the first match of ``pattern`` with ``line``, or append ``line`` if none."""
 
     def edit(text: str) -> str:
-        line = f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
-        pattern = rf'parameters\s*\{{\s*key:\s*"{re.escape(key)}"\s*value:\s*\{{[^}}]*\}}\s*\}}'
         if re.search(pattern, text):
             return re.sub(pattern, line, text, count=1)
         return text.rstrip("\n") + "\n" + line + "\n"
 
     return edit
+
+
+def set_parameter(key: str, value: str) -> Edit:
+    """Set (or add) a string parameter of a model config."""
+    return _replace_or_append(
+        rf'parameters\s*\{{\s*key:\s*"{re.escape(key)}"\s*value:\s*\{{[^}}]*\}}\s*\}}',
+        f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}',
+    )
 
 
 def set_instances(count: int) -> Edit:
-    def edit(text: str) -> str:
-        return _replace_once(
-            r"instance_group\s*\[.*?\]",
-            f"instance_group [ {{ kind: KIND_CPU count: {count} }} ]",
-            text,
-            "instance_group",
-        )
-
-    return edit
+    return _replacing(
+        r"instance_group\s*\[.*?\]",
+        f"instance_group [ {{ kind: KIND_CPU count: {count} }} ]",
+        "instance_group",
+    )
 
 
 def set_response_cache(enabled: bool) -> Edit:
-    def edit(text: str) -> str:
-        line = f"response_cache {{ enable: {'true' if enabled else 'false'} }}"
-        pattern = r"response_cache\s*\{[^}]*\}"
-        if re.search(pattern, text):
-            return re.sub(pattern, line, text, count=1)
-        return text.rstrip("\n") + "\n" + line + "\n"
-
-    return edit
+    return _replace_or_append(
+        r"response_cache\s*\{[^}]*\}",
+        f"response_cache {{ enable: {'true' if enabled else 'false'} }}",
+    )
 
 
 def set_default_model_filename(filename: str) -> Edit:
-    def edit(text: str) -> str:
-        return _replace_once(
-            r'default_model_filename:\s*"[^"]*"',
-            f'default_model_filename: "{filename}"',
-            text,
-            "default_model_filename",
-        )
-
-    return edit
+    return _replacing(
+        r'default_model_filename:\s*"[^"]*"',
+        f'default_model_filename: "{filename}"',
+        "default_model_filename",
+    )
 
 
 def dynamic_batching(max_batch_size: int, preferred: tuple[int, ...], delay_us: int) -> Edit:
