@@ -38,20 +38,9 @@ def _torch():
 
 def load_ranker(onnx_path: Path):
     """The trained ranker as a torch module, its weights read from the ONNX initializers."""
-    import onnx
-    from onnx import numpy_helper
-    from shopserve.export.ranker import _ranker_module
+    from shopserve.export.monotone import load_frozen
 
-    torch = _torch()
-    weights = {
-        init.name: numpy_helper.to_array(init)
-        for init in onnx.load(str(onnx_path)).graph.initializer
-    }
-    module = _ranker_module(weights["mean"], weights["std"])
-    module.load_state_dict(
-        {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True
-    )
-    return module.eval()
+    return load_frozen(onnx_path)
 
 
 def load_embeddings(repository: Path, source: str) -> np.ndarray:

@@ -1,4 +1,10 @@
-"""The ranker's feature tensor for one query and its candidate products."""
+"""The feature tensor for one query and its candidate products.
+
+The learned ranker reads only bounded features that mean the same on any catalogue (RANKER_FEATURES):
+cosine, BM25 relative to the query's best in the catalogue, and term and trigram coverage, all in
+[0, 1] (cosine in [-1, 1]). The two catalogue z-scores feed only the unsupervised
+z-score fusion (FUSION_WEIGHTS), the fallback for a store whose transferred ranker does worse.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +16,18 @@ from .lexical import LexicalIndex, QueryTerms
 
 FEATURE_NAMES = (
     "cosine",  # encoder cosine of query and title
-    "cosine_gap",  # cosine minus the best cosine among the query's candidates
-    "cosine_z",  # cosine standardised over the whole catalogue for this query
-    "bm25",  # BM25 of the title
     "bm25_ratio",  # BM25 over the best BM25 in the catalogue for this query
-    "bm25_z",  # BM25 standardised over the whole catalogue for this query
     "query_coverage",  # share of the query's distinct terms found in the title
     "title_coverage",  # share of the title's distinct terms found in the query
     "query_trigram_coverage",  # share of the query's character trigrams found in the title
     "title_trigram_coverage",  # share of the title's character trigrams found in the query
-    "title_length",  # log(1 + distinct title terms): an item-level statistic
-    "query_length",  # log(1 + distinct query terms)
+    "cosine_z",  # cosine standardised over the whole catalogue for this query (fusion only)
+    "bm25_z",  # BM25 standardised over the whole catalogue for this query (fusion only)
 )
 NUM_FEATURES = len(FEATURE_NAMES)
+# Every feature the learned ranker reads is a relevance signal: its score is non-decreasing in each.
+RANKER_FEATURES = FEATURE_NAMES[:6]
+FUSION_WEIGHTS = {"cosine_z": 0.5, "bm25_z": 0.5}
 
 
 @dataclass(frozen=True)
@@ -61,20 +66,16 @@ def ranking_features(
     """Features ``[len(rows), NUM_FEATURES]`` (float32) in the order of FEATURE_NAMES."""
     rows = np.asarray(rows, dtype=np.int64)
     matches = lexical.words.matches(terms.word_ids, rows)
-    title_lengths = lexical.words.sizes(rows).astype(np.float32)
+    title_terms = lexical.words.sizes(rows).astype(np.float32)
     gram_matches = lexical.trigrams.matches(terms.trigram_ids, rows)
     title_grams = lexical.trigrams.sizes(rows).astype(np.float32)
     features = np.empty((len(rows), NUM_FEATURES), dtype=np.float32)
     features[:, 0] = cosine
-    features[:, 1] = cosine - (cosine.max() if len(rows) else 0.0)
-    features[:, 2] = _standardise(cosine, stats.cosine_mean, stats.cosine_std)
-    features[:, 3] = bm25
-    features[:, 4] = bm25 / stats.best_bm25 if stats.best_bm25 > 0 else 0.0
-    features[:, 5] = _standardise(bm25, stats.bm25_mean, stats.bm25_std)
-    features[:, 6] = matches / max(len(terms.words), 1)
-    features[:, 7] = matches / np.maximum(title_lengths, 1.0)
-    features[:, 8] = gram_matches / max(terms.trigram_count, 1)
-    features[:, 9] = gram_matches / np.maximum(title_grams, 1.0)
-    features[:, 10] = np.log1p(title_lengths)
-    features[:, 11] = np.log1p(len(terms.words))
+    features[:, 1] = bm25 / stats.best_bm25 if stats.best_bm25 > 0 else 0.0
+    features[:, 2] = matches / max(len(terms.words), 1)
+    features[:, 3] = matches / np.maximum(title_terms, 1.0)
+    features[:, 4] = gram_matches / max(terms.trigram_count, 1)
+    features[:, 5] = gram_matches / np.maximum(title_grams, 1.0)
+    features[:, 6] = _standardise(cosine, stats.cosine_mean, stats.cosine_std)
+    features[:, 7] = _standardise(bm25, stats.bm25_mean, stats.bm25_std)
     return features

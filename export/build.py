@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from shopserve.ensemble import store
+from shopserve.ensemble.features import FUSION_WEIGHTS
 from shopserve.ensemble.lexical import LexicalIndex
 from shopserve.ensemble.models import OnnxEncoder, OnnxRanker
 from shopserve.ensemble.retrieve import Retriever
@@ -27,10 +28,18 @@ from .data import (
     split_queries,
 )
 from .evaluate import evaluate, rerank_ndcg_by_cosine
-from .index import ann_recall, build_dense_index
+from .index import MIN_RECALL_QUERIES, ann_recall, build_dense_index
 from .quantize import accuracy_gate, quantize_int8
-from .ranker import export_ranker, ranker_report, train_ranker, training_lists
+from .ranker import (
+    FUSION,
+    LEARNED,
+    check_reusable,
+    train_search_ranker,
+    training_lists,
+    write_fusion_ranker,
+)
 from .repository import RepositoryWriter
+from .selfcheck import LinearScorer, catalogue_checks, choose, run_checks
 
 log = logging.getLogger("shopserve.export")
 
@@ -46,9 +55,9 @@ class BuildOptions:
     version: int = 1
     seed: int = 13
     dev_fraction: float = 0.2
-    ranker: Path | None = None  # a trained ranker to reuse when there are no judgments
+    ranker: Path | None = None  # a ranker trained elsewhere, for a catalogue without judgments
     gate_texts: int = 1000
-    epochs: int = 40
+    epochs: int = 30
     per_channel: bool = True  # per-tensor INT8 weights exist to show the gate stopping a build
 
 
@@ -96,18 +105,23 @@ def _gate_ndcg(
 
 
 def build(options: BuildOptions) -> dict:
-    """Build every artefact into ``options.repository`` and return the manifest's build record."""
+    """Build every artefact of version ``options.version`` and move it into ``options.repository``
+    only once every step has passed; return the manifest's build record."""
+    with RepositoryWriter(options.repository, options.version) as writer:
+        record = _build(options, writer)
+        writer.commit(record)
+    return record
+
+
+def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
     started = time.monotonic()
     timer = _Timer()
     rng = np.random.default_rng(options.seed)
-    writer = RepositoryWriter(options.repository, options.version)
     with timer.step("load data"):
         catalogue = load_catalogue(options.catalogue)
         judgments = load_judgments(options.judgments, catalogue) if options.judgments else None
-    if judgments is None and options.ranker is None:
-        raise BuildError(
-            "a catalogue without judgments needs --ranker (a ranker trained elsewhere)"
-        )
+        if options.ranker is not None:
+            check_reusable(options.ranker)
     log.info(
         "catalogue: %d products; judgments: %s queries",
         len(catalogue),
@@ -162,7 +176,10 @@ def build(options: BuildOptions) -> dict:
     retrieve_params = writer.parameters(store.RETRIEVE)
     with timer.step("dense index"):
         dense = build_dense_index(embeddings, int(retrieve_params["ef_search"]))
-        recall_queries = dev_queries or _sample(catalogue.titles, 1000, rng)
+        # Dev queries where there are enough; titles make up the rest (a small or unjudged shop).
+        recall_queries = dev_queries + _sample(
+            catalogue.titles, max(MIN_RECALL_QUERIES - len(dev_queries), 0) * 2, rng
+        )
         recall_embeddings = int8.embed_texts(tokenizer, recall_queries)
         ann = ann_recall(dense, embeddings, recall_embeddings)
         dense.save(retrieve_dir / store.DENSE_INDEX_FILE)
@@ -172,8 +189,16 @@ def build(options: BuildOptions) -> dict:
     store.Catalogue(catalogue.product_ids, catalogue.titles).save(
         writer.version_dir(store.POSTPROCESS) / store.CATALOGUE_FILE
     )
+    retriever = Retriever(
+        dense,
+        lexical,
+        int(retrieve_params["dense_depth"]),
+        int(retrieve_params["lexical_depth"]),
+    )
     ranker_path = writer.version_dir(store.RANKER) / store.ONNX_FILE
-    record: dict = {}
+    learned_path = ranker_path.with_name("learned.onnx")
+    record: dict = {"ranker": {}}
+    basis: dict[str, float] | None = None
     if judgments:
         row_of = {pid: row for row, pid in enumerate(catalogue.product_ids.tolist())}
         with timer.step("train ranker"):
@@ -185,30 +210,68 @@ def build(options: BuildOptions) -> dict:
                 train.queries,
                 int8.embed_texts(tokenizer, train.queries, progress="embed train queries"),
                 [train.gains(q) for q in train.queries],
-                dense_depth=int(retrieve_params["dense_depth"]),
-                lexical_depth=int(retrieve_params["lexical_depth"]),
+                dense_depth=retriever.dense_depth,
+                lexical_depth=retriever.lexical_depth,
             )
-            model, loss = train_ranker(lists, options.seed, options.epochs)
-            diff = export_ranker(model, ranker_path, lists.features[lists.mask][:2048])
-            record["ranker"] = ranker_report(lists, options.epochs, loss, diff).as_dict()
+            report = train_search_ranker(lists, learned_path, options.seed, options.epochs)
+            record["ranker"].update(
+                source="trained on this build's train queries", training=report.as_dict()
+            )
         with timer.step("evaluate"):
             record["evaluation"] = evaluate(
                 lexical,
                 embeddings,
-                Retriever(
-                    dense,
-                    lexical,
-                    int(retrieve_params["dense_depth"]),
-                    int(retrieve_params["lexical_depth"]),
-                ),
-                OnnxRanker(ranker_path),
+                retriever,
+                OnnxRanker(learned_path),
                 catalogue.product_ids,
                 dev,
-                recall_embeddings,
+                recall_embeddings[: len(dev_queries)],
             )
+        served = record["evaluation"]["systems"]
+        basis = {
+            LEARNED: served["encoder_ranker"]["ndcg10"],
+            FUSION: served["zscore_fusion"]["ndcg10"],
+        }
+    elif options.ranker is not None:
+        shutil.copy2(options.ranker, learned_path)
+        record["ranker"]["source"] = f"transferred from {options.ranker}"
     else:
-        shutil.copy2(options.ranker, ranker_path)
-        record["ranker"] = {"reused_from": str(options.ranker)}
+        record["ranker"]["source"] = "none: no judgments and no --ranker"
+    with timer.step("catalogue checks"):
+        scorers = {FUSION: LinearScorer(FUSION_WEIGHTS)}
+        if learned_path.exists():
+            scorers[LEARNED] = OnnxRanker(learned_path)
+        checks = run_checks(
+            catalogue_checks(
+                catalogue.product_ids,
+                catalogue.titles,
+                catalogue.extra.get("category"),
+                options.seed,
+            ),
+            retriever,
+            catalogue.product_ids,
+            scorers,
+            lambda texts: int8.embed_texts(tokenizer, texts),
+        )
+    if basis is None and LEARNED in scorers:
+        basis = checks["mean_ndcg10"]
+    selected = choose(basis, LEARNED, FUSION) if basis else FUSION
+    if selected == LEARNED:
+        learned_path.rename(ranker_path)
+    else:
+        learned_path.unlink(missing_ok=True)
+        write_fusion_ranker(ranker_path)
+    record["ranker"].update(
+        selected=selected,
+        selected_by=(
+            "dev judgments (served nDCG@10)" if judgments else "catalogue checks (mean nDCG@10)"
+        )
+        if basis
+        else "no learned ranker",
+        selection_ndcg10=basis,
+        catalogue_checks=checks,
+    )
+    log.info("search ranker: %s (%s)", selected, record["ranker"]["selected_by"])
     inputs = [p for p in (options.catalogue, options.judgments) if p]
     record.update(
         data={"files": fingerprint(inputs), "products": len(catalogue), "queries": len(queries)},
@@ -229,5 +292,4 @@ def build(options: BuildOptions) -> dict:
         lexical_index={"type": "bm25s BM25", "stemmer": "english", "stopwords": "en"},
         timings_s={**timer.seconds, "total": round(time.monotonic() - started, 1)},
     )
-    writer.write_manifest(record)
     return record

@@ -19,18 +19,57 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder with products.csv and judgments.csv (default: $DATA_DIR/homedepot, "
         "DATA_DIR defaulting to ../shared/data)",
     )
-    parser.add_argument("--catalogue", type=Path, help="catalogue file (overrides --data)")
+    parser.add_argument(
+        "--catalogue",
+        type=Path,
+        help="catalogue file (overrides --data; judgments are then only read from --judgments)",
+    )
     parser.add_argument("--judgments", type=Path, help="judgments file (overrides --data)")
     parser.add_argument("--no-judgments", action="store_true", help="ignore judgments in --data")
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
 
 
 def _inputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    catalogue = args.catalogue or args.data / "products.csv"
+    """The catalogue and judgments files. A ``--catalogue`` of one's own never picks up the default
+    data folder's judgments: they judge another catalogue."""
+    if args.catalogue is not None:
+        return args.catalogue, None if args.no_judgments else args.judgments
     judgments = args.judgments or args.data / "judgments.csv"
     if args.no_judgments or not judgments.exists():
         judgments = None
-    return catalogue, judgments
+    return args.data / "products.csv", judgments
+
+
+def _dump(result: dict, output: Path | None) -> str:
+    text = json.dumps(result, indent=2)
+    if output:
+        output.write_text(text + "\n")
+    return text
+
+
+def _transfer(args: argparse.Namespace, catalogue_path: Path, judgments: Path | None) -> dict:
+    import tempfile
+
+    from . import transfer
+    from .data import load_catalogue, load_judgments
+    from .instacart import write_generic
+
+    if judgments is None:
+        raise DataError("transfer needs the judgments the store was built from")
+    manifest = json.loads((args.repository / "manifest.json").read_text())
+    with tempfile.TemporaryDirectory() as scratch:
+        other = args.other_shop
+        if other.is_dir():
+            other, _ = write_generic(other, Path(scratch))
+        other_shop = transfer.other_shop(args.repository, load_catalogue(other), args.seed)
+    catalogue = load_catalogue(catalogue_path)
+    cut = transfer.catalogue_cut(
+        args.repository,
+        load_judgments(judgments, catalogue),
+        manifest["split"]["dev_fraction"],
+        manifest["split"]["seed"],
+    )
+    return {"other_shop": other_shop, "catalogue_cut": cut}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,8 +80,13 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--version", type=int, default=1, help="model version to write")
     build.add_argument("--seed", type=int, default=13, help="seed of the train/dev query split")
     build.add_argument("--dev-fraction", type=float, default=0.2)
-    build.add_argument("--epochs", type=int, default=40)
-    build.add_argument("--ranker", type=Path, help="reuse this ranker ONNX (no judgments)")
+    build.add_argument("--epochs", type=int, default=30, help="ranker training epochs")
+    build.add_argument(
+        "--ranker",
+        type=Path,
+        help="a search ranker trained elsewhere (another store's ranker/1/model.onnx), for a "
+        "catalogue without judgments; the catalogue checks keep it only if it beats the fusion",
+    )
     build.add_argument(
         "--int8-weights",
         choices=("per-channel", "per-tensor"),
@@ -57,6 +101,24 @@ def parser() -> argparse.ArgumentParser:
         help="also evaluate the FP32 encoder (re-embeds the catalogue)",
     )
     evaluate.add_argument("--output", type=Path, help="write the metrics as JSON here")
+    transfer = sub.add_parser(
+        "transfer", help="measure a built store's ranker on catalogues it was not trained on"
+    )
+    _data_arguments(transfer)
+    transfer.add_argument(
+        "--other-shop",
+        type=Path,
+        default=DEFAULT_DATA_DIR.parent / "instacart",
+        help="another shop: an Instacart folder, or a generic catalogue file with a category column "
+        "(default: $DATA_DIR/instacart)",
+    )
+    transfer.add_argument("--seed", type=int, default=13)
+    transfer.add_argument("--output", type=Path, help="write the results as JSON here")
+    instacart = sub.add_parser(
+        "instacart", help="convert the Instacart folder into the generic items.csv and events.csv"
+    )
+    instacart.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR.parent / "instacart")
+    instacart.add_argument("--output", type=Path, required=True, help="folder to write into")
     return root
 
 
@@ -64,8 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-probe chatter
-    catalogue, judgments = _inputs(args)  # evaluate reads the catalogue from the repository
     try:
+        if args.command == "instacart":
+            from .instacart import write_generic
+
+            for path in write_generic(args.data, args.output):
+                print(path)
+            return 0
+        catalogue, judgments = _inputs(args)  # evaluate reads the catalogue from the repository
         if args.command == "build":
             from .build import BuildOptions, build
 
@@ -83,16 +151,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             print(json.dumps({k: record[k] for k in ("timings_s",) if k in record}, indent=2))
+        elif args.command == "transfer":
+            print(_dump(_transfer(args, catalogue, judgments), args.output))
         else:
             from .reproduce import evaluate_repository
 
             if judgments is None:
                 raise DataError("evaluate needs a judgments file")
             result = evaluate_repository(args.repository, judgments, fp32=args.fp32)
-            text = json.dumps(result, indent=2)
-            print(text)
-            if args.output:
-                args.output.write_text(text + "\n")
+            print(_dump(result, args.output))
     except (DataError, RuntimeError) as exc:
         logging.getLogger("shopserve.export").error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)

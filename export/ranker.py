@@ -1,49 +1,36 @@
-"""The learned ranker: an MLP over the fused features, trained listwise on graded judgments.
+"""The search ranker: training lists from judged queries, the monotone model over the bounded
+features, the z-score fusion as the unsupervised fallback, and reuse of a ranker trained elsewhere.
 
 Training lists hold each train query's judged products (gain = relevance - min relevance) plus the
 unjudged products the server would retrieve for it, as gain-0 examples: served over the whole catalogue,
 the ranker mostly sees such products. (Only the hardest unjudged products as negatives, or none, both
-measured worse on dev: see the issue notes.) The loss is softmax cross-entropy against the gains'
-distribution (ListNet), matching the softmax probabilities the server returns.
+measured worse on dev.)
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from shopserve.ensemble.features import FEATURE_NAMES, NUM_FEATURES
+from shopserve.ensemble.features import (
+    FEATURE_NAMES,
+    FUSION_WEIGHTS,
+    NUM_FEATURES,
+    RANKER_FEATURES,
+)
 from shopserve.ensemble.lexical import LexicalIndex, top_rows
-from shopserve.ensemble.models import OnnxRanker
 from tqdm.auto import tqdm
 
+from . import monotone
 from .scoring import QueryScores
 
 log = logging.getLogger("shopserve.export.ranker")
 
-HIDDEN = 32
-MAX_ABS_DIFF = 1e-5
-
-
-@dataclass
-class TrainingLists:
-    features: np.ndarray  # [queries, width, NUM_FEATURES]
-    gains: np.ndarray  # [queries, width]
-    mask: np.ndarray  # [queries, width] bool
-
-
-@dataclass(frozen=True)
-class RankerReport:
-    train_queries: int
-    epochs: int
-    final_loss: float
-    onnx_max_abs_diff: float
-    feature_names: tuple[str, ...]
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+LEARNED = "learned"
+FUSION = "zscore_fusion"
+SPECS = [monotone.FeatureSpec(name, monotone=True) for name in RANKER_FEATURES]
+COLUMNS = [FEATURE_NAMES.index(name) for name in RANKER_FEATURES]
 
 
 def training_lists(
@@ -55,7 +42,7 @@ def training_lists(
     gains: list[dict[int, float]],
     dense_depth: int,
     lexical_depth: int,
-) -> TrainingLists:
+) -> monotone.TrainingLists:
     """One list per query: its judged products, then every other product the server would retrieve
     for it (dense top-N ∪ lexical top-N, exact search), unjudged and so gain 0."""
     lists = []
@@ -71,103 +58,70 @@ def training_lists(
         target = np.zeros(len(rows), dtype=np.float32)
         target[: len(judged)] = list(q_gains.values())
         lists.append((scores.features(lexical, rows), target))
-    width = max(len(t) for _, t in lists)
-    out = TrainingLists(
-        np.zeros((len(lists), width, NUM_FEATURES), np.float32),
-        np.zeros((len(lists), width), np.float32),
-        np.zeros((len(lists), width), bool),
-    )
-    for i, (feats, target) in enumerate(lists):
-        out.features[i, : len(target)] = feats
-        out.gains[i, : len(target)] = target
-        out.mask[i, : len(target)] = True
-    return out
+    return monotone.TrainingLists.pad(lists, NUM_FEATURES)
 
 
-def _ranker_module(mean: np.ndarray, std: np.ndarray):
-    import torch
+def train_search_ranker(
+    lists: monotone.TrainingLists, destination: Path, seed: int, epochs: int
+) -> monotone.TrainReport:
+    """Train the monotone ranker on ``lists``, export it to ``destination`` and report."""
+    model, loss = monotone.train(lists, SPECS, COLUMNS, seed, epochs=epochs)
+    diff = monotone.export(model, SPECS, FEATURE_NAMES, destination, lists.rows()[:2048])
+    ranges = [r.__dict__ for r in monotone.feature_ranges(model, SPECS)]
+    return monotone.TrainReport(int((lists.gains.sum(1) > 0).sum()), epochs, loss, diff, ranges)
 
-    class Ranker(torch.nn.Module):
-        """Standardise the features (statistics baked in), then a two-layer MLP."""
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("mean", torch.from_numpy(mean))
-            self.register_buffer("std", torch.from_numpy(std))
-            self.mlp = torch.nn.Sequential(
-                torch.nn.Linear(NUM_FEATURES, HIDDEN),
-                torch.nn.ReLU(),
-                torch.nn.Linear(HIDDEN, HIDDEN),
-                torch.nn.ReLU(),
-                torch.nn.Linear(HIDDEN, 1),
+def write_fusion_ranker(destination: Path) -> Path:
+    """The z-score fusion as an ONNX ranker over the same FEATURES."""
+    return write_linear_ranker(destination, FUSION_WEIGHTS, FUSION)
+
+
+def write_linear_ranker(destination: Path, weights: dict[str, float], form: str) -> Path:
+    """An ONNX ranker scoring a weighted sum of named FEATURES columns."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    columns = [FEATURE_NAMES.index(name) for name in weights]
+    matrix = np.array(list(weights.values()), dtype=np.float32).reshape(-1, 1)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["FEATURES", "columns"], ["selected"], axis=1),
+            helper.make_node("MatMul", ["selected", "weights"], ["fused"]),
+            helper.make_node("Squeeze", ["fused", "last_axis"], ["SCORES"]),
+        ],
+        "zscore_fusion",
+        [
+            helper.make_tensor_value_info(
+                "FEATURES", TensorProto.FLOAT, ["candidates", NUM_FEATURES]
             )
-
-        def forward(self, features: torch.Tensor) -> torch.Tensor:
-            return self.mlp((features - self.mean) / self.std).squeeze(-1)
-
-    return Ranker()
-
-
-def train_ranker(lists: TrainingLists, seed: int, epochs: int = 40, batch_size: int = 128):
-    """Listwise training; returns the torch module and the last epoch's mean loss."""
-    import torch
-
-    torch.manual_seed(seed)
-    valid = lists.features[lists.mask]
-    mean = valid.mean(0).astype(np.float32)
-    std = np.maximum(valid.std(0), 1e-6).astype(np.float32)
-    model = _ranker_module(mean, std)
-    usable = lists.gains.sum(1) > 0
-    features = torch.from_numpy(lists.features[usable])
-    mask = torch.from_numpy(lists.mask[usable])
-    gains = torch.from_numpy(lists.gains[usable])
-    # Target distribution over each list: exponential gain, as in nDCG's 2^g - 1.
-    target = torch.where(mask, torch.exp2(gains) - 1, torch.zeros_like(gains))
-    target = target / target.sum(1, keepdim=True)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-5)
-    generator = torch.Generator().manual_seed(seed)
-    loss_value = float("nan")
-    for _ in tqdm(range(epochs), desc="ranker training", unit="epoch"):
-        order = torch.randperm(len(features), generator=generator)
-        total = 0.0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            logits = model(features[idx]).masked_fill(~mask[idx], float("-inf"))
-            log_probs = torch.log_softmax(logits, dim=1).masked_fill(~mask[idx], 0.0)
-            loss = -(target[idx] * log_probs).sum(1).mean()
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(idx)
-        loss_value = total / len(order)
-    return model.eval(), loss_value
-
-
-def export_ranker(model, destination: Path, check: np.ndarray) -> float:
-    """Export to ONNX (dynamic candidate axis) and return the max abs diff to PyTorch on ``check``."""
-    import torch
-
+        ],
+        [helper.make_tensor_value_info("SCORES", TensorProto.FLOAT, ["candidates"])],
+        initializer=[
+            helper.make_tensor("columns", TensorProto.INT64, [len(columns)], columns),
+            helper.make_tensor("weights", TensorProto.FLOAT, matrix.shape, matrix.ravel()),
+            helper.make_tensor("last_axis", TensorProto.INT64, [1], [1]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(
-            model,
-            (torch.from_numpy(check[:4]),),
-            str(destination),
-            input_names=["FEATURES"],
-            output_names=["SCORES"],
-            dynamic_axes={"FEATURES": {0: "candidates"}, "SCORES": {0: "candidates"}},
-            opset_version=17,
-            dynamo=False,
+    onnx.save(model, str(destination))
+    monotone.write_contract(
+        destination, {"inputs": list(FEATURE_NAMES), "form": form, "weights": weights}
+    )
+    return destination
+
+
+def check_reusable(path: Path) -> dict:
+    """The contract of a ranker trained elsewhere, if it reads this build's FEATURES; else raise."""
+    if not path.exists():
+        raise monotone.ModelExportError(f"--ranker {path} does not exist")
+    contract = monotone.read_contract(path)
+    if contract is None or contract.get("inputs") != list(FEATURE_NAMES):
+        found = contract.get("inputs") if contract else "no shopserve feature contract"
+        raise monotone.ModelExportError(
+            f"--ranker {path} reads {found}, but this build serves FEATURES {list(FEATURE_NAMES)}; "
+            "retrain it with this version of shopserve"
         )
-        reference = model(torch.from_numpy(check)).numpy()
-    diff = float(np.abs(OnnxRanker(destination)(check) - reference).max())
-    if diff > MAX_ABS_DIFF:
-        from .encoder import ExportValidationError
-
-        raise ExportValidationError(f"ONNX ranker differs from PyTorch by {diff:.2e}")
-    log.info("ranker ONNX vs PyTorch on %d candidates: max abs diff %.2e", len(check), diff)
-    return diff
-
-
-def ranker_report(lists: TrainingLists, epochs: int, loss: float, diff: float) -> RankerReport:
-    return RankerReport(int((lists.gains.sum(1) > 0).sum()), epochs, loss, diff, FEATURE_NAMES)
+    return contract

@@ -1,4 +1,10 @@
-"""Writing built artefacts into a Triton model repository, and its manifest."""
+"""Writing built artefacts into a Triton model repository, and its manifest.
+
+A build writes into a staging folder beside the repository and moves the finished version in only
+when every step has passed, so a failed build leaves the repository as it was (and a new folder is
+not created at all). A repository folder that does not exist yet gets the shipped configs and
+adapters (the project's ``model_repository/``) as its templates.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import json
 import logging
 import platform
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,53 +22,87 @@ from shopserve.ensemble import store
 log = logging.getLogger("shopserve.export.repository")
 
 PYTHON_ADAPTER = "model.py"
+CONFIG_FILE = "config.pbtxt"
+TEMPLATES = Path(__file__).resolve().parents[1] / "model_repository"
 
 
 class RepositoryError(RuntimeError):
     """The model repository is missing its source configs or adapters."""
 
 
+def _source_of_configs(repository: Path) -> Path:
+    """Where the configs and adapters of ``repository`` come from: itself, or the templates."""
+    present = [m for m in store.MODELS if (repository / m / CONFIG_FILE).exists()]
+    if len(present) == len(store.MODELS):
+        return repository
+    if present:
+        missing = sorted(set(store.MODELS) - set(present))
+        raise RepositoryError(
+            f"{repository} has configs for {sorted(present)} but not for {missing}; point "
+            "--repository at a complete model repository or at a new folder"
+        )
+    if repository.exists() and any(repository.iterdir()):
+        raise RepositoryError(f"{repository} is not empty and holds no model repository")
+    if not all((TEMPLATES / m / CONFIG_FILE).exists() for m in store.MODELS):
+        raise RepositoryError(f"the shipped model repository templates are missing ({TEMPLATES})")
+    return TEMPLATES
+
+
 class RepositoryWriter:
-    """Lays out version ``version`` of every model and records what was written."""
+    """Stages version ``version`` of every model; :meth:`commit` moves it into the repository.
+
+    Use as a context manager: leaving it with an exception (or without commit) deletes the stage.
+    """
 
     def __init__(self, repository: Path, version: int = 1) -> None:
         self.repository = Path(repository)
         self.version = version
-        missing = [m for m in store.MODELS if not self.config(m).exists()]
-        if missing:
-            raise RepositoryError(
-                f"{self.repository} lacks config.pbtxt for {missing}; point --repository at a copy "
-                "of the project's model_repository/"
+        source = _source_of_configs(self.repository)
+        self.repository.parent.mkdir(parents=True, exist_ok=True)
+        self.stage = Path(
+            tempfile.mkdtemp(
+                prefix=f".{self.repository.name}.v{version}.", dir=self.repository.parent
             )
+        )
+        for model in store.MODELS:
+            (self.stage / model).mkdir()
+            shutil.copy2(source / model / CONFIG_FILE, self.stage / model / CONFIG_FILE)
+            adapters = [
+                v / PYTHON_ADAPTER
+                for v in store.version_dirs(source, model)
+                if (v / PYTHON_ADAPTER).exists()
+            ]
+            directory = self.stage / model / str(version)
+            directory.mkdir()
+            if adapters:  # the oldest version's adapter is the source one
+                shutil.copy2(adapters[0], directory / PYTHON_ADAPTER)
 
-    def config(self, model: str) -> Path:
-        return self.repository / model / "config.pbtxt"
+    def __enter__(self) -> RepositoryWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.stage.exists():
+            shutil.rmtree(self.stage)
+            log.info("build did not finish: %s left unchanged", self.repository)
 
     def version_dir(self, model: str) -> Path:
-        """The version directory, created; Python adapters are copied in from the oldest version."""
-        directory = self.repository / model / str(self.version)
-        directory.mkdir(parents=True, exist_ok=True)
-        versions = store.version_dirs(self.repository, model)
-        adapters = [v / PYTHON_ADAPTER for v in versions if (v / PYTHON_ADAPTER).exists()]
-        if adapters and not (directory / PYTHON_ADAPTER).exists():
-            shutil.copy2(adapters[0], directory / PYTHON_ADAPTER)
-        return directory
+        """The staged version directory of ``model``."""
+        return self.stage / model / str(self.version)
 
     def parameters(self, model: str) -> dict[str, str]:
-        return store.config_parameters(self.repository, model)
+        return store.config_parameters(self.stage, model)
 
     def checksums(self) -> dict[str, str]:
         files = sorted(
             p
             for model in store.MODELS
-            for p in (self.repository / model).rglob("*")
+            for p in (self.stage / model).rglob("*")
             if p.is_file() and "__pycache__" not in p.parts
         )
-        return {str(p.relative_to(self.repository)): _sha256(p) for p in files}
+        return {str(p.relative_to(self.stage)): _sha256(p) for p in files}
 
-    def write_manifest(self, build: dict) -> Path:
-        for model in store.MODELS:  # models without artefacts (search, the ensemble) get theirs too
-            self.version_dir(model)
+    def commit(self, build: dict) -> Path:
+        """Write the manifest and move the staged version into the repository."""
         manifest = {
             "format": 1,
             "version": self.version,
@@ -71,8 +112,18 @@ class RepositoryWriter:
             **build,
             "files": self.checksums(),
         }
+        for model in store.MODELS:
+            target = self.repository / model
+            target.mkdir(parents=True, exist_ok=True)
+            if not (target / CONFIG_FILE).exists():
+                shutil.copy2(self.stage / model / CONFIG_FILE, target / CONFIG_FILE)
+            version_dir = target / str(self.version)
+            if version_dir.exists():
+                shutil.rmtree(version_dir)
+            self.version_dir(model).rename(version_dir)
         path = self.repository / store.MANIFEST_FILE
         path.write_text(json.dumps(manifest, indent=2) + "\n")
+        shutil.rmtree(self.stage)
         log.info("wrote %s (%d files checksummed)", path, len(manifest["files"]))
         return path
 

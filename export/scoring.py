@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from shopserve.ensemble.features import CatalogueStats, ranking_features
+from shopserve.ensemble.features import FUSION_WEIGHTS, CatalogueStats, ranking_features
 from shopserve.ensemble.lexical import LexicalIndex, QueryTerms
 
 
@@ -30,8 +30,10 @@ class QueryScores:
         )
 
     def fused(self) -> np.ndarray:
-        """The baseline fusion: mean of the per-query z-scores of BM25 and cosine."""
-        return 0.5 * _zscore(self.bm25) + 0.5 * _zscore(self.cosine)
+        """The baseline fusion: weighted per-query z-scores of BM25 and cosine (FUSION_WEIGHTS)."""
+        return FUSION_WEIGHTS["bm25_z"] * _zscore(self.bm25) + FUSION_WEIGHTS["cosine_z"] * _zscore(
+            self.cosine
+        )
 
 
 def _zscore(values: np.ndarray) -> np.ndarray:

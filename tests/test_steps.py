@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from shopserve.ensemble import MAX_QUERY_BYTES, InvalidRequest
-from shopserve.ensemble.features import FEATURE_NAMES, CatalogueStats, ranking_features
+from shopserve.ensemble.features import (
+    FEATURE_NAMES,
+    RANKER_FEATURES,
+    CatalogueStats,
+    ranking_features,
+)
 from shopserve.ensemble.lexical import LexicalIndex, char_trigrams, top_rows
 from shopserve.ensemble.postprocess import softmax, top_k
 from shopserve.ensemble.tokenize import QueryTokenizer
@@ -103,20 +108,20 @@ def test_trigrams_tolerate_typos(lexical: LexicalIndex) -> None:
 
 def test_features_follow_their_names(lexical: LexicalIndex) -> None:
     terms = lexical.analyze("cordless drill unknownword")
-    rows = np.array([0, 2])
+    rows = np.array([0, 2, 3])
     bm25 = lexical.scores(terms)
-    cosine = np.array([0.8, 0.5], dtype=np.float32)
+    cosine = np.array([0.8, 0.5, 0.9], dtype=np.float32)
     stats = CatalogueStats.of(bm25, cosine_mean=0.3, cosine_std=0.1)
     features = ranking_features(lexical, terms, rows, cosine, bm25[rows], stats)
     named = dict(zip(FEATURE_NAMES, features.T, strict=True))
-    assert features.shape == (2, len(FEATURE_NAMES)) and features.dtype == np.float32
-    np.testing.assert_allclose(named["cosine_gap"], [0.0, -0.3], atol=1e-6)
-    np.testing.assert_allclose(named["cosine_z"], [5.0, 2.0], rtol=1e-5)
-    np.testing.assert_allclose(named["bm25_ratio"], [1.0, bm25[2] / bm25[0]], rtol=1e-6)
+    assert features.shape == (3, len(FEATURE_NAMES)) and features.dtype == np.float32
+    np.testing.assert_allclose(named["cosine_z"], [5.0, 2.0, 6.0], rtol=1e-5)
+    np.testing.assert_allclose(named["bm25_ratio"], bm25[rows] / bm25.max(), rtol=1e-6)
     np.testing.assert_allclose(named["bm25_z"], (bm25[rows] - bm25.mean()) / bm25.std(), rtol=1e-5)
-    np.testing.assert_allclose(named["query_coverage"], [2 / 3, 1 / 3], rtol=1e-6)
-    np.testing.assert_allclose(named["query_length"], np.log1p(3), rtol=1e-6)
+    np.testing.assert_allclose(named["query_coverage"], [2 / 3, 1 / 3, 0], rtol=1e-6)
     assert named["query_trigram_coverage"][0] > named["query_trigram_coverage"][1] > 0
+    learned = features[:, : len(RANKER_FEATURES)]
+    assert learned.min() >= -1 and learned.max() <= 1  # every learned-ranker input is bounded
 
 
 def test_cosine_moments_match_a_full_scan() -> None:

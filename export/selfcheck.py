@@ -1,0 +1,189 @@
+"""Judgment-free checks of a store's search ranker, derived from its own catalogue.
+
+A shop without judgments still gets a gate. Two families of check queries are cut from the catalogue:
+
+* **known item**: two or three words of a product's title (never all of them), in title order; the
+  product itself (and any product with the same title) is the one relevant answer;
+* **category** (when the catalogue has a ``category`` column): the category's leaf name
+  ("frozen / frozen pizza" -> "frozen pizza"); every product of that category is relevant.
+
+Each candidate scorer (the transferred ranker, the z-score fusion) answers every check query through
+the served retrieval and features; the mean nDCG@10 per family, averaged over the families, decides. The
+learned ranker is kept only when it does at least as well as the fusion.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from bm25s.stopwords import STOPWORDS_EN
+from shopserve.ensemble.features import FEATURE_NAMES
+from shopserve.ensemble.retrieve import Retriever
+from tqdm.auto import tqdm
+
+from .metrics import ndcg_at_k, rank_by_score
+
+log = logging.getLogger("shopserve.export.selfcheck")
+
+KNOWN_ITEM_QUERIES = 400
+CATEGORY_QUERIES = 200
+MIN_CATEGORY_PRODUCTS = 5
+KNOWN_ITEM = "known_item"
+CATEGORY = "category"
+_WORD = re.compile(r"[^\W\d_]{3,}")  # words of three or more letters
+_CATEGORY_PATH = re.compile(r"\s*[/>|]\s*")
+_UNINFORMATIVE = {"", "other", "others", "misc", "missing", "unknown", "none"}
+_STOPWORDS = set(STOPWORDS_EN)
+
+Scorer = Callable[[np.ndarray], np.ndarray]  # FEATURES [n, NUM_FEATURES] -> scores [n]
+
+
+@dataclass(frozen=True)
+class CheckSet:
+    family: str
+    queries: list[str]
+    relevant: list[frozenset[int]]  # product ids
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+class LinearScorer:
+    """A weighted sum of named FEATURES columns (the fusion, or one signal alone)."""
+
+    def __init__(self, weights: Mapping[str, float]) -> None:
+        self.columns = [FEATURE_NAMES.index(name) for name in weights]
+        self.weights = np.array(list(weights.values()), dtype=np.float32)
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        return features[:, self.columns] @ self.weights
+
+
+def _title_key(title: str) -> str:
+    return " ".join(title.lower().split())
+
+
+def known_item_checks(
+    product_ids: np.ndarray, titles: Sequence[str], rng: np.random.Generator, count: int
+) -> CheckSet:
+    """Up to ``count`` queries of 2-3 title words each, from products drawn at random."""
+    same_title: dict[str, list[int]] = defaultdict(list)
+    for pid, title in zip(product_ids.tolist(), titles, strict=True):
+        same_title[_title_key(title)].append(pid)
+    queries, relevant = [], []
+    for row in rng.permutation(len(titles)).tolist():
+        words = list(
+            dict.fromkeys(w for w in _WORD.findall(titles[row].lower()) if w not in _STOPWORDS)
+        )
+        if len(words) < 3:
+            continue
+        size = min(int(rng.integers(2, 4)), len(words) - 1)
+        picked = sorted(rng.choice(len(words), size=size, replace=False).tolist())
+        queries.append(" ".join(words[i] for i in picked))
+        relevant.append(frozenset(same_title[_title_key(titles[row])]))
+        if len(queries) == count:
+            break
+    return CheckSet(KNOWN_ITEM, queries, relevant)
+
+
+def category_leaf(category: object) -> str:
+    """The last level of a category path, lower-cased: 'Frozen / Frozen Pizza' -> 'frozen pizza'."""
+    return _CATEGORY_PATH.split(str(category or "").strip())[-1].strip().lower()
+
+
+def category_checks(
+    product_ids: np.ndarray, categories: Sequence[object], rng: np.random.Generator, count: int
+) -> CheckSet:
+    """Up to ``count`` category names as queries; a category's products are its relevant answers."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for pid, category in zip(product_ids.tolist(), categories, strict=True):
+        members[category_leaf(category)].append(pid)
+    names = sorted(
+        name
+        for name, ids in members.items()
+        if len(ids) >= MIN_CATEGORY_PRODUCTS and name not in _UNINFORMATIVE
+    )
+    chosen = sorted(rng.choice(len(names), size=min(count, len(names)), replace=False).tolist())
+    return CheckSet(
+        CATEGORY, [names[i] for i in chosen], [frozenset(members[names[i]]) for i in chosen]
+    )
+
+
+def catalogue_checks(
+    product_ids: np.ndarray,
+    titles: Sequence[str],
+    categories: Sequence[object] | None,
+    seed: int,
+    known_items: int = KNOWN_ITEM_QUERIES,
+    category_queries: int = CATEGORY_QUERIES,
+) -> list[CheckSet]:
+    rng = np.random.default_rng(seed)
+    checks = [known_item_checks(product_ids, titles, rng, known_items)]
+    if categories is not None:
+        found = category_checks(product_ids, categories, rng, category_queries)
+        if len(found):
+            checks.append(found)
+    return [c for c in checks if len(c)]
+
+
+def served_ndcg(
+    retriever: Retriever,
+    product_ids: np.ndarray,
+    scorers: Mapping[str, Scorer],
+    queries: Sequence[str],
+    query_embeddings: np.ndarray,
+    gains: Sequence[Mapping[int, float]],
+    desc: str = "checks",
+) -> dict[str, float]:
+    """Mean nDCG@10 of each scorer over the served candidates of every query."""
+    sums = dict.fromkeys(scorers, 0.0)
+    for query, embedding, query_gains in tqdm(
+        list(zip(queries, query_embeddings, gains, strict=True)), desc=desc, unit="q"
+    ):
+        candidates = retriever(query, embedding)
+        ids = product_ids[candidates.rows]
+        for name, scorer in scorers.items():
+            ranked = rank_by_score(ids, scorer(candidates.features))
+            sums[name] += ndcg_at_k(ranked, query_gains, 10)
+    return {name: total / max(len(queries), 1) for name, total in sums.items()}
+
+
+def run_checks(
+    checks: Sequence[CheckSet],
+    retriever: Retriever,
+    product_ids: np.ndarray,
+    scorers: Mapping[str, Scorer],
+    embed: Callable[[list[str]], np.ndarray],
+) -> dict:
+    """nDCG@10 per family and scorer, and the mean over families."""
+    by_family = {}
+    for check in checks:
+        by_family[check.family] = {
+            "queries": len(check),
+            "ndcg10": served_ndcg(
+                retriever,
+                product_ids,
+                scorers,
+                check.queries,
+                embed(check.queries),
+                [dict.fromkeys(ids, 1.0) for ids in check.relevant],
+                desc=f"{check.family} checks",
+            ),
+        }
+    mean = {
+        name: float(np.mean([family["ndcg10"][name] for family in by_family.values()]))
+        for name in scorers
+    }
+    for family, result in by_family.items():
+        log.info("catalogue checks, %s: %s", family, result)
+    return {"families": by_family, "mean_ndcg10": mean}
+
+
+def choose(scores: Mapping[str, float], learned: str, fallback: str) -> str:
+    """The learned scorer when it does at least as well as the fallback, else the fallback."""
+    return learned if scores[learned] >= scores[fallback] else fallback

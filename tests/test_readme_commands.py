@@ -1,0 +1,185 @@
+"""The README's new-catalogue commands, run as written on a small cut of real data, then served.
+
+Also the judgment-free gate end to end: a transferred ranker that does worse than the z-score fusion
+on the catalogue checks is replaced by the fusion.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PROJECT
+from shopserve.ensemble import store
+from shopserve.ensemble.features import RANKER_FEATURES
+
+pytestmark = pytest.mark.slow
+
+CUT_QUERIES = 300
+CUT_PRODUCTS = 3000
+MARKER = "<!-- new-catalogue commands"
+
+
+def readme_commands() -> list[list[str]]:
+    text = (PROJECT / "README.md").read_text()
+    block = re.search(re.escape(MARKER) + r".*?```bash\n(.*?)```", text, re.S)
+    assert block, "the README lost its new-catalogue commands"
+    return [shlex.split(line) for line in block.group(1).splitlines() if line and line[0] != "#"]
+
+
+def write_cut(data_dir: Path, workdir: Path) -> tuple[Path, Path]:
+    """items.csv and judged.csv in the generic format: the judged products of the first
+    CUT_QUERIES Home Depot queries, other products up to CUT_PRODUCTS."""
+    with (data_dir / "judgments.csv").open() as handle:
+        judgments = list(csv.DictReader(handle))
+    queries = list(dict.fromkeys(r["search_term"] for r in judgments))[:CUT_QUERIES]
+    chosen = {r["search_term"] for r in judgments} & set(queries)
+    judged = [r for r in judgments if r["search_term"] in chosen]
+    with (data_dir / "products.csv").open() as handle:
+        products = list(csv.DictReader(handle))
+    keep = {r["product_uid"] for r in judged}
+    rng = np.random.default_rng(0)
+    for index in rng.permutation(len(products)):
+        if len(keep) >= CUT_PRODUCTS:
+            break
+        keep.add(products[index]["product_uid"])
+    items, judged_file = workdir / "items.csv", workdir / "judged.csv"
+    with items.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["product_id", "title"])
+        writer.writerows(
+            (p["product_uid"], p["product_title"]) for p in products if p["product_uid"] in keep
+        )
+    with judged_file.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["query", "product_id", "relevance"])
+        writer.writerows((r["search_term"], r["product_uid"], r["relevance"]) for r in judged)
+    return items, judged_file
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, data_dir, built_repository) -> Path:
+    """Run every README command in a folder holding the cut and a built Home Depot store."""
+    directory = tmp_path_factory.mktemp("readme")
+    write_cut(data_dir, directory)
+    (directory / "model_repository").symlink_to(built_repository)
+    for command in readme_commands():
+        if command[:2] == ["shopserve", "serve"]:
+            continue  # served below on free ports, through the same launcher
+        assert command[:3] == ["python", "-m", "shopserve.export"], command
+        run = subprocess.run(
+            [sys.executable, *command[1:]], cwd=directory, capture_output=True, text=True
+        )
+        assert run.returncode == 0, f"{shlex.join(command)}\n{run.stderr[-3000:]}"
+        (directory / f"{command[3]}-{command[-1]}.out").write_text(run.stdout)
+    return directory
+
+
+def test_a_store_built_from_judgments(workdir) -> None:
+    manifest = json.loads((workdir / "my_store" / "manifest.json").read_text())
+    assert manifest["data"]["products"] == CUT_PRODUCTS
+    assert manifest["data"]["queries"] == CUT_QUERIES
+    assert manifest["ranker"]["selected_by"].startswith("dev judgments")
+    assert manifest["ranker"]["training"]["lists"] > 0
+    ranges = manifest["ranker"]["training"]["features"]
+    assert [f["name"] for f in ranges] == list(RANKER_FEATURES)
+    assert all(f["low"] <= f["high"] for f in ranges)
+    evaluation = json.loads((workdir / "evaluate-judged.csv.out").read_text())
+    assert evaluation["scope"].startswith("dev split")
+    assert evaluation["int8"]["queries"] == manifest["split"]["dev_queries"]
+
+
+def test_a_catalogue_without_judgments_uses_none(workdir) -> None:
+    manifest = json.loads((workdir / "my_shop" / "manifest.json").read_text())
+    assert manifest["data"]["queries"] == 0 and list(manifest["data"]["files"]) == ["items.csv"]
+    ranker = manifest["ranker"]
+    assert ranker["source"].startswith("transferred from model_repository/ranker/1/model.onnx")
+    assert ranker["selected_by"].startswith("catalogue checks")
+    checks = ranker["catalogue_checks"]["families"]["known_item"]
+    assert checks["queries"] >= 300 and set(checks["ndcg10"]) == {"learned", "zscore_fusion"}
+    for model in store.MODELS:  # the new folder got the shipped configs
+        assert (workdir / "my_shop" / model / "config.pbtxt").exists()
+
+
+def test_the_new_store_is_served(workdir, tmp_path) -> None:
+    from shopserve.client import SearchClient
+
+    from shopserve.server import ServerConfig, TritonServer, free_ports
+
+    grpc_port, http_port, metrics_port = free_ports(3)
+    config = ServerConfig(
+        workdir / "my_shop", grpc_port, http_port, metrics_port, work_dir=tmp_path / "triton"
+    )
+    with (workdir / "items.csv").open() as handle:
+        products = {int(r["product_id"]): r["title"] for r in csv.DictReader(handle)}
+    with (
+        TritonServer(config, log_file=tmp_path / "server.log") as server,
+        SearchClient(server.grpc_url) as client,
+    ):
+        hits = client.search("cordless drill", top_k=5)
+    assert len(hits) == 5
+    assert all(products[hit.product_id] == hit.title for hit in hits)
+    assert any("drill" in hit.title.lower() for hit in hits)
+
+
+def test_a_worse_transferred_ranker_is_replaced_by_the_fusion(workdir) -> None:
+    from shopserve.export.ranker import write_linear_ranker
+
+    inverted = write_linear_ranker(
+        workdir / "inverted.onnx", {"cosine": -1.0, "bm25_ratio": -1.0}, "inverted"
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shopserve.export",
+            "build",
+            "--catalogue",
+            "items.csv",
+            "--ranker",
+            str(inverted),
+            "--repository",
+            "inverted_shop",
+        ],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranker = json.loads((workdir / "inverted_shop" / "manifest.json").read_text())["ranker"]
+    scores = ranker["selection_ndcg10"]
+    assert scores["learned"] < scores["zscore_fusion"] and ranker["selected"] == "zscore_fusion"
+    served = workdir / "inverted_shop" / "ranker" / "1" / "model.onnx"
+    from shopserve.export.monotone import read_contract
+
+    assert read_contract(served)["form"] == "zscore_fusion"
+
+
+def test_a_failed_build_leaves_no_folder(workdir) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shopserve.export",
+            "build",
+            "--catalogue",
+            "items.csv",
+            "--ranker",
+            "no_such_ranker.onnx",
+            "--repository",
+            "never_built",
+        ],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1 and "no_such_ranker.onnx does not exist" in run.stderr
+    assert not (workdir / "never_built").exists()
+    assert not list(workdir.glob(".never_built*"))
