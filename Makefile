@@ -7,7 +7,7 @@ REPOSITORY ?= model_repository
 GRPC_PORT ?= 8001
 export DATA_DIR
 
-.PHONY: install store serve demo test test-fast lint bench bench-smoke clean-store
+.PHONY: install store serve demo test test-fast lint bench bench-smoke clean-store instacart-store serve-instacart
 
 install: $(VENV)/.installed
 
@@ -27,16 +27,50 @@ $(REPOSITORY)/manifest.json: | install
 serve: store
 	$(BIN)/shopserve serve --model-repository $(REPOSITORY) --grpc-port $(GRPC_PORT)
 
-# Install, build the store, serve it, answer a few real queries through the client, stop.
-demo: store
-	@$(BIN)/shopserve serve --model-repository $(REPOSITORY) --grpc-port $(GRPC_PORT) \
+# Serve repository $(1) (serve options $(3)) in the background, run the shell commands $(2)
+# against it, stop it.
+define with_server
+	@$(BIN)/shopserve serve --model-repository $(1) --grpc-port $(GRPC_PORT) $(3) \
 		--log-file .triton/demo-server.log > .triton-demo.out 2>&1 & echo $$! > .triton-demo.pid; \
 	trap 'kill $$(cat .triton-demo.pid) 2>/dev/null; rm -f .triton-demo.pid .triton-demo.out' EXIT; \
 	for i in $$(seq 1 240); do grep -q ready .triton-demo.out 2>/dev/null && break; sleep 0.5; done; \
-	cat .triton-demo.out; \
+	cat .triton-demo.out; $(2)
+endef
+QUERY := $(BIN)/shopserve search --url 127.0.0.1:$(GRPC_PORT)
+
+# Install, build both stores, serve each, answer real queries through the client, stop.
+demo: store instacart-store
+	$(call with_server,$(REPOSITORY),\
 	for q in "cordless drill" "angle bracket" "rain shower head" "deck over"; do \
-		echo; echo "== $$q"; $(BIN)/shopserve search "$$q" -k 5 --url 127.0.0.1:$(GRPC_PORT) || exit 1; \
-	done
+		echo; echo "== $$q"; $(QUERY) "$$q" -k 5 || exit 1; \
+	done)
+	$(call with_server,$(INSTACART_STORE),\
+	echo; echo "== recommend for shopper 1"; \
+	$(BIN)/shopserve recommend 1 -k 5 --url 127.0.0.1:$(GRPC_PORT) || exit 1; \
+	echo; echo "== yogurt (anonymous)"; $(QUERY) yogurt -k 5 || exit 1; \
+	echo; echo "== yogurt (for shopper 1)"; $(QUERY) yogurt -k 5 --user 1 || exit 1,\
+	--user-key-file $(USER_KEY))
+
+# Personalisation: Instacart through the generic formats, with the Home Depot store's ranker.
+# The user-id secret is made here at first use and never committed (.secrets/ is git-ignored).
+USER_KEY ?= .secrets/user.key
+INSTACART_DATA ?= stores/instacart-data
+INSTACART_STORE ?= stores/instacart
+
+$(USER_KEY): | install
+	$(BIN)/shopserve keys create $@
+
+instacart-store: $(INSTACART_STORE)/manifest.json
+
+$(INSTACART_STORE)/manifest.json: $(REPOSITORY)/manifest.json | $(USER_KEY)
+	$(BIN)/python -m shopserve.export instacart --data $(DATA_DIR)/instacart --output $(INSTACART_DATA)
+	SHOPSERVE_USER_KEY_FILE=$(USER_KEY) $(BIN)/python -m shopserve.export build \
+		--catalogue $(INSTACART_DATA)/items.csv --events $(INSTACART_DATA)/events.csv \
+		--ranker $(REPOSITORY)/ranker/1/model.onnx --repository $(INSTACART_STORE)
+
+serve-instacart: instacart-store
+	$(BIN)/shopserve serve --model-repository $(INSTACART_STORE) --user-key-file $(USER_KEY) \
+		--grpc-port $(GRPC_PORT)
 
 test: install
 	$(BIN)/python -m pytest

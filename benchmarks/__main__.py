@@ -7,7 +7,14 @@ import signal
 import sys
 from pathlib import Path
 
-from .common import RESULTS_DIR, SOURCE_REPOSITORY, WORK_DIR, BenchmarkError, setup_logging
+from .common import (
+    PROJECT,
+    RESULTS_DIR,
+    SOURCE_REPOSITORY,
+    WORK_DIR,
+    BenchmarkError,
+    setup_logging,
+)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -44,6 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--out", type=Path, default=RESULTS_DIR)
     report = commands.add_parser("report", help="rewrite summary.md and the plot")
     report.add_argument("--out", type=Path, default=RESULTS_DIR)
+    personal = commands.add_parser(
+        "personal", help="perf_analyzer with real shoppers: search, personalised search, recommend"
+    )
+    personal.add_argument("--repository", type=Path, default=PROJECT / "stores" / "instacart")
+    personal.add_argument(
+        "--data",
+        type=Path,
+        default=PROJECT / "stores" / "instacart-data",
+        help="the folder with the store's items.csv and events.csv",
+    )
+    personal.add_argument("--out", type=Path, default=RESULTS_DIR)
     smoke = commands.add_parser("smoke", help="seconds of everything (CI)")
     smoke.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
     smoke.add_argument("--out", type=Path, default=WORK_DIR / "smoke")
@@ -90,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write
 
             path = write(args.out)
+        elif args.command == "personal":
+            from .personal import run as run_personal
+
+            run_personal(args.repository, args.data, args.out)
+            path = args.out / "personal.md"
         elif args.command == "smoke":
             from .run import smoke as run_smoke
 

@@ -140,10 +140,11 @@ def materialize(variant: Variant, source: Path, fp32_index: Path | None = None) 
         retrieve_version = store.latest_version_dir(source, store.RETRIEVE).name
         replace[f"{store.RETRIEVE}/{retrieve_version}/{store.DENSE_INDEX_FILE}"] = fp32_index
         edits.setdefault(store.ENCODER, []).insert(0, set_default_model_filename(FP32_ENCODER_FILE))
-    unknown = set(edits) - set(store.MODELS)
+    models = list(json.loads((source / store.MANIFEST_FILE).read_text())["models"])
+    unknown = set(edits) - set(models)
     if unknown:
         raise BenchmarkError(f"variant {variant.name} edits unknown models {sorted(unknown)}")
-    for model in store.MODELS:
+    for model in models:
         model_dir = destination / model
         model_dir.mkdir()
         config = (source / model / "config.pbtxt").read_text()

@@ -40,11 +40,21 @@ def format_json_lines(hits: Sequence[Hit]) -> str:
     return "\n".join(json.dumps(dataclasses.asdict(hit), ensure_ascii=False) for hit in hits)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="shopserve search", description="Search the product catalogue."
-    )
-    parser.add_argument("query", help="search text")
+def _parser(recommend: bool = False) -> argparse.ArgumentParser:
+    if recommend:
+        parser = argparse.ArgumentParser(
+            prog="shopserve recommend", description="A shopper's recommendations."
+        )
+        parser.add_argument("user_id", help="the shopper's id")
+        parser.add_argument(
+            "--new-only", action="store_true", help="only products the shopper never bought"
+        )
+    else:
+        parser = argparse.ArgumentParser(
+            prog="shopserve search", description="Search the product catalogue."
+        )
+        parser.add_argument("query", help="search text")
+        parser.add_argument("--user", help="personalise for this shopper's id")
     parser.add_argument(
         "-k", "--top-k", type=int, default=10, help="number of results (default: 10)"
     )
@@ -58,15 +68,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``shopserve search``; ``argv`` excludes the program and subcommand names.
+def main(argv: list[str] | None = None, recommend: bool = False) -> int:
+    """Run ``shopserve search`` (or ``shopserve recommend``); ``argv`` excludes the program and
+    subcommand names.
 
     Returns 0 on success, 2 when the server rejects the request, 1 on any other error.
     """
-    args = _parser().parse_args(argv)
+    args = _parser(recommend).parse_args(argv)
     try:
         with SearchClient(args.url, timeout=args.timeout) as client:
-            hits = client.search(args.query, top_k=args.top_k)
+            if recommend:
+                hits = client.recommend(args.user_id, top_k=args.top_k, new_only=args.new_only)
+            else:
+                hits = client.search(args.query, top_k=args.top_k, user_id=args.user)
     except SearchError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2 if isinstance(exc, InvalidRequestError) else 1

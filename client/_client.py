@@ -23,6 +23,7 @@ from ._errors import RequestTimeoutError, SearchError, ServerUnavailableError, m
 
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_MODEL_NAME = "search"
+RECOMMEND_MODEL_NAME = "recommend"
 OUTPUT_NAMES = ("PRODUCT_IDS", "SCORES", "TITLES")
 
 _INT32 = np.iinfo(np.int32)
@@ -44,28 +45,50 @@ class TensorResult(Protocol):
     def as_numpy(self, name: str) -> np.ndarray | None: ...
 
 
-def build_inputs(query: str | bytes, top_k: int) -> list[grpcclient.InferInput]:
-    """Build the QUERY and TOP_K tensors (shape [1]; the ensemble has max_batch_size 0).
-
-    A str query is UTF-8 encoded; bytes are sent unchanged so that callers can send raw bytes.
-    """
-    if isinstance(query, str):
-        data = query.encode("utf-8")
-    elif isinstance(query, bytes):
-        data = query
+def _bytes_tensor(name: str, value: str | bytes) -> grpcclient.InferInput:
+    """A BYTES [1] tensor; str is UTF-8 encoded, bytes are sent unchanged (raw bytes may be sent)."""
+    if isinstance(value, str):
+        data = value.encode("utf-8")
+    elif isinstance(value, bytes):
+        data = value
     else:
-        raise TypeError(f"query must be str or bytes, not {type(query).__name__}")
+        raise TypeError(f"{name.lower()} must be str or bytes, not {type(value).__name__}")
+    tensor = grpcclient.InferInput(name, [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([data], dtype=np.object_))
+    return tensor
+
+
+def _top_k_tensor(top_k: int) -> grpcclient.InferInput:
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
         raise TypeError(f"top_k must be an int, not {type(top_k).__name__}")
     if not _INT32.min <= top_k <= _INT32.max:
         # Not a range check on the value's meaning: numpy would silently wrap it around.
         raise OverflowError(f"top_k={top_k} does not fit in INT32")
+    tensor = grpcclient.InferInput("TOP_K", [1], "INT32")
+    tensor.set_data_from_numpy(np.array([top_k], dtype=np.int32))
+    return tensor
 
-    query_input = grpcclient.InferInput("QUERY", [1], "BYTES")
-    query_input.set_data_from_numpy(np.array([data], dtype=np.object_))
-    top_k_input = grpcclient.InferInput("TOP_K", [1], "INT32")
-    top_k_input.set_data_from_numpy(np.array([top_k], dtype=np.int32))
-    return [query_input, top_k_input]
+
+def build_inputs(
+    query: str | bytes, top_k: int, user_id: str | bytes | None = None
+) -> list[grpcclient.InferInput]:
+    """The search request: QUERY and TOP_K (shape [1]), and USER_ID when personalised."""
+    inputs = [_bytes_tensor("QUERY", query), _top_k_tensor(top_k)]
+    if user_id is not None:
+        inputs.append(_bytes_tensor("USER_ID", user_id))
+    return inputs
+
+
+def build_recommend_inputs(
+    user_id: str | bytes, top_k: int, new_only: bool = False
+) -> list[grpcclient.InferInput]:
+    """The recommend request: USER_ID and TOP_K (shape [1]), and NEW_ONLY for discovery."""
+    inputs = [_bytes_tensor("USER_ID", user_id), _top_k_tensor(top_k)]
+    if new_only:
+        flag = grpcclient.InferInput("NEW_ONLY", [1], "BOOL")
+        flag.set_data_from_numpy(np.array([True]))
+        inputs.append(flag)
+    return inputs
 
 
 def requested_outputs() -> list[grpcclient.InferRequestedOutput]:
@@ -113,9 +136,10 @@ def _check_max_in_flight(max_in_flight: int) -> None:
 
 
 class _ClientSettings:
-    def __init__(self, url: str, model_name: str, timeout: float) -> None:
+    def __init__(self, url: str, model_name: str, timeout: float, recommend_model: str) -> None:
         self.url = url
         self.model_name = model_name
+        self.recommend_model = recommend_model
         self.timeout = timeout
 
     def _infer_options(self, timeout: float | None) -> dict:
@@ -133,9 +157,13 @@ class SearchClient(_ClientSettings):
     """
 
     def __init__(
-        self, url: str = DEFAULT_URL, model_name: str = DEFAULT_MODEL_NAME, timeout: float = 5.0
+        self,
+        url: str = DEFAULT_URL,
+        model_name: str = DEFAULT_MODEL_NAME,
+        timeout: float = 5.0,
+        recommend_model: str = RECOMMEND_MODEL_NAME,
     ) -> None:
-        super().__init__(url, model_name, timeout)
+        super().__init__(url, model_name, timeout, recommend_model)
         self._client = grpcclient.InferenceServerClient(url)
 
     def ready(self) -> bool:
@@ -150,12 +178,34 @@ class SearchClient(_ClientSettings):
             return _not_ready(exc)
 
     def search(
-        self, query: str | bytes, top_k: int = 10, timeout: float | None = None
+        self,
+        query: str | bytes,
+        top_k: int = 10,
+        timeout: float | None = None,
+        user_id: str | bytes | None = None,
     ) -> list[Hit]:
-        """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged."""
-        inputs = build_inputs(query, top_k)
+        """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged. With
+        ``user_id`` the answer is personalised for that shopper."""
+        return self._infer(self.model_name, build_inputs(query, top_k, user_id), timeout)
+
+    def recommend(
+        self,
+        user_id: str | bytes,
+        top_k: int = 10,
+        timeout: float | None = None,
+        new_only: bool = False,
+    ) -> list[Hit]:
+        """Return the shopper's top_k recommendations (popular items for an unknown shopper);
+        with ``new_only``, only products they never bought."""
+        return self._infer(
+            self.recommend_model, build_recommend_inputs(user_id, top_k, new_only), timeout
+        )
+
+    def _infer(
+        self, model: str, inputs: list[grpcclient.InferInput], timeout: float | None
+    ) -> list[Hit]:
         try:
-            result = self._client.infer(self.model_name, inputs, **self._infer_options(timeout))
+            result = self._client.infer(model, inputs, **self._infer_options(timeout))
         except InferenceServerException as exc:
             raise map_error(exc) from exc
         return parse_hits(result)
@@ -232,9 +282,13 @@ class AsyncSearchClient(_ClientSettings):
     """
 
     def __init__(
-        self, url: str = DEFAULT_URL, model_name: str = DEFAULT_MODEL_NAME, timeout: float = 5.0
+        self,
+        url: str = DEFAULT_URL,
+        model_name: str = DEFAULT_MODEL_NAME,
+        timeout: float = 5.0,
+        recommend_model: str = RECOMMEND_MODEL_NAME,
     ) -> None:
-        super().__init__(url, model_name, timeout)
+        super().__init__(url, model_name, timeout, recommend_model)
         self._client: aio_grpcclient.InferenceServerClient | None = None
 
     def _triton(self) -> aio_grpcclient.InferenceServerClient:
@@ -255,10 +309,28 @@ class AsyncSearchClient(_ClientSettings):
             return _not_ready(exc)
 
     async def search(
-        self, query: str | bytes, top_k: int = 10, timeout: float | None = None
+        self,
+        query: str | bytes,
+        top_k: int = 10,
+        timeout: float | None = None,
+        user_id: str | bytes | None = None,
     ) -> list[Hit]:
-        """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged."""
-        return await self._infer(build_inputs(query, top_k), timeout)
+        """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged. With
+        ``user_id`` the answer is personalised for that shopper."""
+        return await self._infer(build_inputs(query, top_k, user_id), timeout)
+
+    async def recommend(
+        self,
+        user_id: str | bytes,
+        top_k: int = 10,
+        timeout: float | None = None,
+        new_only: bool = False,
+    ) -> list[Hit]:
+        """Return the shopper's top_k recommendations (popular items for an unknown shopper);
+        with ``new_only``, only products they never bought."""
+        return await self._infer(
+            build_recommend_inputs(user_id, top_k, new_only), timeout, self.recommend_model
+        )
 
     async def search_many(
         self,
@@ -289,10 +361,15 @@ class AsyncSearchClient(_ClientSettings):
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    async def _infer(self, inputs: list[grpcclient.InferInput], timeout: float | None) -> list[Hit]:
+    async def _infer(
+        self,
+        inputs: list[grpcclient.InferInput],
+        timeout: float | None,
+        model: str | None = None,
+    ) -> list[Hit]:
         try:
             result = await self._triton().infer(
-                self.model_name, inputs, **self._infer_options(timeout)
+                model or self.model_name, inputs, **self._infer_options(timeout)
             )
         except InferenceServerException as exc:
             raise map_error(exc) from exc

@@ -10,10 +10,11 @@ from . import store
 from .dense import DenseIndex
 from .lexical import LexicalIndex
 from .models import OnnxEncoder, OnnxRanker
+from .personal import Personalization
 from .postprocess import PostProcessor, SearchResult
 from .retrieve import Candidates, Retriever
 from .tokenize import QueryTokenizer
-from .validation import check_top_k, decode_query
+from .validation import check_top_k, decode_query, decode_user_id
 
 __all__ = ["SearchPipeline", "SearchResult", "load_retriever", "load_tokenizer"]
 
@@ -51,32 +52,36 @@ class SearchPipeline:
         retriever: Retriever,
         ranker: OnnxRanker,
         postprocessor: PostProcessor,
+        personal: Personalization | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.retriever = retriever
         self.ranker = ranker
         self.postprocessor = postprocessor
+        self.personal = personal
 
     @classmethod
     def from_repository(cls, repository: Path | str) -> SearchPipeline:
         """Load every step with the settings of its Triton config, ONNX Runtime threads included
         (float reductions split over another thread count can flip near-tied candidates)."""
         repository = Path(repository)
-        latest = store.latest_version_dir
+        retriever = load_retriever(repository)
+        postprocessor = PostProcessor(store.load_catalogue(repository))
         return cls(
             load_tokenizer(repository),
             OnnxEncoder(
                 store.model_file(repository, store.ENCODER),
                 _intra_op_threads(repository, store.ENCODER),
             ),
-            load_retriever(repository),
+            retriever,
             OnnxRanker(
                 store.model_file(repository, store.RANKER),
                 _intra_op_threads(repository, store.RANKER),
             ),
-            PostProcessor(
-                store.Catalogue.load(latest(repository, store.POSTPROCESS) / store.CATALOGUE_FILE)
+            postprocessor,
+            Personalization.from_repository(
+                repository, retriever.dense, postprocessor.catalogue.product_ids
             ),
         )
 
@@ -86,9 +91,24 @@ class SearchPipeline:
     def candidates(self, query: str) -> Candidates:
         return self.retriever(query, self.embed(query))
 
-    def search(self, query: str | bytes | np.ndarray, top_k: int | np.ndarray = 10) -> SearchResult:
-        """Validate like the server does, then run every step."""
+    def search(
+        self,
+        query: str | bytes | np.ndarray,
+        top_k: int | np.ndarray = 10,
+        user_id: str | bytes | np.ndarray | None = None,
+    ) -> SearchResult:
+        """Validate like the server does, then run every step. With the id of a shopper the store
+        knows, each candidate's query logit is fused with the shopper's affinity for it; without
+        one, or for a shopper it does not know, the answer is the anonymous one."""
         text = decode_query(query)
         k = check_top_k(top_k)
+        user = None
+        if user_id is not None:
+            shopper = decode_user_id(user_id)
+            user = self.personal.view(shopper) if self.personal else None
         candidates = self.candidates(text)
-        return self.postprocessor(candidates.rows, self.ranker(candidates.features), k)
+        logits = self.ranker(candidates.features)
+        if user is not None:
+            affinity = self.personal.affinity(user, candidates.rows)
+            logits = logits + self.personal.search_weight * affinity
+        return self.postprocessor(candidates.rows, logits, k)

@@ -18,6 +18,9 @@ RANKER = "ranker"
 POSTPROCESS = "postprocess"
 STEPS = (TOKENIZE, ENCODER, RETRIEVE, RANKER, POSTPROCESS)
 MODELS = (SEARCH, ENSEMBLE, *STEPS)
+RECOMMEND = "recommend"  # a shopper's recommendations (stores built with --events)
+REC_RANKER = "rec_ranker"  # the recommendation ranker (ONNX), also read in-process by the above
+PERSONAL_MODELS = (RECOMMEND, REC_RANKER)
 
 TOKENIZER_FILE = "tokenizer.json"
 ONNX_FILE = "model.onnx"
@@ -57,6 +60,17 @@ def config_parameters(repository: Path, model: str) -> dict[str, str]:
     return dict(_PARAMETER.findall(_config_text(repository, model)))
 
 
+def with_parameter(config: str, key: str, value: str) -> str:
+    """``config`` (config.pbtxt text) with string parameter ``key`` set to ``value``."""
+    line = f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+    pattern = re.compile(
+        r'parameters\s*\{\s*key:\s*"' + re.escape(key) + r'"\s*value:\s*\{[^}]*\}\s*\}'
+    )
+    if pattern.search(config):
+        return pattern.sub(line, config)
+    return config.rstrip("\n") + "\n" + line + "\n"
+
+
 def model_file(repository: Path, model: str) -> Path:
     """The ONNX file Triton serves for ``model``: its ``default_model_filename`` (else model.onnx)
     in the newest version directory."""
@@ -90,3 +104,8 @@ class Catalogue:
 
     def __len__(self) -> int:
         return len(self.product_ids)
+
+
+def load_catalogue(repository: Path) -> Catalogue:
+    """The catalogue a built store serves (ids and titles by catalogue row)."""
+    return Catalogue.load(latest_version_dir(repository, POSTPROCESS) / CATALOGUE_FILE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import triton_python_backend_utils as pb_utils
 
 from .postprocess import SearchResult
 from .store import adapter_parameters
+from .validation import InvalidRequest
 
 
 def model_context(args: dict) -> tuple[Path, dict[str, str]]:
@@ -50,3 +52,20 @@ def search_response(result: SearchResult):
     """The endpoint's response: PRODUCT_IDS, SCORES and UTF-8 TITLES, best first."""
     titles = np.array([t.encode("utf-8") for t in result.titles], dtype=np.object_)
     return respond(PRODUCT_IDS=result.product_ids, SCORES=result.scores, TITLES=titles)
+
+
+def optional_input(request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def answer_each(requests: list, answer: Callable[[object], SearchResult]) -> list:
+    """One response per request: ``answer(request)`` as the endpoint's outputs, or
+    INVALID_ARGUMENT naming the problem when the request is malformed."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(search_response(answer(request)))
+        except InvalidRequest as exc:
+            responses.append(invalid_argument(exc))
+    return responses

@@ -16,29 +16,34 @@ class InvalidRequest(ValueError):
     """The request is malformed; the message names the problem (served as INVALID_ARGUMENT)."""
 
 
-def decode_query(raw: object) -> str:
-    """Return the query text from one BYTES element, or raise InvalidRequest."""
+def decode_text(raw: object, name: str, limit: int) -> str:
+    """Return the text of one BYTES element of input ``name``, or raise InvalidRequest naming the
+    problem (the messages never echo the text: it may be personal)."""
     if isinstance(raw, np.ndarray):
         if raw.size != 1:
-            raise InvalidRequest(f"QUERY must hold exactly one string, got {raw.size}")
+            raise InvalidRequest(f"{name} must hold exactly one string, got {raw.size}")
         raw = raw.reshape(-1)[0]
     if isinstance(raw, str):
         raw = raw.encode("utf-8")
     if not isinstance(raw, bytes):
-        raise InvalidRequest(f"QUERY must be a UTF-8 string, got {type(raw).__name__}")
-    if len(raw) > MAX_QUERY_BYTES:
+        raise InvalidRequest(f"{name} must be a UTF-8 string, got {type(raw).__name__}")
+    if len(raw) > limit:
         raise InvalidRequest(
-            f"QUERY is {len(raw)} bytes long; the limit is {MAX_QUERY_BYTES} bytes of UTF-8"
+            f"{name} is {len(raw)} bytes long; the limit is {limit} bytes of UTF-8"
         )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRequest(
-            f"QUERY is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            f"{name} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
         ) from exc
     if not text.strip():
-        raise InvalidRequest("QUERY is empty or whitespace only")
+        raise InvalidRequest(f"{name} is empty or whitespace only")
     return text
+
+
+def decode_query(raw: object) -> str:
+    return decode_text(raw, "QUERY", MAX_QUERY_BYTES)
 
 
 def check_top_k(raw: object) -> int:
@@ -53,4 +58,26 @@ def check_top_k(raw: object) -> int:
         raise InvalidRequest(f"TOP_K must be an integer, got {type(raw).__name__}")
     if not MIN_TOP_K <= raw <= MAX_TOP_K:
         raise InvalidRequest(f"TOP_K must be between {MIN_TOP_K} and {MAX_TOP_K}, got {raw}")
+    return raw
+
+
+MAX_USER_ID_BYTES = 256
+
+
+def decode_user_id(raw: object) -> str:
+    return decode_text(raw, "USER_ID", MAX_USER_ID_BYTES)
+
+
+def check_flag(raw: object, name: str) -> bool:
+    """An optional BOOL [1] input: False when absent."""
+    if raw is None:
+        return False
+    if isinstance(raw, np.ndarray):
+        if raw.size != 1:
+            raise InvalidRequest(f"{name} must hold exactly one boolean, got {raw.size}")
+        if raw.dtype != np.bool_:
+            raise InvalidRequest(f"{name} must be a boolean, got {raw.dtype}")
+        raw = bool(raw.reshape(-1)[0])
+    if not isinstance(raw, bool):
+        raise InvalidRequest(f"{name} must be a boolean, got {type(raw).__name__}")
     return raw

@@ -15,6 +15,7 @@ from shopserve.ensemble import store
 from shopserve.ensemble.features import FUSION_WEIGHTS
 from shopserve.ensemble.lexical import LexicalIndex
 from shopserve.ensemble.models import OnnxEncoder, OnnxRanker
+from shopserve.ensemble.profiles import UserKeys
 from shopserve.ensemble.retrieve import Retriever
 from shopserve.ensemble.tokenize import QueryTokenizer
 
@@ -24,11 +25,13 @@ from .data import (
     Judgments,
     fingerprint,
     load_catalogue,
+    load_events,
     load_judgments,
     split_queries,
 )
 from .evaluate import evaluate, rerank_ndcg_by_cosine
 from .index import MIN_RECALL_QUERIES, ann_recall, build_dense_index
+from .personalize import SearchSide, build_personalization
 from .quantize import accuracy_gate, quantize_int8
 from .ranker import (
     FUSION,
@@ -56,6 +59,8 @@ class BuildOptions:
     seed: int = 13
     dev_fraction: float = 0.2
     ranker: Path | None = None  # a ranker trained elsewhere, for a catalogue without judgments
+    events: Path | None = None  # a behaviour log: profiles, recommendations, personalised search
+    holdout: bool = True  # keep each shopper's last basket out of the store, for evaluation
     gate_texts: int = 1000
     epochs: int = 30
     per_channel: bool = True  # per-tensor INT8 weights exist to show the gate stopping a build
@@ -107,7 +112,8 @@ def _gate_ndcg(
 def build(options: BuildOptions) -> dict:
     """Build every artefact of version ``options.version`` and move it into ``options.repository``
     only once every step has passed; return the manifest's build record."""
-    with RepositoryWriter(options.repository, options.version) as writer:
+    models = store.MODELS + (store.PERSONAL_MODELS if options.events else ())
+    with RepositoryWriter(options.repository, options.version, models) as writer:
         record = _build(options, writer)
         writer.commit(record)
     return record
@@ -122,6 +128,8 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         judgments = load_judgments(options.judgments, catalogue) if options.judgments else None
         if options.ranker is not None:
             check_reusable(options.ranker)
+        events = load_events(options.events, catalogue) if options.events else None
+        keys = UserKeys.from_environment() if events else None
     log.info(
         "catalogue: %d products; judgments: %s queries",
         len(catalogue),
@@ -158,9 +166,10 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
             "fp32": OnnxEncoder(encoder_dir / FP32_ENCODER_FILE, EMBED_THREADS),
             "int8": OnnxEncoder(encoder_dir / store.ONNX_FILE, EMBED_THREADS),
         }
-        half = options.gate_texts // 2 if queries else 0
-        gate_texts = _sample(catalogue.titles, options.gate_texts - half, rng) + _sample(
-            queries, half, rng
+        # Half queries where there are enough of them; titles make up the rest.
+        query_texts = _sample(queries, options.gate_texts // 2, rng)
+        gate_texts = (
+            _sample(catalogue.titles, options.gate_texts - len(query_texts), rng) + query_texts
         )
         dev = judgments.subset(dev_queries) if judgments else None
         gate = accuracy_gate(
@@ -272,7 +281,19 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         catalogue_checks=checks,
     )
     log.info("search ranker: %s (%s)", selected, record["ranker"]["selected_by"])
-    inputs = [p for p in (options.catalogue, options.judgments) if p]
+    if events is not None:
+        with timer.step("personalization"):
+            record["personalization"] = build_personalization(
+                catalogue,
+                events,
+                embeddings,
+                SearchSide(retriever, OnnxRanker(ranker_path), lambda q: int8(*tokenizer(q))[0]),
+                keys,
+                writer,
+                options.seed,
+                options.holdout,
+            )
+    inputs = [p for p in (options.catalogue, options.judgments, options.events) if p]
     record.update(
         data={"files": fingerprint(inputs), "products": len(catalogue), "queries": len(queries)},
         split={

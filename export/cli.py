@@ -88,6 +88,18 @@ def parser() -> argparse.ArgumentParser:
         "catalogue without judgments; the catalogue checks keep it only if it beats the fusion",
     )
     build.add_argument(
+        "--events",
+        type=Path,
+        help="a behaviour log (CSV or Parquet: user_id, product_id, timestamp, event, basket_id): "
+        "builds profiles, the recommend endpoint and personalised search; needs the user-id secret "
+        "($SHOPSERVE_USER_KEY_FILE)",
+    )
+    build.add_argument(
+        "--no-holdout",
+        action="store_true",
+        help="serve every basket (by default each shopper's last basket is held out for evaluation)",
+    )
+    build.add_argument(
         "--int8-weights",
         choices=("per-channel", "per-tensor"),
         default="per-channel",
@@ -148,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                     ranker=args.ranker,
                     epochs=args.epochs,
                     per_channel=args.int8_weights == "per-channel",
+                    events=args.events,
+                    holdout=not args.no_holdout,
                 )
             )
             print(json.dumps({k: record[k] for k in ("timings_s",) if k in record}, indent=2))

@@ -14,9 +14,11 @@ import os
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from shopserve.ensemble.profiles import EVENT_TYPES
 
 DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR", "../shared/data")) / "homedepot"
 CATALOGUE_ALIASES = {"product_uid": "product_id", "product_title": "title"}
@@ -121,3 +123,89 @@ def split_queries(
 def fingerprint(paths: list[Path]) -> dict[str, str]:
     """sha256 of each input file, keyed by file name."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+@dataclass(frozen=True)
+class EventsData:
+    """A behaviour log sorted by (user, timestamp); ``events`` index EVENT_TYPES, ``basket_ids`` are
+    "" where the file gives none (the profile then infers baskets from sessions)."""
+
+    user_ids: list[str]
+    product_ids: np.ndarray  # int64
+    timestamps: np.ndarray  # float64, epoch seconds
+    events: np.ndarray  # int8
+    basket_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.product_ids)
+
+    def by_user(self) -> dict[str, range]:
+        """Each user's events, as a range of positions (events are sorted by user)."""
+        spans: dict[str, range] = {}
+        start = 0
+        for i in range(1, len(self.user_ids) + 1):
+            if i == len(self.user_ids) or self.user_ids[i] != self.user_ids[start]:
+                spans[self.user_ids[start]] = range(start, i)
+                start = i
+        return spans
+
+
+def parse_timestamp(value: object) -> float:
+    """Epoch seconds from ISO 8601 text (UTC unless it says otherwise) or a number of seconds."""
+    text = str(value).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+_REPORTED_BAD_ROWS = 5
+
+
+def load_events(path: Path, catalogue: CatalogueData) -> EventsData:
+    """Read and validate an events file; each kind of problem names its first rows and its count."""
+    rows = _read_rows(path, {}, ("user_id", "product_id", "timestamp", "event"))
+    known = set(catalogue.product_ids.tolist())
+    kinds = {name: i for i, name in enumerate(EVENT_TYPES)}
+    problems: dict[str, list[str]] = {}
+    parsed = []
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        user = str(row["user_id"] or "").strip()
+        try:
+            product = int(row["product_id"])
+        except (TypeError, ValueError):
+            product = None
+        try:
+            when = parse_timestamp(row["timestamp"])
+        except (TypeError, ValueError):
+            when = None
+        kind = kinds.get(str(row["event"]).strip())
+        for problem, bad, value in (
+            ("an empty user_id", not user, row["user_id"]),
+            ("unknown product ids", product is None or product not in known, row["product_id"]),
+            ("unparseable timestamps", when is None, row["timestamp"]),
+            (f"unknown event types (known: {', '.join(EVENT_TYPES)})", kind is None, row["event"]),
+        ):
+            if bad:
+                problems.setdefault(problem, []).append(f"row {line}: {value!r}")
+        parsed.append((user, when or 0.0, product or 0, kind or 0, str(row.get("basket_id") or "")))
+    if problems:
+        raise DataError(
+            f"{path}: "
+            + "; ".join(
+                f"{len(bad)} rows with {problem} (first: {', '.join(bad[:_REPORTED_BAD_ROWS])})"
+                for problem, bad in problems.items()
+            )
+        )
+    parsed.sort(key=lambda r: (r[0], r[1]))
+    return EventsData(
+        [r[0] for r in parsed],
+        np.array([r[2] for r in parsed], dtype=np.int64),
+        np.array([r[1] for r in parsed], dtype=np.float64),
+        np.array([r[3] for r in parsed], dtype=np.int8),
+        [r[4].strip() for r in parsed],
+    )

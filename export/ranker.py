@@ -10,6 +10,7 @@ measured worse on dev.)
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +77,17 @@ def write_fusion_ranker(destination: Path) -> Path:
     return write_linear_ranker(destination, FUSION_WEIGHTS, FUSION)
 
 
-def write_linear_ranker(destination: Path, weights: dict[str, float], form: str) -> Path:
-    """An ONNX ranker scoring a weighted sum of named FEATURES columns."""
+def write_linear_ranker(
+    destination: Path,
+    weights: dict[str, float],
+    form: str,
+    names: Sequence[str] = FEATURE_NAMES,
+) -> Path:
+    """An ONNX ranker scoring a weighted sum of named feature columns (FEATURES [n, len(names)])."""
     import onnx
     from onnx import TensorProto, helper
 
-    columns = [FEATURE_NAMES.index(name) for name in weights]
+    columns = [list(names).index(name) for name in weights]
     matrix = np.array(list(weights.values()), dtype=np.float32).reshape(-1, 1)
     graph = helper.make_graph(
         [
@@ -89,12 +95,8 @@ def write_linear_ranker(destination: Path, weights: dict[str, float], form: str)
             helper.make_node("MatMul", ["selected", "weights"], ["fused"]),
             helper.make_node("Squeeze", ["fused", "last_axis"], ["SCORES"]),
         ],
-        "zscore_fusion",
-        [
-            helper.make_tensor_value_info(
-                "FEATURES", TensorProto.FLOAT, ["candidates", NUM_FEATURES]
-            )
-        ],
+        form,
+        [helper.make_tensor_value_info("FEATURES", TensorProto.FLOAT, ["candidates", len(names)])],
         [helper.make_tensor_value_info("SCORES", TensorProto.FLOAT, ["candidates"])],
         initializer=[
             helper.make_tensor("columns", TensorProto.INT64, [len(columns)], columns),
@@ -107,9 +109,7 @@ def write_linear_ranker(destination: Path, weights: dict[str, float], form: str)
     onnx.checker.check_model(model)
     destination.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(destination))
-    monotone.write_contract(
-        destination, {"inputs": list(FEATURE_NAMES), "form": form, "weights": weights}
-    )
+    monotone.write_contract(destination, {"inputs": list(names), "form": form, "weights": weights})
     return destination
 
 

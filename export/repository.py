@@ -30,11 +30,16 @@ class RepositoryError(RuntimeError):
     """The model repository is missing its source configs or adapters."""
 
 
-def _source_of_configs(repository: Path) -> Path:
+def _source_of_configs(repository: Path, models: tuple[str, ...]) -> Path:
     """Where the configs and adapters of ``repository`` come from: itself, or the templates."""
     present = [m for m in store.MODELS if (repository / m / CONFIG_FILE).exists()]
     if len(present) == len(store.MODELS):
-        return repository
+        if all((repository / m / CONFIG_FILE).exists() for m in models):
+            return repository
+        missing = [m for m in models if not (repository / m / CONFIG_FILE).exists()]
+        raise RepositoryError(
+            f"{repository} has no configs for {missing}; copy them from {TEMPLATES}"
+        )
     if present:
         missing = sorted(set(store.MODELS) - set(present))
         raise RepositoryError(
@@ -43,7 +48,7 @@ def _source_of_configs(repository: Path) -> Path:
         )
     if repository.exists() and any(repository.iterdir()):
         raise RepositoryError(f"{repository} is not empty and holds no model repository")
-    if not all((TEMPLATES / m / CONFIG_FILE).exists() for m in store.MODELS):
+    if not all((TEMPLATES / m / CONFIG_FILE).exists() for m in models):
         raise RepositoryError(f"the shipped model repository templates are missing ({TEMPLATES})")
     return TEMPLATES
 
@@ -54,17 +59,20 @@ class RepositoryWriter:
     Use as a context manager: leaving it with an exception (or without commit) deletes the stage.
     """
 
-    def __init__(self, repository: Path, version: int = 1) -> None:
+    def __init__(
+        self, repository: Path, version: int = 1, models: tuple[str, ...] = store.MODELS
+    ) -> None:
         self.repository = Path(repository)
         self.version = version
-        source = _source_of_configs(self.repository)
+        self.models = models
+        source = _source_of_configs(self.repository, models)
         self.repository.parent.mkdir(parents=True, exist_ok=True)
         self.stage = Path(
             tempfile.mkdtemp(
                 prefix=f".{self.repository.name}.v{version}.", dir=self.repository.parent
             )
         )
-        for model in store.MODELS:
+        for model in models:
             (self.stage / model).mkdir()
             shutil.copy2(source / model / CONFIG_FILE, self.stage / model / CONFIG_FILE)
             adapters = [
@@ -92,10 +100,15 @@ class RepositoryWriter:
     def parameters(self, model: str) -> dict[str, str]:
         return store.config_parameters(self.stage, model)
 
+    def set_parameter(self, model: str, key: str, value: str) -> None:
+        """Record a value the build fitted as a string parameter of the staged config."""
+        path = self.stage / model / CONFIG_FILE
+        path.write_text(store.with_parameter(path.read_text(encoding="utf-8"), key, value))
+
     def checksums(self) -> dict[str, str]:
         files = sorted(
             p
-            for model in store.MODELS
+            for model in self.models
             for p in (self.stage / model).rglob("*")
             if p.is_file() and "__pycache__" not in p.parts
         )
@@ -106,17 +119,16 @@ class RepositoryWriter:
         manifest = {
             "format": 1,
             "version": self.version,
-            "models": {model: self.version for model in store.MODELS},
+            "models": {model: self.version for model in self.models},
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "host": {"python": platform.python_version(), "machine": platform.machine()},
             **build,
             "files": self.checksums(),
         }
-        for model in store.MODELS:
+        for model in self.models:
             target = self.repository / model
             target.mkdir(parents=True, exist_ok=True)
-            if not (target / CONFIG_FILE).exists():
-                shutil.copy2(self.stage / model / CONFIG_FILE, target / CONFIG_FILE)
+            shutil.copy2(self.stage / model / CONFIG_FILE, target / CONFIG_FILE)
             version_dir = target / str(self.version)
             if version_dir.exists():
                 shutil.rmtree(version_dir)

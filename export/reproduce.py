@@ -21,9 +21,7 @@ log = logging.getLogger("shopserve.export.evaluate")
 
 def evaluate_repository(repository: Path, judgments_path: Path, fp32: bool = False) -> dict:
     manifest = json.loads((repository / store.MANIFEST_FILE).read_text())
-    catalogue = store.Catalogue.load(
-        store.latest_version_dir(repository, store.POSTPROCESS) / store.CATALOGUE_FILE
-    )
+    catalogue = store.load_catalogue(repository)
     judgments = load_judgments(
         judgments_path, CatalogueData(catalogue.product_ids, catalogue.titles)
     )

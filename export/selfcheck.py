@@ -54,10 +54,10 @@ class CheckSet:
 
 
 class LinearScorer:
-    """A weighted sum of named FEATURES columns (the fusion, or one signal alone)."""
+    """A weighted sum of named feature columns (the fusion, or one signal alone)."""
 
-    def __init__(self, weights: Mapping[str, float]) -> None:
-        self.columns = [FEATURE_NAMES.index(name) for name in weights]
+    def __init__(self, weights: Mapping[str, float], names: Sequence[str] = FEATURE_NAMES) -> None:
+        self.columns = [list(names).index(name) for name in weights]
         self.weights = np.array(list(weights.values()), dtype=np.float32)
 
     def __call__(self, features: np.ndarray) -> np.ndarray:

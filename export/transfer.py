@@ -83,9 +83,7 @@ def catalogue_cut(
     repository: Path, judgments: Judgments, dev_fraction: float, seed: int, size: int = CUT_PRODUCTS
 ) -> dict:
     """The store's dev queries over a catalogue cut without any training query's products."""
-    catalogue = store.Catalogue.load(
-        store.latest_version_dir(repository, store.POSTPROCESS) / store.CATALOGUE_FILE
-    )
+    catalogue = store.load_catalogue(repository)
     reference = load_retriever(repository)
     train, dev = split_queries(judgments.queries, dev_fraction, seed)
     seen = {pid for q in train for pid in judgments.by_query[q]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -11,6 +12,8 @@ from pathlib import Path
 
 
 def serve(argv: list[str]) -> int:
+    from shopserve.ensemble.profiles import USER_KEY_FILE_ENV
+
     from .server import ServerConfig, ServerError, TritonServer
 
     parser = argparse.ArgumentParser(
@@ -24,9 +27,17 @@ def serve(argv: list[str]) -> int:
         "--log-file", type=Path, help="write the server's log here (default: stdout)"
     )
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument(
+        "--user-key-file",
+        type=Path,
+        help="the secret that user ids are hashed with (a personalised store needs it; default: "
+        "$SHOPSERVE_USER_KEY_FILE)",
+    )
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for readiness")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.user_key_file is not None:
+        os.environ[USER_KEY_FILE_ENV] = str(args.user_key_file.resolve())
     server = TritonServer(
         ServerConfig(
             args.model_repository,
@@ -60,17 +71,45 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+def keys(argv: list[str]) -> int:
+    """``shopserve keys create FILE``: a new secret for hashing user ids, readable by its owner only."""
+    from shopserve.ensemble.profiles import new_secret
+
+    parser = argparse.ArgumentParser(
+        prog="shopserve keys", description="Create the secret that user ids are hashed with."
+    )
+    parser.add_argument("action", choices=["create"])
+    parser.add_argument("file", type=Path)
+    args = parser.parse_args(argv)
+    if args.file.exists():
+        print(
+            f"error: {args.file} exists; a new secret would orphan every profile", file=sys.stderr
+        )
+        return 1
+    args.file.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(new_secret() + b"\n")
+    print(f"wrote a new user-id secret to {args.file} (mode 600); keep it out of version control")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: shopserve {serve,search} [options]  (shopserve COMMAND --help for more)"
+    usage = (
+        "usage: shopserve {serve,search,recommend,keys} [options]  "
+        "(shopserve COMMAND --help for more)"
+    )
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "search":
-        from shopserve.client._cli import main as search
+    if command in ("search", "recommend"):
+        from shopserve.client._cli import main as query
 
-        return search(rest)
+        return query(rest, recommend=command == "recommend")
+    if command == "keys":
+        return keys(rest)
     if command == "serve":
         return serve(rest)
     print(f"error: unknown command {command!r}\n{usage}", file=sys.stderr)

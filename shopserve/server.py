@@ -15,6 +15,7 @@ CPU-only machine (see ``../shared/notes/triton-on-cpu.md``):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -27,6 +28,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
 
 log = logging.getLogger("shopserve.server")
 
@@ -112,7 +115,7 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.config.metrics_port}/metrics"
 
-    def command(self, backend_dir: Path) -> list[str]:
+    def command(self, backend_dir: Path, models: list[str]) -> list[str]:
         root = pytriton_root()
         cfg = self.config
         return [
@@ -124,7 +127,7 @@ class TritonServer:
             "--pinned-memory-pool-byte-size=0",
             "--allow-gpu-metrics=false",
             "--model-control-mode=explicit",
-            "--load-model=*",
+            *(f"--load-model={model}" for model in models),
             "--strict-readiness=true",
             f"--log-verbose={cfg.log_verbose}",
             f"--http-port={cfg.http_port}",
@@ -139,6 +142,12 @@ class TritonServer:
                 f"{repo} holds no built model repository (manifest.json is missing); "
                 "build it first: python -m shopserve.export build"
             )
+        models = list(json.loads((repo / "manifest.json").read_text())["models"])
+        if "recommend" in models:  # a personalised store: its user ids are keyed hashes
+            try:
+                UserKeys.from_environment()
+            except MissingUserKeyError as exc:
+                raise ServerError(f"{repo} is a personalised store: {exc}") from exc
         work_dir = Path(self.config.work_dir or repo.resolve().parent / ".triton")
         backend_dir = prepare_backend_directory(work_dir / "backends")
         env = dict(os.environ)
@@ -153,10 +162,9 @@ class TritonServer:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
             stdout = self._log_handle
-        log.info("starting %s", " ".join(self.command(backend_dir)))
-        self.process = subprocess.Popen(
-            self.command(backend_dir), env=env, stdout=stdout, stderr=subprocess.STDOUT
-        )
+        command = self.command(backend_dir, models)
+        log.info("starting %s", " ".join(command))
+        self.process = subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.STDOUT)
         self.wait_ready(timeout)
         return self
 

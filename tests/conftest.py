@@ -91,3 +91,108 @@ def server(built_repository: Path, tmp_path_factory: pytest.TempPathFactory):
     )
     with TritonServer(config, log_file=work / "server.log") as running:
         yield running
+
+
+INSTACART_EXTRA_PRODUCTS = 3000  # beside every purchased product: a catalogue of about 17,000
+
+
+@pytest.fixture(scope="session")
+def user_key_file(tmp_path_factory: pytest.TempPathFactory):
+    """A throwaway user-id secret, made at run time and set for the session's processes (the one in
+    $SHOPSERVE_USER_KEY_FILE when a prebuilt SHOPSERVE_PERSONAL_REPOSITORY is used)."""
+    from shopserve.ensemble.profiles import USER_KEY_FILE_ENV, new_secret
+
+    if os.environ.get("SHOPSERVE_PERSONAL_REPOSITORY"):
+        yield Path(os.environ[USER_KEY_FILE_ENV])
+        return
+    path = tmp_path_factory.mktemp("secrets") / "user.key"
+    path.write_bytes(new_secret())
+    previous = os.environ.get(USER_KEY_FILE_ENV)
+    os.environ[USER_KEY_FILE_ENV] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop(USER_KEY_FILE_ENV, None)
+    else:
+        os.environ[USER_KEY_FILE_ENV] = previous
+
+
+@pytest.fixture(scope="session")
+def instacart_files(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, Path]:
+    """Instacart through the generic formats: every event, and a catalogue of the purchased
+    products plus INSTACART_EXTRA_PRODUCTS others."""
+    import csv
+
+    import numpy as np
+    from shopserve.export.instacart import write_generic
+
+    folder = tmp_path_factory.mktemp("instacart")
+    items, events = write_generic(data_dir.parent / "instacart", folder / "full")
+    with events.open() as handle:
+        bought = {row["product_id"] for row in csv.DictReader(handle)}
+    with items.open() as handle:
+        rows = list(csv.DictReader(handle))
+    others = [r for r in rows if r["product_id"] not in bought]
+    picked = np.random.default_rng(0).choice(len(others), INSTACART_EXTRA_PRODUCTS, replace=False)
+    keep = bought | {others[i]["product_id"] for i in picked.tolist()}
+    cut = folder / "items.csv"
+    with cut.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["product_id"] in keep)
+    return cut, events
+
+
+@pytest.fixture(scope="session")
+def personal_repository(
+    tmp_path_factory: pytest.TempPathFactory, built_repository: Path, instacart_files, user_key_file
+) -> Path:
+    """A store built from the generic catalogue and events files alone (no judgments), with the
+    Home Depot store's ranker transferred, into a new folder."""
+    existing = os.environ.get("SHOPSERVE_PERSONAL_REPOSITORY")
+    if existing:  # a store built beforehand (its secret in $SHOPSERVE_USER_KEY_FILE)
+        return Path(existing)
+    from shopserve.ensemble import store
+    from shopserve.export.build import BuildOptions, build
+
+    items, events = instacart_files
+    repository = tmp_path_factory.mktemp("personal") / "store"
+    build(
+        BuildOptions(
+            catalogue=items,
+            judgments=None,
+            repository=repository,
+            ranker=store.model_file(built_repository, store.RANKER),
+            events=events,
+        )
+    )
+    return repository
+
+
+@pytest.fixture(scope="session")
+def personal_server(personal_repository: Path, tmp_path_factory: pytest.TempPathFactory):
+    from shopserve.server import ServerConfig, TritonServer, free_ports
+
+    work = tmp_path_factory.mktemp("triton-personal")
+    grpc_port, http_port, metrics_port = free_ports(3)
+    config = ServerConfig(personal_repository, grpc_port, http_port, metrics_port, work_dir=work)
+    with TritonServer(config, log_file=work / "server.log") as running:
+        yield running
+
+
+def raw_infer(url: str, model: str, inputs: list):
+    """Send ``inputs`` as they are and return the error the server answers with."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    triton = grpcclient.InferenceServerClient(url)
+    with pytest.raises(InferenceServerException) as caught:
+        triton.infer(model, inputs)
+    return caught.value
+
+
+def tensor(name: str, value, datatype: str):
+    import tritonclient.grpc as grpcclient
+
+    item = grpcclient.InferInput(name, list(value.shape), datatype)
+    item.set_data_from_numpy(value)
+    return item

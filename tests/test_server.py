@@ -13,13 +13,11 @@ import time
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
-from conftest import PROJECT
+from conftest import PROJECT, raw_infer, tensor
 from shopserve.client import AsyncSearchClient, InvalidRequestError, SearchClient
 from shopserve.client._cli import main as search_cli
 from shopserve.ensemble import store
 from shopserve.export.data import load_catalogue, load_judgments, split_queries
-from tritonclient.utils import InferenceServerException
 
 from shopserve.server import free_ports
 
@@ -94,19 +92,6 @@ def test_bad_top_k_is_invalid_argument(endpoint, top_k) -> None:
     assert len(endpoint.search("drill", top_k=2)) == 2
 
 
-def _raw_infer(server, model: str, inputs: list[grpcclient.InferInput]) -> InferenceServerException:
-    triton = grpcclient.InferenceServerClient(server.grpc_url)
-    with pytest.raises(InferenceServerException) as caught:
-        triton.infer(model, inputs)
-    return caught.value
-
-
-def _input(name: str, value: np.ndarray, datatype: str) -> grpcclient.InferInput:
-    tensor = grpcclient.InferInput(name, list(value.shape), datatype)
-    tensor.set_data_from_numpy(value)
-    return tensor
-
-
 @pytest.mark.parametrize(
     ("inputs", "problem"),
     [
@@ -135,7 +120,7 @@ def _input(name: str, value: np.ndarray, datatype: str) -> grpcclient.InferInput
     ],
 )
 def test_malformed_requests_are_invalid_argument(server, endpoint, inputs, problem) -> None:
-    error = _raw_infer(server, endpoint.model_name, [_input(*spec) for spec in inputs])
+    error = raw_infer(server.grpc_url, endpoint.model_name, [tensor(*spec) for spec in inputs])
     assert error.status() == "StatusCode.INVALID_ARGUMENT"
     assert problem in error.message()
     assert len(endpoint.search("drill", top_k=1)) == 1

@@ -1,18 +1,18 @@
 """Triton adapter for the whole search graph in one model (see shopserve.ensemble.pipeline).
 
 The steps load from the step models' directories and configs in this repository, so this model
-answers exactly as the "search_steps" ensemble and the in-process SearchPipeline do.
+answers exactly as the "search_steps" ensemble and the in-process SearchPipeline do. An optional
+USER_ID personalises the answer (stores built with --events).
 """
 
 from shopserve.ensemble import SearchPipeline
 from shopserve.ensemble.triton_adapter import (
+    answer_each,
     freeze_loaded_state,
     input_array,
-    invalid_argument,
     model_context,
-    search_response,
+    optional_input,
 )
-from shopserve.ensemble.validation import InvalidRequest
 
 
 class TritonPythonModel:
@@ -22,14 +22,11 @@ class TritonPythonModel:
         freeze_loaded_state()
 
     def execute(self, requests: list) -> list:
-        responses = []
-        for request in requests:
-            try:
-                result = self.pipeline.search(
-                    input_array(request, "QUERY"), input_array(request, "TOP_K")
-                )
-            except InvalidRequest as exc:
-                responses.append(invalid_argument(exc))
-                continue
-            responses.append(search_response(result))
-        return responses
+        return answer_each(
+            requests,
+            lambda request: self.pipeline.search(
+                input_array(request, "QUERY"),
+                input_array(request, "TOP_K"),
+                optional_input(request, "USER_ID"),
+            ),
+        )

@@ -1,0 +1,105 @@
+"""Personalisation at serving time: recommendations for a shopper, and a shopper's affinity for the
+candidates of a search. Loaded from a store built with ``--events``; None for a store without one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import store
+from .dense import DenseIndex
+from .models import OnnxRanker
+from .postprocess import PostProcessor, SearchResult
+from .profile_store import ProfileStore, open_store
+from .profiles import Profile, UserKeys
+from .recommend import ITEMS_FILE, Recommender, ShopItems, UserView
+from .validation import check_flag, check_top_k, decode_user_id
+
+PROFILES_FILE = "profiles.sqlite"
+PERSONAL_WEIGHT = "personal_weight"  # the search config parameter the build fits
+
+
+@dataclass
+class Personalization:
+    recommender: Recommender
+    ranker: OnnxRanker
+    profiles: ProfileStore
+    keys: UserKeys
+    search_weight: float  # personalised search: query logit + weight x affinity logit
+
+    @classmethod
+    def from_repository(
+        cls, repository: Path, dense: DenseIndex, product_ids: np.ndarray
+    ) -> Personalization | None:
+        """The personalisation of a built store, or None when it was built without events."""
+        if not store.version_dirs(repository, store.RECOMMEND):
+            return None
+        version_dir = store.latest_version_dir(repository, store.RECOMMEND)
+        if not (version_dir / ITEMS_FILE).exists():
+            return None
+        weight = store.config_parameters(repository, store.SEARCH).get(PERSONAL_WEIGHT, "0")
+        return cls(
+            Recommender(ShopItems.load(version_dir / ITEMS_FILE), dense, product_ids),
+            OnnxRanker(store.model_file(repository, store.REC_RANKER), 1),
+            open_store(version_dir / PROFILES_FILE, readonly=True),
+            UserKeys.from_environment(),
+            float(weight),
+        )
+
+    def view(self, user_id: str) -> UserView | None:
+        """What the store knows of this shopper; None for a shopper it has never seen."""
+        profile: Profile | None = self.profiles.get(self.keys.key(user_id))
+        return None if profile is None else self.recommender.view(profile)
+
+    def affinity(self, user: UserView, rows: np.ndarray) -> np.ndarray:
+        """The recommendation ranker's logit for each candidate row."""
+        return self.ranker(self.recommender.features(user, rows))
+
+
+class RecommendPipeline:
+    """USER_ID, TOP_K -> the shopper's top-k products; popular items for an unknown shopper."""
+
+    def __init__(self, personalization: Personalization, postprocessor: PostProcessor) -> None:
+        self.personal = personalization
+        self.postprocessor = postprocessor
+
+    @classmethod
+    def from_repository(cls, repository: Path | str) -> RecommendPipeline:
+        repository = Path(repository)
+        params = store.config_parameters(repository, store.RETRIEVE)
+        dense = DenseIndex.load(
+            store.latest_version_dir(repository, store.RETRIEVE) / store.DENSE_INDEX_FILE,
+            int(params["ef_search"]),
+        )
+        catalogue = store.load_catalogue(repository)
+        personal = Personalization.from_repository(repository, dense, catalogue.product_ids)
+        if personal is None:
+            raise FileNotFoundError(f"{repository} was built without behaviour data (--events)")
+        return cls(personal, PostProcessor(catalogue))
+
+    def recommend(
+        self,
+        user_id: str | bytes | np.ndarray,
+        k: int | np.ndarray = 10,
+        new_only: bool | np.ndarray | None = None,
+    ) -> SearchResult:
+        """The shopper's top-k; with ``new_only``, only products they never bought."""
+        user_text = decode_user_id(user_id)
+        count = check_top_k(k)
+        discover = check_flag(new_only, "NEW_ONLY")
+        user = self.personal.view(user_text)
+        if user is None:
+            return self.cold_start(count)
+        rows = self.personal.recommender.candidates(user, new_only=discover)
+        return self.postprocessor(rows, self.personal.affinity(user, rows), count)
+
+    def cold_start(self, k: int) -> SearchResult:
+        """The shop's most popular items, scored by their share of purchases."""
+        popularity = self.personal.recommender.items.popularity
+        catalogue = self.postprocessor.catalogue
+        rows = np.lexsort((catalogue.product_ids, -popularity))[:k]
+        share = popularity[rows] / max(float(popularity.sum()), 1.0)
+        titles = [catalogue.titles[r] for r in rows.tolist()]
+        return SearchResult(catalogue.product_ids[rows], share.astype(np.float32), titles)

@@ -1,0 +1,187 @@
+"""Shoppers' profiles: what each one did, folded event by event, under a keyed hash of their id.
+
+The same :meth:`Profile.apply` folds the release build's history and (later) live events, so a profile
+built at release time and one updated live mean the same. A profile keeps, per product: purchases, the
+number of baskets it was in, the first and last of those baskets, add-to-cart, click and view counts
+and the last time; per shopper: the number of purchase baskets, the open basket (added to the cart
+since the last purchase), and the sum of the embeddings of what they bought (the taste vector).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
+VIEW, CLICK, ADD_TO_CART, PURCHASE = range(len(EVENT_TYPES))
+SESSION_GAP_S = 30 * 60  # purchases without a basket id: a gap this long starts a new basket
+BASKET_DECAY = 0.75  # weight of a basket one basket older in the decayed purchase frequency
+
+USER_KEY_ENV = "SHOPSERVE_USER_KEY"  # the secret itself (hex or text), or
+USER_KEY_FILE_ENV = "SHOPSERVE_USER_KEY_FILE"  # a file that holds it
+MIN_SECRET_BYTES = 16
+
+
+class MissingUserKeyError(RuntimeError):
+    """A personalised store needs the secret its user ids are hashed with."""
+
+
+class UserKeys:
+    """User ids become HMAC-SHA256 hex digests under a secret; raw ids are never stored."""
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < MIN_SECRET_BYTES:
+            raise MissingUserKeyError(
+                f"the user-id secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}"
+            )
+        self._secret = secret
+
+    @classmethod
+    def from_environment(cls) -> UserKeys:
+        """The secret from $SHOPSERVE_USER_KEY, or from the file named by $SHOPSERVE_USER_KEY_FILE."""
+        if os.environ.get(USER_KEY_ENV):
+            return cls(os.environ[USER_KEY_ENV].strip().encode("utf-8"))
+        path = os.environ.get(USER_KEY_FILE_ENV)
+        if path:
+            if not Path(path).is_file():
+                raise MissingUserKeyError(f"${USER_KEY_FILE_ENV} names {path}, which is not a file")
+            return cls(Path(path).read_bytes().strip())
+        raise MissingUserKeyError(
+            f"personalisation needs the user-id secret: set ${USER_KEY_FILE_ENV} to a file holding "
+            f"it (create one with: shopserve keys create FILE) or ${USER_KEY_ENV}"
+        )
+
+    def key(self, user_id: str) -> str:
+        return hmac.new(self._secret, user_id.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def new_secret() -> bytes:
+    return os.urandom(32).hex().encode("ascii")
+
+
+@dataclass
+class ItemStats:
+    purchases: int = 0
+    baskets: int = 0  # how many of the shopper's baskets held it
+    first_basket: int = -1
+    last_basket: int = -1
+    carts: int = 0
+    clicks: int = 0
+    views: int = 0
+    last_ts: float = 0.0
+    decayed: float = 0.0  # sum of BASKET_DECAY ** (baskets ago) over its baskets, as of last_basket
+
+
+@dataclass
+class Profile:
+    baskets: int = 0
+    basket_key: str = ""  # the current basket's id (or the session it was inferred from)
+    last_purchase_ts: float = 0.0
+    last_ts: float = 0.0
+    items: dict[int, ItemStats] = field(default_factory=dict)
+    open_basket: list[int] = field(default_factory=list)  # in the cart, not yet bought
+    taste_sum: np.ndarray | None = None  # sum of the embeddings of every purchase
+    taste_weight: float = 0.0
+
+    def apply(
+        self,
+        product_id: int,
+        kind: int,
+        timestamp: float,
+        basket_key: str,
+        embedding: np.ndarray,
+    ) -> None:
+        """Fold one event into the profile (events of one shopper arrive in time order)."""
+        stats = self.items.setdefault(product_id, ItemStats())
+        stats.last_ts = max(stats.last_ts, timestamp)
+        self.last_ts = max(self.last_ts, timestamp)
+        if kind == VIEW:
+            stats.views += 1
+        elif kind == CLICK:
+            stats.clicks += 1
+        elif kind == ADD_TO_CART:
+            stats.carts += 1
+            if product_id not in self.open_basket:
+                self.open_basket.append(product_id)
+        else:
+            self._purchase(product_id, stats, timestamp, basket_key, embedding)
+
+    def starts_basket(self, timestamp: float, basket_key: str) -> bool:
+        """Whether a purchase with this basket id (or, without one, at this time) opens a basket."""
+        if self.baskets == 0:
+            return True
+        if basket_key:
+            return basket_key != self.basket_key
+        return timestamp - self.last_purchase_ts > SESSION_GAP_S
+
+    def _purchase(
+        self,
+        product_id: int,
+        stats: ItemStats,
+        timestamp: float,
+        basket_key: str,
+        embedding: np.ndarray,
+    ) -> None:
+        if self.starts_basket(timestamp, basket_key):
+            self.baskets += 1
+            self.basket_key = basket_key
+        self.last_purchase_ts = timestamp
+        current = self.baskets - 1
+        stats.purchases += 1
+        if stats.last_basket != current:
+            stats.baskets += 1
+            elapsed = current - stats.last_basket if stats.last_basket >= 0 else 0
+            stats.decayed = stats.decayed * BASKET_DECAY**elapsed + 1.0
+            stats.last_basket = current
+        if stats.first_basket < 0:
+            stats.first_basket = current
+        if product_id in self.open_basket:
+            self.open_basket.remove(product_id)
+        if self.taste_sum is None:
+            self.taste_sum = np.zeros_like(embedding, dtype=np.float32)
+        self.taste_sum += embedding
+        self.taste_weight += 1.0
+
+    def taste(self) -> np.ndarray | None:
+        """The L2-normalised taste vector, or None before the first purchase."""
+        if self.taste_sum is None or self.taste_weight == 0:
+            return None
+        norm = float(np.linalg.norm(self.taste_sum))
+        return (self.taste_sum / norm).astype(np.float32) if norm > 0 else None
+
+    def arrays(self) -> ItemArrays:
+        ids = np.fromiter(self.items, dtype=np.int64, count=len(self.items))
+        stats = list(self.items.values())
+
+        def column(name: str, dtype: type) -> np.ndarray:
+            return np.array([getattr(s, name) for s in stats], dtype=dtype)
+
+        return ItemArrays(
+            ids,
+            column("purchases", np.int32),
+            column("baskets", np.int32),
+            column("first_basket", np.int32),
+            column("last_basket", np.int32),
+            column("carts", np.int32),
+            column("clicks", np.int32) + column("views", np.int32),
+            column("decayed", np.float64),
+        )
+
+
+@dataclass(frozen=True)
+class ItemArrays:
+    """A profile's per-product history as arrays (what the features read)."""
+
+    product_ids: np.ndarray
+    purchases: np.ndarray
+    baskets: np.ndarray
+    first_basket: np.ndarray
+    last_basket: np.ndarray
+    carts: np.ndarray
+    browsed: np.ndarray  # clicks + views
+    decayed: np.ndarray  # decayed basket frequency, as of each item's last basket

@@ -1,0 +1,263 @@
+"""Recommendation step logic: candidates for a shopper, their user x item features, and the answer.
+
+Candidates: what the shopper bought or put in the cart before, the items bought together with their
+latest basket and open cart (co-occurrence), the nearest items to their taste vector (the search
+index), and the shop's most popular items. The features are bounded and mean the same in any shop
+(shares, percentiles, cosines); the ranker is monotone in every behavioural signal (REC_MONOTONE).
+Items already in the open cart are never recommended. A shopper with no profile gets the shop's most
+popular items (cold start).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .dense import DenseIndex
+from .profiles import BASKET_DECAY, Profile
+
+REC_FEATURE_NAMES = (
+    "repeat_share",  # share of the shopper's baskets that held the item
+    "recent_share",  # decayed share of recent baskets that held it (BASKET_DECAY per basket)
+    "purchases",  # log1p(purchases) / log1p(PURCHASES_SCALE), at most 1
+    "recency",  # 1 / (1 + baskets since the item was last bought); 0 if never bought
+    "cooccurrence",  # mean P(item | j) over j in the latest basket and the open cart
+    "also_bought",  # item-to-item cosine over shoppers' histories, weighted by recent_share
+    "taste_cosine",  # cosine of the shopper's taste vector and the item's embedding
+    "category_share",  # share of the shopper's purchases in the item's category
+    "popularity",  # percentile of the item's purchases in the shop
+    "engagement",  # log1p(add-to-cart + clicks + views) / log1p(ENGAGEMENT_SCALE), at most 1
+    "repeat_rate",  # for an item the shopper bought: how often the shop's buyers buy it again
+    "due",  # baskets since last bought over the item's usual gap, at most DUE_CAP (context)
+    "history",  # log1p(the shopper's baskets) / log1p(HISTORY_SCALE), at most 1 (context)
+    "repeat_habit",  # share of the shopper's purchases that were repeat purchases (context)
+)
+REC_MONOTONE = frozenset(REC_FEATURE_NAMES[:11])
+PURCHASES_SCALE = 50
+ENGAGEMENT_SCALE = 20
+HISTORY_SCALE = 100
+DUE_CAP = 4.0
+HISTORY_CANDIDATES = 300
+COOCCURRENCE_CANDIDATES = 100
+COLLABORATIVE_CANDIDATES = 100
+TASTE_CANDIDATES = 50
+POPULAR_CANDIDATES = 50
+ITEMS_FILE = "items.npz"
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Each item's nearest items with a weight (CSR rows, catalogue row order)."""
+
+    indptr: np.ndarray  # int64 [n + 1]
+    indices: np.ndarray  # int64
+    values: np.ndarray  # float32
+
+    def spread(self, rows: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:
+        """sum over j of weights[j] x (row j's weight for every item), float32 [size]."""
+        scores = np.zeros(size, dtype=np.float32)
+        for row, weight in zip(rows.tolist(), weights.tolist(), strict=True):
+            span = slice(self.indptr[row], self.indptr[row + 1])
+            scores[self.indices[span]] += weight * self.values[span]
+        return scores
+
+
+@dataclass(frozen=True)
+class ShopItems:
+    """Item-level statistics of the shop, built at release time (catalogue row order)."""
+
+    popularity: np.ndarray  # float32 [n]: purchases in the build's history
+    popularity_pct: np.ndarray  # float32 [n]: percentile of popularity, in [0, 1]
+    repeat_rate: np.ndarray  # float32 [n]: share of the item's purchases that were repeats
+    categories: np.ndarray  # int32 [n]: category index, -1 without one
+    basket_mates: Neighbours  # items bought in the same basket as j, with P(item | j)
+    also_bought: Neighbours  # items bought by the same shoppers as j, with their cosine
+
+    def save(self, path: Path) -> None:
+        arrays = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, Neighbours):
+                arrays.update(
+                    {f"{name}.{k}": getattr(value, k) for k in ("indptr", "indices", "values")}
+                )
+            else:
+                arrays[name] = value
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> ShopItems:
+        with np.load(path) as data:
+            fields = {}
+            for name in cls.__dataclass_fields__:
+                if f"{name}.indptr" in data:
+                    parts = ("indptr", "indices", "values")
+                    fields[name] = Neighbours(*(data[f"{name}.{k}"] for k in parts))
+                else:
+                    fields[name] = data[name]
+            return cls(**fields)
+
+    @property
+    def num_categories(self) -> int:
+        return int(self.categories.max(initial=-1)) + 1
+
+    def popular(self, n: int) -> np.ndarray:
+        """Rows of the ``n`` most purchased items (the first ``n`` of a stable sort)."""
+        return np.argsort(-self.popularity, kind="stable")[:n]
+
+    def cooccurrence(self, basket_rows: np.ndarray) -> np.ndarray:
+        """Mean P(item | j) over the rows j of a basket, for every item (float32 [n])."""
+        weights = np.full(len(basket_rows), 1.0 / max(len(basket_rows), 1))
+        return self.basket_mates.spread(basket_rows, weights, len(self.popularity))
+
+    def collaborative(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Weighted mean cosine to the shopper's items over shoppers' histories, every item."""
+        total = float(weights.sum())
+        if total <= 0:
+            return np.zeros(len(self.popularity), dtype=np.float32)
+        return self.also_bought.spread(rows, weights / total, len(self.popularity))
+
+
+@dataclass(frozen=True)
+class UserView:
+    """A profile seen through the catalogue rows: what the features and candidates need."""
+
+    rows: np.ndarray  # catalogue rows of every product in the history
+    purchases: np.ndarray
+    baskets_with: np.ndarray
+    first_basket: np.ndarray
+    last_basket: np.ndarray
+    engagement: np.ndarray  # carts + clicks + views
+    decayed: np.ndarray  # decayed basket frequency, as of the latest basket
+    baskets: int
+    recent: np.ndarray  # rows of the latest basket and the open cart
+    open_cart: np.ndarray  # rows in the cart, not yet bought
+    taste: np.ndarray | None
+
+    @classmethod
+    def of(cls, profile: Profile, row_of: dict[int, int]) -> UserView:
+        arrays = profile.arrays()
+        known = np.array([pid in row_of for pid in arrays.product_ids.tolist()], dtype=bool)
+        rows = np.array([row_of[p] for p in arrays.product_ids[known].tolist()], dtype=np.int64)
+        latest = rows[(arrays.last_basket[known] == profile.baskets - 1) & (profile.baskets > 0)]
+        open_cart = np.array(
+            [row_of[p] for p in profile.open_basket if p in row_of], dtype=np.int64
+        )
+        return cls(
+            rows,
+            arrays.purchases[known],
+            arrays.baskets[known],
+            arrays.first_basket[known],
+            arrays.last_basket[known],
+            (arrays.carts + arrays.browsed)[known],
+            (arrays.decayed * BASKET_DECAY ** (profile.baskets - 1 - arrays.last_basket))[known],
+            profile.baskets,
+            np.union1d(latest, open_cart),
+            open_cart,
+            profile.taste(),
+        )
+
+
+class Recommender:
+    """Candidates and features for one shopper; the ranker that scores them is applied by the caller."""
+
+    def __init__(self, items: ShopItems, dense: DenseIndex, product_ids: np.ndarray) -> None:
+        self.items = items
+        self.dense = dense
+        self.product_ids = product_ids
+        self.row_of = {pid: row for row, pid in enumerate(product_ids.tolist())}
+
+    def view(self, profile: Profile) -> UserView:
+        return UserView.of(profile, self.row_of)
+
+    def candidates(self, user: UserView, new_only: bool = False) -> np.ndarray:
+        """Catalogue rows worth scoring for this shopper (ascending), the open cart left out, and
+        with ``new_only`` everything they bought before too (discovery)."""
+        history = user.rows[np.lexsort((user.rows, -user.purchases, -user.engagement))]
+        parts = [
+            history[:HISTORY_CANDIDATES],
+            self.items.popular(POPULAR_CANDIDATES),
+            _top_positive(self._collaborative(user), COLLABORATIVE_CANDIDATES),
+        ]
+        if len(user.recent):
+            parts.append(
+                _top_positive(self.items.cooccurrence(user.recent), COOCCURRENCE_CANDIDATES)
+            )
+        if user.taste is not None:
+            rows, _ = self.dense.search(user.taste.reshape(1, -1), TASTE_CANDIDATES)
+            parts.append(rows[0][rows[0] >= 0])
+        candidates = np.unique(np.concatenate(parts).astype(np.int64))
+        leave_out = np.union1d(user.open_cart, user.rows[user.purchases > 0] if new_only else [])
+        return np.setdiff1d(candidates, leave_out, assume_unique=True)
+
+    def features(self, user: UserView, rows: np.ndarray) -> np.ndarray:
+        """``[len(rows), len(REC_FEATURE_NAMES)]`` float32, in the order of REC_FEATURE_NAMES."""
+        rows = np.asarray(rows, dtype=np.int64)
+        position = {row: i for i, row in enumerate(user.rows.tolist())}
+        index = np.array([position.get(row, -1) for row in rows.tolist()], dtype=np.int64)
+
+        def history(values: np.ndarray) -> np.ndarray:
+            """The shopper's value for each candidate row; 0 where it is not in the history."""
+            return np.append(values, 0)[index].astype(np.float64)
+
+        purchases = history(user.purchases)
+        bought = purchases > 0
+        baskets_with = history(user.baskets_with)
+        since = (user.baskets - 1) - history(user.last_basket)
+        usual_gap = np.where(
+            baskets_with > 1,
+            (history(user.last_basket) - history(user.first_basket))
+            / np.maximum(baskets_with - 1, 1),
+            max(user.baskets, 1),
+        )
+        out = np.zeros((len(rows), len(REC_FEATURE_NAMES)), dtype=np.float32)
+        column = {name: i for i, name in enumerate(REC_FEATURE_NAMES)}
+
+        def put(name: str, values: object) -> None:
+            out[:, column[name]] = values
+
+        put("repeat_share", baskets_with / max(user.baskets, 1))
+        put("recent_share", history(user.decayed) * (1.0 - BASKET_DECAY))
+        put("purchases", np.minimum(np.log1p(purchases) / np.log1p(PURCHASES_SCALE), 1.0))
+        put("recency", np.where(bought, 1.0 / (1.0 + since), 0.0))
+        if len(user.recent):
+            put("cooccurrence", self.items.cooccurrence(user.recent)[rows])
+        put("also_bought", self._collaborative(user)[rows])
+        if user.taste is not None:
+            put("taste_cosine", self.dense.vectors(rows) @ user.taste)
+        put("category_share", self._category_share(user, rows))
+        put("popularity", self.items.popularity_pct[rows])
+        engagement = history(user.engagement)
+        put("engagement", np.minimum(np.log1p(engagement) / np.log1p(ENGAGEMENT_SCALE), 1.0))
+        put("repeat_rate", np.where(bought, self.items.repeat_rate[rows], 0.0))
+        put("due", np.where(bought, np.minimum(since / np.maximum(usual_gap, 1), DUE_CAP), 0.0))
+        put("history", min(np.log1p(user.baskets) / np.log1p(HISTORY_SCALE), 1.0))
+        total = float(user.purchases.sum())
+        put("repeat_habit", (total - float((user.purchases > 0).sum())) / total if total else 0.0)
+        return out
+
+    def _collaborative(self, user: UserView) -> np.ndarray:
+        return self.items.collaborative(user.rows, user.decayed * (1.0 - BASKET_DECAY))
+
+    def _category_share(self, user: UserView, rows: np.ndarray) -> np.ndarray:
+        categories = self.items.categories
+        if self.items.num_categories == 0 or not len(user.rows):
+            return np.zeros(len(rows), dtype=np.float32)
+        mine = categories[user.rows]
+        known = mine >= 0
+        counts = np.bincount(
+            mine[known], weights=user.purchases[known], minlength=self.items.num_categories
+        )
+        total = counts.sum()
+        if total == 0:
+            return np.zeros(len(rows), dtype=np.float32)
+        theirs = categories[rows]
+        return np.where(theirs >= 0, counts[np.maximum(theirs, 0)] / total, 0.0).astype(np.float32)
+
+
+def _top_positive(scores: np.ndarray, n: int) -> np.ndarray:
+    """Rows of the ``n`` highest positive scores (ties by row)."""
+    positive = np.flatnonzero(scores > 0)
+    return positive[np.lexsort((positive, -scores[positive]))][:n]

@@ -1,0 +1,178 @@
+"""Evaluation of recommendations and personalised search on held-out baskets, with the baselines
+computed in the same run and 95 % confidence intervals (normal approximation over cases).
+
+* recommendations, over every shopper with history before their last basket: Recall@20 and nDCG@20 of
+  global popularity, of the shopper's own purchase frequency (ties: most recent first) and of the
+  served ranker; the repeat / explore split: Recall@20 of the items the shopper bought before, and of
+  the items new to them (shoppers whose last basket has one, previously bought items removed: the
+  served list is the endpoint's NEW_ONLY answer);
+* personalised search: for each (shopper, category of a held-out item), the category name is the
+  query and the shopper's held-out items of that category are relevant; nDCG@10 and MRR@10 of the
+  anonymous search, of the shopper's purchase frequency among the query's candidates, and of the
+  personalised search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from shopserve.ensemble.recommend import Recommender
+from shopserve.ensemble.retrieve import Retriever
+from tqdm.auto import tqdm
+
+from .history import BasketQuery, Case, ranked, recall
+from .metrics import ndcg_at_k
+
+RECOMMEND_K = 20
+SEARCH_K = 10
+Scorer = Callable[[np.ndarray], np.ndarray]
+
+
+def interval(values: Sequence[float]) -> dict:
+    """Mean and 95 % confidence interval (normal approximation)."""
+    data = np.asarray(values, dtype=np.float64)
+    if not len(data):
+        return {"mean": None, "ci95": None, "n": 0}
+    half = 1.96 * data.std(ddof=1) / np.sqrt(len(data)) if len(data) > 1 else 0.0
+    return {
+        "mean": round(float(data.mean()), 4),
+        "ci95": [round(float(data.mean() - half), 4), round(float(data.mean() + half), 4)],
+        "n": len(data),
+    }
+
+
+def _ndcg(top: Sequence[int], relevant: set[int] | frozenset[int], k: int) -> float:
+    return ndcg_at_k(top, dict.fromkeys(relevant, 1.0), k)
+
+
+def _mrr(top: Sequence[int], relevant: frozenset[int], k: int) -> float:
+    return next((1.0 / rank for rank, pid in enumerate(top[:k], 1) if pid in relevant), 0.0)
+
+
+def frequency_order(case: Case, recommender: Recommender) -> list[int]:
+    """The shopper's own products by purchases, ties most recent first (then by product id)."""
+    view = case.view
+    bought = view.purchases > 0
+    ids = recommender.product_ids[view.rows[bought]]
+    order = np.lexsort((ids, -view.last_basket[bought], -view.purchases[bought]))
+    return ids[order].tolist()
+
+
+def evaluate_recommendations(
+    cases: Sequence[Case], recommender: Recommender, served: Scorer
+) -> dict:
+    popular = recommender.product_ids[recommender.items.popular(len(recommender.product_ids))]
+    metrics: dict[str, dict[str, list[float]]] = {
+        name: {"recall20": [], "ndcg20": [], "repeat_recall20": [], "explore_recall20": []}
+        for name in ("popularity", "purchase_frequency", "recommend")
+    }
+    for case in tqdm(cases, desc="evaluate recommendations", unit="user"):
+        bought_before = set(
+            recommender.product_ids[case.view.rows[case.view.purchases > 0]].tolist()
+        )
+        repeat, new = case.label & bought_before, case.label - bought_before
+        unseen = popular[~np.isin(popular, list(bought_before))][:RECOMMEND_K].tolist()
+        lists = {
+            "popularity": (popular[:RECOMMEND_K].tolist(), unseen),
+            "purchase_frequency": (frequency_order(case, recommender)[:RECOMMEND_K], []),
+            "recommend": (
+                ranked(case, recommender, served, RECOMMEND_K),
+                ranked(case, recommender, served, RECOMMEND_K, new_only=True) if new else [],
+            ),
+        }
+        for name, (top, discovery) in lists.items():
+            metrics[name]["recall20"].append(recall(top, case.label))
+            metrics[name]["ndcg20"].append(_ndcg(top, case.label, RECOMMEND_K))
+            if repeat:
+                metrics[name]["repeat_recall20"].append(recall(top, repeat))
+            if new:
+                metrics[name]["explore_recall20"].append(recall(discovery, new))
+    return {
+        "users": len(cases),
+        "k": RECOMMEND_K,
+        "systems": {
+            name: {metric: interval(values) for metric, values in by_metric.items()}
+            for name, by_metric in metrics.items()
+        },
+    }
+
+
+@dataclass(frozen=True)
+class ScoredQuery:
+    """A basket query's served candidates with everything the systems rank them by."""
+
+    query: BasketQuery
+    product_ids: np.ndarray
+    search_logits: np.ndarray
+    affinity: np.ndarray
+    purchases: np.ndarray  # the shopper's purchases of each candidate
+
+
+def score_queries(
+    queries: Sequence[BasketQuery],
+    embed: Callable[[str], np.ndarray],
+    retriever: Retriever,
+    search_ranker: Scorer,
+    recommender: Recommender,
+    rec_ranker: Scorer,
+    desc: str,
+) -> list[ScoredQuery]:
+    out = []
+    for item in tqdm(queries, desc=desc, unit="q"):
+        candidates = retriever(item.query, embed(item.query))
+        view = item.case.view
+        history = dict(zip(view.rows.tolist(), view.purchases.tolist(), strict=True))
+        out.append(
+            ScoredQuery(
+                item,
+                recommender.product_ids[candidates.rows],
+                search_ranker(candidates.features),
+                rec_ranker(recommender.features(view, candidates.rows)),
+                np.array([history.get(r, 0) for r in candidates.rows.tolist()], dtype=np.float64),
+            )
+        )
+    return out
+
+
+def _top(ids: np.ndarray, scores: np.ndarray) -> list[int]:
+    return ids[np.lexsort((ids, -scores))][:SEARCH_K].tolist()
+
+
+def personal_top(scored: ScoredQuery, weight: float) -> list[int]:
+    return _top(scored.product_ids, scored.search_logits + weight * scored.affinity)
+
+
+def fit_search_weight(scored: Sequence[ScoredQuery], grid: Sequence[float]) -> tuple[float, dict]:
+    """The weight of the shopper's affinity that maximises mean nDCG@10 (smallest on ties)."""
+    table = {
+        w: float(np.mean([_ndcg(personal_top(s, w), s.query.relevant, SEARCH_K) for s in scored]))
+        for w in grid
+    }
+    best = max(grid, key=lambda w: (round(table[w], 6), -w))
+    return best, {str(w): round(v, 4) for w, v in table.items()}
+
+
+def evaluate_personal_search(scored: Sequence[ScoredQuery], weight: float) -> dict:
+    systems: dict[str, Callable[[ScoredQuery], list[int]]] = {
+        "anonymous_search": lambda s: _top(s.product_ids, s.search_logits),
+        # frequency first, the anonymous order among equals
+        "frequency_among_candidates": lambda s: [
+            int(s.product_ids[i])
+            for i in np.lexsort((s.product_ids, -s.search_logits, -s.purchases))[:SEARCH_K]
+        ],
+        "personalised_search": lambda s: personal_top(s, weight),
+    }
+    results = {}
+    for name, rank in systems.items():
+        tops = [rank(s) for s in scored]
+        results[name] = {
+            "ndcg10": interval(
+                [_ndcg(t, s.query.relevant, SEARCH_K) for t, s in zip(tops, scored, strict=True)]
+            ),
+            "mrr10": interval(
+                [_mrr(t, s.query.relevant, SEARCH_K) for t, s in zip(tops, scored, strict=True)]
+            ),
+        }
+    return {"queries": len(scored), "weight": weight, "systems": results}

@@ -1,0 +1,27 @@
+"""Triton adapter for recommendations (see shopserve.ensemble.personal.RecommendPipeline)."""
+
+from shopserve.ensemble.personal import RecommendPipeline
+from shopserve.ensemble.triton_adapter import (
+    answer_each,
+    freeze_loaded_state,
+    input_array,
+    model_context,
+    optional_input,
+)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        version_dir, _ = model_context(args)
+        self.pipeline = RecommendPipeline.from_repository(version_dir.parents[1])
+        freeze_loaded_state()
+
+    def execute(self, requests: list) -> list:
+        return answer_each(
+            requests,
+            lambda request: self.pipeline.recommend(
+                input_array(request, "USER_ID"),
+                input_array(request, "TOP_K"),
+                optional_input(request, "NEW_ONLY"),
+            ),
+        )

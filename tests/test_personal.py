@@ -1,0 +1,197 @@
+"""Personalisation end to end: a store built from the generic Instacart files alone (no judgments),
+served by the real tritonserver: recommend for known and unknown shoppers, personalised against
+anonymous search, bad inputs, the CLI, and the server agreeing with the in-process pipelines."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import raw_infer, tensor
+from shopserve.client import InvalidRequestError, SearchClient
+from shopserve.client._cli import main as cli
+from shopserve.ensemble import SearchPipeline, store
+from shopserve.ensemble.personal import RecommendPipeline
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+SHOPPERS = [str(u) for u in (1, 2, 7, 13, 21, 42, 77, 101, 202, 303)]
+QUERIES = ["yogurt", "organic milk", "sparkling water", "bananas", "frozen pizza"]
+
+
+@pytest.fixture(scope="module")
+def manifest(personal_repository) -> dict:
+    return json.loads((personal_repository / store.MANIFEST_FILE).read_text())
+
+
+@pytest.fixture(scope="module")
+def client(personal_server) -> SearchClient:
+    with SearchClient(personal_server.grpc_url, timeout=30) as shopper_client:
+        yield shopper_client
+
+
+@pytest.fixture(scope="module")
+def recommender(personal_repository) -> RecommendPipeline:
+    return RecommendPipeline.from_repository(personal_repository)
+
+
+@pytest.fixture(scope="module")
+def searcher(personal_repository) -> SearchPipeline:
+    return SearchPipeline.from_repository(personal_repository)
+
+
+def ids(hits) -> list[int]:
+    return [hit.product_id for hit in hits]
+
+
+def test_the_store_was_built_from_generic_files_without_judgments(manifest) -> None:
+    assert manifest["models"].keys() >= {store.RECOMMEND, store.REC_RANKER, store.SEARCH}
+    assert manifest["data"]["queries"] == 0
+    assert set(manifest["data"]["files"]) == {"items.csv", "events.csv"}
+    personal = manifest["personalization"]
+    assert personal["users"] == personal["profiles"] == 593
+    assert personal["holdout"] == "each shopper's last basket"
+    assert personal["split"]["seed"] == 13 and personal["split"]["train_users"] > 400
+    recommend = personal["evaluation"]["recommend"]
+    assert recommend["users"] >= 590
+    for system in ("popularity", "purchase_frequency", "recommend"):
+        low, high = recommend["systems"][system]["recall20"]["ci95"]
+        assert 0 <= low <= recommend["systems"][system]["recall20"]["mean"] <= high <= 1
+    search = personal["evaluation"]["personalised_search"]
+    assert search["queries"] > 1000
+    assert set(search["systems"]) == {
+        "anonymous_search",
+        "frequency_among_candidates",
+        "personalised_search",
+    }
+
+
+def test_the_fitted_search_weight_is_in_the_config(personal_repository, manifest) -> None:
+    weight = manifest["personalization"]["search_weight"]["value"]
+    parameters = store.config_parameters(personal_repository, store.SEARCH)
+    assert float(parameters["personal_weight"]) == weight
+
+
+def test_recommend_for_known_shoppers_matches_the_in_process_pipeline(client, recommender) -> None:
+    for shopper in SHOPPERS:
+        hits = client.recommend(shopper, top_k=20)
+        reference = recommender.recommend(shopper, 20)
+        assert ids(hits) == reference.product_ids.tolist(), shopper
+        np.testing.assert_allclose([h.score for h in hits], reference.scores, atol=1e-5)
+        assert [h.title for h in hits] == reference.titles
+
+
+def test_a_known_shoppers_recommendations_lean_on_their_history(client, recommender) -> None:
+    shopper = SHOPPERS[0]
+    view = recommender.personal.view(shopper)
+    bought = set(recommender.personal.recommender.product_ids[view.rows].tolist())
+    assert len(bought & set(ids(client.recommend(shopper, top_k=10)))) >= 5
+
+
+def test_new_only_recommends_nothing_the_shopper_bought(client, recommender) -> None:
+    for shopper in SHOPPERS[:4]:
+        hits = client.recommend(shopper, top_k=20, new_only=True)
+        view = recommender.personal.view(shopper)
+        bought = recommender.personal.recommender.product_ids[view.rows[view.purchases > 0]]
+        assert len(hits) == 20 and not set(ids(hits)) & set(bought.tolist())
+        assert ids(hits) == recommender.recommend(shopper, 20, new_only=True).product_ids.tolist()
+
+
+def test_an_unknown_shopper_gets_the_best_sellers(client, recommender) -> None:
+    hits = client.recommend("never-seen-shopper", top_k=10)
+    cold = recommender.cold_start(10)
+    assert ids(hits) == cold.product_ids.tolist()
+    assert all(a.score >= b.score for a, b in itertools.pairwise(hits))
+    assert ids(client.recommend("someone-else-unknown", top_k=10)) == ids(hits)
+
+
+def test_search_without_a_shopper_is_exactly_the_anonymous_search(client) -> None:
+    for query in QUERIES:
+        anonymous = client.search(query, top_k=10)
+        unknown = client.search(query, top_k=10, user_id="never-seen-shopper")
+        assert ids(unknown) == ids(anonymous)
+        assert [h.score for h in unknown] == [h.score for h in anonymous]
+
+
+def test_personalised_search_matches_the_in_process_pipeline(client, searcher) -> None:
+    changed = 0
+    for shopper in SHOPPERS[:5]:
+        for query in QUERIES:
+            hits = client.search(query, top_k=10, user_id=shopper)
+            reference = searcher.search(query, 10, user_id=shopper)
+            assert ids(hits) == reference.product_ids.tolist(), (shopper, query)
+            np.testing.assert_allclose([h.score for h in hits], reference.scores, atol=1e-5)
+            changed += ids(hits) != ids(client.search(query, top_k=10))
+    assert changed > 0  # the shopper's history moves some answers
+
+
+@pytest.mark.parametrize(
+    ("user_id", "problem"),
+    [
+        (b"", "USER_ID is empty"),
+        (b"   ", "USER_ID is empty"),
+        (b"x" * 257, "USER_ID is 257 bytes long; the limit is 256"),
+        (b"\xff\xfe", "USER_ID is not valid UTF-8"),
+    ],
+)
+def test_bad_user_ids_are_invalid_argument(client, user_id, problem) -> None:
+    with pytest.raises(InvalidRequestError, match=problem):
+        client.recommend(user_id, top_k=5)
+    with pytest.raises(InvalidRequestError, match=problem):
+        client.search("milk", top_k=5, user_id=user_id)
+    assert len(client.recommend(SHOPPERS[0], top_k=3)) == 3
+
+
+@pytest.mark.parametrize(
+    ("inputs", "problem"),
+    [
+        (
+            [
+                ("USER_ID", np.array([7], np.int32), "INT32"),
+                ("TOP_K", np.array([5], np.int32), "INT32"),
+            ],
+            "expects 'BYTES'",
+        ),
+        (
+            [
+                ("USER_ID", np.array([b"1", b"2"], dtype=object), "BYTES"),
+                ("TOP_K", np.array([5], np.int32), "INT32"),
+            ],
+            "unexpected shape",
+        ),
+        ([("TOP_K", np.array([5], np.int32), "INT32")], "missing required input"),
+    ],
+)
+def test_malformed_recommend_requests_are_invalid_argument(
+    personal_server, client, inputs, problem
+) -> None:
+    error = raw_infer(personal_server.grpc_url, store.RECOMMEND, [tensor(*s) for s in inputs])
+    assert error.status() == "StatusCode.INVALID_ARGUMENT" and problem in error.message()
+    assert len(client.recommend(SHOPPERS[0], top_k=3)) == 3
+
+
+def test_recommend_and_personalised_search_cli(personal_server, capsys) -> None:
+    assert cli([SHOPPERS[0], "-k", "3", "--url", personal_server.grpc_url], recommend=True) == 0
+    assert cli(["milk", "-k", "3", "--user", SHOPPERS[0], "--url", personal_server.grpc_url]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") >= 8 and "product_id" in out
+
+
+def test_the_server_refuses_a_personalised_store_without_the_secret(personal_repository, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOPSERVE_USER")}
+    command = Path(sys.executable).parent / "shopserve"
+    run = subprocess.run(
+        [str(command), "serve", "--model-repository", str(personal_repository)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert "is a personalised store" in run.stderr and "shopserve keys create" in run.stderr

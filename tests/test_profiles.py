@@ -1,0 +1,122 @@
+"""Behaviour data: the events format, profiles folded from events, the profile store, keyed user ids
+and the recommendation features. Fast: small hand-made logs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from shopserve.ensemble.profile_store import open_store
+from shopserve.ensemble.profiles import (
+    ADD_TO_CART,
+    CLICK,
+    PURCHASE,
+    MissingUserKeyError,
+    Profile,
+    UserKeys,
+)
+from shopserve.export.data import CatalogueData, DataError, load_events, parse_timestamp
+from shopserve.export.history import timelines
+
+CATALOGUE = CatalogueData(np.array([1, 2, 3, 4], dtype=np.int64), ["a", "b", "c", "d"])
+E = np.ones(4, dtype=np.float32)
+
+
+def write(path, rows: list[str]) -> None:
+    path.write_text("user_id,product_id,timestamp,event,basket_id\n" + "\n".join(rows) + "\n")
+
+
+def test_timestamps_are_iso_8601_or_epoch_seconds() -> None:
+    assert parse_timestamp("1970-01-01T00:01:00Z") == 60.0
+    assert parse_timestamp("1970-01-01T01:00:00+01:00") == 0.0
+    assert parse_timestamp("1970-01-01 00:00:30") == 30.0  # no zone: UTC
+    assert parse_timestamp("1500000000") == 1_500_000_000.0
+
+
+def test_events_are_sorted_by_user_and_time(tmp_path) -> None:
+    path = tmp_path / "events.csv"
+    write(path, ["u2,3,50,view,", "u1,2,20,purchase,b1", "u1,1,10,purchase,b1"])
+    events = load_events(path, CATALOGUE)
+    assert events.user_ids == ["u1", "u1", "u2"]
+    assert events.product_ids.tolist() == [1, 2, 3]
+    assert events.basket_ids == ["b1", "b1", ""]
+    assert {u: list(r) for u, r in events.by_user().items()} == {"u1": [0, 1], "u2": [2]}
+
+
+def test_bad_events_name_their_first_rows_and_count(tmp_path) -> None:
+    path = tmp_path / "events.csv"
+    rows = ["u1,1,10,purchase,"] + [f"u1,{900 + i},10,purchase," for i in range(7)]
+    rows += ["u2,1,yesterday,view,", "u3,1,10,like,", ",1,10,view,"]
+    write(path, rows)
+    with pytest.raises(DataError) as error:
+        load_events(path, CATALOGUE)
+    message = str(error.value)
+    assert "7 rows with unknown product ids (first: row 3: '900', row 4: '901'" in message
+    assert "row 8: '905'" not in message  # only the first five are named
+    assert "1 rows with unparseable timestamps (first: row 10: 'yesterday')" in message
+    assert "1 rows with unknown event types" in message and "row 11: 'like'" in message
+    assert "1 rows with an empty user_id (first: row 12" in message
+
+
+def test_a_profile_folds_baskets_carts_and_taste() -> None:
+    profile = Profile()
+    profile.apply(1, PURCHASE, 0.0, "b1", E)
+    profile.apply(2, PURCHASE, 1.0, "b1", 2 * E)
+    profile.apply(1, PURCHASE, 100.0, "b2", E)
+    profile.apply(3, ADD_TO_CART, 101.0, "", E)
+    profile.apply(4, CLICK, 102.0, "", E)
+    assert profile.baskets == 2
+    assert profile.items[1].purchases == 2 and profile.items[1].baskets == 2
+    assert (profile.items[1].first_basket, profile.items[1].last_basket) == (0, 1)
+    assert profile.items[2].last_basket == 0 and profile.items[4].clicks == 1
+    assert profile.open_basket == [3]
+    profile.apply(3, PURCHASE, 200.0, "b3", E)  # bought: leaves the cart
+    assert profile.open_basket == [] and profile.baskets == 3
+    np.testing.assert_allclose(profile.taste(), np.full(4, 0.5), rtol=1e-6)
+
+
+def test_baskets_without_ids_are_sessions() -> None:
+    profile = Profile()
+    for when in (0, 60, 600, 5000, 5060):  # a gap over 30 minutes opens a basket
+        profile.apply(1, PURCHASE, float(when), "", E)
+    assert profile.baskets == 2 and profile.items[1].baskets == 2
+
+
+def test_timelines_number_baskets_like_profiles(tmp_path) -> None:
+    path = tmp_path / "events.csv"
+    write(path, ["u1,1,0,purchase,a", "u1,2,5,view,", "u1,2,10,purchase,b", "u1,3,11,purchase,b"])
+    events = load_events(path, CATALOGUE)
+    line = timelines(events)["u1"]
+    assert line.baskets == 2 and line.basket_of.tolist() == [0, -1, 1, 1]
+    assert line.items(events, 1) == {2, 3}
+    assert line.before(events, 1).tolist() == [0, 1]  # the view came before basket 1 began
+
+
+def test_profile_store_round_trip_keyed_by_hash(tmp_path) -> None:
+    keys = UserKeys(b"0123456789abcdef0123456789abcdef")
+    profile = Profile()
+    profile.apply(1, PURCHASE, 5.0, "b1", E)
+    profile.apply(2, ADD_TO_CART, 6.0, "", E)
+    store = open_store(f"sqlite://{tmp_path / 'profiles.sqlite'}")
+    assert store.put([(keys.key("alice"), profile)]) == 1
+    store.close()
+    readonly = open_store(tmp_path / "profiles.sqlite", readonly=True)
+    back = readonly.get(keys.key("alice"))
+    assert back.items == profile.items and back.open_basket == [2] and back.baskets == 1
+    np.testing.assert_array_equal(back.taste_sum, profile.taste_sum)
+    assert readonly.get(keys.key("bob")) is None and readonly.get("alice") is None
+    raw = (tmp_path / "profiles.sqlite").read_bytes()
+    assert b"alice" not in raw and keys.key("alice").encode() in raw
+
+
+def test_user_keys_need_a_real_secret(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("SHOPSERVE_USER_KEY", raising=False)
+    monkeypatch.delenv("SHOPSERVE_USER_KEY_FILE", raising=False)
+    with pytest.raises(MissingUserKeyError, match="shopserve keys create"):
+        UserKeys.from_environment()
+    with pytest.raises(MissingUserKeyError, match="at least 16 bytes"):
+        UserKeys(b"short")
+    secret = tmp_path / "user.key"
+    secret.write_text("s" * 32 + "\n")
+    monkeypatch.setenv("SHOPSERVE_USER_KEY_FILE", str(secret))
+    key = UserKeys.from_environment().key("alice")
+    assert len(key) == 64 and key != UserKeys(b"t" * 32).key("alice")
