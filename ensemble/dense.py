@@ -55,9 +55,15 @@ class DenseIndex:
     def size(self) -> int:
         return self.index.ntotal
 
-    def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``n`` rows and inner products for each query row (``-1`` rows pad a short list)."""
-        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
+    def search(
+        self, queries: np.ndarray, n: int, ef_search: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``n`` rows and inner products for each query row (``-1`` rows pad a short list);
+        ``ef_search`` overrides the index's for this call."""
+        params = None if ef_search is None else faiss.SearchParametersHNSW(efSearch=ef_search)
+        scores, rows = self.index.search(
+            np.ascontiguousarray(queries, dtype=np.float32), n, params=params
+        )
         return rows, scores
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:

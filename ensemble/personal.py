@@ -15,7 +15,7 @@ from .postprocess import PostProcessor, SearchResult
 from .profile_store import ProfileStore, open_store
 from .profiles import Profile, UserKeys
 from .recommend import ITEMS_FILE, Recommender, ShopItems, UserView
-from .validation import check_flag, check_top_k, decode_user_id
+from .validation import MAX_TOP_K, check_flag, check_top_k, decode_user_id
 
 PROFILES_FILE = "profiles.sqlite"
 PERSONAL_WEIGHT = "personal_weight"  # the search config parameter the build fits
@@ -64,6 +64,9 @@ class RecommendPipeline:
     def __init__(self, personalization: Personalization, postprocessor: PostProcessor) -> None:
         self.personal = personalization
         self.postprocessor = postprocessor
+        popularity = personalization.recommender.items.popularity
+        ids = postprocessor.catalogue.product_ids
+        self._best_sellers = np.lexsort((ids, -popularity))[:MAX_TOP_K]
 
     @classmethod
     def from_repository(cls, repository: Path | str) -> RecommendPipeline:
@@ -99,7 +102,7 @@ class RecommendPipeline:
         """The shop's most popular items, scored by their share of purchases."""
         popularity = self.personal.recommender.items.popularity
         catalogue = self.postprocessor.catalogue
-        rows = np.lexsort((catalogue.product_ids, -popularity))[:k]
+        rows = self._best_sellers[:k]
         share = popularity[rows] / max(float(popularity.sum()), 1.0)
         titles = [catalogue.titles[r] for r in rows.tolist()]
         return SearchResult(catalogue.product_ids[rows], share.astype(np.float32), titles)

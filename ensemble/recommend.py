@@ -11,9 +11,11 @@ popular items (cold start).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
 
 from .dense import DenseIndex
 from .profiles import BASKET_DECAY, Profile
@@ -43,6 +45,7 @@ HISTORY_CANDIDATES = 300
 COOCCURRENCE_CANDIDATES = 100
 COLLABORATIVE_CANDIDATES = 100
 TASTE_CANDIDATES = 50
+TASTE_EF_SEARCH = 64  # a taste vector's neighbours are candidates, not answers: a cheap search
 POPULAR_CANDIDATES = 50
 ITEMS_FILE = "items.npz"
 
@@ -55,13 +58,17 @@ class Neighbours:
     indices: np.ndarray  # int64
     values: np.ndarray  # float32
 
-    def spread(self, rows: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:
-        """sum over j of weights[j] x (row j's weight for every item), float32 [size]."""
-        scores = np.zeros(size, dtype=np.float32)
-        for row, weight in zip(rows.tolist(), weights.tolist(), strict=True):
-            span = slice(self.indptr[row], self.indptr[row + 1])
-            scores[self.indices[span]] += weight * self.values[span]
-        return scores
+    @cached_property
+    def matrix(self) -> sparse.csr_matrix:
+        size = len(self.indptr) - 1
+        return sparse.csr_matrix((self.values, self.indices, self.indptr), shape=(size, size))
+
+    def spread(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """sum over j of weights[j] x (row j's weight for every item), float32 [items]."""
+        if not len(rows):
+            return np.zeros(self.matrix.shape[1], dtype=np.float32)
+        picked = self.matrix[np.asarray(rows, dtype=np.int64)]
+        return np.asarray(picked.T @ np.asarray(weights, dtype=np.float32)).ravel()
 
 
 @dataclass(frozen=True)
@@ -103,21 +110,25 @@ class ShopItems:
     def num_categories(self) -> int:
         return int(self.categories.max(initial=-1)) + 1
 
+    @cached_property
+    def by_popularity(self) -> np.ndarray:
+        """Every row, most purchased first (a stable sort)."""
+        return np.argsort(-self.popularity, kind="stable")
+
     def popular(self, n: int) -> np.ndarray:
-        """Rows of the ``n`` most purchased items (the first ``n`` of a stable sort)."""
-        return np.argsort(-self.popularity, kind="stable")[:n]
+        return self.by_popularity[:n]
 
     def cooccurrence(self, basket_rows: np.ndarray) -> np.ndarray:
         """Mean P(item | j) over the rows j of a basket, for every item (float32 [n])."""
         weights = np.full(len(basket_rows), 1.0 / max(len(basket_rows), 1))
-        return self.basket_mates.spread(basket_rows, weights, len(self.popularity))
+        return self.basket_mates.spread(basket_rows, weights)
 
     def collaborative(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Weighted mean cosine to the shopper's items over shoppers' histories, every item."""
         total = float(weights.sum())
         if total <= 0:
             return np.zeros(len(self.popularity), dtype=np.float32)
-        return self.also_bought.spread(rows, weights / total, len(self.popularity))
+        return self.also_bought.spread(rows, weights / total)
 
 
 @dataclass(frozen=True)
@@ -186,7 +197,9 @@ class Recommender:
                 _top_positive(self.items.cooccurrence(user.recent), COOCCURRENCE_CANDIDATES)
             )
         if user.taste is not None:
-            rows, _ = self.dense.search(user.taste.reshape(1, -1), TASTE_CANDIDATES)
+            rows, _ = self.dense.search(
+                user.taste.reshape(1, -1), TASTE_CANDIDATES, TASTE_EF_SEARCH
+            )
             parts.append(rows[0][rows[0] >= 0])
         candidates = np.unique(np.concatenate(parts).astype(np.int64))
         leave_out = np.union1d(user.open_cart, user.rows[user.purchases > 0] if new_only else [])
