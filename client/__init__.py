@@ -1,9 +1,9 @@
-"""Client for the shopserve product search served by Triton (the ``search`` ensemble).
+"""Client for shopserve served by Triton: search, recommendations, live events and forget.
 
 Only numpy and tritonclient are needed; the public API is re-exported here from private modules.
 """
 
-from ._client import AsyncSearchClient, Hit, SearchClient
+from ._client import EVENT_TYPES, AsyncSearchClient, Event, Hit, SearchClient
 from ._errors import (
     InvalidRequestError,
     RequestTimeoutError,
@@ -13,7 +13,9 @@ from ._errors import (
 )
 
 __all__ = [
+    "EVENT_TYPES",
     "AsyncSearchClient",
+    "Event",
     "Hit",
     "InvalidRequestError",
     "RequestTimeoutError",

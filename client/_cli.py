@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
 
-from ._client import DEFAULT_URL, Hit, SearchClient
+from ._client import DEFAULT_URL, Event, Hit, SearchClient
 from ._errors import InvalidRequestError, SearchError
 
 TITLE_WIDTH = 70
@@ -87,4 +91,88 @@ def main(argv: list[str] | None = None, recommend: bool = False) -> int:
     output = format_json_lines(hits) if args.json else format_table(hits)
     if output:
         print(output)
+    return 0
+
+
+def _connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", default=DEFAULT_URL, help=f"Triton gRPC address (default: {DEFAULT_URL})"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="request timeout in seconds (default: 30)"
+    )
+
+
+def _epoch_seconds(text: str) -> float:
+    """Epoch seconds, or ISO 8601 (UTC unless it says otherwise), as the events format allows."""
+    try:
+        return float(text)
+    except ValueError:
+        parsed = datetime.fromisoformat(text.strip())
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return parsed.timestamp()
+
+
+def read_events(path: Path) -> Iterator[Event]:
+    """The events of a generic events CSV (user_id, product_id, timestamp, event, basket_id).
+    Each event's id is the file's digest and its line, so importing a file again counts nothing
+    twice."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    with path.open(newline="", encoding="utf-8") as handle:
+        for line, row in enumerate(csv.DictReader(handle), start=2):
+            yield Event(
+                row["user_id"],
+                int(row["product_id"]),
+                row["event"],
+                _epoch_seconds(row["timestamp"]),
+                f"{digest}:{line}",
+                row.get("basket_id") or "",
+            )
+
+
+def events_main(argv: list[str] | None = None) -> int:
+    """``shopserve events import FILE``: back-fill a log through the events endpoint."""
+    parser = argparse.ArgumentParser(
+        prog="shopserve events", description="Back-fill events through the events endpoint."
+    )
+    parser.add_argument("action", choices=["import"])
+    parser.add_argument("file", type=Path, help="an events CSV in the generic format")
+    parser.add_argument("--batch-size", type=int, default=256, help="events per request")
+    _connection(parser)
+    args = parser.parse_args(argv)
+    sent = new = 0
+    try:
+        with SearchClient(args.url, timeout=args.timeout) as client:
+            batch: list[Event] = []
+            for event in read_events(args.file):
+                batch.append(event)
+                if len(batch) == args.batch_size:
+                    new += client.record_many(batch)
+                    sent, batch = sent + len(batch), []
+            if batch:
+                new += client.record_many(batch)
+                sent += len(batch)
+    except (SearchError, OSError, KeyError, ValueError) as exc:
+        print(f"error after {sent} events: {exc}", file=sys.stderr)
+        return 1
+    print(f"sent {sent} events from {args.file}: {new} new, {sent - new} recorded before")
+    return 0
+
+
+def forget_main(argv: list[str] | None = None) -> int:
+    """``shopserve forget USER_ID``: erase everything stored about a shopper."""
+    parser = argparse.ArgumentParser(
+        prog="shopserve forget", description="Erase everything stored about a shopper."
+    )
+    parser.add_argument("user_id")
+    _connection(parser)
+    args = parser.parse_args(argv)
+    try:
+        with SearchClient(args.url, timeout=args.timeout) as client:
+            found = client.forget(args.user_id)
+    except SearchError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2 if isinstance(exc, InvalidRequestError) else 1
+    print("forgotten" if found else "nothing was stored about this shopper")
     return 0

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
 
@@ -91,6 +93,63 @@ def build_recommend_inputs(
     return inputs
 
 
+EVENTS_MODEL_NAME = "events"
+FORGET_MODEL_NAME = "forget"
+EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing a shopper did. ``event_id`` makes a retry count once (a fresh UUID by default);
+    ``timestamp`` is in epoch seconds (now by default)."""
+
+    user_id: str
+    product_id: int
+    event: str
+    timestamp: float = field(default_factory=time.time)
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    basket_id: str = ""
+
+
+def _array_tensor(name: str, values: np.ndarray, datatype: str) -> grpcclient.InferInput:
+    """A [1, n] tensor: the events model batches requests, so each carries a batch dimension."""
+    tensor = grpcclient.InferInput(name, [1, len(values)], datatype)
+    tensor.set_data_from_numpy(values.reshape(1, -1))
+    return tensor
+
+
+def _utf8(values: Sequence[str]) -> np.ndarray:
+    return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+
+
+def build_event_inputs(events: Sequence[Event]) -> list[grpcclient.InferInput]:
+    """The events request: the batch as parallel arrays (validated by the server, all or nothing)."""
+    inputs = [
+        _array_tensor("USER_IDS", _utf8([e.user_id for e in events]), "BYTES"),
+        _array_tensor("PRODUCT_IDS", np.array([e.product_id for e in events], np.int64), "INT64"),
+        _array_tensor("EVENT_TYPES", _utf8([e.event for e in events]), "BYTES"),
+        _array_tensor("TIMESTAMPS", np.array([e.timestamp for e in events], np.float64), "FP64"),
+        _array_tensor("EVENT_IDS", _utf8([e.event_id for e in events]), "BYTES"),
+    ]
+    if any(e.basket_id for e in events):
+        inputs.append(_array_tensor("BASKET_IDS", _utf8([e.basket_id for e in events]), "BYTES"))
+    return inputs
+
+
+def _accepted(result: TensorResult) -> int:
+    accepted = result.as_numpy("ACCEPTED")
+    if accepted is None:
+        raise SearchError("response is missing output ACCEPTED")
+    return int(accepted.reshape(-1)[0])
+
+
+def _forgotten(result: TensorResult) -> bool:
+    forgotten = result.as_numpy("FORGOTTEN")
+    if forgotten is None:
+        raise SearchError("response is missing output FORGOTTEN")
+    return bool(forgotten.reshape(-1)[0])
+
+
 def requested_outputs() -> list[grpcclient.InferRequestedOutput]:
     return [grpcclient.InferRequestedOutput(name) for name in OUTPUT_NAMES]
 
@@ -120,6 +179,18 @@ def parse_hits(result: TensorResult) -> list[Hit]:
             zip(ids, scores, titles, strict=True), start=1
         )
     ]
+
+
+def _event(
+    user_id: str, product_id: int, event: str, timestamp: float | None, event_id: str | None
+) -> Event:
+    return Event(
+        user_id,
+        product_id,
+        event,
+        time.time() if timestamp is None else timestamp,
+        event_id or uuid.uuid4().hex,
+    )
 
 
 def _not_ready(exc: InferenceServerException) -> bool:
@@ -201,14 +272,50 @@ class SearchClient(_ClientSettings):
             self.recommend_model, build_recommend_inputs(user_id, top_k, new_only), timeout
         )
 
+    def record(
+        self,
+        user_id: str,
+        product_id: int,
+        event: str,
+        timestamp: float | None = None,
+        event_id: str | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Record one event; returns 1, or 0 when its ``event_id`` was recorded before. It is
+        durable when this returns."""
+        return self.record_many([_event(user_id, product_id, event, timestamp, event_id)], timeout)
+
+    def record_many(self, events: Sequence[Event], timeout: float | None = None) -> int:
+        """Record a batch (all or nothing); returns how many events were new."""
+        result = self._call(EVENTS_MODEL_NAME, build_event_inputs(events), timeout, ["ACCEPTED"])
+        return _accepted(result)
+
+    def forget(self, user_id: str | bytes, timeout: float | None = None) -> bool:
+        """Erase everything stored about a shopper; returns whether there was anything."""
+        inputs = [_bytes_tensor("USER_ID", user_id)]
+        return _forgotten(self._call(FORGET_MODEL_NAME, inputs, timeout, ["FORGOTTEN"]))
+
+    def _call(
+        self,
+        model: str,
+        inputs: list[grpcclient.InferInput],
+        timeout: float | None,
+        outputs: Sequence[str],
+    ) -> grpcclient.InferResult:
+        try:
+            return self._client.infer(
+                model,
+                inputs,
+                outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
+                client_timeout=self.timeout if timeout is None else timeout,
+            )
+        except InferenceServerException as exc:
+            raise map_error(exc) from exc
+
     def _infer(
         self, model: str, inputs: list[grpcclient.InferInput], timeout: float | None
     ) -> list[Hit]:
-        try:
-            result = self._client.infer(model, inputs, **self._infer_options(timeout))
-        except InferenceServerException as exc:
-            raise map_error(exc) from exc
-        return parse_hits(result)
+        return parse_hits(self._call(model, inputs, timeout, OUTPUT_NAMES))
 
     def search_many(
         self,
@@ -361,19 +468,56 @@ class AsyncSearchClient(_ClientSettings):
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
+    async def record(
+        self,
+        user_id: str,
+        product_id: int,
+        event: str,
+        timestamp: float | None = None,
+        event_id: str | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Record one event; returns 1, or 0 when its ``event_id`` was recorded before."""
+        return await self.record_many(
+            [_event(user_id, product_id, event, timestamp, event_id)], timeout
+        )
+
+    async def record_many(self, events: Sequence[Event], timeout: float | None = None) -> int:
+        """Record a batch (all or nothing); returns how many events were new."""
+        result = await self._call(
+            EVENTS_MODEL_NAME, build_event_inputs(events), timeout, ["ACCEPTED"]
+        )
+        return _accepted(result)
+
+    async def forget(self, user_id: str | bytes, timeout: float | None = None) -> bool:
+        """Erase everything stored about a shopper; returns whether there was anything."""
+        inputs = [_bytes_tensor("USER_ID", user_id)]
+        return _forgotten(await self._call(FORGET_MODEL_NAME, inputs, timeout, ["FORGOTTEN"]))
+
+    async def _call(
+        self,
+        model: str,
+        inputs: list[grpcclient.InferInput],
+        timeout: float | None,
+        outputs: Sequence[str],
+    ):
+        try:
+            return await self._triton().infer(
+                model,
+                inputs,
+                outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
+                client_timeout=self.timeout if timeout is None else timeout,
+            )
+        except InferenceServerException as exc:
+            raise map_error(exc) from exc
+
     async def _infer(
         self,
         inputs: list[grpcclient.InferInput],
         timeout: float | None,
         model: str | None = None,
     ) -> list[Hit]:
-        try:
-            result = await self._triton().infer(
-                model or self.model_name, inputs, **self._infer_options(timeout)
-            )
-        except InferenceServerException as exc:
-            raise map_error(exc) from exc
-        return parse_hits(result)
+        return parse_hits(await self._call(model or self.model_name, inputs, timeout, OUTPUT_NAMES))
 
     async def close(self) -> None:
         if self._client is not None:

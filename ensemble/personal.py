@@ -1,8 +1,15 @@
-"""Personalisation at serving time: recommendations for a shopper, and a shopper's affinity for the
-candidates of a search. Loaded from a store built with ``--events``; None for a store without one."""
+"""Personalisation at serving time: recommendations for a shopper, a shopper's affinity for the
+candidates of a search, and live events. Loaded from a store built with ``--events``.
+
+The profiles are read from the live profile store named by $SHOPSERVE_PROFILE_STORE (``shopserve
+serve`` sets it, seeded from the build's snapshot); without it, from the build's snapshot, read-only
+(the in-process reference of a store as built).
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,14 +17,30 @@ import numpy as np
 
 from . import store
 from .dense import DenseIndex
+from .events import EventIngest, EventRequest
 from .models import OnnxRanker
 from .postprocess import PostProcessor, SearchResult
-from .profile_store import ProfileStore, open_store
+from .profile_store import PROFILE_STORE_ENV, ProfileStore, open_store
 from .profiles import Profile, UserKeys
 from .recommend import ITEMS_FILE, Recommender, ShopItems, UserView
 from .validation import MAX_TOP_K, check_flag, check_top_k, decode_user_id
 
 PROFILES_FILE = "profiles.sqlite"
+
+
+def snapshot_path(repository: Path) -> Path:
+    """The profiles as the build left them (the seed of the live store)."""
+    return store.latest_version_dir(repository, store.RECOMMEND) / PROFILES_FILE
+
+
+def profile_namespace(repository: Path) -> str:
+    """Names this store's profiles in a shared live store: a digest of the build's snapshot, so
+    servers of the same build share them and another build starts from its own."""
+    manifest = json.loads((Path(repository) / store.MANIFEST_FILE).read_text())
+    relative = str(snapshot_path(repository).relative_to(repository))
+    return "profiles-" + manifest["files"][relative][:16]
+
+
 PERSONAL_WEIGHT = "personal_weight"  # the search config parameter the build fits
 
 
@@ -40,13 +63,30 @@ class Personalization:
         if not (version_dir / ITEMS_FILE).exists():
             return None
         weight = store.config_parameters(repository, store.SEARCH).get(PERSONAL_WEIGHT, "0")
+        live = os.environ.get(PROFILE_STORE_ENV)
         return cls(
             Recommender(ShopItems.load(version_dir / ITEMS_FILE), dense, product_ids),
             OnnxRanker(store.model_file(repository, store.REC_RANKER), 1),
-            open_store(version_dir / PROFILES_FILE, readonly=True),
+            open_store(live, namespace=profile_namespace(repository))
+            if live
+            else open_store(version_dir / PROFILES_FILE, readonly=True),
             UserKeys.from_environment(),
             float(weight),
         )
+
+    @classmethod
+    def load(cls, repository: Path) -> tuple[Personalization, store.Catalogue]:
+        """A personalised store's personalisation and catalogue, with the dense index it reads."""
+        params = store.config_parameters(repository, store.RETRIEVE)
+        dense = DenseIndex.load(
+            store.latest_version_dir(repository, store.RETRIEVE) / store.DENSE_INDEX_FILE,
+            int(params["ef_search"]),
+        )
+        catalogue = store.load_catalogue(repository)
+        personal = cls.from_repository(repository, dense, catalogue.product_ids)
+        if personal is None:
+            raise FileNotFoundError(f"{repository} was built without behaviour data (--events)")
+        return personal, catalogue
 
     def view(self, user_id: str) -> UserView | None:
         """What the store knows of this shopper; None for a shopper it has never seen."""
@@ -70,16 +110,7 @@ class RecommendPipeline:
 
     @classmethod
     def from_repository(cls, repository: Path | str) -> RecommendPipeline:
-        repository = Path(repository)
-        params = store.config_parameters(repository, store.RETRIEVE)
-        dense = DenseIndex.load(
-            store.latest_version_dir(repository, store.RETRIEVE) / store.DENSE_INDEX_FILE,
-            int(params["ef_search"]),
-        )
-        catalogue = store.load_catalogue(repository)
-        personal = Personalization.from_repository(repository, dense, catalogue.product_ids)
-        if personal is None:
-            raise FileNotFoundError(f"{repository} was built without behaviour data (--events)")
+        personal, catalogue = Personalization.load(Path(repository))
         return cls(personal, PostProcessor(catalogue))
 
     def recommend(
@@ -106,3 +137,27 @@ class RecommendPipeline:
         share = popularity[rows] / max(float(popularity.sum()), 1.0)
         titles = [catalogue.titles[r] for r in rows.tolist()]
         return SearchResult(catalogue.product_ids[rows], share.astype(np.float32), titles)
+
+
+class LiveEvents:
+    """The events and forget endpoints' logic over the live profile store."""
+
+    def __init__(self, personalization: Personalization) -> None:
+        self.personal = personalization
+        self.known_products = personalization.recommender.product_ids
+        self.ingest = EventIngest(personalization.profiles, personalization.keys, self.embedding)
+
+    @classmethod
+    def from_repository(cls, repository: Path | str) -> LiveEvents:
+        return cls(Personalization.load(Path(repository))[0])
+
+    def embedding(self, product_id: int) -> np.ndarray:
+        row = self.personal.recommender.row_of[product_id]
+        return self.personal.recommender.dense.vectors(np.array([row]))[0]
+
+    def record(self, requests: list[EventRequest]) -> list[int]:
+        """Commit the requests together; how many events of each were new."""
+        return self.ingest.ingest(requests)
+
+    def forget(self, user_id: str | bytes | np.ndarray) -> bool:
+        return self.personal.profiles.forget(self.personal.keys.key(decode_user_id(user_id)))

@@ -1,20 +1,35 @@
-"""Where profiles live: one interface, an embedded SQLite store (WAL mode) as the default.
+"""Where profiles live: one interface, two backends.
 
-Every model instance on the host opens the same file; WAL lets readers run beside a writer. Rows are
-keyed by the keyed hash of the user id (:class:`~shopserve.ensemble.profiles.UserKeys`), never the id.
+* :class:`SqliteProfileStore`, the embedded default: one file in WAL mode, shared by every model
+  instance on the host; a commit is on disk (``synchronous=FULL``) before it returns.
+* :class:`RedisProfileStore`: one Redis shared by several Triton servers (the scale-out path). It
+  refuses a Redis that does not fsync every write (``appendfsync always``), since an acknowledged
+  event must survive a crash.
+
+Rows are keyed by the keyed hash of the user id (:class:`~shopserve.ensemble.profiles.UserKeys`),
+never the id. Live events are folded with the same :meth:`Profile.apply` as the release build; a batch
+is applied in one transaction (all or nothing), and an event whose key was seen before is skipped.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
 from .profiles import ItemStats, Profile
+from .resp import RespClient, hash_reply
+
+PROFILE_STORE_ENV = "SHOPSERVE_PROFILE_STORE"  # where the live store is (set by shopserve serve)
+Embedding = Callable[[int], np.ndarray]  # product id -> its embedding (the taste vector's part)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -41,18 +56,93 @@ CREATE TABLE IF NOT EXISTS user_items (
     decayed REAL NOT NULL,
     PRIMARY KEY (user_key, product_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seen_events (
+    user_key TEXT NOT NULL,
+    event_key TEXT NOT NULL,
+    PRIMARY KEY (user_key, event_key)
+) WITHOUT ROWID;
 """
-_ITEM_COLUMNS = (
-    "purchases",
+_ITEM_COLUMNS = tuple(ItemStats.__dataclass_fields__)
+_USER_COLUMNS = (
     "baskets",
-    "first_basket",
-    "last_basket",
-    "carts",
-    "clicks",
-    "views",
+    "basket_key",
+    "last_purchase_ts",
     "last_ts",
-    "decayed",
+    "open_basket",
+    "taste_sum",
+    "taste_weight",
 )
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """One event as the store keeps it: the user's keyed hash, and a key for idempotence."""
+
+    user_key: str
+    event_key: str  # a digest of the user and the client's event id
+    product_id: int
+    kind: int
+    timestamp: float
+    basket_key: str = ""
+
+
+def _user_row(profile: Profile) -> tuple:
+    taste = None if profile.taste_sum is None else profile.taste_sum.astype(np.float32).tobytes()
+    return (
+        profile.baskets,
+        profile.basket_key,
+        float(profile.last_purchase_ts),
+        profile.last_ts,
+        json.dumps(profile.open_basket),
+        taste,
+        profile.taste_weight,
+    )
+
+
+def _profile(user: Sequence, items: dict[int, ItemStats]) -> Profile:
+    baskets, basket_key, last_purchase, last_ts, open_basket, taste, weight = user
+    return Profile(
+        baskets=int(baskets),
+        basket_key=basket_key,
+        last_purchase_ts=float(last_purchase),
+        last_ts=float(last_ts),
+        items=items,
+        open_basket=json.loads(open_basket),
+        taste_sum=None if taste is None else np.frombuffer(taste, dtype=np.float32).copy(),
+        taste_weight=float(weight),
+    )
+
+
+def _by_user(events: Sequence[StoredEvent]) -> dict[str, list[StoredEvent]]:
+    groups: dict[str, list[StoredEvent]] = {}
+    for event in events:
+        groups.setdefault(event.user_key, []).append(event)
+    return groups
+
+
+def _fresh(group: Sequence[StoredEvent], seen: set[str]) -> list[StoredEvent]:
+    """The events of ``group`` whose key is neither in ``seen`` nor repeated within the group."""
+    fresh = []
+    for event in group:
+        if event.event_key not in seen:
+            seen.add(event.event_key)
+            fresh.append(event)
+    return fresh
+
+
+def fold(profile: Profile, events: Iterable[StoredEvent], embedding: Embedding) -> set[int]:
+    """Apply events in time order; return the products they touched."""
+    touched = set()
+    for event in sorted(events, key=lambda e: e.timestamp):
+        profile.apply(
+            event.product_id,
+            event.kind,
+            event.timestamp,
+            event.basket_key,
+            embedding(event.product_id),
+        )
+        touched.add(event.product_id)
+    return touched
 
 
 class ProfileStore(ABC):
@@ -66,6 +156,18 @@ class ProfileStore(ABC):
         """Write whole profiles (replacing any stored under the same key); return how many."""
 
     @abstractmethod
+    def apply(self, events: Sequence[StoredEvent], embedding: Embedding) -> set[str]:
+        """Fold a batch of events into their profiles, all or nothing, durably; return the keys of
+        those that were new (events whose key the store has seen are skipped)."""
+
+    @abstractmethod
+    def forget(self, user_key: str) -> bool:
+        """Delete everything stored about a user; return whether there was anything."""
+
+    @abstractmethod
+    def users(self) -> int: ...
+
+    @abstractmethod
     def close(self) -> None: ...
 
 
@@ -76,84 +178,264 @@ class SqliteProfileStore(ProfileStore):
             if not self.path.is_file():
                 raise FileNotFoundError(f"no profile store at {self.path}")
             uri = f"file:{self.path.resolve()}?mode=ro"
-            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False)
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=30
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
             self._db.executescript(_SCHEMA)
 
-    def get(self, user_key: str) -> Profile | None:
-        user = self._db.execute(
-            "SELECT baskets, basket_key, last_purchase_ts, last_ts, open_basket, taste_sum,"
-            " taste_weight FROM users WHERE user_key = ?",
-            (user_key,),
+    @contextmanager
+    def _transaction(self, mode: str = "DEFERRED") -> Iterator[sqlite3.Connection]:
+        self._db.execute(f"BEGIN {mode}")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _items(self, user_key: str, products: Iterable[int] | None = None) -> dict[int, ItemStats]:
+        query = f"SELECT product_id, {', '.join(_ITEM_COLUMNS)} FROM user_items WHERE user_key = ?"
+        arguments: list = [user_key]
+        if products is not None:
+            wanted = sorted(products)
+            query += f" AND product_id IN ({', '.join('?' * len(wanted))})"
+            arguments += wanted
+        return {row[0]: ItemStats(*row[1:]) for row in self._db.execute(query, arguments)}
+
+    def _user(self, user_key: str) -> tuple | None:
+        return self._db.execute(
+            f"SELECT {', '.join(_USER_COLUMNS)} FROM users WHERE user_key = ?", (user_key,)
         ).fetchone()
-        if user is None:
-            return None
-        baskets, basket_key, last_purchase, last_ts, open_basket, taste, weight = user
-        rows = self._db.execute(
-            f"SELECT product_id, {', '.join(_ITEM_COLUMNS)} FROM user_items WHERE user_key = ?",
-            (user_key,),
-        ).fetchall()
-        return Profile(
-            baskets=baskets,
-            basket_key=basket_key,
-            last_purchase_ts=last_purchase,
-            last_ts=last_ts,
-            items={row[0]: ItemStats(*row[1:]) for row in rows},
-            open_basket=json.loads(open_basket),
-            taste_sum=None if taste is None else np.frombuffer(taste, dtype=np.float32).copy(),
-            taste_weight=weight,
-        )
+
+    def get(self, user_key: str) -> Profile | None:
+        with self._transaction():  # one snapshot: a writer's commit cannot land between reads
+            user = self._user(user_key)
+            return None if user is None else _profile(user, self._items(user_key))
 
     def put(self, profiles: Iterable[tuple[str, Profile]]) -> int:
         count = 0
-        with self._db:  # one transaction
+        with self._transaction("IMMEDIATE"):
             for user_key, profile in profiles:
-                self._write(user_key, profile)
+                self._db.execute("DELETE FROM user_items WHERE user_key = ?", (user_key,))
+                self._write(user_key, profile, profile.items)
                 count += 1
         return count
 
-    def _write(self, user_key: str, profile: Profile) -> None:
-        taste = (
-            None if profile.taste_sum is None else profile.taste_sum.astype(np.float32).tobytes()
-        )
+    def _write(self, user_key: str, profile: Profile, products: Iterable[int]) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO users VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                user_key,
-                profile.baskets,
-                profile.basket_key,
-                float(profile.last_purchase_ts),
-                profile.last_ts,
-                json.dumps(profile.open_basket),
-                taste,
-                profile.taste_weight,
-            ),
+            f"INSERT OR REPLACE INTO users VALUES (?, {', '.join('?' * len(_USER_COLUMNS))})",
+            (user_key, *_user_row(profile)),
         )
-        self._db.execute("DELETE FROM user_items WHERE user_key = ?", (user_key,))
         self._db.executemany(
-            f"INSERT INTO user_items VALUES (?, ?, {', '.join('?' * len(_ITEM_COLUMNS))})",
-            [
-                (user_key, pid, *(getattr(stats, c) for c in _ITEM_COLUMNS))
-                for pid, stats in profile.items.items()
-            ],
+            f"INSERT OR REPLACE INTO user_items VALUES (?, ?, {', '.join('?' * len(_ITEM_COLUMNS))})",
+            [(user_key, pid, *astuple(profile.items[pid])) for pid in products],
         )
+
+    def apply(self, events: Sequence[StoredEvent], embedding: Embedding) -> set[str]:
+        applied: set[str] = set()
+        with self._transaction("IMMEDIATE"):
+            for user_key, group in _by_user(events).items():
+                keys = sorted({e.event_key for e in group})
+                seen = {
+                    row[0]
+                    for row in self._db.execute(
+                        "SELECT event_key FROM seen_events WHERE user_key = ? AND event_key IN "
+                        f"({', '.join('?' * len(keys))})",
+                        (user_key, *keys),
+                    )
+                }
+                fresh = _fresh(group, seen)
+                if not fresh:
+                    continue
+                user = self._user(user_key)
+                items = self._items(user_key, {e.product_id for e in fresh})
+                profile = Profile(items=items) if user is None else _profile(user, items)
+                self._write(user_key, profile, fold(profile, fresh, embedding))
+                self._db.executemany(
+                    "INSERT INTO seen_events VALUES (?, ?)",
+                    [(user_key, e.event_key) for e in fresh],
+                )
+                applied.update(e.event_key for e in fresh)
+        return applied
+
+    def forget(self, user_key: str) -> bool:
+        with self._transaction("IMMEDIATE"):
+            found = self._user(user_key) is not None
+            for table in ("users", "user_items", "seen_events"):
+                self._db.execute(f"DELETE FROM {table} WHERE user_key = ?", (user_key,))
+        return found
 
     def users(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+
+    def profiles(self) -> Iterator[tuple[str, Profile]]:
+        """Every stored profile (to seed another store from this one)."""
+        for (user_key,) in self._db.execute("SELECT user_key FROM users").fetchall():
+            profile = self.get(user_key)
+            if profile is not None:
+                yield user_key, profile
 
     def close(self) -> None:
         self._db.close()
 
 
-def open_store(location: str | Path, readonly: bool = False) -> ProfileStore:
-    """A profile store by location: a file path or ``sqlite:///path`` for the embedded store."""
+class RedisProfileStore(ProfileStore):
+    """Profiles in Redis: ``<prefix>u:<key>`` (a hash of the profile's fields), ``<prefix>i:<key>``
+    (product id -> its stats as JSON) and ``<prefix>e:<key>`` (the event keys seen)."""
+
+    RETRIES = 20
+
+    def __init__(self, url: str, namespace: str) -> None:
+        self.client = RespClient(url)
+        self.prefix = f"shopserve:{namespace}:"
+        settings = {}
+        for name in ("appendonly", "appendfsync"):
+            reply = self.client.call("CONFIG", "GET", name)
+            settings[name] = reply[1].decode() if reply else "unknown"
+        if settings != {"appendonly": "yes", "appendfsync": "always"}:
+            raise ValueError(
+                f"{url}: Redis must fsync every write to keep acknowledged events "
+                f"(appendonly yes, appendfsync always); it has {settings}"
+            )
+
+    def _keys(self, user_key: str) -> tuple[str, str, str]:
+        return tuple(f"{self.prefix}{kind}:{user_key}" for kind in "uie")
+
+    @staticmethod
+    def _profile(stored: dict[bytes, bytes], items: dict[int, ItemStats]) -> Profile:
+        row = [stored.get(c.encode()) for c in _USER_COLUMNS]
+        row[_USER_COLUMNS.index("basket_key")] = row[_USER_COLUMNS.index("basket_key")].decode()
+        return _profile(row, items)
+
+    def get(self, user_key: str) -> Profile | None:
+        user, items, _ = self._keys(user_key)
+        stored, stats = self.client.transaction([("HGETALL", user), ("HGETALL", items)])
+        stored = hash_reply(stored)
+        if not stored:
+            return None
+        return self._profile(
+            stored, {int(p): ItemStats(*json.loads(v)) for p, v in hash_reply(stats).items()}
+        )
+
+    def _writes(self, user_key: str, profile: Profile, products: Iterable[int]) -> list[tuple]:
+        user, items, _ = self._keys(user_key)
+        fields = dict(zip(_USER_COLUMNS, _user_row(profile), strict=True))
+        if fields["taste_sum"] is None:
+            del fields["taste_sum"]
+        commands: list[tuple] = [("HSET", user, *(x for kv in fields.items() for x in kv))]
+        stats = [(p, json.dumps(astuple(profile.items[p]))) for p in products]
+        if stats:
+            commands.append(("HSET", items, *(x for kv in stats for x in kv)))
+        return commands
+
+    def put(self, profiles: Iterable[tuple[str, Profile]]) -> int:
+        count = 0
+        commands: list[tuple] = []
+        for user_key, profile in profiles:
+            commands.append(("DEL", *self._keys(user_key)[:2]))
+            commands += self._writes(user_key, profile, profile.items)
+            count += 1
+        if commands:
+            self.client.transaction(commands)
+        return count
+
+    def apply(self, events: Sequence[StoredEvent], embedding: Embedding) -> set[str]:
+        groups = _by_user(events)
+        watched = [key for user_key in groups for key in self._keys(user_key)]
+        for _ in range(self.RETRIES):
+            self.client.call("WATCH", *watched)  # the reads below see a state EXEC checks
+            commands: list[tuple] = []
+            applied: set[str] = set()
+            for user_key, group in groups.items():
+                user, items, seen_key = self._keys(user_key)
+                keys = sorted({e.event_key for e in group})
+                hits = self.client.call("SMISMEMBER", seen_key, *keys)
+                fresh = _fresh(group, {k for k, hit in zip(keys, hits, strict=True) if hit})
+                if not fresh:
+                    continue
+                products = sorted({e.product_id for e in fresh})
+                found = self.client.call("HMGET", items, *products)
+                stats = {
+                    p: ItemStats(*json.loads(v))
+                    for p, v in zip(products, found, strict=True)
+                    if v is not None
+                }
+                stored = hash_reply(self.client.call("HGETALL", user))
+                profile = self._profile(stored, stats) if stored else Profile(items=stats)
+                commands += self._writes(user_key, profile, fold(profile, fresh, embedding))
+                commands.append(("SADD", seen_key, *(e.event_key for e in fresh)))
+                applied.update(e.event_key for e in fresh)
+            if not commands:
+                self.client.call("UNWATCH")
+                return applied
+            if self.client.transaction(commands) is not None:
+                return applied
+        raise RuntimeError(f"events for {len(groups)} users kept conflicting; not applied")
+
+    def forget(self, user_key: str) -> bool:
+        return bool(self.client.call("DEL", *self._keys(user_key)))
+
+    def users(self) -> int:
+        cursor, count = b"0", 0
+        while True:
+            cursor, keys = self.client.call(
+                "SCAN", cursor, "MATCH", f"{self.prefix}u:*", "COUNT", 1000
+            )
+            count += len(keys)
+            if cursor == b"0":
+                return count
+
+    def claim_seeding(self, marker: str) -> bool:
+        """Claim the one-time seeding of this namespace; False when it was claimed before."""
+        return self.client.call("SET", f"{self.prefix}seeded", marker, "NX") == "OK"
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_store(location: str | Path, readonly: bool = False, namespace: str = "") -> ProfileStore:
+    """A profile store by location: a file path or ``sqlite:///path`` for the embedded store,
+    ``redis://host:port/db`` or ``unix:///path`` (optionally ``?namespace=NAME``) for Redis."""
     text = str(location)
+    if text.startswith(("redis://", "unix://")):
+        query = parse_qs(urlparse(text).query)
+        return RedisProfileStore(text.split("?")[0], query.get("namespace", [namespace])[0])
     if text.startswith("sqlite://"):
         text = text.removeprefix("sqlite://")
     elif "://" in text:
-        raise ValueError(f"unknown profile store {location!r} (expected a path or sqlite:///path)")
+        raise ValueError(
+            f"unknown profile store {location!r} (a path, sqlite:///path or redis://host:port/db)"
+        )
     return SqliteProfileStore(text, readonly=readonly)
+
+
+def seed(location: str, snapshot: Path, namespace: str) -> str:
+    """Make the live store at ``location`` start from the build's snapshot, once; return what was
+    done (for the launcher's log)."""
+    store = None
+    text = str(location)
+    try:
+        if text.startswith(("redis://", "unix://")):
+            store = open_store(text, namespace=namespace)
+            if not store.claim_seeding(namespace):
+                return f"{text} already holds namespace {namespace}"
+            snapshot_store = SqliteProfileStore(snapshot, readonly=True)
+            count = store.put(snapshot_store.profiles())
+            snapshot_store.close()
+            return f"seeded {count} profiles into {text} (namespace {namespace})"
+        path = Path(text.removeprefix("sqlite://"))
+        if path.exists():
+            return f"{path} exists; serving it"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        shutil.copyfile(snapshot, partial)
+        partial.rename(path)
+        return f"seeded {path} from {snapshot}"
+    finally:
+        if store is not None:
+            store.close()

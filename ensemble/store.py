@@ -20,7 +20,9 @@ STEPS = (TOKENIZE, ENCODER, RETRIEVE, RANKER, POSTPROCESS)
 MODELS = (SEARCH, ENSEMBLE, *STEPS)
 RECOMMEND = "recommend"  # a shopper's recommendations (stores built with --events)
 REC_RANKER = "rec_ranker"  # the recommendation ranker (ONNX), also read in-process by the above
-PERSONAL_MODELS = (RECOMMEND, REC_RANKER)
+EVENTS = "events"  # live events into the profile store
+FORGET = "forget"  # erase a shopper
+PERSONAL_MODELS = (RECOMMEND, REC_RANKER, EVENTS, FORGET)
 
 TOKENIZER_FILE = "tokenizer.json"
 ONNX_FILE = "model.onnx"

@@ -28,6 +28,11 @@ def serve(argv: list[str]) -> int:
     )
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument(
+        "--profile-store",
+        help="a personalised store's live profiles: a path, sqlite:///path, or redis://host:port/db "
+        "to share them between servers (default: a SQLite file under .triton/profiles/)",
+    )
+    parser.add_argument(
         "--user-key-file",
         type=Path,
         help="the secret that user ids are hashed with (a personalised store needs it; default: "
@@ -45,6 +50,7 @@ def serve(argv: list[str]) -> int:
             http_port=args.http_port,
             metrics_port=args.metrics_port,
             log_verbose=args.log_verbose,
+            profile_store=args.profile_store,
         ),
         log_file=args.log_file,
         inherit_output=args.log_file is None,
@@ -97,7 +103,7 @@ def keys(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     usage = (
-        "usage: shopserve {serve,search,recommend,keys} [options]  "
+        "usage: shopserve {serve,search,recommend,events,forget,keys} [options]  "
         "(shopserve COMMAND --help for more)"
     )
     if not argv or argv[0] in ("-h", "--help"):
@@ -110,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         return query(rest, recommend=command == "recommend")
     if command == "keys":
         return keys(rest)
+    if command in ("events", "forget"):
+        from shopserve.client import _cli
+
+        return (_cli.events_main if command == "events" else _cli.forget_main)(rest)
     if command == "serve":
         return serve(rest)
     print(f"error: unknown command {command!r}\n{usage}", file=sys.stderr)

@@ -29,6 +29,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from shopserve.ensemble.personal import profile_namespace, snapshot_path
+from shopserve.ensemble.profile_store import PROFILE_STORE_ENV, seed
 from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
 
 log = logging.getLogger("shopserve.server")
@@ -89,6 +91,9 @@ class ServerConfig:
     work_dir: Path | None = None
     response_cache_bytes: int = 16 * 1024 * 1024
     log_verbose: int = 0
+    # A personalised store's live profiles: a path, sqlite:///path or redis://host:port/db.
+    # Default: <work_dir>/profiles/<the build's snapshot digest>.sqlite
+    profile_store: str | None = None
 
 
 class TritonServer:
@@ -143,14 +148,11 @@ class TritonServer:
                 "build it first: python -m shopserve.export build"
             )
         models = list(json.loads((repo / "manifest.json").read_text())["models"])
-        if "recommend" in models:  # a personalised store: its user ids are keyed hashes
-            try:
-                UserKeys.from_environment()
-            except MissingUserKeyError as exc:
-                raise ServerError(f"{repo} is a personalised store: {exc}") from exc
         work_dir = Path(self.config.work_dir or repo.resolve().parent / ".triton")
         backend_dir = prepare_backend_directory(work_dir / "backends")
         env = dict(os.environ)
+        if "recommend" in models:
+            env[PROFILE_STORE_ENV] = self._live_profiles(repo, work_dir)
         # The Python backend stub runs the first python on PATH: make it this environment's.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         # Every step is its own process; numpy's and faiss's thread pools would oversubscribe
@@ -167,6 +169,18 @@ class TritonServer:
         self.process = subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.STDOUT)
         self.wait_ready(timeout)
         return self
+
+    def _live_profiles(self, repo: Path, work_dir: Path) -> str:
+        """Check the secret, seed the live profile store from the build's snapshot (once) and
+        return where the models find it."""
+        try:
+            UserKeys.from_environment()
+        except MissingUserKeyError as exc:
+            raise ServerError(f"{repo} is a personalised store: {exc}") from exc
+        namespace = profile_namespace(repo)
+        location = self.config.profile_store or str(work_dir / "profiles" / f"{namespace}.sqlite")
+        log.info("profile store: %s", seed(location, snapshot_path(repo), namespace))
+        return location
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

