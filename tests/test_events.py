@@ -63,7 +63,16 @@ def test_the_next_recommendation_sees_an_event(client, catalogue) -> None:
     assert client.record_many([Event(shopper, p, "purchase") for p in bought]) == 3
     history = client.recommend(shopper, top_k=20)
     assert set(bought) <= set(ids(history))  # the shopper's own purchases come back
-    assert ids(client.search(QUERY, top_k=10, user_id=shopper)) != []
+
+
+def test_the_next_personalised_search_sees_an_event(client) -> None:
+    shopper = f"{SHOPPER}-search"
+    first = client.search(QUERY, top_k=10, user_id=shopper)
+    assert ids(first) == ids(client.search(QUERY, top_k=10))  # unknown: the anonymous answer
+    last = first[-1].product_id
+    client.record_many([Event(shopper, last, "purchase") for _ in range(3)])
+    again = client.search(QUERY, top_k=10, user_id=shopper)
+    assert ids(again)[0] == last  # what they buy rises to the top of their search
 
 
 def test_a_retried_batch_counts_once(client, catalogue) -> None:

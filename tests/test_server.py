@@ -144,17 +144,21 @@ def test_search_cli_prints_a_table(server, capsys) -> None:
     assert search_cli(["", "--url", server.grpc_url]) == 2
 
 
-def test_response_cache_counts_hits(server, client) -> None:
+def test_response_cache_counts_hits_on_the_anonymous_ensemble(server) -> None:
+    """search_steps (anonymous only) caches; search does not (its answers follow live events)."""
     import urllib.request
 
-    def stats() -> dict:
-        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/search/stats") as response:
+    def stats(model: str) -> dict:
+        url = f"http://{server.http_url}/v2/models/{model}/stats"
+        with urllib.request.urlopen(url) as response:
             return json.loads(response.read())["model_stats"][0]["inference_stats"]
 
-    client.search("unique cache probe query", top_k=4)
-    before = stats()["cache_hit"]["count"]
-    client.search("unique cache probe query", top_k=4)
-    assert stats()["cache_hit"]["count"] == before + 1
+    with SearchClient(server.grpc_url, model_name=store.ENSEMBLE, timeout=30) as steps:
+        steps.search("unique cache probe query", top_k=4)
+        before = stats(store.ENSEMBLE)["cache_hit"]["count"]
+        steps.search("unique cache probe query", top_k=4)
+    assert stats(store.ENSEMBLE)["cache_hit"]["count"] == before + 1
+    assert stats(store.SEARCH)["cache_hit"]["count"] == 0
 
 
 def test_serve_command_starts_and_stops_cleanly(built_repository, tmp_path) -> None:
