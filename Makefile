@@ -84,8 +84,10 @@ lint: install
 # Performance (benchmarks/README.md): the full harness, about 30 minutes on 2 cores, writes
 # benchmarks/results/. It takes /tmp/shopserve-cpu.lock itself around each measurement: do not wrap it
 # in flock. bench-smoke runs seconds of everything into benchmarks/work/smoke/.
-bench: store
+bench: store instacart-store
 	$(BIN)/python -m benchmarks run
+	SHOPSERVE_USER_KEY_FILE=$(USER_KEY) $(BIN)/python -m benchmarks personal \
+		--repository $(INSTACART_STORE) --data $(INSTACART_DATA)
 
 bench-smoke: store
 	$(BIN)/python -m benchmarks smoke

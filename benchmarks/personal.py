@@ -1,15 +1,14 @@
-"""Personalisation scenarios: perf_analyzer with real shoppers on a store built with ``--events``.
-
-Three scenarios are measured in one run, against one server, response cache off, so that their ratios
-are taken within the run:
+"""Personalisation and live events, measured on a store built with ``--events``, one server, one run
+(so that ratios are taken within it). perf_analyzer with real shoppers:
 
 * ``search_anonymous``: ``search`` with real queries (the aisle names of products the log's shoppers
   bought);
 * ``search_personal``: the same queries, each with the id of a shopper who bought in that aisle;
 * ``recommend``: ``recommend`` for the log's shoppers, TOP_K 10.
 
-Targets (issue: personalisation): ``recommend`` p99 at concurrency 1 below anonymous search's, and
-personalised search p50 within 20 % of anonymous search's.
+Targets: ``recommend`` p99 at concurrency 1 below anonymous search's, and personalised search p50
+within 20 % of anonymous search's. Then the live-event measurements of :mod:`benchmarks.realtime`: the
+real-time gain, the visibility of events under load, and ingestion throughput.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from shopserve.export.selfcheck import category_leaf
 
 from shopserve.server import ServerConfig, TritonServer, free_ports
 
-from . import perf_analyzer, variants
+from . import perf_analyzer, realtime, variants
 from .common import WORK_DIR, BenchmarkError, cpu_lock
 from .tuning import HEADLINE
 
@@ -40,6 +40,7 @@ SCENARIOS = {
 TOP_K = 10
 STEPS = 2000
 CONCURRENCY = (1, 8)
+ROUNDS = 3  # the scenarios are measured in turn, this many times; tables show medians
 
 
 def traffic(data: Path, steps: int = STEPS, seed: int = 0) -> list[tuple[str, str]]:
@@ -87,6 +88,7 @@ def run(
     settings: perf_analyzer.Settings = perf_analyzer.DEFAULT_SETTINGS,
     concurrency: tuple[int, ...] = CONCURRENCY,
     steps: int = STEPS,
+    rounds_count: int = ROUNDS,
 ) -> dict:
     """Measure every scenario at every level on one server; write ``personal.json`` and return it."""
     wrapper = perf_analyzer.install()
@@ -94,39 +96,74 @@ def run(
     variant = variants.materialize(
         HEADLINE.plus("personal", "the personalised store, response cache off"), repository
     )
-    rows: dict[str, dict[int, dict]] = {}
+    rounds: list[dict[str, dict[int, dict]]] = []
     grpc_port, http_port, metrics_port = free_ports(3)
-    config = ServerConfig(
-        variant, grpc_port, http_port, metrics_port, work_dir=WORK_DIR / "triton" / "personal"
-    )
+    work = WORK_DIR / "triton" / "personal"
+    shutil.rmtree(work / "profiles", ignore_errors=True)  # live profiles start as built
+    config = ServerConfig(variant, grpc_port, http_port, metrics_port, work_dir=work)
+    sources = {s: input_data(s, pairs, out / "raw" / f"{s}.json") for s in SCENARIOS}
     with TritonServer(config, log_file=WORK_DIR / "logs" / "personal.log") as server:
-        for scenario, model in SCENARIOS.items():
-            source = input_data(scenario, pairs, out / "raw" / f"{scenario}.json")
-            rows[scenario] = {}
-            for level in concurrency:
-                with cpu_lock(f"personal {scenario} c={level}"):
-                    row = perf_analyzer.measure(
-                        wrapper,
-                        server.grpc_url,
-                        model,
-                        source,
-                        level,
-                        out / "raw" / f"{scenario}-c{level}.csv",
-                        settings,
-                    )
-                rows[scenario][level] = asdict(row)
+        for number in range(rounds_count):
+            rows: dict[str, dict[int, dict]] = {}
+            for scenario, model in SCENARIOS.items():
+                rows[scenario] = {}
+                for level in concurrency:
+                    with cpu_lock(f"personal {scenario} c={level}"):
+                        row = perf_analyzer.measure(
+                            wrapper,
+                            server.grpc_url,
+                            model,
+                            sources[scenario],
+                            level,
+                            out / "raw" / f"{scenario}-c{level}-r{number}.csv",
+                            settings,
+                        )
+                    rows[scenario][level] = asdict(row)
+            rounds.append(rows)
+        live = realtime.gain(server, data, sorted({q for _, q in pairs}))
+        ingest = realtime.ingestion(
+            server,
+            wrapper,
+            out,
+            out / "raw" / "search_anonymous.json",
+            out / "raw" / "recommend.json",
+            settings,
+            rounds_count,
+        )
     first = min(concurrency)
-    anonymous = rows["search_anonymous"][first]
+
+    def ratio(scenario: str, metric: str) -> float:
+        """The median over rounds of the ratio within each round (against anonymous search)."""
+        return float(
+            np.median(
+                [r[scenario][first][metric] / r["search_anonymous"][first][metric] for r in rounds]
+            )
+        )
+
     result = {
         "repository": str(repository),
         "steps": steps,
+        "rounds": rounds_count,
         "concurrency": list(concurrency),
-        "scenarios": rows,
+        "scenarios": {
+            scenario: {
+                level: {
+                    metric: float(np.median([r[scenario][level][metric] for r in rounds]))
+                    for metric in ("throughput", "p50_us", "p99_us")
+                }
+                for level in concurrency
+            }
+            for scenario in SCENARIOS
+        },
+        "rounds_measured": rounds,
+        "live_events": live,
+        "ingestion": ingest,
         "targets": {
-            "recommend_p99_over_search_p99_at_1": rows["recommend"][first]["p99_us"]
-            / anonymous["p99_us"],
-            "personal_p50_over_search_p50_at_1": rows["search_personal"][first]["p50_us"]
-            / anonymous["p50_us"],
+            "recommend_p99_over_search_p99_at_1": ratio("recommend", "p99_us"),
+            "personal_p50_over_search_p50_at_1": ratio("search_personal", "p50_us"),
+            "events_b1_over_search_requests_at_8": ingest["events_b1_over_search_requests"],
+            "events_b32_over_search_requests_at_8": ingest["events_b32_over_search_requests"],
+            "recommend_p99_with_events_over_quiet": ingest["recommend_p99_with_events_over_quiet"],
         },
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +175,8 @@ def run(
 
 def markdown(result: dict) -> str:
     lines = [
+        f"Medians of {result['rounds']} rounds (ratios: the median of the ratios within each round).",
+        "",
         "| scenario | concurrency | req/s | p50 ms | p99 ms |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -148,11 +187,51 @@ def markdown(result: dict) -> str:
                 f"{row['p99_us'] / 1e3:.1f} |"
             )
     targets = result["targets"]
+    live = result["live_events"]
+    ingest = result["ingestion"]["rows"]
     lines += [
         "",
         f"- `recommend` p99 ÷ anonymous `search` p99 at concurrency 1: "
         f"{targets['recommend_p99_over_search_p99_at_1']:.2f} (target < 1)",
         f"- personalised ÷ anonymous `search` p50 at concurrency 1: "
         f"{targets['personal_p50_over_search_p50_at_1']:.2f} (target ≤ 1.20)",
+        "",
+        "Live events (the first half of each held-out basket sent as add_to_cart, then recommend "
+        f"for the rest; {live['users']} shoppers, {live['background_search_clients']} clients "
+        "searching meanwhile):",
+        "",
+        "| | Recall@20 of the rest of the basket |",
+        "|---|---|",
+        f"| without the live events | {_ci(live['recall20_without_live_events'])} |",
+        f"| with them | {_ci(live['recall20_with_live_events'])} |",
+        "",
+        f"- the next request after the acknowledgement saw the events for "
+        f"{live['next_request_saw_the_events']:.1%} of shoppers; acknowledgement p50 "
+        f"{live['acknowledgement_ms']['p50']:.1f} ms, p99 {live['acknowledgement_ms']['p99']:.1f} ms",
+        "",
+        "| ingestion scenario | req/s | events/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, batch in (("search_c8", 0), ("events_b1_c8", 1), ("events_b32_c8", 32)):
+        row = ingest[name]
+        events = f"{row['throughput'] * batch:.0f}" if batch else "—"
+        lines.append(
+            f"| `{name}` | {row['throughput']:.0f} | {events} | {row['p50_us'] / 1e3:.1f} | "
+            f"{row['p99_us'] / 1e3:.1f} |"
+        )
+    lines += [
+        "",
+        f"- durable ingestion ÷ `search` requests at concurrency 8: batches of 1 "
+        f"{targets['events_b1_over_search_requests_at_8']:.1f}× (target ≥ 4), batches of 32 "
+        f"{targets['events_b32_over_search_requests_at_8']:.1f}× in events (target ≥ 40)",
+        f"- `recommend` p99 at concurrency 1 while {result['ingestion']['stream_rate']} events/s "
+        f"stream in ÷ quiet: {targets['recommend_p99_with_events_over_quiet']:.2f} (target ≤ 1.20; "
+        f"{ingest['recommend_c1']['p99_us'] / 1e3:.1f} → "
+        f"{ingest['recommend_c1_with_events']['p99_us'] / 1e3:.1f} ms)",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _ci(value: dict) -> str:
+    low, high = value["ci95"]
+    return f"{value['mean']:.3f} [{low:.3f}, {high:.3f}]"

@@ -19,7 +19,7 @@ import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -134,13 +134,7 @@ def fold(profile: Profile, events: Iterable[StoredEvent], embedding: Embedding) 
     """Apply events in time order; return the products they touched."""
     touched = set()
     for event in sorted(events, key=lambda e: e.timestamp):
-        profile.apply(
-            event.product_id,
-            event.kind,
-            event.timestamp,
-            event.basket_key,
-            embedding(event.product_id),
-        )
+        profile.apply(event.product_id, event.kind, event.timestamp, event.basket_key, embedding)
         touched.add(event.product_id)
     return touched
 
@@ -184,8 +178,15 @@ class SqliteProfileStore(ProfileStore):
             self._db = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None, timeout=30
             )
+            # Small pages: an event batch touches a few rows of many shoppers, scattered over the
+            # tables, and each touched page is written whole to the WAL (1 KiB pages took batches
+            # of 32 events for random shoppers from 6,500 to 8,000-12,000 events/s here). Only a
+            # new file takes it.
+            self._db.execute("PRAGMA page_size=1024")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+            # Checkpoints copy the WAL back into the file; every 10,000 pages rather than 1,000.
+            self._db.execute("PRAGMA wal_autocheckpoint=10000")
             self._db.executescript(_SCHEMA)
 
     @contextmanager
@@ -233,35 +234,68 @@ class SqliteProfileStore(ProfileStore):
         )
         self._db.executemany(
             f"INSERT OR REPLACE INTO user_items VALUES (?, ?, {', '.join('?' * len(_ITEM_COLUMNS))})",
-            [(user_key, pid, *astuple(profile.items[pid])) for pid in products],
+            [(user_key, pid, *profile.items[pid].row()) for pid in products],
         )
 
     def apply(self, events: Sequence[StoredEvent], embedding: Embedding) -> set[str]:
-        applied: set[str] = set()
+        groups = _by_user(events)
         with self._transaction("IMMEDIATE"):
-            for user_key, group in _by_user(events).items():
-                keys = sorted({e.event_key for e in group})
-                seen = {
-                    row[0]
-                    for row in self._db.execute(
-                        "SELECT event_key FROM seen_events WHERE user_key = ? AND event_key IN "
-                        f"({', '.join('?' * len(keys))})",
-                        (user_key, *keys),
-                    )
-                }
-                fresh = _fresh(group, seen)
-                if not fresh:
-                    continue
-                user = self._user(user_key)
-                items = self._items(user_key, {e.product_id for e in fresh})
-                profile = Profile(items=items) if user is None else _profile(user, items)
-                self._write(user_key, profile, fold(profile, fresh, embedding))
-                self._db.executemany(
-                    "INSERT INTO seen_events VALUES (?, ?)",
-                    [(user_key, e.event_key) for e in fresh],
+            seen = self._select_pairs("seen_events", ["event_key"], "event_key", groups)
+            fresh = {u: _fresh(g, {k for _, k in seen.get(u, [])}) for u, g in groups.items()}
+            fresh = {u: f for u, f in fresh.items() if f}
+            if not fresh:
+                return set()
+            users = dict(
+                (row[0], row[1:])
+                for row in self._db.execute(
+                    f"SELECT user_key, {', '.join(_USER_COLUMNS)} FROM users WHERE user_key IN "
+                    f"({', '.join('?' * len(fresh))})",
+                    list(fresh),
                 )
-                applied.update(e.event_key for e in fresh)
-        return applied
+            )
+            items = self._select_pairs(
+                "user_items", ["product_id", *_ITEM_COLUMNS], "product_id", fresh
+            )
+            user_rows, item_rows = [], []
+            for user_key, batch in fresh.items():
+                stats = {row[1]: ItemStats(*row[2:]) for row in items.get(user_key, [])}
+                user = users.get(user_key)
+                profile = Profile(items=stats) if user is None else _profile(user, stats)
+                touched = fold(profile, batch, embedding)
+                user_rows.append((user_key, *_user_row(profile)))
+                item_rows += [(user_key, p, *profile.items[p].row()) for p in touched]
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO users VALUES (?, {', '.join('?' * len(_USER_COLUMNS))})",
+                user_rows,
+            )
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO user_items VALUES (?, ?, "
+                f"{', '.join('?' * len(_ITEM_COLUMNS))})",
+                item_rows,
+            )
+            self._db.executemany(
+                "INSERT INTO seen_events VALUES (?, ?)",
+                [(u, e.event_key) for u, batch in fresh.items() for e in batch],
+            )
+        return {e.event_key for batch in fresh.values() for e in batch}
+
+    def _select_pairs(
+        self, table: str, columns: Sequence[str], key: str, groups: dict[str, list[StoredEvent]]
+    ) -> dict[str, list[tuple]]:
+        """Rows of ``table`` (user_key, ``columns``...) whose (user_key, ``key``) pair an event of
+        ``groups`` carries (its attribute of the same name), by user: one indexed join."""
+        pairs = sorted({(u, getattr(e, key)) for u, g in groups.items() for e in g})
+        wanted = ", ".join(["(?, ?)"] * len(pairs))
+        selected = ", ".join(f"{table}.{c}" for c in ("user_key", *columns))
+        rows = self._db.execute(
+            f"WITH wanted(user_key, value) AS (VALUES {wanted}) SELECT {selected} FROM wanted "
+            f"JOIN {table} ON {table}.user_key = wanted.user_key AND {table}.{key} = wanted.value",
+            [x for pair in pairs for x in pair],
+        )
+        found: dict[str, list[tuple]] = {}
+        for row in rows:
+            found.setdefault(row[0], []).append(row)
+        return found
 
     def forget(self, user_key: str) -> bool:
         with self._transaction("IMMEDIATE"):
@@ -328,7 +362,7 @@ class RedisProfileStore(ProfileStore):
         if fields["taste_sum"] is None:
             del fields["taste_sum"]
         commands: list[tuple] = [("HSET", user, *(x for kv in fields.items() for x in kv))]
-        stats = [(p, json.dumps(astuple(profile.items[p]))) for p in products]
+        stats = [(p, json.dumps(profile.items[p].row())) for p in products]
         if stats:
             commands.append(("HSET", items, *(x for kv in stats for x in kv)))
         return commands

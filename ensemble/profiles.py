@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,10 @@ class ItemStats:
     last_ts: float = 0.0
     decayed: float = 0.0  # sum of BASKET_DECAY ** (baskets ago) over its baskets, as of last_basket
 
+    def row(self) -> tuple:
+        """The fields in declaration order (the store's column order)."""
+        return tuple(self.__dict__.values())
+
 
 @dataclass
 class Profile:
@@ -94,9 +99,10 @@ class Profile:
         kind: int,
         timestamp: float,
         basket_key: str,
-        embedding: np.ndarray,
+        embedding: Callable[[int], np.ndarray],
     ) -> None:
-        """Fold one event into the profile (events of one shopper arrive in time order)."""
+        """Fold one event into the profile (events of one shopper arrive in time order);
+        ``embedding(product_id)`` is asked for purchases only (they make the taste vector)."""
         stats = self.items.setdefault(product_id, ItemStats())
         stats.last_ts = max(stats.last_ts, timestamp)
         self.last_ts = max(self.last_ts, timestamp)
@@ -125,7 +131,7 @@ class Profile:
         stats: ItemStats,
         timestamp: float,
         basket_key: str,
-        embedding: np.ndarray,
+        embedding: Callable[[int], np.ndarray],
     ) -> None:
         if self.starts_basket(timestamp, basket_key):
             self.baskets += 1
@@ -142,9 +148,10 @@ class Profile:
             stats.first_basket = current
         if product_id in self.open_basket:
             self.open_basket.remove(product_id)
+        vector = embedding(product_id)
         if self.taste_sum is None:
-            self.taste_sum = np.zeros_like(embedding, dtype=np.float32)
-        self.taste_sum += embedding
+            self.taste_sum = np.zeros_like(vector, dtype=np.float32)
+        self.taste_sum += vector
         self.taste_weight += 1.0
 
     def taste(self) -> np.ndarray | None:

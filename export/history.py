@@ -58,7 +58,7 @@ def replay(
             int(events.events[i]),
             float(events.timestamps[i]),
             events.basket_ids[i],
-            embedding(int(events.product_ids[i])),
+            embedding,
         )
     return profile
 
@@ -67,6 +67,10 @@ def timelines(events: EventsData) -> dict[str, Timeline]:
     """Number every shopper's baskets the way profiles do (one pass per shopper)."""
     out = {}
     zero = np.zeros(1, dtype=np.float32)
+
+    def no_taste(_: int) -> np.ndarray:
+        return zero
+
     for user, span in events.by_user().items():
         positions = np.arange(span.start, span.stop)
         basket_of = np.full(len(positions), -1, dtype=np.int32)
@@ -78,7 +82,7 @@ def timelines(events: EventsData) -> dict[str, Timeline]:
                 kind,
                 float(events.timestamps[i]),
                 events.basket_ids[i],
-                zero,
+                no_taste,
             )
             if kind == PURCHASE:
                 basket_of[j] = profile.baskets - 1

@@ -18,7 +18,11 @@ from shopserve.export.data import CatalogueData, DataError, load_events, parse_t
 from shopserve.export.history import timelines
 
 CATALOGUE = CatalogueData(np.array([1, 2, 3, 4], dtype=np.int64), ["a", "b", "c", "d"])
-E = np.ones(4, dtype=np.float32)
+ONES = np.ones(4, dtype=np.float32)
+
+
+def E(_: int) -> np.ndarray:
+    return ONES
 
 
 def write(path, rows: list[str]) -> None:
@@ -60,7 +64,7 @@ def test_bad_events_name_their_first_rows_and_count(tmp_path) -> None:
 def test_a_profile_folds_baskets_carts_and_taste() -> None:
     profile = Profile()
     profile.apply(1, PURCHASE, 0.0, "b1", E)
-    profile.apply(2, PURCHASE, 1.0, "b1", 2 * E)
+    profile.apply(2, PURCHASE, 1.0, "b1", lambda _: 2 * ONES)
     profile.apply(1, PURCHASE, 100.0, "b2", E)
     profile.apply(3, ADD_TO_CART, 101.0, "", E)
     profile.apply(4, CLICK, 102.0, "", E)
