@@ -3,9 +3,11 @@
 Only numpy and tritonclient are needed; the public API is re-exported here from private modules.
 """
 
-from ._client import EVENT_TYPES, AsyncSearchClient, Event, Hit, SearchClient
+from ._client import EVENT_TYPES, AsyncSearchClient, Event, Hit, SearchClient, Security
 from ._errors import (
     InvalidRequestError,
+    OverloadedError,
+    PermissionDeniedError,
     RequestTimeoutError,
     SearchError,
     ServerUnavailableError,
@@ -18,9 +20,12 @@ __all__ = [
     "Event",
     "Hit",
     "InvalidRequestError",
+    "OverloadedError",
+    "PermissionDeniedError",
     "RequestTimeoutError",
     "SearchClient",
     "SearchError",
+    "Security",
     "ServerUnavailableError",
     "map_error",
 ]

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ._client import DEFAULT_URL, Event, Hit, SearchClient
+from ._client import DEFAULT_URL, Event, Hit, SearchClient, Security
 from ._errors import InvalidRequestError, SearchError
 
 TITLE_WIDTH = 70
@@ -62,12 +62,7 @@ def _parser(recommend: bool = False) -> argparse.ArgumentParser:
     parser.add_argument(
         "-k", "--top-k", type=int, default=10, help="number of results (default: 10)"
     )
-    parser.add_argument(
-        "--url", default=DEFAULT_URL, help=f"Triton gRPC address (default: {DEFAULT_URL})"
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=5.0, help="request timeout in seconds (default: 5)"
-    )
+    _connection(parser, timeout=5.0)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     return parser
 
@@ -80,7 +75,7 @@ def main(argv: list[str] | None = None, recommend: bool = False) -> int:
     """
     args = _parser(recommend).parse_args(argv)
     try:
-        with SearchClient(args.url, timeout=args.timeout) as client:
+        with _client(args) as client:
             if recommend:
                 hits = client.recommend(args.user_id, top_k=args.top_k, new_only=args.new_only)
             else:
@@ -94,13 +89,40 @@ def main(argv: list[str] | None = None, recommend: bool = False) -> int:
     return 0
 
 
-def _connection(parser: argparse.ArgumentParser) -> None:
+def _connection(parser: argparse.ArgumentParser, timeout: float = 30.0) -> None:
+    """The options every command shares: where the server is, the deadline, TLS and keys."""
     parser.add_argument(
         "--url", default=DEFAULT_URL, help=f"Triton gRPC address (default: {DEFAULT_URL})"
     )
     parser.add_argument(
-        "--timeout", type=float, default=30.0, help="request timeout in seconds (default: 30)"
+        "--timeout",
+        type=float,
+        default=timeout,
+        help=f"deadline of each request in seconds (default: {timeout:g})",
     )
+    parser.add_argument("--tls-ca", help="connect over TLS, trusting this CA (PEM)")
+    parser.add_argument("--tls-cert", help="a client certificate (PEM), when the server asks")
+    parser.add_argument("--tls-key", help="the client certificate's key (PEM)")
+    parser.add_argument("--inference-key-file", type=Path, help="the server's inference key")
+    parser.add_argument("--admin-key-file", type=Path, help="the operator's key (forget)")
+
+
+def _security(args: argparse.Namespace) -> Security:
+    def key(path: Path | None) -> str | None:
+        return path.read_text().strip() if path else None
+
+    return Security(
+        ssl=bool(args.tls_ca),
+        root_certificates=args.tls_ca,
+        private_key=args.tls_key,
+        certificate_chain=args.tls_cert,
+        inference_key=key(args.inference_key_file),
+        admin_key=key(args.admin_key_file),
+    )
+
+
+def _client(args: argparse.Namespace) -> SearchClient:
+    return SearchClient(args.url, timeout=args.timeout, security=_security(args))
 
 
 def _epoch_seconds(text: str) -> float:
@@ -143,7 +165,7 @@ def events_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sent = new = 0
     try:
-        with SearchClient(args.url, timeout=args.timeout) as client:
+        with _client(args) as client:
             batch: list[Event] = []
             for event in read_events(args.file):
                 batch.append(event)
@@ -169,7 +191,7 @@ def forget_main(argv: list[str] | None = None) -> int:
     _connection(parser)
     args = parser.parse_args(argv)
     try:
-        with SearchClient(args.url, timeout=args.timeout) as client:
+        with _client(args) as client:
             found = client.forget(args.user_id)
     except SearchError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -47,37 +47,44 @@ class TensorResult(Protocol):
     def as_numpy(self, name: str) -> np.ndarray | None: ...
 
 
-def _bytes_tensor(name: str, value: str | bytes) -> grpcclient.InferInput:
-    """A BYTES [1] tensor; str is UTF-8 encoded, bytes are sent unchanged (raw bytes may be sent)."""
+def _bytes_tensor(name: str, value: str | bytes, batched: bool = False) -> grpcclient.InferInput:
+    """A BYTES [1] tensor ([1, 1] for a batching model); str is UTF-8 encoded, bytes are sent
+    unchanged (raw bytes may be sent)."""
     if isinstance(value, str):
         data = value.encode("utf-8")
     elif isinstance(value, bytes):
         data = value
     else:
         raise TypeError(f"{name.lower()} must be str or bytes, not {type(value).__name__}")
-    tensor = grpcclient.InferInput(name, [1], "BYTES")
-    tensor.set_data_from_numpy(np.array([data], dtype=np.object_))
+    shape = [1, 1] if batched else [1]
+    tensor = grpcclient.InferInput(name, shape, "BYTES")
+    tensor.set_data_from_numpy(np.array([data], dtype=np.object_).reshape(shape))
     return tensor
 
 
-def _top_k_tensor(top_k: int) -> grpcclient.InferInput:
+def _top_k_tensor(top_k: int, batched: bool = False) -> grpcclient.InferInput:
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
         raise TypeError(f"top_k must be an int, not {type(top_k).__name__}")
     if not _INT32.min <= top_k <= _INT32.max:
         # Not a range check on the value's meaning: numpy would silently wrap it around.
         raise OverflowError(f"top_k={top_k} does not fit in INT32")
-    tensor = grpcclient.InferInput("TOP_K", [1], "INT32")
-    tensor.set_data_from_numpy(np.array([top_k], dtype=np.int32))
+    shape = [1, 1] if batched else [1]
+    tensor = grpcclient.InferInput("TOP_K", shape, "INT32")
+    tensor.set_data_from_numpy(np.array([top_k], dtype=np.int32).reshape(shape))
     return tensor
 
 
 def build_inputs(
-    query: str | bytes, top_k: int, user_id: str | bytes | None = None
+    query: str | bytes,
+    top_k: int,
+    user_id: str | bytes | None = None,
+    batched: bool = False,
 ) -> list[grpcclient.InferInput]:
-    """The search request: QUERY and TOP_K (shape [1]), and USER_ID when personalised."""
-    inputs = [_bytes_tensor("QUERY", query), _top_k_tensor(top_k)]
+    """The search request: QUERY and TOP_K (shape [1], or [1, 1] for a model that batches, like
+    ``search``), and USER_ID when personalised."""
+    inputs = [_bytes_tensor("QUERY", query, batched), _top_k_tensor(top_k, batched)]
     if user_id is not None:
-        inputs.append(_bytes_tensor("USER_ID", user_id))
+        inputs.append(_bytes_tensor("USER_ID", user_id, batched))
     return inputs
 
 
@@ -150,10 +157,6 @@ def _forgotten(result: TensorResult) -> bool:
     return bool(forgotten.reshape(-1)[0])
 
 
-def requested_outputs() -> list[grpcclient.InferRequestedOutput]:
-    return [grpcclient.InferRequestedOutput(name) for name in OUTPUT_NAMES]
-
-
 def parse_hits(result: TensorResult) -> list[Hit]:
     """Turn the PRODUCT_IDS / SCORES / TITLES outputs into ranked hits."""
     arrays = []
@@ -206,19 +209,78 @@ def _check_max_in_flight(max_in_flight: int) -> None:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
 
 
+INFERENCE_KEY_HEADER = "shopserve-inference-key"  # when the server requires one for inference
+ADMIN_KEY_HEADER = "shopserve-admin-key"  # model control, repository index, logging, tracing
+ADMIN_KEY_PARAMETER = "admin_key"  # forget: the operator's key, checked by the model
+
+
+@dataclass(frozen=True)
+class Security:
+    """TLS and keys of a connection. ``root_certificates``, ``private_key`` and
+    ``certificate_chain`` are PEM file paths (the last two for servers that check client
+    certificates); ``inference_key`` is sent with every request when the server requires it;
+    ``admin_key`` authorises ``forget``."""
+
+    ssl: bool = False
+    root_certificates: str | None = None
+    private_key: str | None = None
+    certificate_chain: str | None = None
+    inference_key: str | None = None
+    admin_key: str | None = None
+
+    def channel(self) -> dict:
+        """Keyword arguments of tritonclient's InferenceServerClient."""
+        if not self.ssl:
+            return {}
+        return {
+            "ssl": True,
+            "root_certificates": self.root_certificates,
+            "private_key": self.private_key,
+            "certificate_chain": self.certificate_chain,
+        }
+
+
 class _ClientSettings:
-    def __init__(self, url: str, model_name: str, timeout: float, recommend_model: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        model_name: str,
+        timeout: float,
+        recommend_model: str,
+        security: Security | None,
+    ) -> None:
         self.url = url
         self.model_name = model_name
         self.recommend_model = recommend_model
         self.timeout = timeout
+        self.security = security or Security()
+        self._batching: dict[str, bool] = {}  # model -> whether its requests carry a batch dim
 
-    def _infer_options(self, timeout: float | None) -> dict:
-        """Keyword arguments of every infer call: the outputs and the deadline in seconds."""
-        return {
-            "outputs": requested_outputs(),
-            "client_timeout": self.timeout if timeout is None else timeout,
+    def _infer_options(
+        self, timeout: float | None, outputs: Sequence[str] = OUTPUT_NAMES, admin: bool = False
+    ) -> dict:
+        """Keyword arguments of every infer call: the outputs, the deadline in seconds, and the
+        same deadline for the server (microseconds), which drops a request whose caller has given
+        up before computing it."""
+        seconds = self.timeout if timeout is None else timeout
+        options = {
+            "outputs": [grpcclient.InferRequestedOutput(name) for name in outputs],
+            "client_timeout": seconds,
+            "timeout": max(int(seconds * 1e6), 1),
         }
+        if self.security.inference_key:
+            options["headers"] = {INFERENCE_KEY_HEADER: self.security.inference_key}
+        if admin:
+            if not self.security.admin_key:
+                raise ValueError("forget needs the operator's key: Security(admin_key=...)")
+            options["parameters"] = {ADMIN_KEY_PARAMETER: self.security.admin_key}
+        return options
+
+    def _probe_options(self) -> dict:
+        options: dict = {"client_timeout": self.timeout}
+        if self.security.inference_key:
+            options["headers"] = {INFERENCE_KEY_HEADER: self.security.inference_key}
+        return options
 
 
 class SearchClient(_ClientSettings):
@@ -233,17 +295,18 @@ class SearchClient(_ClientSettings):
         model_name: str = DEFAULT_MODEL_NAME,
         timeout: float = 5.0,
         recommend_model: str = RECOMMEND_MODEL_NAME,
+        security: Security | None = None,
     ) -> None:
-        super().__init__(url, model_name, timeout, recommend_model)
-        self._client = grpcclient.InferenceServerClient(url)
+        super().__init__(url, model_name, timeout, recommend_model, security)
+        self._client = grpcclient.InferenceServerClient(url, **self.security.channel())
 
     def ready(self) -> bool:
         """True when the server is live and ready and the model is ready."""
         try:
             return bool(
-                self._client.is_server_live(client_timeout=self.timeout)
-                and self._client.is_server_ready(client_timeout=self.timeout)
-                and self._client.is_model_ready(self.model_name, client_timeout=self.timeout)
+                self._client.is_server_live(**self._probe_options())
+                and self._client.is_server_ready(**self._probe_options())
+                and self._client.is_model_ready(self.model_name, **self._probe_options())
             )
         except InferenceServerException as exc:
             return _not_ready(exc)
@@ -257,7 +320,8 @@ class SearchClient(_ClientSettings):
     ) -> list[Hit]:
         """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged. With
         ``user_id`` the answer is personalised for that shopper."""
-        return self._infer(self.model_name, build_inputs(query, top_k, user_id), timeout)
+        inputs = build_inputs(query, top_k, user_id, self._batched(self.model_name))
+        return self._infer(self.model_name, inputs, timeout)
 
     def recommend(
         self,
@@ -287,35 +351,39 @@ class SearchClient(_ClientSettings):
 
     def record_many(self, events: Sequence[Event], timeout: float | None = None) -> int:
         """Record a batch (all or nothing); returns how many events were new."""
-        result = self._call(EVENTS_MODEL_NAME, build_event_inputs(events), timeout, ["ACCEPTED"])
-        return _accepted(result)
+        options = self._infer_options(timeout, ["ACCEPTED"])
+        return _accepted(self._call(EVENTS_MODEL_NAME, build_event_inputs(events), options))
 
     def forget(self, user_id: str | bytes, timeout: float | None = None) -> bool:
-        """Erase everything stored about a shopper; returns whether there was anything."""
-        inputs = [_bytes_tensor("USER_ID", user_id)]
-        return _forgotten(self._call(FORGET_MODEL_NAME, inputs, timeout, ["FORGOTTEN"]))
+        """Erase everything stored about a shopper (needs the operator's key, ``admin_key``);
+        returns whether there was anything."""
+        options = self._infer_options(timeout, ["FORGOTTEN"], admin=True)
+        return _forgotten(
+            self._call(FORGET_MODEL_NAME, [_bytes_tensor("USER_ID", user_id)], options)
+        )
+
+    def _batched(self, model: str) -> bool:
+        """Whether ``model`` batches (its inputs then carry a batch dimension): asked once."""
+        if model not in self._batching:
+            try:
+                config = self._client.get_model_config(model, **self._probe_options())
+            except InferenceServerException as exc:
+                raise map_error(exc) from exc
+            self._batching[model] = config.config.max_batch_size > 0
+        return self._batching[model]
 
     def _call(
-        self,
-        model: str,
-        inputs: list[grpcclient.InferInput],
-        timeout: float | None,
-        outputs: Sequence[str],
+        self, model: str, inputs: list[grpcclient.InferInput], options: dict
     ) -> grpcclient.InferResult:
         try:
-            return self._client.infer(
-                model,
-                inputs,
-                outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
-                client_timeout=self.timeout if timeout is None else timeout,
-            )
+            return self._client.infer(model, inputs, **options)
         except InferenceServerException as exc:
             raise map_error(exc) from exc
 
     def _infer(
         self, model: str, inputs: list[grpcclient.InferInput], timeout: float | None
     ) -> list[Hit]:
-        return parse_hits(self._call(model, inputs, timeout, OUTPUT_NAMES))
+        return parse_hits(self._call(model, inputs, self._infer_options(timeout)))
 
     def search_many(
         self,
@@ -330,7 +398,8 @@ class SearchClient(_ClientSettings):
         sent; the in-flight ones are awaited and then that first error is raised.
         """
         _check_max_in_flight(max_in_flight)
-        requests = [build_inputs(query, top_k) for query in queries]
+        batched = self._batched(self.model_name)
+        requests = [build_inputs(query, top_k, batched=batched) for query in queries]
         options = self._infer_options(timeout)
         results: list[list[Hit]] = [[] for _ in requests]
         failures: list[Exception] = []
@@ -394,13 +463,14 @@ class AsyncSearchClient(_ClientSettings):
         model_name: str = DEFAULT_MODEL_NAME,
         timeout: float = 5.0,
         recommend_model: str = RECOMMEND_MODEL_NAME,
+        security: Security | None = None,
     ) -> None:
-        super().__init__(url, model_name, timeout, recommend_model)
+        super().__init__(url, model_name, timeout, recommend_model, security)
         self._client: aio_grpcclient.InferenceServerClient | None = None
 
     def _triton(self) -> aio_grpcclient.InferenceServerClient:
         if self._client is None:
-            self._client = aio_grpcclient.InferenceServerClient(self.url)
+            self._client = aio_grpcclient.InferenceServerClient(self.url, **self.security.channel())
         return self._client
 
     async def ready(self) -> bool:
@@ -408,9 +478,9 @@ class AsyncSearchClient(_ClientSettings):
         client = self._triton()
         try:
             return bool(
-                await client.is_server_live(client_timeout=self.timeout)
-                and await client.is_server_ready(client_timeout=self.timeout)
-                and await client.is_model_ready(self.model_name, client_timeout=self.timeout)
+                await client.is_server_live(**self._probe_options())
+                and await client.is_server_ready(**self._probe_options())
+                and await client.is_model_ready(self.model_name, **self._probe_options())
             )
         except InferenceServerException as exc:
             return _not_ready(exc)
@@ -424,7 +494,8 @@ class AsyncSearchClient(_ClientSettings):
     ) -> list[Hit]:
         """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged. With
         ``user_id`` the answer is personalised for that shopper."""
-        return await self._infer(build_inputs(query, top_k, user_id), timeout)
+        batched = await self._batched(self.model_name)
+        return await self._infer(build_inputs(query, top_k, user_id, batched), timeout)
 
     async def recommend(
         self,
@@ -452,7 +523,8 @@ class AsyncSearchClient(_ClientSettings):
         cancelled and that error is raised.
         """
         _check_max_in_flight(max_in_flight)
-        requests = [build_inputs(query, top_k) for query in queries]
+        batched = await self._batched(self.model_name)
+        requests = [build_inputs(query, top_k, batched=batched) for query in queries]
         slots = asyncio.Semaphore(max_in_flight)
 
         async def bounded(inputs: list[grpcclient.InferInput]) -> list[Hit]:
@@ -493,6 +565,16 @@ class AsyncSearchClient(_ClientSettings):
         """Erase everything stored about a shopper; returns whether there was anything."""
         inputs = [_bytes_tensor("USER_ID", user_id)]
         return _forgotten(await self._call(FORGET_MODEL_NAME, inputs, timeout, ["FORGOTTEN"]))
+
+    async def _batched(self, model: str) -> bool:
+        """Whether ``model`` batches (its inputs then carry a batch dimension): asked once."""
+        if model not in self._batching:
+            try:
+                config = await self._triton().get_model_config(model, **self._probe_options())
+            except InferenceServerException as exc:
+                raise map_error(exc) from exc
+            self._batching[model] = config.config.max_batch_size > 0
+        return self._batching[model]
 
     async def _call(
         self,

@@ -12,6 +12,8 @@ class SearchError(Exception):
     ``"StatusCode.INVALID_ARGUMENT"``, or None when the error did not come from an RPC.
     """
 
+    retryable = False  # whether sending the same request again later may succeed
+
     def __init__(self, message: str, status: str | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -25,9 +27,22 @@ class InvalidRequestError(SearchError):
 class ServerUnavailableError(SearchError):
     """The server cannot be reached, or the model is missing or not ready."""
 
+    retryable = True
+
+
+class OverloadedError(ServerUnavailableError):
+    """The server is past its capacity and refused the request at once (its queue was full, or the
+    request's deadline passed while it waited): retry after a pause, or elsewhere."""
+
 
 class RequestTimeoutError(SearchError):
     """The request did not complete within the client timeout (gRPC DEADLINE_EXCEEDED)."""
+
+    retryable = True
+
+
+class PermissionDeniedError(SearchError):
+    """The server requires a key this client did not send, or sent wrong."""
 
 
 _ERROR_BY_STATUS: dict[str, type[SearchError]] = {
@@ -35,11 +50,23 @@ _ERROR_BY_STATUS: dict[str, type[SearchError]] = {
     "StatusCode.UNAVAILABLE": ServerUnavailableError,
     "StatusCode.NOT_FOUND": ServerUnavailableError,
     "StatusCode.DEADLINE_EXCEEDED": RequestTimeoutError,
+    "StatusCode.RESOURCE_EXHAUSTED": OverloadedError,
+    "StatusCode.PERMISSION_DENIED": PermissionDeniedError,
+    "StatusCode.UNAUTHENTICATED": PermissionDeniedError,
 }
+# Triton answers UNAVAILABLE both when a model is down and when it sheds load; these say which.
+_OVERLOAD_MESSAGES = ("exceeds maximum queue size", "request timeout expired")
+_KEY_MESSAGES = ("this protocol is restricted", "operator's key")
 
 
 def map_error(exc: InferenceServerException) -> SearchError:
     """Translate a tritonclient exception into the matching :class:`SearchError` subclass."""
     status = exc.status()
+    message = exc.message() or status or "search request failed"
     error_type = _ERROR_BY_STATUS.get(status or "", SearchError)
-    return error_type(exc.message() or status or "search request failed", status)
+    lowered = message.lower()
+    if any(text in lowered for text in _OVERLOAD_MESSAGES):
+        error_type = OverloadedError
+    elif any(text in lowered for text in _KEY_MESSAGES):
+        error_type = PermissionDeniedError
+    return error_type(message, status)

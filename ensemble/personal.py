@@ -8,6 +8,7 @@ serve`` sets it, seeded from the build's snapshot); without it, from the build's
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 from dataclasses import dataclass
@@ -28,9 +29,9 @@ from .validation import MAX_TOP_K, check_flag, check_top_k, decode_user_id
 PROFILES_FILE = "profiles.sqlite"
 
 
-def snapshot_path(repository: Path) -> Path:
+def snapshot_path(repository: Path, version: int | None = None) -> Path:
     """The profiles as the build left them (the seed of the live store)."""
-    return store.latest_version_dir(repository, store.RECOMMEND) / PROFILES_FILE
+    return store.version_dir(repository, store.RECOMMEND, version) / PROFILES_FILE
 
 
 def profile_namespace(repository: Path) -> str:
@@ -54,19 +55,23 @@ class Personalization:
 
     @classmethod
     def from_repository(
-        cls, repository: Path, dense: DenseIndex, product_ids: np.ndarray
+        cls,
+        repository: Path,
+        dense: DenseIndex,
+        product_ids: np.ndarray,
+        version: int | None = None,
     ) -> Personalization | None:
         """The personalisation of a built store, or None when it was built without events."""
         if not store.version_dirs(repository, store.RECOMMEND):
             return None
-        version_dir = store.latest_version_dir(repository, store.RECOMMEND)
+        version_dir = store.version_dir(repository, store.RECOMMEND, version)
         if not (version_dir / ITEMS_FILE).exists():
             return None
         weight = store.config_parameters(repository, store.SEARCH).get(PERSONAL_WEIGHT, "0")
         live = os.environ.get(PROFILE_STORE_ENV)
         return cls(
             Recommender(ShopItems.load(version_dir / ITEMS_FILE), dense, product_ids),
-            OnnxRanker(store.model_file(repository, store.REC_RANKER), 1),
+            OnnxRanker(store.model_file(repository, store.REC_RANKER, version), 1),
             open_store(live, namespace=profile_namespace(repository))
             if live
             else open_store(version_dir / PROFILES_FILE, readonly=True),
@@ -75,15 +80,17 @@ class Personalization:
         )
 
     @classmethod
-    def load(cls, repository: Path) -> tuple[Personalization, store.Catalogue]:
+    def load(
+        cls, repository: Path, version: int | None = None
+    ) -> tuple[Personalization, store.Catalogue]:
         """A personalised store's personalisation and catalogue, with the dense index it reads."""
         params = store.config_parameters(repository, store.RETRIEVE)
         dense = DenseIndex.load(
-            store.latest_version_dir(repository, store.RETRIEVE) / store.DENSE_INDEX_FILE,
+            store.version_dir(repository, store.RETRIEVE, version) / store.DENSE_INDEX_FILE,
             int(params["ef_search"]),
         )
-        catalogue = store.load_catalogue(repository)
-        personal = cls.from_repository(repository, dense, catalogue.product_ids)
+        catalogue = store.load_catalogue(repository, version)
+        personal = cls.from_repository(repository, dense, catalogue.product_ids, version)
         if personal is None:
             raise FileNotFoundError(f"{repository} was built without behaviour data (--events)")
         return personal, catalogue
@@ -109,8 +116,10 @@ class RecommendPipeline:
         self._best_sellers = np.lexsort((ids, -popularity))[:MAX_TOP_K]
 
     @classmethod
-    def from_repository(cls, repository: Path | str) -> RecommendPipeline:
-        personal, catalogue = Personalization.load(Path(repository))
+    def from_repository(
+        cls, repository: Path | str, version: int | None = None
+    ) -> RecommendPipeline:
+        personal, catalogue = Personalization.load(Path(repository), version)
         return cls(personal, PostProcessor(catalogue))
 
     def recommend(
@@ -148,8 +157,8 @@ class LiveEvents:
         self.ingest = EventIngest(personalization.profiles, personalization.keys, self.embedding)
 
     @classmethod
-    def from_repository(cls, repository: Path | str) -> LiveEvents:
-        return cls(Personalization.load(Path(repository))[0])
+    def from_repository(cls, repository: Path | str, version: int | None = None) -> LiveEvents:
+        return cls(Personalization.load(Path(repository), version)[0])
 
     def embedding(self, product_id: int) -> np.ndarray:
         row = self.personal.recommender.row_of[product_id]
@@ -159,5 +168,21 @@ class LiveEvents:
         """Commit the requests together; how many events of each were new."""
         return self.ingest.ingest(requests)
 
-    def forget(self, user_id: str | bytes | np.ndarray) -> bool:
+    def forget(
+        self, user_id: str | bytes | np.ndarray, given_key: object, operator_key: str | None
+    ) -> bool:
+        """Erase a shopper, for a caller holding the operator's key."""
+        if not operator_key:
+            raise OperatorKeyError(
+                "forget needs the operator's key, and this server has none: start it with "
+                "shopserve serve --admin-key-file FILE"
+            )
+        if not isinstance(given_key, str) or not hmac.compare_digest(given_key, operator_key):
+            raise OperatorKeyError(
+                "forget requires the operator's key (request parameter admin_key)"
+            )
         return self.personal.profiles.forget(self.personal.keys.key(decode_user_id(user_id)))
+
+
+class OperatorKeyError(PermissionError):
+    """An operation reserved for operators was asked without their key."""

@@ -19,17 +19,17 @@ from .validation import check_top_k, decode_query, decode_user_id
 __all__ = ["SearchPipeline", "SearchResult", "load_retriever", "load_tokenizer"]
 
 
-def load_tokenizer(repository: Path) -> QueryTokenizer:
+def load_tokenizer(repository: Path, version: int | None = None) -> QueryTokenizer:
     params = store.config_parameters(repository, store.TOKENIZE)
     return QueryTokenizer(
-        store.latest_version_dir(repository, store.TOKENIZE) / store.TOKENIZER_FILE,
+        store.version_dir(repository, store.TOKENIZE, version) / store.TOKENIZER_FILE,
         max_length=int(params["max_length"]),
     )
 
 
-def load_retriever(repository: Path) -> Retriever:
+def load_retriever(repository: Path, version: int | None = None) -> Retriever:
     params = store.config_parameters(repository, store.RETRIEVE)
-    version_dir = store.latest_version_dir(repository, store.RETRIEVE)
+    version_dir = store.version_dir(repository, store.RETRIEVE, version)
     return Retriever(
         DenseIndex.load(version_dir / store.DENSE_INDEX_FILE, int(params["ef_search"])),
         LexicalIndex.load(version_dir / store.LEXICAL_INDEX_DIR),
@@ -62,26 +62,26 @@ class SearchPipeline:
         self.personal = personal
 
     @classmethod
-    def from_repository(cls, repository: Path | str) -> SearchPipeline:
+    def from_repository(cls, repository: Path | str, version: int | None = None) -> SearchPipeline:
         """Load every step with the settings of its Triton config, ONNX Runtime threads included
         (float reductions split over another thread count can flip near-tied candidates)."""
         repository = Path(repository)
-        retriever = load_retriever(repository)
-        postprocessor = PostProcessor(store.load_catalogue(repository))
+        retriever = load_retriever(repository, version)
+        postprocessor = PostProcessor(store.load_catalogue(repository, version))
         return cls(
-            load_tokenizer(repository),
+            load_tokenizer(repository, version),
             OnnxEncoder(
-                store.model_file(repository, store.ENCODER),
+                store.model_file(repository, store.ENCODER, version),
                 _intra_op_threads(repository, store.ENCODER),
             ),
             retriever,
             OnnxRanker(
-                store.model_file(repository, store.RANKER),
+                store.model_file(repository, store.RANKER, version),
                 _intra_op_threads(repository, store.RANKER),
             ),
             postprocessor,
             Personalization.from_repository(
-                repository, retriever.dense, postprocessor.catalogue.product_ids
+                repository, retriever.dense, postprocessor.catalogue.product_ids, version
             ),
         )
 

@@ -163,21 +163,23 @@ class Profile:
 
     def arrays(self) -> ItemArrays:
         ids = np.fromiter(self.items, dtype=np.int64, count=len(self.items))
-        stats = list(self.items.values())
-
-        def column(name: str, dtype: type) -> np.ndarray:
-            return np.array([getattr(s, name) for s in stats], dtype=dtype)
-
+        table = np.array([s.row() for s in self.items.values()], dtype=np.float64).reshape(
+            len(ids), len(_STATS)
+        )
+        column = {name: table[:, i] for i, name in enumerate(_STATS)}
         return ItemArrays(
             ids,
-            column("purchases", np.int32),
-            column("baskets", np.int32),
-            column("first_basket", np.int32),
-            column("last_basket", np.int32),
-            column("carts", np.int32),
-            column("clicks", np.int32) + column("views", np.int32),
-            column("decayed", np.float64),
+            column["purchases"].astype(np.int32),
+            column["baskets"].astype(np.int32),
+            column["first_basket"].astype(np.int32),
+            column["last_basket"].astype(np.int32),
+            column["carts"].astype(np.int32),
+            (column["clicks"] + column["views"]).astype(np.int32),
+            column["decayed"],
         )
+
+
+_STATS = tuple(ItemStats.__dataclass_fields__)
 
 
 @dataclass(frozen=True)

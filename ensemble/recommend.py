@@ -10,12 +10,12 @@ popular items (cold start).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from scipy import sparse
 
 from .dense import DenseIndex
 from .profiles import BASKET_DECAY, Profile
@@ -58,17 +58,17 @@ class Neighbours:
     indices: np.ndarray  # int64
     values: np.ndarray  # float32
 
-    @cached_property
-    def matrix(self) -> sparse.csr_matrix:
-        size = len(self.indptr) - 1
-        return sparse.csr_matrix((self.values, self.indices, self.indptr), shape=(size, size))
-
     def spread(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """sum over j of weights[j] x (row j's weight for every item), float32 [items]."""
-        if not len(rows):
-            return np.zeros(self.matrix.shape[1], dtype=np.float32)
-        picked = self.matrix[np.asarray(rows, dtype=np.int64)]
-        return np.asarray(picked.T @ np.asarray(weights, dtype=np.float32)).ravel()
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, lengths = self.indptr[rows], self.indptr[rows + 1] - self.indptr[rows]
+        offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        positions = offsets + np.arange(int(lengths.sum()))
+        contributions = self.values[positions] * np.repeat(np.asarray(weights), lengths)
+        size = len(self.indptr) - 1
+        return np.bincount(self.indices[positions], weights=contributions, minlength=size).astype(
+            np.float32
+        )
 
 
 @dataclass(frozen=True)
@@ -148,14 +148,15 @@ class UserView:
     taste: np.ndarray | None
 
     @classmethod
-    def of(cls, profile: Profile, row_of: dict[int, int]) -> UserView:
+    def of(cls, profile: Profile, rows_of: Callable[[np.ndarray], np.ndarray]) -> UserView:
+        """``rows_of`` maps product ids to catalogue rows (-1 for a product not in it)."""
         arrays = profile.arrays()
-        known = np.array([pid in row_of for pid in arrays.product_ids.tolist()], dtype=bool)
-        rows = np.array([row_of[p] for p in arrays.product_ids[known].tolist()], dtype=np.int64)
+        all_rows = rows_of(arrays.product_ids)
+        known = all_rows >= 0
+        rows = all_rows[known]
         latest = rows[(arrays.last_basket[known] == profile.baskets - 1) & (profile.baskets > 0)]
-        open_cart = np.array(
-            [row_of[p] for p in profile.open_basket if p in row_of], dtype=np.int64
-        )
+        open_cart = rows_of(np.array(profile.open_basket, dtype=np.int64))
+        open_cart = open_cart[open_cart >= 0]
         return cls(
             rows,
             arrays.purchases[known],
@@ -179,9 +180,19 @@ class Recommender:
         self.dense = dense
         self.product_ids = product_ids
         self.row_of = {pid: row for row, pid in enumerate(product_ids.tolist())}
+        self._by_id = np.argsort(product_ids, kind="stable")
+        self._sorted_ids = product_ids[self._by_id]
+
+    def rows_of(self, product_ids: np.ndarray) -> np.ndarray:
+        """Catalogue rows of ``product_ids``; -1 for an id the catalogue does not have."""
+        product_ids = np.asarray(product_ids, dtype=np.int64)
+        if not len(self._sorted_ids):
+            return np.full(len(product_ids), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self._sorted_ids, product_ids), len(self._sorted_ids) - 1)
+        return np.where(self._sorted_ids[at] == product_ids, self._by_id[at], -1).astype(np.int64)
 
     def view(self, profile: Profile) -> UserView:
-        return UserView.of(profile, self.row_of)
+        return UserView.of(profile, self.rows_of)
 
     def candidates(self, user: UserView, new_only: bool = False) -> np.ndarray:
         """Catalogue rows worth scoring for this shopper (ascending), the open cart left out, and
@@ -208,8 +219,11 @@ class Recommender:
     def features(self, user: UserView, rows: np.ndarray) -> np.ndarray:
         """``[len(rows), len(REC_FEATURE_NAMES)]`` float32, in the order of REC_FEATURE_NAMES."""
         rows = np.asarray(rows, dtype=np.int64)
-        position = {row: i for i, row in enumerate(user.rows.tolist())}
-        index = np.array([position.get(row, -1) for row in rows.tolist()], dtype=np.int64)
+        order = np.argsort(user.rows, kind="stable")
+        at = np.searchsorted(user.rows[order], rows)
+        at = np.minimum(at, max(len(order) - 1, 0))
+        found = (user.rows[order][at] == rows) if len(order) else np.zeros(len(rows), bool)
+        index = np.where(found, order[at] if len(order) else 0, -1)
 
         def history(values: np.ndarray) -> np.ndarray:
             """The shopper's value for each candidate row; 0 where it is not in the history."""

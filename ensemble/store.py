@@ -57,6 +57,17 @@ def latest_version_dir(repository: Path, model: str) -> Path:
     return versions[-1]
 
 
+def version_dir(repository: Path, model: str, version: int | None = None) -> Path:
+    """Version ``version`` of ``model`` (the newest when None): the models of one store version
+    load each other's artefacts from the same version, so a rollout or rollback never mixes them."""
+    if version is None:
+        return latest_version_dir(repository, model)
+    directory = Path(repository) / model / str(version)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no version {version} of {model} in {repository}")
+    return directory
+
+
 def config_parameters(repository: Path, model: str) -> dict[str, str]:
     """The string ``parameters`` of a model's config.pbtxt, as the Triton adapters see them."""
     return dict(_PARAMETER.findall(_config_text(repository, model)))
@@ -73,11 +84,11 @@ def with_parameter(config: str, key: str, value: str) -> str:
     return config.rstrip("\n") + "\n" + line + "\n"
 
 
-def model_file(repository: Path, model: str) -> Path:
+def model_file(repository: Path, model: str, version: int | None = None) -> Path:
     """The ONNX file Triton serves for ``model``: its ``default_model_filename`` (else model.onnx)
-    in the newest version directory."""
+    in version ``version`` (the newest when None)."""
     found = _DEFAULT_MODEL_FILENAME.search(_config_text(repository, model))
-    return latest_version_dir(repository, model) / (found.group(1) if found else ONNX_FILE)
+    return version_dir(repository, model, version) / (found.group(1) if found else ONNX_FILE)
 
 
 def _config_text(repository: Path, model: str) -> str:
@@ -108,6 +119,6 @@ class Catalogue:
         return len(self.product_ids)
 
 
-def load_catalogue(repository: Path) -> Catalogue:
+def load_catalogue(repository: Path, version: int | None = None) -> Catalogue:
     """The catalogue a built store serves (ids and titles by catalogue row)."""
-    return Catalogue.load(latest_version_dir(repository, POSTPROCESS) / CATALOGUE_FILE)
+    return Catalogue.load(version_dir(repository, POSTPROCESS, version) / CATALOGUE_FILE)

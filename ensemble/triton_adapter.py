@@ -48,10 +48,22 @@ def invalid_argument(exc: Exception):
     )
 
 
-def search_response(result: SearchResult):
-    """The endpoint's response: PRODUCT_IDS, SCORES and UTF-8 TITLES, best first."""
+def search_response(result: SearchResult, batched: bool = False):
+    """The endpoint's response: PRODUCT_IDS, SCORES and UTF-8 TITLES, best first (with a leading
+    batch dimension of 1 for a model with max_batch_size > 0)."""
     titles = np.array([t.encode("utf-8") for t in result.titles], dtype=np.object_)
-    return respond(PRODUCT_IDS=result.product_ids, SCORES=result.scores, TITLES=titles)
+    outputs = {"PRODUCT_IDS": result.product_ids, "SCORES": result.scores, "TITLES": titles}
+    return respond(**{k: v.reshape(1, -1) if batched else v for k, v in outputs.items()})
+
+
+def cancelled():
+    """The response to a request whose caller has gone (cancelled, or past its deadline)."""
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(
+            "the caller cancelled or its deadline passed before the work began",
+            pb_utils.TritonError.CANCELLED,
+        )
+    )
 
 
 def optional_input(request, name: str) -> np.ndarray | None:
@@ -59,13 +71,19 @@ def optional_input(request, name: str) -> np.ndarray | None:
     return None if tensor is None else tensor.as_numpy()
 
 
-def answer_each(requests: list, answer: Callable[[object], SearchResult]) -> list:
-    """One response per request: ``answer(request)`` as the endpoint's outputs, or
-    INVALID_ARGUMENT naming the problem when the request is malformed."""
+def answer_each(
+    requests: list, answer: Callable[[object], SearchResult], batched: bool = False
+) -> list:
+    """One response per request: ``answer(request)`` as the endpoint's outputs, INVALID_ARGUMENT
+    naming the problem when the request is malformed, or CANCELLED, without any work, when its
+    caller has gone by the time its turn comes."""
     responses = []
     for request in requests:
+        if request.is_cancelled():
+            responses.append(cancelled())
+            continue
         try:
-            responses.append(search_response(answer(request)))
+            responses.append(search_response(answer(request), batched))
         except InvalidRequest as exc:
             responses.append(invalid_argument(exc))
     return responses

@@ -133,8 +133,12 @@ class RepositoryWriter:
             if version_dir.exists():
                 shutil.rmtree(version_dir)
             self.version_dir(model).rename(version_dir)
+        text = json.dumps(manifest, indent=2) + "\n"
+        versioned = self.repository / "manifests" / f"v{self.version}.json"
+        versioned.parent.mkdir(exist_ok=True)
+        versioned.write_text(text)  # what a rollout of this version checks its files against
         path = self.repository / store.MANIFEST_FILE
-        path.write_text(json.dumps(manifest, indent=2) + "\n")
+        path.write_text(text)
         shutil.rmtree(self.stage)
         log.info("wrote %s (%d files checksummed)", path, len(manifest["files"]))
         return path

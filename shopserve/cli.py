@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -32,6 +33,22 @@ def serve(argv: list[str]) -> int:
         help="a personalised store's live profiles: a path, sqlite:///path, or redis://host:port/db "
         "to share them between servers (default: a SQLite file under .triton/profiles/)",
     )
+    parser.add_argument("--tls-cert", type=Path, help="serve gRPC over TLS: the certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    parser.add_argument(
+        "--tls-client-ca", type=Path, help="require client certificates signed by this CA (PEM)"
+    )
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        help="a file holding the key that admin operations (model load/unload, repository index, "
+        "logging, tracing) and forget require (header shopserve-admin-key)",
+    )
+    parser.add_argument(
+        "--inference-key-file",
+        type=Path,
+        help="require this key (header shopserve-inference-key) on every inference request",
+    )
     parser.add_argument(
         "--user-key-file",
         type=Path,
@@ -51,6 +68,11 @@ def serve(argv: list[str]) -> int:
             metrics_port=args.metrics_port,
             log_verbose=args.log_verbose,
             profile_store=args.profile_store,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            admin_key=_read_key(args.admin_key_file),
+            inference_key=_read_key(args.inference_key_file),
         ),
         log_file=args.log_file,
         inherit_output=args.log_file is None,
@@ -77,6 +99,15 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+def _read_key(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    key = path.read_text().strip()
+    if len(key) < 16:
+        raise SystemExit(f"error: the key in {path} is shorter than 16 characters")
+    return key
+
+
 def keys(argv: list[str]) -> int:
     """``shopserve keys create FILE``: a new secret for hashing user ids, readable by its owner only."""
     from shopserve.ensemble.profiles import new_secret
@@ -100,10 +131,43 @@ def keys(argv: list[str]) -> int:
     return 0
 
 
+def rollout(argv: list[str]) -> int:
+    """``shopserve rollout``: switch a running server to another version of its store."""
+    from shopserve.client._cli import _connection, _security
+
+    from .rollout import Rollout, RolloutError
+
+    parser = argparse.ArgumentParser(
+        prog="shopserve rollout",
+        description="Load another version of every model of the store on a running server, with "
+        "no failed request (Triton's model control); check its files first.",
+    )
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", type=int, help="the version to serve")
+    which.add_argument(
+        "--rollback", action="store_true", help="serve the newest version below the live one"
+    )
+    _connection(parser, timeout=300.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    control = Rollout(args.url, _security(args), args.timeout)
+    try:
+        version = control.previous(args.model_repository) if args.rollback else args.version
+        live = control.roll_to(args.model_repository, version)
+    except RolloutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        control.close()
+    print(f"live (as the server says): {json.dumps(live)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     usage = (
-        "usage: shopserve {serve,search,recommend,events,forget,keys} [options]  "
+        "usage: shopserve {serve,search,recommend,events,forget,rollout,keys} [options]  "
         "(shopserve COMMAND --help for more)"
     )
     if not argv or argv[0] in ("-h", "--help"):
@@ -116,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         return query(rest, recommend=command == "recommend")
     if command == "keys":
         return keys(rest)
+    if command == "rollout":
+        return rollout(rest)
     if command in ("events", "forget"):
         from shopserve.client import _cli
 

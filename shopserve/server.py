@@ -29,11 +29,15 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from shopserve.client._client import ADMIN_KEY_HEADER, INFERENCE_KEY_HEADER
 from shopserve.ensemble.personal import profile_namespace, snapshot_path
 from shopserve.ensemble.profile_store import PROFILE_STORE_ENV, seed
 from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
 
 log = logging.getLogger("shopserve.server")
+
+ADMIN_PROTOCOLS = "model-repository,logging,trace"
+ADMIN_KEY_ENV = "SHOPSERVE_ADMIN_KEY"  # the models read it: forget checks the caller's key
 
 ORT_BACKEND_SOURCE = Path(__file__).resolve().parent / "ort_backend.py"
 
@@ -94,6 +98,16 @@ class ServerConfig:
     # A personalised store's live profiles: a path, sqlite:///path or redis://host:port/db.
     # Default: <work_dir>/profiles/<the build's snapshot digest>.sqlite
     profile_store: str | None = None
+    # gRPC over TLS: the server's certificate and key (PEM files), and a CA to require client
+    # certificates signed by it.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Keys: admin operations (model load/unload, repository index, logging, tracing) and forget
+    # need admin_key; every inference needs inference_key when one is set.
+    admin_key: str | None = None
+    inference_key: str | None = None
+    exit_timeout_s: int = 5  # SIGTERM: in-flight requests get this long, then the server exits
 
 
 class TritonServer:
@@ -138,7 +152,43 @@ class TritonServer:
             f"--http-port={cfg.http_port}",
             f"--grpc-port={cfg.grpc_port}",
             f"--metrics-port={cfg.metrics_port}",
+            # HTTP (no TLS in Triton) and metrics stay on loopback: the launcher's health checks
+            # and a local scraper; gRPC is the served endpoint.
+            "--http-address=127.0.0.1",
+            f"--exit-timeout-secs={cfg.exit_timeout_s}",
+            *self._security_flags(),
         ]
+
+    def _security_flags(self) -> list[str]:
+        cfg = self.config
+        flags = []
+        if cfg.tls_cert or cfg.tls_key:
+            if not (cfg.tls_cert and cfg.tls_key):
+                raise ServerError("TLS needs both the server certificate and its key")
+            flags += [
+                "--grpc-use-ssl=true",
+                f"--grpc-server-cert={Path(cfg.tls_cert).resolve()}",
+                f"--grpc-server-key={Path(cfg.tls_key).resolve()}",
+            ]
+            if cfg.tls_client_ca:
+                flags += [
+                    f"--grpc-root-cert={Path(cfg.tls_client_ca).resolve()}",
+                    "--grpc-use-ssl-mutual=true",
+                ]
+        elif cfg.tls_client_ca:
+            raise ServerError("client certificates need TLS: give the server certificate and key")
+        if cfg.admin_key:
+            flags += [
+                f"--grpc-restricted-protocol={ADMIN_PROTOCOLS}:{ADMIN_KEY_HEADER}={cfg.admin_key}",
+                f"--http-restricted-api={ADMIN_PROTOCOLS}:{ADMIN_KEY_HEADER}={cfg.admin_key}",
+            ]
+        if cfg.inference_key:
+            key = f"{INFERENCE_KEY_HEADER}={cfg.inference_key}"
+            flags += [
+                f"--grpc-restricted-protocol=inference:{key}",
+                f"--http-restricted-api=inference:{key}",
+            ]
+        return flags
 
     def start(self, timeout: float = 120.0) -> TritonServer:
         repo = Path(self.config.model_repository)
@@ -153,6 +203,9 @@ class TritonServer:
         env = dict(os.environ)
         if "recommend" in models:
             env[PROFILE_STORE_ENV] = self._live_profiles(repo, work_dir)
+        env.pop(ADMIN_KEY_ENV, None)
+        if self.config.admin_key:
+            env[ADMIN_KEY_ENV] = self.config.admin_key
         # The Python backend stub runs the first python on PATH: make it this environment's.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         # Every step is its own process; numpy's and faiss's thread pools would oversubscribe
@@ -179,6 +232,9 @@ class TritonServer:
             raise ServerError(f"{repo} is a personalised store: {exc}") from exc
         namespace = profile_namespace(repo)
         location = self.config.profile_store or str(work_dir / "profiles" / f"{namespace}.sqlite")
+        if location.startswith(("redis://", "unix://")) and "namespace=" not in location:
+            # Fixed for the server's life: a rollout to a newer build keeps the live profiles.
+            location += ("&" if "?" in location else "?") + f"namespace={namespace}"
         log.info("profile store: %s", seed(location, snapshot_path(repo), namespace))
         return location
 
@@ -201,7 +257,7 @@ class TritonServer:
         self.stop()
         raise ServerError(f"tritonserver was not ready within {timeout:.0f} s")
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

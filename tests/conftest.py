@@ -235,12 +235,71 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
     process.wait(10)
 
 
-def start_server(repository: Path, work: Path, profile_store: str | None = None):
-    """A TritonServer serving ``repository`` on free ports, logging to ``work/server.log``."""
+ADMIN_KEY = "test-operator-key-0123456789"
+
+
+def start_server(repository: Path, work: Path, profile_store: str | None = None, **settings):
+    """A TritonServer serving ``repository`` on free ports, logging to ``work/server.log``, with
+    the operator's key ADMIN_KEY unless ``settings`` say otherwise."""
     from shopserve.server import ServerConfig, TritonServer, free_ports
 
     grpc_port, http_port, metrics_port = free_ports(3)
     config = ServerConfig(
-        repository, grpc_port, http_port, metrics_port, work_dir=work, profile_store=profile_store
+        repository,
+        grpc_port,
+        http_port,
+        metrics_port,
+        work_dir=work,
+        profile_store=profile_store,
+        **{"admin_key": ADMIN_KEY, **settings},
     )
     return TritonServer(config, log_file=work / "server.log")
+
+
+CUT_QUERIES = 300
+CUT_PRODUCTS = 3000
+
+
+def write_cut(data_dir: Path, workdir: Path) -> tuple[Path, Path]:
+    """items.csv and judged.csv in the generic format: the judged products of the first
+    CUT_QUERIES Home Depot queries, other products up to CUT_PRODUCTS."""
+    import csv
+
+    import numpy as np
+
+    with (data_dir / "judgments.csv").open() as handle:
+        judgments = list(csv.DictReader(handle))
+    queries = list(dict.fromkeys(r["search_term"] for r in judgments))[:CUT_QUERIES]
+    chosen = {r["search_term"] for r in judgments} & set(queries)
+    judged = [r for r in judgments if r["search_term"] in chosen]
+    with (data_dir / "products.csv").open() as handle:
+        products = list(csv.DictReader(handle))
+    keep = {r["product_uid"] for r in judged}
+    rng = np.random.default_rng(0)
+    for index in rng.permutation(len(products)):
+        if len(keep) >= CUT_PRODUCTS:
+            break
+        keep.add(products[index]["product_uid"])
+    items, judged_file = workdir / "items.csv", workdir / "judged.csv"
+    with items.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["product_id", "title"])
+        writer.writerows(
+            (p["product_uid"], p["product_title"]) for p in products if p["product_uid"] in keep
+        )
+    with judged_file.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["query", "product_id", "relevance"])
+        writer.writerows((r["search_term"], r["product_uid"], r["relevance"]) for r in judged)
+    return items, judged_file
+
+
+@pytest.fixture(scope="session")
+def dev_queries(data_dir, manifest) -> list[str]:
+    from shopserve.export.data import load_catalogue, load_judgments, split_queries
+
+    judgments = load_judgments(
+        data_dir / "judgments.csv", load_catalogue(data_dir / "products.csv")
+    )
+    split = manifest["split"]
+    return split_queries(judgments.queries, split["dev_fraction"], split["seed"])[1]

@@ -12,20 +12,41 @@ from shopserve.client import (
     AsyncSearchClient,
     Hit,
     InvalidRequestError,
+    OverloadedError,
+    PermissionDeniedError,
     RequestTimeoutError,
     SearchClient,
     SearchError,
+    Security,
     ServerUnavailableError,
     map_error,
 )
 from shopserve.client._cli import format_json_lines, format_table, main
-from shopserve.client._client import build_inputs, parse_hits, requested_outputs
+from shopserve.client._client import build_inputs, parse_hits
 from tritonclient.utils import (
     InferenceServerException,
     deserialize_bytes_tensor,
 )
 
 # --- error mapping ------------------------------------------------------------------------
+
+
+def test_overload_and_key_refusals_are_typed() -> None:
+    full = map_error(
+        InferenceServerException("Exceeds maximum queue size", "StatusCode.UNAVAILABLE")
+    )
+    late = map_error(InferenceServerException("Request timeout expired", "StatusCode.UNAVAILABLE"))
+    down = map_error(InferenceServerException("model not ready", "StatusCode.UNAVAILABLE"))
+    assert type(full) is OverloadedError and type(late) is OverloadedError and full.retryable
+    assert type(down) is ServerUnavailableError and down.retryable
+    restricted = map_error(
+        InferenceServerException(
+            "This protocol is restricted, expecting header 'shopserve-admin-key'",
+            "StatusCode.UNAVAILABLE",
+        )
+    )
+    assert type(restricted) is PermissionDeniedError and not restricted.retryable
+    assert not map_error(InferenceServerException("bad", "StatusCode.INVALID_ARGUMENT")).retryable
 
 
 @pytest.mark.parametrize(
@@ -110,12 +131,22 @@ def test_query_must_be_str_or_bytes() -> None:
         build_inputs(42, 5)  # type: ignore[arg-type]
 
 
-def test_requested_outputs() -> None:
-    assert [out._get_tensor().name for out in requested_outputs()] == [
+def test_every_call_carries_its_deadline_to_the_server() -> None:
+    client = SearchClient("127.0.0.1:1", timeout=0.05)
+    options = client._infer_options(None)
+    assert [out._get_tensor().name for out in options["outputs"]] == [
         "PRODUCT_IDS",
         "SCORES",
         "TITLES",
     ]
+    assert options["client_timeout"] == 0.05 and options["timeout"] == 50_000
+    assert "headers" not in options and client._infer_options(2.0)["timeout"] == 2_000_000
+    keyed = SearchClient("127.0.0.1:1", security=Security(inference_key="k", admin_key="a"))
+    options = keyed._infer_options(None, ["FORGOTTEN"], admin=True)
+    assert options["headers"] == {"shopserve-inference-key": "k"}
+    assert options["parameters"] == {"admin_key": "a"}
+    with pytest.raises(ValueError, match="operator's key"):
+        client._infer_options(None, admin=True)
 
 
 # --- response parsing ---------------------------------------------------------------------

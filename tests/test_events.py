@@ -11,8 +11,14 @@ import time
 
 import numpy as np
 import pytest
-from conftest import raw_infer, start_server, tensor
-from shopserve.client import Event, InvalidRequestError, SearchClient
+from conftest import ADMIN_KEY, raw_infer, start_server, tensor
+from shopserve.client import (
+    Event,
+    InvalidRequestError,
+    PermissionDeniedError,
+    SearchClient,
+    Security,
+)
 from shopserve.client._cli import events_main, forget_main
 from shopserve.ensemble import store
 from shopserve.ensemble.personal import RecommendPipeline
@@ -42,9 +48,12 @@ def live(request, personal_repository, tmp_path_factory):
         yield server
 
 
+OPERATOR = Security(admin_key=ADMIN_KEY)
+
+
 @pytest.fixture(scope="module")
 def client(live) -> SearchClient:
-    with SearchClient(live.grpc_url, timeout=30) as shopper_client:
+    with SearchClient(live.grpc_url, timeout=30, security=OPERATOR) as shopper_client:
         yield shopper_client
 
 
@@ -137,6 +146,22 @@ def test_forget_erases_a_shopper(client, catalogue) -> None:
     assert client.forget(shopper) is False
 
 
+def test_forget_needs_the_operators_key(live, catalogue) -> None:
+    shopper = f"{SHOPPER}-keyed"
+    with SearchClient(live.grpc_url, timeout=30) as anyone:
+        anyone.record(shopper, int(catalogue[0]), "purchase")
+        with pytest.raises(ValueError, match="operator's key"):
+            anyone.forget(shopper)  # the client will not even ask without a key
+    wrong = Security(admin_key="not-the-operator-key-at-all")
+    with (
+        SearchClient(live.grpc_url, timeout=30, security=wrong) as intruder,
+        pytest.raises(PermissionDeniedError, match="requires the operator's key"),
+    ):
+        intruder.forget(shopper)
+    with SearchClient(live.grpc_url, timeout=30, security=OPERATOR) as operator:
+        assert operator.forget(shopper) is True
+
+
 def test_events_import_and_forget_cli(live, catalogue, tmp_path, capsys) -> None:
     path = tmp_path / "events.csv"
     rows = [
@@ -147,7 +172,9 @@ def test_events_import_and_forget_cli(live, catalogue, tmp_path, capsys) -> None
     url = ["--url", live.grpc_url]
     assert events_main(["import", str(path), "--batch-size", "3", *url]) == 0
     assert events_main(["import", str(path), *url]) == 0  # again: nothing new
-    assert forget_main([f"{SHOPPER}-cli", *url]) == 0
+    key = tmp_path / "admin.key"
+    key.write_text(ADMIN_KEY)
+    assert forget_main([f"{SHOPPER}-cli", *url, "--admin-key-file", str(key)]) == 0
     out = capsys.readouterr().out
     assert "sent 4 events" in out and "4 new" in out and "0 new, 4 recorded before" in out
     assert "forgotten" in out
@@ -242,8 +269,8 @@ def test_two_servers_share_one_redis(personal_repository, redis_url, catalogue, 
     with (
         start_server(personal_repository, tmp_path / "a", location) as first,
         start_server(personal_repository, tmp_path / "b", location) as second,
-        SearchClient(first.grpc_url, timeout=30) as to_first,
-        SearchClient(second.grpc_url, timeout=30) as to_second,
+        SearchClient(first.grpc_url, timeout=30, security=OPERATOR) as to_first,
+        SearchClient(second.grpc_url, timeout=30, security=OPERATOR) as to_second,
     ):
         cold = ids(to_second.recommend(shopper, top_k=10))
         to_first.record_many([Event(shopper, int(p), "purchase") for p in catalogue[200:210]])

@@ -14,16 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import PROJECT
+from conftest import CUT_PRODUCTS, CUT_QUERIES, PROJECT, write_cut
 from shopserve.ensemble import store
 from shopserve.ensemble.features import RANKER_FEATURES
 
 pytestmark = pytest.mark.slow
 
-CUT_QUERIES = 300
-CUT_PRODUCTS = 3000
 MARKER = "<!-- new-catalogue commands"
 
 
@@ -32,36 +29,6 @@ def readme_commands() -> list[list[str]]:
     block = re.search(re.escape(MARKER) + r".*?```bash\n(.*?)```", text, re.S)
     assert block, "the README lost its new-catalogue commands"
     return [shlex.split(line) for line in block.group(1).splitlines() if line and line[0] != "#"]
-
-
-def write_cut(data_dir: Path, workdir: Path) -> tuple[Path, Path]:
-    """items.csv and judged.csv in the generic format: the judged products of the first
-    CUT_QUERIES Home Depot queries, other products up to CUT_PRODUCTS."""
-    with (data_dir / "judgments.csv").open() as handle:
-        judgments = list(csv.DictReader(handle))
-    queries = list(dict.fromkeys(r["search_term"] for r in judgments))[:CUT_QUERIES]
-    chosen = {r["search_term"] for r in judgments} & set(queries)
-    judged = [r for r in judgments if r["search_term"] in chosen]
-    with (data_dir / "products.csv").open() as handle:
-        products = list(csv.DictReader(handle))
-    keep = {r["product_uid"] for r in judged}
-    rng = np.random.default_rng(0)
-    for index in rng.permutation(len(products)):
-        if len(keep) >= CUT_PRODUCTS:
-            break
-        keep.add(products[index]["product_uid"])
-    items, judged_file = workdir / "items.csv", workdir / "judged.csv"
-    with items.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["product_id", "title"])
-        writer.writerows(
-            (p["product_uid"], p["product_title"]) for p in products if p["product_uid"] in keep
-        )
-    with judged_file.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["query", "product_id", "relevance"])
-        writer.writerows((r["search_term"], r["product_uid"], r["relevance"]) for r in judged)
-    return items, judged_file
 
 
 @pytest.fixture(scope="module")

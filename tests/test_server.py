@@ -17,7 +17,6 @@ from conftest import PROJECT, raw_infer, tensor
 from shopserve.client import AsyncSearchClient, InvalidRequestError, SearchClient
 from shopserve.client._cli import main as search_cli
 from shopserve.ensemble import store
-from shopserve.export.data import load_catalogue, load_judgments, split_queries
 
 from shopserve.server import free_ports
 
@@ -35,15 +34,6 @@ def endpoint(request, server) -> SearchClient:
     """A client of each endpoint: the one-model graph and the five-model ensemble."""
     with SearchClient(server.grpc_url, model_name=request.param, timeout=30) as search_client:
         yield search_client
-
-
-@pytest.fixture(scope="module")
-def dev_queries(data_dir, manifest) -> list[str]:
-    judgments = load_judgments(
-        data_dir / "judgments.csv", load_catalogue(data_dir / "products.csv")
-    )
-    split = manifest["split"]
-    return split_queries(judgments.queries, split["dev_fraction"], split["seed"])[1]
 
 
 def test_served_ids_equal_the_in_process_pipeline(endpoint, pipeline, dev_queries) -> None:

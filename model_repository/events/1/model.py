@@ -22,7 +22,7 @@ from shopserve.ensemble.validation import InvalidRequest
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir, _ = model_context(args)
-        self.live = LiveEvents.from_repository(version_dir.parents[1])
+        self.live = LiveEvents.from_repository(version_dir.parents[1], int(version_dir.name))
         freeze_loaded_state()
 
     def _parse(self, request):

@@ -1,7 +1,16 @@
-"""Triton adapter for erasing a shopper (see shopserve.ensemble.personal.LiveEvents.forget)."""
+"""Triton adapter for erasing a shopper (see shopserve.ensemble.personal.LiveEvents.forget).
+
+Only operators may erase: the request must carry the operator's key as its ``admin_key`` parameter
+(the one ``shopserve serve --admin-key-file`` was given, which reaches this model as an environment
+variable). A missing or wrong key is refused and nothing is deleted.
+"""
+
+import json
+import os
 
 import numpy as np
-from shopserve.ensemble.personal import LiveEvents
+import triton_python_backend_utils as pb_utils
+from shopserve.ensemble.personal import LiveEvents, OperatorKeyError
 from shopserve.ensemble.triton_adapter import (
     freeze_loaded_state,
     input_array,
@@ -11,20 +20,28 @@ from shopserve.ensemble.triton_adapter import (
 )
 from shopserve.ensemble.validation import InvalidRequest
 
+ADMIN_KEY_ENV = "SHOPSERVE_ADMIN_KEY"
+
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir, _ = model_context(args)
-        self.live = LiveEvents.from_repository(version_dir.parents[1])
+        self.live = LiveEvents.from_repository(version_dir.parents[1], int(version_dir.name))
+        self.operator_key = os.environ.get(ADMIN_KEY_ENV)
         freeze_loaded_state()
 
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
+            given = json.loads(request.parameters() or "{}").get("admin_key")
             try:
-                found = self.live.forget(input_array(request, "USER_ID"))
+                found = self.live.forget(input_array(request, "USER_ID"), given, self.operator_key)
             except InvalidRequest as exc:
                 responses.append(invalid_argument(exc))
+                continue
+            except OperatorKeyError as exc:
+                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
+                responses.append(pb_utils.InferenceResponse(error=error))
                 continue
             responses.append(respond(FORGOTTEN=np.array([found])))
         return responses

@@ -13,7 +13,9 @@ from shopserve.ensemble.triton_adapter import (
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir, _ = model_context(args)
-        self.pipeline = RecommendPipeline.from_repository(version_dir.parents[1])
+        self.pipeline = RecommendPipeline.from_repository(
+            version_dir.parents[1], int(version_dir.name)
+        )
         freeze_loaded_state()
 
     def execute(self, requests: list) -> list:

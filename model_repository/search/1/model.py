@@ -18,7 +18,9 @@ from shopserve.ensemble.triton_adapter import (
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir, _ = model_context(args)
-        self.pipeline = SearchPipeline.from_repository(version_dir.parents[1])
+        self.pipeline = SearchPipeline.from_repository(
+            version_dir.parents[1], int(version_dir.name)
+        )
         freeze_loaded_state()
 
     def execute(self, requests: list) -> list:
@@ -29,4 +31,5 @@ class TritonPythonModel:
                 input_array(request, "TOP_K"),
                 optional_input(request, "USER_ID"),
             ),
+            batched=True,
         )

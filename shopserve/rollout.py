@@ -1,0 +1,139 @@
+"""Zero-downtime rollout of a store version through Triton's model-control API.
+
+``shopserve rollout --model-repository R --version N`` checks version N's files against its manifest
+(``R/manifests/v<N>.json``) and refuses a version that fails, then asks the running server to load
+version N of every model of the store (steps first, endpoints last). Triton loads the new version while
+the old one goes on serving, and unloads the old one once the new one is ready, so no request fails.
+A rollback is a rollout to an earlier version (``--rollback``: the newest version below the live one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from shopserve.client._client import ADMIN_KEY_HEADER, Security
+from shopserve.ensemble import store
+
+log = logging.getLogger("shopserve.rollout")
+
+MANIFESTS_DIR = "manifests"
+# Steps before the models that read them, so that an endpoint never meets older steps.
+LOAD_ORDER = (
+    store.TOKENIZE,
+    store.ENCODER,
+    store.RETRIEVE,
+    store.RANKER,
+    store.POSTPROCESS,
+    store.REC_RANKER,
+    store.ENSEMBLE,
+    store.SEARCH,
+    store.RECOMMEND,
+    store.EVENTS,
+    store.FORGET,
+)
+
+
+class RolloutError(RuntimeError):
+    """The version cannot be rolled out; the message says why."""
+
+
+def manifest_path(repository: Path, version: int) -> Path:
+    return Path(repository) / MANIFESTS_DIR / f"v{version}.json"
+
+
+def versions(repository: Path) -> list[int]:
+    """The versions the repository holds a manifest for, ascending."""
+    folder = Path(repository) / MANIFESTS_DIR
+    found = (int(p.stem[1:]) for p in folder.glob("v*.json") if p.stem[1:].isdigit())
+    return sorted(found)
+
+
+def verify(repository: Path, version: int) -> dict:
+    """Version ``version``'s manifest, once every file of its version directories matches its
+    sha256. (Configs are shared by every version in Triton's layout; a later build may have
+    rewritten them, so they are not checked.)"""
+    path = manifest_path(repository, version)
+    if not path.exists():
+        raise RolloutError(f"{repository} has no manifest for version {version} ({path})")
+    manifest = json.loads(path.read_text())
+    for relative, expected in manifest["files"].items():
+        if Path(relative).parts[1:2] != (str(version),):
+            continue
+        target = Path(repository) / relative
+        if not target.is_file():
+            raise RolloutError(f"version {version}: {relative} is missing; not loaded")
+        digest = hashlib.sha256(target.read_bytes()).hexdigest()
+        if digest != expected:
+            raise RolloutError(
+                f"version {version}: {relative} fails its manifest checksum; not loaded"
+            )
+    return manifest
+
+
+class Rollout:
+    """Model control over gRPC, with the admin key when the server requires one."""
+
+    def __init__(self, url: str, security: Security | None = None, timeout: float = 300.0) -> None:
+        self.security = security or Security()
+        self.timeout = timeout
+        self.client = grpcclient.InferenceServerClient(url, **self.security.channel())
+
+    def _admin(self) -> dict:
+        key = self.security.admin_key
+        return {"headers": {ADMIN_KEY_HEADER: key}} if key else {}
+
+    def live_versions(self) -> dict[str, list[int]]:
+        """What the server says is loaded: every READY model and its versions."""
+        try:
+            index = self.client.get_model_repository_index(as_json=True, **self._admin())
+        except InferenceServerException as exc:
+            raise RolloutError(f"the server refused the repository index: {exc.message()}") from exc
+        ready: dict[str, list[int]] = {}
+        for model in index.get("models", []):
+            if model.get("state") == "READY":
+                ready.setdefault(model["name"], []).append(int(model["version"]))
+        return {name: sorted(found) for name, found in sorted(ready.items())}
+
+    def roll_to(self, repository: Path, version: int) -> dict[str, list[int]]:
+        """Load ``version`` of every model the version's manifest lists; return the live versions."""
+        manifest = verify(repository, version)
+        models = [m for m in LOAD_ORDER if m in manifest["models"]]
+        for model in models:
+            try:
+                current = self.client.get_model_config(model, as_json=True)["config"]
+            except InferenceServerException as exc:
+                raise RolloutError(f"{model}: {exc.message()}") from exc
+            current["version_policy"] = {"specific": {"versions": [version]}}
+            log.info("loading %s version %d", model, version)
+            try:
+                self.client.load_model(
+                    model, config=json.dumps(current), client_timeout=self.timeout, **self._admin()
+                )
+            except InferenceServerException as exc:
+                raise RolloutError(
+                    f"{model} version {version} did not load: {exc.message()}"
+                ) from exc
+        live = self.live_versions()
+        wrong = {m: live.get(m) for m in models if live.get(m) != [version]}
+        if wrong:
+            raise RolloutError(f"after the rollout the server reports {wrong}, not {version}")
+        return live
+
+    def previous(self, repository: Path) -> int:
+        """The newest version below the one the search endpoint serves now."""
+        serving = self.live_versions().get(store.SEARCH, [])
+        if not serving:
+            raise RolloutError("the server serves no search version to roll back from")
+        earlier = [v for v in versions(repository) if v < min(serving)]
+        if not earlier:
+            raise RolloutError(f"{repository} holds no version before {min(serving)}")
+        return earlier[-1]
+
+    def close(self) -> None:
+        self.client.close()

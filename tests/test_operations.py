@@ -1,0 +1,357 @@
+"""Operating the server: TLS and keys, deadlines and load shedding, zero-downtime rollout and
+rollback, and a clean stop after a backend stub died. Real servers, real certificates made here."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ADMIN_KEY, start_server, write_cut
+from shopserve.client import (
+    AsyncSearchClient,
+    OverloadedError,
+    PermissionDeniedError,
+    RequestTimeoutError,
+    SearchClient,
+    SearchError,
+    Security,
+    ServerUnavailableError,
+)
+from shopserve.ensemble import SearchPipeline, store
+
+from shopserve.rollout import Rollout, RolloutError
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+INFERENCE_KEY = "test-inference-key-abcdef012345"
+
+
+# --- TLS and keys -----------------------------------------------------------------------------
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def issue(subject: str, key, issuer: str, issuer_key, ca: bool, server: bool):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name(issuer))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if server:
+            import ipaddress
+
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    files = {}
+
+    def write(label: str, key, certificate) -> None:
+        files[f"{label}_key"] = folder / f"{label}.key"
+        files[f"{label}_key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        files[f"{label}_cert"] = folder / f"{label}.crt"
+        files[f"{label}_cert"].write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    write(
+        "ca", ca_key, issue("shopserve test CA", ca_key, "shopserve test CA", ca_key, True, False)
+    )
+    for label, server in (("server", True), ("client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        write(
+            label, key, issue(f"shopserve {label}", key, "shopserve test CA", ca_key, False, server)
+        )
+    return files
+
+
+@pytest.fixture(scope="module")
+def tls(built_repository, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tls")
+    files = _certificates(folder)
+    server = start_server(
+        built_repository,
+        folder,
+        tls_cert=files["server_cert"],
+        tls_key=files["server_key"],
+        tls_client_ca=files["ca_cert"],
+        inference_key=INFERENCE_KEY,
+    )
+    with server:
+        yield server, files
+
+
+def _secure(files: dict[str, Path], **keys: str) -> Security:
+    return Security(
+        ssl=True,
+        root_certificates=str(files["ca_cert"]),
+        private_key=str(files["client_key"]),
+        certificate_chain=str(files["client_cert"]),
+        **keys,
+    )
+
+
+def test_a_tls_server_answers_a_tls_client_with_the_keys(tls) -> None:
+    server, files = tls
+    with SearchClient(server.grpc_url, security=_secure(files, inference_key=INFERENCE_KEY)) as c:
+        assert len(c.search("cordless drill", top_k=3)) == 3
+
+
+def test_a_plain_text_client_is_refused(tls) -> None:
+    server, _ = tls
+    with (
+        SearchClient(
+            server.grpc_url, timeout=5, security=Security(inference_key=INFERENCE_KEY)
+        ) as c,
+        pytest.raises(ServerUnavailableError),
+    ):
+        c.search("cordless drill", top_k=3)
+
+
+def test_a_client_without_a_certificate_is_refused(tls) -> None:
+    server, files = tls
+    security = Security(
+        ssl=True, root_certificates=str(files["ca_cert"]), inference_key=INFERENCE_KEY
+    )
+    with (
+        SearchClient(server.grpc_url, timeout=5, security=security) as c,
+        pytest.raises(SearchError),
+    ):
+        c.search("cordless drill", top_k=3)
+
+
+@pytest.mark.parametrize("key", [None, "a-wrong-inference-key-000000"])
+def test_inference_needs_its_key(tls, key) -> None:
+    server, files = tls
+    security = _secure(files, inference_key=key) if key else _secure(files)
+    with (
+        SearchClient(server.grpc_url, security=security) as c,
+        pytest.raises(PermissionDeniedError, match="restricted"),
+    ):
+        c.search("cordless drill", top_k=3)
+
+
+def test_admin_operations_need_the_admin_key(tls) -> None:
+    server, files = tls
+    wrong = _secure(files, inference_key=INFERENCE_KEY, admin_key="a-wrong-admin-key-000000")
+    with pytest.raises(RolloutError, match="restricted"):
+        Rollout(server.grpc_url, wrong).live_versions()
+    right = _secure(files, inference_key=INFERENCE_KEY, admin_key=ADMIN_KEY)
+    live = Rollout(server.grpc_url, right).live_versions()
+    assert live[store.SEARCH] == [1] and live[store.ENCODER] == [1]
+
+
+# --- deadlines and shedding ------------------------------------------------------------------
+
+
+def test_a_burst_is_shed_fast_and_the_server_recovers(server, dev_queries) -> None:
+    """64 clients, a 50 ms deadline each: answers come in time or not at all, refusals are fast,
+    and a fresh request right after the burst is answered at once."""
+    outcomes: list[tuple[str, float]] = []
+
+    async def shopper(worker: int, stop_at: float) -> None:
+        async with AsyncSearchClient(server.grpc_url, timeout=0.05) as client:
+            i = worker
+            while time.monotonic() < stop_at:
+                started = time.monotonic()
+                try:
+                    await client.search(dev_queries[i % len(dev_queries)], top_k=10)
+                    outcomes.append(("answered", time.monotonic() - started))
+                except OverloadedError:
+                    outcomes.append(("refused", time.monotonic() - started))
+                    await asyncio.sleep(0.02)
+                except RequestTimeoutError:
+                    outcomes.append(("timed out", time.monotonic() - started))
+                i += 64
+
+    async def burst() -> None:
+        stop_at = time.monotonic() + 3.0
+        await asyncio.gather(*(shopper(w, stop_at) for w in range(64)))
+
+    asyncio.run(burst())
+    answered = [t for kind, t in outcomes if kind == "answered"]
+    refused = [t for kind, t in outcomes if kind == "refused"]
+    assert answered and refused  # the server worked, and said no to what it could not do in time
+    assert max(answered) < 0.05 + 0.01  # nothing answered after its deadline (10 ms of slack)
+    refused.sort()
+    assert refused[len(refused) // 2] < 0.01  # refusals take milliseconds
+    started = time.monotonic()
+    with SearchClient(server.grpc_url, timeout=5) as client:
+        assert len(client.search("cordless drill", top_k=5)) == 5
+    assert time.monotonic() - started < 1.0
+
+
+def test_the_deadline_reaches_the_server(server) -> None:
+    """A deadline shorter than any search: the server never computes it (rejected in its queue or
+    skipped as cancelled), so the model's successful executions do not grow."""
+    import json
+    import urllib.request
+
+    def successes() -> int:
+        url = f"http://{server.http_url}/v2/models/{store.SEARCH}/stats"
+        with urllib.request.urlopen(url) as response:
+            stats = json.loads(response.read())["model_stats"][0]["inference_stats"]
+        return int(stats["success"]["count"])
+
+    before = successes()
+    with SearchClient(server.grpc_url, timeout=0.0005) as client:
+        for i in range(20):
+            with pytest.raises((RequestTimeoutError, OverloadedError)):
+                client.search(f"deadline probe {i}", top_k=5)
+    time.sleep(0.5)
+    assert successes() - before <= 2
+
+
+# --- rollout and rollback --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def versioned(tmp_path_factory, data_dir, built_repository) -> tuple[Path, Path]:
+    """A small store's version 1 (the transferred Home Depot ranker), built and served."""
+    folder = tmp_path_factory.mktemp("rollout")
+    items, _ = write_cut(data_dir, folder)
+    repository = folder / "store"
+    _build(items, repository, 1, "--ranker", str(store.model_file(built_repository, store.RANKER)))
+    return repository, items
+
+
+def _build(items: Path, repository: Path, version: int, *more: str) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shopserve.export",
+            "build",
+            "--catalogue",
+            str(items),
+            "--repository",
+            str(repository),
+            "--version",
+            str(version),
+            *more,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+QUERIES = ["cordless drill", "angle bracket", "deck paint", "shower head", "garden hose", "lamp"]
+
+
+def _answers(repository: Path, version: int) -> dict[str, list[int]]:
+    pipeline = SearchPipeline.from_repository(repository, version)
+    return {q: pipeline.search(q, 10).product_ids.tolist() for q in QUERIES}
+
+
+def test_rollout_and_rollback_lose_no_request(versioned, tmp_path) -> None:
+    repository, items = versioned
+    operator = Security(admin_key=ADMIN_KEY)
+    with start_server(repository, tmp_path / "serve") as server:
+        _build(items, repository, 2, "--seed", "7")  # no --ranker: the fusion, other answers
+        answers = {1: _answers(repository, 1), 2: _answers(repository, 2)}
+        assert answers[1] != answers[2]
+        failures: list[Exception] = []
+        sent = [0]
+        stop = threading.Event()
+
+        def steady_traffic() -> None:
+            with SearchClient(server.grpc_url, timeout=10) as client:
+                while not stop.is_set():
+                    try:
+                        client.search(QUERIES[sent[0] % len(QUERIES)], top_k=10)
+                    except SearchError as exc:
+                        failures.append(exc)
+                    sent[0] += 1
+                    time.sleep(0.01)
+
+        def served() -> dict[str, list[int]]:
+            with SearchClient(server.grpc_url, timeout=10) as client:
+                return {q: [h.product_id for h in client.search(q, 10)] for q in QUERIES}
+
+        traffic = threading.Thread(target=steady_traffic)
+        traffic.start()
+        control = Rollout(server.grpc_url, operator)
+        try:
+            assert control.live_versions()[store.SEARCH] == [1]
+            live = control.roll_to(repository, 2)
+            assert live[store.SEARCH] == [2] and live[store.RETRIEVE] == [2]
+            assert served() == answers[2]
+            assert control.previous(repository) == 1
+            assert control.roll_to(repository, control.previous(repository))[store.SEARCH] == [1]
+            assert served() == answers[1]
+            # A version whose files fail their manifest checksums is refused before loading.
+            _build(items, repository, 3, "--seed", "9")
+            ranker = repository / store.RANKER / "3" / store.ONNX_FILE
+            ranker.write_bytes(ranker.read_bytes() + b"tampered")
+            with pytest.raises(RolloutError, match=r"ranker/3/model\.onnx fails its manifest"):
+                control.roll_to(repository, 3)
+            assert control.live_versions()[store.SEARCH] == [1]
+        finally:
+            stop.set()
+            traffic.join()
+            control.close()
+        assert sent[0] > 50 and failures == []
+
+
+# --- clean stops -----------------------------------------------------------------------------
+
+
+def test_sigterm_stops_within_10_s_after_a_stub_died(built_repository, tmp_path) -> None:
+    server = start_server(built_repository, tmp_path).start()
+    try:
+        stubs = [
+            int(pid)
+            for pid in os.listdir("/proc")
+            if pid.isdigit() and _parent(int(pid)) == server.process.pid
+        ]
+        assert stubs
+        os.kill(stubs[0], signal.SIGKILL)
+        time.sleep(1)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        code = server.process.wait(timeout=15)
+        assert time.monotonic() - started < 10
+        assert code != -signal.SIGKILL  # it exited by itself
+    finally:
+        server.stop()
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
