@@ -86,6 +86,7 @@ lint: install
 # in flock. bench-smoke runs seconds of everything into benchmarks/work/smoke/.
 bench: store instacart-store
 	$(BIN)/python -m benchmarks run
+	$(BIN)/python -m benchmarks overload
 	SHOPSERVE_USER_KEY_FILE=$(USER_KEY) $(BIN)/python -m benchmarks personal \
 		--repository $(INSTACART_STORE) --data $(INSTACART_DATA)
 

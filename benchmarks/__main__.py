@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the folder with the store's items.csv and events.csv",
     )
     personal.add_argument("--out", type=Path, default=RESULTS_DIR)
+    overload = commands.add_parser(
+        "overload", help="1-64 clients with a 50 ms deadline: goodput, refusals, recovery"
+    )
+    overload.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
+    overload.add_argument("--out", type=Path, default=RESULTS_DIR)
     smoke = commands.add_parser("smoke", help="seconds of everything (CI)")
     smoke.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
     smoke.add_argument("--out", type=Path, default=WORK_DIR / "smoke")
@@ -113,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
 
             run_personal(args.repository, args.data, args.out)
             path = args.out / "personal.md"
+        elif args.command == "overload":
+            from .overload import run as run_overload
+
+            run_overload(args.repository, args.out)
+            path = args.out / "overload.md"
         elif args.command == "smoke":
             from .run import smoke as run_smoke
 

@@ -209,8 +209,12 @@ def _check_max_in_flight(max_in_flight: int) -> None:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
 
 
-INFERENCE_KEY_HEADER = "shopserve-inference-key"  # when the server requires one for inference
-ADMIN_KEY_HEADER = "shopserve-admin-key"  # model control, repository index, logging, tracing
+# The keys of Triton's restricted protocols, by name; gRPC carries each in a header of that name
+# prefixed with "triton-grpc-protocol-".
+INFERENCE_KEY_NAME = "shopserve-inference-key"  # when the server requires one for inference
+ADMIN_KEY_NAME = "shopserve-admin-key"  # model control, repository index, logging, tracing
+INFERENCE_KEY_HEADER = f"triton-grpc-protocol-{INFERENCE_KEY_NAME}"
+ADMIN_KEY_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_NAME}"
 ADMIN_KEY_PARAMETER = "admin_key"  # forget: the operator's key, checked by the model
 
 

@@ -31,12 +31,13 @@ class ServerUnavailableError(SearchError):
 
 
 class OverloadedError(ServerUnavailableError):
-    """The server is past its capacity and refused the request at once (its queue was full, or the
-    request's deadline passed while it waited): retry after a pause, or elsewhere."""
+    """The server is past its capacity and refused the request at once (its queue was full):
+    retry after a pause, or elsewhere."""
 
 
 class RequestTimeoutError(SearchError):
-    """The request did not complete within the client timeout (gRPC DEADLINE_EXCEEDED)."""
+    """The request did not complete within the client timeout (gRPC DEADLINE_EXCEEDED, or the
+    server dropped it when that deadline passed while it waited)."""
 
     retryable = True
 
@@ -54,9 +55,6 @@ _ERROR_BY_STATUS: dict[str, type[SearchError]] = {
     "StatusCode.PERMISSION_DENIED": PermissionDeniedError,
     "StatusCode.UNAUTHENTICATED": PermissionDeniedError,
 }
-# Triton answers UNAVAILABLE both when a model is down and when it sheds load; these say which.
-_OVERLOAD_MESSAGES = ("exceeds maximum queue size", "request timeout expired")
-_KEY_MESSAGES = ("this protocol is restricted", "operator's key")
 
 
 def map_error(exc: InferenceServerException) -> SearchError:
@@ -64,9 +62,18 @@ def map_error(exc: InferenceServerException) -> SearchError:
     status = exc.status()
     message = exc.message() or status or "search request failed"
     error_type = _ERROR_BY_STATUS.get(status or "", SearchError)
+    # Triton answers UNAVAILABLE when a model is down, when it sheds load, when a request's
+    # deadline passed in its queue and when a key is missing; the message says which.
     lowered = message.lower()
-    if any(text in lowered for text in _OVERLOAD_MESSAGES):
-        error_type = OverloadedError
-    elif any(text in lowered for text in _KEY_MESSAGES):
-        error_type = PermissionDeniedError
+    for text, specific in _BY_MESSAGE:
+        if text in lowered:
+            error_type = specific
     return error_type(message, status)
+
+
+_BY_MESSAGE: tuple[tuple[str, type[SearchError]], ...] = (
+    ("exceeds maximum queue size", OverloadedError),
+    ("request timeout expired", RequestTimeoutError),
+    ("this protocol is restricted", PermissionDeniedError),
+    ("operator's key", PermissionDeniedError),
+)

@@ -42,12 +42,12 @@ def serve(argv: list[str]) -> int:
         "--admin-key-file",
         type=Path,
         help="a file holding the key that admin operations (model load/unload, repository index, "
-        "logging, tracing) and forget require (header shopserve-admin-key)",
+        "logging, tracing) and forget require (gRPC header triton-grpc-protocol-shopserve-admin-key)",
     )
     parser.add_argument(
         "--inference-key-file",
         type=Path,
-        help="require this key (header shopserve-inference-key) on every inference request",
+        help="require this key (gRPC header triton-grpc-protocol-shopserve-inference-key) on every inference request",
     )
     parser.add_argument(
         "--user-key-file",

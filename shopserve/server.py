@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from shopserve.client._client import ADMIN_KEY_HEADER, INFERENCE_KEY_HEADER
+from shopserve.client._client import ADMIN_KEY_NAME, INFERENCE_KEY_NAME
 from shopserve.ensemble.personal import profile_namespace, snapshot_path
 from shopserve.ensemble.profile_store import PROFILE_STORE_ENV, seed
 from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
@@ -179,11 +179,11 @@ class TritonServer:
             raise ServerError("client certificates need TLS: give the server certificate and key")
         if cfg.admin_key:
             flags += [
-                f"--grpc-restricted-protocol={ADMIN_PROTOCOLS}:{ADMIN_KEY_HEADER}={cfg.admin_key}",
-                f"--http-restricted-api={ADMIN_PROTOCOLS}:{ADMIN_KEY_HEADER}={cfg.admin_key}",
+                f"--grpc-restricted-protocol={ADMIN_PROTOCOLS}:{ADMIN_KEY_NAME}={cfg.admin_key}",
+                f"--http-restricted-api={ADMIN_PROTOCOLS}:{ADMIN_KEY_NAME}={cfg.admin_key}",
             ]
         if cfg.inference_key:
-            key = f"{INFERENCE_KEY_HEADER}={cfg.inference_key}"
+            key = f"{INFERENCE_KEY_NAME}={cfg.inference_key}"
             flags += [
                 f"--grpc-restricted-protocol=inference:{key}",
                 f"--http-restricted-api=inference:{key}",

@@ -20,6 +20,17 @@ import pytest  # noqa: E402
 from shopserve.export.data import DEFAULT_DATA_DIR  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
+
+
+def export(*arguments: object, cwd: Path | None = None):
+    """``python -m shopserve.export ARGUMENTS`` in a subprocess, its output captured."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "shopserve.export", *map(str, arguments)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+
+
 SOURCE_REPOSITORY = PROJECT / "model_repository"
 
 

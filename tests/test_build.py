@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
-from conftest import copy_source_repository
+from conftest import copy_source_repository, export
 from onnx import numpy_helper
 from shopserve.ensemble import store
 from shopserve.ensemble.models import OnnxEncoder
@@ -95,22 +93,10 @@ def test_evaluate_command_reproduces_the_build_numbers(
     built_repository, manifest, data_dir, tmp_path
 ):
     output = tmp_path / "eval.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shopserve.export",
-            "evaluate",
-            "--repository",
-            str(built_repository),
-            "--data",
-            str(data_dir),
-            "--output",
-            str(output),
-        ],
-        check=True,
-        capture_output=True,
+    run = export(
+        "evaluate", "--repository", built_repository, "--data", data_dir, "--output", output
     )
+    assert run.returncode == 0, run.stderr[-3000:]
     reproduced = json.loads(output.read_text())["int8"]
     built = manifest["evaluation"]
     assert reproduced["queries"] == built["queries"]
@@ -124,21 +110,8 @@ def test_evaluate_command_reproduces_the_build_numbers(
 
 def test_build_stops_at_the_gate_with_per_tensor_weights(data_dir, tmp_path):
     repository = copy_source_repository(tmp_path / "model_repository")
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shopserve.export",
-            "build",
-            "--data",
-            str(data_dir),
-            "--repository",
-            str(repository),
-            "--int8-weights",
-            "per-tensor",
-        ],
-        capture_output=True,
-        text=True,
+    run = export(
+        "build", "--data", data_dir, "--repository", repository, "--int8-weights", "per-tensor"
     )
     assert run.returncode == 1
     assert "error: INT8 accuracy gate failed: mean cosine to FP32 is 0.9" in run.stderr

@@ -37,7 +37,8 @@ def test_overload_and_key_refusals_are_typed() -> None:
     )
     late = map_error(InferenceServerException("Request timeout expired", "StatusCode.UNAVAILABLE"))
     down = map_error(InferenceServerException("model not ready", "StatusCode.UNAVAILABLE"))
-    assert type(full) is OverloadedError and type(late) is OverloadedError and full.retryable
+    assert type(full) is OverloadedError and full.retryable
+    assert type(late) is RequestTimeoutError and late.retryable
     assert type(down) is ServerUnavailableError and down.retryable
     restricted = map_error(
         InferenceServerException(
@@ -143,7 +144,7 @@ def test_every_call_carries_its_deadline_to_the_server() -> None:
     assert "headers" not in options and client._infer_options(2.0)["timeout"] == 2_000_000
     keyed = SearchClient("127.0.0.1:1", security=Security(inference_key="k", admin_key="a"))
     options = keyed._infer_options(None, ["FORGOTTEN"], admin=True)
-    assert options["headers"] == {"shopserve-inference-key": "k"}
+    assert options["headers"] == {"triton-grpc-protocol-shopserve-inference-key": "k"}
     assert options["parameters"] == {"admin_key": "a"}
     with pytest.raises(ValueError, match="operator's key"):
         client._infer_options(None, admin=True)

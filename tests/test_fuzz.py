@@ -27,6 +27,12 @@ DTYPES = {
     "UINT8": np.uint8,
 }
 EXAMPLES = 40
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @st.composite
@@ -40,7 +46,8 @@ def tensors(draw) -> tuple[str, str, np.ndarray]:
         array = np.empty(count, dtype=np.object_)
         array[:] = values  # bytes objects as they are, whatever their length
     elif datatype == "BOOL":
-        array = np.array(draw(st.lists(st.booleans(), min_size=count, max_size=count)))
+        values = draw(st.lists(st.booleans(), min_size=count, max_size=count))
+        array = np.array(values, dtype=np.bool_)
     else:
         dtype = DTYPES[datatype]
         info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
@@ -84,12 +91,7 @@ def _answer(url: str) -> list[int]:
 def test_search_endpoints_survive_random_requests(server, model) -> None:
     before = _answer(server.grpc_url)
 
-    @settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        derandomize=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @FUZZ
     @given(spec=requests)
     def case(spec) -> None:
         _send(server.grpc_url, model, spec)
@@ -104,12 +106,7 @@ def test_personal_endpoints_survive_random_requests(personal_server, model) -> N
     with SearchClient(personal_server.grpc_url, timeout=30) as client:
         before = [h.product_id for h in client.recommend("fuzz-never-seen", top_k=5)]
 
-    @settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        derandomize=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @FUZZ
     @given(spec=requests)
     def case(spec) -> None:
         _send(personal_server.grpc_url, model, spec)

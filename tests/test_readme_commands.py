@@ -10,12 +10,10 @@ import csv
 import json
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import CUT_PRODUCTS, CUT_QUERIES, PROJECT, write_cut
+from conftest import CUT_PRODUCTS, CUT_QUERIES, PROJECT, export, write_cut
 from shopserve.ensemble import store
 from shopserve.ensemble.features import RANKER_FEATURES
 
@@ -41,9 +39,7 @@ def workdir(tmp_path_factory, data_dir, built_repository) -> Path:
         if command[:2] == ["shopserve", "serve"]:
             continue  # served below on free ports, through the same launcher
         assert command[:3] == ["python", "-m", "shopserve.export"], command
-        run = subprocess.run(
-            [sys.executable, *command[1:]], cwd=directory, capture_output=True, text=True
-        )
+        run = export(*command[3:], cwd=directory)
         assert run.returncode == 0, f"{shlex.join(command)}\n{run.stderr[-3000:]}"
         (directory / f"{command[3]}-{command[-1]}.out").write_text(run.stdout)
     return directory
@@ -102,22 +98,15 @@ def test_a_worse_transferred_ranker_is_replaced_by_the_fusion(workdir) -> None:
     inverted = write_linear_ranker(
         workdir / "inverted.onnx", {"cosine": -1.0, "bm25_ratio": -1.0}, "inverted"
     )
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shopserve.export",
-            "build",
-            "--catalogue",
-            "items.csv",
-            "--ranker",
-            str(inverted),
-            "--repository",
-            "inverted_shop",
-        ],
+    run = export(
+        "build",
+        "--catalogue",
+        "items.csv",
+        "--ranker",
+        inverted,
+        "--repository",
+        "inverted_shop",
         cwd=workdir,
-        capture_output=True,
-        text=True,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     ranker = json.loads((workdir / "inverted_shop" / "manifest.json").read_text())["ranker"]
@@ -130,22 +119,15 @@ def test_a_worse_transferred_ranker_is_replaced_by_the_fusion(workdir) -> None:
 
 
 def test_a_failed_build_leaves_no_folder(workdir) -> None:
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shopserve.export",
-            "build",
-            "--catalogue",
-            "items.csv",
-            "--ranker",
-            "no_such_ranker.onnx",
-            "--repository",
-            "never_built",
-        ],
+    run = export(
+        "build",
+        "--catalogue",
+        "items.csv",
+        "--ranker",
+        "no_such_ranker.onnx",
+        "--repository",
+        "never_built",
         cwd=workdir,
-        capture_output=True,
-        text=True,
     )
     assert run.returncode == 1 and "no_such_ranker.onnx does not exist" in run.stderr
     assert not (workdir / "never_built").exists()
