@@ -74,6 +74,10 @@ def set_response_cache(enabled: bool) -> Edit:
     )
 
 
+def set_queue_size(size: int) -> Edit:
+    return _replacing(r"max_queue_size:\s*\d+", f"max_queue_size: {size}", "max_queue_size")
+
+
 def set_default_model_filename(filename: str) -> Edit:
     return _replacing(
         r'default_model_filename:\s*"[^"]*"',

@@ -394,7 +394,7 @@ class SearchClient(_ClientSettings):
         queries: Sequence[str | bytes],
         top_k: int = 10,
         timeout: float | None = None,
-        max_in_flight: int = 8,
+        max_in_flight: int = 4,
     ) -> list[list[Hit]]:
         """Search all queries with up to ``max_in_flight`` requests outstanding at once.
 
@@ -519,7 +519,7 @@ class AsyncSearchClient(_ClientSettings):
         queries: Sequence[str | bytes],
         top_k: int = 10,
         timeout: float | None = None,
-        max_in_flight: int = 8,
+        max_in_flight: int = 4,
     ) -> list[list[Hit]]:
         """Search all queries with up to ``max_in_flight`` requests outstanding at once.
 
