@@ -48,12 +48,19 @@ BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
 
 
-async def drive(url: str, queries: list[str], clients: int, deadline: float | None) -> dict:
-    """``clients`` closed-loop clients for DURATION_S; what happened to their requests."""
+async def drive(
+    url: str,
+    queries: list[str],
+    clients: int,
+    deadline: float | None,
+    duration: float = DURATION_S,
+) -> dict:
+    """``clients`` closed-loop clients for ``duration`` seconds; what became of their requests."""
     outcomes = {"answered": 0, "late": 0, "refused": 0, "timed_out": 0, "failed": 0}
     refusal_ms: list[float] = []
+    answer_ms: list[float] = []
     next_query = itertools.count()
-    stop_at = time.monotonic() + DURATION_S
+    stop_at = time.monotonic() + duration
 
     async def client_loop(seed: int) -> None:
         pause = random.Random(seed)
@@ -65,8 +72,11 @@ async def drive(url: str, queries: list[str], clients: int, deadline: float | No
                 started = time.monotonic()
                 try:
                     await client.search(query, top_k=10)
-                    late = deadline is not None and time.monotonic() - started > deadline
-                    outcomes["late" if late else "answered"] += 1
+                    took = time.monotonic() - started
+                    outcomes[
+                        "late" if deadline is not None and took > deadline else "answered"
+                    ] += 1
+                    answer_ms.append(took * 1e3)
                     refused_in_a_row = 0
                 except OverloadedError:
                     outcomes["refused"] += 1
@@ -83,6 +93,7 @@ async def drive(url: str, queries: list[str], clients: int, deadline: float | No
     await asyncio.gather(*(client_loop(seed) for seed in range(clients)))
     elapsed = time.monotonic() - started
     refusal_ms.sort()
+    answer_ms.sort()
     return {
         "clients": clients,
         "deadline_ms": None if deadline is None else deadline * 1e3,
@@ -90,6 +101,7 @@ async def drive(url: str, queries: list[str], clients: int, deadline: float | No
         **outcomes,
         "goodput": outcomes["answered"] / elapsed,
         "refusal_p50_ms": refusal_ms[len(refusal_ms) // 2] if refusal_ms else None,
+        "answer_p50_ms": answer_ms[len(answer_ms) // 2] if answer_ms else None,
     }
 
 
