@@ -8,7 +8,8 @@ well-behaved client does: a pause drawn from 0 to 50 ms x 2^(refusals in a row),
 second), refusals, timeouts, answers the client saw later than the deadline (gRPC discards an answer
 after its deadline, so these are the client's own scheduling lag on the shared cores), and the
 latency of a fresh request right after each level. The capacity it is compared with is 8 clients
-without a deadline, the same driver, in the same run.
+without a deadline, the same driver, in the same run, against the same models with a queue deep
+enough that closed-loop clients are never refused (the sweep's variant): what the machine serves.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from shopserve.server import ServerConfig, TritonServer, free_ports
 from . import variants
 from .common import WORK_DIR, cpu_lock
 from .queries import load_traffic
+from .tuning import HEADLINE
 
 log = logging.getLogger("benchmarks.overload")
 
@@ -105,18 +107,28 @@ async def drive(
     }
 
 
+def _server(variant: variants.Variant, repository: Path) -> TritonServer:
+    grpc_port, http_port, metrics_port = free_ports(3)
+    config = ServerConfig(
+        variants.materialize(variant, repository),
+        grpc_port,
+        http_port,
+        metrics_port,
+        work_dir=WORK_DIR / "triton" / variant.name,
+    )
+    return TritonServer(config, log_file=WORK_DIR / "logs" / f"{variant.name}.log")
+
+
 def run(repository: Path, out: Path) -> dict:
     queries = load_traffic(
         json.loads((repository / store.MANIFEST_FILE).read_text()), 10_000
     ).queries
-    variant = variants.materialize(variants.Variant("overload", "as shipped"), repository)
-    grpc_port, http_port, metrics_port = free_ports(3)
-    config = ServerConfig(
-        variant, grpc_port, http_port, metrics_port, work_dir=WORK_DIR / "triton" / "overload"
-    )
-    with TritonServer(config, log_file=WORK_DIR / "logs" / "overload.log") as server:
-        with cpu_lock("overload capacity"):
-            capacity = asyncio.run(drive(server.grpc_url, queries, CAPACITY_CLIENTS, None))
+    with (
+        _server(HEADLINE.plus("capacity", "for the capacity"), repository) as server,
+        cpu_lock("overload capacity"),
+    ):
+        capacity = asyncio.run(drive(server.grpc_url, queries, CAPACITY_CLIENTS, None))
+    with _server(variants.Variant("overload", "as shipped"), repository) as server:
         levels = []
         for clients in LEVELS:
             with cpu_lock(f"overload {clients} clients"):
