@@ -67,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     overload.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
     overload.add_argument("--out", type=Path, default=RESULTS_DIR)
+    steps = commands.add_parser(
+        "steps", help="CPU time per query by step, in-process: a store before and after"
+    )
+    steps.add_argument("--before", type=Path, required=True)
+    steps.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
+    steps.add_argument("--queries", type=int, default=1000)
+    steps.add_argument("--out", type=Path, default=RESULTS_DIR)
     smoke = commands.add_parser("smoke", help="seconds of everything (CI)")
     smoke.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
     smoke.add_argument("--out", type=Path, default=WORK_DIR / "smoke")
@@ -123,6 +130,18 @@ def main(argv: list[str] | None = None) -> int:
 
             run_overload(args.repository, args.out)
             path = args.out / "overload.md"
+        elif args.command == "steps":
+            import json
+
+            from shopserve.ensemble import store
+
+            from .profile import compare_steps
+            from .queries import load_traffic
+
+            manifest = json.loads((args.repository / store.MANIFEST_FILE).read_text())
+            queries = load_traffic(manifest, args.queries).queries
+            path = args.out / "steps.md"
+            path.write_text(compare_steps(args.before, args.repository, queries))
         elif args.command == "smoke":
             from .run import smoke as run_smoke
 

@@ -11,6 +11,7 @@ in a torch module, then softmax + top-k. Run it with::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -97,12 +98,13 @@ class TorchSearch:
         from shopserve.ensemble.pipeline import load_tokenizer
         from shopserve.ensemble.postprocess import PostProcessor
         from shopserve.ensemble.retrieve import Retriever
-        from shopserve.export.encoder import _pooled_encoder
+        from shopserve.export.encoder import pooled_encoder, trained_weights
 
         latest = store.latest_version_dir
         params = store.config_parameters(repository, store.RETRIEVE)
         self.tokenizer = load_tokenizer(repository)
-        self.encoder = _pooled_encoder()
+        manifest = json.loads((repository / store.MANIFEST_FILE).read_text())
+        self.encoder = pooled_encoder(trained_weights(manifest))
         self.retriever = Retriever(
             exact_dense_index(embeddings),
             LexicalIndex.load(latest(repository, store.RETRIEVE) / store.LEXICAL_INDEX_DIR),

@@ -1,4 +1,4 @@
-"""Ceiling (c): the INT8 encoder alone, in ONNX Runtime in-process, at its best batch size.
+"""Ceiling (c): the served encoder alone, in ONNX Runtime in-process, at its best batch size.
 
 The benchmark queries are tokenized up front (in log order, consecutive queries per batch, padded to
 the batch's longest) and only the encoder runs in the timed loop: the compute bound of this machine
@@ -54,12 +54,11 @@ def measure(
     queries: Sequence[str],
     batch_sizes: Sequence[int] = BATCH_SIZES,
     min_seconds: float = 4.0,
-    model_file: str = store.ONNX_FILE,
     layouts: Sequence[tuple[int, int]] = LAYOUTS,
 ) -> list[CeilingPoint]:
     """Encoder throughput for each layout and batch size (each at least ``min_seconds``)."""
     tokenizer = load_tokenizer(repository)
-    path = store.latest_version_dir(repository, store.ENCODER) / model_file
+    path = store.model_file(repository, store.ENCODER)
     points = []
     for sessions, threads in layouts:
         encoders = [OnnxEncoder(path, threads) for _ in range(sessions)]

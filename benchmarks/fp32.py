@@ -19,7 +19,7 @@ from shopserve.ensemble.models import OnnxEncoder
 from shopserve.ensemble.pipeline import load_tokenizer
 
 from .common import WORK_DIR, cpu_lock, repository_key
-from .variants import FP32_ENCODER_FILE
+from .variants import DYNAMIC_INT8_ENCODER_FILE, FP32_ENCODER_FILE
 
 log = logging.getLogger("benchmarks.fp32")
 
@@ -55,6 +55,19 @@ def _hnsw_m(repository: Path) -> int:
         str(store.latest_version_dir(repository, store.RETRIEVE) / store.DENSE_INDEX_FILE)
     )
     return int(index.hnsw.nb_neighbors(1))
+
+
+def dynamic_int8_encoder(repository: Path) -> Path:
+    """The store's FP32 encoder quantized as the encoder was shipped before (dynamic QInt8,
+    per-channel weights), cached: the "before" side of the benchmark."""
+    from shopserve.export.quantize import quantize_int8
+
+    path = cache_dir(repository) / DYNAMIC_INT8_ENCODER_FILE
+    if not path.exists():
+        source = store.latest_version_dir(repository, store.ENCODER) / FP32_ENCODER_FILE
+        quantize_int8(source, path.with_suffix(".tmp.onnx"))
+        path.with_suffix(".tmp.onnx").rename(path)
+    return path
 
 
 def ensure(repository: Path) -> Fp32Artefacts:

@@ -33,13 +33,14 @@ from .loadgen import answers as collect_answers
 from .measure import ATTEMPTS, measure_level
 from .queries import Traffic, load_traffic, write_perf_analyzer_data
 from .systems import FASTAPI, LOADGEN, PERF_ANALYZER, TRITON, Running, System, started
-from .tuning import HEADLINE
+from .tuning import BEFORE, HEADLINE
 
 log = logging.getLogger("benchmarks.run")
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16)
 DEFAULT_SYSTEMS = (
     "ensemble",
+    "ensemble_before",
     "ensemble_steps",
     "ensemble_fp32",
     "fastapi_torch",
@@ -74,14 +75,29 @@ def build_systems(repository: Path, names: tuple[str, ...]) -> dict[str, System]
     made = {
         "ensemble": lambda: System(
             "ensemble",
-            f"Triton `{store.SEARCH}`, INT8 encoder (as shipped)",
+            f"Triton `{store.SEARCH}` as shipped (FP32 encoder)",
             TRITON,
             PERF_ANALYZER,
             variants.materialize(HEADLINE, repository),
         ),
+        "ensemble_before": lambda: System(
+            "ensemble_before",
+            f"Triton `{store.SEARCH}` as shipped before: dynamic INT8 encoder, efSearch 512",
+            TRITON,
+            PERF_ANALYZER,
+            variants.materialize(
+                BEFORE,
+                repository,
+                files={
+                    f"{store.ENCODER}/{{version}}/{variants.DYNAMIC_INT8_ENCODER_FILE}": (
+                        fp32.dynamic_int8_encoder(repository)
+                    )
+                },
+            ),
+        ),
         "ensemble_steps": lambda: System(
             "ensemble_steps",
-            f"Triton `{store.ENSEMBLE}` (five-model ensemble), INT8 encoder",
+            f"Triton `{store.ENSEMBLE}` (five-model ensemble), FP32 encoder batching requests",
             TRITON,
             PERF_ANALYZER,
             variants.materialize(replace(HEADLINE, name="ensemble_steps"), repository),
@@ -176,6 +192,7 @@ def agreement_report(traffic: Traffic, answers: dict[str, list[list[int]]]) -> d
         ("fastapi_torch", "ensemble"),
         ("ensemble_fp32", "ensemble"),
         ("ensemble", "ensemble_steps"),
+        ("ensemble_before", "ensemble"),
         ("fastapi_torch", "fastapi_torch_1t"),
     ]
     return {

@@ -28,11 +28,13 @@ from .measure import measure_level
 from .queries import Traffic, load_traffic, write_perf_analyzer_data
 from .systems import PERF_ANALYZER, TRITON, System, started
 from .variants import (
+    DYNAMIC_INT8_ENCODER_FILE,
     FP32_ENCODER_FILE,
     Edit,
     Variant,
     dynamic_batching,
     materialize,
+    set_default_model_filename,
     set_instances,
     set_parameter,
     set_queue_size,
@@ -64,6 +66,17 @@ HEADLINE = Variant(
     "ensemble",
     f"model_repository as shipped, response cache off, search queue {SWEEP_QUEUE}",
     _CACHE_OFF,
+)
+
+# The configuration shipped before the encoder became FP32 and batch-invariant: the dynamic INT8
+# encoder (made from the store's FP32 graph by benchmarks.fp32) at one query per call, efSearch 512.
+BEFORE = HEADLINE.plus(
+    "ensemble_before",
+    "as shipped before: dynamic INT8 encoder one query per call, efSearch 512, cache off",
+    **{
+        store.ENCODER: (set_default_model_filename(DYNAMIC_INT8_ENCODER_FILE),),
+        store.RETRIEVE: (set_parameter("ef_search", "512"),),
+    },
 )
 
 # The configs before tuning, where the replay of the tuning starts.
@@ -205,12 +218,12 @@ def ann_checks(
 
     latest = store.latest_version_dir
     tokenizer = load_tokenizer(repository)
+    served = store.model_file(repository, store.ENCODER)
     encoders = {
-        name: OnnxEncoder(latest(repository, store.ENCODER) / name, 1)
-        for name in (store.ONNX_FILE, FP32_ENCODER_FILE)
+        name: OnnxEncoder(served.with_name(name), 1) for name in (served.name, FP32_ENCODER_FILE)
     }
     int8_index = DenseIndex.load(latest(repository, store.RETRIEVE) / store.DENSE_INDEX_FILE)
-    dev = encoders[store.ONNX_FILE].embed_texts(tokenizer, traffic.dev_queries)
+    dev = encoders[served.name].embed_texts(tokenizer, traffic.dev_queries)
     exact = exact_top(int8_index.index.reconstruct_n(0, int8_index.size), dev, RECALL_DEPTH)
 
     artefacts = fp32.ensure(repository)

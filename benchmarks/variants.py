@@ -23,7 +23,8 @@ log = logging.getLogger("benchmarks.variants")
 
 REPOS_DIR = WORK_DIR / "repos"
 LINK_ABOVE_BYTES = 64 * 1024  # smaller files (configs, adapters) are copied
-FP32_ENCODER_FILE = "model_fp32.onnx"
+FP32_ENCODER_FILE = "model_fp32.onnx"  # what the build serves on CPU
+DYNAMIC_INT8_ENCODER_FILE = "model_dynamic_int8.onnx"  # the encoder shipped before (benchmarks)
 
 Edit = Callable[[str], str]
 
@@ -129,14 +130,24 @@ def _link_or_copy(source: Path, destination: Path) -> None:
         shutil.copy2(source, destination)
 
 
-def materialize(variant: Variant, source: Path, fp32_index: Path | None = None) -> Path:
-    """Write ``variant`` as a repository under ``benchmarks/work/repos/<name>`` and return it."""
+def materialize(
+    variant: Variant,
+    source: Path,
+    fp32_index: Path | None = None,
+    files: Mapping[str, Path] | None = None,
+) -> Path:
+    """Write ``variant`` as a repository under ``benchmarks/work/repos/<name>`` and return it;
+    ``files`` adds (or replaces) files by path relative to the repository, "{version}" standing
+    for the model's newest version."""
     destination = REPOS_DIR / variant.name
     if destination.exists():
         shutil.rmtree(destination)
     destination.mkdir(parents=True)
     shutil.copy2(source / store.MANIFEST_FILE, destination / store.MANIFEST_FILE)
-    replace: dict[str, Path] = {}
+    replace: dict[str, Path] = {
+        relative.format(version=store.latest_version_dir(source, relative.split("/")[0]).name): path
+        for relative, path in (files or {}).items()
+    }
     edits = {model: list(more) for model, more in variant.edits.items()}
     if variant.fp32:
         if fp32_index is None:

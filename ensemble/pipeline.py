@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,9 @@ from .personal import Personalization
 from .postprocess import PostProcessor, SearchResult
 from .retrieve import Candidates, Retriever
 from .tokenize import QueryTokenizer
-from .validation import check_top_k, decode_query, decode_user_id
+from .validation import InvalidRequest, check_top_k, decode_query, decode_user_id
 
-__all__ = ["SearchPipeline", "SearchResult", "load_retriever", "load_tokenizer"]
+__all__ = ["SearchPipeline", "SearchRequest", "SearchResult", "load_retriever", "load_tokenizer"]
 
 
 def load_tokenizer(repository: Path, version: int | None = None) -> QueryTokenizer:
@@ -71,7 +73,7 @@ class SearchPipeline:
         return cls(
             load_tokenizer(repository, version),
             OnnxEncoder(
-                store.model_file(repository, store.ENCODER, version),
+                store.in_process_model_file(repository, store.ENCODER, version),
                 _intra_op_threads(repository, store.ENCODER),
             ),
             retriever,
@@ -100,15 +102,55 @@ class SearchPipeline:
         """Validate like the server does, then run every step. With the id of a shopper the store
         knows, each candidate's query logit is fused with the shopper's affinity for it; without
         one, or for a shopper it does not know, the answer is the anonymous one."""
-        text = decode_query(query)
-        k = check_top_k(top_k)
+        (answer,) = self.search_many([SearchRequest(query, top_k, user_id)])
+        if isinstance(answer, InvalidRequest):
+            raise answer
+        return answer
+
+    def search_many(self, requests: Sequence[SearchRequest]) -> list[SearchResult | InvalidRequest]:
+        """Answer several requests, their queries embedded in one encoder call (the FP32 encoder
+        is batch-invariant, so each answer equals the request's answer alone); a malformed request
+        gets its InvalidRequest in its place and does not affect the others."""
+        parsed: list[_Parsed | InvalidRequest] = []
+        for request in requests:
+            try:
+                parsed.append(self._parse(request))
+            except InvalidRequest as exc:
+                parsed.append(exc)
+        valid = [p for p in parsed if isinstance(p, _Parsed)]
+        embeddings = self.encoder(*self.tokenizer.batch([p.text for p in valid])) if valid else []
+        answers = iter([self._answer(p, e) for p, e in zip(valid, embeddings, strict=True)])
+        return [next(answers) if isinstance(p, _Parsed) else p for p in parsed]
+
+    def _parse(self, request: SearchRequest) -> _Parsed:
+        text = decode_query(request.query)
+        k = check_top_k(request.top_k)
         user = None
-        if user_id is not None:
-            shopper = decode_user_id(user_id)
+        if request.user_id is not None:
+            shopper = decode_user_id(request.user_id)
             user = self.personal.view(shopper) if self.personal else None
-        candidates = self.candidates(text)
+        return _Parsed(text, k, user)
+
+    def _answer(self, request: _Parsed, embedding: np.ndarray) -> SearchResult:
+        candidates = self.retriever(request.text, embedding)
         logits = self.ranker(candidates.features)
-        if user is not None:
-            affinity = self.personal.affinity(user, candidates.rows)
+        if request.user is not None:
+            affinity = self.personal.affinity(request.user, candidates.rows)
             logits = logits + self.personal.search_weight * affinity
-        return self.postprocessor(candidates.rows, logits, k)
+        return self.postprocessor(candidates.rows, logits, request.top_k)
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """One request as the server receives it (raw tensors or Python values, not yet validated)."""
+
+    query: str | bytes | np.ndarray
+    top_k: int | np.ndarray = 10
+    user_id: str | bytes | np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    text: str
+    top_k: int
+    user: object | None  # the shopper's profile view, when personalised

@@ -91,6 +91,16 @@ def model_file(repository: Path, model: str, version: int | None = None) -> Path
     return version_dir(repository, model, version) / (found.group(1) if found else ONNX_FILE)
 
 
+def in_process_model_file(repository: Path, model: str, version: int | None = None) -> Path:
+    """The ONNX file the in-process pipeline (and so the one-model "search" endpoint) loads for
+    ``model``: the config's ``in_process_model_filename`` parameter where a GPU config names one
+    (its engine's input runs on TensorRT, not in ONNX Runtime on CPU), else :func:`model_file`."""
+    name = config_parameters(repository, model).get("in_process_model_filename")
+    if name:
+        return version_dir(repository, model, version) / name
+    return model_file(repository, model, version)
+
+
 def _config_text(repository: Path, model: str) -> str:
     return (Path(repository) / model / "config.pbtxt").read_text(encoding="utf-8")
 

@@ -13,9 +13,9 @@ DEFAULT_MAX_LENGTH = 256
 class QueryTokenizer:
     """Tokenize text for the encoder, truncating to ``max_length`` tokens.
 
-    A single query is not padded: the INT8 encoder takes one query per call (dynamic INT8 is
-    batch-dependent, so requests are never batched together), and padding would only add compute
-    (the Home Depot queries average 6 tokens) and shift the dynamic activation scales.
+    A single query is not padded: padding would only add compute (the Home Depot queries average 6
+    tokens). Where requests share an encoder call, the Triton backend pads them to the longest; the
+    FP32 encoder's attention mask keeps that padding out of every embedding.
     """
 
     def __init__(self, tokenizer_file: Path | str, max_length: int = DEFAULT_MAX_LENGTH) -> None:

@@ -74,16 +74,41 @@ def optional_input(request, name: str) -> np.ndarray | None:
 def answer_each(
     requests: list, answer: Callable[[object], SearchResult], batched: bool = False
 ) -> list:
-    """One response per request: ``answer(request)`` as the endpoint's outputs, INVALID_ARGUMENT
-    naming the problem when the request is malformed, or CANCELLED, without any work, when its
-    caller has gone by the time its turn comes."""
+    """One response per request: ``answer(request)`` as the endpoint's outputs (see
+    :func:`answer_together`)."""
+
+    def one_by_one(live: list) -> list[SearchResult | InvalidRequest]:
+        answers: list[SearchResult | InvalidRequest] = []
+        for request in live:
+            try:
+                answers.append(answer(request))
+            except InvalidRequest as exc:
+                answers.append(exc)
+        return answers
+
+    return answer_together(requests, one_by_one, batched)
+
+
+def answer_together(
+    requests: list,
+    answer_all: Callable[[list], list[SearchResult | InvalidRequest]],
+    batched: bool = False,
+) -> list:
+    """One response per request. Requests whose caller has gone by the time their turn comes get
+    CANCELLED without any work; ``answer_all(live_requests)`` answers the rest in one go, with a
+    SearchResult (the endpoint's outputs) or an InvalidRequest (INVALID_ARGUMENT naming the
+    problem) for each, in order."""
+    gone = [request.is_cancelled() for request in requests]
+    live = [request for request, left in zip(requests, gone, strict=True) if not left]
+    answers = iter(answer_all(live) if live else [])
     responses = []
-    for request in requests:
-        if request.is_cancelled():
+    for left in gone:
+        if left:
             responses.append(cancelled())
             continue
-        try:
-            responses.append(search_response(answer(request), batched))
-        except InvalidRequest as exc:
-            responses.append(invalid_argument(exc))
+        answer = next(answers)
+        if isinstance(answer, InvalidRequest):
+            responses.append(invalid_argument(answer))
+        else:
+            responses.append(search_response(answer, batched))
     return responses

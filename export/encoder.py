@@ -38,15 +38,15 @@ def max_sequence_length() -> int:
     )
 
 
-def _pooled_encoder():
-    """A torch module: token ids + mask -> mean-pooled, L2-normalised sentence embedding."""
+def pooled(bert):
+    """A torch module around a BERT model: token ids + mask -> mean-pooled, L2-normalised
+    sentence embedding (the graph every encoder file of a store holds)."""
     import torch
-    from transformers import AutoModel
 
     class PooledEncoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.bert = AutoModel.from_pretrained(str(model_dir()))
+            self.bert = bert
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             tokens = self.bert(
@@ -61,28 +61,24 @@ def _pooled_encoder():
     return PooledEncoder().eval()
 
 
-@dataclass(frozen=True)
-class EncoderExportReport:
-    path: str
-    texts_checked: int
-    max_abs_diff: float
+def pooled_encoder(weights: Path | None = None):
+    """The pooled encoder of the Hugging Face model in ``weights`` (the base model when None)."""
+    from transformers import AutoModel
+
+    return pooled(AutoModel.from_pretrained(str(weights or model_dir())))
 
 
-def export_encoder(
-    destination: Path, tokenizer, validation_texts: list[str], batch_size: int = 64
-) -> EncoderExportReport:
-    """Export to ONNX (dynamic batch and sequence axes) and check it against PyTorch."""
-    import onnxruntime  # noqa: F401 - fail early if the runtime is missing
+def write_onnx(
+    module, input_ids: np.ndarray, attention_mask: np.ndarray, destination: Path
+) -> Path:
+    """Trace ``module`` on a sample batch into ONNX with dynamic batch and sequence axes."""
     import torch
-    from shopserve.ensemble.models import OnnxEncoder
 
-    module = _pooled_encoder()
-    ids, mask = tokenizer.batch(validation_texts[:2])
     destination.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(
             module,
-            (torch.from_numpy(ids), torch.from_numpy(mask)),
+            (torch.from_numpy(input_ids), torch.from_numpy(attention_mask)),
             str(destination),
             input_names=["INPUT_IDS", "ATTENTION_MASK"],
             output_names=["EMBEDDING"],
@@ -94,6 +90,37 @@ def export_encoder(
             opset_version=OPSET,
             dynamo=False,
         )
+    return destination
+
+
+@dataclass(frozen=True)
+class EncoderExportReport:
+    path: str
+    texts_checked: int
+    max_abs_diff: float
+
+
+def trained_weights(manifest: dict) -> Path | None:
+    """The fine-tuned checkpoint a store's encoder was exported from (None: the base model)."""
+    tuned = manifest.get("encoder", {}).get("finetune")
+    return Path(tuned["checkpoint"]) if isinstance(tuned, dict) else None
+
+
+def export_encoder(
+    destination: Path,
+    tokenizer,
+    validation_texts: list[str],
+    weights: Path | None = None,
+    batch_size: int = 64,
+) -> EncoderExportReport:
+    """Export the encoder in ``weights`` (a Hugging Face model folder; the base model when None) to
+    ONNX with dynamic batch and sequence axes, and check it against PyTorch."""
+    import onnxruntime  # noqa: F401 - fail early if the runtime is missing
+    import torch
+    from shopserve.ensemble.models import OnnxEncoder
+
+    module = pooled_encoder(weights)
+    write_onnx(module, *tokenizer.batch(validation_texts[:2]), destination)
     onnx_encoder = OnnxEncoder(destination, threads=2)
     worst = 0.0
     with torch.no_grad():

@@ -1,4 +1,8 @@
-"""INT8 quantization (ONNX Runtime dynamic, QInt8, per-channel weights) behind an accuracy gate."""
+"""The INT8 accuracy gate (cosine to FP32 and dev nDCG), and ONNX Runtime's dynamic INT8.
+
+The build gates the static Q/DQ graph (:mod:`shopserve.export.qdq`). Dynamic INT8 was the served
+encoder before it; the benchmarks still make it from a store's FP32 graph to measure against.
+"""
 
 from __future__ import annotations
 

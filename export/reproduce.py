@@ -20,6 +20,8 @@ log = logging.getLogger("shopserve.export.evaluate")
 
 
 def evaluate_repository(repository: Path, judgments_path: Path, fp32: bool = False) -> dict:
+    """The build's evaluation of the served encoder (and, with ``fp32``, of the FP32 graph it was
+    quantized from, over a catalogue it re-embeds) on ``judgments_path``."""
     manifest = json.loads((repository / store.MANIFEST_FILE).read_text())
     catalogue = store.load_catalogue(repository)
     judgments = load_judgments(
@@ -38,24 +40,25 @@ def evaluate_repository(repository: Path, judgments_path: Path, fp32: bool = Fal
     ranker = OnnxRanker(store.latest_version_dir(repository, store.RANKER) / store.ONNX_FILE)
     encoder_dir = store.latest_version_dir(repository, store.ENCODER)
     result = {"scope": scope, "judgments": str(judgments_path)}
-    precisions = {"int8": store.ONNX_FILE, **({"fp32": FP32_ENCODER_FILE} if fp32 else {})}
-    for precision, filename in precisions.items():
-        encoder = OnnxEncoder(encoder_dir / filename, EMBED_THREADS)
-        if precision == "int8":
+    served = store.model_file(repository, store.ENCODER)
+    encoders = {"served": served, **({"fp32": encoder_dir / FP32_ENCODER_FILE} if fp32 else {})}
+    for name, path in encoders.items():
+        encoder = OnnxEncoder(path, EMBED_THREADS)
+        if path == served:
             embeddings = retriever.dense.index.reconstruct_n(0, retriever.dense.size)
-            precision_retriever = retriever
+            encoder_retriever = retriever
         else:
-            embeddings = encoder.embed_texts(tokenizer, catalogue.titles, progress="embed fp32")
-            precision_retriever = Retriever(
+            embeddings = encoder.embed_texts(tokenizer, catalogue.titles, progress=f"embed {name}")
+            encoder_retriever = Retriever(
                 build_dense_index(embeddings, retriever.dense.ef_search),
                 retriever.lexical,
                 retriever.dense_depth,
                 retriever.lexical_depth,
             )
-        result[precision] = evaluate(
+        result[name] = evaluate(
             retriever.lexical,
             embeddings,
-            precision_retriever,
+            encoder_retriever,
             ranker,
             catalogue.product_ids,
             judgments,

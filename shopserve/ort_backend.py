@@ -6,7 +6,10 @@ this file as ``<backends>/onnxruntime/model.py``, so a model config with ``backe
 Triton build. Requests queued together by the dynamic batcher are grouped by shape and each group runs as
 one ONNX Runtime call.
 
-Config parameters (all optional): ``intra_op_threads`` (default 1), ``inter_op_threads`` (default 1).
+Config parameters (all optional): ``intra_op_threads`` (default 1), ``inter_op_threads`` (default 1),
+``pad_ragged_batch`` ("true": requests whose inputs differ in their last axis, as the dynamic batcher
+queues them with ``allow_ragged_batch``, are zero-padded to the longest and run as one call; for a
+model whose outputs do not depend on padding, such as an encoder with an attention mask).
 """
 
 from __future__ import annotations
@@ -23,6 +26,14 @@ import triton_python_backend_utils as pb_utils
 
 def _parameter(config: dict, key: str, default: str) -> str:
     return config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+
+def _stack(arrays: list[np.ndarray], pad: bool) -> np.ndarray:
+    """Concatenate along the batch axis, zero-padding the last axis to the longest when ``pad``."""
+    if pad:
+        width = max(a.shape[-1] for a in arrays)
+        arrays = [np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])]) for a in arrays]
+    return np.concatenate(arrays)
 
 
 class TritonPythonModel:
@@ -48,6 +59,7 @@ class TritonPythonModel:
             for item in config["input"]
         }
         self.output_names = [item["name"] for item in config["output"]]
+        self.pad_ragged = _parameter(config, "pad_ragged_batch", "false") == "true"
         gc.freeze()  # collections then skip what was loaded (see triton_adapter.freeze_loaded_state)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -67,10 +79,11 @@ class TritonPythonModel:
         if self.batching:
             groups: dict[tuple, list[int]] = defaultdict(list)
             for index, feeds in enumerate(inputs):
-                groups[tuple(feeds[name].shape[1:] for name in self.input_names)].append(index)
+                shape = () if self.pad_ragged else (feeds[n].shape[1:] for n in self.input_names)
+                groups[tuple(shape)].append(index)
             for members in groups.values():
                 batch = {
-                    name: np.concatenate([inputs[i][name] for i in members])
+                    name: _stack([inputs[i][name] for i in members], self.pad_ragged)
                     for name in self.input_names
                 }
                 results = self._run(batch)

@@ -13,7 +13,8 @@ from onnx import numpy_helper
 from shopserve.ensemble import store
 from shopserve.ensemble.models import OnnxEncoder
 from shopserve.ensemble.pipeline import load_tokenizer
-from shopserve.export.build import FP32_ENCODER_FILE
+from shopserve.export import qdq
+from shopserve.export.build import CPU_INT8_ENCODER_FILE, FP32_ENCODER_FILE
 from shopserve.export.data import load_catalogue
 from shopserve.export.quantize import AccuracyGateError, accuracy_gate
 
@@ -24,7 +25,7 @@ def test_manifest_records_versions_checksums_data_and_split(built_repository, ma
     assert manifest["models"] == {m: 1 for m in store.MODELS}
     for relative, digest in manifest["files"].items():
         assert hashlib.sha256((built_repository / relative).read_bytes()).hexdigest() == digest
-    assert "encoder/1/model.onnx" in manifest["files"]
+    assert "encoder/1/model_int8.onnx" in manifest["files"]
     assert manifest["data"]["products"] == 54_667
     expected = hashlib.sha256((data_dir / "judgments.csv").read_bytes()).hexdigest()
     assert manifest["data"]["files"]["judgments.csv"] == expected
@@ -33,10 +34,20 @@ def test_manifest_records_versions_checksums_data_and_split(built_repository, ma
     assert manifest["timings_s"]["total"] > 0 and manifest["built_at"]
 
 
-def test_encoder_export_and_int8_gate_hold(manifest):
+def test_encoder_finetuning_export_and_int8_gate_hold(built_repository, manifest):
     encoder = manifest["encoder"]
+    int8 = encoder["int8"]
+    assert int8["file"] == CPU_INT8_ENCODER_FILE and encoder["served"].startswith(int8["file"])
+    assert len(int8["fp32_matmuls"]) < 12  # most of the 48 MatMuls, if not all, run in INT8
+    graph = store.latest_version_dir(built_repository, store.ENCODER) / int8["file"]
+    assert qdq.qdq_model_problems(graph, tensorrt=False) == []
     assert encoder["export"]["max_abs_diff"] <= 1e-4 and encoder["export"]["texts_checked"] >= 500
-    gate = encoder["gate"]
+    finetune = encoder["finetune"]
+    assert finetune["steps"] > 0 and finetune["train_queries"] == manifest["split"]["train_queries"]
+    assert len(finetune["data_fingerprint"]) == 64 and finetune["options"]["seed"] == 13
+    before_after = encoder["dev_rerank_ndcg10"]
+    assert before_after["finetuned"] > before_after["base"]
+    gate = encoder["int8"]["gate"]
     assert gate["passed"] and gate["texts"] >= 1000 and gate["mean_cosine"] >= 0.99
     assert gate["relative_ndcg_drop"] <= 0.01 and gate["queries"] >= 2000
 
@@ -54,8 +65,9 @@ def test_served_system_beats_every_baseline_on_the_full_catalogue(manifest):
         assert served["ndcg10"] > systems[baseline]["ndcg10"], baseline
     for baseline in ("bm25", "encoder"):
         assert served["recall100"] > systems[baseline]["recall100"], baseline
-    # The measured shape of these data: BM25 beats zero-shot MiniLM, their fusion beats both.
-    assert systems["bm25"]["ndcg10"] > systems["encoder"]["ndcg10"]
+    # Zero-shot MiniLM was far behind BM25 on these data (0.291 against 0.370); fine-tuned on the
+    # train queries it closes most of that gap (0.358), and the fusion beats both.
+    assert systems["encoder"]["ndcg10"] > 0.33
     assert systems["zscore_fusion"]["ndcg10"] > systems["bm25"]["ndcg10"]
     assert served["rerank_ndcg10"] > evaluation["random_rerank_ndcg10"]
 
@@ -85,7 +97,7 @@ def test_gate_stops_a_degraded_model(built_repository, data_dir, tmp_path):
         accuracy_gate(reference, degraded, ndcg.get, queries=100)
     with pytest.raises(AccuracyGateError, match=r"nDCG@10 fell 8\.33%"):
         accuracy_gate(reference, reference, ndcg.get, queries=100)
-    int8 = OnnxEncoder(encoder_dir / store.ONNX_FILE, 2).embed_texts(tokenizer, texts)
+    int8 = OnnxEncoder(encoder_dir / CPU_INT8_ENCODER_FILE, 2).embed_texts(tokenizer, texts)
     assert accuracy_gate(reference, int8, {"fp32": 0.6, "int8": 0.6}.get, queries=100).passed
 
 
@@ -97,7 +109,7 @@ def test_evaluate_command_reproduces_the_build_numbers(
         "evaluate", "--repository", built_repository, "--data", data_dir, "--output", output
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    reproduced = json.loads(output.read_text())["int8"]
+    reproduced = json.loads(output.read_text())["served"]
     built = manifest["evaluation"]
     assert reproduced["queries"] == built["queries"]
     for name, metrics in built["systems"].items():
@@ -108,10 +120,20 @@ def test_evaluate_command_reproduces_the_build_numbers(
             )
 
 
-def test_build_stops_at_the_gate_with_per_tensor_weights(data_dir, tmp_path):
+def test_build_stops_at_the_gate_with_every_matmul_in_signed_int8(data_dir, tmp_path):
+    """TensorRT's signed symmetric Q/DQ graph with no MatMul left in FP32 reaches about 0.986
+    mean cosine on MiniLM: below the gate, so the build stops and writes nothing."""
     repository = copy_source_repository(tmp_path / "model_repository")
     run = export(
-        "build", "--data", data_dir, "--repository", repository, "--int8-weights", "per-tensor"
+        "build",
+        "--data",
+        data_dir,
+        "--repository",
+        repository,
+        "--target",
+        "gpu",
+        "--int8-fp32-matmuls",
+        "0",
     )
     assert run.returncode == 1
     assert "error: INT8 accuracy gate failed: mean cosine to FP32 is 0.9" in run.stderr
@@ -138,5 +160,5 @@ def test_evaluate_accepts_any_judgments_file_in_the_same_columns(
             if r["search_term"] in queries
         )
     result = evaluate_repository(built_repository, subset)
-    assert result["scope"].startswith("all queries") and result["int8"]["queries"] == 150
-    assert 0 < result["int8"]["systems"]["encoder_ranker"]["ndcg10"] <= 1
+    assert result["scope"].startswith("all queries") and result["served"]["queries"] == 150
+    assert 0 < result["served"]["systems"]["encoder_ranker"]["ndcg10"] <= 1

@@ -56,7 +56,7 @@ def test_a_store_built_from_judgments(workdir) -> None:
     assert all(f["low"] <= f["high"] for f in ranges)
     evaluation = json.loads((workdir / "evaluate-judged.csv.out").read_text())
     assert evaluation["scope"].startswith("dev split")
-    assert evaluation["int8"]["queries"] == manifest["split"]["dev_queries"]
+    assert evaluation["served"]["queries"] == manifest["split"]["dev_queries"]
 
 
 def test_a_catalogue_without_judgments_uses_none(workdir) -> None:

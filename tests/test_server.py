@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import PROJECT, raw_infer, tensor
+from conftest import PROJECT, assert_same_ranking, raw_infer, tensor
 from shopserve.client import AsyncSearchClient, InvalidRequestError, SearchClient
 from shopserve.client._cli import main as search_cli
 from shopserve.ensemble import store
@@ -41,10 +41,17 @@ def test_served_ids_equal_the_in_process_pipeline(endpoint, pipeline, dev_querie
     queries = dev_queries[:200]
     served = endpoint.search_many(queries, top_k=10, max_in_flight=4)
     for query, hits in zip(queries, served, strict=True):
+        # Up to 4 in flight: "search" may embed this query in one call with others.
         reference = pipeline.search(query, 10)
-        assert [h.product_id for h in hits] == reference.product_ids.tolist(), query
-        np.testing.assert_allclose([h.score for h in hits], reference.scores, atol=1e-5)
-        assert [h.title for h in hits] == reference.titles
+        assert_same_ranking(
+            [h.product_id for h in hits],
+            [h.score for h in hits],
+            reference.product_ids.tolist(),
+            reference.scores,
+            query,
+        )
+        titles = dict(zip(reference.product_ids.tolist(), reference.titles, strict=True))
+        assert all(titles.get(h.product_id, h.title) == h.title for h in hits)
 
 
 def test_search_returns_ranked_real_products(client) -> None:
@@ -205,3 +212,53 @@ def test_client_errors_against_the_real_server(server, client) -> None:
         assert not missing.ready()
         with pytest.raises(ServerUnavailableError):
             missing.search("drill")
+
+
+def _counts(url: str, model: str) -> tuple[int, int]:
+    """(inferences, executions) of ``model`` so far: fewer executions means shared calls."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as triton:
+        (stats,) = triton.get_inference_statistics(model, as_json=True)["model_stats"]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+# Where each endpoint's queries share encoder calls: the encoder model of the ensemble, or the
+# one-model endpoint's own executions.
+BATCHED_MODEL = {store.ENSEMBLE: store.ENCODER, store.SEARCH: store.SEARCH}
+# How many requests each takes at once: "search" admits 4 waiting beside one in each of its two
+# instances (its overload bound), the ensemble all 8.
+IN_FLIGHT = {store.ENSEMBLE: 8, store.SEARCH: 6}
+
+
+@pytest.mark.parametrize("model", [store.SEARCH, store.ENSEMBLE])
+def test_a_query_answers_the_same_alone_and_inside_a_batch_of_8(server, dev_queries, model) -> None:
+    """The static INT8 encoder is batch-invariant: concurrent queries of different lengths share
+    encoder calls, and each answer equals the query's answer alone (ids exactly wherever scores
+    are more than 1e-6 apart; scores within 1e-6)."""
+    queries = dev_queries[300:308]
+    assert len({len(q.split()) for q in queries}) > 1  # different lengths: padded batches
+    counted = BATCHED_MODEL[model]
+    with SearchClient(server.grpc_url, model_name=model, timeout=30) as client:
+        alone = [client.search(query, top_k=10) for query in queries]
+        shared = False
+        # Each round asks for a different TOP_K, so the response cache cannot answer it.
+        for round_ in range(10):
+            inferences, executions = _counts(server.grpc_url, counted)
+            together = client.search_many(
+                queries, top_k=11 + round_, max_in_flight=IN_FLIGHT[model]
+            )
+            more_inferences, more_executions = _counts(server.grpc_url, counted)
+            assert more_inferences - inferences == len(queries)
+            for query, one, batched in zip(queries, alone, together, strict=True):
+                assert_same_ranking(
+                    [h.product_id for h in batched[:10]],
+                    [h.score for h in batched[:10]],
+                    [h.product_id for h in one],
+                    [h.score for h in one],
+                    query,
+                )
+            shared = shared or more_executions - executions < len(queries)
+            if shared:
+                break
+    assert shared, f"{counted} never ran two of the 8 concurrent queries in one execution"

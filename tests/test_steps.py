@@ -208,9 +208,9 @@ def test_store_reads_the_served_file_and_parameters_from_the_source_configs(tmp_
     assert store.model_file(repository, store.RANKER) == repository / "ranker/1/model.onnx"
     encoder_config = repository / store.ENCODER / "config.pbtxt"
     encoder_config.write_text(
-        encoder_config.read_text().replace('"model.onnx"', '"model_fp32.onnx"'), encoding="utf-8"
+        encoder_config.read_text().replace('"model_int8.onnx"', '"model.onnx"'), encoding="utf-8"
     )
-    assert store.model_file(repository, store.ENCODER) == repository / "encoder/1/model_fp32.onnx"
+    assert store.model_file(repository, store.ENCODER) == repository / "encoder/1/model.onnx"
     assert store.config_parameters(repository, store.RETRIEVE)["ef_search"] == "512"
 
 

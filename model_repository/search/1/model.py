@@ -2,12 +2,13 @@
 
 The steps load from the step models' directories and configs in this repository, so this model
 answers exactly as the "search_steps" ensemble and the in-process SearchPipeline do. An optional
-USER_ID personalises the answer (stores built with --events).
+USER_ID personalises the answer (stores built with --events). The requests of one execution
+share one encoder call.
 """
 
-from shopserve.ensemble import SearchPipeline
+from shopserve.ensemble.pipeline import SearchPipeline, SearchRequest
 from shopserve.ensemble.triton_adapter import (
-    answer_each,
+    answer_together,
     freeze_loaded_state,
     input_array,
     model_context,
@@ -24,12 +25,18 @@ class TritonPythonModel:
         freeze_loaded_state()
 
     def execute(self, requests: list) -> list:
-        return answer_each(
+        # The requests the dynamic batcher hands over together share one encoder call.
+        return answer_together(
             requests,
-            lambda request: self.pipeline.search(
-                input_array(request, "QUERY"),
-                input_array(request, "TOP_K"),
-                optional_input(request, "USER_ID"),
+            lambda live: self.pipeline.search_many(
+                [
+                    SearchRequest(
+                        input_array(request, "QUERY"),
+                        input_array(request, "TOP_K"),
+                        optional_input(request, "USER_ID"),
+                    )
+                    for request in live
+                ]
             ),
             batched=True,
         )

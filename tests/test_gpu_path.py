@@ -1,0 +1,437 @@
+"""The GPU path, on CPU: Triton GPU configs, and the static Q/DQ INT8 encoder graph for TensorRT.
+
+Self-contained: a tiny random BERT (one layer, hidden size 32) with mean pooling and L2 norm in the
+graph stands in for MiniLM; no shared data, no built store.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from shopserve.export import gpu, qdq
+from shopserve.export.encoder import pooled, write_onnx
+
+PROJECT = Path(__file__).resolve().parents[1]
+VOCAB = 100
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize(
+    "render",
+    [
+        lambda: gpu.encoder_config("INT8"),
+        lambda: gpu.encoder_config("FP16", engine_cache_path="/tmp/trt"),
+        lambda: gpu.encoder_plan_config(),
+        lambda: gpu.ranker_config(8),
+    ],
+    ids=["encoder-int8", "encoder-fp16", "encoder-plan", "ranker"],
+)
+def test_gpu_configs_parse_with_triton_schema(render) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(render(), model_config_pb2.ModelConfig())
+    assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+
+
+def test_encoder_config_batches_on_tensorrt() -> None:
+    config = gpu.parse_config(gpu.encoder_config("INT8", max_batch_size=32))
+    assert config.backend == "onnxruntime"
+    assert config.default_model_filename == "model_qdq.onnx"
+    assert config.max_batch_size == 32
+    assert config.HasField("dynamic_batching")
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 16, 32]
+    assert {i.name: list(i.dims) for i in config.input} == {
+        "INPUT_IDS": [-1],
+        "ATTENTION_MASK": [-1],
+    }
+    assert [list(o.dims) for o in config.output] == [[384]]
+    (trt,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert trt.name == "tensorrt"
+    assert trt.parameters["precision_mode"] == "INT8"
+    assert trt.parameters["trt_engine_cache_enable"] == "true"
+    assert int(trt.parameters["max_workspace_size_bytes"]) > 0
+    assert trt.parameters["trt_profile_max_shapes"] == "INPUT_IDS:32x256,ATTENTION_MASK:32x256"
+    fp16 = gpu.parse_config(gpu.encoder_config("FP16"))
+    (trt,) = fp16.optimization.execution_accelerators.gpu_execution_accelerator
+    assert trt.parameters["precision_mode"] == "FP16"
+    assert fp16.default_model_filename == "model_fp32.onnx"
+    plan = gpu.parse_config(gpu.encoder_plan_config())
+    assert (plan.platform, plan.default_model_filename) == ("tensorrt_plan", "model.plan")
+
+
+def test_gpu_configs_mirror_the_cpu_configs() -> None:
+    """Same names and data types as the CPU configs, and the same per-request dims: the GPU
+    encoder batches (a CPU config without batching has the batch axis in its dims)."""
+    repository = PROJECT / "model_repository"
+    cpu_encoder = gpu.parse_config((repository / "encoder" / "config.pbtxt").read_text())
+    cpu_ranker = gpu.parse_config((repository / "ranker" / "config.pbtxt").read_text())
+    features = cpu_ranker.input[0].dims[-1]
+    gpu_encoder = gpu.parse_config(gpu.encoder_config())
+    gpu_ranker = gpu.parse_config(gpu.ranker_config(features))
+    assert gpu_encoder.max_batch_size > 0 and gpu_ranker.max_batch_size == 0
+    for cpu_config, gpu_config in ((cpu_encoder, gpu_encoder), (cpu_ranker, gpu_ranker)):
+        assert gpu_config.name == cpu_config.name
+        strip = 1 if cpu_config.max_batch_size == 0 and gpu_config.max_batch_size > 0 else 0
+        for cpu_tensors, gpu_tensors in (
+            (cpu_config.input, gpu_config.input),
+            (cpu_config.output, gpu_config.output),
+        ):
+            assert [(t.name, t.data_type, list(t.dims)[strip:]) for t in cpu_tensors] == [
+                (t.name, t.data_type, list(t.dims)) for t in gpu_tensors
+            ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'name: "encoder" max_batch_size: "many"',
+        'name: "encoder" instance_group [ { kind: KIND_TPU } ]',
+        'name: "encoder" no_such_field: 1',
+        'name: "encoder" input [ { name: "INPUT_IDS" dims: [ -1 ] }',
+    ],
+)
+def test_broken_config_is_refused(text: str) -> None:
+    with pytest.raises(gpu.GpuConfigError, match="does not parse"):
+        gpu.parse_config(text)
+
+
+def test_invalid_render_arguments_are_refused() -> None:
+    with pytest.raises(gpu.GpuConfigError):
+        gpu.encoder_config("INT4")
+    with pytest.raises(gpu.GpuConfigError):
+        gpu.encoder_config(max_batch_size=0)
+    with pytest.raises(gpu.GpuConfigError):
+        gpu.ranker_config(0)
+    with pytest.raises(gpu.GpuConfigError):
+        gpu.write_gpu_configs(Path("/nonexistent"), "INT8", 8, engine="tflite")
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "tensorrt_plan"])
+def test_write_gpu_configs(tmp_path: Path, engine: str) -> None:
+    written = gpu.write_gpu_configs(tmp_path, "INT8", 8, engine=engine)
+    assert set(written) == {"encoder", "ranker"}
+    encoder = gpu.parse_config(written["encoder"].read_text())
+    ranker = gpu.parse_config(written["ranker"].read_text())
+    assert written["encoder"] == tmp_path / "encoder" / "config.pbtxt"
+    assert (encoder.platform == "tensorrt_plan") == (engine == "tensorrt_plan")
+    assert list(ranker.input[0].dims) == [-1, 8]
+
+
+def test_trtexec_command() -> None:
+    command = gpu.trtexec_command("encoder/1/model.onnx", "encoder/1/model.plan", max_batch_size=32)
+    assert command.startswith(
+        "trtexec --onnx=encoder/1/model.onnx --saveEngine=encoder/1/model.plan"
+    )
+    for flag in (
+        "--int8",
+        "--fp16",
+        "--minShapes=INPUT_IDS:1x1,ATTENTION_MASK:1x1",
+        "--optShapes=INPUT_IDS:8x16,ATTENTION_MASK:8x16",
+        "--maxShapes=INPUT_IDS:32x256,ATTENTION_MASK:32x256",
+        "--memPoolSize=workspace:2048",
+    ):
+        assert flag in command.split()
+    assert "--explicitBatch" not in command and "--workspace=" not in command
+    strong = gpu.trtexec_command(strongly_typed=True).split()
+    assert "--stronglyTyped" in strong and "--int8" not in strong and "--fp16" not in strong
+
+
+# --------------------------------------------------------------------------- Q/DQ graph
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A one-layer random BERT (hidden 32) with mean pooling and L2 norm, exported like MiniLM."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+
+    path = tmp_path_factory.mktemp("tiny") / "model_fp32.onnx"
+    ids, mask = _batch(np.random.default_rng(0), [5, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legacy-exporter deprecation and tracer notes
+        write_onnx(pooled(transformers.BertModel(config, add_pooling_layer=False)), ids, mask, path)
+    return path
+
+
+def _batch(rng: np.random.Generator, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Random token ids ([CLS] ... [SEP]-like), padded to the longest, with their mask."""
+    width = max(lengths)
+    ids = np.zeros((len(lengths), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = rng.integers(1, VOCAB, size=length)
+        mask[row, :length] = 1
+    return ids, mask
+
+
+def _batches(seed: int, count: int, size: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [_batch(rng, list(rng.integers(3, 20, size=size))) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def calibration() -> list[tuple[np.ndarray, np.ndarray]]:
+    return _batches(1, 8)
+
+
+@pytest.fixture(scope="module")
+def qdq_encoder(tiny_encoder: Path, calibration, tmp_path_factory) -> Path:
+    destination = tmp_path_factory.mktemp("qdq") / "model.onnx"
+    return qdq.quantize_qdq(tiny_encoder, destination, calibration)
+
+
+def _matmul_inputs_from_dq(model: onnx.ModelProto) -> dict[str, list[bool]]:
+    producer = {out: n.op_type for n in model.graph.node for out in n.output}
+    return {
+        n.name: [producer.get(i) == "DequantizeLinear" for i in n.input[:2]]
+        for n in model.graph.node
+        if n.op_type == "MatMul"
+    }
+
+
+def test_qdq_graph_passes_onnx_checker_and_tensorrt_placement(qdq_encoder: Path) -> None:
+    onnx.checker.check_model(str(qdq_encoder), full_check=True)
+    model = onnx.load(str(qdq_encoder))
+    assert qdq.tensorrt_qdq_problems(model) == []
+    assert qdq.qdq_model_problems(qdq_encoder) == []
+    # every MatMul (weights and attention) reads INT8 on both inputs; nothing else does
+    assert all(all(flags) for flags in _matmul_inputs_from_dq(model).values())
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    meta = qdq.metadata(model)
+    assert json.loads(meta[qdq.METADATA_FP32]) == []
+    calibration = json.loads(meta[qdq.METADATA_CALIBRATION])
+    assert calibration["method"] == "minmax" and calibration["rows"] == 64
+
+
+def test_weights_are_int8_per_channel(qdq_encoder: Path) -> None:
+    model = onnx.load(str(qdq_encoder))
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    weight_dqs = [
+        n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in values
+    ]
+    assert len(weight_dqs) == 6  # q, k, v, attention output, intermediate, output
+    for node in weight_dqs:
+        weight, scale, zero = (values[name] for name in node.input)
+        assert weight.dtype == np.int8 and zero.dtype == np.int8 and not zero.any()
+        assert scale.shape == (weight.shape[1],)
+        assert next(a.i for a in node.attribute if a.name == "axis") == 1
+
+
+def test_fp32_matmuls_are_left_without_qdq(tiny_encoder: Path, calibration, tmp_path) -> None:
+    keep = [
+        "/bert/encoder/layer.0/output/dense/MatMul",
+        "/bert/encoder/layer.0/attention/self/MatMul",
+    ]
+    path = qdq.quantize_qdq(tiny_encoder, tmp_path / "model.onnx", calibration, keep_fp32=keep)
+    model = onnx.load(str(path))
+    assert qdq.qdq_model_problems(path) == []
+    flags = _matmul_inputs_from_dq(model)
+    for name, inputs in flags.items():
+        assert inputs == ([False, False] if name in keep else [True, True]), name
+    assert json.loads(qdq.metadata(model)[qdq.METADATA_FP32]) == sorted(keep)
+    with pytest.raises(ValueError, match="no MatMul"):
+        qdq.quantize_qdq(tiny_encoder, tmp_path / "x.onnx", calibration, keep_fp32=["nope"])
+
+
+def _nonzero_zero_point(model: onnx.ModelProto) -> None:
+    node = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    init = next(i for i in model.graph.initializer if i.name == node.input[2])
+    init.CopyFrom(onnx.numpy_helper.from_array(np.array(3, dtype=np.int8), init.name))
+
+
+def _bypass_dq(model: onnx.ModelProto) -> None:
+    producer = {out: n for n in model.graph.node for out in n.output}
+    matmul = next(n for n in model.graph.node if n.name.endswith("query/MatMul"))
+    dq = producer[matmul.input[0]]
+    matmul.input[0] = producer[dq.input[0]].input[0]
+
+
+def _per_tensor_weight(model: onnx.ModelProto) -> None:
+    node = next(
+        n for n in model.graph.node if n.op_type == "DequantizeLinear" and "MatMul" in n.input[0]
+    )
+    init = next(i for i in model.graph.initializer if i.name == node.input[1])
+    scale = onnx.numpy_helper.to_array(init)
+    init.CopyFrom(onnx.numpy_helper.from_array(scale.max(keepdims=False), init.name))
+    zero = next(i for i in model.graph.initializer if i.name == node.input[2])
+    zero.CopyFrom(onnx.numpy_helper.from_array(np.array(0, dtype=np.int8), zero.name))
+
+
+def _wrong_axis(model: onnx.ModelProto) -> None:
+    node = next(
+        n for n in model.graph.node if n.op_type == "DequantizeLinear" and "MatMul" in n.input[0]
+    )
+    next(a for a in node.attribute if a.name == "axis").i = 0
+
+
+def _listed_fp32_but_quantized(model: onnx.ModelProto) -> None:
+    qdq.set_metadata(
+        model, {qdq.METADATA_FP32: json.dumps(["/bert/encoder/layer.0/output/dense/MatMul"])}
+    )
+
+
+def _q_on_int64(model: onnx.ModelProto) -> None:
+    scale = onnx.numpy_helper.from_array(np.array(1.0, dtype=np.float32), "s64")
+    zero = onnx.numpy_helper.from_array(np.array(0, dtype=np.int8), "z64")
+    model.graph.initializer.extend([scale, zero])
+    model.graph.node.extend(
+        [
+            onnx.helper.make_node("QuantizeLinear", ["INPUT_IDS", "s64", "z64"], ["ids_q"], "q64"),
+            onnx.helper.make_node("DequantizeLinear", ["ids_q", "s64", "z64"], ["ids_dq"], "dq64"),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (_nonzero_zero_point, "zero point is not 0"),
+        (_bypass_dq, "no DequantizeLinear on input"),
+        (_per_tensor_weight, "not per-channel"),
+        (_wrong_axis, "not the output-channel axis"),
+        (_listed_fp32_but_quantized, "listed FP32 but reads DequantizeLinear"),
+        (_q_on_int64, "quantizes int64 tensor"),
+    ],
+    ids=[
+        "nonzero-zero-point",
+        "missing-dq",
+        "per-tensor-weight",
+        "wrong-axis",
+        "fp32-listed",
+        "int64",
+    ],
+)
+def test_wrong_placement_is_reported(qdq_encoder: Path, mutate, expected: str) -> None:
+    model = onnx.load(str(qdq_encoder))
+    mutate(model)
+    problems = qdq.tensorrt_qdq_problems(model)
+    assert any(expected in p for p in problems), problems
+
+
+def test_asymmetric_uint8_and_default_ort_placement_are_reported(
+    tiny_encoder: Path, calibration, tmp_path
+) -> None:
+    """What ``quantize_static`` gives by default (QUInt8 asymmetric activations, Q/DQ also on
+    MatMul outputs and on the residual path) is not TensorRT's placement."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    path = tmp_path / "uint8.onnx"
+    with qdq._quiet():
+        quantize_static(
+            str(tiny_encoder),
+            str(path),
+            qdq._reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    problems = qdq.tensorrt_qdq_problems(onnx.load(str(path)))
+    assert any("uint8, not int8" in p for p in problems), problems
+    assert any("not 0 (asymmetric)" in p for p in problems), problems
+    assert any(re.search(r"read by (Add|Shape)", p) for p in problems), problems
+
+
+def test_qdq_numerics_batch_invariant_and_close_to_fp32(tiny_encoder: Path, qdq_encoder) -> None:
+    rng = np.random.default_rng(7)
+    lengths = [3, 17, 5, 9, 12, 4, 20, 8]
+    ids, mask = _batch(rng, lengths)
+    batched = qdq.embed(qdq_encoder, [(ids, mask)])
+    alone = np.concatenate(
+        [
+            qdq.embed(qdq_encoder, [(ids[i : i + 1, :n], mask[i : i + 1, :n])])
+            for i, n in enumerate(lengths)
+        ]
+    )
+    assert np.abs(batched - alone).max() < 1e-5
+    reference = qdq.embed(tiny_encoder, [(ids, mask)])
+    cosine = qdq.cosines(reference, batched)
+    assert cosine.min() > 0.99, cosine
+    assert np.abs(batched - reference).max() > 0  # it is quantized
+
+
+def test_revert_to_fp32_equals_quantizing_without_those_matmuls(
+    tiny_encoder: Path, qdq_encoder: Path, calibration, tmp_path
+) -> None:
+    keep = ["/bert/encoder/layer.0/intermediate/dense/MatMul"]
+    reverted = qdq.revert_to_fp32(onnx.load(str(qdq_encoder)), onnx.load(str(tiny_encoder)), keep)
+    excluded = qdq.quantize_qdq(tiny_encoder, tmp_path / "m.onnx", calibration, keep_fp32=keep)
+    assert qdq.tensorrt_qdq_problems(reverted, keep_fp32=keep) == []
+    batches = _batches(3, 2)
+    np.testing.assert_allclose(
+        qdq.embed(reverted, batches), qdq.embed(excluded, batches), atol=1e-6
+    )
+
+
+def test_choose_and_build(tiny_encoder: Path, calibration, tmp_path) -> None:
+    held_out = _batches(2, 4)
+    easy = qdq.choose_fp32_matmuls(tiny_encoder, calibration, held_out, target_cosine=0.0)
+    assert easy.keep_fp32 == () and easy.reached
+    assert easy.sensitivity == {}  # nothing to choose: no MatMul measured
+    impossible = qdq.choose_fp32_matmuls(tiny_encoder, calibration, held_out, target_cosine=1.01)
+    assert not impossible.reached and len(impossible.sensitivity) == 8
+    assert [step[0] for step in impossible.steps] == [0, 1, 2, 4, 8]
+    assert impossible.mean_cosine == max(step[1] for step in impossible.steps)
+    path = tmp_path / "model.onnx"
+    choice = qdq.build_qdq_encoder(tiny_encoder, path, calibration, held_out, target_cosine=0.9999)
+    model = onnx.load(str(path))
+    assert qdq.qdq_model_problems(path) == []
+    assert json.loads(qdq.metadata(model)[qdq.METADATA_FP32]) == sorted(choice.keep_fp32)
+    selection = json.loads(qdq.metadata(model)[qdq.METADATA_SELECTION])
+    assert selection["target_cosine"] == 0.9999 and selection["held_out_rows"] == 32
+    assert selection["reached"] == choice.reached
+
+
+@pytest.mark.slow
+def test_a_gpu_target_build_writes_the_qdq_graph_and_gpu_configs(data_dir, tmp_path) -> None:
+    """``export build --target gpu`` on a 3,000-product cut: the gated Q/DQ graph in TensorRT's
+    form, the encoder and ranker configs of a GPU Triton, and an in-process pipeline that still
+    runs the FP32 graph on CPU."""
+    from conftest import copy_source_repository, export, write_cut
+    from shopserve.ensemble import SearchPipeline, store
+
+    items, _ = write_cut(data_dir, tmp_path)
+    repository = copy_source_repository(tmp_path / "store")
+    run = export("build", "--catalogue", items, "--repository", repository, "--target", "gpu")
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((repository / store.MANIFEST_FILE).read_text())
+    int8 = manifest["encoder"]["int8"]
+    assert manifest["encoder"]["target"] == "gpu" and int8["gate"]["passed"]
+    assert int8["gate"]["mean_cosine"] >= 0.99 and "TensorRT" in manifest["encoder"]["served"]
+    encoder = gpu.parse_config((repository / store.ENCODER / "config.pbtxt").read_text())
+    assert encoder.default_model_filename == "model_qdq.onnx"
+    assert encoder.optimization.execution_accelerators.gpu_execution_accelerator[0].name == (
+        "tensorrt"
+    )
+    ranker = gpu.parse_config((repository / store.RANKER / "config.pbtxt").read_text())
+    assert list(ranker.input[0].dims) == [-1, 8]
+    graph = store.model_file(repository, store.ENCODER)
+    assert graph.name == "model_qdq.onnx" and qdq.qdq_model_problems(graph) == []
+    kept = json.loads(qdq.metadata(onnx.load(str(graph)))[qdq.METADATA_FP32])
+    assert kept == sorted(int8["fp32_matmuls"])
+    in_process = store.in_process_model_file(repository, store.ENCODER)
+    assert in_process.name == "model_fp32.onnx"
+    hits = SearchPipeline.from_repository(repository).search("cordless drill", 5)
+    assert len(hits.product_ids) == 5
