@@ -14,7 +14,7 @@ from .lexical import LexicalIndex
 from .models import OnnxEncoder, OnnxRanker
 from .personal import Personalization
 from .postprocess import PostProcessor, SearchResult
-from .retrieve import Candidates, Retriever
+from .retrieve import Retriever
 from .tokenize import QueryTokenizer
 from .validation import InvalidRequest, check_top_k, decode_query, decode_user_id
 
@@ -86,12 +86,6 @@ class SearchPipeline:
                 repository, retriever.dense, postprocessor.catalogue.product_ids, version
             ),
         )
-
-    def embed(self, query: str) -> np.ndarray:
-        return self.encoder(*self.tokenizer(query))[0]
-
-    def candidates(self, query: str) -> Candidates:
-        return self.retriever(query, self.embed(query))
 
     def search(
         self,

@@ -5,8 +5,7 @@ Every rendered ``config.pbtxt`` is parsed with Triton's own model-config schema
 never ships a config the server would refuse.
 
 The GPU encoder batches (``max_batch_size`` > 0, ``dynamic_batching``): the static Q/DQ INT8 graph
-(export/qdq.py) and the FP32 graph are batch-invariant, unlike the dynamic INT8 graph the CPU
-encoder serves one query at a time. Triton's dynamic batcher only joins requests of the same shape
+(export/qdq.py) and the FP32 graph are batch-invariant. Triton's dynamic batcher only joins requests of the same shape
 (``[1, tokens]``), so queries of equal token count batch together; the rest run alone.
 """
 
@@ -22,7 +21,7 @@ PRECISIONS = ("INT8", "FP16")  # INT8: the Q/DQ graph; FP16: the FP32 graph
 ENCODER_INPUTS = ("INPUT_IDS", "ATTENTION_MASK")
 DEFAULT_MAX_BATCH = 64
 DEFAULT_WORKSPACE_BYTES = 2 << 30
-# Model files in encoder/1/ by precision (model.onnx is the CPU store's dynamic INT8 graph).
+# Model files in encoder/1/ by precision (model_int8.onnx is the CPU store's UINT8 Q/DQ graph).
 MODEL_FILES = {"INT8": "model_qdq.onnx", "FP16": "model_fp32.onnx"}
 
 
