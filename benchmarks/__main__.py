@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from .common import (
+    BUILT_REPOSITORY,
     PROJECT,
     RESULTS_DIR,
-    SOURCE_REPOSITORY,
     WORK_DIR,
     BenchmarkError,
     setup_logging,
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="the full benchmark (sweep, baselines, ceiling, report)")
-    run.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
+    run.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     run.add_argument("--runs", type=int, default=3)
     run.add_argument("--queries", type=int, default=2000)
     run.add_argument("--concurrency", type=_ints, default=(1, 2, 4, 8, 16))
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--measurement-interval", type=int, default=4000, help="ms")
     run.add_argument("--out", type=Path, default=RESULTS_DIR)
     tune = commands.add_parser("tune", help="A/B the tuning changes; writes tuning.md")
-    tune.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
+    tune.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     tune.add_argument("--runs", type=int, default=3)
     tune.add_argument("--only", action="append", default=[], help="a change's name (repeatable)")
     tune.add_argument(
@@ -56,30 +56,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     personal.add_argument("--repository", type=Path, default=PROJECT / "stores" / "instacart")
     personal.add_argument(
+        "--held-out-repository",
+        type=Path,
+        default=PROJECT / "stores" / "instacart-held-out",
+        help="the store built from events-before-last.csv, for the real-time gain",
+    )
+    personal.add_argument(
         "--data",
         type=Path,
         default=PROJECT / "stores" / "instacart-data",
         help="the folder with the store's items.csv and events.csv",
     )
     personal.add_argument("--out", type=Path, default=RESULTS_DIR)
+    held_out = commands.add_parser(
+        "held-out-events",
+        help="write DATA/events-before-last.csv: the events without each shopper's last basket",
+    )
+    held_out.add_argument("--data", type=Path, default=PROJECT / "stores" / "instacart-data")
     overload = commands.add_parser(
         "overload", help="1-64 clients with a 50 ms deadline: goodput, refusals, recovery"
     )
-    overload.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
+    overload.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     overload.add_argument("--out", type=Path, default=RESULTS_DIR)
     steps = commands.add_parser(
         "steps", help="CPU time per query by step, in-process: a store before and after"
     )
     steps.add_argument("--before", type=Path, required=True)
-    steps.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
+    steps.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     steps.add_argument("--queries", type=int, default=1000)
     steps.add_argument("--out", type=Path, default=RESULTS_DIR)
     smoke = commands.add_parser("smoke", help="seconds of everything (CI)")
-    smoke.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
+    smoke.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     smoke.add_argument("--out", type=Path, default=WORK_DIR / "smoke")
     commands.add_parser("install", help="wire perf_analyzer and print its path")
     analyzer = commands.add_parser("model-analyzer", help="prepare model_analyzer.yaml's paths")
-    analyzer.add_argument("--repository", type=Path, default=SOURCE_REPOSITORY)
+    analyzer.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     # Stop cleanly (servers stopped by their context managers) on SIGTERM, and on SIGINT even when
@@ -120,10 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write
 
             path = write(args.out)
+        elif args.command == "held-out-events":
+            from .realtime import write_events_before_last
+
+            path = write_events_before_last(args.data, args.data / "events-before-last.csv")
         elif args.command == "personal":
             from .personal import run as run_personal
 
-            run_personal(args.repository, args.data, args.out)
+            run_personal(args.repository, args.held_out_repository, args.data, args.out)
             path = args.out / "personal.md"
         elif args.command == "overload":
             from .overload import run as run_overload

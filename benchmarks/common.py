@@ -15,7 +15,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 BENCH_DIR = PROJECT / "benchmarks"
 WORK_DIR = BENCH_DIR / "work"  # git-ignored: repository variants, caches, server logs
 RESULTS_DIR = BENCH_DIR / "results"
-SOURCE_REPOSITORY = PROJECT / "model_repository"
+BUILT_REPOSITORY = PROJECT / "stores" / "homedepot"  # make store
 
 # Heavy measurements hold this lock (flock(2), the same lock `flock /tmp/shopserve-cpu.lock CMD`
 # takes), so that they never overlap other heavy jobs on the two shared cores. Empty disables it.

@@ -24,7 +24,7 @@ from shopserve.ensemble import store
 from shopserve.server import prepare_backend_directory, pytriton_root
 
 from . import perf_analyzer
-from .common import BENCH_DIR, SOURCE_REPOSITORY, WORK_DIR, BenchmarkError
+from .common import BENCH_DIR, BUILT_REPOSITORY, WORK_DIR, BenchmarkError
 from .queries import load_traffic, write_perf_analyzer_data
 from .tuning import HEADLINE
 from .variants import materialize
@@ -56,7 +56,7 @@ def _server_wrapper(backends: Path) -> Path:
     return wrapper
 
 
-def prepare(repository: Path = SOURCE_REPOSITORY) -> list[str]:
+def prepare(repository: Path = BUILT_REPOSITORY) -> list[str]:
     """Lay out every path the YAML names; return the command to run."""
     if shutil.which("model-analyzer") is None:
         print(

@@ -83,6 +83,7 @@ def input_data(scenario: str, pairs: list[tuple[str, str]], path: Path) -> Path:
 
 def run(
     repository: Path,
+    held_out_repository: Path,
     data: Path,
     out: Path,
     settings: perf_analyzer.Settings = perf_analyzer.DEFAULT_SETTINGS,
@@ -90,7 +91,9 @@ def run(
     steps: int = STEPS,
     rounds_count: int = ROUNDS,
 ) -> dict:
-    """Measure every scenario at every level on one server; write ``personal.json`` and return it."""
+    """Measure every scenario at every level on one server, and the real-time gain on a server of
+    ``held_out_repository`` (the store built without each shopper's last basket); write
+    ``personal.json`` and return it."""
     wrapper = perf_analyzer.install()
     pairs = traffic(data, steps)
     variant = variants.materialize(
@@ -120,7 +123,6 @@ def run(
                         )
                     rows[scenario][level] = asdict(row)
             rounds.append(rows)
-        live = realtime.gain(server, data, sorted({q for _, q in pairs}))
         ingest = realtime.ingestion(
             server,
             wrapper,
@@ -130,6 +132,9 @@ def run(
             settings,
             rounds_count,
         )
+    held_out = ServerConfig(held_out_repository, *free_ports(3), work_dir=work / "held-out")
+    with TritonServer(held_out, log_file=WORK_DIR / "logs" / "personal-held-out.log") as server:
+        live = realtime.gain(server, data, sorted({q for _, q in pairs}))
     first = min(concurrency)
 
     def ratio(scenario: str, metric: str) -> float:
@@ -142,6 +147,7 @@ def run(
 
     result = {
         "repository": str(repository),
+        "held_out_repository": str(held_out_repository),
         "steps": steps,
         "rounds": rounds_count,
         "concurrency": list(concurrency),

@@ -1,8 +1,10 @@
 """Live events, measured against a running server of a store built with ``--events``.
 
-* **The real-time gain**: for every shopper whose held-out last basket has two or more items, send the
-  first half of it (in add-to-cart order) through the server as ``add_to_cart`` events, then ask
-  ``recommend`` for the rest: Recall@20 of the remaining items with and without those events.
+* **The real-time gain**: on a store built without each shopper's last basket (the events file that
+  :func:`write_events_before_last` writes: a store serves every event it is built from), for every
+  shopper whose last basket has two or more items, send the first half of it (in add-to-cart order)
+  through the server as ``add_to_cart`` events, then ask ``recommend`` for the rest: Recall@20 of the
+  remaining items with and without those events.
   While it runs, a background load of anonymous searches keeps the server busy, and every shopper's
   next request after the acknowledgement is checked for the events (the carted items must be gone
   from their recommendations): the visibility, and the acknowledgement latency, under load.
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import threading
@@ -24,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from shopserve.client import Event, SearchClient
 from shopserve.ensemble import store
-from shopserve.export.data import load_catalogue, load_events
+from shopserve.export.data import load_catalogue, load_events, parse_timestamp
 from shopserve.export.evaluate_personal import interval
 from shopserve.export.history import timelines
 
@@ -51,6 +54,29 @@ def held_out_baskets(data: Path) -> dict[str, list[int]]:
         ordered = positions[np.argsort(events.timestamps[positions], kind="stable")]
         baskets[user] = list(dict.fromkeys(events.product_ids[ordered].tolist()))
     return baskets
+
+
+def write_events_before_last(data: Path, output: Path) -> Path:
+    """``data/events.csv`` without the events at or after each shopper's last basket."""
+    catalogue = load_catalogue(data / "items.csv")
+    events = load_events(data / "events.csv", catalogue)
+    keep = np.zeros(len(events), dtype=bool)
+    for line in timelines(events).values():
+        keep[line.before(events, line.baskets - 1)] = True
+    with (data / "events.csv").open(newline="", encoding="utf-8") as source:
+        rows = list(csv.DictReader(source))
+    # load_events sorts by (user, time): match rows to positions by the same stable order
+    order = sorted(
+        range(len(rows)),
+        key=lambda i: (rows[i]["user_id"].strip(), parse_timestamp(rows[i]["timestamp"])),
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[i] for position, i in enumerate(order) if keep[position])
+    log.info("wrote %s (%d of %d events)", output, int(keep.sum()), len(events))
+    return output
 
 
 def _background_search(url: str, stop: threading.Event, queries: list[str]) -> None:

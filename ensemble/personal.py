@@ -20,10 +20,11 @@ from . import store
 from .dense import DenseIndex
 from .events import EventIngest, EventRequest
 from .models import OnnxRanker
+from .neighbours import NEIGHBOURS_FILE, ShopperVectors
 from .postprocess import PostProcessor, SearchResult
 from .profile_store import PROFILE_STORE_ENV, ProfileStore, open_store
 from .profiles import Profile, UserKeys
-from .recommend import ITEMS_FILE, Recommender, ShopItems, UserView
+from .recommend import EXPLORE_FILE, ITEMS_FILE, Recommender, ShopItems, UserView
 from .validation import MAX_TOP_K, check_flag, check_top_k, decode_user_id
 
 PROFILES_FILE = "profiles.sqlite"
@@ -49,6 +50,7 @@ PERSONAL_WEIGHT = "personal_weight"  # the search config parameter the build fit
 class Personalization:
     recommender: Recommender
     ranker: OnnxRanker
+    explorer: OnnxRanker  # ranks NEW_ONLY answers (products the shopper never bought)
     profiles: ProfileStore
     keys: UserKeys
     search_weight: float  # personalised search: query logit + weight x affinity logit
@@ -70,8 +72,14 @@ class Personalization:
         weight = store.config_parameters(repository, store.SEARCH).get(PERSONAL_WEIGHT, "0")
         live = os.environ.get(PROFILE_STORE_ENV)
         return cls(
-            Recommender(ShopItems.load(version_dir / ITEMS_FILE), dense, product_ids),
+            Recommender(
+                ShopItems.load(version_dir / ITEMS_FILE),
+                dense,
+                product_ids,
+                ShopperVectors.load(version_dir / NEIGHBOURS_FILE),
+            ),
             OnnxRanker(store.model_file(repository, store.REC_RANKER, version), 1),
+            OnnxRanker(store.version_dir(repository, store.REC_RANKER, version) / EXPLORE_FILE, 1),
             open_store(live, namespace=profile_namespace(repository))
             if live
             else open_store(version_dir / PROFILES_FILE, readonly=True),
@@ -97,12 +105,15 @@ class Personalization:
 
     def view(self, user_id: str) -> UserView | None:
         """What the store knows of this shopper; None for a shopper it has never seen."""
-        profile: Profile | None = self.profiles.get(self.keys.key(user_id))
-        return None if profile is None else self.recommender.view(profile)
+        key = self.keys.key(user_id)
+        profile: Profile | None = self.profiles.get(key)
+        return None if profile is None else self.recommender.view(profile, key)
 
-    def affinity(self, user: UserView, rows: np.ndarray) -> np.ndarray:
-        """The recommendation ranker's logit for each candidate row."""
-        return self.ranker(self.recommender.features(user, rows))
+    def affinity(self, user: UserView, rows: np.ndarray, new_only: bool = False) -> np.ndarray:
+        """The recommendation ranker's logit for each candidate row (of the NEW_ONLY ranker's, for
+        products the shopper never bought)."""
+        ranker = self.explorer if new_only else self.ranker
+        return ranker(self.recommender.features(user, rows))
 
 
 class RecommendPipeline:
@@ -136,7 +147,7 @@ class RecommendPipeline:
         if user is None:
             return self.cold_start(count)
         rows = self.personal.recommender.candidates(user, new_only=discover)
-        return self.postprocessor(rows, self.personal.affinity(user, rows), count)
+        return self.postprocessor(rows, self.personal.affinity(user, rows, discover), count)
 
     def cold_start(self, k: int) -> SearchResult:
         """The shop's most popular items, scored by their share of purchases."""

@@ -1,8 +1,9 @@
 """Recommendation step logic: candidates for a shopper, their user x item features, and the answer.
 
 Candidates: what the shopper bought or put in the cart before, the items bought together with their
-latest basket and open cart (co-occurrence), the nearest items to their taste vector (the search
-index), and the shop's most popular items. The features are bounded and mean the same in any shop
+latest basket and open cart (co-occurrence), what their nearest shoppers buy (the TIFU-KNN
+neighbourhood, :mod:`.neighbours`), the nearest items to their taste vector (the search index), and
+the shop's most popular items. The features are bounded and mean the same in any shop
 (shares, percentiles, cosines); the ranker is monotone in every behavioural signal (REC_MONOTONE).
 Items already in the open cart are never recommended. A shopper with no profile gets the shop's most
 popular items (cold start).
@@ -10,14 +11,15 @@ popular items (cold start).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from .dense import DenseIndex
+from .neighbours import ShopperVectors
 from .profiles import BASKET_DECAY, Profile
 
 REC_FEATURE_NAMES = (
@@ -27,6 +29,8 @@ REC_FEATURE_NAMES = (
     "recency",  # 1 / (1 + baskets since the item was last bought); 0 if never bought
     "cooccurrence",  # mean P(item | j) over j in the latest basket and the open cart
     "also_bought",  # item-to-item cosine over shoppers' histories, weighted by recent_share
+    "neighbour_share",  # mean recent_share of the item among the shopper's nearest shoppers (TIFU-KNN)
+    "tifu_knn",  # TIFU-KNN's score: alpha x recent_share + (1 - alpha) x neighbour_share
     "taste_cosine",  # cosine of the shopper's taste vector and the item's embedding
     "category_share",  # share of the shopper's purchases in the item's category
     "popularity",  # percentile of the item's purchases in the shop
@@ -36,7 +40,8 @@ REC_FEATURE_NAMES = (
     "history",  # log1p(the shopper's baskets) / log1p(HISTORY_SCALE), at most 1 (context)
     "repeat_habit",  # share of the shopper's purchases that were repeat purchases (context)
 )
-REC_MONOTONE = frozenset(REC_FEATURE_NAMES[:11])
+REC_CONTEXT = frozenset(("due", "history", "repeat_habit"))  # may raise or lower a score
+REC_MONOTONE = frozenset(REC_FEATURE_NAMES) - REC_CONTEXT
 PURCHASES_SCALE = 50
 ENGAGEMENT_SCALE = 20
 HISTORY_SCALE = 100
@@ -44,10 +49,12 @@ DUE_CAP = 4.0
 HISTORY_CANDIDATES = 300
 COOCCURRENCE_CANDIDATES = 100
 COLLABORATIVE_CANDIDATES = 100
+NEIGHBOUR_CANDIDATES = 100
 TASTE_CANDIDATES = 50
 TASTE_EF_SEARCH = 64  # a taste vector's neighbours are candidates, not answers: a cheap search
 POPULAR_CANDIDATES = 50
 ITEMS_FILE = "items.npz"
+EXPLORE_FILE = "explore.onnx"  # beside the recommendation ranker: the ranker of NEW_ONLY answers
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,14 @@ class UserView:
     recent: np.ndarray  # rows of the latest basket and the open cart
     open_cart: np.ndarray  # rows in the cart, not yet bought
     taste: np.ndarray | None
+    neighbourhood: np.ndarray | None = (
+        None  # float32 [catalogue rows]: nearest shoppers' mean share
+    )
+
+    @property
+    def shares(self) -> np.ndarray:
+        """The decayed basket share of each history row (TIFU's vector, in [0, 1))."""
+        return self.decayed * (1.0 - BASKET_DECAY)
 
     @classmethod
     def of(cls, profile: Profile, rows_of: Callable[[np.ndarray], np.ndarray]) -> UserView:
@@ -175,10 +190,17 @@ class UserView:
 class Recommender:
     """Candidates and features for one shopper; the ranker that scores them is applied by the caller."""
 
-    def __init__(self, items: ShopItems, dense: DenseIndex, product_ids: np.ndarray) -> None:
+    def __init__(
+        self,
+        items: ShopItems,
+        dense: DenseIndex,
+        product_ids: np.ndarray,
+        shoppers: ShopperVectors | None = None,
+    ) -> None:
         self.items = items
         self.dense = dense
         self.product_ids = product_ids
+        self.shoppers = shoppers
         self.row_of = {pid: row for row, pid in enumerate(product_ids.tolist())}
         self._by_id = np.argsort(product_ids, kind="stable")
         self._sorted_ids = product_ids[self._by_id]
@@ -191,8 +213,30 @@ class Recommender:
         at = np.minimum(np.searchsorted(self._sorted_ids, product_ids), len(self._sorted_ids) - 1)
         return np.where(self._sorted_ids[at] == product_ids, self._by_id[at], -1).astype(np.int64)
 
-    def view(self, profile: Profile) -> UserView:
-        return UserView.of(profile, self.rows_of)
+    def view(self, profile: Profile, user_key: str = "") -> UserView:
+        """The shopper ``user_key`` (left out of their own neighbourhood) as the features see them."""
+        view = UserView.of(profile, self.rows_of)
+        if self.shoppers is None:
+            return view
+        return replace(
+            view, neighbourhood=self.shoppers.neighbourhood(view.rows, view.shares, user_key)
+        )
+
+    def with_shoppers(self, shoppers: ShopperVectors) -> Recommender:
+        return Recommender(self.items, self.dense, self.product_ids, shoppers)
+
+    def shopper_vectors(
+        self, profiles: Iterable[tuple[str, Profile]], k: int, alpha: float
+    ) -> ShopperVectors:
+        """Every shopper's TIFU vector over this catalogue, with TIFU-KNN's parameters."""
+
+        def vector(key: str, profile: Profile) -> tuple[str, np.ndarray, np.ndarray]:
+            view = UserView.of(profile, self.rows_of)
+            return key, view.rows, view.shares
+
+        return ShopperVectors.from_vectors(
+            (vector(key, profile) for key, profile in profiles), len(self.product_ids), k, alpha
+        )
 
     def candidates(self, user: UserView, new_only: bool = False) -> np.ndarray:
         """Catalogue rows worth scoring for this shopper (ascending), the open cart left out, and
@@ -207,6 +251,8 @@ class Recommender:
             parts.append(
                 _top_positive(self.items.cooccurrence(user.recent), COOCCURRENCE_CANDIDATES)
             )
+        if user.neighbourhood is not None:
+            parts.append(_top_positive(user.neighbourhood, NEIGHBOUR_CANDIDATES))
         if user.taste is not None:
             rows, _ = self.dense.search(
                 user.taste.reshape(1, -1), TASTE_CANDIDATES, TASTE_EF_SEARCH
@@ -246,12 +292,15 @@ class Recommender:
             out[:, column[name]] = values
 
         put("repeat_share", baskets_with / max(user.baskets, 1))
-        put("recent_share", history(user.decayed) * (1.0 - BASKET_DECAY))
+        put("recent_share", history(user.shares))
         put("purchases", np.minimum(np.log1p(purchases) / np.log1p(PURCHASES_SCALE), 1.0))
         put("recency", np.where(bought, 1.0 / (1.0 + since), 0.0))
         if len(user.recent):
             put("cooccurrence", self.items.cooccurrence(user.recent)[rows])
         put("also_bought", self._collaborative(user)[rows])
+        if user.neighbourhood is not None and self.shoppers is not None:
+            put("neighbour_share", user.neighbourhood[rows])
+            put("tifu_knn", self.shoppers.score(history(user.shares), user.neighbourhood[rows]))
         if user.taste is not None:
             put("taste_cosine", self.dense.vectors(rows) @ user.taste)
         put("category_share", self._category_share(user, rows))
@@ -266,7 +315,7 @@ class Recommender:
         return out
 
     def _collaborative(self, user: UserView) -> np.ndarray:
-        return self.items.collaborative(user.rows, user.decayed * (1.0 - BASKET_DECAY))
+        return self.items.collaborative(user.rows, user.shares)
 
     def _category_share(self, user: UserView, rows: np.ndarray) -> np.ndarray:
         categories = self.items.categories

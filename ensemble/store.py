@@ -30,6 +30,8 @@ DENSE_INDEX_FILE = "dense.faiss"
 LEXICAL_INDEX_DIR = "lexical"
 CATALOGUE_FILE = "catalogue.json"
 MANIFEST_FILE = "manifest.json"
+# Where the build writes and the server reads by default (git-ignored): never the shipped templates.
+DEFAULT_REPOSITORY = Path("stores/homedepot")
 
 _DEFAULT_MODEL_FILENAME = re.compile(r'default_model_filename:\s*"([^"]+)"')
 _PARAMETER = re.compile(

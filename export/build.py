@@ -18,6 +18,7 @@ from shopserve.ensemble.features import FUSION_WEIGHTS, NUM_FEATURES
 from shopserve.ensemble.lexical import LexicalIndex
 from shopserve.ensemble.models import OnnxEncoder, OnnxRanker
 from shopserve.ensemble.profiles import UserKeys
+from shopserve.ensemble.recommend import REC_FEATURE_NAMES
 from shopserve.ensemble.retrieve import Retriever
 from shopserve.ensemble.tokenize import QueryTokenizer
 
@@ -70,7 +71,7 @@ class BuildOptions:
     dev_fraction: float = 0.2
     ranker: Path | None = None  # a ranker trained elsewhere, for a catalogue without judgments
     events: Path | None = None  # a behaviour log: profiles, recommendations, personalised search
-    holdout: bool = True  # keep each shopper's last basket out of the store, for evaluation
+    rec_ranker: Path | None = None  # a recommendation ranker trained elsewhere (with events)
     gate_texts: int = 1000
     epochs: int = 30
     per_channel: bool = True  # per-tensor INT8 weights exist to show the gate stopping a build
@@ -178,6 +179,10 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         judgments = load_judgments(options.judgments, catalogue) if options.judgments else None
         if options.ranker is not None:
             check_reusable(options.ranker)
+        if options.rec_ranker is not None:
+            if options.events is None:
+                raise BuildError("--rec-ranker needs --events (it ranks shoppers' recommendations)")
+            check_reusable(options.rec_ranker, REC_FEATURE_NAMES, "--rec-ranker")
         events = load_events(options.events, catalogue) if options.events else None
         keys = UserKeys.from_environment() if events else None
     log.info(
@@ -375,7 +380,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
                 keys,
                 writer,
                 options.seed,
-                options.holdout,
+                options.rec_ranker,
             )
     inputs = [p for p in (options.catalogue, options.judgments, options.events) if p]
     record.update(

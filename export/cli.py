@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from shopserve.ensemble import store
+
 from .data import DEFAULT_DATA_DIR, DataError
 from .finetune import FinetuneOptions
 
@@ -27,7 +29,7 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--judgments", type=Path, help="judgments file (overrides --data)")
     parser.add_argument("--no-judgments", action="store_true", help="ignore judgments in --data")
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--repository", type=Path, default=store.DEFAULT_REPOSITORY)
 
 
 def _inputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -96,9 +98,11 @@ def parser() -> argparse.ArgumentParser:
         "($SHOPSERVE_USER_KEY_FILE)",
     )
     build.add_argument(
-        "--no-holdout",
-        action="store_true",
-        help="serve every basket (by default each shopper's last basket is held out for evaluation)",
+        "--rec-ranker",
+        type=Path,
+        help="with --events: a recommendation ranker trained elsewhere (another store's "
+        "rec_ranker/1/model.onnx) instead of training one; the gate keeps it only if it beats purchase "
+        "frequency and TIFU-KNN on the validation shoppers",
     )
     build.add_argument(
         "--int8-weights",
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                     epochs=args.epochs,
                     per_channel=args.int8_weights == "per-channel",
                     events=args.events,
-                    holdout=not args.no_holdout,
+                    rec_ranker=args.rec_ranker,
                     finetune=not args.no_finetune,
                     int8_max_fp32_matmuls=args.int8_fp32_matmuls,
                     target=args.target,

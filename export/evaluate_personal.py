@@ -2,10 +2,11 @@
 computed in the same run and 95 % confidence intervals (normal approximation over cases).
 
 * recommendations, over every shopper with history before their last basket: Recall@20 and nDCG@20 of
-  global popularity, of the shopper's own purchase frequency (ties: most recent first) and of the
-  served ranker; the repeat / explore split: Recall@20 of the items the shopper bought before, and of
-  the items new to them (shoppers whose last basket has one, previously bought items removed: the
-  served list is the endpoint's NEW_ONLY answer);
+  global popularity, of the baselines (the shopper's own purchase frequency, TIFU-KNN) and of the
+  served ranker, each ranking the recommend endpoint's candidates; the repeat / explore split:
+  Recall@20 of the items the shopper bought before, and of the items new to them (shoppers whose last
+  basket has one, previously bought items removed: each list is a NEW_ONLY answer; popularity's is
+  the best sellers the shopper never bought);
 * personalised search: for each (shopper, category of a held-out item), the category name is the
   query and the shopper's held-out items of that category are relevant; nDCG@10 and MRR@10 of the
   anonymous search, of the shopper's purchase frequency among the query's candidates, and of the
@@ -14,7 +15,7 @@ computed in the same run and 95 % confidence intervals (normal approximation ove
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,7 @@ from shopserve.ensemble.recommend import Recommender
 from shopserve.ensemble.retrieve import Retriever
 from tqdm.auto import tqdm
 
-from .history import BasketQuery, Case, ranked, recall
+from .history import BasketQuery, Case, bought_before, ranked, recall
 from .metrics import ndcg_at_k
 
 RECOMMEND_K = 20
@@ -51,37 +52,32 @@ def _mrr(top: Sequence[int], relevant: frozenset[int], k: int) -> float:
     return next((1.0 / rank for rank, pid in enumerate(top[:k], 1) if pid in relevant), 0.0)
 
 
-def frequency_order(case: Case, recommender: Recommender) -> list[int]:
-    """The shopper's own products by purchases, ties most recent first (then by product id)."""
-    view = case.view
-    bought = view.purchases > 0
-    ids = recommender.product_ids[view.rows[bought]]
-    order = np.lexsort((ids, -view.last_basket[bought], -view.purchases[bought]))
-    return ids[order].tolist()
-
-
 def evaluate_recommendations(
-    cases: Sequence[Case], recommender: Recommender, served: Scorer
+    cases: Sequence[Case],
+    recommender: Recommender,
+    served: Scorer,
+    served_new_only: Scorer,
+    baselines: Mapping[str, Scorer],
 ) -> dict:
+    """Popularity, each baseline and the served rankers (``served_new_only`` ranks NEW_ONLY
+    answers), each ranking the endpoint's candidates."""
     popular = recommender.product_ids[recommender.items.popular(len(recommender.product_ids))]
+    scorers = {**baselines, "recommend": served}
     metrics: dict[str, dict[str, list[float]]] = {
         name: {"recall20": [], "ndcg20": [], "repeat_recall20": [], "explore_recall20": []}
-        for name in ("popularity", "purchase_frequency", "recommend")
+        for name in ("popularity", *scorers)
     }
     for case in tqdm(cases, desc="evaluate recommendations", unit="user"):
-        bought_before = set(
-            recommender.product_ids[case.view.rows[case.view.purchases > 0]].tolist()
-        )
-        repeat, new = case.label & bought_before, case.label - bought_before
-        unseen = popular[~np.isin(popular, list(bought_before))][:RECOMMEND_K].tolist()
-        lists = {
-            "popularity": (popular[:RECOMMEND_K].tolist(), unseen),
-            "purchase_frequency": (frequency_order(case, recommender)[:RECOMMEND_K], []),
-            "recommend": (
-                ranked(case, recommender, served, RECOMMEND_K),
-                ranked(case, recommender, served, RECOMMEND_K, new_only=True) if new else [],
-            ),
-        }
+        bought = bought_before(case, recommender)
+        repeat, new = case.label & bought, case.label - bought
+        unseen = popular[~np.isin(popular, list(bought))][:RECOMMEND_K].tolist()
+        lists = {"popularity": (popular[:RECOMMEND_K].tolist(), unseen)}
+        for name, scorer in scorers.items():
+            discover = served_new_only if name == "recommend" else scorer
+            lists[name] = (
+                ranked(case, recommender, scorer, RECOMMEND_K),
+                ranked(case, recommender, discover, RECOMMEND_K, new_only=True) if new else [],
+            )
         for name, (top, discovery) in lists.items():
             metrics[name]["recall20"].append(recall(top, case.label))
             metrics[name]["ndcg20"].append(_ndcg(top, case.label, RECOMMEND_K))

@@ -1,6 +1,6 @@
 """Shoppers' histories in time: baskets numbered the way profiles number them, profiles replayed
-as of any basket, the shop's item statistics as of any cut, and evaluation cases (a shopper as of
-before a basket, and what that basket held)."""
+as of any basket, the shop as of a cut (item statistics and every profile), and evaluation cases (a
+shopper as of before a basket, and what that basket held)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
+from shopserve.ensemble.dense import DenseIndex
 from shopserve.ensemble.profiles import PURCHASE, Profile
 from shopserve.ensemble.recommend import Neighbours, Recommender, ShopItems, UserView
+from tqdm.auto import tqdm
 
 from .data import CatalogueData, EventsData
 from .selfcheck import category_leaf
@@ -191,26 +193,63 @@ class Case:
     label: set[int]  # product ids
 
 
-def cases(
-    events: EventsData,
-    lines: Mapping[str, Timeline],
-    users: Sequence[str],
-    recommender: Recommender,
-    embedding: Callable[[int], np.ndarray],
-    label_from_end: int,
-    min_history: int = 1,
-) -> list[Case]:
-    """For each user, the basket ``label_from_end`` from the end (1: last) as label, with the
-    profile as it was before it; users with fewer than ``min_history`` baskets before it are left out."""
-    out = []
-    for user in users:
-        line = lines[user]
-        basket = line.baskets - label_from_end
-        if basket < min_history:
-            continue
-        profile = replay(events, line.before(events, basket), embedding)
-        out.append(Case(user, recommender.view(profile), line.items(events, basket)))
-    return out
+@dataclass(frozen=True)
+class HistoryCut:
+    """The shop as it was before each shopper's basket ``from_end`` from the end (1: the last): its
+    item statistics and every shopper's profile then. The shoppers' neighbourhoods are keyed by
+    their plain ids here (in memory only)."""
+
+    from_end: int
+    catalogue: CatalogueData
+    items: ShopItems
+    profiles: dict[str, Profile]
+    lines: Mapping[str, Timeline]
+    events: EventsData
+
+    @classmethod
+    def of(
+        cls,
+        catalogue: CatalogueData,
+        events: EventsData,
+        lines: Mapping[str, Timeline],
+        from_end: int,
+        embedding: Callable[[int], np.ndarray],
+    ) -> HistoryCut:
+        """``from_end`` 0 is the whole history."""
+        items = shop_items(catalogue, events, lines, lambda line: line.baskets - from_end)
+        profiles = {
+            user: replay(events, line.before(events, line.baskets - from_end), embedding)
+            for user, line in tqdm(lines.items(), desc=f"profiles ({from_end} held out)")
+        }
+        return cls(from_end, catalogue, items, profiles, lines, events)
+
+    def recommender(self, dense: DenseIndex, k: int, alpha: float) -> Recommender:
+        """Candidates and features as of the cut, with TIFU-KNN's parameters ``k`` and ``alpha``."""
+        plain = Recommender(self.items, dense, self.catalogue.product_ids)
+        return plain.with_shoppers(plain.shopper_vectors(self.profiles.items(), k, alpha))
+
+    def cases(self, users: Sequence[str], recommender: Recommender) -> list[Case]:
+        """Each shopper with at least one basket before the cut, and the basket at the cut."""
+        out = []
+        for user in users:
+            line = self.lines[user]
+            basket = line.baskets - self.from_end
+            if basket < 1:
+                continue
+            view = recommender.view(self.profiles[user], user)
+            out.append(Case(user, view, line.items(self.events, basket)))
+        return out
+
+
+def bought_before(case: Case, recommender: Recommender) -> set[int]:
+    """The product ids the shopper had bought before the case's basket."""
+    view = case.view
+    return set(recommender.product_ids[view.rows[view.purchases > 0]].tolist())
+
+
+def top_ids(ids: np.ndarray, scores: np.ndarray, k: int) -> list[int]:
+    """The ``k`` ids of the highest scores, ties by id."""
+    return ids[np.lexsort((ids, -scores))][:k].tolist()
 
 
 def ranked(
@@ -220,12 +259,9 @@ def ranked(
     k: int,
     new_only: bool = False,
 ) -> list[int]:
-    """The top-``k`` product ids for a case (ties by product id), as the recommend endpoint
-    ranks them."""
+    """The top-``k`` product ids for a case, as the recommend endpoint ranks them."""
     rows = recommender.candidates(case.view, new_only)
-    scores = scorer(recommender.features(case.view, rows))
-    ids = recommender.product_ids[rows]
-    return ids[np.lexsort((ids, -scores))][:k].tolist()
+    return top_ids(recommender.product_ids[rows], scorer(recommender.features(case.view, rows)), k)
 
 
 def recall(top: Sequence[int], label: set[int]) -> float:

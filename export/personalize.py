@@ -1,31 +1,40 @@
 """The behaviour side of the release build.
 
 From an events file it builds: the shop's item statistics (popularity, categories, items bought
-together), every shopper's profile, the recommendation ranker and the personalised-search weight.
+together), every shopper's profile and TIFU-KNN vector, the recommendation ranker and the
+personalised-search weight.
 
-Time split, per shopper (the standard next-basket protocol):
+Time split, per shopper (the standard next-basket protocol). The hold-out lives only inside the
+evaluation; the store that is served holds every event it was given.
 
-* the **last basket** is held out: no statistic, profile or model sees it; the served store holds each
-  profile as it was before it, so that it can be evaluated (``--no-holdout`` serves everything);
-* the ranker learns from the **second-to-last basket** as the label, with the profile and shop
-  statistics as they were before it, on the shoppers of the seeded training split;
-* the rest of the shoppers validate it on their second-to-last basket: it must beat their own purchase
-  frequency there, or the build serves the frequency ranking instead (the gate).
+* the learned ranker learns from each training shopper's **second-to-last basket** as the label, with
+  the shop and every profile as they were before it;
+* the **last basket** of every shopper is the evaluation's: the validation shoppers' (a seeded split,
+  never trained on) choose TIFU-KNN's parameters and the ranker that is served (the gate: the learned
+  ranker against the better of purchase frequency and TIFU-KNN), and the build fails if what it
+  serves scores below the best baseline there;
+* then every basket is folded in: the served item statistics, profiles and TIFU-KNN vectors are the
+  whole history.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from shopserve.ensemble import store
+from shopserve.ensemble.dense import DenseIndex
 from shopserve.ensemble.models import OnnxRanker
+from shopserve.ensemble.neighbours import NEIGHBOURS_FILE
 from shopserve.ensemble.personal import PERSONAL_WEIGHT, PROFILES_FILE
 from shopserve.ensemble.profile_store import open_store
 from shopserve.ensemble.profiles import UserKeys
 from shopserve.ensemble.recommend import (
+    EXPLORE_FILE,
     ITEMS_FILE,
     REC_FEATURE_NAMES,
     REC_MONOTONE,
@@ -44,17 +53,16 @@ from .evaluate_personal import (
 )
 from .history import (
     Case,
+    HistoryCut,
     basket_queries,
-    cases,
+    bought_before,
     embedding_of,
-    ranked,
     recall,
-    replay,
-    shop_items,
     split_users,
     timelines,
+    top_ids,
 )
-from .ranker import write_linear_ranker
+from .ranker import check_reusable, write_linear_ranker
 from .repository import RepositoryWriter
 from .selfcheck import LinearScorer
 
@@ -62,35 +70,146 @@ log = logging.getLogger("shopserve.export.personalize")
 
 LEARNED = "learned"
 FREQUENCY = "purchase_frequency"
-FREQUENCY_WEIGHTS = {"purchases": 10.0, "recency": 1.0, "popularity": 0.01}  # count, then recency
+TIFU_KNN = "tifu_knn"
+BASELINES = (FREQUENCY, TIFU_KNN)
+# The shopper's own products by the number of baskets they were in, ties most recent first (the
+# share weight makes one more basket outweigh any recency for shoppers of up to 100 baskets), then
+# the shop's best sellers.
+FREQUENCY_WEIGHTS = {"repeat_share": 100.0, "recency": 1.0, "popularity": 0.01}
+# TIFU-KNN's parameters are chosen on the validation shoppers from these (k around the published
+# choices; alpha the weight of the shopper's own vector).
+TIFU_NEIGHBOURS = (50, 100, 300)
+TIFU_ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 REC_SPECS = [monotone.FeatureSpec(name, name in REC_MONOTONE) for name in REC_FEATURE_NAMES]
 GATE_K = 20
+# While the build runs: the learned rankers, before the gate decides what is served.
+LEARNED_FILE, LEARNED_NEW_ONLY_FILE = "learned.onnx", "learned_new_only.onnx"
+# The learned ranker's labels: each training shopper's baskets this far from the end (1 is the last,
+# the evaluation's), each with the shop as it was before it.
+TRAINING_LABELS = (2, 3, 4)
 # Fewer, shorter lists than search (one per training shopper): smaller steps, more of them.
 REC_EPOCHS, REC_LEARNING_RATE, REC_BATCH = 80, 0.01, 32
 
 
-def training_lists(cases: Sequence[Case], recommender: Recommender) -> monotone.TrainingLists:
+class RecommendationGateError(RuntimeError):
+    """What the build would serve scores below the baseline it reports."""
+
+
+TIFU_WEIGHTS = {"tifu_knn": 1.0}  # TIFU-KNN served alone, with the parameters the build chose
+POPULARITY = "popularity"
+BASELINE_WEIGHTS = {
+    FREQUENCY: FREQUENCY_WEIGHTS,
+    TIFU_KNN: TIFU_WEIGHTS,
+    POPULARITY: {"popularity": 1.0},  # NEW_ONLY's baseline: the best sellers never bought
+}
+EXPLORE_BASELINES = (POPULARITY, TIFU_KNN)
+
+
+def tifu_weights(alpha: float) -> dict[str, float]:
+    """TIFU-KNN as a linear ranker over its two halves, for any ``alpha``."""
+    return {"recent_share": alpha, "neighbour_share": 1.0 - alpha}
+
+
+def training_lists(
+    cases: Sequence[Case], recommender: Recommender, new_only: bool = False
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(features, gains) of each case's candidates (with ``new_only``, of the NEW_ONLY candidates
+    and the items new to the shopper); cases whose label has no candidate are left out."""
     lists = []
     for case in tqdm(cases, desc="recommendation lists", unit="user"):
-        rows = recommender.candidates(case.view)
-        gains = np.isin(recommender.product_ids[rows], list(case.label)).astype(np.float32)
+        label = case.label - bought_before(case, recommender) if new_only else case.label
+        rows = recommender.candidates(case.view, new_only)
+        gains = np.isin(recommender.product_ids[rows], list(label)).astype(np.float32)
         if gains.any():
             lists.append((recommender.features(case.view, rows), gains))
-    return monotone.TrainingLists.pad(lists, len(REC_FEATURE_NAMES))
+    return lists
 
 
-def gate(
-    validation: Sequence[Case],
+def recall_by_scorer(
+    cases: Sequence[Case],
     recommender: Recommender,
     scorers: Mapping[str, Callable[[np.ndarray], np.ndarray]],
+    new_only: bool = False,
 ) -> dict[str, float]:
-    """Recall@GATE_K of each scorer on the validation shoppers' label baskets."""
-    return {
-        name: float(
-            np.mean([recall(ranked(c, recommender, scorer, GATE_K), c.label) for c in validation])
+    """Mean Recall@GATE_K of each scorer over the cases (candidates and features made once); with
+    ``new_only``, of the NEW_ONLY answer for the items new to the shopper, over the cases with one."""
+    totals, counted = dict.fromkeys(scorers, 0.0), 0
+    for case in cases:
+        label = case.label - bought_before(case, recommender) if new_only else case.label
+        if not label:
+            continue
+        counted += 1
+        rows = recommender.candidates(case.view, new_only)
+        features = recommender.features(case.view, rows)
+        ids = recommender.product_ids[rows]
+        for name, scorer in scorers.items():
+            totals[name] += recall(top_ids(ids, scorer(features), GATE_K), label)
+    return {name: round(total / max(counted, 1), 4) for name, total in totals.items()}
+
+
+@dataclass(frozen=True)
+class TifuChoice:
+    k: int
+    alpha: float
+    recall20: dict[str, float]  # "k=.., alpha=.." -> validation Recall@20
+
+    def as_dict(self) -> dict:
+        return {"k": self.k, "alpha": self.alpha, "validation_recall20": self.recall20}
+
+
+def choose_tifu(cut: HistoryCut, users: Sequence[str], dense: DenseIndex) -> TifuChoice:
+    """TIFU-KNN's neighbourhood size and alpha with the best Recall@20 on ``users`` at ``cut``
+    (ties: the first in the grid)."""
+    table: dict[str, float] = {}
+    best = (-1.0, TIFU_NEIGHBOURS[0], TIFU_ALPHAS[0])
+    for k in tqdm(TIFU_NEIGHBOURS, desc="TIFU-KNN parameters", unit="k"):
+        recommender = cut.recommender(dense, k, TIFU_ALPHAS[0])
+        scores = recall_by_scorer(
+            cut.cases(users, recommender),
+            recommender,
+            {f"{a:g}": LinearScorer(tifu_weights(a), REC_FEATURE_NAMES) for a in TIFU_ALPHAS},
         )
-        for name, scorer in scorers.items()
-    }
+        for alpha in TIFU_ALPHAS:
+            table[f"k={k}, alpha={alpha:g}"] = scores[f"{alpha:g}"]
+            best = max(best, (scores[f"{alpha:g}"], k, alpha), key=lambda t: t[0])
+    return TifuChoice(best[1], best[2], table)
+
+
+def learned_ranker(
+    cuts: Sequence[tuple[HistoryCut, Recommender]],
+    users: Sequence[str],
+    destination: Path,
+    seed: int,
+    new_only: bool = False,
+) -> dict:
+    """Train the monotone recommendation ranker on ``users``' baskets at each cut (with
+    ``new_only``, the ranker of NEW_ONLY answers); its report."""
+    lists = monotone.TrainingLists.pad(
+        [
+            one
+            for cut, recommender in cuts
+            for one in training_lists(cut.cases(users, recommender), recommender, new_only)
+        ],
+        len(REC_FEATURE_NAMES),
+    )
+    model, loss = monotone.train(
+        lists,
+        REC_SPECS,
+        range(len(REC_SPECS)),
+        seed,
+        epochs=REC_EPOCHS,
+        learning_rate=REC_LEARNING_RATE,
+        batch_size=REC_BATCH,
+        desc="NEW_ONLY ranker" if new_only else "recommendation ranker",
+    )
+    diff = monotone.export(model, REC_SPECS, REC_FEATURE_NAMES, destination, lists.rows()[:2048])
+    return monotone.TrainReport(
+        len(lists.gains),
+        REC_EPOCHS,
+        loss,
+        diff,
+        [r.__dict__ for r in monotone.feature_ranges(model, REC_SPECS)],
+    ).as_dict()
 
 
 SEARCH_WEIGHT_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -113,135 +232,210 @@ def build_personalization(
     keys: UserKeys,
     writer: RepositoryWriter,
     seed: int,
-    holdout: bool = True,
+    transferred_ranker: Path | None = None,
     validation_fraction: float = 0.2,
 ) -> dict:
-    """Build profiles, item statistics, the recommendation ranker and the personalised-search
-    weight into the staged repository; evaluate them; return the manifest's record."""
+    """Build profiles, item statistics, TIFU-KNN vectors, the recommendation ranker and the
+    personalised-search weight into the staged repository; evaluate them; return the manifest's
+    record. ``transferred_ranker``: a recommendation ranker trained elsewhere, gated like one trained
+    here."""
     dense = search.retriever.dense
     embedding = embedding_of(
         {pid: row for row, pid in enumerate(catalogue.product_ids.tolist())}, embeddings
     )
     lines = timelines(events)
-    held = 1 if holdout else 0
     users = list(lines)
     train_users, validation_users = split_users(users, validation_fraction, seed)
-    # Training sees the shop as it was before each shopper's label basket (second-to-last).
-    train_rec = Recommender(
-        shop_items(catalogue, events, lines, lambda line: line.baskets - 1 - held),
-        dense,
-        catalogue.product_ids,
-    )
-    label_basket = 1 + held
-
-    def cases_of(group: Sequence[str], recommender: Recommender, from_end: int) -> list[Case]:
-        return cases(events, lines, group, recommender, embedding, from_end)
-
-    train_cases = cases_of(train_users, train_rec, label_basket)
-    lists = training_lists(train_cases, train_rec)
+    train_cuts = [HistoryCut.of(catalogue, events, lines, n, embedding) for n in TRAINING_LABELS]
+    train_cut = train_cuts[0]
+    held_out = HistoryCut.of(catalogue, events, lines, 1, embedding)
+    tifu = choose_tifu(held_out, validation_users, dense)
+    log.info("TIFU-KNN: k=%d, alpha=%g", tifu.k, tifu.alpha)
+    train_recs = [cut.recommender(dense, tifu.k, tifu.alpha) for cut in train_cuts]
+    train_rec = train_recs[0]
+    held_out_rec = held_out.recommender(dense, tifu.k, tifu.alpha)
     rec_dir = writer.version_dir(store.REC_RANKER)
-    learned_path = rec_dir / "learned.onnx"
-    model, loss = monotone.train(
-        lists,
-        REC_SPECS,
-        range(len(REC_SPECS)),
-        seed,
-        epochs=REC_EPOCHS,
-        learning_rate=REC_LEARNING_RATE,
-        batch_size=REC_BATCH,
-        desc="recommendation ranker",
-    )
-    diff = monotone.export(model, REC_SPECS, REC_FEATURE_NAMES, learned_path, lists.rows()[:2048])
-    validation = cases_of(validation_users, train_rec, label_basket)
-    gate_recall = gate(
-        validation,
-        train_rec,
-        {
-            LEARNED: OnnxRanker(learned_path),
-            FREQUENCY: LinearScorer(FREQUENCY_WEIGHTS, REC_FEATURE_NAMES),
-        },
-    )
-    selected = LEARNED if gate_recall[LEARNED] >= gate_recall[FREQUENCY] else FREQUENCY
-    ranker_path = rec_dir / store.ONNX_FILE
-    if selected == LEARNED:
-        learned_path.rename(ranker_path)
-    else:
-        learned_path.unlink()
-        write_linear_ranker(ranker_path, FREQUENCY_WEIGHTS, FREQUENCY, REC_FEATURE_NAMES)
-    rec_ranker = OnnxRanker(ranker_path)
-    log.info("recommendation ranker: %s (validation Recall@%d %s)", selected, GATE_K, gate_recall)
+    learned = {False: rec_dir / LEARNED_FILE, True: rec_dir / LEARNED_NEW_ONLY_FILE}
+    cuts = list(zip(train_cuts, train_recs, strict=True))
+    training = {
+        "new_only" if new_only else "ranker": _transferred(transferred_ranker, path)
+        if transferred_ranker
+        else learned_ranker(cuts, train_users, path, seed, new_only)
+        for new_only, path in learned.items()
+    }
+    validation = held_out.cases(validation_users, held_out_rec)
+    selection = _gate(validation, held_out_rec, learned)
+    rec_ranker = OnnxRanker(rec_dir / store.ONNX_FILE)
 
-    # The personalised-search weight, fitted on the training shoppers' label baskets.
-    train_queries = basket_queries(train_cases, catalogue)
-    weight, weight_table = SEARCH_WEIGHT_GRID[0], {}
-    if train_queries:
+    train_cases = train_cut.cases(train_users, train_rec)
+    weight, weight_table, weight_queries = _fit_search_weight(
+        train_cases, catalogue, search, train_rec, rec_ranker
+    )
+    writer.set_parameter(store.SEARCH, PERSONAL_WEIGHT, f"{weight:g}")
+    stored = _write_served_history(
+        HistoryCut.of(catalogue, events, lines, 0, embedding),
+        keys,
+        dense,
+        tifu,
+        writer,
+    )
+    evaluation_cases = held_out.cases(users, held_out_rec)
+    evaluation = _evaluate(
+        evaluation_cases,
+        set(validation_users),
+        held_out_rec,
+        rec_ranker,
+        OnnxRanker(rec_dir / EXPLORE_FILE),
+        selection["selected"],
+    )
+    queries = basket_queries(evaluation_cases, catalogue)
+    if queries:
         scored = score_queries(
-            train_queries,
+            queries,
             search.embed,
             search.retriever,
             search.ranker,
-            train_rec,
+            held_out_rec,
             rec_ranker,
-            desc="fit personalised search",
+            desc="evaluate personalised search",
         )
-        weight, weight_table = fit_search_weight(scored, SEARCH_WEIGHT_GRID)
-    writer.set_parameter(store.SEARCH, PERSONAL_WEIGHT, f"{weight:g}")
-
-    # What is served: the shop and every profile as they were before the held-out basket.
-    serve_items = shop_items(catalogue, events, lines, lambda line: line.baskets - held)
-    recommend_dir = writer.version_dir(store.RECOMMEND)
-    serve_items.save(recommend_dir / ITEMS_FILE)
-    profiles = open_store(recommend_dir / PROFILES_FILE)
-    stored = profiles.put(
-        (keys.key(user), replay(events, line.before(events, line.baskets - held), embedding))
-        for user, line in tqdm(lines.items(), desc="profiles", unit="user")
-    )
-    profiles.close()
-    record = {
+        evaluation["personalised_search"] = evaluate_personal_search(scored, weight)
+    return {
         "events": len(events),
         "users": len(users),
         "profiles": stored,
-        "holdout": "each shopper's last basket" if holdout else "none",
+        "served_history": "every event of the events file",
+        "holdout": "each shopper's last basket, inside the evaluation only",
         "split": {
             "seed": seed,
             "validation_fraction": validation_fraction,
             "train_users": len(train_users),
             "validation_users": len(validation_users),
-            "label": "each shopper's basket before the held-out one",
+            "training_label": "each training shopper's second-to-last basket",
+            "gate_and_evaluation_label": "each shopper's last basket",
         },
-        "ranker": {
-            "selected": selected,
-            "validation_recall20": gate_recall,
-            "training": monotone.TrainReport(
-                len(lists.gains),
-                REC_EPOCHS,
-                loss,
-                diff,
-                [r.__dict__ for r in monotone.feature_ranges(model, REC_SPECS)],
-            ).as_dict(),
-        },
-        "search_weight": {
-            "value": weight,
-            "grid_ndcg10": weight_table,
-            "queries": len(train_queries),
-        },
+        "ranker": {**selection, "training": training, "tifu_knn": tifu.as_dict()},
+        "search_weight": {"value": weight, "grid_ndcg10": weight_table, "queries": weight_queries},
+        "evaluation": evaluation,
     }
-    if holdout:
-        serve_rec = Recommender(serve_items, dense, catalogue.product_ids)
-        held_out = cases_of(users, serve_rec, 1)
-        record["evaluation"] = {
-            "recommend": evaluate_recommendations(held_out, serve_rec, rec_ranker),
+
+
+def _transferred(source: Path, destination: Path) -> dict:
+    contract = check_reusable(source, REC_FEATURE_NAMES, "--rec-ranker")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, destination)
+    return {"source": f"transferred from {source}", "form": contract.get("form")}
+
+
+def _gate(
+    validation: Sequence[Case], recommender: Recommender, learned: Mapping[bool, Path]
+) -> dict:
+    """Serve a learned ranker (``learned[new_only]``) only where it beats the better baseline on the
+    validation shoppers: as the ranker, against purchase frequency and TIFU-KNN; for NEW_ONLY
+    answers, against popularity and TIFU-KNN. Writes both served rankers beside them."""
+    rec_dir = learned[False].parent
+    record = {}
+    for new_only, baselines, served in (
+        (False, BASELINES, rec_dir / store.ONNX_FILE),
+        (True, EXPLORE_BASELINES, rec_dir / EXPLORE_FILE),
+    ):
+        learned_path = learned[new_only]
+        scorers = {
+            name: LinearScorer(BASELINE_WEIGHTS[name], REC_FEATURE_NAMES) for name in baselines
         }
-        queries = basket_queries(held_out, catalogue)
-        if queries:
-            scored = score_queries(
-                queries,
-                search.embed,
-                search.retriever,
-                search.ranker,
-                serve_rec,
-                rec_ranker,
-                desc="evaluate personalised search",
-            )
-            record["evaluation"]["personalised_search"] = evaluate_personal_search(scored, weight)
-    return record
+        recall20 = recall_by_scorer(
+            validation, recommender, {LEARNED: OnnxRanker(learned_path), **scorers}, new_only
+        )
+        baseline = max(baselines, key=lambda name: recall20[name])  # ties: the simpler
+        selected = LEARNED if recall20[LEARNED] > recall20[baseline] else baseline
+        if selected == LEARNED:
+            shutil.copyfile(learned_path, served)
+        else:
+            write_linear_ranker(served, BASELINE_WEIGHTS[selected], selected, REC_FEATURE_NAMES)
+        log.info(
+            "%s: %s (validation Recall@%d %s)",
+            "NEW_ONLY ranker" if new_only else "recommendation ranker",
+            selected,
+            GATE_K,
+            recall20,
+        )
+        record["new_only" if new_only else "ranker"] = {
+            "selected": selected,
+            "best_baseline": baseline,
+            "validation_new_item_recall20" if new_only else "validation_recall20": recall20,
+        }
+    for path in learned.values():
+        path.unlink()
+    return {**record.pop("ranker"), **record, "validation_shoppers": len(validation)}
+
+
+def _fit_search_weight(
+    cases: Sequence[Case],
+    catalogue: CatalogueData,
+    search: SearchSide,
+    recommender: Recommender,
+    rec_ranker: OnnxRanker,
+) -> tuple[float, dict, int]:
+    """The personalised-search weight, fitted on the training shoppers' label baskets."""
+    queries = basket_queries(cases, catalogue)
+    if not queries:
+        return SEARCH_WEIGHT_GRID[0], {}, 0
+    scored = score_queries(
+        queries,
+        search.embed,
+        search.retriever,
+        search.ranker,
+        recommender,
+        rec_ranker,
+        desc="fit personalised search",
+    )
+    return (*fit_search_weight(scored, SEARCH_WEIGHT_GRID), len(queries))
+
+
+def _write_served_history(
+    whole: HistoryCut, keys: UserKeys, dense: DenseIndex, tifu: TifuChoice, writer: RepositoryWriter
+) -> int:
+    """The shop and every shopper as of the whole history, under keyed hashes: what is served."""
+    recommend_dir = writer.version_dir(store.RECOMMEND)
+    whole.items.save(recommend_dir / ITEMS_FILE)
+    keyed = [(keys.key(user), profile) for user, profile in whole.profiles.items()]
+    profiles = open_store(recommend_dir / PROFILES_FILE)
+    stored = profiles.put(tqdm(keyed, desc="profiles", unit="user"))
+    profiles.close()
+    recommender = Recommender(whole.items, dense, whole.catalogue.product_ids)
+    recommender.shopper_vectors(keyed, tifu.k, tifu.alpha).save(recommend_dir / NEIGHBOURS_FILE)
+    return stored
+
+
+def _evaluate(
+    cases: Sequence[Case],
+    validation_users: set[str],
+    recommender: Recommender,
+    served: OnnxRanker,
+    served_new_only: OnnxRanker,
+    selected: str,
+) -> dict:
+    """Every shopper's last basket, and the validation shoppers' alone (the gate's): the build
+    fails if what it serves scores below the best baseline there."""
+    baselines = {
+        name: LinearScorer(BASELINE_WEIGHTS[name], REC_FEATURE_NAMES) for name in BASELINES
+    }
+    every = evaluate_recommendations(cases, recommender, served, served_new_only, baselines)
+    gated = evaluate_recommendations(
+        [c for c in cases if c.user in validation_users],
+        recommender,
+        served,
+        served_new_only,
+        baselines,
+    )
+    recall20 = {
+        name: gated["systems"][name]["recall20"]["mean"] for name in (*BASELINES, "recommend")
+    }
+    best = max(BASELINES, key=lambda name: recall20[name])
+    if recall20["recommend"] < recall20[best]:
+        raise RecommendationGateError(
+            f"the served recommendation ranker ({selected}) scores Recall@{GATE_K} "
+            f"{recall20['recommend']} on the validation shoppers' last baskets, below {best} "
+            f"({recall20[best]}): the build stops rather than serve it"
+        )
+    return {"recommend": every, "recommend_validation_shoppers": gated}

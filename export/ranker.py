@@ -113,15 +113,18 @@ def write_linear_ranker(
     return destination
 
 
-def check_reusable(path: Path) -> dict:
-    """The contract of a ranker trained elsewhere, if it reads this build's FEATURES; else raise."""
+def check_reusable(
+    path: Path, names: Sequence[str] = FEATURE_NAMES, flag: str = "--ranker"
+) -> dict:
+    """The contract of a ranker trained elsewhere (given as ``flag``), if it reads the features
+    ``names`` of this build; else raise."""
     if not path.exists():
-        raise monotone.ModelExportError(f"--ranker {path} does not exist")
+        raise monotone.ModelExportError(f"{flag} {path} does not exist")
     contract = monotone.read_contract(path)
-    if contract is None or contract.get("inputs") != list(FEATURE_NAMES):
+    if contract is None or contract.get("inputs") != list(names):
         found = contract.get("inputs") if contract else "no shopserve feature contract"
         raise monotone.ModelExportError(
-            f"--ranker {path} reads {found}, but this build serves FEATURES {list(FEATURE_NAMES)}; "
+            f"{flag} {path} reads {found}, but this build serves FEATURES {list(names)}; "
             "retrain it with this version of shopserve"
         )
     return contract

@@ -32,6 +32,11 @@ class RepositoryError(RuntimeError):
 
 def _source_of_configs(repository: Path, models: tuple[str, ...]) -> Path:
     """Where the configs and adapters of ``repository`` come from: itself, or the templates."""
+    if repository.resolve() == TEMPLATES.resolve():
+        raise RepositoryError(
+            f"{repository} holds the shipped templates, which a build never writes into; build into "
+            f"another folder (the default is {store.DEFAULT_REPOSITORY})"
+        )
     present = [m for m in store.MODELS if (repository / m / CONFIG_FILE).exists()]
     if len(present) == len(store.MODELS):
         if all((repository / m / CONFIG_FILE).exists() for m in models):

@@ -14,13 +14,14 @@ from pathlib import Path
 
 def serve(argv: list[str]) -> int:
     from shopserve.ensemble.profiles import USER_KEY_FILE_ENV
+    from shopserve.ensemble.store import DEFAULT_REPOSITORY
 
     from .server import ServerConfig, ServerError, TritonServer
 
     parser = argparse.ArgumentParser(
         prog="shopserve serve", description="Serve a built model repository with tritonserver."
     )
-    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
@@ -134,6 +135,7 @@ def keys(argv: list[str]) -> int:
 def rollout(argv: list[str]) -> int:
     """``shopserve rollout``: switch a running server to another version of its store."""
     from shopserve.client._cli import _connection, _security
+    from shopserve.ensemble.store import DEFAULT_REPOSITORY
 
     from .rollout import Rollout, RolloutError
 
@@ -142,7 +144,7 @@ def rollout(argv: list[str]) -> int:
         description="Load another version of every model of the store on a running server, with "
         "no failed request (Triton's model control); check its files first.",
     )
-    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--version", type=int, help="the version to serve")
     which.add_argument(

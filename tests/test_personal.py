@@ -4,6 +4,7 @@ anonymous search, bad inputs, the CLI, and the server agreeing with the in-proce
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import os
@@ -56,13 +57,22 @@ def test_the_store_was_built_from_generic_files_without_judgments(manifest) -> N
     assert set(manifest["data"]["files"]) == {"items.csv", "events.csv"}
     personal = manifest["personalization"]
     assert personal["users"] == personal["profiles"] == 593
-    assert personal["holdout"] == "each shopper's last basket"
+    assert personal["holdout"] == "each shopper's last basket, inside the evaluation only"
     assert personal["split"]["seed"] == 13 and personal["split"]["train_users"] > 400
     recommend = personal["evaluation"]["recommend"]
     assert recommend["users"] >= 590
-    for system in ("popularity", "purchase_frequency", "recommend"):
+    for system in ("popularity", "purchase_frequency", "tifu_knn", "recommend"):
         low, high = recommend["systems"][system]["recall20"]["ci95"]
         assert 0 <= low <= recommend["systems"][system]["recall20"]["mean"] <= high <= 1
+    ranker = personal["ranker"]
+    gate = ranker["validation_recall20"]
+    assert ranker["selected"] in ("learned", "purchase_frequency", "tifu_knn")
+    assert gate[ranker["selected"]] == max(gate.values())
+    assert ranker["tifu_knn"]["k"] > 0 and 0 < ranker["tifu_knn"]["alpha"] < 1
+    served = personal["evaluation"]["recommend_validation_shoppers"]["systems"]
+    assert served["recommend"]["recall20"]["mean"] >= max(
+        served[name]["recall20"]["mean"] for name in ("purchase_frequency", "tifu_knn")
+    )
     search = personal["evaluation"]["personalised_search"]
     assert search["queries"] > 1000
     assert set(search["systems"]) == {
@@ -101,6 +111,18 @@ def test_new_only_recommends_nothing_the_shopper_bought(client, recommender) -> 
         bought = recommender.personal.recommender.product_ids[view.rows[view.purchases > 0]]
         assert len(hits) == 20 and not set(ids(hits)) & set(bought.tolist())
         assert ids(hits) == recommender.recommend(shopper, 20, new_only=True).product_ids.tolist()
+
+
+def test_the_served_profiles_hold_every_basket_of_the_events_file(client, instacart_files) -> None:
+    """new_only never returns anything a shopper bought, in any basket, the latest included."""
+    bought: dict[str, set[int]] = {}
+    with instacart_files[1].open() as handle:
+        for row in csv.DictReader(handle):
+            bought.setdefault(row["user_id"], set()).add(int(row["product_id"]))
+    assert len(bought) == 593
+    for shopper, products in bought.items():
+        hits = client.recommend(shopper, top_k=20, new_only=True)
+        assert len(hits) == 20 and not set(ids(hits)) & products, shopper
 
 
 def test_an_unknown_shopper_gets_the_best_sellers(client, recommender) -> None:

@@ -34,7 +34,8 @@ def workdir(tmp_path_factory, data_dir, built_repository) -> Path:
     """Run every README command in a folder holding the cut and a built Home Depot store."""
     directory = tmp_path_factory.mktemp("readme")
     write_cut(data_dir, directory)
-    (directory / "model_repository").symlink_to(built_repository)
+    (directory / "stores").mkdir()
+    (directory / "stores" / "homedepot").symlink_to(built_repository)
     for command in readme_commands():
         if command[:2] == ["shopserve", "serve"]:
             continue  # served below on free ports, through the same launcher
@@ -63,7 +64,7 @@ def test_a_catalogue_without_judgments_uses_none(workdir) -> None:
     manifest = json.loads((workdir / "my_shop" / "manifest.json").read_text())
     assert manifest["data"]["queries"] == 0 and list(manifest["data"]["files"]) == ["items.csv"]
     ranker = manifest["ranker"]
-    assert ranker["source"].startswith("transferred from model_repository/ranker/1/model.onnx")
+    assert ranker["source"].startswith("transferred from stores/homedepot/ranker/1/model.onnx")
     assert ranker["selected_by"].startswith("catalogue checks")
     checks = ranker["catalogue_checks"]["families"]["known_item"]
     assert checks["queries"] >= 300 and set(checks["ndcg10"]) == {"learned", "zscore_fusion"}

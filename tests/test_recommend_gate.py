@@ -1,0 +1,87 @@
+"""The recommendation gate in a real (small) build: a crippled recommendation ranker, given with
+--rec-ranker, loses to the baselines on the validation shoppers, and the better baseline is served."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from conftest import export
+from shopserve.ensemble import store
+from shopserve.ensemble.recommend import REC_FEATURE_NAMES
+from shopserve.export.monotone import read_contract
+from shopserve.export.ranker import write_linear_ranker
+
+pytestmark = pytest.mark.slow
+
+SHOPPERS = 150
+
+
+def small_shop(instacart_files: tuple[Path, Path], folder: Path) -> tuple[Path, Path]:
+    """The first SHOPPERS shoppers' events, and a catalogue of what they bought."""
+    items, events = instacart_files
+    with events.open() as handle:
+        rows = list(csv.DictReader(handle))
+    shoppers = list(dict.fromkeys(r["user_id"] for r in rows))[:SHOPPERS]
+    kept = [r for r in rows if r["user_id"] in set(shoppers)]
+    bought = {r["product_id"] for r in kept}
+    small_events, small_items = folder / "events.csv", folder / "items.csv"
+    with small_events.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    with items.open() as source, small_items.open("w", newline="") as handle:
+        catalogue = csv.DictReader(source)
+        writer = csv.DictWriter(handle, fieldnames=catalogue.fieldnames)
+        writer.writeheader()
+        writer.writerows(r for r in catalogue if r["product_id"] in bought)
+    return small_items, small_events
+
+
+def test_a_crippled_recommendation_ranker_is_replaced_by_the_better_baseline(
+    instacart_files, built_repository, user_key_file, tmp_path
+) -> None:
+    items, events = small_shop(instacart_files, tmp_path)
+    crippled = write_linear_ranker(
+        tmp_path / "crippled.onnx",
+        {"repeat_share": -1.0, "neighbour_share": -1.0},
+        "crippled",
+        REC_FEATURE_NAMES,
+    )
+    run = export(
+        "build",
+        "--catalogue", items,
+        "--events", events,
+        "--ranker", store.model_file(built_repository, store.RANKER),
+        "--rec-ranker", crippled,
+        "--repository", tmp_path / "shop",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    personal = json.loads((tmp_path / "shop" / store.MANIFEST_FILE).read_text())["personalization"]
+    ranker = personal["ranker"]
+    gate = ranker["validation_recall20"]
+    assert ranker["training"]["ranker"]["source"] == f"transferred from {crippled}"
+    assert ranker["new_only"]["selected"] in ("popularity", "tifu_knn")
+    assert gate["learned"] < gate[ranker["best_baseline"]]
+    assert ranker["selected"] == ranker["best_baseline"] in ("purchase_frequency", "tifu_knn")
+    served = read_contract(store.model_file(tmp_path / "shop", store.REC_RANKER))
+    assert served["form"] == ranker["selected"]
+    evaluation = personal["evaluation"]["recommend_validation_shoppers"]["systems"]
+    assert (
+        evaluation["recommend"]["recall20"]["mean"]
+        == evaluation[ranker["selected"]]["recall20"]["mean"]
+    )
+
+
+def test_a_rec_ranker_without_events_is_refused(instacart_files, tmp_path) -> None:
+    crippled = write_linear_ranker(
+        tmp_path / "r.onnx", {"repeat_share": 1.0}, "r", REC_FEATURE_NAMES
+    )
+    run = export(
+        "build", "--catalogue", instacart_files[0], "--rec-ranker", crippled,
+        "--repository", tmp_path / "never",
+    )  # fmt: skip
+    assert run.returncode == 1 and "--rec-ranker needs --events" in run.stderr
+    assert not (tmp_path / "never").exists()
