@@ -11,10 +11,10 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -286,6 +286,43 @@ class _ClientSettings:
             options["headers"] = {INFERENCE_KEY_HEADER: self.security.inference_key}
         return options
 
+    # Every request either client sends is built here, once: model, inputs, options, parser.
+    def _search_call(
+        self,
+        query: str | bytes,
+        top_k: int,
+        timeout: float | None,
+        user_id: str | bytes | None,
+        batched: bool,
+    ) -> _Call:
+        inputs = build_inputs(query, top_k, user_id, batched)
+        return _Call(self.model_name, inputs, self._infer_options(timeout), parse_hits)
+
+    def _recommend_call(
+        self, user_id: str | bytes, top_k: int, timeout: float | None, new_only: bool
+    ) -> _Call:
+        inputs = build_recommend_inputs(user_id, top_k, new_only)
+        return _Call(self.recommend_model, inputs, self._infer_options(timeout), parse_hits)
+
+    def _events_call(self, events: Sequence[Event], timeout: float | None) -> _Call:
+        options = self._infer_options(timeout, ["ACCEPTED"])
+        return _Call(EVENTS_MODEL_NAME, build_event_inputs(events), options, _accepted)
+
+    def _forget_call(self, user_id: str | bytes, timeout: float | None) -> _Call:
+        options = self._infer_options(timeout, ["FORGOTTEN"], admin=True)
+        inputs = [_bytes_tensor("USER_ID", user_id)]
+        return _Call(FORGET_MODEL_NAME, inputs, options, _forgotten)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One request as both clients send it, and how its answer is read."""
+
+    model: str
+    inputs: list[grpcclient.InferInput]
+    options: dict
+    parse: Callable[[TensorResult], Any]
+
 
 class SearchClient(_ClientSettings):
     """Blocking client over tritonclient.grpc; safe to share between threads.
@@ -324,8 +361,8 @@ class SearchClient(_ClientSettings):
     ) -> list[Hit]:
         """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged. With
         ``user_id`` the answer is personalised for that shopper."""
-        inputs = build_inputs(query, top_k, user_id, self._batched(self.model_name))
-        return self._infer(self.model_name, inputs, timeout)
+        batched = self._batched(self.model_name)
+        return self._send(self._search_call(query, top_k, timeout, user_id, batched))
 
     def recommend(
         self,
@@ -336,9 +373,7 @@ class SearchClient(_ClientSettings):
     ) -> list[Hit]:
         """Return the shopper's top_k recommendations (popular items for an unknown shopper);
         with ``new_only``, only products they never bought."""
-        return self._infer(
-            self.recommend_model, build_recommend_inputs(user_id, top_k, new_only), timeout
-        )
+        return self._send(self._recommend_call(user_id, top_k, timeout, new_only))
 
     def record(
         self,
@@ -355,16 +390,12 @@ class SearchClient(_ClientSettings):
 
     def record_many(self, events: Sequence[Event], timeout: float | None = None) -> int:
         """Record a batch (all or nothing); returns how many events were new."""
-        options = self._infer_options(timeout, ["ACCEPTED"])
-        return _accepted(self._call(EVENTS_MODEL_NAME, build_event_inputs(events), options))
+        return self._send(self._events_call(events, timeout))
 
     def forget(self, user_id: str | bytes, timeout: float | None = None) -> bool:
         """Erase everything stored about a shopper (needs the operator's key, ``admin_key``);
         returns whether there was anything."""
-        options = self._infer_options(timeout, ["FORGOTTEN"], admin=True)
-        return _forgotten(
-            self._call(FORGET_MODEL_NAME, [_bytes_tensor("USER_ID", user_id)], options)
-        )
+        return self._send(self._forget_call(user_id, timeout))
 
     def _batched(self, model: str) -> bool:
         """Whether ``model`` batches (its inputs then carry a batch dimension): asked once."""
@@ -376,18 +407,11 @@ class SearchClient(_ClientSettings):
             self._batching[model] = config.config.max_batch_size > 0
         return self._batching[model]
 
-    def _call(
-        self, model: str, inputs: list[grpcclient.InferInput], options: dict
-    ) -> grpcclient.InferResult:
+    def _send(self, call: _Call) -> Any:
         try:
-            return self._client.infer(model, inputs, **options)
+            return call.parse(self._client.infer(call.model, call.inputs, **call.options))
         except InferenceServerException as exc:
             raise map_error(exc) from exc
-
-    def _infer(
-        self, model: str, inputs: list[grpcclient.InferInput], timeout: float | None
-    ) -> list[Hit]:
-        return parse_hits(self._call(model, inputs, self._infer_options(timeout)))
 
     def search_many(
         self,
@@ -403,8 +427,7 @@ class SearchClient(_ClientSettings):
         """
         _check_max_in_flight(max_in_flight)
         batched = self._batched(self.model_name)
-        requests = [build_inputs(query, top_k, batched=batched) for query in queries]
-        options = self._infer_options(timeout)
+        requests = [self._search_call(q, top_k, timeout, None, batched) for q in queries]
         results: list[list[Hit]] = [[] for _ in requests]
         failures: list[Exception] = []
         slots = threading.Semaphore(max_in_flight)
@@ -425,14 +448,14 @@ class SearchClient(_ClientSettings):
             finally:
                 slots.release()
 
-        for index, inputs in enumerate(requests):
+        for index, call in enumerate(requests):
             slots.acquire()
             if failures:
                 slots.release()
                 break
             try:
                 self._client.async_infer(
-                    self.model_name, inputs, partial(on_done, index), **options
+                    call.model, call.inputs, partial(on_done, index), **call.options
                 )
             except InferenceServerException as exc:
                 slots.release()
@@ -499,7 +522,7 @@ class AsyncSearchClient(_ClientSettings):
         """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged. With
         ``user_id`` the answer is personalised for that shopper."""
         batched = await self._batched(self.model_name)
-        return await self._infer(build_inputs(query, top_k, user_id, batched), timeout)
+        return await self._send(self._search_call(query, top_k, timeout, user_id, batched))
 
     async def recommend(
         self,
@@ -510,9 +533,7 @@ class AsyncSearchClient(_ClientSettings):
     ) -> list[Hit]:
         """Return the shopper's top_k recommendations (popular items for an unknown shopper);
         with ``new_only``, only products they never bought."""
-        return await self._infer(
-            build_recommend_inputs(user_id, top_k, new_only), timeout, self.recommend_model
-        )
+        return await self._send(self._recommend_call(user_id, top_k, timeout, new_only))
 
     async def search_many(
         self,
@@ -528,14 +549,14 @@ class AsyncSearchClient(_ClientSettings):
         """
         _check_max_in_flight(max_in_flight)
         batched = await self._batched(self.model_name)
-        requests = [build_inputs(query, top_k, batched=batched) for query in queries]
+        requests = [self._search_call(q, top_k, timeout, None, batched) for q in queries]
         slots = asyncio.Semaphore(max_in_flight)
 
-        async def bounded(inputs: list[grpcclient.InferInput]) -> list[Hit]:
+        async def bounded(call: _Call) -> list[Hit]:
             async with slots:
-                return await self._infer(inputs, timeout)
+                return await self._send(call)
 
-        tasks = [asyncio.ensure_future(bounded(inputs)) for inputs in requests]
+        tasks = [asyncio.ensure_future(bounded(call)) for call in requests]
         try:
             return list(await asyncio.gather(*tasks))
         except SearchError:
@@ -560,15 +581,12 @@ class AsyncSearchClient(_ClientSettings):
 
     async def record_many(self, events: Sequence[Event], timeout: float | None = None) -> int:
         """Record a batch (all or nothing); returns how many events were new."""
-        result = await self._call(
-            EVENTS_MODEL_NAME, build_event_inputs(events), timeout, ["ACCEPTED"]
-        )
-        return _accepted(result)
+        return await self._send(self._events_call(events, timeout))
 
     async def forget(self, user_id: str | bytes, timeout: float | None = None) -> bool:
-        """Erase everything stored about a shopper; returns whether there was anything."""
-        inputs = [_bytes_tensor("USER_ID", user_id)]
-        return _forgotten(await self._call(FORGET_MODEL_NAME, inputs, timeout, ["FORGOTTEN"]))
+        """Erase everything stored about a shopper (needs the operator's key, ``admin_key``);
+        returns whether there was anything."""
+        return await self._send(self._forget_call(user_id, timeout))
 
     async def _batched(self, model: str) -> bool:
         """Whether ``model`` batches (its inputs then carry a batch dimension): asked once."""
@@ -580,30 +598,11 @@ class AsyncSearchClient(_ClientSettings):
             self._batching[model] = config.config.max_batch_size > 0
         return self._batching[model]
 
-    async def _call(
-        self,
-        model: str,
-        inputs: list[grpcclient.InferInput],
-        timeout: float | None,
-        outputs: Sequence[str],
-    ):
+    async def _send(self, call: _Call) -> Any:
         try:
-            return await self._triton().infer(
-                model,
-                inputs,
-                outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
-                client_timeout=self.timeout if timeout is None else timeout,
-            )
+            return call.parse(await self._triton().infer(call.model, call.inputs, **call.options))
         except InferenceServerException as exc:
             raise map_error(exc) from exc
-
-    async def _infer(
-        self,
-        inputs: list[grpcclient.InferInput],
-        timeout: float | None,
-        model: str | None = None,
-    ) -> list[Hit]:
-        return parse_hits(await self._call(model or self.model_name, inputs, timeout, OUTPUT_NAMES))
 
     async def close(self) -> None:
         if self._client is not None:

@@ -62,8 +62,10 @@ def map_error(exc: InferenceServerException) -> SearchError:
     status = exc.status()
     message = exc.message() or status or "search request failed"
     error_type = _ERROR_BY_STATUS.get(status or "", SearchError)
-    # Triton answers UNAVAILABLE when a model is down, when it sheds load, when a request's
-    # deadline passed in its queue and when a key is missing; the message says which.
+    # Where no status code tells them apart, the message does: Triton answers UNAVAILABLE when a
+    # model is down, when it sheds load, when a request's deadline passed in its queue and when a
+    # restricted protocol's key is missing; a model cannot answer PERMISSION_DENIED, so forget
+    # refuses a missing or wrong operator's key with INVALID_ARGUMENT naming it.
     lowered = message.lower()
     for text, specific in _BY_MESSAGE:
         if text in lowered:

@@ -188,7 +188,9 @@ class LiveEvents:
                 "forget needs the operator's key, and this server has none: start it with "
                 "shopserve serve --admin-key-file FILE"
             )
-        if not isinstance(given_key, str) or not hmac.compare_digest(given_key, operator_key):
+        if not isinstance(given_key, str) or not hmac.compare_digest(
+            given_key.encode("utf-8"), operator_key.encode("utf-8")
+        ):
             raise OperatorKeyError(
                 "forget requires the operator's key (request parameter admin_key)"
             )

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 
 from .profiles import ItemStats, Profile
-from .resp import RespClient, hash_reply
+from .resp import RespClient, hash_reply, public_location
 
 PROFILE_STORE_ENV = "SHOPSERVE_PROFILE_STORE"  # where the live store is (set by shopserve serve)
 Embedding = Callable[[int], np.ndarray]  # product id -> its embedding (the taste vector's part)
@@ -333,7 +333,7 @@ class RedisProfileStore(ProfileStore):
             settings[name] = reply[1].decode() if reply else "unknown"
         if settings != {"appendonly": "yes", "appendfsync": "always"}:
             raise ValueError(
-                f"{url}: Redis must fsync every write to keep acknowledged events "
+                f"{public_location(url)}: Redis must fsync every write to keep acknowledged events "
                 f"(appendonly yes, appendfsync always); it has {settings}"
             )
 
@@ -443,25 +443,27 @@ def open_store(location: str | Path, readonly: bool = False, namespace: str = ""
         text = text.removeprefix("sqlite://")
     elif "://" in text:
         raise ValueError(
-            f"unknown profile store {location!r} (a path, sqlite:///path or redis://host:port/db)"
+            f"unknown profile store {public_location(text)!r} (a path, sqlite:///path or "
+            "redis://host:port/db)"
         )
     return SqliteProfileStore(text, readonly=readonly)
 
 
 def seed(location: str, snapshot: Path, namespace: str) -> str:
     """Make the live store at ``location`` start from the build's snapshot, once; return what was
-    done (for the launcher's log)."""
+    done (for the launcher's log: no password)."""
     store = None
     text = str(location)
+    shown = public_location(text)
     try:
         if text.startswith(("redis://", "unix://")):
             store = open_store(text, namespace=namespace)
             if not store.claim_seeding(namespace):
-                return f"{text} already holds namespace {namespace}"
+                return f"{shown} already holds namespace {namespace}"
             snapshot_store = SqliteProfileStore(snapshot, readonly=True)
             count = store.put(snapshot_store.profiles())
             snapshot_store.close()
-            return f"seeded {count} profiles into {text} (namespace {namespace})"
+            return f"seeded {count} profiles into {shown} (namespace {namespace})"
         path = Path(text.removeprefix("sqlite://"))
         if path.exists():
             return f"{path} exists; serving it"

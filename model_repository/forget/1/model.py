@@ -9,7 +9,6 @@ import json
 import os
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
 from shopserve.ensemble.personal import LiveEvents, OperatorKeyError
 from shopserve.ensemble.triton_adapter import (
     freeze_loaded_state,
@@ -36,12 +35,10 @@ class TritonPythonModel:
             given = json.loads(request.parameters() or "{}").get("admin_key")
             try:
                 found = self.live.forget(input_array(request, "USER_ID"), given, self.operator_key)
-            except InvalidRequest as exc:
+            except (InvalidRequest, OperatorKeyError) as exc:
+                # A model cannot answer PERMISSION_DENIED; INVALID_ARGUMENT is never retried, and
+                # the client reads a missing or wrong key from the message.
                 responses.append(invalid_argument(exc))
-                continue
-            except OperatorKeyError as exc:
-                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
-                responses.append(pb_utils.InferenceResponse(error=error))
                 continue
             responses.append(respond(FORGOTTEN=np.array([found])))
         return responses

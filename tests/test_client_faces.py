@@ -1,0 +1,149 @@
+"""One suite for both clients: SearchClient and AsyncSearchClient against the same real server (a
+personalised store that requires an inference key and has an operator's key), with the same calls,
+the same answers and the same typed errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import pytest
+from conftest import ADMIN_KEY, start_server
+from shopserve.client import (
+    AsyncSearchClient,
+    Event,
+    OverloadedError,
+    PermissionDeniedError,
+    RequestTimeoutError,
+    SearchClient,
+    Security,
+)
+from shopserve.ensemble import store
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+INFERENCE_KEY = "faces-inference-key-0123456789"
+SHOPPER = "7"
+
+
+class Face:
+    """A client's calls made blocking: the sync client as it is, the async one on its own loop."""
+
+    def __init__(self, kind: str, url: str, security: Security, timeout: float = 30) -> None:
+        self.kind = kind
+        if kind == "sync":
+            self.client = SearchClient(url, timeout=timeout, security=security)
+        else:
+            self.loop = asyncio.new_event_loop()
+            self.client = AsyncSearchClient(url, timeout=timeout, security=security)
+
+    def __getattr__(self, name: str):
+        method = getattr(self.client, name)
+        if self.kind == "sync":
+            return method
+        return lambda *args, **kwargs: self.loop.run_until_complete(method(*args, **kwargs))
+
+    def close(self) -> None:
+        self.close_client()
+        if self.kind == "async":
+            self.loop.close()
+
+    def close_client(self) -> None:
+        result = self.client.close()
+        if self.kind == "async":
+            self.loop.run_until_complete(result)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(personal_repository, tmp_path_factory):
+    work = tmp_path_factory.mktemp("faces")
+    with start_server(personal_repository, work, inference_key=INFERENCE_KEY) as server:
+        yield server
+
+
+@pytest.fixture(params=["sync", "async"])
+def face(request, keyed_server):
+    def make(**security) -> Face:
+        made = Face(request.param, keyed_server.grpc_url, Security(**security))
+        opened.append(made)
+        return made
+
+    opened: list[Face] = []
+    yield make
+    for made in opened:
+        made.close()
+
+
+def ids(hits) -> list[int]:
+    return [hit.product_id for hit in hits]
+
+
+def test_both_clients_send_the_inference_key_and_get_the_same_answers(face, keyed_server) -> None:
+    client = face(inference_key=INFERENCE_KEY)
+    with SearchClient(
+        keyed_server.grpc_url, timeout=30, security=Security(inference_key=INFERENCE_KEY)
+    ) as reference:
+        assert ids(client.search("yogurt", top_k=5)) == ids(reference.search("yogurt", top_k=5))
+        assert ids(client.recommend(SHOPPER, top_k=5)) == ids(reference.recommend(SHOPPER, 5))
+        personal = client.search("yogurt", top_k=5, user_id=SHOPPER)
+        assert ids(personal) == ids(reference.search("yogurt", top_k=5, user_id=SHOPPER))
+    assert client.ready()
+
+
+def test_both_clients_are_refused_without_the_inference_key(face) -> None:
+    client = face()
+    with pytest.raises(PermissionDeniedError) as refused:
+        client.search("yogurt", top_k=5)
+    assert not refused.value.retryable
+
+
+def test_both_clients_record_events_with_the_key(face) -> None:
+    client = face(inference_key=INFERENCE_KEY)
+    event = Event("faces-shopper", 196, "add_to_cart", event_id=f"faces-{client.kind}")
+    assert client.record_many([event]) == 1
+    assert client.record_many([event]) == 0  # the same event id counts once
+
+
+def test_both_clients_forget_with_the_operators_key(face) -> None:
+    client = face(inference_key=INFERENCE_KEY, admin_key=ADMIN_KEY)
+    shopper = f"faces-forget-{client.kind}"
+    client.record(shopper, 196, "purchase")
+    assert client.forget(shopper) is True
+    assert client.forget(shopper) is False
+
+
+@pytest.mark.parametrize("wrong", ["a-wrong-operator-key-000000", "clé-opérateur-fausse-ü"])
+def test_a_wrong_operators_key_is_a_permission_error_for_both(face, wrong) -> None:
+    client = face(inference_key=INFERENCE_KEY, admin_key=wrong)
+    with pytest.raises(PermissionDeniedError, match="operator's key") as refused:
+        client.forget(SHOPPER)
+    assert not refused.value.retryable
+    assert len(client.recommend(SHOPPER, top_k=3)) == 3  # the shopper is still there
+
+
+def test_forget_without_an_operators_key_is_refused_before_sending(face) -> None:
+    with pytest.raises(ValueError, match="operator's key"):
+        face(inference_key=INFERENCE_KEY).forget(SHOPPER)
+
+
+def test_both_clients_deadlines_reach_the_server(face, keyed_server) -> None:
+    """24 requests at once with a 3 ms deadline: those that pass it in the server's queue are
+    dropped there, never computed (the server gets the client's deadline)."""
+
+    def successes() -> int:
+        url = f"http://{keyed_server.http_url}/v2/models/{store.SEARCH}/stats"
+        with urllib.request.urlopen(url) as response:
+            stats = json.loads(response.read())["model_stats"][0]["inference_stats"]
+        return int(stats["success"]["count"])
+
+    client = face(inference_key=INFERENCE_KEY)
+    client.search("warm up", top_k=5)  # the model config is asked once, outside the burst
+    before = successes()
+    with pytest.raises((RequestTimeoutError, OverloadedError)):
+        client.search_many(
+            [f"deadline probe {i}" for i in range(24)], top_k=5, timeout=0.003, max_in_flight=24
+        )
+    time.sleep(0.5)
+    assert successes() - before <= 2 * 4  # two instances, one execution of up to 4 each
