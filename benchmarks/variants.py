@@ -1,8 +1,8 @@
 """Model repository variants for the sweep and the tuning experiments, built as copies.
 
-The project's ``model_repository/`` is never modified: a variant is a directory under
-``benchmarks/work/repos/`` whose configs are edited copies and whose large artefacts are symlinks to
-the source repository's files (or to the FP32 artefacts cached by :mod:`benchmarks.fp32`).
+The built store is never modified: a variant is a directory under ``benchmarks/work/repos/`` whose
+configs are edited copies and whose large artefacts are symlinks to the source repository's files (or
+to the FP32 artefacts cached by :mod:`benchmarks.fp32`).
 """
 
 from __future__ import annotations
@@ -53,11 +53,14 @@ def _replace_or_append(pattern: str, line: str) -> Edit:
 
 
 def set_parameter(key: str, value: str) -> Edit:
-    """Set (or add) a string parameter of a model config."""
-    return _replace_or_append(
+    """Set (or add) a string parameter of a model config; it also overrides the value a build
+    fitted for the version (see :func:`materialize`)."""
+    edit = _replace_or_append(
         rf'parameters\s*\{{\s*key:\s*"{re.escape(key)}"\s*value:\s*\{{[^}}]*\}}\s*\}}',
         f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}',
     )
+    edit.parameter = key  # type: ignore[attr-defined]
+    return edit
 
 
 def set_instances(count: int) -> Edit:
@@ -166,10 +169,17 @@ def materialize(
         for edit in edits.get(model, []):
             config = edit(config)
         (model_dir / "config.pbtxt").write_text(config)
+        # A parameter the variant sets wins over the value the build fitted for each version.
+        overridden = {getattr(e, "parameter", None) for e in edits.get(model, [])} - {None}
         for version in store.version_dirs(source, model):
             (model_dir / version.name).mkdir()
             for item in version.iterdir():
                 if item.name == "__pycache__":
+                    continue
+                if item.name == store.FITTED_FILE and overridden:
+                    fitted = store.fitted_parameters(version)
+                    kept = {k: v for k, v in fitted.items() if k not in overridden}
+                    (model_dir / version.name / item.name).write_text(json.dumps(kept) + "\n")
                     continue
                 relative = f"{model}/{version.name}/{item.name}"
                 _link_or_copy(replace.pop(relative, item), model_dir / version.name / item.name)

@@ -69,7 +69,9 @@ class Personalization:
         version_dir = store.version_dir(repository, store.RECOMMEND, version)
         if not (version_dir / ITEMS_FILE).exists():
             return None
-        weight = store.config_parameters(repository, store.SEARCH).get(PERSONAL_WEIGHT, "0")
+        weight = store.config_parameters(repository, store.SEARCH, version).get(
+            PERSONAL_WEIGHT, "0"
+        )
         live = os.environ.get(PROFILE_STORE_ENV)
         return cls(
             Recommender(
@@ -92,7 +94,7 @@ class Personalization:
         cls, repository: Path, version: int | None = None
     ) -> tuple[Personalization, store.Catalogue]:
         """A personalised store's personalisation and catalogue, with the dense index it reads."""
-        params = store.config_parameters(repository, store.RETRIEVE)
+        params = store.config_parameters(repository, store.RETRIEVE, version)
         dense = DenseIndex.load(
             store.version_dir(repository, store.RETRIEVE, version) / store.DENSE_INDEX_FILE,
             int(params["ef_search"]),

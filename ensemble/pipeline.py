@@ -22,7 +22,7 @@ __all__ = ["SearchPipeline", "SearchRequest", "SearchResult", "load_retriever", 
 
 
 def load_tokenizer(repository: Path, version: int | None = None) -> QueryTokenizer:
-    params = store.config_parameters(repository, store.TOKENIZE)
+    params = store.config_parameters(repository, store.TOKENIZE, version)
     return QueryTokenizer(
         store.version_dir(repository, store.TOKENIZE, version) / store.TOKENIZER_FILE,
         max_length=int(params["max_length"]),
@@ -30,7 +30,7 @@ def load_tokenizer(repository: Path, version: int | None = None) -> QueryTokeniz
 
 
 def load_retriever(repository: Path, version: int | None = None) -> Retriever:
-    params = store.config_parameters(repository, store.RETRIEVE)
+    params = store.config_parameters(repository, store.RETRIEVE, version)
     version_dir = store.version_dir(repository, store.RETRIEVE, version)
     return Retriever(
         DenseIndex.load(version_dir / store.DENSE_INDEX_FILE, int(params["ef_search"])),

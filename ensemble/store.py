@@ -30,6 +30,7 @@ DENSE_INDEX_FILE = "dense.faiss"
 LEXICAL_INDEX_DIR = "lexical"
 CATALOGUE_FILE = "catalogue.json"
 MANIFEST_FILE = "manifest.json"
+FITTED_FILE = "fitted.json"  # in a version directory: the values the build fitted for it
 # Where the build writes and the server reads by default (git-ignored): never the shipped templates.
 DEFAULT_REPOSITORY = Path("stores/homedepot")
 
@@ -70,9 +71,20 @@ def version_dir(repository: Path, model: str, version: int | None = None) -> Pat
     return directory
 
 
-def config_parameters(repository: Path, model: str) -> dict[str, str]:
-    """The string ``parameters`` of a model's config.pbtxt, as the Triton adapters see them."""
-    return dict(_PARAMETER.findall(_config_text(repository, model)))
+def fitted_parameters(version_directory: Path) -> dict[str, str]:
+    """The values the build fitted for one version of a model (efSearch, the personal weight):
+    they live with that version's files, so a rollback serves exactly what the version served."""
+    path = Path(version_directory) / FITTED_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def config_parameters(repository: Path, model: str, version: int | None = None) -> dict[str, str]:
+    """The string ``parameters`` of a model's config.pbtxt with the values fitted for version
+    ``version`` (the newest when None) over them, as the Triton adapters see them."""
+    parameters = dict(_PARAMETER.findall(_config_text(repository, model)))
+    if version is not None or version_dirs(repository, model):
+        parameters.update(fitted_parameters(version_dir(repository, model, version)))
+    return parameters
 
 
 def with_parameter(config: str, key: str, value: str) -> str:
@@ -83,6 +95,17 @@ def with_parameter(config: str, key: str, value: str) -> str:
     )
     if pattern.search(config):
         return pattern.sub(line, config)
+    return config.rstrip("\n") + "\n" + line + "\n"
+
+
+_VERSION_POLICY = re.compile(r"version_policy\s*:?\s*\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}")
+
+
+def with_version_policy(config: str, version: int) -> str:
+    """``config`` (config.pbtxt text) serving only version ``version``."""
+    line = f"version_policy: {{ specific: {{ versions: [ {version} ] }} }}"
+    if _VERSION_POLICY.search(config):
+        return _VERSION_POLICY.sub(line, config, count=1)
     return config.rstrip("\n") + "\n" + line + "\n"
 
 
@@ -107,9 +130,13 @@ def _config_text(repository: Path, model: str) -> str:
     return (Path(repository) / model / "config.pbtxt").read_text(encoding="utf-8")
 
 
-def adapter_parameters(model_config: dict) -> dict[str, str]:
-    """The same parameters from the JSON model config that Triton hands a Python model."""
-    return {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
+def adapter_parameters(model_config: dict, version_directory: Path) -> dict[str, str]:
+    """The same parameters from the JSON model config that Triton hands a Python model, with the
+    values fitted for the version it loads."""
+    parameters = model_config.get("parameters", {})
+    return {key: value["string_value"] for key, value in parameters.items()} | fitted_parameters(
+        version_directory
+    )
 
 
 @dataclass(frozen=True)

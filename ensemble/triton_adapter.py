@@ -18,7 +18,8 @@ from .validation import InvalidRequest
 def model_context(args: dict) -> tuple[Path, dict[str, str]]:
     """The adapter's version directory and its config parameters."""
     config = json.loads(args["model_config"])
-    return Path(args["model_repository"]) / args["model_version"], adapter_parameters(config)
+    version_dir = Path(args["model_repository"]) / args["model_version"]
+    return version_dir, adapter_parameters(config, version_dir)
 
 
 def freeze_loaded_state() -> None:

@@ -72,6 +72,7 @@ class BuildOptions:
     ranker: Path | None = None  # a ranker trained elsewhere, for a catalogue without judgments
     events: Path | None = None  # a behaviour log: profiles, recommendations, personalised search
     rec_ranker: Path | None = None  # a recommendation ranker trained elsewhere (with events)
+    ef_search: int | None = None  # None: the smallest that reaches the recall target, measured
     gate_texts: int = 1000
     epochs: int = 30
     per_channel: bool = True  # per-tensor INT8 weights exist to show the gate stopping a build
@@ -270,13 +271,19 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
     retrieve_dir = writer.version_dir(store.RETRIEVE)
     retrieve_params = writer.parameters(store.RETRIEVE)
     with timer.step("dense index"):
-        dense = build_dense_index(embeddings, int(retrieve_params["ef_search"]))
+        ceiling = options.ef_search or int(retrieve_params["ef_search"])
+        dense = build_dense_index(embeddings, ceiling)
         # Dev queries where there are enough; titles make up the rest (a small or unjudged shop).
         recall_queries = dev_queries + _sample(
             catalogue.titles, max(MIN_RECALL_QUERIES - len(dev_queries), 0) * 2, rng
         )
         recall_embeddings = served_encoder.embed_texts(tokenizer, recall_queries)
-        ann = ann_recall(dense, embeddings, recall_embeddings, ef_choices=EF_SEARCH_CHOICES)
+        ann = ann_recall(
+            dense,
+            embeddings,
+            recall_embeddings,
+            ef_choices=() if options.ef_search else EF_SEARCH_CHOICES,
+        )
         dense.save(retrieve_dir / store.DENSE_INDEX_FILE)
         dense.ef_search = dense.index.hnsw.efSearch = ann.ef_search
         writer.set_parameter(store.RETRIEVE, "ef_search", str(ann.ef_search))

@@ -105,6 +105,12 @@ def parser() -> argparse.ArgumentParser:
         "frequency and TIFU-KNN on the validation shoppers",
     )
     build.add_argument(
+        "--ef-search",
+        type=int,
+        help="serve this HNSW efSearch (still checked against the ANN recall target) instead of "
+        "the smallest that reaches it, measured from 64 up to the retrieve config's",
+    )
+    build.add_argument(
         "--int8-weights",
         choices=("per-channel", "per-tensor"),
         default="per-channel",
@@ -193,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                     per_channel=args.int8_weights == "per-channel",
                     events=args.events,
                     rec_ranker=args.rec_ranker,
+                    ef_search=args.ef_search,
                     finetune=not args.no_finetune,
                     int8_max_fp32_matmuls=args.int8_fp32_matmuls,
                     target=args.target,

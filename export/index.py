@@ -80,8 +80,8 @@ def ann_recall(
         )
     if recalls[index.ef_search] < MIN_ANN_RECALL:
         raise IndexQualityError(
-            f"ANN recall@{depth} is {recalls[index.ef_search]:.4f} (< {MIN_ANN_RECALL}); raise "
-            f"ef_search (now {index.ef_search}) in the repository's retrieve/config.pbtxt"
+            f"ANN recall@{depth} is {recalls[index.ef_search]:.4f} (< {MIN_ANN_RECALL}) at efSearch "
+            f"{index.ef_search}; build with a larger --ef-search"
         )
     chosen = min(ef for ef, recall in recalls.items() if recall >= MIN_ANN_RECALL)
     return AnnReport(

@@ -212,7 +212,9 @@ def learned_ranker(
     ).as_dict()
 
 
-SEARCH_WEIGHT_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+# The affinity's scale depends on the served ranker (a learned logit, or a baseline's share in
+# [0, 1]): the grid spans both.
+SEARCH_WEIGHT_GRID = (0.0, *(2.0**e for e in range(-2, 11)))  # 0, 0.25 ... 1024
 
 
 @dataclass(frozen=True)

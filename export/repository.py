@@ -103,12 +103,14 @@ class RepositoryWriter:
         return self.stage / model / str(self.version)
 
     def parameters(self, model: str) -> dict[str, str]:
-        return store.config_parameters(self.stage, model)
+        return store.config_parameters(self.stage, model, self.version)
 
     def set_parameter(self, model: str, key: str, value: str) -> None:
-        """Record a value the build fitted as a string parameter of the staged config."""
-        path = self.stage / model / CONFIG_FILE
-        path.write_text(store.with_parameter(path.read_text(encoding="utf-8"), key, value))
+        """Record a value the build fitted, with this version's files (the shared config keeps
+        the template's default)."""
+        fitted = store.fitted_parameters(self.version_dir(model)) | {key: value}
+        path = self.version_dir(model) / store.FITTED_FILE
+        path.write_text(json.dumps(fitted, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     def checksums(self) -> dict[str, str]:
         files = sorted(

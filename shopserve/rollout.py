@@ -1,10 +1,11 @@
 """Zero-downtime rollout of a store version through Triton's model-control API.
 
 ``shopserve rollout --model-repository R --version N`` checks version N's files against its manifest
-(``R/manifests/v<N>.json``) and refuses a version that fails, then asks the running server to load
-version N of every model of the store (steps first, endpoints last). Triton loads the new version while
-the old one goes on serving, and unloads the old one once the new one is ready, so no request fails.
-A rollback is a rollout to an earlier version (``--rollback``: the newest version below the live one).
+(``R/manifests/v<N>.json``) and refuses a version that fails, then pins version N in every model's
+config (so a restart serves it too, until the next build or rollout) and asks the running server to
+load it (steps first, endpoints last). Triton loads the new version while the old one goes on
+serving, and unloads the old one once the new one is ready, so no request fails. A rollback is a
+rollout to an earlier version (``--rollback``: the newest version below the live one).
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ def verify(repository: Path, version: int) -> dict:
     return manifest
 
 
+def _pin(config: Path, version: int) -> None:
+    """Rewrite ``config`` to serve only ``version`` (atomically: a reader never sees half a file)."""
+    pinned = config.with_name(config.name + ".rollout")
+    pinned.write_text(store.with_version_policy(config.read_text(encoding="utf-8"), version))
+    pinned.replace(config)
+
+
 class Rollout:
     """Model control over gRPC, with the admin key when the server requires one."""
 
@@ -105,16 +113,12 @@ class Rollout:
         manifest = verify(repository, version)
         models = [m for m in LOAD_ORDER if m in manifest["models"]]
         for model in models:
-            try:
-                current = self.client.get_model_config(model, as_json=True)["config"]
-            except InferenceServerException as exc:
-                raise RolloutError(f"{model}: {exc.message()}") from exc
-            current["version_policy"] = {"specific": {"versions": [version]}}
+            # The pin goes into the store's config on disk: Triton reloads an ensemble's steps
+            # from disk when it loads the ensemble, and a restart serves what was rolled out.
+            _pin(Path(repository) / model / "config.pbtxt", version)
             log.info("loading %s version %d", model, version)
             try:
-                self.client.load_model(
-                    model, config=json.dumps(current), client_timeout=self.timeout, **self._admin()
-                )
+                self.client.load_model(model, client_timeout=self.timeout, **self._admin())
             except InferenceServerException as exc:
                 raise RolloutError(
                     f"{model} version {version} did not load: {exc.message()}"
@@ -137,3 +141,9 @@ class Rollout:
 
     def close(self) -> None:
         self.client.close()
+
+    def __enter__(self) -> Rollout:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

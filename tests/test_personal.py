@@ -82,10 +82,13 @@ def test_the_store_was_built_from_generic_files_without_judgments(manifest) -> N
     }
 
 
-def test_the_fitted_search_weight_is_in_the_config(personal_repository, manifest) -> None:
+def test_the_fitted_search_weight_lives_with_its_version(personal_repository, manifest) -> None:
     weight = manifest["personalization"]["search_weight"]["value"]
-    parameters = store.config_parameters(personal_repository, store.SEARCH)
+    parameters = store.config_parameters(personal_repository, store.SEARCH, 1)
     assert float(parameters["personal_weight"]) == weight
+    fitted = store.fitted_parameters(store.version_dir(personal_repository, store.SEARCH, 1))
+    assert float(fitted["personal_weight"]) == weight
+    assert "search/1/fitted.json" in manifest["files"]  # checksummed with the version's files
 
 
 def test_recommend_for_known_shoppers_matches_the_in_process_pipeline(client, recommender) -> None:

@@ -214,6 +214,30 @@ def test_store_reads_the_served_file_and_parameters_from_the_source_configs(tmp_
     assert store.config_parameters(repository, store.RETRIEVE)["ef_search"] == "512"
 
 
+def test_each_version_serves_its_own_fitted_values(tmp_path) -> None:
+    from conftest import SOURCE_REPOSITORY
+    from shopserve.ensemble import store
+    from shopserve.export.repository import RepositoryWriter
+
+    repository = tmp_path / "repo"
+    for version, ef_search in ((1, "96"), (2, "256")):
+        with RepositoryWriter(repository, version) as writer:
+            writer.set_parameter(store.RETRIEVE, "ef_search", ef_search)
+            assert writer.parameters(store.RETRIEVE)["ef_search"] == ef_search
+            writer.commit({})
+    template = store.config_parameters(SOURCE_REPOSITORY, store.RETRIEVE)["ef_search"]
+    assert store.config_parameters(repository, store.RETRIEVE, 1)["ef_search"] == "96"
+    assert store.config_parameters(repository, store.RETRIEVE, 2)["ef_search"] == "256"
+    assert store.config_parameters(repository, store.RETRIEVE)["ef_search"] == "256"  # newest
+    config = (repository / store.RETRIEVE / "config.pbtxt").read_text()
+    assert config == (SOURCE_REPOSITORY / store.RETRIEVE / "config.pbtxt").read_text()
+    assert f'"{template}"' in config  # the shared config keeps the template's default
+    version_one = {"parameters": {"ef_search": {"string_value": template}}}
+    assert store.adapter_parameters(version_one, repository / store.RETRIEVE / "1") == {
+        "ef_search": "96"
+    }
+
+
 def test_free_ports_are_distinct() -> None:
     from shopserve.server import free_ports
 
