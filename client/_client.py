@@ -244,6 +244,22 @@ class Security:
         }
 
 
+# Events are idempotent by event id (an Event gets a fresh one when made, and keeps it), so sending the
+# same events again after a transient failure counts them once: record and record_many retry those
+# failures, with exponential backoff.
+RECORD_ATTEMPTS = 4
+RECORD_FIRST_BACKOFF_S = 0.05
+
+
+def _retry_delays(attempts: int = RECORD_ATTEMPTS) -> list[float]:
+    """The pauses between attempts: 0.05, 0.2, 0.8 s ..."""
+    return [RECORD_FIRST_BACKOFF_S * 4**n for n in range(attempts - 1)]
+
+
+def _retryable(error: SearchError, pauses_left: int) -> bool:
+    return error.retryable and pauses_left > 0
+
+
 class _ClientSettings:
     def __init__(
         self,
@@ -389,8 +405,18 @@ class SearchClient(_ClientSettings):
         return self.record_many([_event(user_id, product_id, event, timestamp, event_id)], timeout)
 
     def record_many(self, events: Sequence[Event], timeout: float | None = None) -> int:
-        """Record a batch (all or nothing); returns how many events were new."""
-        return self._send(self._events_call(events, timeout))
+        """Record a batch (all or nothing); returns how many events were new. Transient failures
+        (unreachable, overloaded, deadline) are retried with the same event ids, so they count
+        once."""
+        call = self._events_call(events, timeout)
+        pauses = _retry_delays()
+        while True:
+            try:
+                return self._send(call)
+            except SearchError as exc:
+                if not _retryable(exc, len(pauses)):
+                    raise
+                time.sleep(pauses.pop(0))
 
     def forget(self, user_id: str | bytes, timeout: float | None = None) -> bool:
         """Erase everything stored about a shopper (needs the operator's key, ``admin_key``);
@@ -580,8 +606,18 @@ class AsyncSearchClient(_ClientSettings):
         )
 
     async def record_many(self, events: Sequence[Event], timeout: float | None = None) -> int:
-        """Record a batch (all or nothing); returns how many events were new."""
-        return await self._send(self._events_call(events, timeout))
+        """Record a batch (all or nothing); returns how many events were new. Transient failures
+        (unreachable, overloaded, deadline) are retried with the same event ids, so they count
+        once."""
+        call = self._events_call(events, timeout)
+        pauses = _retry_delays()
+        while True:
+            try:
+                return await self._send(call)
+            except SearchError as exc:
+                if not _retryable(exc, len(pauses)):
+                    raise
+                await asyncio.sleep(pauses.pop(0))
 
     async def forget(self, user_id: str | bytes, timeout: float | None = None) -> bool:
         """Erase everything stored about a shopper (needs the operator's key, ``admin_key``);

@@ -297,3 +297,60 @@ def test_async_closed_port(closed_url: str) -> None:
 def test_cli_closed_port(closed_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["drill", "--url", closed_url, "--timeout", "1"]) == 1
     assert capsys.readouterr().err.startswith("error: ")
+
+
+class _FlakyEvents:
+    """A stand-in for the server's answers: ``failures`` transient errors, then success."""
+
+    def __init__(self, failures: list[Exception]) -> None:
+        self.failures = failures
+
+    def answer(self, call):
+        if self.failures:
+            raise self.failures.pop(0)
+        return 1
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_record_many_retries_transient_failures_with_the_same_events(kind, monkeypatch) -> None:
+    import asyncio
+
+    from shopserve.client import (
+        AsyncSearchClient,
+        Event,
+        InvalidRequestError,
+        OverloadedError,
+        RequestTimeoutError,
+    )
+    from shopserve.client._client import SearchClient
+
+    events = [Event("u", 1, "click"), Event("u", 2, "view")]
+    flaky = _FlakyEvents([OverloadedError("queue full"), RequestTimeoutError("late")])
+    calls = []
+
+    def record(client) -> int:
+        if kind == "sync":
+            return client.record_many(events)
+        return asyncio.run(client.record_many(events))
+
+    if kind == "sync":
+        client = SearchClient("127.0.0.1:1")
+        monkeypatch.setattr(client, "_send", lambda call: calls.append(call) or flaky.answer(call))
+    else:
+        client = AsyncSearchClient("127.0.0.1:1")
+
+        async def send(call):
+            calls.append(call)
+            return flaky.answer(call)
+
+        monkeypatch.setattr(client, "_send", send)
+    assert record(client) == 1
+    assert len(calls) == 3 and all(c is calls[0] for c in calls)  # the same request, same ids
+    flaky.failures = [InvalidRequestError("bad"), OverloadedError("never reached")]
+    with pytest.raises(InvalidRequestError):
+        record(client)
+    assert len(calls) == 4  # a request the server refused as invalid is never retried
+    flaky.failures = [OverloadedError("full")] * 5
+    with pytest.raises(OverloadedError):
+        record(client)
+    assert len(calls) == 8  # bounded: four attempts
