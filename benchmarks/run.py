@@ -75,7 +75,7 @@ def build_systems(repository: Path, names: tuple[str, ...]) -> dict[str, System]
     made = {
         "ensemble": lambda: System(
             "ensemble",
-            f"Triton `{store.SEARCH}` as shipped (FP32 encoder)",
+            f"Triton `{store.SEARCH}` as shipped (static INT8 encoder)",
             TRITON,
             PERF_ANALYZER,
             variants.materialize(HEADLINE, repository),
@@ -97,7 +97,7 @@ def build_systems(repository: Path, names: tuple[str, ...]) -> dict[str, System]
         ),
         "ensemble_steps": lambda: System(
             "ensemble_steps",
-            f"Triton `{store.ENSEMBLE}` (five-model ensemble), FP32 encoder batching requests",
+            f"Triton `{store.ENSEMBLE}` (five-model ensemble), static INT8 encoder batching requests",
             TRITON,
             PERF_ANALYZER,
             variants.materialize(replace(HEADLINE, name="ensemble_steps"), repository),

@@ -104,7 +104,11 @@ def _connection(parser: argparse.ArgumentParser, timeout: float = 30.0) -> None:
     parser.add_argument("--tls-cert", help="a client certificate (PEM), when the server asks")
     parser.add_argument("--tls-key", help="the client certificate's key (PEM)")
     parser.add_argument("--inference-key-file", type=Path, help="the server's inference key")
-    parser.add_argument("--admin-key-file", type=Path, help="the operator's key (forget)")
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        help="the operator's key (needed by forget and by rollout's model control)",
+    )
 
 
 def _security(args: argparse.Namespace) -> Security:
@@ -196,5 +200,8 @@ def forget_main(argv: list[str] | None = None) -> int:
     except SearchError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2 if isinstance(exc, InvalidRequestError) else 1
+    except ValueError as exc:  # no operator's key given
+        print(f"error: {exc} (shopserve forget --admin-key-file FILE)", file=sys.stderr)
+        return 2
     print("forgotten" if found else "nothing was stored about this shopper")
     return 0

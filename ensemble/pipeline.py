@@ -102,8 +102,8 @@ class SearchPipeline:
         return answer
 
     def search_many(self, requests: Sequence[SearchRequest]) -> list[SearchResult | InvalidRequest]:
-        """Answer several requests, their queries embedded in one encoder call (the FP32 encoder
-        is batch-invariant, so each answer equals the request's answer alone); a malformed request
+        """Answer several requests, their queries embedded in one encoder call (the static INT8
+        encoder is batch-invariant, so each answer equals the request's answer alone); a malformed request
         gets its InvalidRequest in its place and does not affect the others."""
         parsed: list[_Parsed | InvalidRequest] = []
         for request in requests:

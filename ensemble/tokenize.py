@@ -15,7 +15,7 @@ class QueryTokenizer:
 
     A single query is not padded: padding would only add compute (the Home Depot queries average 6
     tokens). Where requests share an encoder call, the Triton backend pads them to the longest; the
-    FP32 encoder's attention mask keeps that padding out of every embedding.
+    encoder's attention mask keeps that padding out of every embedding.
     """
 
     def __init__(self, tokenizer_file: Path | str, max_length: int = DEFAULT_MAX_LENGTH) -> None:

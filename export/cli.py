@@ -126,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
         "--target",
         choices=("cpu", "gpu"),
         default="cpu",
-        help="cpu: configs for this server (the FP32 encoder); gpu: also the encoder and ranker "
+        help="cpu: configs for this server (the static INT8 encoder); gpu: also the encoder and ranker "
         "configs of a GPU Triton (the INT8 Q/DQ graph on TensorRT; not run here)",
     )
     build.add_argument(

@@ -7,8 +7,8 @@ personalised-search weight.
 Time split, per shopper (the standard next-basket protocol). The hold-out lives only inside the
 evaluation; the store that is served holds every event it was given.
 
-* the learned ranker learns from each training shopper's **second-to-last basket** as the label, with
-  the shop and every profile as they were before it;
+* the learned ranker learns from each training shopper's **second-, third- and fourth-to-last
+  baskets** as labels (TRAINING_LABELS), each with the shop and every profile as they were before it;
 * the **last basket** of every shopper is the evaluation's: the validation shoppers' (a seeded split,
   never trained on) choose TIFU-KNN's parameters and the ranker that is served (the gate: the learned
   ranker against the better of purchase frequency and TIFU-KNN), and the build fails if what it
@@ -313,7 +313,7 @@ def build_personalization(
             "validation_fraction": validation_fraction,
             "train_users": len(train_users),
             "validation_users": len(validation_users),
-            "training_label": "each training shopper's second-to-last basket",
+            "training_labels": f"each training shopper's baskets {TRAINING_LABELS} from the end",
             "gate_and_evaluation_label": "each shopper's last basket",
         },
         "ranker": {**selection, "training": training, "tifu_knn": tifu.as_dict()},

@@ -65,16 +65,22 @@ def test_the_client_extra_installs_and_imports_without_torch(wheel, tmp_path) ->
         "assert len(build_inputs('drill', 5)) == 2; "
         "assert 'torch' not in sys.modules; print(c.__file__)"
     )
-    location = run(python, "-c", script).strip()
+    location = run(python, "-c", script, cwd=tmp_path).strip()  # not the checkout's shopserve/
     assert "site-packages" in location and str(PROJECT) not in location
 
 
 def test_a_non_editable_install_builds_serves_and_answers(wheel, data_dir, tmp_path) -> None:
     python = fresh_environment(tmp_path / "env")
     run(python, "-m", "pip", "install", "-q", "--no-deps", wheel)
-    site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"))
+    site = Path(
+        run(
+            python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path
+        ).strip()
+    )
     (site / "borrowed-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    where = run(python, "-c", "import shopserve.export.repository as r; print(r.TEMPLATES)")
+    where = run(
+        python, "-c", "import shopserve.export.repository as r; print(r.TEMPLATES)", cwd=tmp_path
+    )
     assert Path(where.strip()).is_relative_to(site)  # the wheel's templates, not the checkout's
     items, _ = write_cut(data_dir, tmp_path)
     run(
@@ -102,7 +108,7 @@ def test_a_non_editable_install_builds_serves_and_answers(wheel, data_dir, tmp_p
         assert "shopserve ready" in (tmp_path / "launcher.out").read_text()
         answer = run(
             tmp_path / "env" / "bin" / "shopserve", "search", "cordless drill", "-k", "3",
-            "--url", f"127.0.0.1:{grpc_port}", "--json",
+            "--url", f"127.0.0.1:{grpc_port}", "--json", cwd=tmp_path,
         )  # fmt: skip
     finally:
         server.terminate()
