@@ -247,6 +247,40 @@ def _answers(repository: Path, version: int) -> dict[str, list[int]]:
     return {q: pipeline.search(q, 10).product_ids.tolist() for q in QUERIES}
 
 
+def _served(server) -> dict[str, list[int]]:
+    with SearchClient(server.grpc_url, timeout=10) as client:
+        return {q: [h.product_id for h in client.search(q, 10)] for q in QUERIES}
+
+
+class SteadyTraffic:
+    """A search every 10 ms against ``server`` in a thread, counting what was sent and failed."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+        self.sent = 0
+        self.failures: list[Exception] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def start(self) -> SteadyTraffic:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with SearchClient(self.server.grpc_url, timeout=10) as client:
+            while not self._stop.is_set():
+                try:
+                    client.search(QUERIES[self.sent % len(QUERIES)], top_k=10)
+                except SearchError as exc:
+                    self.failures.append(exc)
+                self.sent += 1
+                time.sleep(0.01)
+
+
 def test_rollout_and_rollback_lose_no_request(versioned, tmp_path) -> None:
     repository, items = versioned
     operator = Security(admin_key=ADMIN_KEY)
@@ -254,35 +288,16 @@ def test_rollout_and_rollback_lose_no_request(versioned, tmp_path) -> None:
         _build(items, repository, 2, "--seed", "7")  # no --ranker: the fusion, other answers
         answers = {1: _answers(repository, 1), 2: _answers(repository, 2)}
         assert answers[1] != answers[2]
-        failures: list[Exception] = []
-        sent = [0]
-        stop = threading.Event()
-
-        def steady_traffic() -> None:
-            with SearchClient(server.grpc_url, timeout=10) as client:
-                while not stop.is_set():
-                    try:
-                        client.search(QUERIES[sent[0] % len(QUERIES)], top_k=10)
-                    except SearchError as exc:
-                        failures.append(exc)
-                    sent[0] += 1
-                    time.sleep(0.01)
-
-        def served() -> dict[str, list[int]]:
-            with SearchClient(server.grpc_url, timeout=10) as client:
-                return {q: [h.product_id for h in client.search(q, 10)] for q in QUERIES}
-
-        traffic = threading.Thread(target=steady_traffic)
-        traffic.start()
+        traffic = SteadyTraffic(server).start()
         control = Rollout(server.grpc_url, operator)
         try:
             assert control.live_versions()[store.SEARCH] == [1]
             live = control.roll_to(repository, 2)
             assert live[store.SEARCH] == [2] and live[store.RETRIEVE] == [2]
-            assert served() == answers[2]
+            assert _served(server) == answers[2]
             assert control.previous(repository) == 1
             assert control.roll_to(repository, control.previous(repository))[store.SEARCH] == [1]
-            assert served() == answers[1]
+            assert _served(server) == answers[1]
             # A version whose files fail their manifest checksums is refused before loading.
             _build(items, repository, 3, "--seed", "9")
             ranker = repository / store.RANKER / "3" / store.ONNX_FILE
@@ -291,10 +306,9 @@ def test_rollout_and_rollback_lose_no_request(versioned, tmp_path) -> None:
                 control.roll_to(repository, 3)
             assert control.live_versions()[store.SEARCH] == [1]
         finally:
-            stop.set()
-            traffic.join()
+            traffic.stop()
             control.close()
-        assert sent[0] > 50 and failures == []
+        assert traffic.sent > 50 and traffic.failures == []
 
 
 @pytest.fixture(scope="module")
@@ -311,11 +325,6 @@ def two_versions(tmp_path_factory, data_dir, built_repository) -> Path:
     return repository
 
 
-def _served(server) -> dict[str, list[int]]:
-    with SearchClient(server.grpc_url, timeout=10) as client:
-        return {q: [h.product_id for h in client.search(q, 10)] for q in QUERIES}
-
-
 def test_a_server_started_on_the_newest_version_rolls_back_and_forward(two_versions, tmp_path):
     repository = two_versions
     fitted = {
@@ -324,23 +333,8 @@ def test_a_server_started_on_the_newest_version_rolls_back_and_forward(two_versi
     assert fitted[2] == "512" and fitted[1] != fitted[2]
     answers = {v: _answers(repository, v) for v in (1, 2)}
     assert answers[1] != answers[2]
-    failures: list[Exception] = []
-    sent = [0]
-    stop = threading.Event()
     with start_server(repository, tmp_path / "serve") as server:
-
-        def steady_traffic() -> None:
-            with SearchClient(server.grpc_url, timeout=10) as client:
-                while not stop.is_set():
-                    try:
-                        client.search(QUERIES[sent[0] % len(QUERIES)], top_k=10)
-                    except SearchError as exc:
-                        failures.append(exc)
-                    sent[0] += 1
-                    time.sleep(0.01)
-
-        traffic = threading.Thread(target=steady_traffic)
-        traffic.start()
+        traffic = SteadyTraffic(server).start()
         control = Rollout(server.grpc_url, Security(admin_key=ADMIN_KEY))
         try:
             assert control.live_versions()[store.SEARCH] == [2] and _served(server) == answers[2]
@@ -352,10 +346,9 @@ def test_a_server_started_on_the_newest_version_rolls_back_and_forward(two_versi
             assert _served(server) == answers[2]
             control.roll_to(repository, 1)
         finally:
-            stop.set()
-            traffic.join()
+            traffic.stop()
             control.close()
-    assert sent[0] > 50 and failures == []
+    assert traffic.sent > 50 and traffic.failures == []
     with start_server(repository, tmp_path / "restart") as server:  # the rollback holds
         with Rollout(server.grpc_url, Security(admin_key=ADMIN_KEY)) as control:
             assert control.live_versions()[store.SEARCH] == [1]
