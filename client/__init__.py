@@ -3,7 +3,7 @@
 Only numpy and tritonclient are needed; the public API is re-exported here from private modules.
 """
 
-from ._client import EVENT_TYPES, AsyncSearchClient, Event, Hit, SearchClient, Security
+from ._client import EVENT_TYPES, AsyncSearchClient, Event, Hit, Hits, SearchClient, Security
 from ._errors import (
     InvalidRequestError,
     OverloadedError,
@@ -19,6 +19,7 @@ __all__ = [
     "AsyncSearchClient",
     "Event",
     "Hit",
+    "Hits",
     "InvalidRequestError",
     "OverloadedError",
     "PermissionDeniedError",

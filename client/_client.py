@@ -27,6 +27,7 @@ DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_MODEL_NAME = "search"
 RECOMMEND_MODEL_NAME = "recommend"
 OUTPUT_NAMES = ("PRODUCT_IDS", "SCORES", "TITLES")
+PERSONALISED_OUTPUT = "PERSONALISED"  # search with a USER_ID: whether the history was used
 
 _INT32 = np.iinfo(np.int32)
 
@@ -39,6 +40,14 @@ class Hit:
     product_id: int
     score: float
     title: str
+
+
+class Hits(list):
+    """A ranked list of :class:`Hit`; for a personalised search, ``personalised`` says whether the
+    shopper's history shaped it (False: the anonymous answer, for a shopper the store does not know
+    or while its profile store cannot be read). None where the endpoint does not say."""
+
+    personalised: bool | None = None
 
 
 class TensorResult(Protocol):
@@ -157,8 +166,9 @@ def _forgotten(result: TensorResult) -> bool:
     return bool(forgotten.reshape(-1)[0])
 
 
-def parse_hits(result: TensorResult) -> list[Hit]:
-    """Turn the PRODUCT_IDS / SCORES / TITLES outputs into ranked hits."""
+def parse_hits(result: TensorResult) -> Hits:
+    """Turn the PRODUCT_IDS / SCORES / TITLES outputs (and PERSONALISED, when asked) into ranked
+    hits."""
     arrays = []
     for name in OUTPUT_NAMES:
         array = result.as_numpy(name)
@@ -171,7 +181,7 @@ def parse_hits(result: TensorResult) -> list[Hit]:
             f"response outputs differ in length: {len(ids)} ids, {len(scores)} scores, "
             f"{len(titles)} titles"
         )
-    return [
+    hits = Hits(
         Hit(
             rank=rank,
             product_id=int(product_id),
@@ -181,7 +191,11 @@ def parse_hits(result: TensorResult) -> list[Hit]:
         for rank, (product_id, score, title) in enumerate(
             zip(ids, scores, titles, strict=True), start=1
         )
-    ]
+    )
+    personalised = result.as_numpy(PERSONALISED_OUTPUT)
+    if personalised is not None:
+        hits.personalised = bool(personalised.reshape(-1)[0])
+    return hits
 
 
 def _event(
@@ -277,14 +291,19 @@ class _ClientSettings:
         self._batching: dict[str, bool] = {}  # model -> whether its requests carry a batch dim
 
     def _infer_options(
-        self, timeout: float | None, outputs: Sequence[str] = OUTPUT_NAMES, admin: bool = False
+        self,
+        timeout: float | None,
+        outputs: Sequence[str] | None = OUTPUT_NAMES,
+        admin: bool = False,
     ) -> dict:
-        """Keyword arguments of every infer call: the outputs, the deadline in seconds, and the
-        same deadline for the server (microseconds), which drops a request whose caller has given
-        up before computing it."""
+        """Keyword arguments of every infer call: the outputs (None: all the model has), the
+        deadline in seconds, and the same deadline for the server (microseconds), which drops a
+        request whose caller has given up before computing it."""
         seconds = self.timeout if timeout is None else timeout
         options = {
-            "outputs": [grpcclient.InferRequestedOutput(name) for name in outputs],
+            "outputs": None
+            if outputs is None
+            else [grpcclient.InferRequestedOutput(name) for name in outputs],
             "client_timeout": seconds,
             "timeout": max(int(seconds * 1e6), 1),
         }
@@ -312,7 +331,9 @@ class _ClientSettings:
         batched: bool,
     ) -> _Call:
         inputs = build_inputs(query, top_k, user_id, batched)
-        return _Call(self.model_name, inputs, self._infer_options(timeout), parse_hits)
+        # Every output the endpoint has: PERSONALISED where it has one (stores built before it
+        # have not, and asking for it by name would fail there).
+        return _Call(self.model_name, inputs, self._infer_options(timeout, None), parse_hits)
 
     def _recommend_call(
         self, user_id: str | bytes, top_k: int, timeout: float | None, new_only: bool
@@ -374,7 +395,7 @@ class SearchClient(_ClientSettings):
         top_k: int = 10,
         timeout: float | None = None,
         user_id: str | bytes | None = None,
-    ) -> list[Hit]:
+    ) -> Hits:
         """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged. With
         ``user_id`` the answer is personalised for that shopper."""
         batched = self._batched(self.model_name)
@@ -386,7 +407,7 @@ class SearchClient(_ClientSettings):
         top_k: int = 10,
         timeout: float | None = None,
         new_only: bool = False,
-    ) -> list[Hit]:
+    ) -> Hits:
         """Return the shopper's top_k recommendations (popular items for an unknown shopper);
         with ``new_only``, only products they never bought."""
         return self._send(self._recommend_call(user_id, top_k, timeout, new_only))
@@ -544,7 +565,7 @@ class AsyncSearchClient(_ClientSettings):
         top_k: int = 10,
         timeout: float | None = None,
         user_id: str | bytes | None = None,
-    ) -> list[Hit]:
+    ) -> Hits:
         """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged. With
         ``user_id`` the answer is personalised for that shopper."""
         batched = await self._batched(self.model_name)
@@ -556,7 +577,7 @@ class AsyncSearchClient(_ClientSettings):
         top_k: int = 10,
         timeout: float | None = None,
         new_only: bool = False,
-    ) -> list[Hit]:
+    ) -> Hits:
         """Return the shopper's top_k recommendations (popular items for an unknown shopper);
         with ``new_only``, only products they never bought."""
         return await self._send(self._recommend_call(user_id, top_k, timeout, new_only))

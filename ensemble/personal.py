@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,18 @@ from .events import EventIngest, EventRequest
 from .models import OnnxRanker
 from .neighbours import NEIGHBOURS_FILE, ShopperVectors
 from .postprocess import PostProcessor, SearchResult
-from .profile_store import PROFILE_STORE_ENV, ProfileStore, open_store
+from .profile_store import (
+    PROFILE_STORE_ENV,
+    STORE_ERRORS,
+    ProfileStore,
+    ProfileStoreUnavailable,
+    open_store,
+)
 from .profiles import Profile, UserKeys
 from .recommend import EXPLORE_FILE, ITEMS_FILE, Recommender, ShopItems, UserView
 from .validation import MAX_TOP_K, check_flag, check_top_k, decode_user_id
+
+log = logging.getLogger("shopserve.recommend")
 
 PROFILES_FILE = "profiles.sqlite"
 
@@ -108,7 +117,12 @@ class Personalization:
     def view(self, user_id: str) -> UserView | None:
         """What the store knows of this shopper; None for a shopper it has never seen."""
         key = self.keys.key(user_id)
-        profile: Profile | None = self.profiles.get(key)
+        try:
+            profile: Profile | None = self.profiles.get(key)
+        except STORE_ERRORS as exc:
+            raise ProfileStoreUnavailable(
+                f"the profile store could not be read ({type(exc).__name__})"
+            ) from exc
         return None if profile is None else self.recommender.view(profile, key)
 
     def affinity(self, user: UserView, rows: np.ndarray, new_only: bool = False) -> np.ndarray:
@@ -127,6 +141,7 @@ class RecommendPipeline:
         popularity = personalization.recommender.items.popularity
         ids = postprocessor.catalogue.product_ids
         self._best_sellers = np.lexsort((ids, -popularity))[:MAX_TOP_K]
+        self.refusals = 0  # requests refused because the profile store could not be read
 
     @classmethod
     def from_repository(
@@ -145,7 +160,12 @@ class RecommendPipeline:
         user_text = decode_user_id(user_id)
         count = check_top_k(k)
         discover = check_flag(new_only, "NEW_ONLY")
-        user = self.personal.view(user_text)
+        try:
+            user = self.personal.view(user_text)
+        except ProfileStoreUnavailable as exc:
+            self.refusals += 1
+            log.warning("%s: recommend refused (UNAVAILABLE, retryable)", exc)
+            raise
         if user is None:
             return self.cold_start(count)
         rows = self.personal.recommender.candidates(user, new_only=discover)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,12 @@ from .lexical import LexicalIndex
 from .models import OnnxEncoder, OnnxRanker
 from .personal import Personalization
 from .postprocess import PostProcessor, SearchResult
+from .profile_store import ProfileStoreUnavailable
 from .retrieve import Retriever
 from .tokenize import QueryTokenizer
 from .validation import InvalidRequest, check_top_k, decode_query, decode_user_id
+
+log = logging.getLogger("shopserve.search")
 
 __all__ = ["SearchPipeline", "SearchRequest", "SearchResult", "load_retriever", "load_tokenizer"]
 
@@ -62,6 +66,7 @@ class SearchPipeline:
         self.ranker = ranker
         self.postprocessor = postprocessor
         self.personal = personal
+        self.anonymous_fallbacks = 0  # personalised searches answered anonymously: store down
 
     @classmethod
     def from_repository(cls, repository: Path | str, version: int | None = None) -> SearchPipeline:
@@ -122,8 +127,17 @@ class SearchPipeline:
         user = None
         if request.user_id is not None:
             shopper = decode_user_id(request.user_id)
-            user = self.personal.view(shopper) if self.personal else None
+            user = self._shopper(shopper) if self.personal else None
         return _Parsed(text, k, user)
+
+    def _shopper(self, user_id: str):
+        """The shopper's view, or None (the anonymous answer) when the store cannot be read."""
+        try:
+            return self.personal.view(user_id)
+        except ProfileStoreUnavailable as exc:
+            self.anonymous_fallbacks += 1
+            log.warning("%s: answering a personalised search anonymously", exc)
+            return None
 
     def _answer(self, request: _Parsed, embedding: np.ndarray) -> SearchResult:
         candidates = self.retriever(request.text, embedding)
@@ -131,7 +145,8 @@ class SearchPipeline:
         if request.user is not None:
             affinity = self.personal.affinity(request.user, candidates.rows)
             logits = logits + self.personal.search_weight * affinity
-        return self.postprocessor(candidates.rows, logits, request.top_k)
+        answer = self.postprocessor(candidates.rows, logits, request.top_k)
+        return replace(answer, personalised=request.user is not None)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,9 @@ class SearchResult:
     product_ids: np.ndarray  # int64 [k]
     scores: np.ndarray  # float32 [k], softmax probabilities over the candidates
     titles: list[str]
+    # search: whether the shopper's history shaped the answer (None where the endpoint has no such
+    # output)
+    personalised: bool | None = None
 
 
 class PostProcessor:

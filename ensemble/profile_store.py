@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 
 from .profiles import ItemStats, Profile
-from .resp import RespClient, hash_reply, public_location
+from .resp import RespClient, RespError, hash_reply, public_location
 
 PROFILE_STORE_ENV = "SHOPSERVE_PROFILE_STORE"  # where the live store is (set by shopserve serve)
 Embedding = Callable[[int], np.ndarray]  # product id -> its embedding (the taste vector's part)
@@ -137,6 +137,14 @@ def fold(profile: Profile, events: Iterable[StoredEvent], embedding: Embedding) 
         profile.apply(event.product_id, event.kind, event.timestamp, event.basket_key, embedding)
         touched.add(event.product_id)
     return touched
+
+
+class ProfileStoreUnavailable(RuntimeError):
+    """The profile store could not be read (Redis down or full, a disk error): a request that needs
+    a profile cannot be answered as asked now, but may be later."""
+
+
+STORE_ERRORS = (OSError, sqlite3.Error, RespError)  # what a store's backends raise when failing
 
 
 class ProfileStore(ABC):

@@ -29,23 +29,33 @@ def public_location(location: str) -> str:
 
 
 class RespClient:
+    """One connection, opened on first use and opened again after any failed exchange: a reply cut
+    short (a timeout, a closed socket) would otherwise leave the next command reading the previous
+    command's reply."""
+
     def __init__(self, url: str, timeout: float = 10.0) -> None:
-        parsed = urlparse(url)
+        self._parsed = urlparse(url)
         self.url = public_location(url)  # for messages: never the password
-        if parsed.scheme == "unix":
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._socket.settimeout(timeout)
-            self._socket.connect(parsed.path)
-            database = 0
-        elif parsed.scheme == "redis":
-            self._socket = socket.create_connection(
-                (parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=timeout
-            )
-            self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            database = int(parsed.path.strip("/") or 0)
-        else:
+        self.timeout = timeout
+        if self._parsed.scheme not in ("unix", "redis"):
             raise ValueError(f"{self.url}: expected redis://host:port/db or unix:///path")
-        self._buffer = self._socket.makefile("rb")
+        self._socket: socket.socket | None = None
+        self._buffer = None
+        self._connect()
+
+    def _connect(self) -> None:
+        parsed = self._parsed
+        if parsed.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            sock.connect(parsed.path)
+        else:
+            sock = socket.create_connection(
+                (parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=self.timeout
+            )
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._socket, self._buffer = sock, sock.makefile("rb")
+        database = int(parsed.path.strip("/") or 0) if parsed.scheme == "redis" else 0
         if parsed.password:
             self.call("AUTH", parsed.password)
         if database:
@@ -87,25 +97,53 @@ class RespClient:
         raise ConnectionError(f"{self.url}: unexpected reply {line[:40]!r}")
 
     def pipeline(self, commands: Sequence[Sequence[object]]) -> list[Reply]:
-        """Send every command, then read every reply; raise the first error."""
-        self._socket.sendall(b"".join(self._encode(c) for c in commands))
-        replies = [self._read() for _ in commands]
+        """Send every command, then read every reply; raise the first error. A connection that
+        failed is dropped and the error raised; one opened before that dies at once (the server
+        restarted) is replaced and the commands sent once more (the profile store's writes are
+        idempotent by event key)."""
+        reused = self._socket is not None
+        try:
+            replies = self._exchange(commands)
+        except TimeoutError:
+            self.close()
+            raise
+        except OSError:
+            self.close()
+            if not reused:
+                raise
+            replies = self._exchange(commands)
         for reply in replies:
             if isinstance(reply, RespError):
                 raise reply
         return replies
 
+    def _exchange(self, commands: Sequence[Sequence[object]]) -> list[Reply]:
+        try:
+            if self._socket is None:
+                self._connect()
+            self._socket.sendall(b"".join(self._encode(c) for c in commands))
+            return [self._read() for _ in commands]
+        except OSError:
+            self.close()
+            raise
+
     def call(self, *command: object) -> Reply:
         return self.pipeline([command])[0]
 
     def transaction(self, commands: Sequence[Sequence[object]]) -> list[Reply] | None:
-        """MULTI ... EXEC; None when a WATCHed key changed (nothing was applied)."""
+        """MULTI ... EXEC; None when a WATCHed key changed (nothing was applied). An error that
+        Redis reports for any command inside the EXEC reply (WRONGTYPE, OOM ...) is raised."""
         replies = self.pipeline([("MULTI",), *commands, ("EXEC",)])
+        for reply in replies[-1] or []:
+            if isinstance(reply, RespError):
+                raise reply
         return replies[-1]
 
     def close(self) -> None:
-        self._buffer.close()
-        self._socket.close()
+        if self._socket is not None:
+            self._buffer.close()
+            self._socket.close()
+        self._socket = self._buffer = None
 
 
 def hash_reply(reply: Reply) -> dict[bytes, bytes]:

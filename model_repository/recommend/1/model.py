@@ -2,6 +2,7 @@
 
 from shopserve.ensemble.personal import RecommendPipeline
 from shopserve.ensemble.triton_adapter import (
+    StoreFailures,
     answer_each,
     freeze_loaded_state,
     input_array,
@@ -16,10 +17,11 @@ class TritonPythonModel:
         self.pipeline = RecommendPipeline.from_repository(
             version_dir.parents[1], int(version_dir.name)
         )
+        self.store_failures = StoreFailures("recommend")
         freeze_loaded_state()
 
     def execute(self, requests: list) -> list:
-        return answer_each(
+        responses = answer_each(
             requests,
             lambda request: self.pipeline.recommend(
                 input_array(request, "USER_ID"),
@@ -27,3 +29,5 @@ class TritonPythonModel:
                 optional_input(request, "NEW_ONLY"),
             ),
         )
+        self.store_failures.count_up_to(self.pipeline.refusals)
+        return responses

@@ -8,6 +8,7 @@ share one encoder call.
 
 from shopserve.ensemble.pipeline import SearchPipeline, SearchRequest
 from shopserve.ensemble.triton_adapter import (
+    StoreFailures,
     answer_together,
     freeze_loaded_state,
     input_array,
@@ -22,11 +23,12 @@ class TritonPythonModel:
         self.pipeline = SearchPipeline.from_repository(
             version_dir.parents[1], int(version_dir.name)
         )
+        self.store_failures = StoreFailures("search")
         freeze_loaded_state()
 
     def execute(self, requests: list) -> list:
         # The requests the dynamic batcher hands over together share one encoder call.
-        return answer_together(
+        responses = answer_together(
             requests,
             lambda live: self.pipeline.search_many(
                 [
@@ -40,3 +42,5 @@ class TritonPythonModel:
             ),
             batched=True,
         )
+        self.store_failures.count_up_to(self.pipeline.anonymous_fallbacks)
+        return responses

