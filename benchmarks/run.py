@@ -28,7 +28,7 @@ from . import (
     report,
     variants,
 )
-from .common import RESULTS_DIR, SOURCE_REPOSITORY, WORK_DIR, BenchmarkError, cpu_lock
+from .common import BUILT_REPOSITORY, RESULTS_DIR, WORK_DIR, BenchmarkError, cpu_lock
 from .loadgen import answers as collect_answers
 from .measure import ATTEMPTS, measure_level
 from .queries import Traffic, load_traffic, write_perf_analyzer_data
@@ -52,7 +52,7 @@ ANSWER_CONCURRENCY = 2
 
 @dataclass
 class RunOptions:
-    repository: Path = SOURCE_REPOSITORY
+    repository: Path = BUILT_REPOSITORY
     runs: int = 3
     queries: int = 2000
     concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
@@ -305,7 +305,7 @@ SMOKE_DATA = 1000  # perf_analyzer steps
 
 def smoke(
     out: Path,
-    repository: Path = SOURCE_REPOSITORY,
+    repository: Path = BUILT_REPOSITORY,
     grpc_url: str = "",
     http_url: str = "",
 ) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 from shopserve.ensemble import store
 
 from . import agreement, perf_analyzer
-from .common import RESULTS_DIR, SOURCE_REPOSITORY, WORK_DIR, BenchmarkError, cpu_lock
+from .common import BUILT_REPOSITORY, RESULTS_DIR, WORK_DIR, BenchmarkError, cpu_lock
 from .loadgen import answers as collect_answers
 from .measure import measure_level
 from .queries import Traffic, load_traffic, write_perf_analyzer_data
@@ -347,7 +347,7 @@ def _decide(change: Change, before: Measured, after: Measured, traffic: Traffic)
 
 
 def tune(
-    repository: Path = SOURCE_REPOSITORY,
+    repository: Path = BUILT_REPOSITORY,
     runs: int = 3,
     only: tuple[str, ...] = (),
     settings: perf_analyzer.Settings | None = None,
