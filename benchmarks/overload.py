@@ -80,14 +80,17 @@ async def drive(
                     ] += 1
                     answer_ms.append(took * 1e3)
                     refused_in_a_row = 0
-                except OverloadedError:
-                    outcomes["refused"] += 1
-                    refusal_ms.append((time.monotonic() - started) * 1e3)
+                except (OverloadedError, RequestTimeoutError) as shed:
+                    # Refused at once, or dropped when its deadline passed in the queue (the
+                    # server has the client's deadline): either way the server is past capacity.
+                    if isinstance(shed, OverloadedError):
+                        outcomes["refused"] += 1
+                        refusal_ms.append((time.monotonic() - started) * 1e3)
+                    else:
+                        outcomes["timed_out"] += 1
                     refused_in_a_row += 1
                     ceiling = min(BACKOFF_S * 2**refused_in_a_row, MAX_BACKOFF_S)
                     await asyncio.sleep(pause.uniform(0, ceiling))
-                except RequestTimeoutError:
-                    outcomes["timed_out"] += 1
                 except SearchError:
                     outcomes["failed"] += 1
 
