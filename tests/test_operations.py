@@ -311,50 +311,6 @@ def test_rollout_and_rollback_lose_no_request(versioned, tmp_path) -> None:
         assert traffic.sent > 50 and traffic.failures == []
 
 
-@pytest.fixture(scope="module")
-def two_versions(tmp_path_factory, data_dir, built_repository) -> Path:
-    """A small store with versions 1 and 2 built before any server starts, their fitted values
-    different (version 2 asks for efSearch 512; version 1 serves the smallest that reaches the
-    recall target)."""
-    folder = tmp_path_factory.mktemp("two-versions")
-    items, _ = write_cut(data_dir, folder)
-    repository = folder / "store"
-    ranker = str(store.model_file(built_repository, store.RANKER))
-    _build(items, repository, 1, "--ranker", ranker)
-    _build(items, repository, 2, "--seed", "7", "--ef-search", "512")
-    return repository
-
-
-def test_a_server_started_on_the_newest_version_rolls_back_and_forward(two_versions, tmp_path):
-    repository = two_versions
-    fitted = {
-        v: store.config_parameters(repository, store.RETRIEVE, v)["ef_search"] for v in (1, 2)
-    }
-    assert fitted[2] == "512" and fitted[1] != fitted[2]
-    answers = {v: _answers(repository, v) for v in (1, 2)}
-    assert answers[1] != answers[2]
-    with start_server(repository, tmp_path / "serve") as server:
-        traffic = SteadyTraffic(server).start()
-        control = Rollout(server.grpc_url, Security(admin_key=ADMIN_KEY))
-        try:
-            assert control.live_versions()[store.SEARCH] == [2] and _served(server) == answers[2]
-            live = control.roll_to(repository, control.previous(repository))
-            assert all(versions == [1] for versions in live.values()), live
-            assert _served(server) == answers[1]
-            live = control.roll_to(repository, 2)
-            assert all(versions == [2] for versions in live.values()), live
-            assert _served(server) == answers[2]
-            control.roll_to(repository, 1)
-        finally:
-            traffic.stop()
-            control.close()
-    assert traffic.sent > 50 and traffic.failures == []
-    with start_server(repository, tmp_path / "restart") as server:  # the rollback holds
-        with Rollout(server.grpc_url, Security(admin_key=ADMIN_KEY)) as control:
-            assert control.live_versions()[store.SEARCH] == [1]
-        assert _served(server) == answers[1]
-
-
 # --- clean stops -----------------------------------------------------------------------------
 
 
