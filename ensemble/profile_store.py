@@ -14,8 +14,10 @@ is applied in one transaction (all or nothing), and an event whose key was seen 
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import sqlite3
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +32,13 @@ from .resp import RespClient, RespError, hash_reply, public_location
 
 PROFILE_STORE_ENV = "SHOPSERVE_PROFILE_STORE"  # where the live store is (set by shopserve serve)
 Embedding = Callable[[int], np.ndarray]  # product id -> its embedding (the taste vector's part)
+
+# Seeding a Redis namespace: a seeder's lock expires after SEED_LOCK_S (a killed server's lock
+# frees itself); the other servers poll every SEED_POLL_S for up to SEED_WAIT_S.
+SEED_LOCK_S, SEED_POLL_S, SEED_WAIT_S = 300.0, 0.2, 900.0
+_RELEASE_LOCK = (  # delete the lock only if it is still this seeder's
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -375,13 +384,17 @@ class RedisProfileStore(ProfileStore):
             commands.append(("HSET", items, *(x for kv in stats for x in kv)))
         return commands
 
-    def put(self, profiles: Iterable[tuple[str, Profile]]) -> int:
+    def _put_commands(self, profiles: Iterable[tuple[str, Profile]]) -> tuple[list[tuple], int]:
         count = 0
         commands: list[tuple] = []
         for user_key, profile in profiles:
             commands.append(("DEL", *self._keys(user_key)[:2]))
             commands += self._writes(user_key, profile, profile.items)
             count += 1
+        return commands, count
+
+    def put(self, profiles: Iterable[tuple[str, Profile]]) -> int:
+        commands, count = self._put_commands(profiles)
         if commands:
             self.client.transaction(commands)
         return count
@@ -432,9 +445,46 @@ class RedisProfileStore(ProfileStore):
             if cursor == b"0":
                 return count
 
-    def claim_seeding(self, marker: str) -> bool:
-        """Claim the one-time seeding of this namespace; False when it was claimed before."""
-        return self.client.call("SET", f"{self.prefix}seeded", marker, "NX") == "OK"
+    def seed_once(
+        self,
+        profiles: Callable[[], Iterable[tuple[str, Profile]]],
+        marker: str,
+        lock_s: float = SEED_LOCK_S,
+        wait_s: float = SEED_WAIT_S,
+    ) -> int | None:
+        """Write ``profiles()`` into this namespace unless it was seeded before; return how many,
+        or None when it already was.
+
+        The profiles and the ``seeded`` marker are written in one transaction, so the namespace
+        is either untouched or complete: a crash mid-seeding leaves nothing. One server at a time
+        seeds, under a lock that expires after ``lock_s`` (a server killed while seeding holds it
+        no longer); the others wait for the marker, up to ``wait_s``. The transaction WATCHes the
+        lock and the marker, so a seeding that outlived its lock never overwrites another's."""
+        seeded, lock = f"{self.prefix}seeded", f"{self.prefix}seeding"
+        token = secrets.token_hex(16)
+        deadline = time.monotonic() + wait_s
+        while self.client.call("SET", lock, token, "NX", "PX", int(lock_s * 1000)) != "OK":
+            if self.client.call("EXISTS", seeded):
+                return None
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"namespace {self.prefix!r} is being seeded by another server and did not "
+                    f"finish in {wait_s:.0f} s"
+                )
+            time.sleep(SEED_POLL_S)
+        try:
+            _, owner, done = self.client.pipeline(
+                [("WATCH", lock, seeded), ("GET", lock), ("EXISTS", seeded)]
+            )
+            if done or owner != token.encode():
+                self.client.call("UNWATCH")
+                return None
+            commands, count = self._put_commands(profiles())
+            if self.client.transaction([*commands, ("SET", seeded, marker)]) is None:
+                return None  # the lock expired and another server seeded meanwhile
+            return count
+        finally:
+            self.client.call("EVAL", _RELEASE_LOCK, 1, lock, token)
 
     def close(self) -> None:
         self.client.close()
@@ -466,11 +516,13 @@ def seed(location: str, snapshot: Path, namespace: str) -> str:
     try:
         if text.startswith(("redis://", "unix://")):
             store = open_store(text, namespace=namespace)
-            if not store.claim_seeding(namespace):
-                return f"{shown} already holds namespace {namespace}"
             snapshot_store = SqliteProfileStore(snapshot, readonly=True)
-            count = store.put(snapshot_store.profiles())
-            snapshot_store.close()
+            try:
+                count = store.seed_once(snapshot_store.profiles, namespace)
+            finally:
+                snapshot_store.close()
+            if count is None:
+                return f"{shown} already holds namespace {namespace}"
             return f"seeded {count} profiles into {shown} (namespace {namespace})"
         path = Path(text.removeprefix("sqlite://"))
         if path.exists():

@@ -224,11 +224,14 @@ def test_the_deadline_reaches_the_server(server) -> None:
 
 @pytest.fixture(scope="module")
 def versioned(tmp_path_factory, data_dir, built_repository) -> tuple[Path, Path]:
-    """A small store's version 1 (the transferred Home Depot ranker), built and served."""
+    """A small store with versions 1 and 2 built before any server starts, with different models
+    (1: the transferred Home Depot ranker; 2: the fusion) and different fitted values (2 asks for
+    efSearch 512; 1 serves the smallest that reaches the recall target)."""
     folder = tmp_path_factory.mktemp("rollout")
     items, _ = write_cut(data_dir, folder)
     repository = folder / "store"
     _build(items, repository, 1, "--ranker", str(store.model_file(built_repository, store.RANKER)))
+    _build(items, repository, 2, "--seed", "7", "--ef-search", "512")
     return repository, items
 
 
@@ -282,33 +285,43 @@ class SteadyTraffic:
 
 
 def test_rollout_and_rollback_lose_no_request(versioned, tmp_path) -> None:
+    """A server started on the newest version rolls back, forward and back again under traffic,
+    each version serving its own files and fitted values, and the rollback holds at a restart."""
     repository, items = versioned
-    operator = Security(admin_key=ADMIN_KEY)
+    fitted = {
+        v: store.config_parameters(repository, store.RETRIEVE, v)["ef_search"] for v in (1, 2)
+    }
+    assert fitted[2] == "512" and fitted[1] != fitted[2]
+    answers = {1: _answers(repository, 1), 2: _answers(repository, 2)}
+    assert answers[1] != answers[2]
     with start_server(repository, tmp_path / "serve") as server:
-        _build(items, repository, 2, "--seed", "7")  # no --ranker: the fusion, other answers
-        answers = {1: _answers(repository, 1), 2: _answers(repository, 2)}
-        assert answers[1] != answers[2]
         traffic = SteadyTraffic(server).start()
-        control = Rollout(server.grpc_url, operator)
+        control = Rollout(server.grpc_url, Security(admin_key=ADMIN_KEY))
         try:
-            assert control.live_versions()[store.SEARCH] == [1]
-            live = control.roll_to(repository, 2)
-            assert live[store.SEARCH] == [2] and live[store.RETRIEVE] == [2]
-            assert _served(server) == answers[2]
+            assert control.live_versions()[store.SEARCH] == [2] and _served(server) == answers[2]
             assert control.previous(repository) == 1
-            assert control.roll_to(repository, control.previous(repository))[store.SEARCH] == [1]
+            live = control.roll_to(repository, control.previous(repository))
+            assert all(versions == [1] for versions in live.values()), live
             assert _served(server) == answers[1]
+            live = control.roll_to(repository, 2)
+            assert all(versions == [2] for versions in live.values()), live
+            assert _served(server) == answers[2]
             # A version whose files fail their manifest checksums is refused before loading.
             _build(items, repository, 3, "--seed", "9")
             ranker = repository / store.RANKER / "3" / store.ONNX_FILE
             ranker.write_bytes(ranker.read_bytes() + b"tampered")
             with pytest.raises(RolloutError, match=r"ranker/3/model\.onnx fails its manifest"):
                 control.roll_to(repository, 3)
-            assert control.live_versions()[store.SEARCH] == [1]
+            assert control.live_versions()[store.SEARCH] == [2]
+            assert control.roll_to(repository, 1)[store.SEARCH] == [1]
         finally:
             traffic.stop()
             control.close()
         assert traffic.sent > 50 and traffic.failures == []
+    with start_server(repository, tmp_path / "restart") as server:  # the rollback holds
+        with Rollout(server.grpc_url, Security(admin_key=ADMIN_KEY)) as control:
+            assert control.live_versions()[store.SEARCH] == [1]
+        assert _served(server) == answers[1]
 
 
 # --- clean stops -----------------------------------------------------------------------------

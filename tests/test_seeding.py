@@ -1,0 +1,124 @@
+"""Seeding a shared Redis namespace from a build's snapshot, against a real Redis server: all or
+nothing, once, with concurrent servers waiting for one seeding and a killed seeder recovered."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import running_redis
+from shopserve.ensemble.profile_store import RedisProfileStore, SqliteProfileStore, seed
+from shopserve.ensemble.profiles import Profile
+from shopserve.ensemble.resp import RespClient
+
+PURCHASE = 3
+SHOPPERS = 40
+
+
+def _embedding(product_id: int) -> np.ndarray:
+    return np.full(4, float(product_id), dtype=np.float32)
+
+
+@pytest.fixture()
+def snapshot(tmp_path):
+    """A build's profile snapshot: SHOPPERS shoppers with a few purchases each."""
+    path = tmp_path / "profiles.sqlite"
+    store = SqliteProfileStore(path)
+    profiles = []
+    for shopper in range(SHOPPERS):
+        profile = Profile()
+        for basket in range(3):
+            profile.apply(shopper + basket, PURCHASE, 10.0 * basket, f"b{basket}", _embedding)
+        profiles.append((f"key-{shopper}", profile))
+    store.put(profiles)
+    store.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    """One Redis server for the module; each test uses its own namespace."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+def _namespace(url: str, name: str) -> RedisProfileStore:
+    return RedisProfileStore(url, name)
+
+
+def test_servers_starting_at_once_seed_one_namespace_once(redis, snapshot) -> None:
+    said: list[str] = []
+    starters = [
+        threading.Thread(target=lambda: said.append(seed(redis, snapshot, "together")))
+        for _ in range(4)
+    ]
+    for starter in starters:
+        starter.start()
+    for starter in starters:
+        starter.join()
+    assert sum(s.startswith(f"seeded {SHOPPERS} profiles") for s in said) == 1, said
+    assert sum("already holds namespace together" in s for s in said) == 3, said
+    live = _namespace(redis, "together")
+    reference = SqliteProfileStore(snapshot, readonly=True)
+    assert live.users() == SHOPPERS
+    for key, profile in reference.profiles():
+        assert live.get(key).items == profile.items
+    assert RespClient(redis).call("EXISTS", "shopserve:together:seeding") == 0  # lock released
+
+
+def test_a_seeded_namespace_keeps_its_live_writes(redis, snapshot) -> None:
+    assert seed(redis, snapshot, "kept").startswith(f"seeded {SHOPPERS}")
+    live = _namespace(redis, "kept")
+    changed = Profile()
+    changed.apply(999, PURCHASE, 50.0, "live", _embedding)
+    live.put([("key-0", changed)])
+    assert "already holds" in seed(redis, snapshot, "kept")  # a restart seeds nothing
+    assert set(live.get("key-0").items) == {999}
+
+
+def test_a_seeder_killed_mid_seeding_leaves_nothing_and_the_next_start_seeds(
+    redis, snapshot
+) -> None:
+    # A server killed after it took the lock and sent part of its transaction: Redis discards a
+    # MULTI without EXEC when the connection closes, and the lock expires.
+    dead = RespClient(redis)
+    dead.call("SET", "shopserve:crashed:seeding", "dead-server", "PX", 1500)
+    dead.pipeline([("MULTI",), ("HSET", "shopserve:crashed:u:key-0", "baskets", 1)])
+    dead.close()
+    live = _namespace(redis, "crashed")
+    assert live.users() == 0
+    started = time.monotonic()
+    count = live.seed_once(SqliteProfileStore(snapshot, readonly=True).profiles, "crashed")
+    assert count == SHOPPERS and live.users() == SHOPPERS
+    assert time.monotonic() - started >= 1.0  # it waited for the dead seeder's lock to expire
+
+
+def test_a_seeding_that_outlived_its_lock_writes_nothing(redis, snapshot) -> None:
+    """The transaction WATCHes the lock: another server that took the expired lock and seeded
+    wins, and the late one's writes are dropped whole."""
+    slow = _namespace(redis, "late")
+    other = _namespace(redis, "late")
+    reference = SqliteProfileStore(snapshot, readonly=True)
+
+    def late_profiles():
+        time.sleep(0.6)  # past the lock: the other server seeds meanwhile
+        assert other.seed_once(reference.profiles, "other", lock_s=5) == SHOPPERS
+        extra = Profile()
+        extra.apply(1, PURCHASE, 1.0, "x", _embedding)
+        return [("late-only", extra)]
+
+    assert slow.seed_once(late_profiles, "slow", lock_s=0.3) is None
+    assert slow.users() == SHOPPERS and slow.get("late-only") is None
+    assert RespClient(redis).call("GET", "shopserve:late:seeded") == b"other"
+
+
+def test_a_server_waits_for_another_servers_seeding(redis, snapshot) -> None:
+    holder = RespClient(redis)
+    holder.call("SET", "shopserve:busy:seeding", "another-server", "PX", 60_000)
+    waiting = _namespace(redis, "busy")
+    with pytest.raises(TimeoutError, match="being seeded by another server"):
+        waiting.seed_once(SqliteProfileStore(snapshot, readonly=True).profiles, "busy", wait_s=0.5)
+    holder.call("SET", "shopserve:busy:seeded", "another-server")
+    assert waiting.seed_once(SqliteProfileStore(snapshot, readonly=True).profiles, "busy") is None
