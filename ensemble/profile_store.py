@@ -341,8 +341,8 @@ class RedisProfileStore(ProfileStore):
 
     RETRIES = 20
 
-    def __init__(self, url: str, namespace: str) -> None:
-        self.client = RespClient(url)
+    def __init__(self, url: str, namespace: str, password: str | None = None) -> None:
+        self.client = RespClient(url, password=password)
         self.prefix = f"shopserve:{namespace}:"
         settings = {}
         for name in ("appendonly", "appendfsync"):
@@ -490,13 +490,41 @@ class RedisProfileStore(ProfileStore):
         self.client.close()
 
 
+REDIS_OPTIONS = ("namespace", "password_file")  # what a Redis location's query may set
+
+
+def _redis_password(options: dict[str, list[str]], shown: str) -> str | None:
+    """The password in the file named by ``password_file`` (its first line), if one is named."""
+    if "password_file" not in options:
+        return None
+    path = Path(options["password_file"][0])
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"{shown}: cannot read the password file {path}: {exc.strerror}") from None
+    if not lines or not lines[0].strip():
+        raise ValueError(f"{shown}: the password file {path} is empty")
+    return lines[0].strip()
+
+
 def open_store(location: str | Path, readonly: bool = False, namespace: str = "") -> ProfileStore:
     """A profile store by location: a file path or ``sqlite:///path`` for the embedded store,
-    ``redis://host:port/db`` or ``unix:///path`` (optionally ``?namespace=NAME``) for Redis."""
+    ``redis://host:port/db`` or ``unix:///path`` for Redis, whose query may name the namespace
+    (``?namespace=NAME``) and a file holding the password (``password_file=PATH``)."""
     text = str(location)
     if text.startswith(("redis://", "unix://")):
-        query = parse_qs(urlparse(text).query)
-        return RedisProfileStore(text.split("?")[0], query.get("namespace", [namespace])[0])
+        shown = public_location(text)
+        options = parse_qs(urlparse(text).query)
+        unknown = sorted(set(options) - set(REDIS_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"{shown}: unknown option(s) {', '.join(unknown)} (known: {', '.join(REDIS_OPTIONS)})"
+            )
+        return RedisProfileStore(
+            text.split("?")[0],
+            options.get("namespace", [namespace])[0],
+            password=_redis_password(options, shown),
+        )
     if text.startswith("sqlite://"):
         text = text.removeprefix("sqlite://")
     elif "://" in text:

@@ -33,8 +33,9 @@ class RespClient:
     short (a timeout, a closed socket) would otherwise leave the next command reading the previous
     command's reply."""
 
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, timeout: float = 10.0, password: str | None = None) -> None:
         self._parsed = urlparse(url)
+        self._password = password if password is not None else self._parsed.password
         self.url = public_location(url)  # for messages: never the password
         self.timeout = timeout
         if self._parsed.scheme not in ("unix", "redis"):
@@ -56,8 +57,8 @@ class RespClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._socket, self._buffer = sock, sock.makefile("rb")
         database = int(parsed.path.strip("/") or 0) if parsed.scheme == "redis" else 0
-        if parsed.password:
-            self.call("AUTH", parsed.password)
+        if self._password:
+            self.call("AUTH", self._password)
         if database:
             self.call("SELECT", database)
 

@@ -56,3 +56,22 @@ def test_messages_never_hold_the_password(tmp_path) -> None:
         with pytest.raises(ValueError) as refused:
             RespClient(url.replace("redis://", "http://"))
         assert "a-secret-password" not in str(refused.value)
+
+
+def test_a_password_is_read_from_a_file(tmp_path) -> None:
+    from shopserve.ensemble.profile_store import open_store
+
+    with running_redis(tmp_path, "from-a-file-0123") as url:
+        bare = url.replace(":from-a-file-0123@", "")
+        secret = tmp_path / "redis.password"
+        secret.write_text("from-a-file-0123\n")
+        store = open_store(f"{bare}?password_file={secret}&namespace=filed")
+        assert store.users() == 0
+        store.close()
+        secret.write_text("wrong-password\n")
+        with pytest.raises(RespError, match=r"WRONGPASS|invalid password"):
+            open_store(f"{bare}?password_file={secret}")
+        with pytest.raises(ValueError, match="cannot read the password file"):
+            open_store(f"{bare}?password_file={tmp_path / 'missing'}")
+        with pytest.raises(ValueError, match=r"unknown option.*passwd"):
+            open_store(f"{bare}?passwd=x")
