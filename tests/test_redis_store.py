@@ -1,5 +1,6 @@
-"""Seeding a shared Redis namespace from a build's snapshot, against a real Redis server: all or
-nothing, once, with concurrent servers waiting for one seeding and a killed seeder recovered."""
+"""The Redis profile store against a real Redis server: seeding a shared namespace from a build's
+snapshot (all or nothing, once, concurrent servers waiting for one seeding, a killed seeder
+recovered) and a Redis that runs out of memory (nothing acknowledged lost, nothing refused kept)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ import time
 import numpy as np
 import pytest
 from conftest import running_redis
-from shopserve.ensemble.profile_store import RedisProfileStore, SqliteProfileStore, seed
+from shopserve.ensemble.profile_store import (
+    RedisProfileStore,
+    SqliteProfileStore,
+    StoredEvent,
+    seed,
+)
 from shopserve.ensemble.profiles import Profile
-from shopserve.ensemble.resp import RespClient
+from shopserve.ensemble.resp import RespClient, RespError
 
 PURCHASE = 3
 SHOPPERS = 40
@@ -122,3 +128,33 @@ def test_a_server_waits_for_another_servers_seeding(redis, snapshot) -> None:
         waiting.seed_once(SqliteProfileStore(snapshot, readonly=True).profiles, "busy", wait_s=0.5)
     holder.call("SET", "shopserve:busy:seeded", "another-server")
     assert waiting.seed_once(SqliteProfileStore(snapshot, readonly=True).profiles, "busy") is None
+
+
+def test_a_full_redis_refuses_batches_whole_and_keeps_what_it_acknowledged(redis) -> None:
+    """maxmemory reached with noeviction: a batch is refused with Redis's OOM error and none of it
+    is applied; every batch acknowledged before is there, once."""
+    admin = RespClient(redis)
+    live = _namespace(redis, "full")
+    used = int(admin.call("INFO", "memory").decode().split("used_memory:")[1].split()[0])
+    admin.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    admin.call("CONFIG", "SET", "maxmemory", used + 400_000)
+    acknowledged: list[StoredEvent] = []
+    try:
+        with pytest.raises(RespError, match="OOM"):
+            for batch in range(10_000):
+                events = [
+                    StoredEvent(f"shopper-{batch}", f"event-{batch}-{i}", i, PURCHASE, 1.0 * i, "b")
+                    for i in range(20)
+                ]
+                live.apply(events, _embedding)
+                acknowledged += events
+        refused = batch
+    finally:
+        admin.call("CONFIG", "SET", "maxmemory", 0)
+    assert acknowledged, "Redis was full before the first batch"
+    assert live.get(f"shopper-{refused}") is None  # nothing of the refused batch
+    assert live.users() == refused
+    for shopper in {e.user_key for e in acknowledged}:
+        assert set(live.get(shopper).items) == set(range(20))
+    again = live.apply(acknowledged[:20], _embedding)  # a client's retry counts once
+    assert again == set()
