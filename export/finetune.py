@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -24,11 +23,11 @@ import numpy as np
 from shopserve.ensemble.lexical import LexicalIndex, top_rows
 from tqdm.auto import tqdm
 
+from .cache import cache_key, cache_root
 from .data import Judgments
 
 log = logging.getLogger("shopserve.export.finetune")
 
-CACHE_ENV = "SHOPSERVE_CACHE"
 CHECKPOINT_DIR = "model"
 REPORT_FILE = "finetune.json"
 
@@ -72,14 +71,6 @@ class Example:
     query: str
     positive: int  # catalogue row
     negative: int  # catalogue row
-
-
-def cache_root() -> Path:
-    """$SHOPSERVE_CACHE/finetune, else ~/.cache/shopserve/finetune (XDG_CACHE_HOME honoured)."""
-    base = os.environ.get(CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shopserve"
-    )
-    return Path(base) / "finetune"
 
 
 def examples_for(
@@ -144,10 +135,8 @@ def finetune(
     fingerprint = data_fingerprint(train, titles)
     # The time budget is not part of the key: a run it did not stop serves any budget.
     settings = {k: v for k, v in options.as_dict().items() if k != "time_budget_s"}
-    key = hashlib.sha256(
-        json.dumps([_base_digest(base), fingerprint, settings]).encode()
-    ).hexdigest()[:24]
-    entry = cache_root() / key
+    key = cache_key(_base_digest(base), fingerprint, settings)
+    entry = cache_root("finetune") / key
     if (entry / REPORT_FILE).exists():
         cached = FinetuneReport(**json.loads((entry / REPORT_FILE).read_text()))
         if not cached.stopped_by_budget or cached.seconds >= options.time_budget_s:

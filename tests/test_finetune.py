@@ -9,6 +9,7 @@ import pytest
 from conftest import write_cut
 from shopserve.ensemble.lexical import LexicalIndex
 from shopserve.export import finetune as finetune_module
+from shopserve.export.cache import CACHE_ENV
 from shopserve.export.data import load_catalogue, load_judgments, split_queries
 from shopserve.export.encoder import model_dir, pooled_encoder
 from shopserve.export.finetune import FinetuneOptions, examples_for, finetune
@@ -59,7 +60,7 @@ def _margin(weights: Path | None, examples, titles: list[str]) -> float:
 
 def test_finetuning_learns_the_train_queries_and_is_cached(cut, tmp_path, monkeypatch):
     catalogue, train, dev, lexical = cut
-    monkeypatch.setenv(finetune_module.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     options = FinetuneOptions(epochs=2, batch_size=16, learning_rate=1e-4, time_budget_s=300)
     checkpoint, report = finetune(
         model_dir(), train, catalogue.product_ids, catalogue.titles, lexical, options
@@ -87,7 +88,7 @@ def test_finetuning_learns_the_train_queries_and_is_cached(cut, tmp_path, monkey
 
 def test_the_time_budget_stops_training(cut, tmp_path, monkeypatch):
     catalogue, train, _, lexical = cut
-    monkeypatch.setenv(finetune_module.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     _, report = finetune(
         model_dir(),
         train,

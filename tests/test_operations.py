@@ -231,7 +231,7 @@ def versioned(tmp_path_factory, data_dir, built_repository) -> tuple[Path, Path]
     items, _ = write_cut(data_dir, folder)
     repository = folder / "store"
     _build(items, repository, 1, "--ranker", str(store.model_file(built_repository, store.RANKER)))
-    _build(items, repository, 2, "--seed", "7", "--ef-search", "512")
+    _build(items, repository, 2, "--ef-search", "512")  # no --ranker: the fusion
     return repository, items
 
 
@@ -307,7 +307,7 @@ def test_rollout_and_rollback_lose_no_request(versioned, tmp_path) -> None:
             assert all(versions == [2] for versions in live.values()), live
             assert _served(server) == answers[2]
             # A version whose files fail their manifest checksums is refused before loading.
-            _build(items, repository, 3, "--seed", "9")
+            _build(items, repository, 3)
             ranker = repository / store.RANKER / "3" / store.ONNX_FILE
             ranker.write_bytes(ranker.read_bytes() + b"tampered")
             with pytest.raises(RolloutError, match=r"ranker/3/model\.onnx fails its manifest"):

@@ -110,6 +110,13 @@ def test_a_worse_transferred_ranker_is_replaced_by_the_fusion(workdir) -> None:
         cwd=workdir,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    # The same encoder and catalogue as my_shop: its INT8 graph comes from the build cache.
+    assert "INT8 Q/DQ graph from the cache" in run.stderr
+    graphs = [
+        workdir / shop / "encoder" / "1" / "model_int8.onnx"
+        for shop in ("my_shop", "inverted_shop")
+    ]
+    assert graphs[0].read_bytes() == graphs[1].read_bytes()
     ranker = json.loads((workdir / "inverted_shop" / "manifest.json").read_text())["ranker"]
     scores = ranker["selection_ndcg10"]
     assert scores["learned"] < scores["zscore_fusion"] and ranker["selected"] == "zscore_fusion"
