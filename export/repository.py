@@ -8,7 +8,6 @@ adapters (the project's ``model_repository/``) as its templates.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 from shopserve.ensemble import store
+
+from .cache import file_digest
 
 log = logging.getLogger("shopserve.export.repository")
 
@@ -119,7 +120,7 @@ class RepositoryWriter:
             for p in (self.stage / model).rglob("*")
             if p.is_file() and "__pycache__" not in p.parts
         )
-        return {str(p.relative_to(self.stage)): _sha256(p) for p in files}
+        return {str(p.relative_to(self.stage)): file_digest(p) for p in files}
 
     def commit(self, build: dict) -> Path:
         """Write the manifest and move the staged version into the repository."""
@@ -149,11 +150,3 @@ class RepositoryWriter:
         shutil.rmtree(self.stage)
         log.info("wrote %s (%d files checksummed)", path, len(manifest["files"]))
         return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
