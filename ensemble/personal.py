@@ -26,6 +26,7 @@ from .postprocess import PostProcessor, SearchResult
 from .profile_store import (
     PROFILE_STORE_ENV,
     STORE_ERRORS,
+    Embedding,
     ProfileStore,
     ProfileStoreUnavailable,
     open_store,
@@ -50,6 +51,18 @@ def profile_namespace(repository: Path) -> str:
     manifest = json.loads((Path(repository) / store.MANIFEST_FILE).read_text())
     relative = str(snapshot_path(repository).relative_to(repository))
     return "profiles-" + manifest["files"][relative][:16]
+
+
+def product_embeddings(repository: Path) -> tuple[Embedding, set[int]]:
+    """Product id -> its embedding in the served build, and the ids it serves: what folding
+    logged purchases into that build's profiles needs."""
+    params = store.config_parameters(repository, store.RETRIEVE)
+    dense = DenseIndex.load(
+        store.version_dir(repository, store.RETRIEVE) / store.DENSE_INDEX_FILE,
+        int(params["ef_search"]),
+    )
+    row_of = {pid: row for row, pid in enumerate(store.load_catalogue(repository).product_ids)}
+    return (lambda pid: dense.vectors(np.array([row_of[pid]]))[0]), set(row_of)
 
 
 PERSONAL_WEIGHT = "personal_weight"  # the search config parameter the build fits
@@ -82,6 +95,7 @@ class Personalization:
             PERSONAL_WEIGHT, "0"
         )
         live = os.environ.get(PROFILE_STORE_ENV)
+        keys = UserKeys.from_environment()
         return cls(
             Recommender(
                 ShopItems.load(version_dir / ITEMS_FILE),
@@ -91,10 +105,10 @@ class Personalization:
             ),
             OnnxRanker(store.model_file(repository, store.REC_RANKER, version), 1),
             OnnxRanker(store.version_dir(repository, store.REC_RANKER, version) / EXPLORE_FILE, 1),
-            open_store(live, namespace=profile_namespace(repository))
+            open_store(live, namespace=profile_namespace(repository), log_name=keys.log_name())
             if live
             else open_store(version_dir / PROFILES_FILE, readonly=True),
-            UserKeys.from_environment(),
+            keys,
             float(weight),
         )
 

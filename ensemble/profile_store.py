@@ -9,17 +9,22 @@
 Rows are keyed by the keyed hash of the user id (:class:`~shopserve.ensemble.profiles.UserKeys`),
 never the id. Live events are folded with the same :meth:`Profile.apply` as the release build; a batch
 is applied in one transaction (all or nothing), and an event whose key was seen before is skipped.
+
+The same transaction appends each new event to the store's **event log** (a table in SQLite, a Redis
+Stream shared by every namespace of one shop), and ``forget`` deletes a shopper's logged events and
+appends an erasure record. The profiles are a view of the log: a live store made for another build
+is that build's snapshot with the log replayed over it (:func:`replay`), so no release, rollback or
+restart drops an acknowledged event or brings back a forgotten shopper.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-import shutil
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,7 @@ from .profiles import ItemStats, Profile
 from .resp import RespClient, RespError, hash_reply, public_location
 
 PROFILE_STORE_ENV = "SHOPSERVE_PROFILE_STORE"  # where the live store is (set by shopserve serve)
+LIVE_PROFILES_FILE = "live.sqlite"  # the embedded live store, under the server's work folder
 Embedding = Callable[[int], np.ndarray]  # product id -> its embedding (the taste vector's part)
 
 # Seeding a Redis namespace: a seeder's lock expires after SEED_LOCK_S (a killed server's lock
@@ -70,7 +76,20 @@ CREATE TABLE IF NOT EXISTS seen_events (
     event_key TEXT NOT NULL,
     PRIMARY KEY (user_key, event_key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS event_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_key TEXT NOT NULL,
+    event_key TEXT NOT NULL,
+    product_id INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    timestamp REAL NOT NULL,
+    basket_key TEXT NOT NULL,
+    logged_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS live_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
+_LOG_COLUMNS = ("user_key", "event_key", "product_id", "kind", "timestamp", "basket_key")
+_LOG_FIELDS = (*_LOG_COLUMNS, "logged_at")
 _ITEM_COLUMNS = tuple(ItemStats.__dataclass_fields__)
 _USER_COLUMNS = (
     "baskets",
@@ -93,6 +112,59 @@ class StoredEvent:
     kind: int
     timestamp: float
     basket_key: str = ""
+
+
+ERASED = -1  # the kind of a log record that erases a shopper (forget); it names no product
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """One entry of the event log: an accepted event, or an erasure (``event.kind == ERASED``)."""
+
+    position: str  # its place in the log (SQLite's sequence number, the Redis Stream's entry id)
+    logged_at: float  # when the store accepted it (Unix seconds)
+    event: StoredEvent
+
+
+@dataclass
+class LiveState:
+    """What a live store holds for one build: profiles, and the event keys folded into them."""
+
+    profiles: dict[str, Profile]
+    seen: dict[str, set[str]]
+    position: str  # the last log record folded ("" for none)
+    replayed: int = 0  # how many logged events were folded over the snapshot
+
+    @classmethod
+    def of(cls, profiles: Iterable[tuple[str, Profile]]) -> LiveState:
+        return cls(dict(profiles), {}, "")
+
+
+def replay(
+    state: LiveState,
+    records: Iterable[LogRecord],
+    embedding: Embedding,
+    known: Container[int],
+) -> LiveState:
+    """Fold log records over ``state`` in log order: an erasure drops the shopper, an event whose
+    key was folded before is skipped, and one naming a product the build does not serve (delisted
+    since) is skipped. Live ingestion logs each batch in the order it folded it, so this gives
+    the profiles the live store had."""
+    for record in records:
+        event = record.event
+        state.position = record.position
+        if event.kind == ERASED:
+            state.profiles.pop(event.user_key, None)
+            state.seen.pop(event.user_key, None)
+            continue
+        seen = state.seen.setdefault(event.user_key, set())
+        if event.event_key in seen or event.product_id not in known:
+            continue
+        seen.add(event.event_key)
+        profile = state.profiles.setdefault(event.user_key, Profile())
+        profile.apply(event.product_id, event.kind, event.timestamp, event.basket_key, embedding)
+        state.replayed += 1
+    return state
 
 
 def _user_row(profile: Profile) -> tuple:
@@ -139,13 +211,23 @@ def _fresh(group: Sequence[StoredEvent], seen: set[str]) -> list[StoredEvent]:
     return fresh
 
 
+def in_fold_order(events: Iterable[StoredEvent]) -> list[StoredEvent]:
+    """One shopper's events in the order they are folded (and logged): by time, stable."""
+    return sorted(events, key=lambda e: e.timestamp)
+
+
 def fold(profile: Profile, events: Iterable[StoredEvent], embedding: Embedding) -> set[int]:
     """Apply events in time order; return the products they touched."""
     touched = set()
-    for event in sorted(events, key=lambda e: e.timestamp):
+    for event in in_fold_order(events):
         profile.apply(event.product_id, event.kind, event.timestamp, event.basket_key, embedding)
         touched.add(event.product_id)
     return touched
+
+
+def erasure(user_key: str) -> StoredEvent:
+    """The log record of a shopper's erasure: their keyed hash only."""
+    return StoredEvent(user_key, "", 0, ERASED, time.time())
 
 
 class ProfileStoreUnavailable(RuntimeError):
@@ -167,13 +249,21 @@ class ProfileStore(ABC):
         """Write whole profiles (replacing any stored under the same key); return how many."""
 
     @abstractmethod
-    def apply(self, events: Sequence[StoredEvent], embedding: Embedding) -> set[str]:
-        """Fold a batch of events into their profiles, all or nothing, durably; return the keys of
-        those that were new (events whose key the store has seen are skipped)."""
+    def apply(
+        self, events: Sequence[StoredEvent], embedding: Embedding, log: bool = True
+    ) -> set[str]:
+        """Fold a batch of events into their profiles and append the new ones to the event log
+        (unless ``log`` is false: a replay of the log itself), all or nothing, durably; return the
+        keys of those that were new (events whose key the store has seen are skipped)."""
 
     @abstractmethod
     def forget(self, user_key: str) -> bool:
-        """Delete everything stored about a user; return whether there was anything."""
+        """Delete everything stored about a user, their logged events included, and log the
+        erasure; return whether there was anything."""
+
+    @abstractmethod
+    def log(self, after: str = "") -> Iterator[LogRecord]:
+        """The event log in order, from the record after position ``after`` ("": the start)."""
 
     @abstractmethod
     def users(self) -> int: ...
@@ -254,7 +344,9 @@ class SqliteProfileStore(ProfileStore):
             [(user_key, pid, *profile.items[pid].row()) for pid in products],
         )
 
-    def apply(self, events: Sequence[StoredEvent], embedding: Embedding) -> set[str]:
+    def apply(
+        self, events: Sequence[StoredEvent], embedding: Embedding, log: bool = True
+    ) -> set[str]:
         groups = _by_user(events)
         with self._transaction("IMMEDIATE"):
             seen = self._select_pairs("seen_events", ["event_key"], "event_key", groups)
@@ -294,7 +386,52 @@ class SqliteProfileStore(ProfileStore):
                 "INSERT INTO seen_events VALUES (?, ?)",
                 [(u, e.event_key) for u, batch in fresh.items() for e in batch],
             )
+            if log:
+                self._append([e for batch in fresh.values() for e in in_fold_order(batch)])
         return {e.event_key for batch in fresh.values() for e in batch}
+
+    def _append(self, events: Sequence[StoredEvent]) -> None:
+        now = time.time()
+        self._db.executemany(
+            f"INSERT INTO event_log ({', '.join(_LOG_COLUMNS)}, logged_at) "
+            f"VALUES ({', '.join('?' * (len(_LOG_COLUMNS) + 1))})",
+            [(*(getattr(e, c) for c in _LOG_COLUMNS), now) for e in events],
+        )
+
+    def log(self, after: str = "") -> Iterator[LogRecord]:
+        last = int(after or 0)
+        while True:  # in pages, so a long log is never held in memory at once
+            rows = self._db.execute(
+                f"SELECT seq, logged_at, {', '.join(_LOG_COLUMNS)} FROM event_log WHERE seq > ? "
+                "ORDER BY seq LIMIT 10000",
+                (last,),
+            ).fetchall()
+            for seq, logged_at, *event in rows:
+                yield LogRecord(str(seq), logged_at, StoredEvent(*event))
+            if not rows:
+                return
+            last = rows[-1][0]
+
+    def namespace(self) -> str | None:
+        """The build whose snapshot these profiles started from (None: not recorded)."""
+        row = self._db.execute("SELECT value FROM live_meta WHERE name = 'namespace'").fetchone()
+        return None if row is None else row[0]
+
+    def reset(self, namespace: str, state: LiveState) -> None:
+        """Replace every profile by ``state`` (the build ``namespace``'s), in one transaction: a
+        crash leaves the previous profiles, and the log is untouched."""
+        with self._transaction("IMMEDIATE"):
+            for table in ("users", "user_items", "seen_events"):
+                self._db.execute(f"DELETE FROM {table}")
+            for user_key, profile in state.profiles.items():
+                self._write(user_key, profile, profile.items)
+            self._db.executemany(
+                "INSERT INTO seen_events VALUES (?, ?)",
+                [(u, k) for u, keys in state.seen.items() for k in keys],
+            )
+            self._db.execute(
+                "INSERT OR REPLACE INTO live_meta VALUES ('namespace', ?)", (namespace,)
+            )
 
     def _select_pairs(
         self, table: str, columns: Sequence[str], key: str, groups: dict[str, list[StoredEvent]]
@@ -319,6 +456,11 @@ class SqliteProfileStore(ProfileStore):
             found = self._user(user_key) is not None
             for table in ("users", "user_items", "seen_events"):
                 self._db.execute(f"DELETE FROM {table} WHERE user_key = ?", (user_key,))
+            events = "DELETE FROM event_log WHERE user_key = ? AND kind != ?"
+            found |= self._db.execute(events, (user_key, ERASED)).rowcount > 0
+            # The new erasure record supersedes any earlier one.
+            self._db.execute("DELETE FROM event_log WHERE user_key = ?", (user_key,))
+            self._append([erasure(user_key)])
         return found
 
     def users(self) -> int:
@@ -337,13 +479,19 @@ class SqliteProfileStore(ProfileStore):
 
 class RedisProfileStore(ProfileStore):
     """Profiles in Redis: ``<prefix>u:<key>`` (a hash of the profile's fields), ``<prefix>i:<key>``
-    (product id -> its stats as JSON) and ``<prefix>e:<key>`` (the event keys seen)."""
+    (product id -> its stats as JSON) and ``<prefix>e:<key>`` (the event keys seen), under one
+    prefix per build; the event log is the Stream ``shopserve:<log_name>``, one per shop, shared by
+    every build's namespace."""
 
     RETRIES = 20
+    LOG_PAGE = 10000
 
-    def __init__(self, url: str, namespace: str, password: str | None = None) -> None:
+    def __init__(
+        self, url: str, namespace: str, password: str | None = None, log_name: str = "log"
+    ) -> None:
         self.client = RespClient(url, password=password)
         self.prefix = f"shopserve:{namespace}:"
+        self.log_key = f"shopserve:{log_name}"
         settings = {}
         for name in ("appendonly", "appendfsync"):
             reply = self.client.call("CONFIG", "GET", name)
@@ -399,7 +547,9 @@ class RedisProfileStore(ProfileStore):
             self.client.transaction(commands)
         return count
 
-    def apply(self, events: Sequence[StoredEvent], embedding: Embedding) -> set[str]:
+    def apply(
+        self, events: Sequence[StoredEvent], embedding: Embedding, log: bool = True
+    ) -> set[str]:
         groups = _by_user(events)
         watched = [key for user_key in groups for key in self._keys(user_key)]
         for _ in range(self.RETRIES):
@@ -424,6 +574,8 @@ class RedisProfileStore(ProfileStore):
                 profile = self._profile(stored, stats) if stored else Profile(items=stats)
                 commands += self._writes(user_key, profile, fold(profile, fresh, embedding))
                 commands.append(("SADD", seen_key, *(e.event_key for e in fresh)))
+                if log:
+                    commands += [self._append(e) for e in in_fold_order(fresh)]
                 applied.update(e.event_key for e in fresh)
             if not commands:
                 self.client.call("UNWATCH")
@@ -432,8 +584,61 @@ class RedisProfileStore(ProfileStore):
                 return applied
         raise RuntimeError(f"events for {len(groups)} users kept conflicting; not applied")
 
+    def _append(self, event: StoredEvent) -> tuple:
+        """The XADD of one log record: the Stream's entry id orders it, its fields hold the event
+        and when it was accepted."""
+        fields = (*(getattr(event, c) for c in _LOG_COLUMNS), time.time())
+        return (
+            "XADD",
+            self.log_key,
+            "*",
+            *(x for kv in zip(_LOG_FIELDS, fields, strict=True) for x in kv),
+        )
+
+    def log(self, after: str = "") -> Iterator[LogRecord]:
+        start = f"({after}" if after else "-"
+        while True:
+            entries = self.client.call("XRANGE", self.log_key, start, "+", "COUNT", self.LOG_PAGE)
+            for entry_id, flat in entries:
+                fields = hash_reply(flat)
+                values = [fields[name.encode()].decode() for name in _LOG_FIELDS]
+                user_key, event_key, product, kind, timestamp, basket_key, logged_at = values
+                event = StoredEvent(
+                    user_key, event_key, int(product), int(kind), float(timestamp), basket_key
+                )
+                yield LogRecord(entry_id.decode(), float(logged_at), event)
+            if len(entries) < self.LOG_PAGE:
+                return
+            start = f"({entries[-1][0].decode()}"
+
     def forget(self, user_key: str) -> bool:
-        return bool(self.client.call("DEL", *self._keys(user_key)))
+        logged = [r for r in self.log() if r.event.user_key == user_key]
+        commands: list[tuple] = [("DEL", *self._keys(user_key))]
+        if logged:  # its events, and any earlier erasure record the new one supersedes
+            commands.append(("XDEL", self.log_key, *(r.position for r in logged)))
+        commands.append(self._append(erasure(user_key)))
+        removed = self.client.transaction(commands)
+        return bool(removed[0]) or any(r.event.kind != ERASED for r in logged)
+
+    def catch_up(self, embedding: Embedding, known: Container[int]) -> int:
+        """Fold the log records after this namespace's last replayed position (events logged
+        through another build's namespace since this one last started); return how many events
+        were new here. Idempotent: folded event keys are skipped."""
+        replayed = f"{self.prefix}replayed"
+        position = (self.client.call("GET", replayed) or b"").decode()
+        folded, pending = 0, []
+        for record in self.log(position):
+            position = record.position
+            if record.event.kind == ERASED:
+                folded += len(self.apply(pending, embedding, log=False)) if pending else 0
+                pending = []
+                self.client.call("DEL", *self._keys(record.event.user_key))
+            elif record.event.product_id in known:
+                pending.append(record.event)
+        if pending:
+            folded += len(self.apply(pending, embedding, log=False))
+        self.client.call("SET", replayed, position)
+        return folded
 
     def users(self) -> int:
         cursor, count = b"0", 0
@@ -447,15 +652,17 @@ class RedisProfileStore(ProfileStore):
 
     def seed_once(
         self,
-        profiles: Callable[[], Iterable[tuple[str, Profile]]],
+        state: Callable[[], LiveState],
         marker: str,
         lock_s: float = SEED_LOCK_S,
         wait_s: float = SEED_WAIT_S,
     ) -> int | None:
-        """Write ``profiles()`` into this namespace unless it was seeded before; return how many,
-        or None when it already was.
+        """Write ``state()`` (the build's snapshot with the log replayed over it) into this
+        namespace unless it was seeded before; return how many profiles, or None when it already
+        was.
 
-        The profiles and the ``seeded`` marker are written in one transaction, so the namespace
+        The profiles, their event keys, the last log position folded and the ``seeded`` marker are
+        written in one transaction, so the namespace
         is either untouched or complete: a crash mid-seeding leaves nothing. One server at a time
         seeds, under a lock that expires after ``lock_s`` (a server killed while seeding holds it
         no longer); the others wait for the marker, up to ``wait_s``. The transaction WATCHes the
@@ -479,7 +686,10 @@ class RedisProfileStore(ProfileStore):
             if done or owner != token.encode():
                 self.client.call("UNWATCH")
                 return None
-            commands, count = self._put_commands(profiles())
+            live = state()
+            commands, count = self._put_commands(live.profiles.items())
+            commands += [("SADD", self._keys(u)[2], *keys) for u, keys in live.seen.items() if keys]
+            commands.append(("SET", f"{self.prefix}replayed", live.position))
             if self.client.transaction([*commands, ("SET", seeded, marker)]) is None:
                 return None  # the lock expired and another server seeded meanwhile
             return count
@@ -507,10 +717,13 @@ def _redis_password(options: dict[str, list[str]], shown: str) -> str | None:
     return lines[0].strip()
 
 
-def open_store(location: str | Path, readonly: bool = False, namespace: str = "") -> ProfileStore:
+def open_store(
+    location: str | Path, readonly: bool = False, namespace: str = "", log_name: str = "log"
+) -> ProfileStore:
     """A profile store by location: a file path or ``sqlite:///path`` for the embedded store,
     ``redis://host:port/db`` or ``unix:///path`` for Redis, whose query may name the namespace
-    (``?namespace=NAME``) and a file holding the password (``password_file=PATH``)."""
+    (``?namespace=NAME``) and a file holding the password (``password_file=PATH``); ``log_name``
+    names a Redis store's event log (one per shop)."""
     text = str(location)
     if text.startswith(("redis://", "unix://")):
         shown = public_location(text)
@@ -524,6 +737,7 @@ def open_store(location: str | Path, readonly: bool = False, namespace: str = ""
             text.split("?")[0],
             options.get("namespace", [namespace])[0],
             password=_redis_password(options, shown),
+            log_name=log_name,
         )
     if text.startswith("sqlite://"):
         text = text.removeprefix("sqlite://")
@@ -535,31 +749,48 @@ def open_store(location: str | Path, readonly: bool = False, namespace: str = ""
     return SqliteProfileStore(text, readonly=readonly)
 
 
-def seed(location: str, snapshot: Path, namespace: str) -> str:
-    """Make the live store at ``location`` start from the build's snapshot, once; return what was
-    done (for the launcher's log: no password)."""
-    store = None
+def seed(
+    location: str,
+    snapshot: Path,
+    namespace: str,
+    embedding: Embedding,
+    known: Container[int],
+    log_name: str = "log",
+) -> str:
+    """Make the live store at ``location`` hold the build ``namespace``'s profiles: its snapshot
+    with every logged event replayed over it; return what was done (for the launcher's log: no
+    password). A SQLite store is one file that keeps its log across builds and is rebuilt when
+    the build changes; a Redis namespace is seeded once and then catches up with the log."""
+
+    def from_snapshot(live: ProfileStore) -> LiveState:
+        snapshot_store = SqliteProfileStore(snapshot, readonly=True)
+        try:
+            state = LiveState.of(snapshot_store.profiles())
+        finally:
+            snapshot_store.close()
+        return replay(state, live.log(), embedding, known)
+
     text = str(location)
     shown = public_location(text)
+    live = open_store(text, namespace=namespace, log_name=log_name)
     try:
-        if text.startswith(("redis://", "unix://")):
-            store = open_store(text, namespace=namespace)
-            snapshot_store = SqliteProfileStore(snapshot, readonly=True)
-            try:
-                count = store.seed_once(snapshot_store.profiles, namespace)
-            finally:
-                snapshot_store.close()
-            if count is None:
-                return f"{shown} already holds namespace {namespace}"
-            return f"seeded {count} profiles into {shown} (namespace {namespace})"
-        path = Path(text.removeprefix("sqlite://"))
-        if path.exists():
-            return f"{path} exists; serving it"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        shutil.copyfile(snapshot, partial)
-        partial.rename(path)
-        return f"seeded {path} from {snapshot}"
+        if isinstance(live, RedisProfileStore):
+            count = live.seed_once(lambda: from_snapshot(live), namespace)
+            caught_up = live.catch_up(embedding, known)
+            done = (
+                f"{shown} already holds namespace {namespace}"
+                if count is None
+                else f"seeded {count} profiles into {shown} (namespace {namespace})"
+            )
+            return f"{done}; {caught_up} logged events caught up"
+        assert isinstance(live, SqliteProfileStore)
+        if live.namespace() == namespace:
+            return f"{live.path} holds {namespace}; serving it"
+        state = from_snapshot(live)
+        live.reset(namespace, state)
+        return (
+            f"made {live.path} for {namespace}: {len(state.profiles)} profiles from {snapshot}, "
+            f"{state.replayed} logged events replayed"
+        )
     finally:
-        if store is not None:
-            store.close()
+        live.close()

@@ -62,6 +62,11 @@ class UserKeys:
     def key(self, user_id: str) -> str:
         return hmac.new(self._secret, user_id.encode("utf-8"), hashlib.sha256).hexdigest()
 
+    def log_name(self) -> str:
+        """Names this shop's event log in a shared Redis: a keyed digest of a constant, so shops
+        with different secrets never share a log, and the name reveals nothing."""
+        return "log-" + self.key("\x00shopserve event log")[:16]
+
 
 def new_secret() -> bytes:
     return os.urandom(32).hex().encode("ascii")

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shopserve.client._client import ADMIN_KEY_NAME, INFERENCE_KEY_NAME
-from shopserve.ensemble.personal import profile_namespace, snapshot_path
-from shopserve.ensemble.profile_store import PROFILE_STORE_ENV, seed
+from shopserve.ensemble.personal import product_embeddings, profile_namespace, snapshot_path
+from shopserve.ensemble.profile_store import LIVE_PROFILES_FILE, PROFILE_STORE_ENV, seed
 from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
 
 log = logging.getLogger("shopserve.server")
@@ -96,7 +96,7 @@ class ServerConfig:
     response_cache_bytes: int = 16 * 1024 * 1024
     log_verbose: int = 0
     # A personalised store's live profiles: a path, sqlite:///path or redis://host:port/db.
-    # Default: <work_dir>/profiles/<the build's snapshot digest>.sqlite
+    # Default: <work_dir>/profiles/live.sqlite (it keeps the event log across builds).
     profile_store: str | None = None
     # gRPC over TLS: the server's certificate and key (PEM files), and a CA to require client
     # certificates signed by it.
@@ -242,15 +242,17 @@ class TritonServer:
         """Check the secret, seed the live profile store from the build's snapshot (once) and
         return where the models find it."""
         try:
-            UserKeys.from_environment()
+            keys = UserKeys.from_environment()
         except MissingUserKeyError as exc:
             raise ServerError(f"{repo} is a personalised store: {exc}") from exc
         namespace = profile_namespace(repo)
-        location = self.config.profile_store or str(work_dir / "profiles" / f"{namespace}.sqlite")
+        location = self.config.profile_store or str(work_dir / "profiles" / LIVE_PROFILES_FILE)
         if location.startswith(("redis://", "unix://")) and "namespace=" not in location:
             # Fixed for the server's life: a rollout to a newer build keeps the live profiles.
             location += ("&" if "?" in location else "?") + f"namespace={namespace}"
-        log.info("profile store: %s", seed(location, snapshot_path(repo), namespace))
+        embedding, known = product_embeddings(repo)
+        done = seed(location, snapshot_path(repo), namespace, embedding, known, keys.log_name())
+        log.info("profile store: %s", done)
         return location
 
     def wait_ready(self, timeout: float) -> None:

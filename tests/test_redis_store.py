@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import running_redis
 from shopserve.ensemble.profile_store import (
+    LiveState,
     RedisProfileStore,
     SqliteProfileStore,
     StoredEvent,
@@ -51,13 +52,22 @@ def redis(tmp_path_factory):
 
 
 def _namespace(url: str, name: str) -> RedisProfileStore:
-    return RedisProfileStore(url, name)
+    """A namespace with an event log of its own (the tests share one Redis)."""
+    return RedisProfileStore(url, name, log_name=f"log-{name}")
+
+
+def _seed(url: str, snapshot, name: str) -> str:
+    return seed(url, snapshot, name, _embedding, range(1000), log_name=f"log-{name}")
+
+
+def _snapshot_state(snapshot):
+    return lambda: LiveState.of(SqliteProfileStore(snapshot, readonly=True).profiles())
 
 
 def test_servers_starting_at_once_seed_one_namespace_once(redis, snapshot) -> None:
     said: list[str] = []
     starters = [
-        threading.Thread(target=lambda: said.append(seed(redis, snapshot, "together")))
+        threading.Thread(target=lambda: said.append(_seed(redis, snapshot, "together")))
         for _ in range(4)
     ]
     for starter in starters:
@@ -75,12 +85,12 @@ def test_servers_starting_at_once_seed_one_namespace_once(redis, snapshot) -> No
 
 
 def test_a_seeded_namespace_keeps_its_live_writes(redis, snapshot) -> None:
-    assert seed(redis, snapshot, "kept").startswith(f"seeded {SHOPPERS}")
+    assert _seed(redis, snapshot, "kept").startswith(f"seeded {SHOPPERS}")
     live = _namespace(redis, "kept")
     changed = Profile()
     changed.apply(999, PURCHASE, 50.0, "live", _embedding)
     live.put([("key-0", changed)])
-    assert "already holds" in seed(redis, snapshot, "kept")  # a restart seeds nothing
+    assert "already holds" in _seed(redis, snapshot, "kept")  # a restart seeds nothing
     assert set(live.get("key-0").items) == {999}
 
 
@@ -96,7 +106,7 @@ def test_a_seeder_killed_mid_seeding_leaves_nothing_and_the_next_start_seeds(
     live = _namespace(redis, "crashed")
     assert live.users() == 0
     started = time.monotonic()
-    count = live.seed_once(SqliteProfileStore(snapshot, readonly=True).profiles, "crashed")
+    count = live.seed_once(_snapshot_state(snapshot), "crashed")
     assert count == SHOPPERS and live.users() == SHOPPERS
     assert time.monotonic() - started >= 1.0  # it waited for the dead seeder's lock to expire
 
@@ -106,14 +116,13 @@ def test_a_seeding_that_outlived_its_lock_writes_nothing(redis, snapshot) -> Non
     wins, and the late one's writes are dropped whole."""
     slow = _namespace(redis, "late")
     other = _namespace(redis, "late")
-    reference = SqliteProfileStore(snapshot, readonly=True)
 
     def late_profiles():
         time.sleep(0.6)  # past the lock: the other server seeds meanwhile
-        assert other.seed_once(reference.profiles, "other", lock_s=5) == SHOPPERS
+        assert other.seed_once(_snapshot_state(snapshot), "other", lock_s=5) == SHOPPERS
         extra = Profile()
         extra.apply(1, PURCHASE, 1.0, "x", _embedding)
-        return [("late-only", extra)]
+        return LiveState.of([("late-only", extra)])
 
     assert slow.seed_once(late_profiles, "slow", lock_s=0.3) is None
     assert slow.users() == SHOPPERS and slow.get("late-only") is None
@@ -125,9 +134,9 @@ def test_a_server_waits_for_another_servers_seeding(redis, snapshot) -> None:
     holder.call("SET", "shopserve:busy:seeding", "another-server", "PX", 60_000)
     waiting = _namespace(redis, "busy")
     with pytest.raises(TimeoutError, match="being seeded by another server"):
-        waiting.seed_once(SqliteProfileStore(snapshot, readonly=True).profiles, "busy", wait_s=0.5)
+        waiting.seed_once(_snapshot_state(snapshot), "busy", wait_s=0.5)
     holder.call("SET", "shopserve:busy:seeded", "another-server")
-    assert waiting.seed_once(SqliteProfileStore(snapshot, readonly=True).profiles, "busy") is None
+    assert waiting.seed_once(_snapshot_state(snapshot), "busy") is None
 
 
 def test_a_full_redis_refuses_batches_whole_and_keeps_what_it_acknowledged(redis) -> None:

@@ -1,0 +1,148 @@
+"""The event log on both backends (a SQLite file, a real Redis): every accepted event is logged
+once, a live store made for another build is that build's snapshot with the log replayed over it,
+and a forgotten shopper stays forgotten whichever build a server starts on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import running_redis
+from shopserve.ensemble.profile_store import (
+    ERASED,
+    LiveState,
+    SqliteProfileStore,
+    StoredEvent,
+    open_store,
+    replay,
+    seed,
+)
+from shopserve.ensemble.profiles import Profile
+
+PURCHASE, VIEW = 3, 0
+SHOPPERS = 12
+KNOWN = range(100)
+
+
+def _embedding(product_id: int) -> np.ndarray:
+    return np.full(4, float(product_id), dtype=np.float32)
+
+
+def _snapshot(path, first_product: int):
+    """A build's snapshot: SHOPPERS shoppers, each with a basket starting at ``first_product``
+    (two builds differ by it)."""
+    store = SqliteProfileStore(path)
+    profiles = []
+    for shopper in range(SHOPPERS):
+        profile = Profile()
+        profile.apply(first_product + shopper, PURCHASE, 10.0, "b0", _embedding)
+        profiles.append((f"key-{shopper}", profile))
+    store.put(profiles)
+    store.close()
+    return path
+
+
+@pytest.fixture()
+def builds(tmp_path):
+    return {"v1": _snapshot(tmp_path / "v1.sqlite", 0), "v2": _snapshot(tmp_path / "v2.sqlite", 40)}
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    with running_redis(tmp_path_factory.mktemp("redis-log")) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def location(request, tmp_path):
+    """Where a server keeps its live store, and a name for this test's log and namespaces (the
+    tests share one Redis)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "profiles" / "live.sqlite"), ""
+    return request.getfixturevalue("redis_server"), "-" + request.node.originalname
+
+
+def _start(location, builds, build: str) -> None:
+    """What ``shopserve serve`` does for the live store when it starts on ``build``."""
+    url, test = location
+    seed(url, builds[build], f"{build}{test}", _embedding, KNOWN, f"log{test}")
+
+
+def _open(location, build: str):
+    url, test = location
+    return open_store(url, namespace=f"{build}{test}", log_name=f"log{test}")
+
+
+def _event(shopper: int, product: int, key: str, at: float, kind: int = PURCHASE) -> StoredEvent:
+    return StoredEvent(f"key-{shopper}", key, product, kind, at, f"live-{at}")
+
+
+LIVE = [_event(1, 90, "a", 100.0), _event(1, 91, "b", 100.0), _event(2, 92, "c", 101.0)]
+
+
+def _expected(snapshot, events) -> dict:
+    """The reference: the snapshot's profiles with ``events`` folded in, in memory."""
+    state = LiveState.of(SqliteProfileStore(snapshot, readonly=True).profiles())
+    return replay(state, [_record(e) for e in events], _embedding, KNOWN).profiles
+
+
+def _record(event):
+    from shopserve.ensemble.profile_store import LogRecord
+
+    return LogRecord("", 0.0, event)
+
+
+def _same_profiles(store, expected: dict) -> None:
+    assert store.users() == len(expected)
+    for key, profile in expected.items():
+        stored = store.get(key)
+        assert stored is not None, key
+        assert stored.items == profile.items, key
+        assert stored.baskets == profile.baskets
+        np.testing.assert_allclose(stored.taste_sum, profile.taste_sum)
+
+
+def test_every_accepted_event_is_logged_once_in_fold_order(location, builds) -> None:
+    _start(location, builds, "v1")
+    live = _open(location, "v1")
+    later, earlier = _event(3, 5, "late", 200.0), _event(3, 6, "early", 150.0)
+    assert live.apply([later, earlier, later], _embedding) == {"late", "early"}
+    assert live.apply([later, _event(3, 7, "new", 210.0)], _embedding) == {"new"}  # a retry
+    logged = [r.event for r in live.log()]
+    assert [e.event_key for e in logged] == ["early", "late", "new"]
+    assert logged[0] == earlier
+    positions = [r.position for r in live.log()]
+    assert [r.event.event_key for r in live.log(positions[0])] == ["late", "new"]
+
+
+def test_a_release_rollback_and_restart_keep_every_logged_event(location, builds) -> None:
+    _start(location, builds, "v1")
+    _open(location, "v1").apply(LIVE[:2], _embedding)
+    _same_profiles(_open(location, "v1"), _expected(builds["v1"], LIVE[:2]))
+    _start(location, builds, "v2")  # a restart on the newer build
+    _same_profiles(_open(location, "v2"), _expected(builds["v2"], LIVE[:2]))
+    _open(location, "v2").apply(LIVE[2:], _embedding)
+    _start(location, builds, "v1")  # back to the older build: it catches up with the log
+    _same_profiles(_open(location, "v1"), _expected(builds["v1"], LIVE))
+    _start(location, builds, "v1")  # a plain restart changes nothing
+    _same_profiles(_open(location, "v1"), _expected(builds["v1"], LIVE))
+    _start(location, builds, "v2")
+    _same_profiles(_open(location, "v2"), _expected(builds["v2"], LIVE))
+    assert len(list(_open(location, "v2").log())) == len(LIVE)  # replays log nothing
+
+
+def test_a_forgotten_shopper_stays_forgotten_on_every_build(location, builds) -> None:
+    _start(location, builds, "v1")
+    live = _open(location, "v1")
+    live.apply(LIVE, _embedding)
+    assert live.forget("key-1")
+    logged = [r.event for r in live.log()]
+    assert [e.kind for e in logged if e.user_key == "key-1"] == [ERASED]  # no event kept
+    assert logged[-1].event_key == "" and logged[-1].product_id == 0
+    comeback = _event(1, 93, "d", 300.0)
+    live.apply([comeback], _embedding)
+    for build in ("v2", "v1", "v2"):
+        _start(location, builds, build)
+        store = _open(location, build)
+        assert set(store.get("key-1").items) == {93}, build  # the snapshot's history is gone
+        assert set(store.get("key-2").items) >= {92}
+    assert not _open(location, "v2").forget("key-never-seen")
