@@ -19,6 +19,7 @@ restart drops an acknowledged event or brings back a forgotten shopper.
 
 from __future__ import annotations
 
+import csv
 import json
 import secrets
 import sqlite3
@@ -32,7 +33,7 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
-from .profiles import ItemStats, Profile
+from .profiles import EVENT_TYPES, ItemStats, Profile
 from .resp import RespClient, RespError, hash_reply, public_location
 
 PROFILE_STORE_ENV = "SHOPSERVE_PROFILE_STORE"  # where the live store is (set by shopserve serve)
@@ -133,11 +134,14 @@ class LiveState:
     profiles: dict[str, Profile]
     seen: dict[str, set[str]]
     position: str  # the last log record folded ("" for none)
+    watermark: float  # the snapshot's latest event: logged events up to it are in the snapshot
     replayed: int = 0  # how many logged events were folded over the snapshot
 
     @classmethod
     def of(cls, profiles: Iterable[tuple[str, Profile]]) -> LiveState:
-        return cls(dict(profiles), {}, "")
+        profiles = dict(profiles)
+        latest = max((p.last_ts for p in profiles.values()), default=0.0)
+        return cls(profiles, {}, "", latest)
 
 
 def replay(
@@ -146,10 +150,11 @@ def replay(
     embedding: Embedding,
     known: Container[int],
 ) -> LiveState:
-    """Fold log records over ``state`` in log order: an erasure drops the shopper, an event whose
-    key was folded before is skipped, and one naming a product the build does not serve (delisted
-    since) is skipped. Live ingestion logs each batch in the order it folded it, so this gives
-    the profiles the live store had."""
+    """Fold log records over ``state`` in log order: an erasure drops the shopper; an event is
+    skipped when its key was folded before, when it is not after the snapshot's watermark (the
+    build's own event files hold it), or when it names a product the build does not serve
+    (delisted since). Live ingestion logs each batch in the order it folded it, so this gives the
+    profiles the live store had."""
     for record in records:
         event = record.event
         state.position = record.position
@@ -158,7 +163,11 @@ def replay(
             state.seen.pop(event.user_key, None)
             continue
         seen = state.seen.setdefault(event.user_key, set())
-        if event.event_key in seen or event.product_id not in known:
+        if (
+            event.event_key in seen
+            or event.timestamp <= state.watermark
+            or event.product_id not in known
+        ):
             continue
         seen.add(event.event_key)
         profile = state.profiles.setdefault(event.user_key, Profile())
@@ -228,6 +237,41 @@ def fold(profile: Profile, events: Iterable[StoredEvent], embedding: Embedding) 
 def erasure(user_key: str) -> StoredEvent:
     """The log record of a shopper's erasure: their keyed hash only."""
     return StoredEvent(user_key, "", 0, ERASED, time.time())
+
+
+EXPORT_COLUMNS = ("user_key", "product_id", "timestamp", "event", "basket_id", "event_key")
+ERASED_EVENT = "forget"  # an erasure's event name in an export
+
+
+def export_log(store: ProfileStore, path: Path, since: float = 0.0) -> tuple[int, int]:
+    """Write the log records the store accepted at or after ``since`` (Unix seconds) to a CSV in
+    the events format, ids as the keyed hashes the store holds (column ``user_key``), erasures as
+    event ``forget``; return (events, erasures) written."""
+    counts = [0, 0]
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*EXPORT_COLUMNS, "logged_at"])
+        for record in store.log():
+            if record.logged_at < since:
+                continue
+            event = record.event
+            erased = event.kind == ERASED
+            name = ERASED_EVENT if erased else EVENT_TYPES[event.kind]
+            writer.writerow(
+                [
+                    event.user_key,
+                    "" if erased else event.product_id,
+                    event.timestamp,
+                    name,
+                    event.basket_key,
+                    event.event_key,
+                    record.logged_at,
+                ]
+            )
+            counts[erased] += 1
+    partial.replace(path)
+    return counts[0], counts[1]
 
 
 class ProfileStoreUnavailable(RuntimeError):
@@ -625,7 +669,10 @@ class RedisProfileStore(ProfileStore):
         through another build's namespace since this one last started); return how many events
         were new here. Idempotent: folded event keys are skipped."""
         replayed = f"{self.prefix}replayed"
-        position = (self.client.call("GET", replayed) or b"").decode()
+        position, watermark = self.client.pipeline(
+            [("GET", replayed), ("GET", f"{self.prefix}watermark")]
+        )
+        position, watermark = (position or b"").decode(), float(watermark or 0.0)
         folded, pending = 0, []
         for record in self.log(position):
             position = record.position
@@ -633,7 +680,7 @@ class RedisProfileStore(ProfileStore):
                 folded += len(self.apply(pending, embedding, log=False)) if pending else 0
                 pending = []
                 self.client.call("DEL", *self._keys(record.event.user_key))
-            elif record.event.product_id in known:
+            elif record.event.product_id in known and record.event.timestamp > watermark:
                 pending.append(record.event)
         if pending:
             folded += len(self.apply(pending, embedding, log=False))
@@ -690,6 +737,7 @@ class RedisProfileStore(ProfileStore):
             commands, count = self._put_commands(live.profiles.items())
             commands += [("SADD", self._keys(u)[2], *keys) for u, keys in live.seen.items() if keys]
             commands.append(("SET", f"{self.prefix}replayed", live.position))
+            commands.append(("SET", f"{self.prefix}watermark", repr(live.watermark)))
             if self.client.transaction([*commands, ("SET", seeded, marker)]) is None:
                 return None  # the lock expired and another server seeded meanwhile
             return count

@@ -152,6 +152,40 @@ def keys(argv: list[str]) -> int:
     return 0
 
 
+def events_export(argv: list[str]) -> int:
+    """``shopserve events export``: the live store's event log as an events file (hashed ids)."""
+    from shopserve.ensemble.profile_store import export_log, open_store
+    from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
+
+    parser = argparse.ArgumentParser(
+        prog="shopserve events export",
+        description="Write the live store's event log (every accepted event and erasure) as a "
+        "CSV in the events format, user ids as their keyed hashes (column user_key).",
+    )
+    parser.add_argument("output", type=Path)
+    parser.add_argument(
+        "--profile-store",
+        required=True,
+        help="the server's live store: WORK_DIR/profiles/live.sqlite, or its redis:// location",
+    )
+    parser.add_argument(
+        "--since", type=float, default=0.0, help="only records accepted at or after this Unix time"
+    )
+    args = parser.parse_args(argv)
+    try:
+        log_name = UserKeys.from_environment().log_name()
+        store = open_store(args.profile_store, readonly=True, log_name=log_name)
+    except (MissingUserKeyError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        events, erasures = export_log(store, args.output, args.since)
+    finally:
+        store.close()
+    print(f"wrote {events} events and {erasures} erasures to {args.output}")
+    return 0
+
+
 def rollout(argv: list[str]) -> int:
     """``shopserve rollout``: switch a running server to another version of its store."""
     from shopserve.client._cli import _connection, _security
@@ -204,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         return keys(rest)
     if command == "rollout":
         return rollout(rest)
+    if command == "events" and rest[:1] == ["export"]:
+        return events_export(rest[1:])
     if command in ("events", "forget"):
         from shopserve.client import _cli
 

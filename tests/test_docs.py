@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "rollout": (SHOPSERVE, ("docs/serving.md",)),
     "keys": (SHOPSERVE, ("docs/serving.md",)),
     "events": (SHOPSERVE, ("docs/serving.md",)),
+    "events export": (SHOPSERVE, ("docs/serving.md",)),
     "forget": (SHOPSERVE, ("docs/serving.md",)),
     "search": (SHOPSERVE, ("docs/api.md", "README.md")),
     "recommend": (SHOPSERVE, ("docs/api.md", "README.md")),
@@ -42,7 +43,8 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
 # Where a command is named in the docs: "python -m shopserve.export build", "shopserve serve".
 _COMMAND = re.compile(
     r"shopserve\.export (?P<export>build|evaluate|transfer|instacart)\b"
-    r"|(?<![\w.-])shopserve (?P<shopserve>serve|rollout|search|recommend|keys|events|forget)\b"
+    r"|(?<![\w.-])shopserve (?P<shopserve>serve|rollout|search|recommend|keys|events export|events"
+    r"|forget)\b"
 )
 # A command's own flags end where the shell line goes on to something else.
 _END_OF_COMMAND = re.compile(r"\s(?:#|&&|\|\||\||;|&)(?:\s|$)")
@@ -78,7 +80,7 @@ def command_flags(command: str) -> frozenset[str]:
     else:
         from shopserve.cli import main
 
-        text = _printed_help(main, [command, "--help"])
+        text = _printed_help(main, [*command.split(), "--help"])
     assert f"usage: {program} {command}" in " ".join(text.split()), text[:200]
     return frozenset(_FLAG.findall(text)) - {"--help"}
 

@@ -146,3 +146,46 @@ def test_a_forgotten_shopper_stays_forgotten_on_every_build(location, builds) ->
         assert set(store.get("key-1").items) == {93}, build  # the snapshot's history is gone
         assert set(store.get("key-2").items) >= {92}
     assert not _open(location, "v2").forget("key-never-seen")
+
+
+def test_the_log_exports_as_an_events_file_with_hashed_ids(location, builds, tmp_path) -> None:
+    import csv
+
+    from shopserve.ensemble.profile_store import export_log
+
+    _start(location, builds, "v1")
+    live = _open(location, "v1")
+    live.apply(LIVE, _embedding)
+    live.forget("key-2")
+    events, erasures = export_log(live, tmp_path / "log.csv")
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert (events, erasures) == (2, 1)
+    assert [(r["user_key"], r["product_id"], r["event"]) for r in rows] == [
+        ("key-1", "90", "purchase"),
+        ("key-1", "91", "purchase"),
+        ("key-2", "", "forget"),
+    ]
+    assert export_log(live, tmp_path / "none.csv", since=float(rows[-1]["logged_at"]) + 1) == (0, 0)
+
+
+def test_events_export_cli(tmp_path, builds, monkeypatch, capsys) -> None:
+    from shopserve.cli import main
+
+    monkeypatch.setenv("SHOPSERVE_USER_KEY", "a-test-secret-of-enough-bytes")
+    location = str(tmp_path / "live.sqlite")
+    seed(location, builds["v1"], "v1", _embedding, KNOWN)
+    open_store(location).apply(LIVE, _embedding)
+    assert main(["events", "export", "--profile-store", location, str(tmp_path / "out.csv")]) == 0
+    assert "wrote 3 events and 0 erasures" in capsys.readouterr().out
+    assert len((tmp_path / "out.csv").read_text().splitlines()) == 4
+    assert main(["events", "export", "--profile-store", str(tmp_path / "no.sqlite"), "x"]) == 1
+
+
+def test_logged_events_a_build_already_holds_are_not_replayed_twice(location, builds) -> None:
+    """An event no later than a snapshot's latest event is in that build's own event files (a
+    back-fill of history): a new build's replay skips it, later events are replayed."""
+    _start(location, builds, "v1")
+    backfill, fresh = _event(4, 94, "old", 5.0), _event(4, 95, "new", 500.0)
+    _open(location, "v1").apply([backfill, fresh], _embedding)
+    _start(location, builds, "v2")
+    assert set(_open(location, "v2").get("key-4").items) == {44, 95}
