@@ -310,6 +310,11 @@ class ProfileStore(ABC):
         """The event log in order, from the record after position ``after`` ("": the start)."""
 
     @abstractmethod
+    def compact(self, before: float) -> int:
+        """Delete the logged events accepted before ``before`` (Unix seconds), keeping every
+        erasure record; return how many were deleted."""
+
+    @abstractmethod
     def users(self) -> int: ...
 
     @abstractmethod
@@ -455,6 +460,12 @@ class SqliteProfileStore(ProfileStore):
             if not rows:
                 return
             last = rows[-1][0]
+
+    def compact(self, before: float) -> int:
+        with self._transaction("IMMEDIATE"):
+            return self._db.execute(
+                "DELETE FROM event_log WHERE logged_at < ? AND kind != ?", (before, ERASED)
+            ).rowcount
 
     def namespace(self) -> str | None:
         """The build whose snapshot these profiles started from (None: not recorded)."""
@@ -663,6 +674,12 @@ class RedisProfileStore(ProfileStore):
         commands.append(self._append(erasure(user_key)))
         removed = self.client.transaction(commands)
         return bool(removed[0]) or any(r.event.kind != ERASED for r in logged)
+
+    def compact(self, before: float) -> int:
+        old = [r.position for r in self.log() if r.logged_at < before and r.event.kind != ERASED]
+        for start in range(0, len(old), self.LOG_PAGE):
+            self.client.call("XDEL", self.log_key, *old[start : start + self.LOG_PAGE])
+        return len(old)
 
     def catch_up(self, embedding: Embedding, known: Container[int]) -> int:
         """Fold the log records after this namespace's last replayed position (events logged

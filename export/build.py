@@ -30,12 +30,15 @@ from . import gpu, qdq
 from .cache import cache_key, cache_root, file_digest
 from .data import (
     CatalogueData,
+    HashedIds,
     Judgments,
     fingerprint,
     load_catalogue,
+    load_event_log,
     load_events,
     load_judgments,
     split_queries,
+    with_event_log,
 )
 from .evaluate import evaluate, rerank_ndcg_by_cosine
 from .finetune import FinetuneOptions, finetune
@@ -77,6 +80,7 @@ class BuildOptions:
     ranker: Path | None = None  # a ranker trained elsewhere, for a catalogue without judgments
     events: Path | None = None  # a behaviour log: profiles, recommendations, personalised search
     rec_ranker: Path | None = None  # a recommendation ranker trained elsewhere (with events)
+    events_log: Path | None = None  # an exported live event log (shopserve events export)
     ef_search: int | None = None  # None: the smallest that reaches the recall target, measured
     gate_texts: int = 1000
     epochs: int = 30
@@ -217,7 +221,19 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
                 raise BuildError("--rec-ranker needs --events (it ranks shoppers' recommendations)")
             check_reusable(options.rec_ranker, REC_FEATURE_NAMES, "--rec-ranker")
         events = load_events(options.events, catalogue) if options.events else None
-        keys = UserKeys.from_environment() if events else None
+        keys: UserKeys | HashedIds | None = UserKeys.from_environment() if events else None
+        folded_log: dict | None = None
+        if options.events_log is not None:
+            if events is None or keys is None:
+                raise BuildError("--events-log needs --events (the shop's own events file)")
+            event_log = load_event_log(options.events_log, catalogue)
+            events, keys = with_event_log(events, keys.key, event_log), HashedIds()
+            folded_log = {
+                "events": len(event_log.events),
+                "erased_shoppers": len(event_log.erased),
+                "repeated_rows": event_log.duplicates,
+            }
+            log.info("event log %s: %s", options.events_log, folded_log)
     log.info(
         "catalogue: %d products; judgments: %s queries",
         len(catalogue),
@@ -422,7 +438,11 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
                 options.seed,
                 options.rec_ranker,
             )
-    inputs = [p for p in (options.catalogue, options.judgments, options.events) if p]
+            if folded_log is not None:
+                record["personalization"]["event_log"] = folded_log
+    inputs = [
+        p for p in (options.catalogue, options.judgments, options.events, options.events_log) if p
+    ]
     record.update(
         data={"files": fingerprint(inputs), "products": len(catalogue), "queries": len(queries)},
         split={

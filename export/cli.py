@@ -98,6 +98,12 @@ def parser() -> argparse.ArgumentParser:
         "($SHOPSERVE_USER_KEY_FILE)",
     )
     build.add_argument(
+        "--events-log",
+        type=Path,
+        help="with --events: an export of a live store's event log (shopserve events export); its "
+        "events are added (once per event key) and its erased shoppers' earlier events dropped",
+    )
+    build.add_argument(
         "--rec-ranker",
         type=Path,
         help="with --events: a recommendation ranker trained elsewhere (another store's "
@@ -198,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                     epochs=args.epochs,
                     per_channel=args.int8_weights == "per-channel",
                     events=args.events,
+                    events_log=args.events_log,
                     rec_ranker=args.rec_ranker,
                     ef_search=args.ef_search,
                     finetune=not args.no_finetune,

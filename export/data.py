@@ -13,6 +13,7 @@ import hashlib
 import os
 import random
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -169,12 +170,20 @@ _REPORTED_BAD_ROWS = 5
 def load_events(path: Path, catalogue: CatalogueData) -> EventsData:
     """Read and validate an events file; each kind of problem names its first rows and its count."""
     rows = _read_rows(path, {}, ("user_id", "product_id", "timestamp", "event"))
+    return _events(path, list(enumerate(rows, start=2)), catalogue, "user_id")  # 1: the header
+
+
+def _events(
+    path: Path, rows: list[tuple[int, dict]], catalogue: CatalogueData, id_column: str
+) -> EventsData:
+    """Validated (line, row) pairs (``id_column`` names the shopper) as EventsData, sorted by
+    (shopper, time)."""
     known = set(catalogue.product_ids.tolist())
     kinds = {name: i for i, name in enumerate(EVENT_TYPES)}
     problems: dict[str, list[str]] = {}
     parsed = []
-    for line, row in enumerate(rows, start=2):  # line 1 is the header
-        user = str(row["user_id"] or "").strip()
+    for line, row in rows:
+        user = str(row[id_column] or "").strip()
         try:
             product = int(row["product_id"])
         except (TypeError, ValueError):
@@ -185,7 +194,7 @@ def load_events(path: Path, catalogue: CatalogueData) -> EventsData:
             when = None
         kind = kinds.get(str(row["event"]).strip())
         for problem, bad, value in (
-            ("an empty user_id", not user, row["user_id"]),
+            (f"an empty {id_column}", not user, row[id_column]),
             ("unknown product ids", product is None or product not in known, row["product_id"]),
             ("unparseable timestamps", when is None, row["timestamp"]),
             (f"unknown event types (known: {', '.join(EVENT_TYPES)})", kind is None, row["event"]),
@@ -201,6 +210,10 @@ def load_events(path: Path, catalogue: CatalogueData) -> EventsData:
                 for problem, bad in problems.items()
             )
         )
+    return _sorted_events(parsed)
+
+
+def _sorted_events(parsed: list[tuple[str, float, int, int, str]]) -> EventsData:
     parsed.sort(key=lambda r: (r[0], r[1]))
     return EventsData(
         [r[0] for r in parsed],
@@ -209,3 +222,61 @@ def load_events(path: Path, catalogue: CatalogueData) -> EventsData:
         np.array([r[3] for r in parsed], dtype=np.int8),
         [r[4].strip() for r in parsed],
     )
+
+
+ERASED_EVENT = "forget"  # an erasure in an exported event log (shopserve events export)
+
+
+@dataclass(frozen=True)
+class EventLog:
+    """An exported event log: events under keyed hashes (deduplicated by event key), and when each
+    erased shopper was forgotten."""
+
+    events: EventsData
+    erased: dict[str, float]  # keyed hash -> the time of the erasure
+    duplicates: int  # rows whose event key came before (a retried write)
+
+
+def load_event_log(path: Path, catalogue: CatalogueData) -> EventLog:
+    """Read an export of a live store's event log (``shopserve events export``)."""
+    rows = _read_rows(path, {}, ("user_key", "product_id", "timestamp", "event", "event_key"))
+    erased: dict[str, float] = {}
+    events, seen, erasures = [], set(), 0
+    for line, row in enumerate(rows, start=2):
+        if str(row["event"]).strip() == ERASED_EVENT:
+            erased[str(row["user_key"]).strip()] = parse_timestamp(row["timestamp"])
+            erasures += 1
+        elif (row["user_key"], row["event_key"]) not in seen:
+            seen.add((row["user_key"], row["event_key"]))
+            events.append((line, row))
+    duplicates = len(rows) - len(events) - erasures
+    return EventLog(_events(path, events, catalogue, "user_key"), erased, duplicates)
+
+
+class HashedIds:
+    """Stands in for the user-id secret where the ids are keyed hashes already: a build that read
+    an exported event log hashes the shop's own ids when it loads them."""
+
+    def key(self, user_id: str) -> str:
+        return user_id
+
+
+def with_event_log(events: EventsData, key: Callable[[str], str], log: EventLog) -> EventsData:
+    """The shop's events under keyed hashes (``key``) together with the log's; of a shopper the
+    log erased, only the events after the erasure are kept."""
+    rows = [
+        (user, float(when), int(product), int(kind), basket)
+        for users, source in (
+            (map(key, events.user_ids), events),
+            (log.events.user_ids, log.events),
+        )
+        for user, when, product, kind, basket in zip(
+            users,
+            source.timestamps,
+            source.product_ids,
+            source.events,
+            source.basket_ids,
+            strict=True,
+        )
+    ]
+    return _sorted_events([r for r in rows if r[1] > log.erased.get(r[0], -np.inf)])

@@ -44,7 +44,7 @@ from shopserve.ensemble.retrieve import Retriever
 from tqdm.auto import tqdm
 
 from . import monotone
-from .data import CatalogueData, EventsData
+from .data import CatalogueData, EventsData, HashedIds
 from .evaluate_personal import (
     evaluate_personal_search,
     evaluate_recommendations,
@@ -231,7 +231,7 @@ def build_personalization(
     events: EventsData,
     embeddings: np.ndarray,
     search: SearchSide,
-    keys: UserKeys,
+    keys: UserKeys | HashedIds,
     writer: RepositoryWriter,
     seed: int,
     transferred_ranker: Path | None = None,
@@ -395,7 +395,11 @@ def _fit_search_weight(
 
 
 def _write_served_history(
-    whole: HistoryCut, keys: UserKeys, dense: DenseIndex, tifu: TifuChoice, writer: RepositoryWriter
+    whole: HistoryCut,
+    keys: UserKeys | HashedIds,
+    dense: DenseIndex,
+    tifu: TifuChoice,
+    writer: RepositoryWriter,
 ) -> int:
     """The shop and every shopper as of the whole history, under keyed hashes: what is served."""
     recommend_dir = writer.version_dir(store.RECOMMEND)

@@ -154,8 +154,8 @@ def keys(argv: list[str]) -> int:
 
 def events_export(argv: list[str]) -> int:
     """``shopserve events export``: the live store's event log as an events file (hashed ids)."""
-    from shopserve.ensemble.profile_store import export_log, open_store
-    from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
+    from shopserve.ensemble.profile_store import export_log
+    from shopserve.ensemble.profiles import MissingUserKeyError
 
     parser = argparse.ArgumentParser(
         prog="shopserve events export",
@@ -173,8 +173,7 @@ def events_export(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        log_name = UserKeys.from_environment().log_name()
-        store = open_store(args.profile_store, readonly=True, log_name=log_name)
+        store = _open_log(args.profile_store, readonly=True)
     except (MissingUserKeyError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -183,6 +182,41 @@ def events_export(argv: list[str]) -> int:
     finally:
         store.close()
     print(f"wrote {events} events and {erasures} erasures to {args.output}")
+    return 0
+
+
+def _open_log(location: str, readonly: bool):
+    """The live store at ``location`` (its Redis log named by the user-id secret)."""
+    from shopserve.ensemble.profile_store import open_store
+    from shopserve.ensemble.profiles import UserKeys
+
+    return open_store(location, readonly, log_name=UserKeys.from_environment().log_name())
+
+
+def events_compact(argv: list[str]) -> int:
+    """``shopserve events compact``: drop logged events a build has folded."""
+    from shopserve.ensemble.profiles import MissingUserKeyError
+
+    parser = argparse.ArgumentParser(
+        prog="shopserve events compact",
+        description="Delete the logged events accepted before a time (erasure records are kept): "
+        "do it once every build a server may start on has folded them.",
+    )
+    parser.add_argument("--profile-store", required=True, help="the server's live store")
+    parser.add_argument(
+        "--before", type=float, required=True, help="Unix time: delete events accepted before it"
+    )
+    args = parser.parse_args(argv)
+    try:
+        store = _open_log(args.profile_store, readonly=False)
+    except (MissingUserKeyError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        deleted = store.compact(args.before)
+    finally:
+        store.close()
+    print(f"deleted {deleted} logged events accepted before {args.before}")
     return 0
 
 
@@ -240,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         return rollout(rest)
     if command == "events" and rest[:1] == ["export"]:
         return events_export(rest[1:])
+    if command == "events" and rest[:1] == ["compact"]:
+        return events_compact(rest[1:])
     if command in ("events", "forget"):
         from shopserve.client import _cli
 

@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "keys": (SHOPSERVE, ("docs/serving.md",)),
     "events": (SHOPSERVE, ("docs/serving.md",)),
     "events export": (SHOPSERVE, ("docs/serving.md",)),
+    "events compact": (SHOPSERVE, ("docs/serving.md",)),
     "forget": (SHOPSERVE, ("docs/serving.md",)),
     "search": (SHOPSERVE, ("docs/api.md", "README.md")),
     "recommend": (SHOPSERVE, ("docs/api.md", "README.md")),
@@ -43,8 +44,8 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
 # Where a command is named in the docs: "python -m shopserve.export build", "shopserve serve".
 _COMMAND = re.compile(
     r"shopserve\.export (?P<export>build|evaluate|transfer|instacart)\b"
-    r"|(?<![\w.-])shopserve (?P<shopserve>serve|rollout|search|recommend|keys|events export|events"
-    r"|forget)\b"
+    r"|(?<![\w.-])shopserve (?P<shopserve>serve|rollout|search|recommend|keys|events export"
+    r"|events compact|events|forget)\b"
 )
 # A command's own flags end where the shell line goes on to something else.
 _END_OF_COMMAND = re.compile(r"\s(?:#|&&|\|\||\||;|&)(?:\s|$)")

@@ -189,3 +189,33 @@ def test_logged_events_a_build_already_holds_are_not_replayed_twice(location, bu
     _open(location, "v1").apply([backfill, fresh], _embedding)
     _start(location, builds, "v2")
     assert set(_open(location, "v2").get("key-4").items) == {44, 95}
+
+
+def test_compaction_drops_old_events_and_keeps_erasures(location, builds, monkeypatch) -> None:
+    import time
+
+    _start(location, builds, "v1")
+    live = _open(location, "v1")
+    live.apply(LIVE[:2], _embedding)
+    live.forget("key-5")
+    cut = time.time() + 0.01
+    time.sleep(0.02)
+    live.apply(LIVE[2:], _embedding)
+    assert live.compact(cut) == 2
+    assert [(r.event.user_key, r.event.kind) for r in live.log()] == [
+        ("key-5", ERASED),
+        ("key-2", PURCHASE),
+    ]
+    assert live.compact(cut) == 0
+
+
+def test_events_compact_cli(tmp_path, builds, monkeypatch, capsys) -> None:
+    from shopserve.cli import main
+
+    monkeypatch.setenv("SHOPSERVE_USER_KEY", "a-test-secret-of-enough-bytes")
+    location = str(tmp_path / "live.sqlite")
+    seed(location, builds["v1"], "v1", _embedding, KNOWN)
+    open_store(location).apply(LIVE, _embedding)
+    assert main(["events", "compact", "--profile-store", location, "--before", "1e12"]) == 0
+    assert "deleted 3 logged events" in capsys.readouterr().out
+    assert list(open_store(location).log()) == []

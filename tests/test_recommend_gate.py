@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import export
 from shopserve.ensemble import store
@@ -40,12 +41,38 @@ def small_shop(instacart_files: tuple[Path, Path], folder: Path) -> tuple[Path, 
     return small_items, small_events
 
 
-def test_a_crippled_recommendation_ranker_is_replaced_by_the_better_baseline(
-    instacart_files, built_repository, user_key_file, tmp_path
-) -> None:
-    items, events = small_shop(instacart_files, tmp_path)
+LOG_ONLY_SHOPPER = "a-shopper-only-the-live-log-knows"
+
+
+def exported_log(events: Path, items: Path, folder: Path) -> tuple[Path, str, list[int]]:
+    """A live store's event log, exported: three purchases of a shopper the events file does not
+    hold, and the erasure of its first shopper. Returns the file, the erased id, the products."""
+    from shopserve.ensemble.profile_store import SqliteProfileStore, StoredEvent, export_log
+    from shopserve.ensemble.profiles import UserKeys
+
+    keys = UserKeys.from_environment()
+    with events.open() as handle:
+        erased = next(csv.DictReader(handle))["user_id"]
+    with items.open() as handle:
+        products = [int(r["product_id"]) for r in csv.DictReader(handle)][:3]
+    live = SqliteProfileStore(folder / "live.sqlite")
+    shopper = keys.key(LOG_ONLY_SHOPPER)
+    bought = [StoredEvent(shopper, f"e{p}", p, 3, 2e9 + p, "live") for p in products]
+    live.apply(bought, lambda _: np.zeros(384, dtype=np.float32))
+    live.forget(keys.key(erased))
+    export_log(live, folder / "log.csv")
+    live.close()
+    return folder / "log.csv", erased, products
+
+
+@pytest.fixture(scope="module")
+def shop(instacart_files, built_repository, user_key_file, tmp_path_factory):
+    """A small shop built with a crippled recommendation ranker and an exported event log."""
+    folder = tmp_path_factory.mktemp("gate")
+    items, events = small_shop(instacart_files, folder)
+    log, erased, products = exported_log(events, items, folder)
     crippled = write_linear_ranker(
-        tmp_path / "crippled.onnx",
+        folder / "crippled.onnx",
         {"repeat_share": -1.0, "neighbour_share": -1.0},
         "crippled",
         REC_FEATURE_NAMES,
@@ -54,25 +81,46 @@ def test_a_crippled_recommendation_ranker_is_replaced_by_the_better_baseline(
         "build",
         "--catalogue", items,
         "--events", events,
+        "--events-log", log,
         "--ranker", store.model_file(built_repository, store.RANKER),
         "--rec-ranker", crippled,
-        "--repository", tmp_path / "shop",
+        "--repository", folder / "shop",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    personal = json.loads((tmp_path / "shop" / store.MANIFEST_FILE).read_text())["personalization"]
+    return folder / "shop", crippled, erased, products
+
+
+def test_a_crippled_recommendation_ranker_is_replaced_by_the_better_baseline(shop) -> None:
+    repository, crippled, _, _ = shop
+    personal = json.loads((repository / store.MANIFEST_FILE).read_text())["personalization"]
     ranker = personal["ranker"]
     gate = ranker["validation_recall20"]
     assert ranker["training"]["ranker"]["source"] == f"transferred from {crippled}"
     assert ranker["new_only"]["selected"] in ("popularity", "tifu_knn")
     assert gate["learned"] < gate[ranker["best_baseline"]]
     assert ranker["selected"] == ranker["best_baseline"] in ("purchase_frequency", "tifu_knn")
-    served = read_contract(store.model_file(tmp_path / "shop", store.REC_RANKER))
+    served = read_contract(store.model_file(repository, store.REC_RANKER))
     assert served["form"] == ranker["selected"]
     evaluation = personal["evaluation"]["recommend_validation_shoppers"]["systems"]
     assert (
         evaluation["recommend"]["recall20"]["mean"]
         == evaluation[ranker["selected"]]["recall20"]["mean"]
     )
+
+
+def test_a_build_folds_an_exported_event_log_and_honours_its_erasures(shop) -> None:
+    from shopserve.ensemble.personal import snapshot_path
+    from shopserve.ensemble.profile_store import SqliteProfileStore
+    from shopserve.ensemble.profiles import UserKeys
+
+    repository, _, erased, products = shop
+    personal = json.loads((repository / store.MANIFEST_FILE).read_text())["personalization"]
+    assert personal["event_log"] == {"events": 3, "erased_shoppers": 1, "repeated_rows": 0}
+    keys = UserKeys.from_environment()
+    snapshot = SqliteProfileStore(snapshot_path(repository), readonly=True)
+    assert snapshot.get(keys.key(erased)) is None
+    assert set(snapshot.get(keys.key(LOG_ONLY_SHOPPER)).items) == set(products)
+    assert snapshot.users() == SHOPPERS  # 150 from the file, one erased, one from the log
 
 
 def test_a_rec_ranker_without_events_is_refused(instacart_files, tmp_path) -> None:
