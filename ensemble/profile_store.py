@@ -472,6 +472,14 @@ class SqliteProfileStore(ProfileStore):
         row = self._db.execute("SELECT value FROM live_meta WHERE name = 'namespace'").fetchone()
         return None if row is None else row[0]
 
+    def adopt(self, namespace: str) -> None:
+        """Record that these profiles are the build ``namespace``'s (a file seeded before the
+        event log existed: its live events are only in its profiles)."""
+        with self._transaction("IMMEDIATE"):
+            self._db.execute(
+                "INSERT OR REPLACE INTO live_meta VALUES ('namespace', ?)", (namespace,)
+            )
+
     def reset(self, namespace: str, state: LiveState) -> None:
         """Replace every profile by ``state`` (the build ``namespace``'s), in one transaction: a
         crash leaves the previous profiles, and the log is untouched."""
@@ -851,6 +859,9 @@ def seed(
         assert isinstance(live, SqliteProfileStore)
         if live.namespace() == namespace:
             return f"{live.path} holds {namespace}; serving it"
+        if live.namespace() is None and live.users():  # written before the log existed
+            live.adopt(namespace)
+            return f"{live.path} holds profiles from before the event log; serving them"
         state = from_snapshot(live)
         live.reset(namespace, state)
         return (

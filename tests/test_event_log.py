@@ -219,3 +219,18 @@ def test_events_compact_cli(tmp_path, builds, monkeypatch, capsys) -> None:
     assert main(["events", "compact", "--profile-store", location, "--before", "1e12"]) == 0
     assert "deleted 3 logged events" in capsys.readouterr().out
     assert list(open_store(location).log()) == []
+
+
+def test_a_live_file_from_before_the_log_is_served_as_it_is(builds, tmp_path) -> None:
+    """An upgrade: a live SQLite file seeded by an older server (profiles, no log) keeps its live
+    events; the next build change rebuilds it."""
+    import shutil
+
+    old = tmp_path / "old-live.sqlite"
+    shutil.copyfile(builds["v1"], old)
+    SqliteProfileStore(old).apply(LIVE, _embedding, log=False)  # no log then
+    location = (str(old), "")
+    _start(location, builds, "v1")
+    _same_profiles(_open(location, "v1"), _expected(builds["v1"], LIVE))
+    _start(location, builds, "v2")
+    _same_profiles(_open(location, "v2"), _expected(builds["v2"], []))

@@ -351,3 +351,88 @@ def _release_rollback_restart(location, personal_repository, catalogue, tmp_path
         ):
             assert bought in ids(client.recommend(shopper, top_k=10)), build
             assert ids(client.recommend(forgotten, top_k=10)) == cold, build
+
+
+def second_version(repository, folder):
+    """A copy of ``repository`` with version 2 beside version 1: the same files, as a rebuild from
+    the same inputs writes them, and its own manifest (the server starts on the newest)."""
+    import json
+    import shutil
+
+    copy = shutil.copytree(repository, folder / "two-versions")
+    manifest = json.loads((copy / store.MANIFEST_FILE).read_text())
+    for model in manifest["models"]:
+        shutil.copytree(copy / model / "1", copy / model / "2")
+    manifest["version"] = 2
+    manifest["models"] = dict.fromkeys(manifest["models"], 2)
+    manifest["files"] = {
+        name.replace("/1/", "/2/", 1): digest for name, digest in manifest["files"].items()
+    }
+    for path in (copy / store.MANIFEST_FILE, copy / "manifests" / "v2.json"):
+        path.write_text(json.dumps(manifest))
+    return copy
+
+
+class EventStream:
+    """Batches of 4 cart events for new shoppers, back to back in a thread: what was acknowledged,
+    and every failure."""
+
+    def __init__(self, url: str, products: list[int]) -> None:
+        self.url, self.products = url, products
+        self.acknowledged: list[list[Event]] = []
+        self.failures: list[Exception] = []
+        self._running = True
+
+    def run(self) -> None:
+        with SearchClient(self.url, timeout=30) as client:
+            number = 0
+            while self._running:
+                batch = [
+                    Event(f"{SHOPPER}-rel{number}", p, "add_to_cart", event_id=f"r{number}-{p}")
+                    for p in self.products[number % 10 : number % 10 + 4]
+                ]
+                try:
+                    client.record_many(batch)
+                    self.acknowledged.append(batch)
+                except Exception as exc:  # every failure is the finding
+                    self.failures.append(exc)
+                number += 1
+
+    def stop(self) -> None:
+        self._running = False
+
+
+def test_a_release_while_events_stream_in_loses_no_event(
+    personal_repository, catalogue, tmp_path
+) -> None:
+    """Roll back from version 2 to 1, forward and back again while events stream in: no request
+    fails and every acknowledged event is in the live store afterwards, once."""
+    import threading
+
+    from shopserve.rollout import Rollout
+
+    repository = second_version(personal_repository, tmp_path)
+    stream = EventStream("", [int(p) for p in catalogue[300:320]])
+    with start_server(repository, tmp_path / "work") as server:
+        stream.url = server.grpc_url
+        streaming = threading.Thread(target=stream.run)
+        streaming.start()
+        with Rollout(server.grpc_url, Security(admin_key=ADMIN_KEY)) as control:
+            try:
+                assert control.live_versions()[store.EVENTS] == [2]
+                for version in (1, 2, 1):
+                    live = control.roll_to(repository, version)
+                    assert all(versions == [version] for versions in live.values()), live
+            finally:
+                stream.stop()
+                streaming.join()
+        assert stream.failures == [] and len(stream.acknowledged) > 20
+        os.environ[PROFILE_STORE_ENV] = live_location(server)
+        try:
+            personal = RecommendPipeline.from_repository(repository).personal
+            for batch in stream.acknowledged:
+                profile = personal.profiles.get(personal.keys.key(batch[0].user_id))
+                carts = {p: s.carts for p, s in profile.items.items() if s.carts}
+                assert carts == {e.product_id: 1 for e in batch}
+        finally:
+            del os.environ[PROFILE_STORE_ENV]
