@@ -548,6 +548,7 @@ class RedisProfileStore(ProfileStore):
 
     RETRIES = 20
     LOG_PAGE = 10000
+    CATCH_UP_BATCH = 1000  # events a catch-up transaction folds at most
 
     def __init__(
         self, url: str, namespace: str, password: str | None = None, log_name: str = "log"
@@ -701,9 +702,11 @@ class RedisProfileStore(ProfileStore):
         folded, pending = 0, []
         for record in self.log(position):
             position = record.position
-            if record.event.kind == ERASED:
+            erased = record.event.kind == ERASED
+            if erased or len(pending) == self.CATCH_UP_BATCH:  # in log order, bounded batches
                 folded += len(self.apply(pending, embedding, log=False)) if pending else 0
                 pending = []
+            if erased:
                 self.client.call("DEL", *self._keys(record.event.user_key))
             elif record.event.product_id in known and record.event.timestamp > watermark:
                 pending.append(record.event)

@@ -114,7 +114,12 @@ def test_every_accepted_event_is_logged_once_in_fold_order(location, builds) -> 
     assert [r.event.event_key for r in live.log(positions[0])] == ["late", "new"]
 
 
-def test_a_release_rollback_and_restart_keep_every_logged_event(location, builds) -> None:
+def test_a_release_rollback_and_restart_keep_every_logged_event(
+    location, builds, monkeypatch
+) -> None:
+    from shopserve.ensemble.profile_store import RedisProfileStore
+
+    monkeypatch.setattr(RedisProfileStore, "CATCH_UP_BATCH", 1)  # a catch-up of several batches
     _start(location, builds, "v1")
     _open(location, "v1").apply(LIVE[:2], _embedding)
     _same_profiles(_open(location, "v1"), _expected(builds["v1"], LIVE[:2]))
