@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from shopserve.ensemble.profile_store import ERASED_EVENT
 from shopserve.ensemble.profiles import EVENT_TYPES
 
 DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR", "../shared/data")) / "homedepot"
@@ -222,9 +223,6 @@ def _sorted_events(parsed: list[tuple[str, float, int, int, str]]) -> EventsData
         np.array([r[3] for r in parsed], dtype=np.int8),
         [r[4].strip() for r in parsed],
     )
-
-
-ERASED_EVENT = "forget"  # an erasure in an exported event log (shopserve events export)
 
 
 @dataclass(frozen=True)
