@@ -7,6 +7,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from . import store
+
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_CONSTRUCTION = 200
 DEFAULT_EF_SEARCH = 128
@@ -50,6 +52,15 @@ class DenseIndex:
     @classmethod
     def load(cls, path: Path, ef_search: int = DEFAULT_EF_SEARCH) -> DenseIndex:
         return cls(faiss.read_index(str(path)), ef_search)
+
+    @classmethod
+    def served(cls, repository: Path, version: int | None = None) -> DenseIndex:
+        """The index a built store serves (``version``: the newest) at its configured efSearch."""
+        params = store.config_parameters(repository, store.RETRIEVE, version)
+        return cls.load(
+            store.version_dir(repository, store.RETRIEVE, version) / store.DENSE_INDEX_FILE,
+            int(params["ef_search"]),
+        )
 
     @property
     def size(self) -> int:

@@ -8,6 +8,7 @@ serve`` sets it, seeded from the build's snapshot); without it, from the build's
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -26,7 +27,6 @@ from .postprocess import PostProcessor, SearchResult
 from .profile_store import (
     PROFILE_STORE_ENV,
     STORE_ERRORS,
-    Embedding,
     ProfileStore,
     ProfileStoreUnavailable,
     open_store,
@@ -53,16 +53,24 @@ def profile_namespace(repository: Path) -> str:
     return "profiles-" + manifest["files"][relative][:16]
 
 
-def product_embeddings(repository: Path) -> tuple[Embedding, set[int]]:
-    """Product id -> its embedding in the served build, and the ids it serves: what folding
-    logged purchases into that build's profiles needs."""
-    params = store.config_parameters(repository, store.RETRIEVE)
-    dense = DenseIndex.load(
-        store.version_dir(repository, store.RETRIEVE) / store.DENSE_INDEX_FILE,
-        int(params["ef_search"]),
-    )
-    row_of = {pid: row for row, pid in enumerate(store.load_catalogue(repository).product_ids)}
-    return (lambda pid: dense.vectors(np.array([row_of[pid]]))[0]), set(row_of)
+class ProductVectors:
+    """Product id -> its embedding in a served build, loaded on first use: folding logged
+    purchases into the build's profiles needs it, a start whose live store is current does not."""
+
+    def __init__(self, repository: Path) -> None:
+        self.repository = repository
+
+    @functools.cached_property
+    def _index(self) -> tuple[DenseIndex, dict[int, int]]:
+        ids = store.load_catalogue(self.repository).product_ids.tolist()
+        return DenseIndex.served(self.repository), {pid: row for row, pid in enumerate(ids)}
+
+    def __call__(self, product_id: int) -> np.ndarray:
+        dense, row_of = self._index
+        return dense.vectors(np.array([row_of[product_id]]))[0]
+
+    def __contains__(self, product_id: object) -> bool:
+        return product_id in self._index[1]
 
 
 PERSONAL_WEIGHT = "personal_weight"  # the search config parameter the build fits
@@ -117,11 +125,7 @@ class Personalization:
         cls, repository: Path, version: int | None = None
     ) -> tuple[Personalization, store.Catalogue]:
         """A personalised store's personalisation and catalogue, with the dense index it reads."""
-        params = store.config_parameters(repository, store.RETRIEVE, version)
-        dense = DenseIndex.load(
-            store.version_dir(repository, store.RETRIEVE, version) / store.DENSE_INDEX_FILE,
-            int(params["ef_search"]),
-        )
+        dense = DenseIndex.served(repository, version)
         catalogue = store.load_catalogue(repository, version)
         personal = cls.from_repository(repository, dense, catalogue.product_ids, version)
         if personal is None:

@@ -37,7 +37,7 @@ def load_retriever(repository: Path, version: int | None = None) -> Retriever:
     params = store.config_parameters(repository, store.RETRIEVE, version)
     version_dir = store.version_dir(repository, store.RETRIEVE, version)
     return Retriever(
-        DenseIndex.load(version_dir / store.DENSE_INDEX_FILE, int(params["ef_search"])),
+        DenseIndex.served(repository, version),
         LexicalIndex.load(version_dir / store.LEXICAL_INDEX_DIR),
         dense_depth=int(params["dense_depth"]),
         lexical_depth=int(params["lexical_depth"]),

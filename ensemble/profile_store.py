@@ -476,9 +476,10 @@ class SqliteProfileStore(ProfileStore):
         """Record that these profiles are the build ``namespace``'s (a file seeded before the
         event log existed: its live events are only in its profiles)."""
         with self._transaction("IMMEDIATE"):
-            self._db.execute(
-                "INSERT OR REPLACE INTO live_meta VALUES ('namespace', ?)", (namespace,)
-            )
+            self._set_namespace(namespace)
+
+    def _set_namespace(self, namespace: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO live_meta VALUES ('namespace', ?)", (namespace,))
 
     def reset(self, namespace: str, state: LiveState) -> None:
         """Replace every profile by ``state`` (the build ``namespace``'s), in one transaction: a
@@ -492,9 +493,7 @@ class SqliteProfileStore(ProfileStore):
                 "INSERT INTO seen_events VALUES (?, ?)",
                 [(u, k) for u, keys in state.seen.items() for k in keys],
             )
-            self._db.execute(
-                "INSERT OR REPLACE INTO live_meta VALUES ('namespace', ?)", (namespace,)
-            )
+            self._set_namespace(namespace)
 
     def _select_pairs(
         self, table: str, columns: Sequence[str], key: str, groups: dict[str, list[StoredEvent]]
@@ -860,9 +859,10 @@ def seed(
             )
             return f"{done}; {caught_up} logged events caught up"
         assert isinstance(live, SqliteProfileStore)
-        if live.namespace() == namespace:
+        held = live.namespace()
+        if held == namespace:
             return f"{live.path} holds {namespace}; serving it"
-        if live.namespace() is None and live.users():  # written before the log existed
+        if held is None and live.users():  # written before the log existed
             live.adopt(namespace)
             return f"{live.path} holds profiles from before the event log; serving them"
         state = from_snapshot(live)

@@ -9,7 +9,12 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shopserve.ensemble.profile_store import ProfileStore
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -155,7 +160,6 @@ def keys(argv: list[str]) -> int:
 def events_export(argv: list[str]) -> int:
     """``shopserve events export``: the live store's event log as an events file (hashed ids)."""
     from shopserve.ensemble.profile_store import export_log
-    from shopserve.ensemble.profiles import MissingUserKeyError
 
     parser = argparse.ArgumentParser(
         prog="shopserve events export",
@@ -172,31 +176,16 @@ def events_export(argv: list[str]) -> int:
         "--since", type=float, default=0.0, help="only records accepted at or after this Unix time"
     )
     args = parser.parse_args(argv)
-    try:
-        store = _open_log(args.profile_store, readonly=True)
-    except (MissingUserKeyError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    try:
+
+    def export(store: ProfileStore) -> str:
         events, erasures = export_log(store, args.output, args.since)
-    finally:
-        store.close()
-    print(f"wrote {events} events and {erasures} erasures to {args.output}")
-    return 0
+        return f"wrote {events} events and {erasures} erasures to {args.output}"
 
-
-def _open_log(location: str, readonly: bool):
-    """The live store at ``location`` (its Redis log named by the user-id secret)."""
-    from shopserve.ensemble.profile_store import open_store
-    from shopserve.ensemble.profiles import UserKeys
-
-    return open_store(location, readonly, log_name=UserKeys.from_environment().log_name())
+    return _on_live_store(args.profile_store, True, export)
 
 
 def events_compact(argv: list[str]) -> int:
     """``shopserve events compact``: drop logged events a build has folded."""
-    from shopserve.ensemble.profiles import MissingUserKeyError
-
     parser = argparse.ArgumentParser(
         prog="shopserve events compact",
         description="Delete the logged events accepted before a time (erasure records are kept): "
@@ -207,16 +196,30 @@ def events_compact(argv: list[str]) -> int:
         "--before", type=float, required=True, help="Unix time: delete events accepted before it"
     )
     args = parser.parse_args(argv)
+    return _on_live_store(
+        args.profile_store,
+        False,
+        lambda store: (
+            f"deleted {store.compact(args.before)} logged events accepted before {args.before}"
+        ),
+    )
+
+
+def _on_live_store(location: str, readonly: bool, action: Callable[[ProfileStore], str]) -> int:
+    """Open the live store at ``location`` (a Redis log is named by the user-id secret), run
+    ``action`` on it and print what it says; an unusable location or secret is an error."""
+    from shopserve.ensemble.profile_store import open_store
+    from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
+
     try:
-        store = _open_log(args.profile_store, readonly=False)
+        store = open_store(location, readonly, log_name=UserKeys.from_environment().log_name())
     except (MissingUserKeyError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        deleted = store.compact(args.before)
+        print(action(store))
     finally:
         store.close()
-    print(f"deleted {deleted} logged events accepted before {args.before}")
     return 0
 
 

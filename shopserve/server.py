@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shopserve.client._client import ADMIN_KEY_NAME, INFERENCE_KEY_NAME
-from shopserve.ensemble.personal import product_embeddings, profile_namespace, snapshot_path
+from shopserve.ensemble.personal import ProductVectors, profile_namespace, snapshot_path
 from shopserve.ensemble.profile_store import LIVE_PROFILES_FILE, PROFILE_STORE_ENV, seed
 from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
 
@@ -250,8 +250,8 @@ class TritonServer:
         if location.startswith(("redis://", "unix://")) and "namespace=" not in location:
             # Fixed for the server's life: a rollout to a newer build keeps the live profiles.
             location += ("&" if "?" in location else "?") + f"namespace={namespace}"
-        embedding, known = product_embeddings(repo)
-        done = seed(location, snapshot_path(repo), namespace, embedding, known, keys.log_name())
+        products = ProductVectors(repo)
+        done = seed(location, snapshot_path(repo), namespace, products, products, keys.log_name())
         log.info("profile store: %s", done)
         return location
 
