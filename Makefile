@@ -1,5 +1,8 @@
 # shopserve: the two commands of the README are `make demo` and `make test`.
-PYTHON ?= python3
+# Triton's Python backend stub embeds the system's libpython3.11 and takes its standard library from
+# this environment: make the environment from that same interpreter, or `ssl` (and with it the Redis
+# client) cannot load inside the stub (README, Installing pieces).
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ../shared/data

@@ -32,9 +32,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
+import redis
 
 from .profiles import EVENT_TYPES, ItemStats, Profile
-from .resp import RespClient, RespError, hash_reply, public_location
+from .redis_link import connect, is_redis, public_location
 
 PROFILE_STORE_ENV = "SHOPSERVE_PROFILE_STORE"  # where the live store is (set by shopserve serve)
 LIVE_PROFILES_FILE = "live.sqlite"  # the embedded live store, under the server's work folder
@@ -279,7 +280,11 @@ class ProfileStoreUnavailable(RuntimeError):
     a profile cannot be answered as asked now, but may be later."""
 
 
-STORE_ERRORS = (OSError, sqlite3.Error, RespError)  # what a store's backends raise when failing
+STORE_ERRORS = (
+    OSError,
+    sqlite3.Error,
+    redis.RedisError,
+)  # what a store's backends raise when failing
 
 
 class ProfileStore(ABC):
@@ -539,6 +544,10 @@ class SqliteProfileStore(ProfileStore):
         self._db.close()
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class RedisProfileStore(ProfileStore):
     """Profiles in Redis: ``<prefix>u:<key>`` (a hash of the profile's fields), ``<prefix>i:<key>``
     (product id -> its stats as JSON) and ``<prefix>e:<key>`` (the event keys seen), under one
@@ -550,15 +559,20 @@ class RedisProfileStore(ProfileStore):
     CATCH_UP_BATCH = 1000  # events a catch-up transaction folds at most
 
     def __init__(
-        self, url: str, namespace: str, password: str | None = None, log_name: str = "log"
+        self,
+        url: str,
+        namespace: str,
+        password: str | None = None,
+        log_name: str = "log",
+        ca_file: str | None = None,
     ) -> None:
-        self.client = RespClient(url, password=password)
+        self.client = connect(url, password=password, ca_file=ca_file)
         self.prefix = f"shopserve:{namespace}:"
         self.log_key = f"shopserve:{log_name}"
         settings = {}
         for name in ("appendonly", "appendfsync"):
-            reply = self.client.call("CONFIG", "GET", name)
-            settings[name] = reply[1].decode() if reply else "unknown"
+            reply = {_text(k): _text(v) for k, v in self.client.config_get(name).items()}
+            settings[name] = reply.get(name, "unknown")
         if settings != {"appendonly": "yes", "appendfsync": "always"}:
             raise ValueError(
                 f"{public_location(url)}: Redis must fsync every write to keep acknowledged events "
@@ -574,15 +588,27 @@ class RedisProfileStore(ProfileStore):
         row[_USER_COLUMNS.index("basket_key")] = row[_USER_COLUMNS.index("basket_key")].decode()
         return _profile(row, items)
 
+    def _transaction(
+        self, commands: Sequence[tuple], pipe: redis.client.Pipeline | None = None
+    ) -> list | None:
+        """``commands`` in one MULTI/EXEC (on ``pipe``, which may WATCH keys); None when a
+        watched key changed (nothing was applied). An error Redis reports for any command inside
+        the EXEC reply (WRONGTYPE, OOM ...) is raised: nothing is acknowledged then."""
+        with pipe if pipe is not None else self.client.pipeline() as transaction:
+            transaction.multi()
+            for command in commands:
+                transaction.execute_command(*command)
+            try:
+                return transaction.execute()
+            except redis.WatchError:
+                return None
+
     def get(self, user_key: str) -> Profile | None:
         user, items, _ = self._keys(user_key)
-        stored, stats = self.client.transaction([("HGETALL", user), ("HGETALL", items)])
-        stored = hash_reply(stored)
+        stored, stats = self._transaction([("HGETALL", user), ("HGETALL", items)])
         if not stored:
             return None
-        return self._profile(
-            stored, {int(p): ItemStats(*json.loads(v)) for p, v in hash_reply(stats).items()}
-        )
+        return self._profile(stored, {int(p): ItemStats(*json.loads(v)) for p, v in stats.items()})
 
     def _writes(self, user_key: str, profile: Profile, products: Iterable[int]) -> list[tuple]:
         user, items, _ = self._keys(user_key)
@@ -607,7 +633,7 @@ class RedisProfileStore(ProfileStore):
     def put(self, profiles: Iterable[tuple[str, Profile]]) -> int:
         commands, count = self._put_commands(profiles)
         if commands:
-            self.client.transaction(commands)
+            self._transaction(commands)
         return count
 
     def apply(
@@ -616,36 +642,46 @@ class RedisProfileStore(ProfileStore):
         groups = _by_user(events)
         watched = [key for user_key in groups for key in self._keys(user_key)]
         for _ in range(self.RETRIES):
-            self.client.call("WATCH", *watched)  # the reads below see a state EXEC checks
-            commands: list[tuple] = []
-            applied: set[str] = set()
-            for user_key, group in groups.items():
-                user, items, seen_key = self._keys(user_key)
-                keys = sorted({e.event_key for e in group})
-                hits = self.client.call("SMISMEMBER", seen_key, *keys)
-                fresh = _fresh(group, {k for k, hit in zip(keys, hits, strict=True) if hit})
-                if not fresh:
-                    continue
-                products = sorted({e.product_id for e in fresh})
-                found = self.client.call("HMGET", items, *products)
-                stats = {
-                    p: ItemStats(*json.loads(v))
-                    for p, v in zip(products, found, strict=True)
-                    if v is not None
-                }
-                stored = hash_reply(self.client.call("HGETALL", user))
-                profile = self._profile(stored, stats) if stored else Profile(items=stats)
-                commands += self._writes(user_key, profile, fold(profile, fresh, embedding))
-                commands.append(("SADD", seen_key, *(e.event_key for e in fresh)))
-                if log:
-                    commands += [self._append(e) for e in in_fold_order(fresh)]
-                applied.update(e.event_key for e in fresh)
-            if not commands:
-                self.client.call("UNWATCH")
-                return applied
-            if self.client.transaction(commands) is not None:
-                return applied
+            with self.client.pipeline() as pipe:  # its connection goes back to the pool at the end
+                pipe.watch(*watched)  # the reads below see a state EXEC checks
+                commands, applied = self._fold_commands(pipe, groups, embedding, log)
+                if not commands or self._transaction(commands, pipe) is not None:
+                    return applied
         raise RuntimeError(f"events for {len(groups)} users kept conflicting; not applied")
+
+    def _fold_commands(
+        self,
+        pipe: redis.client.Pipeline,
+        groups: dict[str, list[StoredEvent]],
+        embedding: Embedding,
+        log: bool,
+    ) -> tuple[list[tuple], set[str]]:
+        """The writes that fold each user's new events into their stored profile (read through
+        the watching ``pipe``), and the event keys they apply."""
+        commands: list[tuple] = []
+        applied: set[str] = set()
+        for user_key, group in groups.items():
+            user, items, seen_key = self._keys(user_key)
+            keys = sorted({e.event_key for e in group})
+            hits = pipe.smismember(seen_key, keys)
+            fresh = _fresh(group, {k for k, hit in zip(keys, hits, strict=True) if hit})
+            if not fresh:
+                continue
+            products = sorted({e.product_id for e in fresh})
+            found = pipe.hmget(items, products)
+            stats = {
+                p: ItemStats(*json.loads(v))
+                for p, v in zip(products, found, strict=True)
+                if v is not None
+            }
+            stored = pipe.hgetall(user)
+            profile = self._profile(stored, stats) if stored else Profile(items=stats)
+            commands += self._writes(user_key, profile, fold(profile, fresh, embedding))
+            commands.append(("SADD", seen_key, *(e.event_key for e in fresh)))
+            if log:
+                commands += [self._append(e) for e in in_fold_order(fresh)]
+            applied.update(e.event_key for e in fresh)
+        return commands, applied
 
     def _append(self, event: StoredEvent) -> tuple:
         """The XADD of one log record: the Stream's entry id orders it, its fields hold the event
@@ -661,9 +697,8 @@ class RedisProfileStore(ProfileStore):
     def log(self, after: str = "") -> Iterator[LogRecord]:
         start = f"({after}" if after else "-"
         while True:
-            entries = self.client.call("XRANGE", self.log_key, start, "+", "COUNT", self.LOG_PAGE)
-            for entry_id, flat in entries:
-                fields = hash_reply(flat)
+            entries = self.client.xrange(self.log_key, start, "+", count=self.LOG_PAGE)
+            for entry_id, fields in entries:
                 values = [fields[name.encode()].decode() for name in _LOG_FIELDS]
                 user_key, event_key, product, kind, timestamp, basket_key, logged_at = values
                 event = StoredEvent(
@@ -680,13 +715,13 @@ class RedisProfileStore(ProfileStore):
         if logged:  # its events, and any earlier erasure record the new one supersedes
             commands.append(("XDEL", self.log_key, *(r.position for r in logged)))
         commands.append(self._append(erasure(user_key)))
-        removed = self.client.transaction(commands)
+        removed = self._transaction(commands)
         return bool(removed[0]) or any(r.event.kind != ERASED for r in logged)
 
     def compact(self, before: float) -> int:
         old = [r.position for r in self.log() if r.logged_at < before and r.event.kind != ERASED]
         for start in range(0, len(old), self.LOG_PAGE):
-            self.client.call("XDEL", self.log_key, *old[start : start + self.LOG_PAGE])
+            self.client.xdel(self.log_key, *old[start : start + self.LOG_PAGE])
         return len(old)
 
     def catch_up(self, embedding: Embedding, known: Container[int]) -> int:
@@ -694,9 +729,7 @@ class RedisProfileStore(ProfileStore):
         through another build's namespace since this one last started); return how many events
         were new here. Idempotent: folded event keys are skipped."""
         replayed = f"{self.prefix}replayed"
-        position, watermark = self.client.pipeline(
-            [("GET", replayed), ("GET", f"{self.prefix}watermark")]
-        )
+        position, watermark = self.client.mget(replayed, f"{self.prefix}watermark")
         position, watermark = (position or b"").decode(), float(watermark or 0.0)
         folded, pending = 0, []
         for record in self.log(position):
@@ -706,23 +739,16 @@ class RedisProfileStore(ProfileStore):
                 folded += len(self.apply(pending, embedding, log=False)) if pending else 0
                 pending = []
             if erased:
-                self.client.call("DEL", *self._keys(record.event.user_key))
+                self.client.delete(*self._keys(record.event.user_key))
             elif record.event.product_id in known and record.event.timestamp > watermark:
                 pending.append(record.event)
         if pending:
             folded += len(self.apply(pending, embedding, log=False))
-        self.client.call("SET", replayed, position)
+        self.client.set(replayed, position)
         return folded
 
     def users(self) -> int:
-        cursor, count = b"0", 0
-        while True:
-            cursor, keys = self.client.call(
-                "SCAN", cursor, "MATCH", f"{self.prefix}u:*", "COUNT", 1000
-            )
-            count += len(keys)
-            if cursor == b"0":
-                return count
+        return sum(1 for _ in self.client.scan_iter(match=f"{self.prefix}u:*", count=1000))
 
     def seed_once(
         self,
@@ -744,8 +770,8 @@ class RedisProfileStore(ProfileStore):
         seeded, lock = f"{self.prefix}seeded", f"{self.prefix}seeding"
         token = secrets.token_hex(16)
         deadline = time.monotonic() + wait_s
-        while self.client.call("SET", lock, token, "NX", "PX", int(lock_s * 1000)) != "OK":
-            if self.client.call("EXISTS", seeded):
+        while not self.client.set(lock, token, nx=True, px=int(lock_s * 1000)):
+            if self.client.exists(seeded):
                 return None
             if time.monotonic() > deadline:
                 raise TimeoutError(
@@ -754,28 +780,34 @@ class RedisProfileStore(ProfileStore):
                 )
             time.sleep(SEED_POLL_S)
         try:
-            _, owner, done = self.client.pipeline(
-                [("WATCH", lock, seeded), ("GET", lock), ("EXISTS", seeded)]
-            )
-            if done or owner != token.encode():
-                self.client.call("UNWATCH")
-                return None
-            live = state()
-            commands, count = self._put_commands(live.profiles.items())
-            commands += [("SADD", self._keys(u)[2], *keys) for u, keys in live.seen.items() if keys]
-            commands.append(("SET", f"{self.prefix}replayed", live.position))
-            commands.append(("SET", f"{self.prefix}watermark", repr(live.watermark)))
-            if self.client.transaction([*commands, ("SET", seeded, marker)]) is None:
+            with self.client.pipeline() as pipe:
+                pipe.watch(lock, seeded)
+                if pipe.exists(seeded) or pipe.get(lock) != token.encode():
+                    return None
+                written = self._seed_writes(pipe, state(), marker)
+            if written is not None:
+                return written
+            if self.client.exists(seeded):
                 return None  # the lock expired and another server seeded meanwhile
-            return count
+            raise RuntimeError(f"seeding namespace {self.prefix!r} was interrupted; start again")
         finally:
-            self.client.call("EVAL", _RELEASE_LOCK, 1, lock, token)
+            self.client.eval(_RELEASE_LOCK, 1, lock, token)
+
+    def _seed_writes(self, pipe: redis.client.Pipeline, live: LiveState, marker: str) -> int | None:
+        """Write ``live`` and the ``seeded`` marker in one transaction on the watching ``pipe``;
+        how many profiles, or None when a watched key changed."""
+        commands, count = self._put_commands(live.profiles.items())
+        commands += [("SADD", self._keys(u)[2], *keys) for u, keys in live.seen.items() if keys]
+        commands.append(("SET", f"{self.prefix}replayed", live.position))
+        commands.append(("SET", f"{self.prefix}watermark", repr(live.watermark)))
+        commands.append(("SET", f"{self.prefix}seeded", marker))
+        return None if self._transaction(commands, pipe) is None else count
 
     def close(self) -> None:
         self.client.close()
 
 
-REDIS_OPTIONS = ("namespace", "password_file")  # what a Redis location's query may set
+REDIS_OPTIONS = ("namespace", "password_file", "ca_file")  # what a Redis location's query may set
 
 
 def _redis_password(options: dict[str, list[str]], shown: str) -> str | None:
@@ -796,11 +828,13 @@ def open_store(
     location: str | Path, readonly: bool = False, namespace: str = "", log_name: str = "log"
 ) -> ProfileStore:
     """A profile store by location: a file path or ``sqlite:///path`` for the embedded store,
-    ``redis://host:port/db`` or ``unix:///path`` for Redis, whose query may name the namespace
-    (``?namespace=NAME``) and a file holding the password (``password_file=PATH``); ``log_name``
+    ``redis://host:port/db``, ``rediss://host:port/db`` (TLS) or ``unix:///path`` for Redis, whose
+    query may name the namespace (``?namespace=NAME``), a file holding the password
+    (``password_file=PATH``) and the CA that signed a TLS server's certificate
+    (``ca_file=PATH``); ``log_name``
     names a Redis store's event log (one per shop)."""
     text = str(location)
-    if text.startswith(("redis://", "unix://")):
+    if is_redis(text):
         shown = public_location(text)
         options = parse_qs(urlparse(text).query)
         unknown = sorted(set(options) - set(REDIS_OPTIONS))
@@ -813,13 +847,14 @@ def open_store(
             options.get("namespace", [namespace])[0],
             password=_redis_password(options, shown),
             log_name=log_name,
+            ca_file=options.get("ca_file", [None])[0],
         )
     if text.startswith("sqlite://"):
         text = text.removeprefix("sqlite://")
     elif "://" in text:
         raise ValueError(
-            f"unknown profile store {public_location(text)!r} (a path, sqlite:///path or "
-            "redis://host:port/db)"
+            f"unknown profile store {public_location(text)!r} (a path, sqlite:///path, "
+            "redis://host:port/db or rediss://host:port/db)"
         )
     return SqliteProfileStore(text, readonly=readonly)
 

@@ -47,7 +47,8 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile-store",
         help="a personalised store's live profiles: a path, sqlite:///path, or redis://host:port/db "
-        "to share them between servers (default: WORK_DIR/profiles/live.sqlite)",
+        "(rediss:// for TLS) to share them between servers (default: "
+        "WORK_DIR/profiles/live.sqlite)",
     )
     parser.add_argument("--tls-cert", type=Path, help="serve gRPC over TLS: the certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")

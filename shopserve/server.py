@@ -33,6 +33,7 @@ from shopserve.client._client import ADMIN_KEY_NAME, INFERENCE_KEY_NAME
 from shopserve.ensemble.personal import ProductVectors, profile_namespace, snapshot_path
 from shopserve.ensemble.profile_store import LIVE_PROFILES_FILE, PROFILE_STORE_ENV, seed
 from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
+from shopserve.ensemble.redis_link import is_redis
 
 log = logging.getLogger("shopserve.server")
 
@@ -95,7 +96,7 @@ class ServerConfig:
     work_dir: Path | None = None
     response_cache_bytes: int = 16 * 1024 * 1024
     log_verbose: int = 0
-    # A personalised store's live profiles: a path, sqlite:///path or redis://host:port/db.
+    # A personalised store's live profiles: a path, sqlite:///path, redis:// or rediss://host:port/db.
     # Default: <work_dir>/profiles/live.sqlite (it keeps the event log across builds).
     profile_store: str | None = None
     # gRPC over TLS: the server's certificate and key (PEM files), and a CA to require client
@@ -247,7 +248,7 @@ class TritonServer:
             raise ServerError(f"{repo} is a personalised store: {exc}") from exc
         namespace = profile_namespace(repo)
         location = self.config.profile_store or str(work_dir / "profiles" / LIVE_PROFILES_FILE)
-        if location.startswith(("redis://", "unix://")) and "namespace=" not in location:
+        if is_redis(location) and "namespace=" not in location:
             # Fixed for the server's life: a rollout to a newer build keeps the live profiles.
             location += ("&" if "?" in location else "?") + f"namespace={namespace}"
         products = ProductVectors(repo)

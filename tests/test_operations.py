@@ -4,7 +4,6 @@ rollback, and a clean stop after a backend stub died. Real servers, real certifi
 from __future__ import annotations
 
 import asyncio
-import datetime
 import os
 import signal
 import threading
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ADMIN_KEY, export, start_server, write_cut
+from conftest import ADMIN_KEY, export, make_certificates, start_server, write_cut
 from shopserve.client import (
     AsyncSearchClient,
     OverloadedError,
@@ -35,70 +34,10 @@ INFERENCE_KEY = "test-inference-key-abcdef012345"
 # --- TLS and keys -----------------------------------------------------------------------------
 
 
-def _certificates(folder: Path) -> dict[str, Path]:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(common: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    def issue(subject: str, key, issuer: str, issuer_key, ca: bool, server: bool):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(subject))
-            .issuer_name(name(issuer))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if server:
-            import ipaddress
-
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    files = {}
-
-    def write(label: str, key, certificate) -> None:
-        files[f"{label}_key"] = folder / f"{label}.key"
-        files[f"{label}_key"].write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        files[f"{label}_cert"] = folder / f"{label}.crt"
-        files[f"{label}_cert"].write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    write(
-        "ca", ca_key, issue("shopserve test CA", ca_key, "shopserve test CA", ca_key, True, False)
-    )
-    for label, server in (("server", True), ("client", False)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        write(
-            label, key, issue(f"shopserve {label}", key, "shopserve test CA", ca_key, False, server)
-        )
-    return files
-
-
 @pytest.fixture(scope="module")
 def tls(built_repository, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
-    files = _certificates(folder)
+    files = make_certificates(folder)
     server = start_server(
         built_repository,
         folder,

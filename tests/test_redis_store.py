@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 from conftest import running_redis
+from redis.exceptions import OutOfMemoryError
 from shopserve.ensemble.profile_store import (
     LiveState,
     RedisProfileStore,
@@ -18,7 +19,7 @@ from shopserve.ensemble.profile_store import (
     seed,
 )
 from shopserve.ensemble.profiles import Profile
-from shopserve.ensemble.resp import RespClient, RespError
+from shopserve.ensemble.redis_link import connect
 
 PURCHASE = 3
 SHOPPERS = 40
@@ -81,7 +82,7 @@ def test_servers_starting_at_once_seed_one_namespace_once(redis, snapshot) -> No
     assert live.users() == SHOPPERS
     for key, profile in reference.profiles():
         assert live.get(key).items == profile.items
-    assert RespClient(redis).call("EXISTS", "shopserve:together:seeding") == 0  # lock released
+    assert connect(redis).exists("shopserve:together:seeding") == 0  # lock released
 
 
 def test_a_seeded_namespace_keeps_its_live_writes(redis, snapshot) -> None:
@@ -99,10 +100,12 @@ def test_a_seeder_killed_mid_seeding_leaves_nothing_and_the_next_start_seeds(
 ) -> None:
     # A server killed after it took the lock and sent part of its transaction: Redis discards a
     # MULTI without EXEC when the connection closes, and the lock expires.
-    dead = RespClient(redis)
-    dead.call("SET", "shopserve:crashed:seeding", "dead-server", "PX", 1500)
-    dead.pipeline([("MULTI",), ("HSET", "shopserve:crashed:u:key-0", "baskets", 1)])
-    dead.close()
+    dead = connect(redis).connection_pool.make_connection()
+    dead.send_command("SET", "shopserve:crashed:seeding", "dead-server", "PX", 1500)
+    dead.send_command("MULTI")
+    dead.send_command("HSET", "shopserve:crashed:u:key-0", "baskets", 1)
+    assert [dead.read_response() for _ in range(3)] == [b"OK", b"OK", b"QUEUED"]
+    dead.disconnect()
     live = _namespace(redis, "crashed")
     assert live.users() == 0
     started = time.monotonic()
@@ -126,30 +129,30 @@ def test_a_seeding_that_outlived_its_lock_writes_nothing(redis, snapshot) -> Non
 
     assert slow.seed_once(late_profiles, "slow", lock_s=0.3) is None
     assert slow.users() == SHOPPERS and slow.get("late-only") is None
-    assert RespClient(redis).call("GET", "shopserve:late:seeded") == b"other"
+    assert connect(redis).get("shopserve:late:seeded") == b"other"
 
 
 def test_a_server_waits_for_another_servers_seeding(redis, snapshot) -> None:
-    holder = RespClient(redis)
-    holder.call("SET", "shopserve:busy:seeding", "another-server", "PX", 60_000)
+    holder = connect(redis)
+    holder.set("shopserve:busy:seeding", "another-server", px=60_000)
     waiting = _namespace(redis, "busy")
     with pytest.raises(TimeoutError, match="being seeded by another server"):
         waiting.seed_once(_snapshot_state(snapshot), "busy", wait_s=0.5)
-    holder.call("SET", "shopserve:busy:seeded", "another-server")
+    holder.set("shopserve:busy:seeded", "another-server")
     assert waiting.seed_once(_snapshot_state(snapshot), "busy") is None
 
 
 def test_a_full_redis_refuses_batches_whole_and_keeps_what_it_acknowledged(redis) -> None:
     """maxmemory reached with noeviction: a batch is refused with Redis's OOM error and none of it
     is applied; every batch acknowledged before is there, once."""
-    admin = RespClient(redis)
+    admin = connect(redis)
     live = _namespace(redis, "full")
-    used = int(admin.call("INFO", "memory").decode().split("used_memory:")[1].split()[0])
-    admin.call("CONFIG", "SET", "maxmemory-policy", "noeviction")
-    admin.call("CONFIG", "SET", "maxmemory", used + 400_000)
+    used = admin.info("memory")["used_memory"]
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", used + 400_000)
     acknowledged: list[StoredEvent] = []
     try:
-        with pytest.raises(RespError, match="OOM"):
+        with pytest.raises(OutOfMemoryError):  # Redis said OOM
             for batch in range(10_000):
                 events = [
                     StoredEvent(f"shopper-{batch}", f"event-{batch}-{i}", i, PURCHASE, 1.0 * i, "b")
@@ -159,7 +162,7 @@ def test_a_full_redis_refuses_batches_whole_and_keeps_what_it_acknowledged(redis
                 acknowledged += events
         refused = batch
     finally:
-        admin.call("CONFIG", "SET", "maxmemory", 0)
+        admin.config_set("maxmemory", 0)
     assert acknowledged, "Redis was full before the first batch"
     assert live.get(f"shopper-{refused}") is None  # nothing of the refused batch
     assert live.users() == refused
