@@ -41,13 +41,39 @@ define with_server
 endef
 QUERY := $(BIN)/shopserve search --url 127.0.0.1:$(GRPC_PORT)
 
-# Install, build both stores, serve each, answer real queries through the client, stop.
-demo: store instacart-store
-	$(call with_server,$(REPOSITORY),\
+# The user-id secret is made at first use and never committed (.secrets/ is git-ignored).
+USER_KEY ?= .secrets/user.key
+
+# make demo: install, build two small shops cut from the real data (about 12 minutes in all on a clean
+# clone of a 2-core machine; the full stores are make store and make instacart-store), serve each,
+# answer real queries through the client, stop. What the cuts serve: docs/performance.md#the-demo.
+DEMO ?= stores/demo
+DEMO_QUERIES ?= 1000
+DEMO_PRODUCTS ?= 10000
+DEMO_FINETUNE_MINUTES ?= 1
+DEMO_USERS ?= 200
+DEMO_EXTRA_PRODUCTS ?= 2000
+
+$(DEMO)/homedepot/manifest.json: | install
+	$(BIN)/python -m shopserve.export cut --data $(DATA_DIR)/homedepot --queries $(DEMO_QUERIES) \
+		--products $(DEMO_PRODUCTS) --output $(DEMO)/homedepot-data
+	$(BIN)/python -m shopserve.export build --catalogue $(DEMO)/homedepot-data/items.csv \
+		--judgments $(DEMO)/homedepot-data/judged.csv --finetune-minutes $(DEMO_FINETUNE_MINUTES) \
+		--repository $(DEMO)/homedepot
+
+$(DEMO)/instacart/manifest.json: $(DEMO)/homedepot/manifest.json | $(USER_KEY)
+	$(BIN)/python -m shopserve.export instacart --data $(DATA_DIR)/instacart --users $(DEMO_USERS) \
+		--extra-products $(DEMO_EXTRA_PRODUCTS) --output $(DEMO)/instacart-data
+	SHOPSERVE_USER_KEY_FILE=$(USER_KEY) $(BIN)/python -m shopserve.export build \
+		--catalogue $(DEMO)/instacart-data/items.csv --events $(DEMO)/instacart-data/events.csv \
+		--ranker $(DEMO)/homedepot/ranker/1/model.onnx --repository $(DEMO)/instacart
+
+demo: $(DEMO)/homedepot/manifest.json $(DEMO)/instacart/manifest.json
+	$(call with_server,$(DEMO)/homedepot,\
 	for q in "cordless drill" "angle bracket" "rain shower head" "deck over"; do \
 		echo; echo "== $$q"; $(QUERY) "$$q" -k 5 || exit 1; \
 	done)
-	$(call with_server,$(INSTACART_STORE),\
+	$(call with_server,$(DEMO)/instacart,\
 	echo; echo "== recommend for shopper 1"; \
 	$(BIN)/shopserve recommend 1 -k 5 --url 127.0.0.1:$(GRPC_PORT) || exit 1; \
 	echo; echo "== yogurt (anonymous)"; $(QUERY) yogurt -k 5 || exit 1; \
@@ -55,8 +81,6 @@ demo: store instacart-store
 	--user-key-file $(USER_KEY))
 
 # Personalisation: Instacart through the generic formats, with the Home Depot store's ranker.
-# The user-id secret is made here at first use and never committed (.secrets/ is git-ignored).
-USER_KEY ?= .secrets/user.key
 INSTACART_DATA ?= stores/instacart-data
 INSTACART_STORE ?= stores/instacart
 
@@ -107,4 +131,4 @@ bench-smoke: store
 	$(BIN)/python -m benchmarks smoke
 
 clean-store:
-	rm -rf $(REPOSITORY) $(INSTACART_STORE) $(INSTACART_HELD_OUT_STORE) $(INSTACART_DATA)
+	rm -rf $(REPOSITORY) $(INSTACART_STORE) $(INSTACART_HELD_OUT_STORE) $(INSTACART_DATA) $(DEMO)

@@ -174,6 +174,23 @@ def parser() -> argparse.ArgumentParser:
     )
     instacart.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR.parent / "instacart")
     instacart.add_argument("--output", type=Path, required=True, help="folder to write into")
+    instacart.add_argument(
+        "--users", type=int, help="a cut: keep the first N users (by id) and their orders"
+    )
+    instacart.add_argument(
+        "--extra-products",
+        type=int,
+        help="a cut: keep the products the kept users bought, plus N others drawn at random",
+    )
+    cut = sub.add_parser(
+        "cut",
+        help="write a smaller Home Depot shop (items.csv, judged.csv): the first queries with all "
+        "their judgments, and random other products up to a catalogue size",
+    )
+    cut.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
+    cut.add_argument("--queries", type=int, required=True, help="how many queries to keep")
+    cut.add_argument("--products", type=int, required=True, help="the catalogue's size")
+    cut.add_argument("--output", type=Path, required=True, help="folder to write into")
     return root
 
 
@@ -182,11 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-probe chatter
     try:
-        if args.command == "instacart":
+        if args.command in ("instacart", "cut"):
+            from .cut import cut_homedepot
             from .instacart import write_generic
 
-            for path in write_generic(args.data, args.output):
-                print(path)
+            written = (
+                write_generic(args.data, args.output, args.users, args.extra_products)
+                if args.command == "instacart"
+                else cut_homedepot(args.data, args.output, args.queries, args.products)
+            )
+            print("\n".join(map(str, written)))
             return 0
         catalogue, judgments = _inputs(args)  # evaluate reads the catalogue from the repository
         if args.command == "build":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 import random
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from shopserve.ensemble.events import event_key
 from shopserve.ensemble.profile_store import ERASED_EVENT
 from shopserve.ensemble.profiles import EVENT_TYPES
 
@@ -26,6 +28,8 @@ DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR", "../shared/data")) / "homedep
 CATALOGUE_ALIASES = {"product_uid": "product_id", "product_title": "title"}
 JUDGMENT_ALIASES = {"search_term": "query", "product_uid": "product_id"}
 OPTIONAL_CATALOGUE_COLUMNS = ("description", "category", "brand", "price")
+
+logger = logging.getLogger("shopserve.export.data")
 
 
 class DataError(ValueError):
@@ -130,13 +134,15 @@ def fingerprint(paths: list[Path]) -> dict[str, str]:
 @dataclass(frozen=True)
 class EventsData:
     """A behaviour log sorted by (user, timestamp); ``events`` index EVENT_TYPES, ``basket_ids`` are
-    "" where the file gives none (the profile then infers baskets from sessions)."""
+    "" where the file gives none (the profile then infers baskets from sessions). ``event_ids``:
+    the shop file's ``event_id`` column (an exported log's ``event_key``), "" where none."""
 
     user_ids: list[str]
     product_ids: np.ndarray  # int64
     timestamps: np.ndarray  # float64, epoch seconds
     events: np.ndarray  # int8
     basket_ids: list[str]
+    event_ids: list[str]
 
     def __len__(self) -> int:
         return len(self.product_ids)
@@ -171,14 +177,18 @@ _REPORTED_BAD_ROWS = 5
 def load_events(path: Path, catalogue: CatalogueData) -> EventsData:
     """Read and validate an events file; each kind of problem names its first rows and its count."""
     rows = _read_rows(path, {}, ("user_id", "product_id", "timestamp", "event"))
-    return _events(path, list(enumerate(rows, start=2)), catalogue, "user_id")  # 1: the header
+    return _events(path, list(enumerate(rows, start=2)), catalogue, "user_id", "event_id")
 
 
 def _events(
-    path: Path, rows: list[tuple[int, dict]], catalogue: CatalogueData, id_column: str
+    path: Path,
+    rows: list[tuple[int, dict]],
+    catalogue: CatalogueData,
+    id_column: str,
+    event_column: str,
 ) -> EventsData:
-    """Validated (line, row) pairs (``id_column`` names the shopper) as EventsData, sorted by
-    (shopper, time)."""
+    """Validated (line, row) pairs (line 1 is the header; ``id_column`` names the shopper,
+    ``event_column`` the event) as EventsData, sorted by (shopper, time)."""
     known = set(catalogue.product_ids.tolist())
     kinds = {name: i for i, name in enumerate(EVENT_TYPES)}
     problems: dict[str, list[str]] = {}
@@ -202,7 +212,16 @@ def _events(
         ):
             if bad:
                 problems.setdefault(problem, []).append(f"row {line}: {value!r}")
-        parsed.append((user, when or 0.0, product or 0, kind or 0, str(row.get("basket_id") or "")))
+        parsed.append(
+            (
+                user,
+                when or 0.0,
+                product or 0,
+                kind or 0,
+                str(row.get("basket_id") or ""),
+                str(row.get(event_column) or ""),
+            )
+        )
     if problems:
         raise DataError(
             f"{path}: "
@@ -214,7 +233,7 @@ def _events(
     return _sorted_events(parsed)
 
 
-def _sorted_events(parsed: list[tuple[str, float, int, int, str]]) -> EventsData:
+def _sorted_events(parsed: list[tuple[str, float, int, int, str, str]]) -> EventsData:
     parsed.sort(key=lambda r: (r[0], r[1]))
     return EventsData(
         [r[0] for r in parsed],
@@ -222,6 +241,7 @@ def _sorted_events(parsed: list[tuple[str, float, int, int, str]]) -> EventsData
         np.array([r[1] for r in parsed], dtype=np.float64),
         np.array([r[3] for r in parsed], dtype=np.int8),
         [r[4].strip() for r in parsed],
+        [r[5].strip() for r in parsed],
     )
 
 
@@ -248,7 +268,7 @@ def load_event_log(path: Path, catalogue: CatalogueData) -> EventLog:
             seen.add((row["user_key"], row["event_key"]))
             events.append((line, row))
     duplicates = len(rows) - len(events) - erasures
-    return EventLog(_events(path, events, catalogue, "user_key"), erased, duplicates)
+    return EventLog(_events(path, events, catalogue, "user_key", "event_key"), erased, duplicates)
 
 
 class HashedIds:
@@ -261,20 +281,39 @@ class HashedIds:
 
 def with_event_log(events: EventsData, key: Callable[[str], str], log: EventLog) -> EventsData:
     """The shop's events under keyed hashes (``key``) together with the log's; of a shopper the
-    log erased, only the events after the erasure are kept."""
+    log erased, only the events after the erasure are kept. A logged event whose key is a shop
+    event's (the same ``event_id`` of the same shopper: the shop's files already hold the event
+    that reached the server live) counts once."""
+    hashed = [key(user) for user in events.user_ids]
+    shop_keys = [
+        event_key(user, event) if event else ""
+        for user, event in zip(hashed, events.event_ids, strict=True)
+    ]
     rows = [
-        (user, float(when), int(product), int(kind), basket)
-        for users, source in (
-            (map(key, events.user_ids), events),
-            (log.events.user_ids, log.events),
+        (user, float(when), int(product), int(kind), basket, event)
+        for users, keys, source in (
+            (hashed, shop_keys, events),
+            (log.events.user_ids, log.events.event_ids, log.events),
         )
-        for user, when, product, kind, basket in zip(
+        for user, when, product, kind, basket, event in zip(
             users,
             source.timestamps,
             source.product_ids,
             source.events,
             source.basket_ids,
+            keys,
             strict=True,
         )
     ]
-    return _sorted_events([r for r in rows if r[1] > log.erased.get(r[0], -np.inf)])
+    in_shop_files = set(shop_keys) - {""}
+    logged_twice = sum(key in in_shop_files for key in log.events.event_ids)
+    if logged_twice:
+        logger.info("%d logged events are in the shop's files too: counted once", logged_twice)
+    return _sorted_events(
+        [
+            r
+            for index, r in enumerate(rows)
+            if r[1] > log.erased.get(r[0], -np.inf)
+            and (index < len(hashed) or r[5] not in in_shop_files)
+        ]
+    )

@@ -20,6 +20,8 @@ import logging
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
+
 log = logging.getLogger("shopserve.export.instacart")
 
 BASE_DATE = datetime(2017, 1, 1, tzinfo=timezone.utc)
@@ -32,24 +34,37 @@ def _read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def write_generic(instacart: Path, destination: Path) -> tuple[Path, Path]:
-    """Convert the Instacart folder into the generic ``items.csv`` and ``events.csv``."""
+def write_generic(
+    instacart: Path,
+    destination: Path,
+    users: int | None = None,
+    extra_products: int | None = None,
+) -> tuple[Path, Path]:
+    """Convert the Instacart folder into the generic ``items.csv`` and ``events.csv``. A cut for a
+    quick build: ``users`` keeps the first users (by id) and their orders; ``extra_products``
+    keeps the products they bought plus that many others, drawn at random."""
     aisles = {r["aisle_id"]: r["aisle"] for r in _read(instacart / "aisles.csv")}
     departments = {
         r["department_id"]: r["department"] for r in _read(instacart / "departments.csv")
     }
+    lines = _read(instacart / "order_lines.csv")
+    lines.sort(
+        key=lambda r: (int(r["user_id"]), int(r["order_number"]), int(r["add_to_cart_order"]))
+    )
+    if users is not None:
+        kept = set(list(dict.fromkeys(r["user_id"] for r in lines))[:users])
+        lines = [r for r in lines if r["user_id"] in kept]
+    catalogue = _read(instacart / "products.csv")
+    if extra_products is not None:
+        catalogue = _cut_catalogue(catalogue, {r["product_id"] for r in lines}, extra_products)
     destination.mkdir(parents=True, exist_ok=True)
     items = destination / ITEMS_FILE
     with items.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["product_id", "title", "category"])
-        for row in _read(instacart / "products.csv"):
+        for row in catalogue:
             category = f"{departments[row['department_id']]} / {aisles[row['aisle_id']]}"
             writer.writerow([row["product_id"], row["product_name"], category])
-    lines = _read(instacart / "order_lines.csv")
-    lines.sort(
-        key=lambda r: (int(r["user_id"]), int(r["order_number"]), int(r["add_to_cart_order"]))
-    )
     events = destination / EVENTS_FILE
     order_start: dict[str, datetime] = {}  # order id -> when it was placed
     previous: dict[str, datetime] = {}  # user id -> when their latest order was placed
@@ -69,5 +84,15 @@ def write_generic(instacart: Path, destination: Path) -> tuple[Path, Path]:
             writer.writerow(
                 [user, row["product_id"], when.strftime("%Y-%m-%dT%H:%M:%SZ"), "purchase", order]
             )
-    log.info("wrote %s and %s (%d events)", items, events, len(lines))
+    log.info("wrote %s (%d products) and %s (%d events)", items, len(catalogue), events, len(lines))
     return items, events
+
+
+def _cut_catalogue(
+    catalogue: list[dict[str, str]], bought: set[str], extra: int
+) -> list[dict[str, str]]:
+    """The products bought, plus ``extra`` others drawn at random (seed 0); in file order."""
+    others = [row["product_id"] for row in catalogue if row["product_id"] not in bought]
+    picked = np.random.default_rng(0).choice(len(others), min(extra, len(others)), replace=False)
+    keep = bought | {others[i] for i in picked.tolist()}
+    return [row for row in catalogue if row["product_id"] in keep]

@@ -132,26 +132,12 @@ def user_key_file(tmp_path_factory: pytest.TempPathFactory):
 def instacart_files(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, Path]:
     """Instacart through the generic formats: every event, and a catalogue of the purchased
     products plus INSTACART_EXTRA_PRODUCTS others."""
-    import csv
-
-    import numpy as np
     from shopserve.export.instacart import write_generic
 
     folder = tmp_path_factory.mktemp("instacart")
-    items, events = write_generic(data_dir.parent / "instacart", folder / "full")
-    with events.open() as handle:
-        bought = {row["product_id"] for row in csv.DictReader(handle)}
-    with items.open() as handle:
-        rows = list(csv.DictReader(handle))
-    others = [r for r in rows if r["product_id"] not in bought]
-    picked = np.random.default_rng(0).choice(len(others), INSTACART_EXTRA_PRODUCTS, replace=False)
-    keep = bought | {others[i]["product_id"] for i in picked.tolist()}
-    cut = folder / "items.csv"
-    with cut.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(r for r in rows if r["product_id"] in keep)
-    return cut, events
+    return write_generic(
+        data_dir.parent / "instacart", folder, extra_products=INSTACART_EXTRA_PRODUCTS
+    )
 
 
 @pytest.fixture(scope="session")
@@ -306,37 +292,10 @@ CUT_PRODUCTS = 3000
 
 
 def write_cut(data_dir: Path, workdir: Path) -> tuple[Path, Path]:
-    """items.csv and judged.csv in the generic format: the judged products of the first
-    CUT_QUERIES Home Depot queries, other products up to CUT_PRODUCTS."""
-    import csv
+    """items.csv and judged.csv of a CUT_QUERIES-query, CUT_PRODUCTS-product Home Depot cut."""
+    from shopserve.export.cut import cut_homedepot
 
-    import numpy as np
-
-    with (data_dir / "judgments.csv").open() as handle:
-        judgments = list(csv.DictReader(handle))
-    queries = list(dict.fromkeys(r["search_term"] for r in judgments))[:CUT_QUERIES]
-    chosen = {r["search_term"] for r in judgments} & set(queries)
-    judged = [r for r in judgments if r["search_term"] in chosen]
-    with (data_dir / "products.csv").open() as handle:
-        products = list(csv.DictReader(handle))
-    keep = {r["product_uid"] for r in judged}
-    rng = np.random.default_rng(0)
-    for index in rng.permutation(len(products)):
-        if len(keep) >= CUT_PRODUCTS:
-            break
-        keep.add(products[index]["product_uid"])
-    items, judged_file = workdir / "items.csv", workdir / "judged.csv"
-    with items.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["product_id", "title"])
-        writer.writerows(
-            (p["product_uid"], p["product_title"]) for p in products if p["product_uid"] in keep
-        )
-    with judged_file.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["query", "product_id", "relevance"])
-        writer.writerows((r["search_term"], r["product_uid"], r["relevance"]) for r in judged)
-    return items, judged_file
+    return cut_homedepot(data_dir, workdir, CUT_QUERIES, CUT_PRODUCTS)
 
 
 @pytest.fixture(scope="session")

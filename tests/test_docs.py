@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "evaluate": (EXPORT, ("docs/building.md",)),
     "transfer": (EXPORT, ("docs/building.md",)),
     "instacart": (EXPORT, ("docs/building.md",)),
+    "cut": (EXPORT, ("docs/building.md",)),
     "serve": (SHOPSERVE, ("docs/serving.md",)),
     "rollout": (SHOPSERVE, ("docs/serving.md",)),
     "keys": (SHOPSERVE, ("docs/serving.md",)),
@@ -43,7 +44,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # Where a command is named in the docs: "python -m shopserve.export build", "shopserve serve".
 _COMMAND = re.compile(
-    r"shopserve\.export (?P<export>build|evaluate|transfer|instacart)\b"
+    r"shopserve\.export (?P<export>build|evaluate|transfer|instacart|cut)\b"
     r"|(?<![\w.-])shopserve (?P<shopserve>serve|rollout|search|recommend|keys|events export"
     r"|events compact|events|forget)\b"
 )

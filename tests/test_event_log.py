@@ -239,3 +239,35 @@ def test_a_live_file_from_before_the_log_is_served_as_it_is(builds, tmp_path) ->
     _same_profiles(_open(location, "v1"), _expected(builds["v1"], LIVE))
     _start(location, builds, "v2")
     _same_profiles(_open(location, "v2"), _expected(builds["v2"], []))
+
+
+def test_an_event_in_the_shop_files_and_the_log_counts_once(tmp_path) -> None:
+    """The shop's events file names its events (``event_id``); a logged event with the same id of
+    the same shopper (it reached the server live and the shop's files) is folded once."""
+    from shopserve.ensemble.events import event_key
+    from shopserve.export.data import (
+        CatalogueData,
+        load_event_log,
+        load_events,
+        with_event_log,
+    )
+
+    catalogue = CatalogueData(np.arange(10, dtype=np.int64), [f"p{i}" for i in range(10)])
+    shop = tmp_path / "events.csv"
+    shop.write_text(
+        "user_id,product_id,timestamp,event,event_id\n"
+        "alice,1,100,purchase,order-1-line-1\n"
+        "alice,2,100,purchase,\n"
+        "bob,3,100,purchase,order-2-line-1\n"
+    )
+    key = {"alice": "key-a", "bob": "key-b"}.get
+    log = tmp_path / "log.csv"
+    log.write_text(
+        "user_key,product_id,timestamp,event,event_key\n"
+        f"key-a,1,100,purchase,{event_key('key-a', 'order-1-line-1')}\n"  # in the shop file
+        f"key-a,4,200,purchase,{event_key('key-a', 'live-only')}\n"
+        f"key-b,5,200,purchase,{event_key('key-b', 'order-1-line-1')}\n"  # another shopper's id
+    )
+    merged = with_event_log(load_events(shop, catalogue), key, load_event_log(log, catalogue))
+    pairs = sorted(zip(merged.user_ids, merged.product_ids.tolist(), strict=True))
+    assert pairs == [("key-a", 1), ("key-a", 2), ("key-a", 4), ("key-b", 3), ("key-b", 5)]
