@@ -2,9 +2,9 @@
 
 * :class:`SqliteProfileStore`, the embedded default: one file in WAL mode, shared by every model
   instance on the host; a commit is on disk (``synchronous=FULL``) before it returns.
-* :class:`RedisProfileStore`: one Redis shared by several Triton servers (the scale-out path). It
-  refuses a Redis that does not fsync every write (``appendfsync always``), since an acknowledged
-  event must survive a crash.
+* :class:`~shopserve.ensemble.redis_store.RedisProfileStore`: one Redis shared by several Triton
+  servers (the scale-out path). It refuses a Redis that does not fsync every write (``appendfsync
+  always``), since an acknowledged event must survive a crash.
 
 Rows are keyed by the keyed hash of the user id (:class:`~shopserve.ensemble.profiles.UserKeys`),
 never the id. Live events are folded with the same :meth:`Profile.apply` as the release build; a batch
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import json
-import secrets
 import sqlite3
 import time
 from abc import ABC, abstractmethod
@@ -32,21 +31,13 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
-import redis
 
 from .profiles import EVENT_TYPES, ItemStats, Profile
-from .redis_link import connect, is_redis, public_location
+from .redis_link import is_redis, public_location
 
 PROFILE_STORE_ENV = "SHOPSERVE_PROFILE_STORE"  # where the live store is (set by shopserve serve)
 LIVE_PROFILES_FILE = "live.sqlite"  # the embedded live store, under the server's work folder
 Embedding = Callable[[int], np.ndarray]  # product id -> its embedding (the taste vector's part)
-
-# Seeding a Redis namespace: a seeder's lock expires after SEED_LOCK_S (a killed server's lock
-# frees itself); the other servers poll every SEED_POLL_S for up to SEED_WAIT_S.
-SEED_LOCK_S, SEED_POLL_S, SEED_WAIT_S = 300.0, 0.2, 900.0
-_RELEASE_LOCK = (  # delete the lock only if it is still this seeder's
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -280,11 +271,8 @@ class ProfileStoreUnavailable(RuntimeError):
     a profile cannot be answered as asked now, but may be later."""
 
 
-STORE_ERRORS = (
-    OSError,
-    sqlite3.Error,
-    redis.RedisError,
-)  # what a store's backends raise when failing
+# What the SQLite store raises when failing; the Redis store raises ProfileStoreUnavailable itself.
+STORE_ERRORS = (OSError, sqlite3.Error)
 
 
 class ProfileStore(ABC):
@@ -544,269 +532,6 @@ class SqliteProfileStore(ProfileStore):
         self._db.close()
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-class RedisProfileStore(ProfileStore):
-    """Profiles in Redis: ``<prefix>u:<key>`` (a hash of the profile's fields), ``<prefix>i:<key>``
-    (product id -> its stats as JSON) and ``<prefix>e:<key>`` (the event keys seen), under one
-    prefix per build; the event log is the Stream ``shopserve:<log_name>``, one per shop, shared by
-    every build's namespace."""
-
-    RETRIES = 20
-    LOG_PAGE = 10000
-    CATCH_UP_BATCH = 1000  # events a catch-up transaction folds at most
-
-    def __init__(
-        self,
-        url: str,
-        namespace: str,
-        password: str | None = None,
-        log_name: str = "log",
-        ca_file: str | None = None,
-    ) -> None:
-        self.client = connect(url, password=password, ca_file=ca_file)
-        self.prefix = f"shopserve:{namespace}:"
-        self.log_key = f"shopserve:{log_name}"
-        settings = {}
-        for name in ("appendonly", "appendfsync"):
-            reply = {_text(k): _text(v) for k, v in self.client.config_get(name).items()}
-            settings[name] = reply.get(name, "unknown")
-        if settings != {"appendonly": "yes", "appendfsync": "always"}:
-            raise ValueError(
-                f"{public_location(url)}: Redis must fsync every write to keep acknowledged events "
-                f"(appendonly yes, appendfsync always); it has {settings}"
-            )
-
-    def _keys(self, user_key: str) -> tuple[str, str, str]:
-        return tuple(f"{self.prefix}{kind}:{user_key}" for kind in "uie")
-
-    @staticmethod
-    def _profile(stored: dict[bytes, bytes], items: dict[int, ItemStats]) -> Profile:
-        row = [stored.get(c.encode()) for c in _USER_COLUMNS]
-        row[_USER_COLUMNS.index("basket_key")] = row[_USER_COLUMNS.index("basket_key")].decode()
-        return _profile(row, items)
-
-    def _transaction(
-        self, commands: Sequence[tuple], pipe: redis.client.Pipeline | None = None
-    ) -> list | None:
-        """``commands`` in one MULTI/EXEC (on ``pipe``, which may WATCH keys); None when a
-        watched key changed (nothing was applied). An error Redis reports for any command inside
-        the EXEC reply (WRONGTYPE, OOM ...) is raised: nothing is acknowledged then."""
-        with pipe if pipe is not None else self.client.pipeline() as transaction:
-            transaction.multi()
-            for command in commands:
-                transaction.execute_command(*command)
-            try:
-                return transaction.execute()
-            except redis.WatchError:
-                return None
-
-    def get(self, user_key: str) -> Profile | None:
-        user, items, _ = self._keys(user_key)
-        stored, stats = self._transaction([("HGETALL", user), ("HGETALL", items)])
-        if not stored:
-            return None
-        return self._profile(stored, {int(p): ItemStats(*json.loads(v)) for p, v in stats.items()})
-
-    def _writes(self, user_key: str, profile: Profile, products: Iterable[int]) -> list[tuple]:
-        user, items, _ = self._keys(user_key)
-        fields = dict(zip(_USER_COLUMNS, _user_row(profile), strict=True))
-        if fields["taste_sum"] is None:
-            del fields["taste_sum"]
-        commands: list[tuple] = [("HSET", user, *(x for kv in fields.items() for x in kv))]
-        stats = [(p, json.dumps(profile.items[p].row())) for p in products]
-        if stats:
-            commands.append(("HSET", items, *(x for kv in stats for x in kv)))
-        return commands
-
-    def _put_commands(self, profiles: Iterable[tuple[str, Profile]]) -> tuple[list[tuple], int]:
-        count = 0
-        commands: list[tuple] = []
-        for user_key, profile in profiles:
-            commands.append(("DEL", *self._keys(user_key)[:2]))
-            commands += self._writes(user_key, profile, profile.items)
-            count += 1
-        return commands, count
-
-    def put(self, profiles: Iterable[tuple[str, Profile]]) -> int:
-        commands, count = self._put_commands(profiles)
-        if commands:
-            self._transaction(commands)
-        return count
-
-    def apply(
-        self, events: Sequence[StoredEvent], embedding: Embedding, log: bool = True
-    ) -> set[str]:
-        groups = _by_user(events)
-        watched = [key for user_key in groups for key in self._keys(user_key)]
-        for _ in range(self.RETRIES):
-            with self.client.pipeline() as pipe:  # its connection goes back to the pool at the end
-                pipe.watch(*watched)  # the reads below see a state EXEC checks
-                commands, applied = self._fold_commands(pipe, groups, embedding, log)
-                if not commands or self._transaction(commands, pipe) is not None:
-                    return applied
-        raise RuntimeError(f"events for {len(groups)} users kept conflicting; not applied")
-
-    def _fold_commands(
-        self,
-        pipe: redis.client.Pipeline,
-        groups: dict[str, list[StoredEvent]],
-        embedding: Embedding,
-        log: bool,
-    ) -> tuple[list[tuple], set[str]]:
-        """The writes that fold each user's new events into their stored profile (read through
-        the watching ``pipe``), and the event keys they apply."""
-        commands: list[tuple] = []
-        applied: set[str] = set()
-        for user_key, group in groups.items():
-            user, items, seen_key = self._keys(user_key)
-            keys = sorted({e.event_key for e in group})
-            hits = pipe.smismember(seen_key, keys)
-            fresh = _fresh(group, {k for k, hit in zip(keys, hits, strict=True) if hit})
-            if not fresh:
-                continue
-            products = sorted({e.product_id for e in fresh})
-            found = pipe.hmget(items, products)
-            stats = {
-                p: ItemStats(*json.loads(v))
-                for p, v in zip(products, found, strict=True)
-                if v is not None
-            }
-            stored = pipe.hgetall(user)
-            profile = self._profile(stored, stats) if stored else Profile(items=stats)
-            commands += self._writes(user_key, profile, fold(profile, fresh, embedding))
-            commands.append(("SADD", seen_key, *(e.event_key for e in fresh)))
-            if log:
-                commands += [self._append(e) for e in in_fold_order(fresh)]
-            applied.update(e.event_key for e in fresh)
-        return commands, applied
-
-    def _append(self, event: StoredEvent) -> tuple:
-        """The XADD of one log record: the Stream's entry id orders it, its fields hold the event
-        and when it was accepted."""
-        fields = (*(getattr(event, c) for c in _LOG_COLUMNS), time.time())
-        return (
-            "XADD",
-            self.log_key,
-            "*",
-            *(x for kv in zip(_LOG_FIELDS, fields, strict=True) for x in kv),
-        )
-
-    def log(self, after: str = "") -> Iterator[LogRecord]:
-        start = f"({after}" if after else "-"
-        while True:
-            entries = self.client.xrange(self.log_key, start, "+", count=self.LOG_PAGE)
-            for entry_id, fields in entries:
-                values = [fields[name.encode()].decode() for name in _LOG_FIELDS]
-                user_key, event_key, product, kind, timestamp, basket_key, logged_at = values
-                event = StoredEvent(
-                    user_key, event_key, int(product), int(kind), float(timestamp), basket_key
-                )
-                yield LogRecord(entry_id.decode(), float(logged_at), event)
-            if len(entries) < self.LOG_PAGE:
-                return
-            start = f"({entries[-1][0].decode()}"
-
-    def forget(self, user_key: str) -> bool:
-        logged = [r for r in self.log() if r.event.user_key == user_key]
-        commands: list[tuple] = [("DEL", *self._keys(user_key))]
-        if logged:  # its events, and any earlier erasure record the new one supersedes
-            commands.append(("XDEL", self.log_key, *(r.position for r in logged)))
-        commands.append(self._append(erasure(user_key)))
-        removed = self._transaction(commands)
-        return bool(removed[0]) or any(r.event.kind != ERASED for r in logged)
-
-    def compact(self, before: float) -> int:
-        old = [r.position for r in self.log() if r.logged_at < before and r.event.kind != ERASED]
-        for start in range(0, len(old), self.LOG_PAGE):
-            self.client.xdel(self.log_key, *old[start : start + self.LOG_PAGE])
-        return len(old)
-
-    def catch_up(self, embedding: Embedding, known: Container[int]) -> int:
-        """Fold the log records after this namespace's last replayed position (events logged
-        through another build's namespace since this one last started); return how many events
-        were new here. Idempotent: folded event keys are skipped."""
-        replayed = f"{self.prefix}replayed"
-        position, watermark = self.client.mget(replayed, f"{self.prefix}watermark")
-        position, watermark = (position or b"").decode(), float(watermark or 0.0)
-        folded, pending = 0, []
-        for record in self.log(position):
-            position = record.position
-            erased = record.event.kind == ERASED
-            if erased or len(pending) == self.CATCH_UP_BATCH:  # in log order, bounded batches
-                folded += len(self.apply(pending, embedding, log=False)) if pending else 0
-                pending = []
-            if erased:
-                self.client.delete(*self._keys(record.event.user_key))
-            elif record.event.product_id in known and record.event.timestamp > watermark:
-                pending.append(record.event)
-        if pending:
-            folded += len(self.apply(pending, embedding, log=False))
-        self.client.set(replayed, position)
-        return folded
-
-    def users(self) -> int:
-        return sum(1 for _ in self.client.scan_iter(match=f"{self.prefix}u:*", count=1000))
-
-    def seed_once(
-        self,
-        state: Callable[[], LiveState],
-        marker: str,
-        lock_s: float = SEED_LOCK_S,
-        wait_s: float = SEED_WAIT_S,
-    ) -> int | None:
-        """Write ``state()`` (the build's snapshot with the log replayed over it) into this
-        namespace unless it was seeded before; return how many profiles, or None when it already
-        was.
-
-        The profiles, their event keys, the last log position folded and the ``seeded`` marker are
-        written in one transaction, so the namespace
-        is either untouched or complete: a crash mid-seeding leaves nothing. One server at a time
-        seeds, under a lock that expires after ``lock_s`` (a server killed while seeding holds it
-        no longer); the others wait for the marker, up to ``wait_s``. The transaction WATCHes the
-        lock and the marker, so a seeding that outlived its lock never overwrites another's."""
-        seeded, lock = f"{self.prefix}seeded", f"{self.prefix}seeding"
-        token = secrets.token_hex(16)
-        deadline = time.monotonic() + wait_s
-        while not self.client.set(lock, token, nx=True, px=int(lock_s * 1000)):
-            if self.client.exists(seeded):
-                return None
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"namespace {self.prefix!r} is being seeded by another server and did not "
-                    f"finish in {wait_s:.0f} s"
-                )
-            time.sleep(SEED_POLL_S)
-        try:
-            with self.client.pipeline() as pipe:
-                pipe.watch(lock, seeded)
-                if pipe.exists(seeded) or pipe.get(lock) != token.encode():
-                    return None
-                written = self._seed_writes(pipe, state(), marker)
-            if written is not None:
-                return written
-            if self.client.exists(seeded):
-                return None  # the lock expired and another server seeded meanwhile
-            raise RuntimeError(f"seeding namespace {self.prefix!r} was interrupted; start again")
-        finally:
-            self.client.eval(_RELEASE_LOCK, 1, lock, token)
-
-    def _seed_writes(self, pipe: redis.client.Pipeline, live: LiveState, marker: str) -> int | None:
-        """Write ``live`` and the ``seeded`` marker in one transaction on the watching ``pipe``;
-        how many profiles, or None when a watched key changed."""
-        commands, count = self._put_commands(live.profiles.items())
-        commands += [("SADD", self._keys(u)[2], *keys) for u, keys in live.seen.items() if keys]
-        commands.append(("SET", f"{self.prefix}replayed", live.position))
-        commands.append(("SET", f"{self.prefix}watermark", repr(live.watermark)))
-        commands.append(("SET", f"{self.prefix}seeded", marker))
-        return None if self._transaction(commands, pipe) is None else count
-
-    def close(self) -> None:
-        self.client.close()
-
-
 REDIS_OPTIONS = ("namespace", "password_file", "ca_file")  # what a Redis location's query may set
 
 
@@ -842,6 +567,8 @@ def open_store(
             raise ValueError(
                 f"{shown}: unknown option(s) {', '.join(unknown)} (known: {', '.join(REDIS_OPTIONS)})"
             )
+        from .redis_store import RedisProfileStore  # redis-py (and ssl) only for a Redis store
+
         return RedisProfileStore(
             text.split("?")[0],
             options.get("namespace", [namespace])[0],
@@ -884,7 +611,7 @@ def seed(
     shown = public_location(text)
     live = open_store(text, namespace=namespace, log_name=log_name)
     try:
-        if isinstance(live, RedisProfileStore):
+        if not isinstance(live, SqliteProfileStore):  # a Redis namespace
             count = live.seed_once(lambda: from_snapshot(live), namespace)
             caught_up = live.catch_up(embedding, known)
             done = (
@@ -893,7 +620,6 @@ def seed(
                 else f"seeded {count} profiles into {shown} (namespace {namespace})"
             )
             return f"{done}; {caught_up} logged events caught up"
-        assert isinstance(live, SqliteProfileStore)
         held = live.namespace()
         if held == namespace:
             return f"{live.path} holds {namespace}; serving it"

@@ -11,11 +11,11 @@ the stub links (README, Installing pieces).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+if TYPE_CHECKING:
+    import redis
 
 SCHEMES = ("redis", "rediss", "unix")
 
@@ -42,6 +42,10 @@ def connect(
     restarted, or dropped an idle client) is sent once more on a new connection; a timeout is
     not retried, and its connection is dropped so that no later command reads its late reply.
     ``ca_file`` verifies a ``rediss://`` server's certificate against that CA."""
+    import redis  # here: a server on SQLite never loads redis-py (nor ssl)
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     scheme = urlsplit(url).scheme
     if scheme not in SCHEMES:
         raise ValueError(

@@ -10,15 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .instacart import ITEMS_FILE, read_csv
+
 log = logging.getLogger("shopserve.export.cut")
 
-ITEMS_FILE = "items.csv"
 JUDGED_FILE = "judged.csv"
-
-
-def _read(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def cut_homedepot(
@@ -30,10 +26,10 @@ def cut_homedepot(
     ``products``."""
     if queries < 1 or products < 1:
         raise ValueError(f"a cut needs at least one query and one product ({queries}, {products})")
-    judgments = _read(data_dir / "judgments.csv")
+    judgments = read_csv(data_dir / "judgments.csv")
     chosen = set(list(dict.fromkeys(r["search_term"] for r in judgments))[:queries])
     judged = [r for r in judgments if r["search_term"] in chosen]
-    catalogue = _read(data_dir / "products.csv")
+    catalogue = read_csv(data_dir / "products.csv")
     keep = {r["product_uid"] for r in judged}
     for index in np.random.default_rng(seed).permutation(len(catalogue)):
         if len(keep) >= products:

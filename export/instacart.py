@@ -29,7 +29,8 @@ ITEMS_FILE = "items.csv"
 EVENTS_FILE = "events.csv"
 
 
-def _read(path: Path) -> list[dict[str, str]]:
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """A UTF-8 CSV file's rows as dicts."""
     with path.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
@@ -43,18 +44,18 @@ def write_generic(
     """Convert the Instacart folder into the generic ``items.csv`` and ``events.csv``. A cut for a
     quick build: ``users`` keeps the first users (by id) and their orders; ``extra_products``
     keeps the products they bought plus that many others, drawn at random."""
-    aisles = {r["aisle_id"]: r["aisle"] for r in _read(instacart / "aisles.csv")}
+    aisles = {r["aisle_id"]: r["aisle"] for r in read_csv(instacart / "aisles.csv")}
     departments = {
-        r["department_id"]: r["department"] for r in _read(instacart / "departments.csv")
+        r["department_id"]: r["department"] for r in read_csv(instacart / "departments.csv")
     }
-    lines = _read(instacart / "order_lines.csv")
+    lines = read_csv(instacart / "order_lines.csv")
     lines.sort(
         key=lambda r: (int(r["user_id"]), int(r["order_number"]), int(r["add_to_cart_order"]))
     )
     if users is not None:
         kept = set(list(dict.fromkeys(r["user_id"] for r in lines))[:users])
         lines = [r for r in lines if r["user_id"] in kept]
-    catalogue = _read(instacart / "products.csv")
+    catalogue = read_csv(instacart / "products.csv")
     if extra_products is not None:
         catalogue = _cut_catalogue(catalogue, {r["product_id"] for r in lines}, extra_products)
     destination.mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,7 @@ def test_every_accepted_event_is_logged_once_in_fold_order(location, builds) -> 
 def test_a_release_rollback_and_restart_keep_every_logged_event(
     location, builds, monkeypatch
 ) -> None:
-    from shopserve.ensemble.profile_store import RedisProfileStore
+    from shopserve.ensemble.redis_store import RedisProfileStore
 
     monkeypatch.setattr(RedisProfileStore, "CATCH_UP_BATCH", 1)  # a catch-up of several batches
     _start(location, builds, "v1")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import redis
 from conftest import make_certificates, running_redis, tls_in_front_of
-from shopserve.ensemble.profile_store import STORE_ERRORS, open_store
+from shopserve.ensemble.profile_store import ProfileStoreUnavailable, open_store
 from shopserve.ensemble.redis_link import connect
 
 
@@ -44,11 +44,14 @@ def test_a_server_that_is_gone_fails_the_call_and_is_found_again(tmp_path) -> No
     with running_redis(tmp_path, port=port) as url:
         client = connect(url)
         client.set("kept", "1")
-    with pytest.raises(redis.ConnectionError) as failed:
+        store = open_store(f"{url}?namespace=gone")
+    with pytest.raises(redis.ConnectionError):
         client.get("kept")
-    assert isinstance(failed.value, STORE_ERRORS)  # the store degrades on it
+    with pytest.raises(ProfileStoreUnavailable, match=r"Redis: ConnectionError"):
+        store.get("anyone")  # what search degrades on, and recommend answers UNAVAILABLE to
     with running_redis(tmp_path, port=port):
         assert client.get("kept") == b"1"
+        assert store.get("anyone") is None
 
 
 def test_messages_never_hold_the_password(tmp_path) -> None:

@@ -13,13 +13,13 @@ from conftest import running_redis
 from redis.exceptions import OutOfMemoryError
 from shopserve.ensemble.profile_store import (
     LiveState,
-    RedisProfileStore,
     SqliteProfileStore,
     StoredEvent,
     seed,
 )
 from shopserve.ensemble.profiles import Profile
 from shopserve.ensemble.redis_link import connect
+from shopserve.ensemble.redis_store import RedisProfileStore
 
 PURCHASE = 3
 SHOPPERS = 40
