@@ -555,9 +555,8 @@ def open_store(
     """A profile store by location: a file path or ``sqlite:///path`` for the embedded store,
     ``redis://host:port/db``, ``rediss://host:port/db`` (TLS) or ``unix:///path`` for Redis, whose
     query may name the namespace (``?namespace=NAME``), a file holding the password
-    (``password_file=PATH``) and the CA that signed a TLS server's certificate
-    (``ca_file=PATH``); ``log_name``
-    names a Redis store's event log (one per shop)."""
+    (``password_file=PATH``) and the CA that signed a TLS server's certificate (``ca_file=PATH``);
+    ``log_name`` names a Redis store's event log (one per shop)."""
     text = str(location)
     if is_redis(text):
         shown = public_location(text)

@@ -289,31 +289,30 @@ def with_event_log(events: EventsData, key: Callable[[str], str], log: EventLog)
         event_key(user, event) if event else ""
         for user, event in zip(hashed, events.event_ids, strict=True)
     ]
-    rows = [
-        (user, float(when), int(product), int(kind), basket, event)
-        for users, keys, source in (
-            (hashed, shop_keys, events),
-            (log.events.user_ids, log.events.event_ids, log.events),
+    in_shop_files = set(shop_keys) - {""}
+    logged = _rows(log.events, log.events.user_ids, log.events.event_ids)
+    kept = [r for r in logged if r[5] not in in_shop_files]
+    if len(kept) < len(logged):
+        logger.info(
+            "%d logged events are in the shop's files too: counted once", len(logged) - len(kept)
         )
+    rows = _rows(events, hashed, shop_keys) + kept
+    return _sorted_events([r for r in rows if r[1] > log.erased.get(r[0], -np.inf)])
+
+
+def _rows(
+    source: EventsData, users: list[str], event_keys: list[str]
+) -> list[tuple[str, float, int, int, str, str]]:
+    """``source``'s events as rows under ``users`` (keyed hashes) and ``event_keys``."""
+    return [
+        (user, float(when), int(product), int(kind), basket, event)
         for user, when, product, kind, basket, event in zip(
             users,
             source.timestamps,
             source.product_ids,
             source.events,
             source.basket_ids,
-            keys,
+            event_keys,
             strict=True,
         )
     ]
-    in_shop_files = set(shop_keys) - {""}
-    logged_twice = sum(key in in_shop_files for key in log.events.event_ids)
-    if logged_twice:
-        logger.info("%d logged events are in the shop's files too: counted once", logged_twice)
-    return _sorted_events(
-        [
-            r
-            for index, r in enumerate(rows)
-            if r[1] > log.erased.get(r[0], -np.inf)
-            and (index < len(hashed) or r[5] not in in_shop_files)
-        ]
-    )
