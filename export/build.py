@@ -40,6 +40,7 @@ from .data import (
     split_queries,
     with_event_log,
 )
+from .embeddings import cache_file_for, embed_catalogue
 from .evaluate import evaluate, rerank_ndcg_by_cosine
 from .finetune import FinetuneOptions, finetune
 from .index import EF_SEARCH_CHOICES, MIN_RECALL_QUERIES, ann_recall, build_dense_index
@@ -88,6 +89,8 @@ class BuildOptions:
     finetune: bool = True  # fine-tune the encoder on the train queries (when there are judgments)
     finetune_options: FinetuneOptions = field(default_factory=FinetuneOptions)
     int8_max_fp32_matmuls: int | None = None  # None: as many as the Q/DQ selection needs
+    encoder_from: Path | None = None  # reuse the encoder of this repository's build
+    encoder_version: int | None = None  # which version of encoder_from (None: its latest build)
     target: str = CPU  # GPU: also write the encoder and ranker configs of a GPU Triton
 
 
@@ -197,6 +200,119 @@ def _quantize_encoder(
     return choice
 
 
+@dataclass(frozen=True)
+class _EncoderInputs:
+    tokenizer: QueryTokenizer
+    encoder_dir: Path
+    train: Judgments | None  # the train queries' judgments (None: no judgments, no fine-tuning)
+    catalogue: CatalogueData
+    lexical: LexicalIndex
+    validation: list[str]  # texts the FP32 export is checked on
+    quantization_texts: list[str]  # no gate text among them
+
+
+def _make_encoder(
+    options: BuildOptions, timer: _Timer, inputs: _EncoderInputs, rng: np.random.Generator
+) -> dict:
+    """Fine-tune (with judgments), export to ONNX and quantize the encoder into ``encoder_dir``;
+    return its manifest record (the accuracy gate is the caller's)."""
+    record: dict = {"base_model": BASE_MODEL}
+    checkpoint = encoder_export.model_dir()
+    if inputs.train is not None and options.finetune:
+        with timer.step("fine-tune encoder"):
+            checkpoint, tuned = finetune(
+                checkpoint,
+                inputs.train,
+                inputs.catalogue.product_ids,
+                inputs.catalogue.titles,
+                inputs.lexical,
+                options.finetune_options,
+            )
+            record["finetune"] = tuned.as_dict()
+    else:
+        record["finetune"] = "off" if inputs.train is not None else "off: no judgments"
+    with timer.step("export encoder"):
+        exported = encoder_export.export_encoder(
+            inputs.encoder_dir / FP32_ENCODER_FILE, inputs.tokenizer, inputs.validation, checkpoint
+        )
+    with timer.step("quantize encoder (static INT8, Q/DQ)"):
+        choice = _quantize_encoder(
+            options, inputs.encoder_dir, inputs.tokenizer, inputs.quantization_texts, rng
+        )
+    gpu_target = options.target == GPU
+    int8_file = GPU_INT8_ENCODER_FILE if gpu_target else CPU_INT8_ENCODER_FILE
+    return {
+        **record,
+        "served": f"{int8_file} on TensorRT (GPU)"
+        if gpu_target
+        else f"{int8_file} (static INT8: the same alone or in a batch)",
+        "export": exported.__dict__,
+        "int8": {
+            "file": int8_file,
+            "quantization": "static INT8, explicit Q/DQ ("
+            + ("signed symmetric" if gpu_target else "unsigned asymmetric")
+            + " activations), "
+            + ("per-channel" if options.per_channel else "per-tensor")
+            + " weights, activation ranges calibrated on real texts",
+            "fp32_matmuls": list(choice.keep_fp32),
+            "selection": {
+                "mean_cosine": choice.mean_cosine,
+                "all_int8_mean_cosine": choice.all_quantized_mean_cosine,
+                "seconds": round(choice.seconds, 1),
+            },
+        },
+        "target": options.target,
+    }
+
+
+def _reuse_encoder(options: BuildOptions, judgments: Judgments | None, encoder_dir: Path) -> dict:
+    """Copy the FP32 and INT8 encoder graphs of an earlier build into ``encoder_dir`` (checked
+    against its manifest) and return its encoder record, marked as reused. A fine-tuned encoder
+    is reused only with the judgments and split it was tuned on: otherwise its train queries could
+    be this build's dev queries."""
+    source = Path(options.encoder_from)
+    current = source / store.MANIFEST_FILE
+    if not current.exists():
+        raise BuildError(
+            f"--encoder-from {source}: no {store.MANIFEST_FILE} (not a built repository)"
+        )
+    version = options.encoder_version or int(json.loads(current.read_text())["version"])
+    manifest_path = source / "manifests" / f"v{version}.json"
+    if not manifest_path.exists():
+        raise BuildError(f"--encoder-from {source}: version {version} has no manifest")
+    manifest = json.loads(manifest_path.read_text())
+    record = manifest["encoder"]
+    if record["target"] != options.target:
+        raise BuildError(
+            f"--encoder-from {source} v{version} was built for target {record['target']}, "
+            f"this build for {options.target}"
+        )
+    if isinstance(record["finetune"], dict):
+        same_split = (manifest["split"]["seed"], manifest["split"]["dev_fraction"]) == (
+            options.seed,
+            options.dev_fraction,
+        )
+        judged = options.judgments is not None and judgments is not None
+        same_judgments = (
+            judged and file_digest(options.judgments) in manifest["data"]["files"].values()
+        )
+        if not (same_split and same_judgments):
+            raise BuildError(
+                f"--encoder-from {source} v{version}: its encoder was fine-tuned on other judgments "
+                "or another train/dev split, so this build's dev queries may be its train queries; "
+                "build with the same judgments file, --seed and --dev-fraction, or without "
+                "--encoder-from"
+            )
+    for name in (FP32_ENCODER_FILE, record["int8"]["file"]):
+        path = source / store.ENCODER / str(version) / name
+        expected = manifest["files"].get(f"{store.ENCODER}/{version}/{name}")
+        if not path.exists() or file_digest(path) != expected:
+            raise BuildError(f"--encoder-from: {path} is missing or differs from its manifest")
+        shutil.copyfile(path, encoder_dir / name)
+    log.info("encoder reused from %s version %d", source, version)
+    return {**record, "reused_from": {"repository": str(source.resolve()), "version": version}}
+
+
 def build(options: BuildOptions) -> dict:
     """Build every artefact of version ``options.version`` and move it into ``options.repository``
     only once every step has passed; return the manifest's build record."""
@@ -211,6 +327,8 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
     started = time.monotonic()
     timer = _Timer()
     rng = np.random.default_rng(options.seed)
+    if options.encoder_version is not None and options.encoder_from is None:
+        raise BuildError("--encoder-version needs --encoder-from")
     with timer.step("load data"):
         catalogue = load_catalogue(options.catalogue)
         judgments = load_judgments(options.judgments, catalogue) if options.judgments else None
@@ -262,46 +380,45 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         lexical = LexicalIndex.build(catalogue.titles)
         lexical.save(writer.version_dir(store.RETRIEVE) / store.LEXICAL_INDEX_DIR)
     validation = _sample(catalogue.titles, 256, rng) + _sample(queries, 256, rng)
-    encoder_record: dict = {"base_model": BASE_MODEL}
-    checkpoint = encoder_export.model_dir()
-    if judgments and options.finetune:
-        with timer.step("fine-tune encoder"):
-            checkpoint, tuned = finetune(
-                checkpoint,
-                judgments.subset(train_queries),
-                catalogue.product_ids,
-                catalogue.titles,
-                lexical,
-                options.finetune_options,
-            )
-            encoder_record["finetune"] = tuned.as_dict()
+    # Half queries where there are enough of them; titles make up the rest.
+    query_texts = _sample(queries, options.gate_texts // 2, rng)
+    gate_texts = _sample(catalogue.titles, options.gate_texts - len(query_texts), rng) + query_texts
+    if options.encoder_from is not None:
+        with timer.step("reuse encoder"):
+            encoder_record = _reuse_encoder(options, judgments, encoder_dir)
     else:
-        encoder_record["finetune"] = "off" if judgments else "off: no judgments"
-    with timer.step("export encoder"):
-        encoder_report = encoder_export.export_encoder(
-            encoder_dir / FP32_ENCODER_FILE, tokenizer, validation, checkpoint
-        )
-    encoders = {"fp32": OnnxEncoder(encoder_dir / FP32_ENCODER_FILE, EMBED_THREADS)}
-    dev_ndcg = _gate_ndcg(dev, catalogue, tokenizer, encoders) if dev else lambda _: 0.0
-    with timer.step("quantize encoder (static INT8, Q/DQ)"):
-        # Half queries where there are enough of them; titles make up the rest.
-        query_texts = _sample(queries, options.gate_texts // 2, rng)
-        gate_texts = (
-            _sample(catalogue.titles, options.gate_texts - len(query_texts), rng) + query_texts
-        )
         gate_set = set(gate_texts)
-        others = [t for t in catalogue.titles + train_queries if t not in gate_set]
-        choice = _quantize_encoder(options, encoder_dir, tokenizer, others, rng)
-        int8_file = GPU_INT8_ENCODER_FILE if options.target == GPU else CPU_INT8_ENCODER_FILE
-        encoders["int8"] = OnnxEncoder(encoder_dir / int8_file, EMBED_THREADS)
+        encoder_record = _make_encoder(
+            options,
+            timer,
+            _EncoderInputs(
+                tokenizer,
+                encoder_dir,
+                judgments.subset(train_queries) if judgments else None,
+                catalogue,
+                lexical,
+                validation,
+                [t for t in catalogue.titles + train_queries if t not in gate_set],
+            ),
+            rng,
+        )
+    int8_file = encoder_record["int8"]["file"]
+    encoders = {
+        "fp32": OnnxEncoder(encoder_dir / FP32_ENCODER_FILE, EMBED_THREADS),
+        "int8": OnnxEncoder(encoder_dir / int8_file, EMBED_THREADS),
+    }
+    dev_ndcg = _gate_ndcg(dev, catalogue, tokenizer, encoders) if dev else lambda _: 0.0
+    with timer.step("INT8 accuracy gate"):
         gate = accuracy_gate(
             encoders["fp32"].embed_texts(tokenizer, gate_texts, progress="gate texts fp32"),
             encoders["int8"].embed_texts(tokenizer, gate_texts, progress="gate texts int8"),
             dev_ndcg,
             queries=len(dev_queries),
         )
+        encoder_record["int8"]["gate"] = gate.as_dict()
     # After the gate, which stops a failing build before this report's minutes are spent.
-    if isinstance(encoder_record["finetune"], dict) and dev is not None:
+    tuned_here = options.encoder_from is None and isinstance(encoder_record["finetune"], dict)
+    if tuned_here and dev is not None:
         with timer.step("fine-tuning before/after"):
             encoder_record["dev_rerank_ndcg10"] = {
                 "base": _base_ndcg(tokenizer, validation, dev, catalogue),
@@ -312,10 +429,13 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         log.info("GPU target: wrote %s (not run here: no GPU)", ", ".join(map(str, written)))
     # What the in-process steps (and the one-model endpoint) run: the CPU INT8 graph, or on a GPU
     # target the FP32 graph (the signed INT8 graph is TensorRT's to run).
+    served_file = FP32_ENCODER_FILE if options.target == GPU else int8_file
     served_encoder = encoders["fp32" if options.target == GPU else "int8"]
     with timer.step("embed catalogue"):
-        embeddings = served_encoder.embed_texts(
-            tokenizer, catalogue.titles, progress="embed catalogue"
+        embeddings, embedding_report = embed_catalogue(
+            lambda texts: served_encoder.embed_texts(tokenizer, texts, progress="embed catalogue"),
+            catalogue.titles,
+            cache_file_for(encoder_dir / served_file, tokenizer_path, max_length),
         )
     retrieve_dir = writer.version_dir(store.RETRIEVE)
     retrieve_params = writer.parameters(store.RETRIEVE)
@@ -451,29 +571,8 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
             "train_queries": len(train_queries),
             "dev_queries": len(dev_queries),
         },
-        encoder={
-            **encoder_record,
-            "served": f"{int8_file} on TensorRT (GPU)"
-            if options.target == GPU
-            else f"{int8_file} (static INT8: the same alone or in a batch)",
-            "export": encoder_report.__dict__,
-            "int8": {
-                "file": int8_file,
-                "quantization": "static INT8, explicit Q/DQ ("
-                + ("signed symmetric" if options.target == GPU else "unsigned asymmetric")
-                + " activations), "
-                + ("per-channel" if options.per_channel else "per-tensor")
-                + " weights, activation ranges calibrated on real texts",
-                "fp32_matmuls": list(choice.keep_fp32),
-                "selection": {
-                    "mean_cosine": choice.mean_cosine,
-                    "all_int8_mean_cosine": choice.all_quantized_mean_cosine,
-                    "seconds": round(choice.seconds, 1),
-                },
-                "gate": gate.as_dict(),
-            },
-            "target": options.target,
-        },
+        encoder=encoder_record,
+        catalogue_embeddings=embedding_report.as_dict(),
         dense_index={"type": "faiss IndexHNSWFlat (inner product)", **ann.as_dict()},
         lexical_index={"type": "bm25s BM25", "stemmer": "english", "stopwords": "en"},
         timings_s={**timer.seconds, "total": round(time.monotonic() - started, 1)},

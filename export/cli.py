@@ -148,6 +148,18 @@ def parser() -> argparse.ArgumentParser:
         help="time budget of the fine-tuning (it stops there, even mid-epoch)",
     )
     build.add_argument("--finetune-epochs", type=int, default=FinetuneOptions.epochs)
+    build.add_argument(
+        "--encoder-from",
+        type=Path,
+        help="reuse the encoder of an earlier build (a model repository) instead of fine-tuning, "
+        "exporting and quantizing one: a catalogue refresh then embeds only the titles the "
+        "embedding cache lacks; a fine-tuned encoder needs the same judgments file and split",
+    )
+    build.add_argument(
+        "--encoder-version",
+        type=int,
+        help="with --encoder-from: the version whose encoder to reuse (default: its latest build)",
+    )
     evaluate = sub.add_parser("evaluate", help="reproduce the evaluation from a built repository")
     _data_arguments(evaluate)
     evaluate.add_argument(
@@ -232,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                     finetune=not args.no_finetune,
                     int8_max_fp32_matmuls=args.int8_fp32_matmuls,
                     target=args.target,
+                    encoder_from=args.encoder_from,
+                    encoder_version=args.encoder_version,
                     finetune_options=FinetuneOptions(
                         epochs=args.finetune_epochs,
                         time_budget_s=args.finetune_minutes * 60,

@@ -117,7 +117,11 @@ def test_a_worse_transferred_ranker_is_replaced_by_the_fusion(workdir) -> None:
         for shop in ("my_shop", "inverted_shop")
     ]
     assert graphs[0].read_bytes() == graphs[1].read_bytes()
-    ranker = json.loads((workdir / "inverted_shop" / "manifest.json").read_text())["ranker"]
+    inverted = json.loads((workdir / "inverted_shop" / "manifest.json").read_text())
+    # ... and so do its catalogue embeddings.
+    embedded = inverted["catalogue_embeddings"]
+    assert (embedded["embedded"], embedded["from_cache"]) == (0, embedded["distinct_titles"])
+    ranker = inverted["ranker"]
     scores = ranker["selection_ndcg10"]
     assert scores["learned"] < scores["zscore_fusion"] and ranker["selected"] == "zscore_fusion"
     served = workdir / "inverted_shop" / "ranker" / "1" / "model.onnx"
@@ -140,3 +144,53 @@ def test_a_failed_build_leaves_no_folder(workdir) -> None:
     assert run.returncode == 1 and "no_such_ranker.onnx does not exist" in run.stderr
     assert not (workdir / "never_built").exists()
     assert not list(workdir.glob(".never_built*"))
+
+
+def test_a_catalogue_refresh_reuses_the_encoder_and_embeds_only_what_changed(workdir) -> None:
+    with (workdir / "items.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    changed = range(0, len(rows), 100)  # 1 % of the titles
+    for i in changed:
+        rows[i]["title"] += " (refreshed)"
+    with (workdir / "items_refreshed.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    refresh = ["--catalogue", "items_refreshed.csv", "--judgments", "judged.csv"]
+    run = export(
+        "build", *refresh, "--encoder-from", "my_store", "--repository", "refreshed", cwd=workdir
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((workdir / "refreshed" / "manifest.json").read_text())
+    source = json.loads((workdir / "my_store" / "manifest.json").read_text())
+    embedded = manifest["catalogue_embeddings"]
+    assert embedded["embedded"] == len(changed) == CUT_PRODUCTS // 100
+    assert embedded["from_cache"] == embedded["distinct_titles"] - len(changed)
+    encoder = manifest["encoder"]
+    assert encoder["reused_from"] == {
+        "repository": str((workdir / "my_store").resolve()),
+        "version": 1,
+    }
+    assert encoder["finetune"] == source["encoder"]["finetune"]
+    assert encoder["int8"]["gate"]["passed"]
+    assert (
+        "fine-tune encoder" not in manifest["timings_s"]
+        and "reuse encoder" in manifest["timings_s"]
+    )
+    for name in ("model_fp32.onnx", "model_int8.onnx"):
+        assert manifest["files"][f"encoder/1/{name}"] == source["files"][f"encoder/1/{name}"]
+
+    # A fine-tuned encoder is not reused on another split: its train queries could be dev queries.
+    run = export(
+        "build",
+        *refresh,
+        "--seed",
+        "14",
+        "--encoder-from",
+        "my_store",
+        "--repository",
+        "resplit",
+        cwd=workdir,
+    )
+    assert run.returncode == 1 and "another train/dev split" in run.stderr
+    assert not (workdir / "resplit").exists()

@@ -1,0 +1,81 @@
+"""The build's catalogue embedding cache: a rebuild embeds only the titles the cache lacks."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from shopserve.export.cache import CACHE_ENV
+from shopserve.export.embeddings import cache_file_for, embed_catalogue
+
+WIDTH = 8
+
+
+def vector(title: str) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(title.encode()).digest()[:4], "little")
+    return np.random.default_rng(seed).standard_normal(WIDTH).astype(np.float32)
+
+
+class CountingEncoder:
+    """Embeds by a title's hash, and records every title it was asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        self.asked.extend(texts)
+        return np.stack([vector(t) for t in texts])
+
+
+def catalogue(n: int) -> list[str]:
+    return [f"product {i} cordless drill {i % 7}" for i in range(n)]
+
+
+def test_a_rebuild_after_a_one_percent_change_embeds_one_percent(tmp_path) -> None:
+    cache = tmp_path / "cache.npz"
+    titles = catalogue(1000) + ["a duplicated title"] * 3
+    encoder = CountingEncoder()
+    rows, report = embed_catalogue(encoder, titles, cache)
+    assert sorted(encoder.asked) == sorted(set(titles))
+    assert (report.titles, report.distinct_titles, report.embedded, report.from_cache) == (
+        1003,
+        1001,
+        1001,
+        0,
+    )
+    np.testing.assert_array_equal(rows, np.stack([vector(t) for t in titles]))
+
+    changed = list(titles)
+    for i in range(0, 1000, 100):  # ten titles changed: 1 %
+        changed[i] = f"renamed product {i}"
+    changed.append("a new product")
+    encoder = CountingEncoder()
+    rows, report = embed_catalogue(encoder, changed, cache)
+    assert sorted(encoder.asked) == sorted(
+        [changed[i] for i in range(0, 1000, 100)] + ["a new product"]
+    )
+    assert (report.embedded, report.from_cache) == (11, 1001 + 1 - 11)
+    np.testing.assert_array_equal(rows, np.stack([vector(t) for t in changed]))
+
+    # Both catalogues are cached now: going back to the first embeds nothing.
+    encoder = CountingEncoder()
+    rows, report = embed_catalogue(encoder, titles, cache)
+    assert encoder.asked == [] and report.embedded == 0
+    np.testing.assert_array_equal(rows, np.stack([vector(t) for t in titles]))
+
+
+@pytest.mark.parametrize("change", ["encoder", "tokenizer", "max_length"])
+def test_another_encoder_or_tokenizer_has_its_own_cache(tmp_path, monkeypatch, change) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    encoder_file, tokenizer_file = tmp_path / "model.onnx", tmp_path / "tokenizer.json"
+    encoder_file.write_bytes(b"graph one")
+    tokenizer_file.write_text("{}")
+    before = cache_file_for(encoder_file, tokenizer_file, 128)
+    assert before.parent == tmp_path / "cache" / "embeddings"
+    if change == "encoder":
+        encoder_file.write_bytes(b"graph two")
+    elif change == "tokenizer":
+        tokenizer_file.write_text('{"changed": true}')
+    after = cache_file_for(encoder_file, tokenizer_file, 256 if change == "max_length" else 128)
+    assert after != before
