@@ -3,7 +3,16 @@
 Only numpy and tritonclient are needed; the public API is re-exported here from private modules.
 """
 
-from ._client import EVENT_TYPES, AsyncSearchClient, Event, Hit, Hits, SearchClient, Security
+from ._client import (
+    EVENT_TYPES,
+    AsyncSearchClient,
+    Event,
+    Filters,
+    Hit,
+    Hits,
+    SearchClient,
+    Security,
+)
 from ._errors import (
     InvalidRequestError,
     OverloadedError,
@@ -18,6 +27,7 @@ __all__ = [
     "EVENT_TYPES",
     "AsyncSearchClient",
     "Event",
+    "Filters",
     "Hit",
     "Hits",
     "InvalidRequestError",

@@ -83,17 +83,56 @@ def _top_k_tensor(top_k: int, batched: bool = False) -> grpcclient.InferInput:
     return tensor
 
 
+@dataclass(frozen=True)
+class Filters:
+    """What a search may return: only products in stock, within a price range (leave either end
+    None), in a category path (``"Tools"``, ``"Tools / Power Tools"``) or below it. The store's
+    catalogue must have the columns filtered on (``in_stock``, ``price``, ``category``)."""
+
+    in_stock: bool = False
+    price_min: float | None = None
+    price_max: float | None = None
+    category: str | None = None
+
+
+def _value_tensor(
+    name: str, value: object, datatype: str, dtype: type, batched: bool
+) -> grpcclient.InferInput:
+    shape = [1, 1] if batched else [1]
+    tensor = grpcclient.InferInput(name, shape, datatype)
+    tensor.set_data_from_numpy(np.array([value], dtype=dtype).reshape(shape))
+    return tensor
+
+
+def _filter_inputs(filters: Filters, batched: bool) -> list[grpcclient.InferInput]:
+    inputs = []
+    if filters.in_stock:
+        inputs.append(_value_tensor("IN_STOCK", True, "BOOL", np.bool_, batched))
+    for name, price in (("PRICE_MIN", filters.price_min), ("PRICE_MAX", filters.price_max)):
+        if price is None:
+            continue
+        if isinstance(price, bool) or not isinstance(price, (int, float, np.number)):
+            raise TypeError(f"{name.lower()} must be a number, not {type(price).__name__}")
+        inputs.append(_value_tensor(name, price, "FP32", np.float32, batched))
+    if filters.category is not None:
+        inputs.append(_bytes_tensor("CATEGORY", filters.category, batched))
+    return inputs
+
+
 def build_inputs(
     query: str | bytes,
     top_k: int,
     user_id: str | bytes | None = None,
     batched: bool = False,
+    filters: Filters | None = None,
 ) -> list[grpcclient.InferInput]:
     """The search request: QUERY and TOP_K (shape [1], or [1, 1] for a model that batches, like
-    ``search``), and USER_ID when personalised."""
+    ``search``), USER_ID when personalised, and the filters' inputs."""
     inputs = [_bytes_tensor("QUERY", query, batched), _top_k_tensor(top_k, batched)]
     if user_id is not None:
         inputs.append(_bytes_tensor("USER_ID", user_id, batched))
+    if filters is not None:
+        inputs.extend(_filter_inputs(filters, batched))
     return inputs
 
 
@@ -329,8 +368,9 @@ class _ClientSettings:
         timeout: float | None,
         user_id: str | bytes | None,
         batched: bool,
+        filters: Filters | None = None,
     ) -> _Call:
-        inputs = build_inputs(query, top_k, user_id, batched)
+        inputs = build_inputs(query, top_k, user_id, batched, filters)
         # Every output the endpoint has: PERSONALISED where it has one (stores built before it
         # have not, and asking for it by name would fail there).
         return _Call(self.model_name, inputs, self._infer_options(timeout, None), parse_hits)
@@ -395,11 +435,14 @@ class SearchClient(_ClientSettings):
         top_k: int = 10,
         timeout: float | None = None,
         user_id: str | bytes | None = None,
+        filters: Filters | None = None,
     ) -> Hits:
         """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged. With
-        ``user_id`` the answer is personalised for that shopper."""
+        ``user_id`` the answer is personalised for that shopper; with ``filters``, only products
+        that pass them (fewer than top_k only when fewer pass)."""
         batched = self._batched(self.model_name)
-        return self._send(self._search_call(query, top_k, timeout, user_id, batched))
+        call = self._search_call(query, top_k, timeout, user_id, batched, filters)
+        return self._send(call)
 
     def recommend(
         self,
@@ -565,11 +608,14 @@ class AsyncSearchClient(_ClientSettings):
         top_k: int = 10,
         timeout: float | None = None,
         user_id: str | bytes | None = None,
+        filters: Filters | None = None,
     ) -> Hits:
         """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged. With
-        ``user_id`` the answer is personalised for that shopper."""
+        ``user_id`` the answer is personalised for that shopper; with ``filters``, only products
+        that pass them (fewer than top_k only when fewer pass)."""
         batched = await self._batched(self.model_name)
-        return await self._send(self._search_call(query, top_k, timeout, user_id, batched))
+        call = self._search_call(query, top_k, timeout, user_id, batched, filters)
+        return await self._send(call)
 
     async def recommend(
         self,

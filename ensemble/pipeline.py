@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from . import store
 from .dense import DenseIndex
+from .filters import Attributes, load_attributes, parse_filter
 from .lexical import LexicalIndex
 from .models import OnnxEncoder, OnnxRanker
 from .personal import Personalization
@@ -59,8 +60,10 @@ class SearchPipeline:
         ranker: OnnxRanker,
         postprocessor: PostProcessor,
         personal: Personalization | None = None,
+        attributes: Attributes | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.attributes = attributes or Attributes()
         self.encoder = encoder
         self.retriever = retriever
         self.ranker = ranker
@@ -90,6 +93,7 @@ class SearchPipeline:
             Personalization.from_repository(
                 repository, retriever.dense, postprocessor.catalogue.product_ids, version
             ),
+            load_attributes(repository, version),
         )
 
     def search(
@@ -97,11 +101,13 @@ class SearchPipeline:
         query: str | bytes | np.ndarray,
         top_k: int | np.ndarray = 10,
         user_id: str | bytes | np.ndarray | None = None,
+        filters: Mapping[str, object] | None = None,
     ) -> SearchResult:
         """Validate like the server does, then run every step. With the id of a shopper the store
         knows, each candidate's query logit is fused with the shopper's affinity for it; without
-        one, or for a shopper it does not know, the answer is the anonymous one."""
-        (answer,) = self.search_many([SearchRequest(query, top_k, user_id)])
+        one, or for a shopper it does not know, the answer is the anonymous one. ``filters``: the
+        request's filter inputs by name (IN_STOCK, PRICE_MIN, PRICE_MAX, CATEGORY)."""
+        (answer,) = self.search_many([SearchRequest(query, top_k, user_id, filters)])
         if isinstance(answer, InvalidRequest):
             raise answer
         return answer
@@ -124,11 +130,12 @@ class SearchPipeline:
     def _parse(self, request: SearchRequest) -> _Parsed:
         text = decode_query(request.query)
         k = check_top_k(request.top_k)
+        allowed = self.attributes.allowed(parse_filter(request.filters))
         user = None
         if request.user_id is not None:
             shopper = decode_user_id(request.user_id)
             user = self._shopper(shopper) if self.personal else None
-        return _Parsed(text, k, user)
+        return _Parsed(text, k, user, allowed)
 
     def _shopper(self, user_id: str):
         """The shopper's view, or None (the anonymous answer) when the store cannot be read."""
@@ -140,7 +147,12 @@ class SearchPipeline:
             return None
 
     def _answer(self, request: _Parsed, embedding: np.ndarray) -> SearchResult:
-        candidates = self.retriever(request.text, embedding)
+        candidates = self.retriever(request.text, embedding, request.allowed)
+        if not candidates.rows.size:  # nothing passes the filter
+            return replace(
+                self.postprocessor(candidates.rows, np.empty(0, np.float32), request.top_k),
+                personalised=request.user is not None,
+            )
         logits = self.ranker(candidates.features)
         if request.user is not None:
             affinity = self.personal.affinity(request.user, candidates.rows)
@@ -156,6 +168,7 @@ class SearchRequest:
     query: str | bytes | np.ndarray
     top_k: int | np.ndarray = 10
     user_id: str | bytes | np.ndarray | None = None
+    filters: Mapping[str, object] | None = None  # filter inputs by name, absent ones None
 
 
 @dataclass(frozen=True)
@@ -163,3 +176,4 @@ class _Parsed:
     text: str
     top_k: int
     user: object | None  # the shopper's profile view, when personalised
+    allowed: np.ndarray | None  # the rows the request's filter allows (None: every row)

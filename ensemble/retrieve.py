@@ -35,13 +35,19 @@ class Retriever:
         self.dense_depth = dense_depth
         self.lexical_depth = lexical_depth
 
-    def __call__(self, query: str, embedding: np.ndarray) -> Candidates:
+    def __call__(
+        self, query: str, embedding: np.ndarray, allowed: np.ndarray | None = None
+    ) -> Candidates:
+        """The candidates of one query: only rows ``allowed`` (a boolean mask) when given."""
         embedding = np.asarray(embedding, dtype=np.float32).reshape(1, -1)
-        dense_rows, _ = self.dense.search(embedding, self.dense_depth)
+        if allowed is None:
+            dense_rows = self.dense.search(embedding, self.dense_depth)[0][0]
+        else:
+            dense_rows = self.dense.search_within(embedding, self.dense_depth, allowed)
         terms = self.lexical.analyze(query)
-        bm25 = self.lexical.scores(terms)
-        lexical_rows = top_rows(bm25, self.lexical_depth)
-        rows = np.union1d(dense_rows[0][dense_rows[0] >= 0], lexical_rows)
+        bm25 = self.lexical.scores(terms)  # the features' statistics stay the whole catalogue's
+        lexical_rows = top_rows(bm25 if allowed is None else bm25 * allowed, self.lexical_depth)
+        rows = np.union1d(dense_rows[dense_rows >= 0], lexical_rows)
         cosine = self.dense.vectors(rows) @ embedding[0]
         stats = CatalogueStats.of(bm25, *self.dense.cosine_moments(embedding[0]))
         features = ranking_features(self.lexical, terms, rows, cosine, bm25[rows], stats)

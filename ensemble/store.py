@@ -29,6 +29,7 @@ ONNX_FILE = "model.onnx"
 DENSE_INDEX_FILE = "dense.faiss"
 LEXICAL_INDEX_DIR = "lexical"
 CATALOGUE_FILE = "catalogue.json"
+ATTRIBUTES_FILE = "attributes.npz"  # retrieve/N: the catalogue's filterable attributes
 MANIFEST_FILE = "manifest.json"
 FITTED_FILE = "fitted.json"  # in a version directory: the values the build fitted for it
 # Where the build writes and the server reads by default (git-ignored): never the shipped templates.

@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime
 from shopserve.ensemble import store
 from shopserve.ensemble.features import FUSION_WEIGHTS, NUM_FEATURES
+from shopserve.ensemble.filters import Attributes, CatalogueAttributeError
 from shopserve.ensemble.lexical import LexicalIndex
 from shopserve.ensemble.models import OnnxEncoder, OnnxRanker
 from shopserve.ensemble.profiles import UserKeys
@@ -331,6 +332,10 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         raise BuildError("--encoder-version needs --encoder-from")
     with timer.step("load data"):
         catalogue = load_catalogue(options.catalogue)
+        try:
+            attributes = Attributes.from_columns(catalogue.extra)
+        except CatalogueAttributeError as exc:
+            raise BuildError(f"{options.catalogue}: {exc}") from exc
         judgments = load_judgments(options.judgments, catalogue) if options.judgments else None
         if options.ranker is not None:
             check_reusable(options.ranker)
@@ -379,6 +384,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
     with timer.step("lexical index"):
         lexical = LexicalIndex.build(catalogue.titles)
         lexical.save(writer.version_dir(store.RETRIEVE) / store.LEXICAL_INDEX_DIR)
+        attributes.save(writer.version_dir(store.RETRIEVE) / store.ATTRIBUTES_FILE)
     validation = _sample(catalogue.titles, 256, rng) + _sample(queries, 256, rng)
     # Half queries where there are enough of them; titles make up the rest.
     query_texts = _sample(queries, options.gate_texts // 2, rng)
@@ -572,6 +578,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
             "dev_queries": len(dev_queries),
         },
         encoder=encoder_record,
+        filters=attributes.summary(),
         catalogue_embeddings=embedding_report.as_dict(),
         dense_index={"type": "faiss IndexHNSWFlat (inner product)", **ann.as_dict()},
         lexical_index={"type": "bm25s BM25", "stemmer": "english", "stopwords": "en"},

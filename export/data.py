@@ -27,7 +27,7 @@ from shopserve.ensemble.profiles import EVENT_TYPES
 DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR", "../shared/data")) / "homedepot"
 CATALOGUE_ALIASES = {"product_uid": "product_id", "product_title": "title"}
 JUDGMENT_ALIASES = {"search_term": "query", "product_uid": "product_id"}
-OPTIONAL_CATALOGUE_COLUMNS = ("description", "category", "brand", "price")
+OPTIONAL_CATALOGUE_COLUMNS = ("description", "category", "brand", "price", "in_stock")
 
 logger = logging.getLogger("shopserve.export.data")
 

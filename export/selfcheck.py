@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from bm25s.stopwords import STOPWORDS_EN
 from shopserve.ensemble.features import FEATURE_NAMES
+from shopserve.ensemble.filters import category_path
 from shopserve.ensemble.retrieve import Retriever
 from tqdm.auto import tqdm
 
@@ -36,7 +37,6 @@ MIN_CATEGORY_PRODUCTS = 5
 KNOWN_ITEM = "known_item"
 CATEGORY = "category"
 _WORD = re.compile(r"[^\W\d_]{3,}")  # words of three or more letters
-_CATEGORY_PATH = re.compile(r"\s*[/>|]\s*")
 _UNINFORMATIVE = {"", "other", "others", "misc", "missing", "unknown", "none"}
 _STOPWORDS = set(STOPWORDS_EN)
 
@@ -93,7 +93,8 @@ def known_item_checks(
 
 def category_leaf(category: object) -> str:
     """The last level of a category path, lower-cased: 'Frozen / Frozen Pizza' -> 'frozen pizza'."""
-    return _CATEGORY_PATH.split(str(category or "").strip())[-1].strip().lower()
+    path = category_path(category)
+    return path[-1] if path else ""
 
 
 def category_checks(
