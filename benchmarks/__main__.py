@@ -85,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     steps.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     steps.add_argument("--queries", type=int, default=1000)
     steps.add_argument("--out", type=Path, default=RESULTS_DIR)
+    filters = commands.add_parser(
+        "filters", help="filtered against unfiltered search, in-process, synthetic attributes"
+    )
+    filters.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
+    filters.add_argument("--queries", type=int, default=1000)
+    filters.add_argument("--out", type=Path, default=RESULTS_DIR)
     smoke = commands.add_parser("smoke", help="seconds of everything (CI)")
     smoke.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     smoke.add_argument("--out", type=Path, default=WORK_DIR / "smoke")
@@ -157,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             queries = load_traffic(manifest, args.queries).queries
             path = args.out / "steps.md"
             path.write_text(compare_steps(args.before, args.repository, queries))
+        elif args.command == "filters":
+            from .filters import run as run_filters
+
+            path = run_filters(args.repository, args.queries, args.out)
         elif args.command == "smoke":
             from .run import smoke as run_smoke
 

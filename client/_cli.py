@@ -59,12 +59,12 @@ def _parser(recommend: bool = False) -> argparse.ArgumentParser:
         )
         parser.add_argument("query", help="search text")
         parser.add_argument("--user", help="personalise for this shopper's id")
-        parser.add_argument("--in-stock", action="store_true", help="only products in stock")
-        parser.add_argument("--price-min", type=float, help="only products at this price or above")
-        parser.add_argument("--price-max", type=float, help="only products at this price or below")
-        parser.add_argument(
-            "--category", help='only products in this category path or below it ("Tools / Drills")'
-        )
+    parser.add_argument("--in-stock", action="store_true", help="only products in stock")
+    parser.add_argument("--price-min", type=float, help="only products at this price or above")
+    parser.add_argument("--price-max", type=float, help="only products at this price or below")
+    parser.add_argument(
+        "--category", help='only products in this category path or below it ("Tools / Drills")'
+    )
     parser.add_argument(
         "-k", "--top-k", type=int, default=10, help="number of results (default: 10)"
     )
@@ -82,15 +82,15 @@ def main(argv: list[str] | None = None, recommend: bool = False) -> int:
     args = _parser(recommend).parse_args(argv)
     try:
         with _client(args) as client:
+            filters = Filters(args.in_stock, args.price_min, args.price_max, args.category)
+            filters = None if filters == Filters() else filters
             if recommend:
-                hits = client.recommend(args.user_id, top_k=args.top_k, new_only=args.new_only)
+                hits = client.recommend(
+                    args.user_id, top_k=args.top_k, new_only=args.new_only, filters=filters
+                )
             else:
-                filters = Filters(args.in_stock, args.price_min, args.price_max, args.category)
                 hits = client.search(
-                    args.query,
-                    top_k=args.top_k,
-                    user_id=args.user,
-                    filters=None if filters == Filters() else filters,
+                    args.query, top_k=args.top_k, user_id=args.user, filters=filters
                 )
     except SearchError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

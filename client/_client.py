@@ -85,7 +85,7 @@ def _top_k_tensor(top_k: int, batched: bool = False) -> grpcclient.InferInput:
 
 @dataclass(frozen=True)
 class Filters:
-    """What a search may return: only products in stock, within a price range (leave either end
+    """What a search or recommendation may return: only products in stock, within a price range (leave either end
     None), in a category path (``"Tools"``, ``"Tools / Power Tools"``) or below it. The store's
     catalogue must have the columns filtered on (``in_stock``, ``price``, ``category``)."""
 
@@ -137,14 +137,15 @@ def build_inputs(
 
 
 def build_recommend_inputs(
-    user_id: str | bytes, top_k: int, new_only: bool = False
+    user_id: str | bytes, top_k: int, new_only: bool = False, filters: Filters | None = None
 ) -> list[grpcclient.InferInput]:
-    """The recommend request: USER_ID and TOP_K (shape [1]), and NEW_ONLY for discovery."""
+    """The recommend request: USER_ID and TOP_K (shape [1]), NEW_ONLY for discovery, and the
+    filters' inputs."""
     inputs = [_bytes_tensor("USER_ID", user_id), _top_k_tensor(top_k)]
     if new_only:
-        flag = grpcclient.InferInput("NEW_ONLY", [1], "BOOL")
-        flag.set_data_from_numpy(np.array([True]))
-        inputs.append(flag)
+        inputs.append(_value_tensor("NEW_ONLY", True, "BOOL", np.bool_, batched=False))
+    if filters is not None:
+        inputs.extend(_filter_inputs(filters, batched=False))
     return inputs
 
 
@@ -376,9 +377,14 @@ class _ClientSettings:
         return _Call(self.model_name, inputs, self._infer_options(timeout, None), parse_hits)
 
     def _recommend_call(
-        self, user_id: str | bytes, top_k: int, timeout: float | None, new_only: bool
+        self,
+        user_id: str | bytes,
+        top_k: int,
+        timeout: float | None,
+        new_only: bool,
+        filters: Filters | None = None,
     ) -> _Call:
-        inputs = build_recommend_inputs(user_id, top_k, new_only)
+        inputs = build_recommend_inputs(user_id, top_k, new_only, filters)
         return _Call(self.recommend_model, inputs, self._infer_options(timeout), parse_hits)
 
     def _events_call(self, events: Sequence[Event], timeout: float | None) -> _Call:
@@ -450,10 +456,12 @@ class SearchClient(_ClientSettings):
         top_k: int = 10,
         timeout: float | None = None,
         new_only: bool = False,
+        filters: Filters | None = None,
     ) -> Hits:
         """Return the shopper's top_k recommendations (popular items for an unknown shopper);
-        with ``new_only``, only products they never bought."""
-        return self._send(self._recommend_call(user_id, top_k, timeout, new_only))
+        with ``new_only``, only products they never bought; with ``filters``, only products
+        that pass them."""
+        return self._send(self._recommend_call(user_id, top_k, timeout, new_only, filters))
 
     def record(
         self,
@@ -623,10 +631,12 @@ class AsyncSearchClient(_ClientSettings):
         top_k: int = 10,
         timeout: float | None = None,
         new_only: bool = False,
+        filters: Filters | None = None,
     ) -> Hits:
         """Return the shopper's top_k recommendations (popular items for an unknown shopper);
-        with ``new_only``, only products they never bought."""
-        return await self._send(self._recommend_call(user_id, top_k, timeout, new_only))
+        with ``new_only``, only products they never bought; with ``filters``, only products
+        that pass them."""
+        return await self._send(self._recommend_call(user_id, top_k, timeout, new_only, filters))
 
     async def search_many(
         self,

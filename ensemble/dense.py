@@ -90,21 +90,17 @@ class DenseIndex:
         first. Few allowed rows are scanned exactly; otherwise HNSW searches inside them with
         efSearch raised by 1/sqrt(their share): measured on Home Depot with random masks,
         recall@100 against exact filtered search 0.96 to 0.99 for shares of 12 % to 50 %."""
-        rows = np.flatnonzero(allowed)
-        share = rows.size / max(self.size, 1)
-        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
-        if rows.size <= EXACT_FILTER_ROWS or share < EXACT_FILTER_SHARE:
-            scores = self.stored[rows] @ query[0]
-            if rows.size > n:
-                keep = np.argpartition(-scores, n - 1)[:n]
-                rows, scores = rows[keep], scores[keep]
-            return rows[np.argsort(-scores, kind="stable")]
+        allowed_rows = int(np.count_nonzero(allowed))
+        share = allowed_rows / max(self.size, 1)
         bits = np.packbits(allowed, bitorder="little")  # alive until the search returns
-        params = faiss.SearchParametersHNSW(
-            sel=faiss.IDSelectorBitmap(self.size, faiss.swig_ptr(bits)),
-            efSearch=int(np.ceil(self.ef_search / np.sqrt(share))),
-        )
-        _, found = self.index.search(query, n, params=params)
+        selector = faiss.IDSelectorBitmap(self.size, faiss.swig_ptr(bits))
+        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+        if allowed_rows <= EXACT_FILTER_ROWS or share < EXACT_FILTER_SHARE:
+            index, params = self.index.storage, faiss.SearchParameters(sel=selector)
+        else:
+            ef = int(np.ceil(self.ef_search / np.sqrt(share)))
+            index, params = self.index, faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
+        _, found = index.search(query, n, params=params)
         return found[0][found[0] >= 0]
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:

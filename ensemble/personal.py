@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 from . import store
 from .dense import DenseIndex
 from .events import EventIngest, EventRequest
+from .filters import Attributes, load_attributes, parse_filter
 from .models import OnnxRanker
 from .neighbours import NEIGHBOURS_FILE, ShopperVectors
 from .postprocess import PostProcessor, SearchResult
@@ -33,7 +35,7 @@ from .profile_store import (
 )
 from .profiles import Profile, UserKeys
 from .recommend import EXPLORE_FILE, ITEMS_FILE, Recommender, ShopItems, UserView
-from .validation import MAX_TOP_K, check_flag, check_top_k, decode_user_id
+from .validation import check_flag, check_top_k, decode_user_id
 
 log = logging.getLogger("shopserve.recommend")
 
@@ -153,12 +155,18 @@ class Personalization:
 class RecommendPipeline:
     """USER_ID, TOP_K -> the shopper's top-k products; popular items for an unknown shopper."""
 
-    def __init__(self, personalization: Personalization, postprocessor: PostProcessor) -> None:
+    def __init__(
+        self,
+        personalization: Personalization,
+        postprocessor: PostProcessor,
+        attributes: Attributes | None = None,
+    ) -> None:
         self.personal = personalization
         self.postprocessor = postprocessor
+        self.attributes = attributes or Attributes()
         popularity = personalization.recommender.items.popularity
         ids = postprocessor.catalogue.product_ids
-        self._best_sellers = np.lexsort((ids, -popularity))[:MAX_TOP_K]
+        self._best_sellers = np.lexsort((ids, -popularity))
         self.refusals = 0  # requests refused because the profile store could not be read
 
     @classmethod
@@ -166,18 +174,21 @@ class RecommendPipeline:
         cls, repository: Path | str, version: int | None = None
     ) -> RecommendPipeline:
         personal, catalogue = Personalization.load(Path(repository), version)
-        return cls(personal, PostProcessor(catalogue))
+        return cls(personal, PostProcessor(catalogue), load_attributes(Path(repository), version))
 
     def recommend(
         self,
         user_id: str | bytes | np.ndarray,
         k: int | np.ndarray = 10,
         new_only: bool | np.ndarray | None = None,
+        filters: Mapping[str, object] | None = None,
     ) -> SearchResult:
-        """The shopper's top-k; with ``new_only``, only products they never bought."""
+        """The shopper's top-k; with ``new_only``, only products they never bought; with
+        ``filters`` (filter inputs by name), only products that pass them."""
         user_text = decode_user_id(user_id)
         count = check_top_k(k)
         discover = check_flag(new_only, "NEW_ONLY")
+        allowed = self.attributes.allowed(parse_filter(filters))
         try:
             user = self.personal.view(user_text)
         except ProfileStoreUnavailable as exc:
@@ -185,15 +196,21 @@ class RecommendPipeline:
             log.warning("%s: recommend refused (UNAVAILABLE, retryable)", exc)
             raise
         if user is None:
-            return self.cold_start(count)
-        rows = self.personal.recommender.candidates(user, new_only=discover)
-        return self.postprocessor(rows, self.personal.affinity(user, rows, discover), count)
+            return self.cold_start(count, allowed)
+        rows = self.personal.recommender.candidates(user, discover, allowed)
+        scores = self.personal.affinity(user, rows, discover) if rows.size else np.empty(0)
+        return self.postprocessor(rows, scores, count)
 
-    def cold_start(self, k: int) -> SearchResult:
-        """The shop's most popular items, scored by their share of purchases."""
+    def cold_start(self, k: int, allowed: np.ndarray | None = None) -> SearchResult:
+        """The shop's most popular (allowed) items, scored by their share of purchases."""
         popularity = self.personal.recommender.items.popularity
         catalogue = self.postprocessor.catalogue
-        rows = self._best_sellers[:k]
+        best = (
+            self._best_sellers
+            if allowed is None
+            else self._best_sellers[allowed[self._best_sellers]]
+        )
+        rows = best[:k]
         share = popularity[rows] / max(float(popularity.sum()), 1.0)
         titles = [catalogue.titles[r] for r in rows.tolist()]
         return SearchResult(catalogue.product_ids[rows], share.astype(np.float32), titles)

@@ -21,6 +21,7 @@ import numpy as np
 from .dense import DenseIndex
 from .neighbours import ShopperVectors
 from .profiles import BASKET_DECAY, Profile
+from .validation import MAX_TOP_K
 
 REC_FEATURE_NAMES = (
     "repeat_share",  # share of the shopper's baskets that held the item
@@ -238,9 +239,13 @@ class Recommender:
             (vector(key, profile) for key, profile in profiles), len(self.product_ids), k, alpha
         )
 
-    def candidates(self, user: UserView, new_only: bool = False) -> np.ndarray:
+    def candidates(
+        self, user: UserView, new_only: bool = False, allowed: np.ndarray | None = None
+    ) -> np.ndarray:
         """Catalogue rows worth scoring for this shopper (ascending), the open cart left out, and
-        with ``new_only`` everything they bought before too (discovery)."""
+        with ``new_only`` everything they bought before too (discovery). With ``allowed`` (a
+        boolean mask: a request's filter), only allowed rows, topped up with the most popular
+        allowed rows so that a narrow filter still leaves enough."""
         history = user.rows[np.lexsort((user.rows, -user.purchases, -user.engagement))]
         parts = [
             history[:HISTORY_CANDIDATES],
@@ -260,6 +265,12 @@ class Recommender:
             parts.append(rows[0][rows[0] >= 0])
         candidates = np.unique(np.concatenate(parts).astype(np.int64))
         leave_out = np.union1d(user.open_cart, user.rows[user.purchases > 0] if new_only else [])
+        if allowed is not None:
+            allowed = allowed.copy()
+            allowed[leave_out.astype(np.int64)] = False
+            popular = self.items.by_popularity
+            top_up = popular[allowed[popular]][: POPULAR_CANDIDATES + MAX_TOP_K]
+            candidates = np.union1d(candidates[allowed[candidates]], top_up)
         return np.setdiff1d(candidates, leave_out, assume_unique=True)
 
     def features(self, user: UserView, rows: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import raw_infer, tensor
-from shopserve.client import InvalidRequestError, SearchClient
+from shopserve.client import Filters, InvalidRequestError, SearchClient
 from shopserve.client._cli import main as cli
 from shopserve.ensemble import SearchPipeline, store
 from shopserve.ensemble.personal import RecommendPipeline
@@ -136,6 +136,29 @@ def test_an_unknown_shopper_gets_the_best_sellers(client, recommender) -> None:
     assert ids(client.recommend("someone-else-unknown", top_k=10)) == ids(hits)
 
 
+def test_recommend_and_personalised_search_keep_to_a_category(
+    client, recommender, searcher, instacart_files
+) -> None:
+    """A category filter (Instacart's department / aisle) on recommend, NEW_ONLY, the cold start and
+    personalised search: k products, all in the category, as the in-process pipelines answer."""
+    with instacart_files[0].open() as handle:
+        category = {int(r["product_id"]): r["category"].lower() for r in csv.DictReader(handle)}
+    frozen = Filters(category="Frozen")
+    inputs = {"CATEGORY": "Frozen"}
+    for shopper in [*SHOPPERS[:4], "never-seen-shopper"]:
+        for new_only in (False, True):
+            hits = client.recommend(shopper, top_k=20, new_only=new_only, filters=frozen)
+            local = recommender.recommend(shopper, 20, new_only, inputs)
+            assert ids(hits) == local.product_ids.tolist(), (shopper, new_only)
+            assert len(hits) == 20 and all(category[h].startswith("frozen /") for h in ids(hits))
+        hits = client.search("ice cream", top_k=10, user_id=shopper, filters=frozen)
+        local = searcher.search("ice cream", 10, shopper, inputs)
+        assert ids(hits) == local.product_ids.tolist()
+        assert len(hits) == 10 and all(category[h].startswith("frozen /") for h in ids(hits))
+    unfiltered = ids(client.recommend(SHOPPERS[0], top_k=20))
+    assert not all(category[h].startswith("frozen /") for h in unfiltered)
+
+
 def test_search_without_a_shopper_is_exactly_the_anonymous_search(client) -> None:
     for query in QUERIES:
         anonymous = client.search(query, top_k=10)
@@ -206,6 +229,9 @@ def test_recommend_and_personalised_search_cli(personal_server, capsys) -> None:
     assert cli(["milk", "-k", "3", "--user", SHOPPERS[0], "--url", personal_server.grpc_url]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") >= 8 and "product_id" in out
+    frozen = [SHOPPERS[0], "--category", "frozen", "--json", "--url", personal_server.grpc_url]
+    assert cli(frozen, recommend=True) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 10
 
 
 def test_the_server_refuses_a_personalised_store_without_the_secret(personal_repository, tmp_path):

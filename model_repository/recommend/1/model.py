@@ -1,5 +1,6 @@
 """Triton adapter for recommendations (see shopserve.ensemble.personal.RecommendPipeline)."""
 
+from shopserve.ensemble.filters import FILTER_INPUTS
 from shopserve.ensemble.personal import RecommendPipeline
 from shopserve.ensemble.triton_adapter import (
     StoreFailures,
@@ -27,6 +28,7 @@ class TritonPythonModel:
                 input_array(request, "USER_ID"),
                 input_array(request, "TOP_K"),
                 optional_input(request, "NEW_ONLY"),
+                {name: optional_input(request, name) for name in FILTER_INPUTS},
             ),
         )
         self.store_failures.count_up_to(self.pipeline.refusals)
