@@ -20,6 +20,7 @@ import numpy as np
 from shopserve.ensemble import SearchPipeline, store
 from shopserve.ensemble.filters import Attributes, parse_filter
 
+from . import machine
 from .common import cpu_lock
 from .queries import load_traffic
 
@@ -81,6 +82,7 @@ def run(repository: Path, count: int, out: Path) -> Path:
     lines = [
         "# Filtered search",
         "",
+        f"Commit {machine.describe()['git_commit']}, {machine.describe()['date_utc']}. "
         f"In-process, {len(queries)} real queries, each case interleaved per query; synthetic "
         "attributes (benchmarks/filters.py). Written by `python -m benchmarks filters`.",
         "",
