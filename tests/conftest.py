@@ -149,11 +149,17 @@ def personal_repository(
     existing = os.environ.get("SHOPSERVE_PERSONAL_REPOSITORY")
     if existing:  # a store built beforehand (its secret in $SHOPSERVE_USER_KEY_FILE)
         return Path(existing)
+    items, events = instacart_files
+    return build_personal(
+        tmp_path_factory.mktemp("personal") / "store", items, events, built_repository
+    )
+
+
+def build_personal(repository: Path, items: Path, events: Path, built_repository: Path) -> Path:
+    """Build a personal store from generic files, with the Home Depot store's ranker."""
     from shopserve.ensemble import store
     from shopserve.export.build import BuildOptions, build
 
-    items, events = instacart_files
-    repository = tmp_path_factory.mktemp("personal") / "store"
     build(
         BuildOptions(
             catalogue=items,
@@ -164,6 +170,38 @@ def personal_repository(
         )
     )
     return repository
+
+
+@pytest.fixture(scope="session")
+def newer_personal_repository(
+    tmp_path_factory: pytest.TempPathFactory,
+    built_repository: Path,
+    instacart_files,
+    user_key_file,
+) -> Path:
+    """The personal store built again, from scratch, from a newer events file: every event of the
+    first build's file plus one later basket of another shopper (a new snapshot and watermark)."""
+    import csv
+    from datetime import datetime, timedelta
+
+    items, events = instacart_files
+    folder = tmp_path_factory.mktemp("personal-newer")
+    with events.open() as handle:
+        rows = list(csv.DictReader(handle))
+    latest = max(datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")) for r in rows)
+    later = (latest + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    products = list(dict.fromkeys(r["product_id"] for r in rows))[:3]
+    rows += [
+        {"user_id": "2", "product_id": p, "timestamp": later, "event": "purchase",
+         "basket_id": "a-newer-basket"}
+        for p in products
+    ]  # fmt: skip
+    newer = folder / "events.csv"
+    with newer.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return build_personal(folder / "store", items, newer, built_repository)
 
 
 @pytest.fixture(scope="session")

@@ -306,50 +306,23 @@ def test_no_personal_data_in_the_logs(live, client, catalogue) -> None:
         assert secret not in text, secret
 
 
-def newer_build(repository, folder):
-    """A copy of ``repository`` whose snapshot holds one more shopper, as a rebuild from a newer
-    events file would: another snapshot digest, so servers started on it make a new live store."""
-    import hashlib
-    import json
-    import shutil
-
-    from shopserve.ensemble.personal import snapshot_path
-    from shopserve.ensemble.profile_store import SqliteProfileStore
-    from shopserve.ensemble.profiles import Profile
-
-    copy = shutil.copytree(repository, folder / "store-v2")
-    snapshot = snapshot_path(copy)
-    newer = Profile()
-    viewed = int(store.load_catalogue(copy).product_ids[0])
-    newer.apply(viewed, 0, 1e9, "", lambda _: None)  # a view: no embedding needed
-    profiles = SqliteProfileStore(snapshot)
-    profiles.put([("key-of-a-newer-shopper", newer)])
-    profiles.close()
-    relative = str(snapshot.relative_to(copy))
-    for manifest in [copy / "manifest.json", *(copy / "manifests").glob("*.json")]:
-        content = json.loads(manifest.read_text())
-        if relative in content["files"]:
-            content["files"][relative] = hashlib.sha256(snapshot.read_bytes()).hexdigest()
-            manifest.write_text(json.dumps(content))
-    return copy
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_logged_events_and_erasures_outlive_a_new_build_and_a_rollback(
-    backend, personal_repository, catalogue, tmp_path
+    backend, personal_repository, newer_personal_repository, catalogue, tmp_path
 ) -> None:
-    """Events recorded on one build are served after a restart on a newer build, and again after
-    a restart back on the older one; a forgotten shopper stays forgotten on both."""
+    """Events recorded on one build are served after a restart on a newer build (built from
+    scratch from a newer events file), and again after a restart back on the older one; a
+    forgotten shopper stays forgotten on both."""
     with contextlib.ExitStack() as stack:
         location = None
         if backend == "redis":  # a Redis of its own: the erasure is logged for the whole shop
             (tmp_path / "redis").mkdir()
             location = stack.enter_context(running_redis(tmp_path / "redis"))
-        _release_rollback_restart(location, personal_repository, catalogue, tmp_path)
+        builds = {"v1": personal_repository, "v2": newer_personal_repository}
+        _release_rollback_restart(location, builds, catalogue, tmp_path)
 
 
-def _release_rollback_restart(location, personal_repository, catalogue, tmp_path) -> None:
-    builds = {"v1": personal_repository, "v2": newer_build(personal_repository, tmp_path)}
+def _release_rollback_restart(location, builds, catalogue, tmp_path) -> None:
     shopper, forgotten = f"{SHOPPER}-release", "1"  # "1" is in both builds' snapshots
     bought = int(catalogue[-7])
     with (
