@@ -91,6 +91,45 @@ def _bad_rows(rows: list[int]) -> str:
     return f"{shown}{', ...' if len(rows) > 5 else ''} ({len(rows)} in all)"
 
 
+def _price_column(cells: Sequence[object]) -> np.ndarray:
+    price = np.full(len(cells), np.nan, dtype=np.float32)
+    bad = []
+    for row, cell in enumerate(cells):
+        text = str(cell or "").strip()
+        if not text:
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            price[row] = value
+        else:
+            bad.append(row)
+    if bad:
+        raise CatalogueAttributeError(
+            f"price must be a number ≥ 0 or empty; lines {_bad_rows(bad)}"
+        )
+    return price
+
+
+def _stock_column(cells: Sequence[object]) -> np.ndarray:
+    text = [str(c or "").strip().lower() for c in cells]
+    bad = [row for row, cell in enumerate(text) if cell and cell not in _TRUE + _FALSE]
+    if bad:
+        raise CatalogueAttributeError(
+            f"in_stock must be one of {'/'.join(_TRUE + _FALSE)} or empty; lines {_bad_rows(bad)}"
+        )
+    return np.array([cell in _TRUE for cell in text], dtype=bool)
+
+
+def _category_column(cells: Sequence[object]) -> tuple[np.ndarray, tuple[tuple[str, ...], ...]]:
+    """A code per row (-1: no category) and the distinct paths the codes index."""
+    paths: dict[tuple[str, ...], int] = {}
+    codes = [paths.setdefault(p, len(paths)) if p else -1 for p in map(category_path, cells)]
+    return np.array(codes, dtype=np.int32), tuple(paths)
+
+
 @dataclass(frozen=True, eq=False)
 class Attributes:
     """The filterable attributes of every catalogue row (None: the catalogue has no such column)."""
@@ -103,43 +142,15 @@ class Attributes:
     @classmethod
     def from_columns(cls, columns: Mapping[str, Sequence[object]]) -> Attributes:
         """The ``price``, ``in_stock`` and ``category`` columns of a catalogue file, checked."""
-        price = in_stock = codes = None
-        categories: dict[tuple[str, ...], int] = {}
-        if "price" in columns:
-            price = np.full(len(columns["price"]), np.nan, dtype=np.float32)
-            bad = []
-            for row, cell in enumerate(columns["price"]):
-                text = str(cell or "").strip()
-                if not text:
-                    continue
-                try:
-                    value = float(text)
-                except ValueError:
-                    value = math.nan
-                if math.isfinite(value) and value >= 0:
-                    price[row] = value
-                else:
-                    bad.append(row)
-            if bad:
-                raise CatalogueAttributeError(
-                    f"price must be a number ≥ 0 or empty; lines {_bad_rows(bad)}"
-                )
-        if "in_stock" in columns:
-            cells = [str(c or "").strip().lower() for c in columns["in_stock"]]
-            bad = [r for r, c in enumerate(cells) if c and c not in _TRUE + _FALSE]
-            if bad:
-                raise CatalogueAttributeError(
-                    f"in_stock must be one of {'/'.join(_TRUE + _FALSE)} or empty; lines "
-                    f"{_bad_rows(bad)}"
-                )
-            in_stock = np.array([c in _TRUE for c in cells], dtype=bool)
-        if "category" in columns:
-            paths = [category_path(c) for c in columns["category"]]
-            codes = np.array(
-                [categories.setdefault(p, len(categories)) if p else -1 for p in paths],
-                dtype=np.int32,
-            )
-        return cls(price, in_stock, codes, tuple(categories))
+        codes, categories = (
+            _category_column(columns["category"]) if "category" in columns else (None, ())
+        )
+        return cls(
+            _price_column(columns["price"]) if "price" in columns else None,
+            _stock_column(columns["in_stock"]) if "in_stock" in columns else None,
+            codes,
+            categories,
+        )
 
     def save(self, path: Path) -> None:
         arrays = {
