@@ -83,7 +83,6 @@ def main(argv: list[str] | None = None, recommend: bool = False) -> int:
     try:
         with _client(args) as client:
             filters = Filters(args.in_stock, args.price_min, args.price_max, args.category)
-            filters = None if filters == Filters() else filters
             if recommend:
                 hits = client.recommend(
                     args.user_id, top_k=args.top_k, new_only=args.new_only, filters=filters

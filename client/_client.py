@@ -77,17 +77,15 @@ def _top_k_tensor(top_k: int, batched: bool = False) -> grpcclient.InferInput:
     if not _INT32.min <= top_k <= _INT32.max:
         # Not a range check on the value's meaning: numpy would silently wrap it around.
         raise OverflowError(f"top_k={top_k} does not fit in INT32")
-    shape = [1, 1] if batched else [1]
-    tensor = grpcclient.InferInput("TOP_K", shape, "INT32")
-    tensor.set_data_from_numpy(np.array([top_k], dtype=np.int32).reshape(shape))
-    return tensor
+    return _value_tensor("TOP_K", top_k, "INT32", np.int32, batched)
 
 
 @dataclass(frozen=True)
 class Filters:
-    """What a search or recommendation may return: only products in stock, within a price range (leave either end
-    None), in a category path (``"Tools"``, ``"Tools / Power Tools"``) or below it. The store's
-    catalogue must have the columns filtered on (``in_stock``, ``price``, ``category``)."""
+    """What a search or recommendation may return: only products in stock, within a price range
+    (leave either end None), in a category path (``"Tools"``, ``"Tools / Power Tools"``) or below
+    it. The store's catalogue must have the columns filtered on (``in_stock``, ``price``,
+    ``category``). The default filters nothing (and sends no input)."""
 
     in_stock: bool = False
     price_min: float | None = None

@@ -30,7 +30,7 @@ class DenseIndex:
         self.stored = faiss.rev_swig_ptr(storage.get_xb(), index.ntotal * index.d).reshape(
             index.ntotal, index.d
         )
-        embeddings = index.reconstruct_n(0, index.ntotal).astype(np.float64)
+        embeddings = self.stored.astype(np.float64)
         self.mean = embeddings.mean(0)
         self.second_moment = embeddings.T @ embeddings / max(len(embeddings), 1)
 
@@ -104,4 +104,4 @@ class DenseIndex:
         return found[0][found[0] >= 0]
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
-        return self.index.reconstruct_batch(np.asarray(rows, dtype=np.int64))
+        return self.stored[np.asarray(rows, dtype=np.int64)]

@@ -266,7 +266,7 @@ def _make_encoder(
     }
 
 
-def _reuse_encoder(options: BuildOptions, judgments: Judgments | None, encoder_dir: Path) -> dict:
+def _reuse_encoder(options: BuildOptions, encoder_dir: Path) -> dict:
     """Copy the FP32 and INT8 encoder graphs of an earlier build into ``encoder_dir`` (checked
     against its manifest) and return its encoder record, marked as reused. A fine-tuned encoder
     is reused only with the judgments and split it was tuned on: otherwise its train queries could
@@ -293,9 +293,9 @@ def _reuse_encoder(options: BuildOptions, judgments: Judgments | None, encoder_d
             options.seed,
             options.dev_fraction,
         )
-        judged = options.judgments is not None and judgments is not None
         same_judgments = (
-            judged and file_digest(options.judgments) in manifest["data"]["files"].values()
+            options.judgments is not None
+            and file_digest(options.judgments) in manifest["data"]["files"].values()
         )
         if not (same_split and same_judgments):
             raise BuildError(
@@ -391,7 +391,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
     gate_texts = _sample(catalogue.titles, options.gate_texts - len(query_texts), rng) + query_texts
     if options.encoder_from is not None:
         with timer.step("reuse encoder"):
-            encoder_record = _reuse_encoder(options, judgments, encoder_dir)
+            encoder_record = _reuse_encoder(options, encoder_dir)
     else:
         gate_set = set(gate_texts)
         encoder_record = _make_encoder(
@@ -408,10 +408,10 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
             ),
             rng,
         )
-    int8_file = encoder_record["int8"]["file"]
+    encoder_files = {"fp32": FP32_ENCODER_FILE, "int8": encoder_record["int8"]["file"]}
     encoders = {
-        "fp32": OnnxEncoder(encoder_dir / FP32_ENCODER_FILE, EMBED_THREADS),
-        "int8": OnnxEncoder(encoder_dir / int8_file, EMBED_THREADS),
+        precision: OnnxEncoder(encoder_dir / file, EMBED_THREADS)
+        for precision, file in encoder_files.items()
     }
     dev_ndcg = _gate_ndcg(dev, catalogue, tokenizer, encoders) if dev else lambda _: 0.0
     with timer.step("INT8 accuracy gate"):
@@ -435,13 +435,13 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         log.info("GPU target: wrote %s (not run here: no GPU)", ", ".join(map(str, written)))
     # What the in-process steps (and the one-model endpoint) run: the CPU INT8 graph, or on a GPU
     # target the FP32 graph (the signed INT8 graph is TensorRT's to run).
-    served_file = FP32_ENCODER_FILE if options.target == GPU else int8_file
-    served_encoder = encoders["fp32" if options.target == GPU else "int8"]
+    served = "fp32" if options.target == GPU else "int8"
+    served_encoder = encoders[served]
     with timer.step("embed catalogue"):
         embeddings, embedding_report = embed_catalogue(
             lambda texts: served_encoder.embed_texts(tokenizer, texts, progress="embed catalogue"),
             catalogue.titles,
-            cache_file_for(encoder_dir / served_file, tokenizer_path, max_length),
+            cache_file_for(encoder_dir / encoder_files[served], tokenizer_path, max_length),
         )
     retrieve_dir = writer.version_dir(store.RETRIEVE)
     retrieve_params = writer.parameters(store.RETRIEVE)

@@ -10,6 +10,7 @@ import csv
 import json
 import re
 import shlex
+import uuid
 from pathlib import Path
 
 import pytest
@@ -150,8 +151,9 @@ def test_a_catalogue_refresh_reuses_the_encoder_and_embeds_only_what_changed(wor
     with (workdir / "items.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     changed = range(0, len(rows), 100)  # 1 % of the titles
+    fresh = uuid.uuid4().hex[:8]  # titles no earlier run put in the (shared) embedding cache
     for i in changed:
-        rows[i]["title"] += " (refreshed)"
+        rows[i]["title"] += f" (refreshed {fresh})"
     with (workdir / "items_refreshed.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
