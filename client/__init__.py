@@ -1,4 +1,5 @@
-"""Client for shopserve served by Triton: search, recommendations, live events and forget.
+"""Client for shopserve served by Triton: search, recommendations, live events,
+forget and catalogue updates.
 
 Only numpy and tritonclient are needed; the public API is re-exported here from private modules.
 """
@@ -6,10 +7,12 @@ Only numpy and tritonclient are needed; the public API is re-exported here from 
 from ._client import (
     EVENT_TYPES,
     AsyncSearchClient,
+    CatalogueApplied,
     Event,
     Filters,
     Hit,
     Hits,
+    ProductChange,
     SearchClient,
     Security,
 )
@@ -26,6 +29,7 @@ from ._errors import (
 __all__ = [
     "EVENT_TYPES",
     "AsyncSearchClient",
+    "CatalogueApplied",
     "Event",
     "Filters",
     "Hit",
@@ -33,6 +37,7 @@ __all__ = [
     "InvalidRequestError",
     "OverloadedError",
     "PermissionDeniedError",
+    "ProductChange",
     "RequestTimeoutError",
     "SearchClient",
     "SearchError",

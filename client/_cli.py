@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ._client import DEFAULT_URL, Event, Filters, Hit, SearchClient, Security
+from ._client import DEFAULT_URL, Event, Filters, Hit, ProductChange, SearchClient, Security
 from ._errors import InvalidRequestError, SearchError
 
 TITLE_WIDTH = 70
@@ -194,6 +194,92 @@ def events_main(argv: list[str] | None = None) -> int:
         print(f"error after {sent} events: {exc}", file=sys.stderr)
         return 1
     print(f"sent {sent} events from {args.file}: {new} new, {sent - new} recorded before")
+    return 0
+
+
+_CATALOGUE_ALIASES = {"product_uid": "product_id", "product_title": "title"}
+_YES, _NO = ("1", "true", "yes", "y"), ("0", "false", "no", "n")
+
+
+class CatalogueFileError(ValueError):
+    """A catalogue update file's line cannot be read; the message names it."""
+
+
+def _change(line: int, row: dict[str, str]) -> ProductChange:
+    row = {_CATALOGUE_ALIASES.get(k, k): (v or "").strip() for k, v in row.items() if k}
+    operation = row.get("operation", "").lower() or "upsert"
+    if operation not in ("upsert", "delete"):
+        raise CatalogueFileError(f"line {line}: operation {operation!r} is not upsert or delete")
+    stock = row.get("in_stock", "").lower()
+    if stock and stock not in _YES + _NO:
+        raise CatalogueFileError(f"line {line}: in_stock must be one of {'/'.join(_YES + _NO)}")
+    try:
+        product_id = int(row["product_id"])
+        price = float(row["price"]) if row.get("price") else None
+    except (KeyError, ValueError) as exc:
+        raise CatalogueFileError(
+            f"line {line}: product_id must be an integer and price a number ({exc})"
+        ) from None
+    return ProductChange(
+        product_id,
+        row.get("title", ""),
+        price,
+        None if not stock else stock in _YES,
+        row.get("category", ""),
+        delete=operation == "delete",
+    )
+
+
+def read_catalogue_changes(
+    path: Path, batch_size: int
+) -> Iterator[tuple[str, list[ProductChange]]]:
+    """Batches of a catalogue update file (the catalogue format plus an optional ``operation``
+    column, upsert or delete), each with an update id made of the file's digest and its first
+    line, so that applying a file again changes nothing twice."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    with path.open(newline="", encoding="utf-8") as handle:
+        batch: list[ProductChange] = []
+        first = 2
+        for line, row in enumerate(csv.DictReader(handle), start=2):
+            batch.append(_change(line, row))
+            if len(batch) == batch_size:
+                yield f"{digest}:{first}", batch
+                batch, first = [], line + 1
+        if batch:
+            yield f"{digest}:{first}", batch
+
+
+def catalogue_main(argv: list[str] | None = None) -> int:
+    """``shopserve catalogue apply FILE``: upsert and delete products while serving."""
+    parser = argparse.ArgumentParser(
+        prog="shopserve catalogue",
+        description="Upsert and delete products on a running server (the catalogue format plus "
+        "an operation column: upsert, the default, or delete).",
+    )
+    parser.add_argument("action", choices=["apply"])
+    parser.add_argument(
+        "file", type=Path, help="a catalogue CSV, optionally with an operation column"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=500, help="products per update (each all or nothing)"
+    )
+    _connection(parser)
+    args = parser.parse_args(argv)
+    sent = applied = 0
+    try:
+        with _client(args) as client:
+            for update_id, changes in read_catalogue_changes(args.file, args.batch_size):
+                applied += client.update_catalogue(changes, update_id).applied
+                sent += len(changes)
+    except SearchError as exc:
+        print(f"error after {sent} products: {exc.message}", file=sys.stderr)
+        return 2 if isinstance(exc, InvalidRequestError) else 1
+    except (OSError, ValueError) as exc:
+        print(f"error after {sent} products: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"sent {sent} products from {args.file}: {applied} applied, {sent - applied} applied before"
+    )
     return 0
 
 

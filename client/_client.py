@@ -190,6 +190,64 @@ def build_event_inputs(events: Sequence[Event]) -> list[grpcclient.InferInput]:
     return inputs
 
 
+CATALOGUE_MODEL_NAME = "catalogue"
+
+
+@dataclass(frozen=True)
+class ProductChange:
+    """One product of a catalogue update: its whole new state (an attribute left None is
+    unknown), or its removal (``delete=True``, title unused)."""
+
+    product_id: int
+    title: str = ""
+    price: float | None = None
+    in_stock: bool | None = None
+    category: str = ""
+    delete: bool = False
+
+
+@dataclass(frozen=True)
+class CatalogueApplied:
+    """The answer to a catalogue update: how many products it changed, and whether it was a
+    retry of an update applied before (then nothing changed again)."""
+
+    applied: int
+    duplicate: bool
+
+
+def build_catalogue_inputs(
+    update_id: str, changes: Sequence[ProductChange]
+) -> list[grpcclient.InferInput]:
+    """The catalogue request: the update id and one row per product (validated by the server,
+    all or nothing)."""
+    return [
+        _array_tensor("UPDATE_ID", _utf8([update_id]), "BYTES"),
+        _array_tensor(
+            "OPERATIONS", _utf8(["delete" if c.delete else "upsert" for c in changes]), "BYTES"
+        ),
+        _array_tensor("PRODUCT_IDS", np.array([c.product_id for c in changes], np.int64), "INT64"),
+        _array_tensor("TITLES", _utf8([c.title for c in changes]), "BYTES"),
+        _array_tensor(
+            "PRICES",
+            np.array([np.nan if c.price is None else c.price for c in changes], np.float64),
+            "FP64",
+        ),
+        _array_tensor(
+            "IN_STOCK",
+            np.array([-1 if c.in_stock is None else int(c.in_stock) for c in changes], np.int32),
+            "INT32",
+        ),
+        _array_tensor("CATEGORIES", _utf8([c.category for c in changes]), "BYTES"),
+    ]
+
+
+def _catalogue_applied(result: TensorResult) -> CatalogueApplied:
+    applied, duplicate = result.as_numpy("APPLIED"), result.as_numpy("DUPLICATE")
+    if applied is None or duplicate is None:
+        raise SearchError("response is missing output APPLIED or DUPLICATE")
+    return CatalogueApplied(int(applied.reshape(-1)[0]), bool(duplicate.reshape(-1)[0]))
+
+
 def _accepted(result: TensorResult) -> int:
     accepted = result.as_numpy("ACCEPTED")
     if accepted is None:
@@ -389,6 +447,15 @@ class _ClientSettings:
         options = self._infer_options(timeout, ["ACCEPTED"])
         return _Call(EVENTS_MODEL_NAME, build_event_inputs(events), options, _accepted)
 
+    def _catalogue_call(
+        self, update_id: str, changes: Sequence[ProductChange], timeout: float | None
+    ) -> _Call:
+        options = self._infer_options(
+            timeout, ["APPLIED", "DUPLICATE"], admin=bool(self.security.admin_key)
+        )
+        inputs = build_catalogue_inputs(update_id, changes)
+        return _Call(CATALOGUE_MODEL_NAME, inputs, options, _catalogue_applied)
+
     def _forget_call(self, user_id: str | bytes, timeout: float | None) -> _Call:
         options = self._infer_options(timeout, ["FORGOTTEN"], admin=True)
         inputs = [_bytes_tensor("USER_ID", user_id)]
@@ -492,6 +559,25 @@ class SearchClient(_ClientSettings):
         """Erase everything stored about a shopper (needs the operator's key, ``admin_key``);
         returns whether there was anything."""
         return self._send(self._forget_call(user_id, timeout))
+
+    def update_catalogue(
+        self,
+        changes: Sequence[ProductChange],
+        update_id: str | None = None,
+        timeout: float | None = None,
+    ) -> CatalogueApplied:
+        """Upsert and delete products (all or nothing), durable and visible to the next search
+        when this returns. Transient failures are retried under the same ``update_id`` (a fresh
+        UUID by default), so the update applies once."""
+        call = self._catalogue_call(update_id or uuid.uuid4().hex, changes, timeout)
+        pauses = _retry_delays()
+        while True:
+            try:
+                return self._send(call)
+            except SearchError as exc:
+                if not _retryable(exc, len(pauses)):
+                    raise
+                time.sleep(pauses.pop(0))
 
     def _batched(self, model: str) -> bool:
         """Whether ``model`` batches (its inputs then carry a batch dimension): asked once."""
@@ -698,6 +784,23 @@ class AsyncSearchClient(_ClientSettings):
         """Erase everything stored about a shopper (needs the operator's key, ``admin_key``);
         returns whether there was anything."""
         return await self._send(self._forget_call(user_id, timeout))
+
+    async def update_catalogue(
+        self,
+        changes: Sequence[ProductChange],
+        update_id: str | None = None,
+        timeout: float | None = None,
+    ) -> CatalogueApplied:
+        """Upsert and delete products (all or nothing); see SearchClient.update_catalogue."""
+        call = self._catalogue_call(update_id or uuid.uuid4().hex, changes, timeout)
+        pauses = _retry_delays()
+        while True:
+            try:
+                return await self._send(call)
+            except SearchError as exc:
+                if not _retryable(exc, len(pauses)):
+                    raise
+                await asyncio.sleep(pauses.pop(0))
 
     async def _batched(self, model: str) -> bool:
         """Whether ``model`` batches (its inputs then carry a batch dimension): asked once."""

@@ -9,10 +9,14 @@ z-score fusion (FUSION_WEIGHTS), the fallback for a store whose transferred rank
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .lexical import LexicalIndex, QueryTerms
+
+if TYPE_CHECKING:
+    from .catalogue import LiveTitleTerms
 
 FEATURE_NAMES = (
     "cosine",  # encoder cosine of query and title
@@ -56,7 +60,7 @@ def _standardise(values: np.ndarray, mean: float, std: float) -> np.ndarray:
 
 
 def ranking_features(
-    lexical: LexicalIndex,
+    lexical: LexicalIndex | LiveTitleTerms,
     terms: QueryTerms,
     rows: np.ndarray,
     cosine: np.ndarray,

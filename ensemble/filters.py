@@ -152,6 +152,35 @@ class Attributes:
             categories,
         )
 
+    def with_row(
+        self, row: int, rows: int, price: float, in_stock: int, category: tuple[str, ...]
+    ) -> Attributes:
+        """These attributes over ``rows`` rows, row ``row`` set to a catalogue update's values
+        (``in_stock`` -1: unknown). A column the build lacked starts with this update."""
+
+        def grown(values: np.ndarray | None, fill: object, dtype: type) -> np.ndarray:
+            if values is None:
+                values = np.full(0, fill, dtype=dtype)
+            out = np.full(rows, fill, dtype=dtype)
+            out[: len(values)] = values
+            return out
+
+        price_column = self.price
+        if price_column is not None or not math.isnan(price):
+            price_column = grown(self.price, np.nan, np.float32)
+            price_column[row] = price
+        stock_column = self.in_stock
+        if stock_column is not None or in_stock >= 0:
+            stock_column = grown(self.in_stock, False, bool)
+            stock_column[row] = in_stock == 1
+        codes, categories = self.category_codes, self.categories
+        if codes is not None or category:
+            codes = grown(self.category_codes, -1, np.int32)
+            if category and category not in categories:
+                categories = (*categories, category)
+            codes[row] = categories.index(category) if category else -1
+        return Attributes(price_column, stock_column, codes, categories)
+
     def save(self, path: Path) -> None:
         arrays = {
             "price": self.price,

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import store
+from .catalogue import LiveCatalogue, follow_catalogue_log, refresh_catalogue
 from .dense import DenseIndex
 from .events import EventIngest, EventRequest
 from .filters import Attributes, load_attributes, parse_filter
@@ -149,7 +150,15 @@ class Personalization:
         """The recommendation ranker's logit for each candidate row (of the NEW_ONLY ranker's, for
         products the shopper never bought)."""
         ranker = self.explorer if new_only else self.ranker
-        return ranker(self.recommender.features(user, rows))
+        known = rows < len(self.recommender.product_ids)
+        if known.all():
+            return ranker(self.recommender.features(user, rows))
+        # Products added since the build have no history: the least affinity among the candidates.
+        affinity = np.zeros(len(rows), dtype=np.float32)
+        if known.any():
+            affinity[known] = ranker(self.recommender.features(user, rows[known]))
+            affinity[~known] = affinity[known].min()
+        return affinity
 
 
 class RecommendPipeline:
@@ -160,10 +169,12 @@ class RecommendPipeline:
         personalization: Personalization,
         postprocessor: PostProcessor,
         attributes: Attributes | None = None,
+        live: LiveCatalogue | None = None,
     ) -> None:
         self.personal = personalization
         self.postprocessor = postprocessor
-        self.attributes = attributes or Attributes()
+        self.built_attributes = attributes or Attributes()
+        self.live = live
         popularity = personalization.recommender.items.popularity
         ids = postprocessor.catalogue.product_ids
         self._best_sellers = np.lexsort((ids, -popularity))
@@ -173,8 +184,18 @@ class RecommendPipeline:
     def from_repository(
         cls, repository: Path | str, version: int | None = None
     ) -> RecommendPipeline:
-        personal, catalogue = Personalization.load(Path(repository), version)
-        return cls(personal, PostProcessor(catalogue), load_attributes(Path(repository), version))
+        repository = Path(repository)
+        personal, catalogue = Personalization.load(repository, version)
+        attributes = load_attributes(repository, version)
+        live = follow_catalogue_log(repository, version, catalogue, attributes)
+        return cls(personal, PostProcessor(live or catalogue), attributes, live)
+
+    def _allowed(self, filters: Mapping[str, object] | None) -> np.ndarray | None:
+        """The build's rows a request may be answered with: its filter, minus delisted products."""
+        if self.live is None:
+            return self.built_attributes.allowed(parse_filter(filters))
+        refresh_catalogue(self.live)
+        return self.live.base_allowed(self.live.attributes.allowed(parse_filter(filters)))
 
     def recommend(
         self,
@@ -188,7 +209,7 @@ class RecommendPipeline:
         user_text = decode_user_id(user_id)
         count = check_top_k(k)
         discover = check_flag(new_only, "NEW_ONLY")
-        allowed = self.attributes.allowed(parse_filter(filters))
+        allowed = self._allowed(filters)
         try:
             user = self.personal.view(user_text)
         except ProfileStoreUnavailable as exc:
@@ -219,14 +240,24 @@ class RecommendPipeline:
 class LiveEvents:
     """The events and forget endpoints' logic over the live profile store."""
 
-    def __init__(self, personalization: Personalization) -> None:
+    def __init__(self, personalization: Personalization, live: LiveCatalogue | None = None) -> None:
         self.personal = personalization
-        self.known_products = personalization.recommender.product_ids
+        self.live = live
         self.ingest = EventIngest(personalization.profiles, personalization.keys, self.embedding)
 
     @classmethod
     def from_repository(cls, repository: Path | str, version: int | None = None) -> LiveEvents:
-        return cls(Personalization.load(Path(repository), version)[0])
+        repository = Path(repository)
+        personal, catalogue = Personalization.load(repository, version)
+        return cls(personal, follow_catalogue_log(repository, version, catalogue, Attributes()))
+
+    def known_products(self) -> np.ndarray:
+        """The products events may name now: the build's, less those delisted since (a product
+        added since takes events from the next build on)."""
+        if self.live is None:
+            return self.personal.recommender.product_ids
+        refresh_catalogue(self.live)
+        return self.live.served_base_ids()
 
     def embedding(self, product_id: int) -> np.ndarray:
         row = self.personal.recommender.row_of[product_id]
@@ -240,19 +271,24 @@ class LiveEvents:
         self, user_id: str | bytes | np.ndarray, given_key: object, operator_key: str | None
     ) -> bool:
         """Erase a shopper, for a caller holding the operator's key."""
-        if not operator_key:
-            raise OperatorKeyError(
-                "forget needs the operator's key, and this server has none: start it with "
-                "shopserve serve --admin-key-file FILE"
-            )
-        if not isinstance(given_key, str) or not hmac.compare_digest(
-            given_key.encode("utf-8"), operator_key.encode("utf-8")
-        ):
-            raise OperatorKeyError(
-                "forget requires the operator's key (request parameter admin_key)"
-            )
+        check_operator_key("forget", given_key, operator_key)
         return self.personal.profiles.forget(self.personal.keys.key(decode_user_id(user_id)))
 
 
 class OperatorKeyError(PermissionError):
     """An operation reserved for operators was asked without their key."""
+
+
+def check_operator_key(action: str, given_key: object, operator_key: str | None) -> None:
+    """Raise OperatorKeyError unless ``given_key`` is the operator's key (and the server has one)."""
+    if not operator_key:
+        raise OperatorKeyError(
+            f"{action} needs the operator's key, and this server has none: start it with "
+            "shopserve serve --admin-key-file FILE"
+        )
+    if not isinstance(given_key, str) or not hmac.compare_digest(
+        given_key.encode("utf-8"), operator_key.encode("utf-8")
+    ):
+        raise OperatorKeyError(
+            f"{action} requires the operator's key (request parameter admin_key)"
+        )

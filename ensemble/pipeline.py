@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import store
+from .catalogue import LiveCatalogue, follow_catalogue_log, refresh_catalogue
 from .dense import DenseIndex
 from .filters import Attributes, load_attributes, parse_filter
 from .lexical import LexicalIndex
@@ -61,9 +62,12 @@ class SearchPipeline:
         postprocessor: PostProcessor,
         personal: Personalization | None = None,
         attributes: Attributes | None = None,
+        live: LiveCatalogue | None = None,
     ) -> None:
         self.tokenizer = tokenizer
-        self.attributes = attributes or Attributes()
+        self.built_attributes = attributes or Attributes()
+        self.live = live
+        retriever.live = live
         self.encoder = encoder
         self.retriever = retriever
         self.ranker = ranker
@@ -77,13 +81,25 @@ class SearchPipeline:
         (float reductions split over another thread count can flip near-tied candidates)."""
         repository = Path(repository)
         retriever = load_retriever(repository, version)
-        postprocessor = PostProcessor(store.load_catalogue(repository, version))
+        catalogue = store.load_catalogue(repository, version)
+        tokenizer = load_tokenizer(repository, version)
+        encoder = OnnxEncoder(
+            store.in_process_model_file(repository, store.ENCODER, version),
+            _intra_op_threads(repository, store.ENCODER),
+        )
+        attributes = load_attributes(repository, version)
+        live = follow_catalogue_log(
+            repository,
+            version,
+            catalogue,
+            attributes,
+            retriever,
+            embed=lambda titles: encoder(*tokenizer.batch(titles)),
+        )
+        postprocessor = PostProcessor(live or catalogue)
         return cls(
-            load_tokenizer(repository, version),
-            OnnxEncoder(
-                store.in_process_model_file(repository, store.ENCODER, version),
-                _intra_op_threads(repository, store.ENCODER),
-            ),
+            tokenizer,
+            encoder,
             retriever,
             OnnxRanker(
                 store.model_file(repository, store.RANKER, version),
@@ -91,10 +107,16 @@ class SearchPipeline:
             ),
             postprocessor,
             Personalization.from_repository(
-                repository, retriever.dense, postprocessor.catalogue.product_ids, version
+                repository, retriever.dense, catalogue.product_ids, version
             ),
-            load_attributes(repository, version),
+            attributes,
+            live,
         )
+
+    @property
+    def attributes(self) -> Attributes:
+        """The filterable attributes served now (the build's, with the catalogue updates since)."""
+        return self.built_attributes if self.live is None else self.live.attributes
 
     def search(
         self,
@@ -116,6 +138,7 @@ class SearchPipeline:
         """Answer several requests, their queries embedded in one encoder call (the static INT8
         encoder is batch-invariant, so each answer equals the request's answer alone); a malformed request
         gets its InvalidRequest in its place and does not affect the others."""
+        refresh_catalogue(self.live)
         parsed: list[_Parsed | InvalidRequest] = []
         for request in requests:
             try:

@@ -559,30 +559,54 @@ def open_store(
     ``log_name`` names a Redis store's event log (one per shop)."""
     text = str(location)
     if is_redis(text):
-        shown = public_location(text)
-        options = parse_qs(urlparse(text).query)
-        unknown = sorted(set(options) - set(REDIS_OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"{shown}: unknown option(s) {', '.join(unknown)} (known: {', '.join(REDIS_OPTIONS)})"
-            )
         from .redis_store import RedisProfileStore  # redis-py (and ssl) only for a Redis store
 
+        settings = redis_settings(text)
         return RedisProfileStore(
-            text.split("?")[0],
-            options.get("namespace", [namespace])[0],
-            password=_redis_password(options, shown),
+            settings.url,
+            settings.namespace or namespace,
+            password=settings.password,
             log_name=log_name,
-            ca_file=options.get("ca_file", [None])[0],
+            ca_file=settings.ca_file,
         )
-    if text.startswith("sqlite://"):
-        text = text.removeprefix("sqlite://")
-    elif "://" in text:
+    return SqliteProfileStore(sqlite_path(text), readonly=readonly)
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str  # without the query
+    namespace: str | None
+    password: str | None
+    ca_file: str | None
+
+
+def redis_settings(location: str) -> RedisSettings:
+    """A Redis location's URL and the options its query sets (checked)."""
+    shown = public_location(location)
+    options = parse_qs(urlparse(location).query)
+    unknown = sorted(set(options) - set(REDIS_OPTIONS))
+    if unknown:
         raise ValueError(
-            f"unknown profile store {public_location(text)!r} (a path, sqlite:///path, "
+            f"{shown}: unknown option(s) {', '.join(unknown)} (known: {', '.join(REDIS_OPTIONS)})"
+        )
+    return RedisSettings(
+        location.split("?")[0],
+        options.get("namespace", [None])[0],
+        _redis_password(options, shown),
+        options.get("ca_file", [None])[0],
+    )
+
+
+def sqlite_path(location: str) -> str:
+    """The file of an embedded store's location (a path or ``sqlite:///path``)."""
+    if location.startswith("sqlite://"):
+        return location.removeprefix("sqlite://")
+    if "://" in location:
+        raise ValueError(
+            f"unknown profile store {public_location(location)!r} (a path, sqlite:///path, "
             "redis://host:port/db or rediss://host:port/db)"
         )
-    return SqliteProfileStore(text, readonly=readonly)
+    return location
 
 
 def seed(

@@ -45,6 +45,19 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def require_fsync(client: redis.Redis, url: str) -> None:
+    """Refuse a Redis that does not fsync every write: an acknowledged write must survive a crash."""
+    settings = {}
+    for name in ("appendonly", "appendfsync"):
+        reply = {_text(k): _text(v) for k, v in client.config_get(name).items()}
+        settings[name] = reply.get(name, "unknown")
+    if settings != {"appendonly": "yes", "appendfsync": "always"}:
+        raise ValueError(
+            f"{public_location(url)}: Redis must fsync every write to keep acknowledged writes "
+            f"(appendonly yes, appendfsync always); it has {settings}"
+        )
+
+
 class RedisProfileStore(ProfileStore):
     """Profiles in Redis: ``<prefix>u:<key>`` (a hash of the profile's fields), ``<prefix>i:<key>``
     (product id -> its stats as JSON) and ``<prefix>e:<key>`` (the event keys seen), under one
@@ -66,15 +79,7 @@ class RedisProfileStore(ProfileStore):
         self.client = connect(url, password=password, ca_file=ca_file)
         self.prefix = f"shopserve:{namespace}:"
         self.log_key = f"shopserve:{log_name}"
-        settings = {}
-        for name in ("appendonly", "appendfsync"):
-            reply = {_text(k): _text(v) for k, v in self.client.config_get(name).items()}
-            settings[name] = reply.get(name, "unknown")
-        if settings != {"appendonly": "yes", "appendfsync": "always"}:
-            raise ValueError(
-                f"{public_location(url)}: Redis must fsync every write to keep acknowledged events "
-                f"(appendonly yes, appendfsync always); it has {settings}"
-            )
+        require_fsync(self.client, url)
 
     def _keys(self, user_key: str) -> tuple[str, str, str]:
         return tuple(f"{self.prefix}{kind}:{user_key}" for kind in "uie")

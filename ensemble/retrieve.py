@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .dense import DenseIndex
 from .features import CatalogueStats, ranking_features
 from .lexical import LexicalIndex, top_rows
+
+if TYPE_CHECKING:
+    from .catalogue import LiveCatalogue
 
 DEFAULT_DENSE_DEPTH = 100
 DEFAULT_LEXICAL_DEPTH = 100
@@ -34,11 +38,14 @@ class Retriever:
         self.lexical = lexical
         self.dense_depth = dense_depth
         self.lexical_depth = lexical_depth
+        self.live: LiveCatalogue | None = None  # catalogue updates since the build, when served
 
     def __call__(
         self, query: str, embedding: np.ndarray, allowed: np.ndarray | None = None
     ) -> Candidates:
         """The candidates of one query: only rows ``allowed`` (a boolean mask) when given."""
+        if self.live is not None and self.live.changed:
+            return self._live_candidates(query, embedding, allowed)
         embedding = np.asarray(embedding, dtype=np.float32).reshape(1, -1)
         if allowed is None:
             dense_rows = self.dense.search(embedding, self.dense_depth)[0][0]
@@ -51,4 +58,24 @@ class Retriever:
         cosine = self.dense.vectors(rows) @ embedding[0]
         stats = CatalogueStats.of(bm25, *self.dense.cosine_moments(embedding[0]))
         features = ranking_features(self.lexical, terms, rows, cosine, bm25[rows], stats)
+        return Candidates(rows=rows, features=features)
+
+    def _live_candidates(
+        self, query: str, embedding: np.ndarray, allowed: np.ndarray | None
+    ) -> Candidates:
+        """Candidates over the live catalogue: the build's indexes searched inside its rows that
+        are still current, the rows written since searched exactly beside them, merged."""
+        live = self.live
+        embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        dense_rows = self.dense.search_within(
+            embedding, self.dense_depth, live.base_allowed(allowed)
+        )
+        delta_rows = live.search_delta(embedding, self.dense_depth, allowed)
+        terms = live.lexicon.query_terms(self.lexical.analyze(query), query)
+        bm25 = live.delta_bm25(terms.words, self.lexical.scores(terms))
+        lexical_rows = top_rows(bm25 * live.live_rows(allowed), self.lexical_depth)
+        rows = np.union1d(np.union1d(dense_rows, delta_rows), lexical_rows)
+        cosine = live.vectors(rows) @ embedding
+        stats = CatalogueStats.of(bm25, *self.dense.cosine_moments(embedding))
+        features = ranking_features(live.terms, terms, rows, cosine, bm25[rows], stats)
         return Candidates(rows=rows, features=features)

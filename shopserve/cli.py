@@ -261,7 +261,7 @@ def rollout(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     usage = (
-        "usage: shopserve {serve,search,recommend,events,forget,rollout,keys} [options]  "
+        "usage: shopserve {serve,search,recommend,events,forget,catalogue,rollout,keys} [options]  "
         "(shopserve COMMAND --help for more)"
     )
     if not argv or argv[0] in ("-h", "--help"):
@@ -280,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         return events_export(rest[1:])
     if command == "events" and rest[:1] == ["compact"]:
         return events_compact(rest[1:])
-    if command in ("events", "forget"):
+    if command in ("events", "forget", "catalogue"):
         from shopserve.client import _cli
 
-        return (_cli.events_main if command == "events" else _cli.forget_main)(rest)
+        mains = {"events": _cli.events_main, "forget": _cli.forget_main}
+        return mains.get(command, _cli.catalogue_main)(rest)
     if command == "serve":
         return serve(rest)
     print(f"error: unknown command {command!r}\n{usage}", file=sys.stderr)

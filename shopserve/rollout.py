@@ -33,6 +33,7 @@ LOAD_ORDER = (
     store.POSTPROCESS,
     store.REC_RANKER,
     store.ENSEMBLE,
+    store.CATALOGUE,
     store.SEARCH,
     store.RECOMMEND,
     store.EVENTS,

@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shopserve.client._client import ADMIN_KEY_NAME, INFERENCE_KEY_NAME
+from shopserve.ensemble.catalogue_log import CATALOGUE_LOG_ENV, CATALOGUE_LOG_FILE
 from shopserve.ensemble.personal import ProductVectors, profile_namespace, snapshot_path
 from shopserve.ensemble.profile_store import LIVE_PROFILES_FILE, PROFILE_STORE_ENV, seed
 from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
-from shopserve.ensemble.redis_link import is_redis
+from shopserve.ensemble.redis_link import is_redis, public_location
 
 log = logging.getLogger("shopserve.server")
 
@@ -219,6 +220,7 @@ class TritonServer:
         env = dict(os.environ)
         if "recommend" in models:
             env[PROFILE_STORE_ENV] = self._live_profiles(repo, work_dir)
+        env[CATALOGUE_LOG_ENV] = self._catalogue_log(work_dir)
         env.pop(ADMIN_KEY_ENV, None)
         if self.config.admin_key:
             env[ADMIN_KEY_ENV] = self.config.admin_key
@@ -254,6 +256,16 @@ class TritonServer:
         products = ProductVectors(repo)
         done = seed(location, snapshot_path(repo), namespace, products, products, keys.log_name())
         log.info("profile store: %s", done)
+        return location
+
+    def _catalogue_log(self, work_dir: Path) -> str:
+        """Where the models keep and read the catalogue updates: the shared Redis when the
+        profiles live in one (every server sees every update), else a file in the work folder
+        (kept across restarts, rollouts and builds)."""
+        location = self.config.profile_store
+        if not (location and is_redis(location)):
+            location = str(work_dir / "catalogue" / CATALOGUE_LOG_FILE)
+        log.info("catalogue log: %s", public_location(location))
         return location
 
     def wait_ready(self, timeout: float) -> None:

@@ -25,7 +25,7 @@ class TritonPythonModel:
         self.live = LiveEvents.from_repository(version_dir.parents[1], int(version_dir.name))
         freeze_loaded_state()
 
-    def _parse(self, request):
+    def _parse(self, request, known_products):
         return parse_events(
             input_array(request, "USER_IDS"),
             input_array(request, "PRODUCT_IDS"),
@@ -33,15 +33,16 @@ class TritonPythonModel:
             input_array(request, "TIMESTAMPS"),
             input_array(request, "EVENT_IDS"),
             optional_input(request, "BASKET_IDS"),
-            self.live.known_products,
+            known_products,
         )
 
     def execute(self, requests: list) -> list:
         responses = [None] * len(requests)
         valid = []
+        known_products = self.live.known_products()
         for index, request in enumerate(requests):
             try:
-                valid.append((index, self._parse(request)))
+                valid.append((index, self._parse(request, known_products)))
             except InvalidRequest as exc:
                 responses[index] = invalid_argument(exc)
         if valid:

@@ -1,0 +1,563 @@
+"""Live catalogue updates: products added, changed, repriced, sold out and delisted while serving.
+
+A request (:func:`parse_update`) carries an update id and parallel arrays: one operation
+(``upsert`` or ``delete``), product id, title and optional price, stock and category per product.
+It is checked whole (every bad row named, nothing applied), its titles embedded by the served
+encoder, and appended to the **catalogue log** (:mod:`.catalogue_log`) in one transaction; an update
+id seen before is not applied again.
+
+Every model instance that serves the catalogue keeps a :class:`LiveCatalogue`: the build's catalogue
+with the log folded over it, refreshed from the log before each execution, so an acknowledged update
+is visible to the next request on every instance and, through a shared Redis, on every server. A
+changed or new product is searched beside the build's indexes (its vector scanned exactly, its title
+scored with the build's BM25 statistics) and merged at query time; a deleted or superseded row is
+masked out of retrieval, recommendations and events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import store
+from .filters import Attributes, category_path
+from .lexical import LexicalIndex, QueryTerms, char_trigrams
+from .store import Catalogue
+from .validation import InvalidRequest, decode_text
+
+if TYPE_CHECKING:
+    from .catalogue_log import CatalogueLog
+    from .retrieve import Retriever
+
+log = logging.getLogger("shopserve.catalogue")
+
+OPERATIONS = ("upsert", "delete")
+MAX_PRODUCTS_PER_UPDATE = 1024
+MAX_TITLE_BYTES = 1024
+MAX_UPDATE_ID_BYTES = 128
+UNKNOWN_STOCK = -1  # IN_STOCK_STATES: -1 unknown, 0 sold out, 1 in stock
+Embed = Callable[[list[str]], np.ndarray]  # titles -> L2-normalised embeddings [n, d]
+
+
+@dataclass(frozen=True)
+class ProductUpdate:
+    """One row of an update: an upsert gives the whole product (an attribute left out is unknown)."""
+
+    operation: str
+    product_id: int
+    title: str = ""
+    price: float = math.nan
+    in_stock: int = UNKNOWN_STOCK
+    category: str = ""
+
+
+@dataclass(frozen=True)
+class CatalogueUpdate:
+    update_id: str
+    products: tuple[ProductUpdate, ...]
+
+    def digest(self) -> str:
+        """What a retry must repeat: the same update id with other rows is refused."""
+        rows = [
+            [
+                p.operation,
+                p.product_id,
+                p.title,
+                None if math.isnan(p.price) else p.price,
+                p.in_stock,
+                p.category,
+            ]
+            for p in self.products
+        ]
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:32]
+
+    def titles(self) -> list[str]:
+        return [p.title for p in self.products if p.operation == "upsert"]
+
+
+@dataclass(frozen=True)
+class CatalogueRecord:
+    """One entry of the catalogue log: a product's new state (or its deletion)."""
+
+    position: str
+    logged_at: float
+    update_id: str
+    product: ProductUpdate
+    encoder: str  # the digest of the encoder whose vector this is ("" for a delete)
+    vector: np.ndarray | None
+
+
+def _flat(raw: object) -> np.ndarray | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, np.ndarray):
+        raw = np.asarray(raw)
+    return raw.reshape(-1)
+
+
+def _bad(rows: Iterable[int]) -> str:
+    rows = sorted(set(rows))
+    shown = ", ".join(str(r) for r in rows[:10])
+    return f"{shown}{', ...' if len(rows) > 10 else ''}"
+
+
+def parse_update(
+    update_id: object,
+    operations: object,
+    product_ids: object,
+    titles: object,
+    prices: object | None = None,
+    in_stock: object | None = None,
+    categories: object | None = None,
+) -> CatalogueUpdate:
+    """Check a whole update; raise InvalidRequest naming every bad row (0-based) when any is."""
+    uid = decode_text(update_id, "UPDATE_ID", MAX_UPDATE_ID_BYTES)
+    arrays = {
+        "OPERATIONS": _flat(operations),
+        "PRODUCT_IDS": _flat(product_ids),
+        "TITLES": _flat(titles),
+        "PRICES": _flat(prices),
+        "IN_STOCK": _flat(in_stock),
+        "CATEGORIES": _flat(categories),
+    }
+    for name in ("OPERATIONS", "PRODUCT_IDS", "TITLES"):
+        if arrays[name] is None:
+            raise InvalidRequest(f"{name} is missing")
+    lengths = {name: len(v) for name, v in arrays.items() if v is not None}
+    if len(set(lengths.values())) != 1:
+        raise InvalidRequest(f"the update's arrays differ in length: {lengths}")
+    count = lengths["PRODUCT_IDS"]
+    if not 1 <= count <= MAX_PRODUCTS_PER_UPDATE:
+        raise InvalidRequest(
+            f"an update holds 1 to {MAX_PRODUCTS_PER_UPDATE} products, got {count}"
+        )
+    ids = arrays["PRODUCT_IDS"]
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise InvalidRequest(f"PRODUCT_IDS must be integers, got {ids.dtype}")
+    prices_in = arrays["PRICES"]
+    if prices_in is not None and not np.issubdtype(prices_in.dtype, np.floating):
+        raise InvalidRequest(f"PRICES must be floats (NaN: unknown), got {prices_in.dtype}")
+    stock_in = arrays["IN_STOCK"]
+    if stock_in is not None and not np.issubdtype(stock_in.dtype, np.integer):
+        raise InvalidRequest(
+            f"IN_STOCK must be integers (1, 0, or -1: unknown), got {stock_in.dtype}"
+        )
+    problems: dict[str, list[int]] = {}
+    products = []
+    repeated = {pid for pid, n in Counter(ids.tolist()).items() if n > 1}
+    for row in range(count):
+        product, row_problems = _product(row, arrays, repeated)
+        for problem in row_problems:
+            problems.setdefault(problem, []).append(row)
+        products.append(product)
+    if problems:
+        raise InvalidRequest(
+            "nothing applied; bad rows: "
+            + "; ".join(f"{problem}: rows {_bad(rows)}" for problem, rows in problems.items())
+        )
+    return CatalogueUpdate(uid, tuple(products))
+
+
+def _text(raw: object) -> str | None:
+    """A BYTES element as text; None when it is not valid UTF-8."""
+    if isinstance(raw, str):
+        return raw
+    try:
+        return bytes(raw).decode("utf-8")
+    except (TypeError, UnicodeDecodeError):
+        return None
+
+
+def _product(
+    row: int, arrays: dict[str, np.ndarray | None], repeated: set[int]
+) -> tuple[ProductUpdate, list[str]]:
+    problems = []
+    operation = _text(arrays["OPERATIONS"][row])
+    operation = (operation or "").strip().lower()
+    if operation not in OPERATIONS:
+        problems.append(f"unknown operation (not {' or '.join(OPERATIONS)})")
+    pid = int(arrays["PRODUCT_IDS"][row])
+    if pid < 0:
+        problems.append("negative product id")
+    if pid in repeated:
+        problems.append("product id repeated in the update")
+    raw_title = arrays["TITLES"][row]
+    title = (_text(raw_title) or "").strip()
+    if _text(raw_title) is None:
+        problems.append("title is not UTF-8")
+    elif len(title.encode("utf-8")) > MAX_TITLE_BYTES:
+        problems.append(f"title over {MAX_TITLE_BYTES} bytes")
+    elif operation == "upsert" and not title:
+        problems.append("upsert without a title")
+    price = math.nan if arrays["PRICES"] is None else float(arrays["PRICES"][row])
+    if not math.isnan(price) and (not math.isfinite(price) or price < 0):
+        problems.append("price not a number ≥ 0 (NaN: unknown)")
+    stock = UNKNOWN_STOCK if arrays["IN_STOCK"] is None else int(arrays["IN_STOCK"][row])
+    if stock not in (UNKNOWN_STOCK, 0, 1):
+        problems.append("in_stock not 1, 0 or -1")
+    category = "" if arrays["CATEGORIES"] is None else (_text(arrays["CATEGORIES"][row]) or "")
+    if len(category.encode("utf-8")) > MAX_TITLE_BYTES:
+        problems.append(f"category over {MAX_TITLE_BYTES} bytes")
+    if operation == "delete":
+        title, price, stock, category = "", math.nan, UNKNOWN_STOCK, ""
+    return ProductUpdate(operation, pid, title, price, stock, category.strip()), problems
+
+
+class _DeltaLexicon:
+    """BM25 and term sets for titles written since the build, scored with the build's statistics
+    (document frequencies, catalogue size, mean title length), so their scores and features
+    compare with the build's own rows. Words and trigrams the build never saw get ids past its
+    vocabularies."""
+
+    def __init__(self, lexical: LexicalIndex) -> None:
+        self.lexical = lexical
+        scores = lexical.bm25.scores
+        self.document_frequency = np.diff(np.asarray(scores["indptr"]))
+        self.documents = max(int(scores.get("num_docs", lexical.size)), 1)
+        self.mean_length = max(float(lexical.words.sizes(np.arange(lexical.size)).mean()), 1.0)
+        self.k1, self.b = float(lexical.bm25.k1), float(lexical.bm25.b)
+        self.new_words: dict[str, int] = {}
+        self.new_trigrams: dict[str, int] = {}
+        self.rows: dict[int, tuple[frozenset[str], np.ndarray, np.ndarray]] = {}
+
+    def _word_id(self, word: str) -> int:
+        known = self.lexical.vocab.get(word)
+        if known is not None:
+            return known
+        return self.new_words.setdefault(word, len(self.lexical.vocab) + len(self.new_words))
+
+    def _trigram_id(self, gram: str) -> int:
+        known = self.lexical.trigram_vocab.get(gram)
+        if known is not None:
+            return known
+        vocab = self.new_trigrams
+        return vocab.setdefault(gram, len(self.lexical.trigram_vocab) + len(vocab))
+
+    def put(self, row: int, title: str) -> None:
+        words = self.lexical.analyze(title).words  # distinct stemmed terms, stopwords dropped
+        word_ids = np.array(sorted({self._word_id(w) for w in words}), dtype=np.int64)
+        grams = np.array(sorted({self._trigram_id(g) for g in char_trigrams(title)}), np.int64)
+        self.rows[row] = (frozenset(words), word_ids, grams)
+
+    def drop(self, row: int) -> None:
+        self.rows.pop(row, None)
+
+    def query_terms(self, terms: QueryTerms, text: str) -> QueryTerms:
+        """``terms`` with the ids of words and trigrams only titles since the build have."""
+        if not self.new_words and not self.new_trigrams:
+            return terms
+        extra_words = [self.new_words[w] for w in terms.words if w in self.new_words]
+        extra_grams = [self.new_trigrams[g] for g in char_trigrams(text) if g in self.new_trigrams]
+        return replace(
+            terms,
+            word_ids=np.union1d(terms.word_ids, np.array(extra_words, dtype=np.int64)),
+            trigram_ids=np.union1d(terms.trigram_ids, np.array(extra_grams, dtype=np.int64)),
+        )
+
+    def bm25(self, words: Sequence[str], rows: np.ndarray) -> np.ndarray:
+        """Each row's BM25 for the query's words (a title's terms counted once each, as titles
+        rarely repeat a word)."""
+        out = np.zeros(len(rows), dtype=np.float32)
+        for i, row in enumerate(rows.tolist()):
+            terms, word_ids, _ = self.rows[row]
+            norm = self.k1 * (1 - self.b + self.b * len(word_ids) / self.mean_length)
+            for word in words:
+                if word in terms:
+                    known = self.lexical.vocab.get(word)
+                    df = int(self.document_frequency[known]) if known is not None else 0
+                    idf = math.log(1 + (self.documents - df + 0.5) / (df + 0.5))
+                    out[i] += idf / (1 + norm)  # bm25s' Lucene term weight, tf = 1
+        return out
+
+    def sizes(self, rows: np.ndarray, trigrams: bool) -> np.ndarray:
+        return np.array([len(self.rows[r][2 if trigrams else 1]) for r in rows.tolist()], np.int64)
+
+    def matches(self, query_ids: np.ndarray, rows: np.ndarray, trigrams: bool) -> np.ndarray:
+        return np.array(
+            [np.isin(self.rows[r][2 if trigrams else 1], query_ids).sum() for r in rows.tolist()],
+            dtype=np.float32,
+        )
+
+
+class LiveTerms:
+    """A row's distinct terms (words or trigrams) for the ranker's overlap features: the build's
+    for rows it wrote, the delta's for rows written since (the interface of lexical.TermSets)."""
+
+    def __init__(self, base, live: LiveCatalogue, trigrams: bool) -> None:
+        self.base = base
+        self.live = live
+        self.trigrams = trigrams
+
+    def _split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(rows, dtype=np.int64)
+        return rows, self.live.in_delta(rows)
+
+    def sizes(self, rows: np.ndarray) -> np.ndarray:
+        rows, delta = self._split(rows)
+        out = np.zeros(len(rows), dtype=np.int64)
+        out[~delta] = self.base.sizes(rows[~delta])
+        out[delta] = self.live.lexicon.sizes(rows[delta], self.trigrams)
+        return out
+
+    def matches(self, query_ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        rows, delta = self._split(rows)
+        out = np.zeros(len(rows), dtype=np.float32)
+        out[~delta] = self.base.matches(query_ids, rows[~delta])
+        out[delta] = self.live.lexicon.matches(query_ids, rows[delta], self.trigrams)
+        return out
+
+
+@dataclass(frozen=True)
+class LiveTitleTerms:
+    """The live catalogue's title terms, as the ranker's features read them from a LexicalIndex."""
+
+    words: LiveTerms
+    trigrams: LiveTerms
+
+
+class LiveCatalogue:
+    """The build's catalogue with the catalogue log folded over it.
+
+    Rows ``0..base_rows-1`` are the build's, in its order; a product added since gets the next row.
+    A changed product keeps its row, which then lives in the *delta*: its vector and title terms are
+    the new ones, and the build's index no longer answers for it. ``alive`` masks deleted rows.
+    """
+
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        attributes: Attributes,
+        encoder: str = "",
+        stored_vectors: Callable[[np.ndarray], np.ndarray] | None = None,
+        lexical: LexicalIndex | None = None,
+        embed: Embed | None = None,
+        log: CatalogueLog | None = None,
+    ) -> None:
+        self.log = log
+        self.base_rows = len(catalogue)
+        self.product_ids = catalogue.product_ids.copy()
+        self.titles = list(catalogue.titles)
+        self.row_of = {pid: row for row, pid in enumerate(self.product_ids.tolist())}
+        self.alive = np.ones(self.base_rows, dtype=bool)
+        self.attributes = attributes
+        self.encoder = encoder
+        self.embed = embed
+        self.stored_vectors = stored_vectors
+        self.lexicon = None if lexical is None else _DeltaLexicon(lexical)
+        self.terms = (
+            None
+            if lexical is None
+            else LiveTitleTerms(
+                LiveTerms(lexical.words, self, False), LiveTerms(lexical.trigrams, self, True)
+            )
+        )
+        self.delta_rows: list[int] = []  # rows whose vector is in delta_vectors, in its order
+        self.delta_position: dict[int, int] = {}
+        self.delta_vectors = np.empty((0, 0), dtype=np.float32)
+        self.position = ""  # the last log record folded
+        self.applied = 0
+        self.refresh_failures = 0  # refreshes that could not read the log
+
+    def refresh(self) -> int:
+        """Fold the log records appended since the last refresh; return how many."""
+        if self.log is None:
+            return 0
+        records = list(self.log.records(self.position))
+        return self.apply(records) if records else 0
+
+    def served_base_ids(self) -> np.ndarray:
+        """The build's product ids that are still listed."""
+        return self.product_ids[: self.base_rows][self.alive[: self.base_rows]]
+
+    @property
+    def rows(self) -> int:
+        return len(self.product_ids)
+
+    @property
+    def changed(self) -> bool:
+        return self.rows > self.base_rows or bool(self.delta_rows) or not self.alive.all()
+
+    def in_delta(self, rows: np.ndarray) -> np.ndarray:
+        if not self.delta_rows:
+            return np.zeros(len(rows), dtype=bool)
+        return np.isin(rows, np.fromiter(self.delta_position, dtype=np.int64))
+
+    def base_allowed(self, allowed: np.ndarray | None) -> np.ndarray | None:
+        """The build's rows a request may be answered with: alive, not superseded, and allowed."""
+        if not self.changed:
+            return None if allowed is None else allowed[: self.base_rows]
+        mask = self.alive[: self.base_rows].copy()
+        if self.delta_rows:
+            superseded = np.array([r for r in self.delta_rows if r < self.base_rows], np.int64)
+            mask[superseded] = False
+        return mask if allowed is None else mask & allowed[: self.base_rows]
+
+    def live_rows(self, allowed: np.ndarray | None) -> np.ndarray | None:
+        """Every row a request may be answered with (None: all of them)."""
+        if not self.changed:
+            return allowed
+        return self.alive if allowed is None else self.alive & allowed
+
+    def known(self, product_id: int) -> bool:
+        row = self.row_of.get(product_id)
+        return row is not None and bool(self.alive[row])
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        delta = self.in_delta(rows)
+        if not delta.any():
+            return self.stored_vectors(rows)
+        out = np.empty((len(rows), self.delta_vectors.shape[1]), dtype=np.float32)
+        out[~delta] = self.stored_vectors(rows[~delta])
+        out[delta] = self.delta_vectors[[self.delta_position[r] for r in rows[delta].tolist()]]
+        return out
+
+    def apply(self, records: Sequence[CatalogueRecord]) -> int:
+        """Fold log records in order; return how many."""
+        stale = [
+            r for r in records if r.product.operation == "upsert" and r.encoder != self.encoder
+        ]
+        if stale and self.lexicon is not None:  # logged by another build's encoder: embed again
+            if self.embed is None:
+                raise RuntimeError("catalogue records from another encoder and no encoder here")
+            fresh = self.embed([r.product.title for r in stale])
+            renewed = {id(r): v for r, v in zip(stale, fresh, strict=True)}
+        else:
+            renewed = {}
+        for record in records:
+            self._fold(record, renewed.get(id(record), record.vector))
+            self.position = record.position
+        self.applied += len(records)
+        return len(records)
+
+    def _fold(self, record: CatalogueRecord, vector: np.ndarray | None) -> None:
+        product = record.product
+        row = self.row_of.get(product.product_id)
+        if product.operation == "delete":
+            if row is not None:
+                self.alive[row] = False
+            return
+        if row is None:
+            row = self.rows
+            self.row_of[product.product_id] = row
+            self.product_ids = np.append(self.product_ids, np.int64(product.product_id))
+            self.titles.append(product.title)
+            self.alive = np.append(self.alive, True)
+        self.alive[row] = True
+        self.titles[row] = product.title
+        self.attributes = self.attributes.with_row(
+            row, self.rows, product.price, product.in_stock, category_path(product.category)
+        )
+        if self.lexicon is not None and vector is not None:
+            self._put_vector(row, np.asarray(vector, dtype=np.float32).reshape(-1))
+            self.lexicon.put(row, product.title)
+
+    def _put_vector(self, row: int, vector: np.ndarray) -> None:
+        if row in self.delta_position:
+            self.delta_vectors[self.delta_position[row]] = vector
+            return
+        if not self.delta_rows:
+            self.delta_vectors = vector.reshape(1, -1).copy()
+        else:
+            self.delta_vectors = np.vstack([self.delta_vectors, vector])
+        self.delta_position[row] = len(self.delta_rows)
+        self.delta_rows.append(row)
+
+    def search_delta(self, query: np.ndarray, n: int, allowed: np.ndarray | None) -> np.ndarray:
+        """The top-``n`` delta rows by inner product with ``query`` (exact), among ``allowed``."""
+        if not self.delta_rows:
+            return np.empty(0, dtype=np.int64)
+        rows = np.array(self.delta_rows, dtype=np.int64)
+        keep = self.alive[rows] if allowed is None else self.alive[rows] & allowed[rows]
+        rows, scores = rows[keep], self.delta_vectors[keep] @ query
+        return rows[np.argsort(-scores, kind="stable")[:n]]
+
+    def delta_bm25(self, words: Sequence[str], scores: np.ndarray) -> np.ndarray:
+        """``scores`` (the build's BM25 over its rows) over every row: superseded and deleted
+        rows 0, rows written since scored against the build's statistics."""
+        if not self.changed:
+            return scores
+        out = np.zeros(self.rows, dtype=np.float32)
+        out[: self.base_rows] = scores
+        if self.delta_rows and self.lexicon is not None:
+            rows = np.array(self.delta_rows, dtype=np.int64)
+            out[rows] = self.lexicon.bm25(words, rows)
+        out[~self.alive] = 0.0
+        return out
+
+    def state(self) -> dict:
+        """For logs and the selfcheck: how far the catalogue has moved from the build."""
+        return {
+            "position": self.position,
+            "applied": self.applied,
+            "added": self.rows - self.base_rows,
+            "changed": len(self.delta_rows),
+            "deleted": int((~self.alive).sum()),
+        }
+
+
+def encoder_digest(repository: Path, version: int | None = None) -> str:
+    """Names the encoder whose vectors a log record holds: a digest of its served graph."""
+    digest = hashlib.sha256()
+    path = store.in_process_model_file(repository, store.ENCODER, version)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def follow_catalogue_log(
+    repository: Path,
+    version: int | None,
+    catalogue: Catalogue,
+    attributes: Attributes,
+    retriever: Retriever | None = None,
+    embed: Embed | None = None,
+) -> LiveCatalogue | None:
+    """A served model's live catalogue, the log folded over the build's catalogue; None outside a
+    server (no catalogue log named in the environment). Without a ``retriever`` (recommend, events)
+    it tracks which products are listed, their titles and attributes, not their vectors."""
+    from .catalogue_log import CATALOGUE_LOG_ENV, open_catalogue_log
+
+    location = os.environ.get(CATALOGUE_LOG_ENV)
+    if not location:
+        return None
+    live = LiveCatalogue(
+        catalogue,
+        attributes,
+        encoder_digest(repository, version) if retriever is not None else "",
+        None if retriever is None else retriever.dense.vectors,
+        None if retriever is None else retriever.lexical,
+        embed,
+        open_catalogue_log(location),
+    )
+    live.refresh()
+    log.info("catalogue: the build's %d products, then the log: %s", live.base_rows, live.state())
+    return live
+
+
+def refresh_catalogue(live: LiveCatalogue | None) -> None:
+    """Fold the catalogue updates logged since the last request. When the log cannot be read (its
+    Redis is down), the answer uses the catalogue as last read, and the miss is logged and counted."""
+    if live is None:
+        return
+    try:
+        live.refresh()
+    except Exception as exc:  # any store failure: serve what was read, and say so
+        live.refresh_failures += 1
+        log.warning(
+            "the catalogue log could not be read (%s): answering with the catalogue as of "
+            "record %s",
+            type(exc).__name__,
+            live.position or "0 (the build)",
+        )

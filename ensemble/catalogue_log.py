@@ -1,0 +1,304 @@
+"""The catalogue log: every acknowledged catalogue update, in order, durable before it is answered.
+
+* :class:`SqliteCatalogueLog`: a table in one SQLite file (WAL, ``synchronous=FULL``) under the
+  server's work folder, shared by every model instance of the server and kept across builds.
+* :class:`RedisCatalogueLog`: the Stream ``shopserve:catalogue`` in the Redis the servers share
+  (which must fsync every write), so every server sees every update.
+
+An update is appended whole or not at all, and its update id is recorded with a digest of its rows
+in the same transaction: a retry is recognised and not applied twice, and an update id reused for
+other rows is refused. The log is never rewritten by serving; each build can fold it in.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import store
+from .catalogue import CatalogueRecord, CatalogueUpdate, Embed, ProductUpdate
+from .redis_link import is_redis
+from .validation import InvalidRequest
+
+CATALOGUE_LOG_ENV = "SHOPSERVE_CATALOGUE_LOG"  # where the catalogue log is (set by shopserve serve)
+CATALOGUE_LOG_FILE = "catalogue.sqlite"  # the embedded log, under the server's work folder
+STREAM = "shopserve:catalogue"
+_FIELDS = (
+    "update_id",
+    "operation",
+    "product_id",
+    "title",
+    "price",
+    "in_stock",
+    "category",
+    "encoder",
+    "vector",
+    "logged_at",
+)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS catalogue_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    update_id TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    product_id INTEGER NOT NULL,
+    title TEXT NOT NULL,
+    price REAL,
+    in_stock INTEGER NOT NULL,
+    category TEXT NOT NULL,
+    encoder TEXT NOT NULL,
+    vector BLOB,
+    logged_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS catalogue_updates (
+    update_id TEXT PRIMARY KEY,
+    digest TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def _rows(
+    update: CatalogueUpdate, vectors: np.ndarray | None, encoder: str, now: float
+) -> list[tuple]:
+    """One log row per product (in _FIELDS order); upserts take the next of ``vectors``."""
+    rows, upserts = [], iter([] if vectors is None else vectors)
+    for p in update.products:
+        upsert = p.operation == "upsert"
+        vector = np.asarray(next(upserts), dtype=np.float32).tobytes() if upsert else None
+        rows.append(
+            (
+                update.update_id,
+                p.operation,
+                p.product_id,
+                p.title,
+                None if math.isnan(p.price) else p.price,
+                p.in_stock,
+                p.category,
+                encoder if upsert else "",
+                vector,
+                now,
+            )
+        )
+    return rows
+
+
+def _record(position: str, values: Sequence) -> CatalogueRecord:
+    uid, operation, pid, title, price, stock, category, encoder, vector, logged_at = values
+    product = ProductUpdate(
+        operation,
+        int(pid),
+        title,
+        math.nan if price is None or price == "" else float(price),
+        int(stock),
+        category,
+    )
+    array = np.frombuffer(vector, dtype=np.float32).copy() if vector else None
+    return CatalogueRecord(position, float(logged_at), uid, product, encoder, array)
+
+
+def _reused(update: CatalogueUpdate) -> InvalidRequest:
+    return InvalidRequest(
+        f"UPDATE_ID {update.update_id!r} was applied before with other rows; nothing applied "
+        "(a retry must repeat its rows; a new update needs a new id)"
+    )
+
+
+class CatalogueLog(ABC):
+    @abstractmethod
+    def append(self, update: CatalogueUpdate, vectors: np.ndarray | None, encoder: str) -> bool:
+        """Append an update's rows durably, all or nothing; False when its update id was applied
+        before with the same rows (a retry: nothing appended); InvalidRequest when with others."""
+
+    @abstractmethod
+    def records(self, after: str = "") -> Iterator[CatalogueRecord]:
+        """The log in order, from the record after position ``after`` ("": the start)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class SqliteCatalogueLog(CatalogueLog):
+    PAGE = 5000
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=30
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+        self._db.executescript(_SCHEMA)
+
+    def append(self, update: CatalogueUpdate, vectors: np.ndarray | None, encoder: str) -> bool:
+        digest = update.digest()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            seen = self._db.execute(
+                "SELECT digest FROM catalogue_updates WHERE update_id = ?", (update.update_id,)
+            ).fetchone()
+            if seen is not None:
+                self._db.execute("ROLLBACK")
+                if seen[0] != digest:
+                    raise _reused(update)
+                return False
+            self._db.execute(
+                "INSERT INTO catalogue_updates VALUES (?, ?)", (update.update_id, digest)
+            )
+            self._db.executemany(
+                f"INSERT INTO catalogue_log ({', '.join(_FIELDS)}) "
+                f"VALUES ({', '.join('?' * len(_FIELDS))})",
+                _rows(update, vectors, encoder, time.time()),
+            )
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return True
+
+    def records(self, after: str = "") -> Iterator[CatalogueRecord]:
+        last = int(after or 0)
+        while True:
+            rows = self._db.execute(
+                f"SELECT seq, {', '.join(_FIELDS)} FROM catalogue_log WHERE seq > ? ORDER BY seq "
+                f"LIMIT {self.PAGE}",
+                (last,),
+            ).fetchall()
+            for seq, *values in rows:
+                yield _record(str(seq), values)
+            if len(rows) < self.PAGE:
+                return
+            last = rows[-1][0]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# Atomically: a known update id answers its digest; otherwise record it and XADD every row.
+# ARGV: update id, digest, fields per row, then each row's field/value pairs.
+_APPEND = """
+local seen = redis.call('HGET', KEYS[2], ARGV[1])
+if seen then return seen end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local width = 2 * tonumber(ARGV[3])
+for i = 4, #ARGV, width do
+  redis.call('XADD', KEYS[1], '*', unpack(ARGV, i, i + width - 1))
+end
+return false
+"""
+
+
+class RedisCatalogueLog(CatalogueLog):
+    PAGE = 5000
+
+    def __init__(self, location: str) -> None:
+        from .profile_store import redis_settings
+        from .redis_link import connect
+        from .redis_store import require_fsync
+
+        settings = redis_settings(location)
+        self.client = connect(settings.url, password=settings.password, ca_file=settings.ca_file)
+        require_fsync(self.client, settings.url)
+        self.append_script = self.client.register_script(_APPEND)
+
+    def append(self, update: CatalogueUpdate, vectors: np.ndarray | None, encoder: str) -> bool:
+        digest = update.digest()
+        arguments: list = [update.update_id, digest, len(_FIELDS)]
+        for row in _rows(update, vectors, encoder, time.time()):
+            for name, value in zip(_FIELDS, row, strict=True):
+                arguments += [name, b"" if value is None else value]
+        seen = self.append_script(keys=[STREAM, f"{STREAM}:updates"], args=arguments)
+        if seen is None:
+            return True
+        if seen.decode() != digest:
+            raise _reused(update)
+        return False
+
+    def records(self, after: str = "") -> Iterator[CatalogueRecord]:
+        start = f"({after}" if after else "-"
+        while True:
+            entries = self.client.xrange(STREAM, start, "+", count=self.PAGE)
+            for entry_id, fields in entries:
+                values = [fields.get(name.encode(), b"") for name in _FIELDS]
+                text = [v.decode() if i not in (8,) else v for i, v in enumerate(values)]
+                yield _record(entry_id.decode(), text)
+            if len(entries) < self.PAGE:
+                return
+            start = f"({entries[-1][0].decode()}"
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_catalogue_log(location: str | Path) -> CatalogueLog:
+    """The catalogue log at ``location``: a Redis location (as for the profile store) or a path."""
+    text = str(location)
+    if is_redis(text):
+        return RedisCatalogueLog(text)
+    from .profile_store import sqlite_path
+
+    return SqliteCatalogueLog(sqlite_path(text))
+
+
+class CatalogueWriter:
+    """The catalogue endpoint's logic: embed the upserted titles with the served encoder, then
+    append each update to the log (each all or nothing)."""
+
+    EMBED_BATCH = 256
+
+    def __init__(self, log: CatalogueLog, embed: Embed, encoder: str) -> None:
+        self.log = log
+        self.embed = embed
+        self.encoder = encoder
+
+    @classmethod
+    def from_repository(cls, repository: Path, version: int | None = None) -> CatalogueWriter:
+        from .catalogue import encoder_digest
+        from .models import OnnxEncoder
+        from .pipeline import load_tokenizer
+
+        location = os.environ.get(CATALOGUE_LOG_ENV)
+        if not location:
+            raise RuntimeError(f"no catalogue log: {CATALOGUE_LOG_ENV} is not set")
+        tokenizer = load_tokenizer(repository, version)
+        encoder = OnnxEncoder(store.in_process_model_file(repository, store.ENCODER, version), 1)
+        return cls(
+            open_catalogue_log(location),
+            lambda titles: encoder(*tokenizer.batch(titles)),
+            encoder_digest(repository, version),
+        )
+
+    def write(self, updates: Sequence[CatalogueUpdate]) -> list[bool | InvalidRequest]:
+        """For each update: True (applied), False (a retry of an applied one) or the
+        InvalidRequest that refused it. The titles of all of them are embedded together."""
+        titles = [title for update in updates for title in update.titles()]
+        vectors = self._embed(titles)
+        results: list[bool | InvalidRequest] = []
+        start = 0
+        for update in updates:
+            count = len(update.titles())
+            try:
+                results.append(
+                    self.log.append(update, vectors[start : start + count], self.encoder)
+                )
+            except InvalidRequest as exc:
+                results.append(exc)
+            start += count
+        return results
+
+    def _embed(self, titles: list[str]) -> np.ndarray:
+        if not titles:
+            return np.empty((0, 0), dtype=np.float32)
+        return np.concatenate(
+            [
+                self.embed(titles[i : i + self.EMBED_BATCH])
+                for i in range(0, len(titles), self.EMBED_BATCH)
+            ]
+        )
