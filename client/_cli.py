@@ -118,7 +118,7 @@ def _connection(parser: argparse.ArgumentParser, timeout: float = 30.0) -> None:
     parser.add_argument(
         "--admin-key-file",
         type=Path,
-        help="the operator's key (needed by forget and by rollout's model control)",
+        help="the operator's key (needed by forget, catalogue updates and rollout's model control)",
     )
 
 

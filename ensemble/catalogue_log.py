@@ -2,8 +2,9 @@
 
 * :class:`SqliteCatalogueLog`: a table in one SQLite file (WAL, ``synchronous=FULL``) under the
   server's work folder, shared by every model instance of the server and kept across builds.
-* :class:`RedisCatalogueLog`: the Stream ``shopserve:catalogue`` in the Redis the servers share
-  (which must fsync every write), so every server sees every update.
+* :class:`RedisCatalogueLog`: the Stream ``shopserve:catalogue`` (``shopserve:NAME`` for a
+  location whose query says ``catalogue=NAME``: shops sharing one Redis) in the Redis the servers
+  share (which must fsync every write), so every server sees every update.
 
 An update is appended whole or not at all, and its update id is recorded with a digest of its rows
 in the same transaction: a retry is recognised and not applied twice, and an update id reused for
@@ -29,7 +30,6 @@ from .validation import InvalidRequest
 
 CATALOGUE_LOG_ENV = "SHOPSERVE_CATALOGUE_LOG"  # where the catalogue log is (set by shopserve serve)
 CATALOGUE_LOG_FILE = "catalogue.sqlite"  # the embedded log, under the server's work folder
-STREAM = "shopserve:catalogue"
 _FIELDS = (
     "update_id",
     "operation",
@@ -207,6 +207,7 @@ class RedisCatalogueLog(CatalogueLog):
         self.client = connect(settings.url, password=settings.password, ca_file=settings.ca_file)
         require_fsync(self.client, settings.url)
         self.append_script = self.client.register_script(_APPEND)
+        self.stream = f"shopserve:{settings.catalogue}"
 
     def append(self, update: CatalogueUpdate, vectors: np.ndarray | None, encoder: str) -> bool:
         digest = update.digest()
@@ -214,7 +215,7 @@ class RedisCatalogueLog(CatalogueLog):
         for row in _rows(update, vectors, encoder, time.time()):
             for name, value in zip(_FIELDS, row, strict=True):
                 arguments += [name, b"" if value is None else value]
-        seen = self.append_script(keys=[STREAM, f"{STREAM}:updates"], args=arguments)
+        seen = self.append_script(keys=[self.stream, f"{self.stream}:updates"], args=arguments)
         if seen is None:
             return True
         if seen.decode() != digest:
@@ -224,7 +225,7 @@ class RedisCatalogueLog(CatalogueLog):
     def records(self, after: str = "") -> Iterator[CatalogueRecord]:
         start = f"({after}" if after else "-"
         while True:
-            entries = self.client.xrange(STREAM, start, "+", count=self.PAGE)
+            entries = self.client.xrange(self.stream, start, "+", count=self.PAGE)
             for entry_id, fields in entries:
                 values = [fields.get(name.encode(), b"") for name in _FIELDS]
                 text = [v.decode() if i not in (8,) else v for i, v in enumerate(values)]

@@ -176,7 +176,7 @@ class RecommendPipeline:
         self.built_attributes = attributes or Attributes()
         self.live = live
         popularity = personalization.recommender.items.popularity
-        ids = postprocessor.catalogue.product_ids
+        ids = personalization.recommender.product_ids  # the build's (popularity is by its rows)
         self._best_sellers = np.lexsort((ids, -popularity))
         self.refusals = 0  # requests refused because the profile store could not be read
 

@@ -532,7 +532,8 @@ class SqliteProfileStore(ProfileStore):
         self._db.close()
 
 
-REDIS_OPTIONS = ("namespace", "password_file", "ca_file")  # what a Redis location's query may set
+# What a Redis location's query may set; ``catalogue`` names the catalogue log's Stream (one per shop).
+REDIS_OPTIONS = ("namespace", "password_file", "ca_file", "catalogue")
 
 
 def _redis_password(options: dict[str, list[str]], shown: str) -> str | None:
@@ -578,6 +579,7 @@ class RedisSettings:
     namespace: str | None
     password: str | None
     ca_file: str | None
+    catalogue: str = "catalogue"
 
 
 def redis_settings(location: str) -> RedisSettings:
@@ -594,6 +596,7 @@ def redis_settings(location: str) -> RedisSettings:
         options.get("namespace", [None])[0],
         _redis_password(options, shown),
         options.get("ca_file", [None])[0],
+        options.get("catalogue", ["catalogue"])[0],
     )
 
 

@@ -1,0 +1,268 @@
+"""Catalogue updates without a server: request checks, the log on both backends (idempotence,
+all or nothing) and the live catalogue folded over a small built index."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import running_redis
+from shopserve.client._cli import CatalogueFileError, read_catalogue_changes
+from shopserve.ensemble.catalogue import (
+    MAX_PRODUCTS_PER_UPDATE,
+    CatalogueRecord,
+    LiveCatalogue,
+    ProductUpdate,
+    parse_update,
+)
+from shopserve.ensemble.catalogue_log import RedisCatalogueLog, SqliteCatalogueLog
+from shopserve.ensemble.dense import DenseIndex
+from shopserve.ensemble.filters import Attributes, ProductFilter
+from shopserve.ensemble.lexical import LexicalIndex
+from shopserve.ensemble.retrieve import Retriever
+from shopserve.ensemble.store import Catalogue
+from shopserve.ensemble.validation import InvalidRequest
+
+
+def strings(*values: str) -> np.ndarray:
+    return np.array([v.encode() for v in values], dtype=np.object_)
+
+
+def update(update_id: str, operations, ids, titles, **optional):
+    return parse_update(
+        np.array([update_id.encode()], dtype=np.object_),
+        strings(*operations),
+        np.array(ids, dtype=np.int64),
+        strings(*titles),
+        **optional,
+    )
+
+
+def test_an_update_is_read_whole() -> None:
+    parsed = update(
+        "u1",
+        ["upsert", "DELETE"],
+        [7, 8],
+        ["Cordless drill", "ignored"],
+        prices=np.array([19.5, np.nan]),
+        in_stock=np.array([1, -1], dtype=np.int32),
+        categories=strings("Tools / Power", ""),
+    )
+    assert parsed.update_id == "u1"
+    assert parsed.products[0] == ProductUpdate(
+        "upsert", 7, "Cordless drill", 19.5, 1, "Tools / Power"
+    )
+    deleted = parsed.products[1]
+    assert (deleted.operation, deleted.product_id, deleted.title) == ("delete", 8, "")
+    assert math.isnan(deleted.price) and deleted.in_stock == -1
+    assert parsed.titles() == ["Cordless drill"]
+
+
+def test_bad_rows_are_named_and_nothing_is_taken() -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        update(
+            "u2",
+            ["upsert", "upsert", "rename", "upsert", "upsert"],
+            [1, 2, 3, 2, 5],
+            ["fine", "", "x", "y", "z" * 2000],
+            prices=np.array([1.0, 2.0, 3.0, -4.0, 5.0]),
+        )
+    message = str(raised.value)
+    assert message.startswith("nothing applied")
+    assert "upsert without a title: rows 1" in message
+    assert "unknown operation (not upsert or delete): rows 2" in message
+    assert "product id repeated in the update: rows 1, 3" in message
+    assert "price not a number ≥ 0 (NaN: unknown): rows 3" in message
+    assert "title over 1024 bytes: rows 4" in message
+    assert "rows 0" not in message
+
+
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        ((["upsert"], [1, 2], ["a", "b"]), "differ in length"),
+        ((["upsert"] * 2, [1.5, 2.5], ["a", "b"]), "PRODUCT_IDS must be integers"),
+        (
+            (["upsert"] * (MAX_PRODUCTS_PER_UPDATE + 1),
+             list(range(MAX_PRODUCTS_PER_UPDATE + 1)),
+             ["t"] * (MAX_PRODUCTS_PER_UPDATE + 1)),
+            f"1 to {MAX_PRODUCTS_PER_UPDATE} products",
+        ),
+    ],
+)  # fmt: skip
+def test_malformed_updates_are_refused(arguments, problem) -> None:
+    operations, ids, titles = arguments
+    with pytest.raises(InvalidRequest, match=problem):
+        parse_update(
+            np.array([b"u"], dtype=np.object_),
+            strings(*operations),
+            np.array(ids),
+            strings(*titles),
+        )
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def catalogue_log(request, tmp_path):
+    if request.param == "sqlite":
+        log = SqliteCatalogueLog(tmp_path / "catalogue.sqlite")
+        yield log
+        log.close()
+        return
+    with running_redis(tmp_path) as url:
+        log = RedisCatalogueLog(url)
+        yield log
+        log.close()
+
+
+def test_the_log_applies_an_update_once(catalogue_log) -> None:
+    first = update(
+        "a", ["upsert", "delete"], [11, 12], ["Red kettle", ""], prices=np.array([9.0, np.nan])
+    )
+    vectors = np.array([[0.6, 0.8]], dtype=np.float32)
+    assert catalogue_log.append(first, vectors, "enc") is True
+    assert catalogue_log.append(first, vectors, "enc") is False  # a retry: nothing again
+    other = update("a", ["upsert"], [11], ["Blue kettle"])
+    with pytest.raises(InvalidRequest, match="applied before with other rows"):
+        catalogue_log.append(other, vectors, "enc")
+    records = list(catalogue_log.records())
+    assert [(r.update_id, r.product.operation, r.product.product_id) for r in records] == [
+        ("a", "upsert", 11),
+        ("a", "delete", 12),
+    ]
+    upsert, delete = records
+    assert upsert.product.title == "Red kettle" and upsert.product.price == 9.0
+    assert upsert.encoder == "enc" and np.allclose(upsert.vector, vectors[0])
+    assert delete.vector is None and delete.encoder == ""
+    assert list(catalogue_log.records(upsert.position)) == [delete]
+    second = update("b", ["upsert"], [13], ["Green kettle"])
+    assert catalogue_log.append(second, vectors, "enc")
+    assert [r.product.product_id for r in catalogue_log.records(delete.position)] == [13]
+
+
+TITLES = [
+    "cordless drill 18 volt",
+    "claw hammer steel",
+    "garden hose 50 ft",
+    "paint roller kit",
+    "ladder aluminium 6 ft",
+    "led light bulb",
+]
+
+
+def unit(vector) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+@pytest.fixture
+def small_shop():
+    rng = np.random.default_rng(0)
+    vectors = np.stack([unit(v) for v in rng.normal(size=(len(TITLES), 8))])
+    dense = DenseIndex.build(vectors)
+    retriever = Retriever(dense, LexicalIndex.build(TITLES, show_progress=False), 3, 3)
+    catalogue = Catalogue(np.arange(100, 100 + len(TITLES), dtype=np.int64), list(TITLES))
+    attributes = Attributes(price=np.arange(1, len(TITLES) + 1, dtype=np.float32))
+    embedded: list[str] = []
+
+    def embed(titles: list[str]) -> np.ndarray:
+        embedded.extend(titles)
+        return np.stack([unit(rng.normal(size=8)) for _ in titles])
+
+    live = LiveCatalogue(catalogue, attributes, "enc", dense.vectors, retriever.lexical, embed)
+    retriever.live = live
+    return live, retriever, vectors, embedded
+
+
+def record(position: int, product: ProductUpdate, vector=None, encoder="enc") -> CatalogueRecord:
+    return CatalogueRecord(str(position), 0.0, f"u{position}", product, encoder, vector)
+
+
+def test_the_live_catalogue_adds_changes_and_deletes(small_shop) -> None:
+    live, retriever, vectors, _ = small_shop
+    assert not live.changed
+    new_vector = unit(np.ones(8))
+    live.apply(
+        [
+            record(1, ProductUpdate("upsert", 900, "zorblax welding mask", 12.5, 1), new_vector),
+            record(2, ProductUpdate("upsert", 101, "velvet garden gnome"), vectors[1]),
+            record(3, ProductUpdate("delete", 102)),
+        ]
+    )
+    assert live.state() == {"position": "3", "applied": 3, "added": 1, "changed": 2, "deleted": 1}
+    assert live.product_ids.tolist()[-1] == 900 and live.titles[6] == "zorblax welding mask"
+    assert live.known(900) and live.known(101) and not live.known(102)
+    assert live.served_base_ids().tolist() == [100, 101, 103, 104, 105]
+
+    found = retriever("zorblax mask", new_vector)
+    assert 6 in found.rows.tolist()
+    assert found.features[found.rows.tolist().index(6), 0] == pytest.approx(1.0, abs=1e-5)
+    by_new_title = retriever("velvet gnome", vectors[1])
+    assert 1 in by_new_title.rows.tolist()
+    bm25 = by_new_title.features[by_new_title.rows.tolist().index(1), 1]
+    assert bm25 == pytest.approx(1.0)  # the best BM25 for the query, scored by the new title
+    by_old_title = retriever("claw hammer", unit(np.arange(8)))
+    position = by_old_title.rows.tolist().index(1) if 1 in by_old_title.rows else None
+    assert position is None or by_old_title.features[position, 1] == 0.0  # old words: no BM25
+    for query, vector in (("garden hose", vectors[2]), ("hose", vectors[2])):
+        assert 2 not in retriever(query, vector).rows.tolist()  # deleted: never a candidate
+
+    assert np.allclose(live.vectors(np.array([6, 1, 0])), [new_vector, vectors[1], vectors[0]])
+    cheap = live.attributes.allowed(ProductFilter(price_max=13.0))
+    # An upsert is the whole product: 101 came without a price (unknown: no price range takes
+    # it), the new product with its own.
+    assert cheap.tolist() == [True, False, True, True, True, True, True]
+    assert live.live_rows(cheap).tolist() == [True, False, False, True, True, True, True]
+    assert live.base_allowed(None).tolist() == [True, False, False, True, True, True]
+
+
+def test_records_of_another_encoder_are_embedded_again(small_shop) -> None:
+    live, _, _, embedded = small_shop
+    logged = unit(np.ones(8))
+    live.apply(
+        [
+            record(1, ProductUpdate("upsert", 901, "brass door knob"), logged, encoder="older"),
+            record(2, ProductUpdate("upsert", 902, "oak door stop"), logged, encoder="enc"),
+        ]
+    )
+    assert embedded == ["brass door knob"]  # only the record another encoder embedded
+    assert not np.allclose(live.vectors(np.array([6]))[0], logged)
+    assert np.allclose(live.vectors(np.array([7]))[0], logged)
+
+
+def test_a_later_upsert_brings_a_deleted_product_back(small_shop) -> None:
+    live, retriever, vectors, _ = small_shop
+    live.apply([record(1, ProductUpdate("delete", 103))])
+    assert not live.known(103)
+    live.apply([record(2, ProductUpdate("upsert", 103, "paint roller kit 9 in"), vectors[3])])
+    assert live.known(103)
+    assert 3 in retriever("paint roller", vectors[3]).rows.tolist()
+
+
+def test_an_update_file_reads_in_batches_with_stable_ids(tmp_path) -> None:
+    path = tmp_path / "updates.csv"
+    path.write_text(
+        "product_uid,product_title,price,in_stock,category,operation\n"
+        "1,Red kettle,9.5,yes,Kitchen,\n"
+        "2,,,,,delete\n"
+        "3,Blue kettle,,no,,upsert\n"
+    )
+    batches = list(read_catalogue_changes(path, batch_size=2))
+    assert [len(changes) for _, changes in batches] == [2, 1]
+    (first_id, first), (second_id, second) = batches
+    assert first_id.endswith(":2") and second_id.endswith(":4")
+    assert first_id.split(":")[0] == second_id.split(":")[0]  # the file's digest
+    kettle, deleted = first
+    assert (kettle.product_id, kettle.title, kettle.price, kettle.in_stock) == (
+        1,
+        "Red kettle",
+        9.5,
+        True,
+    )
+    assert kettle.category == "Kitchen" and not kettle.delete
+    assert deleted.delete and deleted.product_id == 2
+    assert second[0].in_stock is False and second[0].price is None
+    assert list(read_catalogue_changes(path, batch_size=2)) == batches  # the same ids again
+    path.write_text("product_id,title,operation\n1,Red kettle,rename\n")
+    with pytest.raises(CatalogueFileError, match="line 2: operation 'rename'"):
+        list(read_catalogue_changes(path, batch_size=2))
