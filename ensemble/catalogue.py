@@ -344,6 +344,7 @@ class LiveCatalogue:
         log: CatalogueLog | None = None,
     ) -> None:
         self.log = log
+        self.log_through = catalogue.log_through
         self.base_rows = len(catalogue)
         self.product_ids = catalogue.product_ids.copy()
         self.titles = list(catalogue.titles)
@@ -425,7 +426,11 @@ class LiveCatalogue:
     def apply(self, records: Sequence[CatalogueRecord]) -> int:
         """Fold log records in order; return how many."""
         stale = [
-            r for r in records if r.product.operation == "upsert" and r.encoder != self.encoder
+            r
+            for r in records
+            if r.product.operation == "upsert"
+            and r.encoder != self.encoder
+            and r.logged_at > self.log_through
         ]
         if stale and self.lexicon is not None:  # logged by another build's encoder: embed again
             if self.embed is None:
@@ -435,7 +440,8 @@ class LiveCatalogue:
         else:
             renewed = {}
         for record in records:
-            self._fold(record, renewed.get(id(record), record.vector))
+            if record.logged_at > self.log_through:  # else the build folded it
+                self._fold(record, renewed.get(id(record), record.vector))
             self.position = record.position
         self.applied += len(records)
         return len(records)

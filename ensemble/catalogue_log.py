@@ -13,6 +13,7 @@ other rows is refused. The log is never rewritten by serving; each build can fol
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import sqlite3
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import store
-from .catalogue import CatalogueRecord, CatalogueUpdate, Embed, ProductUpdate
+from .catalogue import UNKNOWN_STOCK, CatalogueRecord, CatalogueUpdate, Embed, ProductUpdate
 from .redis_link import is_redis
 from .validation import InvalidRequest
 
@@ -246,6 +247,35 @@ def open_catalogue_log(location: str | Path) -> CatalogueLog:
     from .profile_store import sqlite_path
 
     return SqliteCatalogueLog(sqlite_path(text))
+
+
+EXPORT_COLUMNS = ("product_id", "title", "price", "in_stock", "category", "operation", "logged_at")
+
+
+def export_updates(log: CatalogueLog, path: Path) -> dict:
+    """Write each product's latest state in the log as a catalogue update file (the catalogue
+    format plus ``operation`` and ``logged_at``), in log order, for the next build to fold in;
+    return what was written (``through``: the latest record's time)."""
+    latest: dict[int, CatalogueRecord] = {}
+    through = 0.0
+    for record in log.records():
+        latest.pop(record.product.product_id, None)  # re-insert: the dict keeps log order
+        latest[record.product.product_id] = record
+        through = max(through, record.logged_at)
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(EXPORT_COLUMNS)
+        for record in latest.values():
+            p = record.product
+            stock = "" if p.in_stock == UNKNOWN_STOCK else str(p.in_stock)
+            price = "" if math.isnan(p.price) else repr(p.price)
+            writer.writerow(
+                [p.product_id, p.title, price, stock, p.category, p.operation, record.logged_at]
+            )
+    partial.replace(path)
+    deletes = sum(r.product.operation == "delete" for r in latest.values())
+    return {"products": len(latest), "deletes": deletes, "through": through}
 
 
 class CatalogueWriter:

@@ -145,16 +145,24 @@ def adapter_parameters(model_config: dict, version_directory: Path) -> dict[str,
 class Catalogue:
     product_ids: np.ndarray  # int64 [n], by catalogue row
     titles: list[str]
+    # The catalogue log's updates logged up to this time (Unix seconds) are in this catalogue (the
+    # build folded them): serving replays only the later ones.
+    log_through: float = 0.0
 
     def save(self, path: Path) -> None:
-        path.write_text(
-            json.dumps({"product_ids": self.product_ids.tolist(), "titles": self.titles})
-        )
+        data = {"product_ids": self.product_ids.tolist(), "titles": self.titles}
+        if self.log_through:
+            data["log_through"] = self.log_through
+        path.write_text(json.dumps(data))
 
     @classmethod
     def load(cls, path: Path) -> Catalogue:
         data = json.loads(Path(path).read_text())
-        return cls(np.asarray(data["product_ids"], dtype=np.int64), data["titles"])
+        return cls(
+            np.asarray(data["product_ids"], dtype=np.int64),
+            data["titles"],
+            float(data.get("log_through", 0.0)),
+        )
 
     def __len__(self) -> int:
         return len(self.product_ids)

@@ -34,6 +34,7 @@ from .data import (
     HashedIds,
     Judgments,
     fingerprint,
+    fold_catalogue_updates,
     load_catalogue,
     load_event_log,
     load_events,
@@ -83,6 +84,7 @@ class BuildOptions:
     events: Path | None = None  # a behaviour log: profiles, recommendations, personalised search
     rec_ranker: Path | None = None  # a recommendation ranker trained elsewhere (with events)
     events_log: Path | None = None  # an exported live event log (shopserve events export)
+    catalogue_log: Path | None = None  # an exported catalogue log (shopserve catalogue export)
     ef_search: int | None = None  # None: the smallest that reaches the recall target, measured
     gate_texts: int = 1000
     epochs: int = 30
@@ -332,10 +334,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         raise BuildError("--encoder-version needs --encoder-from")
     with timer.step("load data"):
         catalogue = load_catalogue(options.catalogue)
-        try:
-            attributes = Attributes.from_columns(catalogue.extra)
-        except CatalogueAttributeError as exc:
-            raise BuildError(f"{options.catalogue}: {exc}") from exc
+        listed = catalogue.product_ids
         judgments = load_judgments(options.judgments, catalogue) if options.judgments else None
         if options.ranker is not None:
             check_reusable(options.ranker)
@@ -357,6 +356,17 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
                 "repeated_rows": event_log.duplicates,
             }
             log.info("event log %s: %s", options.events_log, folded_log)
+        folded_updates: dict | None = None
+        if options.catalogue_log is not None:  # after the files that name the build's products
+            catalogue, folded_updates = fold_catalogue_updates(catalogue, options.catalogue_log)
+            delisted = set(np.setdiff1d(listed, catalogue.product_ids).tolist())
+            judgments = judgments.without(delisted) if judgments else None
+            events = events.without(delisted) if events else None
+            log.info("catalogue log %s folded: %s", options.catalogue_log, folded_updates)
+        try:
+            attributes = Attributes.from_columns(catalogue.extra)
+        except CatalogueAttributeError as exc:
+            raise BuildError(f"{options.catalogue}: {exc}") from exc
     log.info(
         "catalogue: %d products; judgments: %s queries",
         len(catalogue),
@@ -462,7 +472,8 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         dense.save(retrieve_dir / store.DENSE_INDEX_FILE)
         dense.ef_search = dense.index.hnsw.efSearch = ann.ef_search
         writer.set_parameter(store.RETRIEVE, "ef_search", str(ann.ef_search))
-    store.Catalogue(catalogue.product_ids, catalogue.titles).save(
+    log_through = folded_updates["through"] if folded_updates else 0.0
+    store.Catalogue(catalogue.product_ids, catalogue.titles, log_through).save(
         writer.version_dir(store.POSTPROCESS) / store.CATALOGUE_FILE
     )
     retriever = Retriever(
@@ -566,8 +577,18 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
             )
             if folded_log is not None:
                 record["personalization"]["event_log"] = folded_log
+    if folded_updates is not None:
+        record["catalogue_log"] = folded_updates
     inputs = [
-        p for p in (options.catalogue, options.judgments, options.events, options.events_log) if p
+        p
+        for p in (
+            options.catalogue,
+            options.catalogue_log,
+            options.judgments,
+            options.events,
+            options.events_log,
+        )
+        if p
     ]
     record.update(
         data={"files": fingerprint(inputs), "products": len(catalogue), "queries": len(queries)},

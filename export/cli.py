@@ -104,6 +104,12 @@ def parser() -> argparse.ArgumentParser:
         "events are added (once per event key) and its erased shoppers' earlier events dropped",
     )
     build.add_argument(
+        "--catalogue-log",
+        type=Path,
+        help="an export of the served catalogue log (shopserve catalogue export): its upserts and "
+        "deletes are applied to --catalogue, and serving this build replays only later updates",
+    )
+    build.add_argument(
         "--rec-ranker",
         type=Path,
         help="with --events: a recommendation ranker trained elsewhere (another store's "
@@ -239,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                     per_channel=args.int8_weights == "per-channel",
                     events=args.events,
                     events_log=args.events_log,
+                    catalogue_log=args.catalogue_log,
                     rec_ranker=args.rec_ranker,
                     ef_search=args.ef_search,
                     finetune=not args.no_finetune,

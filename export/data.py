@@ -84,6 +84,14 @@ class Judgments:
     def subset(self, queries: list[str]) -> Judgments:
         return Judgments(OrderedDict((q, self.by_query[q]) for q in queries), self.min_relevance)
 
+    def without(self, products: set[int]) -> Judgments:
+        """The judgments of the other products (a query left with none is dropped)."""
+        kept = (
+            (q, {p: g for p, g in grades.items() if p not in products})
+            for q, grades in self.by_query.items()
+        )
+        return Judgments(OrderedDict((q, g) for q, g in kept if g), self.min_relevance)
+
     def __len__(self) -> int:
         return len(self.by_query)
 
@@ -99,6 +107,58 @@ def load_catalogue(path: Path) -> CatalogueData:
     titles = [str(r["title"] or "").strip() for r in rows]
     extra = {c: [r[c] for r in rows] for c in OPTIONAL_CATALOGUE_COLUMNS if c in rows[0]}
     return CatalogueData(ids, titles, extra)
+
+
+UPDATED_COLUMNS = ("category", "price", "in_stock")  # what a catalogue update sets besides title
+
+
+def fold_catalogue_updates(catalogue: CatalogueData, path: Path) -> tuple[CatalogueData, dict]:
+    """``catalogue`` with a catalogue update file (``shopserve catalogue export``) applied: an
+    upsert replaces a product's title, category, price and stock (its other columns stay) or
+    adds it at the end; a delete removes it. Returns the catalogue and what was folded (``through``:
+    the latest update's log time, up to which serving skips the log)."""
+    updates = _read_rows(path, CATALOGUE_ALIASES, ("product_id", "title", "operation", "logged_at"))
+    columns = list(
+        dict.fromkeys([*catalogue.extra, *(c for c in UPDATED_COLUMNS if c in updates[0])])
+    )
+    products: dict[int, dict] = {
+        int(pid): {
+            "title": title,
+            **{c: catalogue.extra.get(c, [""] * len(catalogue))[row] for c in columns},
+        }
+        for row, (pid, title) in enumerate(
+            zip(catalogue.product_ids.tolist(), catalogue.titles, strict=True)
+        )
+    }
+    counts = {"upserts": 0, "deletes": 0}
+    through = 0.0
+    for line, update in enumerate(updates, start=2):
+        try:
+            pid, logged_at = int(update["product_id"]), float(update["logged_at"])
+        except (TypeError, ValueError) as exc:
+            raise DataError(
+                f"{path}: line {line}: product_id and logged_at must be numbers ({exc})"
+            ) from None
+        operation = str(update["operation"] or "upsert").strip().lower()
+        through = max(through, logged_at)
+        if operation == "delete":
+            counts["deletes"] += products.pop(pid, None) is not None
+        elif operation == "upsert":
+            kept = products.get(pid, dict.fromkeys(columns, ""))  # a new product goes last
+            products[pid] = {
+                **kept,
+                "title": str(update["title"]).strip(),
+                **{c: update[c] or "" for c in UPDATED_COLUMNS if c in update},
+            }
+            counts["upserts"] += 1
+        else:
+            raise DataError(f"{path}: line {line}: operation {operation!r} is not upsert or delete")
+    folded = CatalogueData(
+        np.array(list(products), dtype=np.int64),
+        [p["title"] for p in products.values()],
+        {c: [p[c] for p in products.values()] for c in columns},
+    )
+    return folded, {**counts, "through": through, "products": len(folded)}
 
 
 def load_judgments(path: Path, catalogue: CatalogueData) -> Judgments:
@@ -156,6 +216,20 @@ class EventsData:
                 spans[self.user_ids[start]] = range(start, i)
                 start = i
         return spans
+
+    def without(self, products: set[int]) -> EventsData:
+        """The events of the other products (a delisted product's history goes with it)."""
+        drop = np.fromiter(products, dtype=np.int64, count=len(products))
+        keep = ~np.isin(self.product_ids, drop)
+        rows = np.flatnonzero(keep).tolist()
+        return EventsData(
+            [self.user_ids[i] for i in rows],
+            self.product_ids[keep],
+            self.timestamps[keep],
+            self.events[keep],
+            [self.basket_ids[i] for i in rows],
+            [self.event_ids[i] for i in rows],
+        )
 
 
 def parse_timestamp(value: object) -> float:

@@ -185,6 +185,44 @@ def events_export(argv: list[str]) -> int:
     return _on_live_store(args.profile_store, True, export)
 
 
+def catalogue_export(argv: list[str]) -> int:
+    """``shopserve catalogue export``: the catalogue log as an update file for the next build."""
+    from shopserve.ensemble.catalogue_log import export_updates, open_catalogue_log
+    from shopserve.ensemble.profile_store import sqlite_path
+    from shopserve.ensemble.redis_link import is_redis
+
+    parser = argparse.ArgumentParser(
+        prog="shopserve catalogue export",
+        description="Write each product's latest state in the catalogue log (upserted or deleted "
+        "while serving) as a CSV for the next build (python -m shopserve.export build "
+        "--catalogue-log FILE).",
+    )
+    parser.add_argument("output", type=Path)
+    parser.add_argument(
+        "--catalogue-log",
+        required=True,
+        help="the server's log: WORK_DIR/catalogue/catalogue.sqlite, or its redis:// location",
+    )
+    args = parser.parse_args(argv)
+    if not is_redis(args.catalogue_log) and not Path(sqlite_path(args.catalogue_log)).is_file():
+        print(f"error: no catalogue log at {args.catalogue_log}", file=sys.stderr)
+        return 1
+    try:
+        log = open_catalogue_log(args.catalogue_log)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        written = export_updates(log, args.output)
+    finally:
+        log.close()
+    print(
+        f"wrote {written['products']} products ({written['deletes']} deleted) to {args.output}, "
+        f"updates logged through {written['through']}"
+    )
+    return 0
+
+
 def events_compact(argv: list[str]) -> int:
     """``shopserve events compact``: drop logged events a build has folded."""
     parser = argparse.ArgumentParser(
@@ -280,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         return events_export(rest[1:])
     if command == "events" and rest[:1] == ["compact"]:
         return events_compact(rest[1:])
+    if command == "catalogue" and rest[:1] == ["export"]:
+        return catalogue_export(rest[1:])
     if command in ("events", "forget", "catalogue"):
         from shopserve.client import _cli
 

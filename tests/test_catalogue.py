@@ -175,7 +175,7 @@ def small_shop():
 
 
 def record(position: int, product: ProductUpdate, vector=None, encoder="enc") -> CatalogueRecord:
-    return CatalogueRecord(str(position), 0.0, f"u{position}", product, encoder, vector)
+    return CatalogueRecord(str(position), 1.0, f"u{position}", product, encoder, vector)
 
 
 def test_the_live_catalogue_adds_changes_and_deletes(small_shop) -> None:
@@ -266,3 +266,48 @@ def test_an_update_file_reads_in_batches_with_stable_ids(tmp_path) -> None:
     path.write_text("product_id,title,operation\n1,Red kettle,rename\n")
     with pytest.raises(CatalogueFileError, match="line 2: operation 'rename'"):
         list(read_catalogue_changes(path, batch_size=2))
+
+
+def test_the_log_exports_for_the_next_build_which_serving_then_skips(tmp_path) -> None:
+    from shopserve.ensemble.catalogue_log import export_updates
+    from shopserve.export.data import CatalogueData, fold_catalogue_updates
+
+    log = SqliteCatalogueLog(tmp_path / "catalogue.sqlite")
+    vector = np.full((1, 2), 0.5, dtype=np.float32)
+    log.append(update("a", ["upsert"], [7], ["Red kettle"], prices=np.array([9.5])), vector, "e")
+    log.append(update("b", ["delete"], [8], [""]), None, "e")
+    log.append(update("c", ["upsert"], [7], ["Red kettle 2 l"]), vector, "e")
+    log.append(update("d", ["upsert"], [1], ["Blue mug"], in_stock=np.array([0])), vector, "e")
+    written = export_updates(log, tmp_path / "updates.csv")
+    through = max(r.logged_at for r in log.records())
+    assert written == {"products": 3, "deletes": 1, "through": through}
+    lines = (tmp_path / "updates.csv").read_text().splitlines()
+    assert lines[0] == "product_id,title,price,in_stock,category,operation,logged_at"
+    assert [line.split(",")[:6] for line in lines[1:]] == [
+        ["8", "", "", "", "", "delete"],
+        ["7", "Red kettle 2 l", "", "", "", "upsert"],  # the latest state only
+        ["1", "Blue mug", "", "0", "", "upsert"],
+    ]
+
+    built = CatalogueData(
+        np.array([1, 8, 9], dtype=np.int64),
+        ["Mug", "Teapot", "Spoon"],
+        {"brand": ["A", "B", "C"], "price": ["2", "30", "1"]},
+    )
+    folded, summary = fold_catalogue_updates(built, tmp_path / "updates.csv")
+    assert summary == {"upserts": 2, "deletes": 1, "through": through, "products": 3}
+    assert folded.product_ids.tolist() == [1, 9, 7]  # changed in place, added at the end
+    assert folded.titles == ["Blue mug", "Spoon", "Red kettle 2 l"]
+    assert folded.extra == {
+        "brand": ["A", "C", ""],  # a column updates do not set is kept
+        "price": ["", "1", ""],  # an upsert is the whole product: no price now
+        "in_stock": ["0", "", ""],
+        "category": ["", "", ""],
+    }
+
+    served = Catalogue(folded.product_ids, folded.titles, log_through=through)
+    live = LiveCatalogue(served, Attributes(), log=log)
+    assert live.refresh() == 4 and not live.changed  # every record is in the build already
+    log.append(update("e", ["delete"], [9], [""]), None, "e")
+    assert live.refresh() == 1 and not live.known(9)
+    log.close()

@@ -147,6 +147,36 @@ def test_a_failed_build_leaves_no_folder(workdir) -> None:
     assert not list(workdir.glob(".never_built*"))
 
 
+def served_catalogue_updates(workdir: Path, rows: list[dict], fresh: str) -> tuple[str, float]:
+    """A catalogue log as a server writes it (an added product, a changed title, a delete),
+    exported by ``shopserve catalogue export``: the file and its records' latest time."""
+    import numpy as np
+    from shopserve.ensemble.catalogue import parse_update
+    from shopserve.ensemble.catalogue_log import SqliteCatalogueLog
+
+    from shopserve.cli import main as shopserve
+
+    update = parse_update(
+        np.array([b"fold-1"], dtype=np.object_),
+        np.array([b"upsert", b"upsert", b"delete"], dtype=np.object_),
+        np.array([990_000_100, int(rows[5]["product_id"]), int(rows[7]["product_id"])]),
+        np.array(
+            [f"Folded new product {fresh}".encode(), f"Folded new title {fresh}".encode(), b""],
+            dtype=np.object_,
+        ),
+    )
+    log = SqliteCatalogueLog(workdir / "served" / "catalogue.sqlite")
+    try:
+        log.append(update, np.full((2, 4), 0.5, dtype=np.float32), "served-encoder")
+        through = max(record.logged_at for record in log.records())
+    finally:
+        log.close()
+    served = str(workdir / "served" / "catalogue.sqlite")
+    exported = workdir / "served" / "updates.csv"
+    assert shopserve(["catalogue", "export", str(exported), "--catalogue-log", served]) == 0
+    return str(exported), through
+
+
 def test_a_catalogue_refresh_reuses_the_encoder_and_embeds_only_what_changed(workdir) -> None:
     with (workdir / "items.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -158,16 +188,27 @@ def test_a_catalogue_refresh_reuses_the_encoder_and_embeds_only_what_changed(wor
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    updates, through = served_catalogue_updates(workdir, rows, fresh)
     refresh = ["--catalogue", "items_refreshed.csv", "--judgments", "judged.csv"]
     run = export(
-        "build", *refresh, "--encoder-from", "my_store", "--repository", "refreshed", cwd=workdir
-    )
+        "build", *refresh, "--catalogue-log", updates, "--encoder-from", "my_store",
+        "--repository", "refreshed", cwd=workdir,
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     manifest = json.loads((workdir / "refreshed" / "manifest.json").read_text())
     source = json.loads((workdir / "my_store" / "manifest.json").read_text())
     embedded = manifest["catalogue_embeddings"]
-    assert embedded["embedded"] == len(changed) == CUT_PRODUCTS // 100
-    assert embedded["from_cache"] == embedded["distinct_titles"] - len(changed)
+    # 1 % of the titles changed in the file, and two more by the served updates folded in
+    assert embedded["embedded"] == len(changed) + 2 == CUT_PRODUCTS // 100 + 2
+    assert embedded["from_cache"] == embedded["distinct_titles"] - len(changed) - 2
+    assert manifest["catalogue_log"] == {
+        "upserts": 2, "deletes": 1, "through": through, "products": CUT_PRODUCTS,
+    }  # fmt: skip
+    built = store.load_catalogue(workdir / "refreshed")
+    titles = dict(zip(built.product_ids.tolist(), built.titles, strict=True))
+    assert titles[990_000_100] == f"Folded new product {fresh}"
+    assert titles[int(rows[5]["product_id"])] == f"Folded new title {fresh}"
+    assert int(rows[7]["product_id"]) not in titles and built.log_through == through
     encoder = manifest["encoder"]
     assert encoder["reused_from"] == {
         "repository": str((workdir / "my_store").resolve()),
