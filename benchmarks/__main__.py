@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     filters.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     filters.add_argument("--queries", type=int, default=1000)
     filters.add_argument("--out", type=Path, default=RESULTS_DIR)
+    catalogue = commands.add_parser(
+        "catalogue", help="live catalogue updates: throughput, visibility, search p99 meanwhile"
+    )
+    catalogue.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
+    catalogue.add_argument("--out", type=Path, default=RESULTS_DIR)
     smoke = commands.add_parser("smoke", help="seconds of everything (CI)")
     smoke.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     smoke.add_argument("--out", type=Path, default=WORK_DIR / "smoke")
@@ -167,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             from .filters import run as run_filters
 
             path = run_filters(args.repository, args.queries, args.out)
+        elif args.command == "catalogue":
+            from .catalogue import run as run_catalogue
+
+            path = run_catalogue(args.repository, args.out)
         elif args.command == "smoke":
             from .run import smoke as run_smoke
 

@@ -67,7 +67,7 @@ def run(repository: Path, count: int, out: Path) -> Path:
     queries = load_traffic(manifest, count).queries
     pipeline = SearchPipeline.from_repository(repository)
     catalogue = pipeline.postprocessor.catalogue
-    pipeline.attributes = synthetic_attributes(catalogue.product_ids, catalogue.titles)
+    pipeline.built_attributes = synthetic_attributes(catalogue.product_ids, catalogue.titles)
     cases = {"unfiltered": None, **FILTERS}
     seconds: dict[str, list[float]] = {name: [] for name in cases}
     with cpu_lock("benchmarks filters"):

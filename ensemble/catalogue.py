@@ -229,6 +229,7 @@ class _DeltaLexicon:
         self.new_words: dict[str, int] = {}
         self.new_trigrams: dict[str, int] = {}
         self.rows: dict[int, tuple[frozenset[str], np.ndarray, np.ndarray]] = {}
+        self.postings: dict[str, dict[int, float]] = {}  # word -> {row: its term weight}
 
     def _word_id(self, word: str) -> int:
         known = self.lexical.vocab.get(word)
@@ -244,13 +245,17 @@ class _DeltaLexicon:
         return vocab.setdefault(gram, len(self.lexical.trigram_vocab) + len(vocab))
 
     def put(self, row: int, title: str) -> None:
+        previous = self.rows.get(row)
+        for word in previous[0] if previous else ():
+            self.postings[word].pop(row, None)
         words = self.lexical.analyze(title).words  # distinct stemmed terms, stopwords dropped
         word_ids = np.array(sorted({self._word_id(w) for w in words}), dtype=np.int64)
         grams = np.array(sorted({self._trigram_id(g) for g in char_trigrams(title)}), np.int64)
         self.rows[row] = (frozenset(words), word_ids, grams)
-
-    def drop(self, row: int) -> None:
-        self.rows.pop(row, None)
+        # bm25s' Lucene term weight for a term the title holds once (titles rarely repeat one)
+        norm = self.k1 * (1 - self.b + self.b * len(word_ids) / self.mean_length)
+        for word in words:
+            self.postings.setdefault(word, {})[row] = 1.0 / (1.0 + norm)
 
     def query_terms(self, terms: QueryTerms, text: str) -> QueryTerms:
         """``terms`` with the ids of words and trigrams only titles since the build have."""
@@ -264,20 +269,20 @@ class _DeltaLexicon:
             trigram_ids=np.union1d(terms.trigram_ids, np.array(extra_grams, dtype=np.int64)),
         )
 
-    def bm25(self, words: Sequence[str], rows: np.ndarray) -> np.ndarray:
-        """Each row's BM25 for the query's words (a title's terms counted once each, as titles
-        rarely repeat a word)."""
-        out = np.zeros(len(rows), dtype=np.float32)
-        for i, row in enumerate(rows.tolist()):
-            terms, word_ids, _ = self.rows[row]
-            norm = self.k1 * (1 - self.b + self.b * len(word_ids) / self.mean_length)
-            for word in words:
-                if word in terms:
-                    known = self.lexical.vocab.get(word)
-                    df = int(self.document_frequency[known]) if known is not None else 0
-                    idf = math.log(1 + (self.documents - df + 0.5) / (df + 0.5))
-                    out[i] += idf / (1 + norm)  # bm25s' Lucene term weight, tf = 1
-        return out
+    def bm25(self, words: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The rows written since the build that hold any of the query's words, and their BM25."""
+        scores: dict[int, float] = {}
+        for word in words:
+            posting = self.postings.get(word)
+            if not posting:
+                continue
+            known = self.lexical.vocab.get(word)
+            df = int(self.document_frequency[known]) if known is not None else 0
+            idf = math.log(1 + (self.documents - df + 0.5) / (df + 0.5))
+            for row, weight in posting.items():
+                scores[row] = scores.get(row, 0.0) + idf * weight
+        rows = np.fromiter(scores, dtype=np.int64, count=len(scores))
+        return rows, np.fromiter(scores.values(), dtype=np.float32, count=len(scores))
 
     def sizes(self, rows: np.ndarray, trigrams: bool) -> np.ndarray:
         return np.array([len(self.rows[r][2 if trigrams else 1]) for r in rows.tolist()], np.int64)
@@ -364,7 +369,9 @@ class LiveCatalogue:
         )
         self.delta_rows: list[int] = []  # rows whose vector is in delta_vectors, in its order
         self.delta_position: dict[int, int] = {}
-        self.delta_vectors = np.empty((0, 0), dtype=np.float32)
+        self.delta_array = np.empty(0, dtype=np.int64)  # delta_rows as an array
+        self.delta_vectors = np.empty((0, 0), dtype=np.float32)  # a view of _vector_buffer
+        self._vector_buffer = np.empty((0, 0), dtype=np.float32)
         self.position = ""  # the last log record folded
         self.applied = 0
         self.refresh_failures = 0  # refreshes that could not read the log
@@ -391,16 +398,14 @@ class LiveCatalogue:
     def in_delta(self, rows: np.ndarray) -> np.ndarray:
         if not self.delta_rows:
             return np.zeros(len(rows), dtype=bool)
-        return np.isin(rows, np.fromiter(self.delta_position, dtype=np.int64))
+        return np.isin(rows, self.delta_array)
 
     def base_allowed(self, allowed: np.ndarray | None) -> np.ndarray | None:
         """The build's rows a request may be answered with: alive, not superseded, and allowed."""
         if not self.changed:
             return None if allowed is None else allowed[: self.base_rows]
         mask = self.alive[: self.base_rows].copy()
-        if self.delta_rows:
-            superseded = np.array([r for r in self.delta_rows if r < self.base_rows], np.int64)
-            mask[superseded] = False
+        mask[self.delta_array[self.delta_array < self.base_rows]] = False  # superseded
         return mask if allowed is None else mask & allowed[: self.base_rows]
 
     def live_rows(self, allowed: np.ndarray | None) -> np.ndarray | None:
@@ -472,18 +477,23 @@ class LiveCatalogue:
         if row in self.delta_position:
             self.delta_vectors[self.delta_position[row]] = vector
             return
-        if not self.delta_rows:
-            self.delta_vectors = vector.reshape(1, -1).copy()
-        else:
-            self.delta_vectors = np.vstack([self.delta_vectors, vector])
+        used = len(self.delta_rows)
+        if used == len(self._vector_buffer):  # grow by doubling: appends cost O(1) on average
+            grown = np.empty((max(2 * used, 64), vector.size), dtype=np.float32)
+            if used:
+                grown[:used] = self._vector_buffer
+            self._vector_buffer = grown
+        self._vector_buffer[used] = vector
+        self.delta_vectors = self._vector_buffer[: used + 1]
         self.delta_position[row] = len(self.delta_rows)
         self.delta_rows.append(row)
+        self.delta_array = np.append(self.delta_array, np.int64(row))
 
     def search_delta(self, query: np.ndarray, n: int, allowed: np.ndarray | None) -> np.ndarray:
         """The top-``n`` delta rows by inner product with ``query`` (exact), among ``allowed``."""
         if not self.delta_rows:
             return np.empty(0, dtype=np.int64)
-        rows = np.array(self.delta_rows, dtype=np.int64)
+        rows = self.delta_array
         keep = self.alive[rows] if allowed is None else self.alive[rows] & allowed[rows]
         rows, scores = rows[keep], self.delta_vectors[keep] @ query
         return rows[np.argsort(-scores, kind="stable")[:n]]
@@ -496,8 +506,9 @@ class LiveCatalogue:
         out = np.zeros(self.rows, dtype=np.float32)
         out[: self.base_rows] = scores
         if self.delta_rows and self.lexicon is not None:
-            rows = np.array(self.delta_rows, dtype=np.int64)
-            out[rows] = self.lexicon.bm25(words, rows)
+            out[self.delta_array] = 0.0  # a changed row's build score was for its old title
+            rows, values = self.lexicon.bm25(words)
+            out[rows] = values
         out[~self.alive] = 0.0
         return out
 
