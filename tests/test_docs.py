@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "events export": (SHOPSERVE, ("docs/serving.md",)),
     "events compact": (SHOPSERVE, ("docs/serving.md",)),
     "forget": (SHOPSERVE, ("docs/serving.md",)),
+    "catalogue": (SHOPSERVE, ("docs/catalogue.md",)),
+    "catalogue export": (SHOPSERVE, ("docs/catalogue.md",)),
     "search": (SHOPSERVE, ("docs/api.md", "README.md")),
     "recommend": (SHOPSERVE, ("docs/api.md", "README.md")),
 }
@@ -46,7 +48,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
 _COMMAND = re.compile(
     r"shopserve\.export (?P<export>build|evaluate|transfer|instacart|cut)\b"
     r"|(?<![\w.-])shopserve (?P<shopserve>serve|rollout|search|recommend|keys|events export"
-    r"|events compact|events|forget)\b"
+    r"|events compact|events|forget|catalogue export|catalogue)\b"
 )
 # A command's own flags end where the shell line goes on to something else.
 _END_OF_COMMAND = re.compile(r"\s(?:#|&&|\|\||\||;|&)(?:\s|$)")
