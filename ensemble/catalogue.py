@@ -228,7 +228,8 @@ class _DeltaLexicon:
         self.k1, self.b = float(lexical.bm25.k1), float(lexical.bm25.b)
         self.new_words: dict[str, int] = {}
         self.new_trigrams: dict[str, int] = {}
-        self.rows: dict[int, tuple[frozenset[str], np.ndarray, np.ndarray]] = {}
+        # row -> its words, word ids and trigram ids
+        self.rows: dict[int, tuple[frozenset[str], frozenset[int], frozenset[int]]] = {}
         self.postings: dict[str, dict[int, float]] = {}  # word -> {row: its term weight}
 
     def _word_id(self, word: str) -> int:
@@ -249,8 +250,8 @@ class _DeltaLexicon:
         for word in previous[0] if previous else ():
             self.postings[word].pop(row, None)
         words = self.lexical.analyze(title).words  # distinct stemmed terms, stopwords dropped
-        word_ids = np.array(sorted({self._word_id(w) for w in words}), dtype=np.int64)
-        grams = np.array(sorted({self._trigram_id(g) for g in char_trigrams(title)}), np.int64)
+        word_ids = frozenset(self._word_id(w) for w in words)
+        grams = frozenset(self._trigram_id(g) for g in char_trigrams(title))
         self.rows[row] = (frozenset(words), word_ids, grams)
         # bm25s' Lucene term weight for a term the title holds once (titles rarely repeat one)
         norm = self.k1 * (1 - self.b + self.b * len(word_ids) / self.mean_length)
@@ -288,8 +289,9 @@ class _DeltaLexicon:
         return np.array([len(self.rows[r][2 if trigrams else 1]) for r in rows.tolist()], np.int64)
 
     def matches(self, query_ids: np.ndarray, rows: np.ndarray, trigrams: bool) -> np.ndarray:
+        wanted = set(query_ids.tolist())
         return np.array(
-            [np.isin(self.rows[r][2 if trigrams else 1], query_ids).sum() for r in rows.tolist()],
+            [len(self.rows[r][2 if trigrams else 1] & wanted) for r in rows.tolist()],
             dtype=np.float32,
         )
 
@@ -489,14 +491,18 @@ class LiveCatalogue:
         self.delta_rows.append(row)
         self.delta_array = np.append(self.delta_array, np.int64(row))
 
-    def search_delta(self, query: np.ndarray, n: int, allowed: np.ndarray | None) -> np.ndarray:
-        """The top-``n`` delta rows by inner product with ``query`` (exact), among ``allowed``."""
-        if not self.delta_rows:
-            return np.empty(0, dtype=np.int64)
+    def search_delta(
+        self, query: np.ndarray, n: int, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The top-``n`` delta rows by inner product with ``query`` (exact), among ``allowed``,
+        and their inner products."""
         rows = self.delta_array
+        if not rows.size:
+            return rows, np.empty(0, dtype=np.float32)
         keep = self.alive[rows] if allowed is None else self.alive[rows] & allowed[rows]
         rows, scores = rows[keep], self.delta_vectors[keep] @ query
-        return rows[np.argsort(-scores, kind="stable")[:n]]
+        best = np.argsort(-scores, kind="stable")[:n]
+        return rows[best], scores[best]
 
     def delta_bm25(self, words: Sequence[str], scores: np.ndarray) -> np.ndarray:
         """``scores`` (the build's BM25 over its rows) over every row: superseded and deleted

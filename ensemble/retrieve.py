@@ -67,14 +67,18 @@ class Retriever:
         are still current, the rows written since searched exactly beside them, merged."""
         live = self.live
         embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
-        dense_rows = self.dense.search_within(
+        base_rows = self.dense.search_within(
             embedding, self.dense_depth, live.base_allowed(allowed)
         )
-        delta_rows = live.search_delta(embedding, self.dense_depth, allowed)
+        delta_rows, delta_scores = live.search_delta(embedding, self.dense_depth, allowed)
+        # the dense side's depth over both: the best of the build's and the delta's together
+        merged = np.concatenate([base_rows, delta_rows])
+        scores = np.concatenate([self.dense.vectors(base_rows) @ embedding, delta_scores])
+        dense_rows = merged[np.argsort(-scores, kind="stable")[: self.dense_depth]]
         terms = live.lexicon.query_terms(self.lexical.analyze(query), query)
         bm25 = live.delta_bm25(terms.words, self.lexical.scores(terms))
         lexical_rows = top_rows(bm25 * live.live_rows(allowed), self.lexical_depth)
-        rows = np.union1d(np.union1d(dense_rows, delta_rows), lexical_rows)
+        rows = np.union1d(dense_rows, lexical_rows)
         cosine = live.vectors(rows) @ embedding
         stats = CatalogueStats.of(bm25, *self.dense.cosine_moments(embedding))
         features = ranking_features(live.terms, terms, rows, cosine, bm25[rows], stats)

@@ -181,6 +181,26 @@ def test_updates_outlive_a_rollback_and_a_roll_forward(server, client, repositor
             assert ids(client.search("zorblax paprika crackers", top_k=3))[0] == NEW_PRODUCT
 
 
+def test_updates_are_carried_to_a_new_build(
+    personal_repository, newer_personal_repository, tmp_path
+) -> None:
+    """A release to another build (built from scratch from newer events) on the same work folder
+    serves every update logged while the old one served."""
+    with (
+        start_server(personal_repository, tmp_path) as old,
+        SearchClient(old.grpc_url, timeout=30) as client,
+    ):
+        client.update_catalogue([ProductChange(NEW_PRODUCT + 30, "Wendlebrook rye sourdough")])
+        delisted = ids(client.recommend("1", top_k=10))[0]
+        client.update_catalogue([ProductChange(delisted, delete=True)])
+    with (
+        start_server(newer_personal_repository, tmp_path) as new,
+        SearchClient(new.grpc_url, timeout=30) as client,
+    ):
+        assert ids(client.search("wendlebrook rye sourdough", top_k=3))[0] == NEW_PRODUCT + 30
+        assert delisted not in ids(client.recommend("1", top_k=100))
+
+
 def test_acknowledged_updates_survive_kill_9(server, repository, work) -> None:
     """Last in the module: kills the module's server, then starts it again on the same folder."""
     with SearchClient(server.grpc_url, timeout=30, security=OPERATOR) as client:
