@@ -81,8 +81,8 @@ class CatalogueUpdate:
         ]
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:32]
 
-    def titles(self) -> list[str]:
-        return [p.title for p in self.products if p.operation == "upsert"]
+    def upserts(self) -> list[ProductUpdate]:
+        return [p for p in self.products if p.operation == "upsert"]
 
 
 @dataclass(frozen=True)
@@ -245,11 +245,11 @@ class _DeltaLexicon:
         vocab = self.new_trigrams
         return vocab.setdefault(gram, len(self.lexical.trigram_vocab) + len(vocab))
 
-    def put(self, row: int, title: str) -> None:
+    def put(self, row: int, title: str, words: list[str]) -> None:
+        """Index ``row``'s new title, whose distinct terms are ``words`` (LexicalIndex.words)."""
         previous = self.rows.get(row)
         for word in previous[0] if previous else ():
             self.postings[word].pop(row, None)
-        words = self.lexical.analyze(title).words  # distinct stemmed terms, stopwords dropped
         word_ids = frozenset(self._word_id(w) for w in words)
         grams = frozenset(self._trigram_id(g) for g in char_trigrams(title))
         self.rows[row] = (frozenset(words), word_ids, grams)
@@ -431,49 +431,81 @@ class LiveCatalogue:
         return out
 
     def apply(self, records: Sequence[CatalogueRecord]) -> int:
-        """Fold log records in order; return how many."""
-        stale = [
-            r
-            for r in records
-            if r.product.operation == "upsert"
-            and r.encoder != self.encoder
-            and r.logged_at > self.log_through
-        ]
-        if stale and self.lexicon is not None:  # logged by another build's encoder: embed again
-            if self.embed is None:
-                raise RuntimeError("catalogue records from another encoder and no encoder here")
-            fresh = self.embed([r.product.title for r in stale])
-            renewed = {id(r): v for r, v in zip(stale, fresh, strict=True)}
-        else:
-            renewed = {}
-        for record in records:
-            if record.logged_at > self.log_through:  # else the build folded it
-                self._fold(record, renewed.get(id(record), record.vector))
-            self.position = record.position
+        """Fold log records in order (those the build folded already are skipped); return how
+        many were read."""
+        unfolded = [r for r in records if r.logged_at > self.log_through]
+        upserts = [r for r in unfolded if r.product.operation == "upsert"]
+        vectors = self._vectors(upserts) if self.lexicon is not None else [None] * len(upserts)
+        retitled = [i for i, vector in enumerate(vectors) if vector is not None]
+        titles = [upserts[i].product.title for i in retitled]
+        words = self.lexicon.lexical.distinct_terms(titles) if retitled else []
+        rows = self._place(unfolded)
+        for i, terms in zip(retitled, words, strict=True):
+            row = self.row_of[upserts[i].product.product_id]
+            self._put_vector(row, np.asarray(vectors[i], dtype=np.float32).reshape(-1))
+            self.lexicon.put(row, upserts[i].product.title, terms)
+        if upserts:
+            self.attributes = self.attributes.with_rows(
+                [self.row_of[r.product.product_id] for r in upserts],
+                rows,
+                [r.product.price for r in upserts],
+                [r.product.in_stock for r in upserts],
+                [category_path(r.product.category) for r in upserts],
+            )
+        if records:
+            self.position = records[-1].position
         self.applied += len(records)
         return len(records)
 
-    def _fold(self, record: CatalogueRecord, vector: np.ndarray | None) -> None:
-        product = record.product
-        row = self.row_of.get(product.product_id)
-        if product.operation == "delete":
-            if row is not None:
-                self.alive[row] = False
-            return
-        if row is None:
-            row = self.rows
-            self.row_of[product.product_id] = row
-            self.product_ids = np.append(self.product_ids, np.int64(product.product_id))
-            self.titles.append(product.title)
-            self.alive = np.append(self.alive, True)
-        self.alive[row] = True
-        self.titles[row] = product.title
-        self.attributes = self.attributes.with_row(
-            row, self.rows, product.price, product.in_stock, category_path(product.category)
-        )
-        if self.lexicon is not None and vector is not None:
-            self._put_vector(row, np.asarray(vector, dtype=np.float32).reshape(-1))
-            self.lexicon.put(row, product.title)
+    def _vectors(self, upserts: Sequence[CatalogueRecord]) -> list[np.ndarray | None]:
+        """Each upsert's vector; None where the product keeps its title (and so its vector). A new
+        title logged without a vector, or by another build's encoder, is embedded here."""
+        current: dict[int, str | None] = {}
+        vectors: list[np.ndarray | None] = []
+        to_embed = []
+        for i, record in enumerate(upserts):
+            product = record.product
+            row = self.row_of.get(product.product_id)
+            before = current.get(product.product_id, None if row is None else self.titles[row])
+            current[product.product_id] = product.title
+            if before == product.title:  # repriced, restocked, recategorised: the same vector
+                vectors.append(None)
+            elif record.vector is not None and record.encoder == self.encoder:
+                vectors.append(record.vector)
+            else:
+                vectors.append(None)
+                to_embed.append(i)
+        if to_embed:
+            if self.embed is None:
+                raise RuntimeError("catalogue titles to embed, and no encoder here")
+            embedded = self.embed([upserts[i].product.title for i in to_embed])
+            for i, vector in zip(to_embed, embedded, strict=True):
+                vectors[i] = vector
+        return vectors
+
+    def _place(self, records: Sequence[CatalogueRecord]) -> int:
+        """Give new products their rows, set titles and which rows are listed, in log order;
+        return the number of rows."""
+        new = {
+            r.product.product_id: None
+            for r in records
+            if r.product.operation == "upsert" and r.product.product_id not in self.row_of
+        }
+        if new:
+            self.product_ids = np.concatenate([self.product_ids, np.fromiter(new, np.int64)])
+            self.alive = np.concatenate([self.alive, np.ones(len(new), dtype=bool)])
+            for pid in new:
+                self.row_of[pid] = len(self.titles)
+                self.titles.append("")
+        for record in records:
+            row = self.row_of.get(record.product.product_id)
+            if row is None:  # a delete of a product never listed
+                continue
+            upsert = record.product.operation == "upsert"
+            self.alive[row] = upsert
+            if upsert:
+                self.titles[row] = record.product.title
+        return len(self.titles)
 
     def _put_vector(self, row: int, vector: np.ndarray) -> None:
         if row in self.delta_position:

@@ -25,7 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from . import store
-from .catalogue import UNKNOWN_STOCK, CatalogueRecord, CatalogueUpdate, Embed, ProductUpdate
+from .catalogue import (
+    UNKNOWN_STOCK,
+    CatalogueRecord,
+    CatalogueUpdate,
+    Embed,
+    LiveCatalogue,
+    ProductUpdate,
+    refresh_catalogue,
+)
+from .filters import Attributes
 from .redis_link import is_redis
 from .validation import InvalidRequest
 
@@ -65,13 +74,14 @@ CREATE TABLE IF NOT EXISTS catalogue_updates (
 
 
 def _rows(
-    update: CatalogueUpdate, vectors: np.ndarray | None, encoder: str, now: float
+    update: CatalogueUpdate, vectors: Sequence[np.ndarray | None] | None, encoder: str, now: float
 ) -> list[tuple]:
-    """One log row per product (in _FIELDS order); upserts take the next of ``vectors``."""
-    rows, upserts = [], iter([] if vectors is None else vectors)
+    """One log row per product (in _FIELDS order); upserts take the next of ``vectors`` (None:
+    the product keeps its title, and its vector)."""
+    rows, upserts = [], iter([None] * len(update.upserts()) if vectors is None else vectors)
     for p in update.products:
-        upsert = p.operation == "upsert"
-        vector = np.asarray(next(upserts), dtype=np.float32).tobytes() if upsert else None
+        given = next(upserts) if p.operation == "upsert" else None
+        vector = None if given is None else np.asarray(given, dtype=np.float32).tobytes()
         rows.append(
             (
                 update.update_id,
@@ -81,7 +91,7 @@ def _rows(
                 None if math.isnan(p.price) else p.price,
                 p.in_stock,
                 p.category,
-                encoder if upsert else "",
+                "" if vector is None else encoder,
                 vector,
                 now,
             )
@@ -279,15 +289,19 @@ def export_updates(log: CatalogueLog, path: Path) -> dict:
 
 
 class CatalogueWriter:
-    """The catalogue endpoint's logic: embed the upserted titles with the served encoder, then
-    append each update to the log (each all or nothing)."""
+    """The catalogue endpoint's logic: embed the new titles of upserts with the served encoder,
+    then append each update to the log (each all or nothing). An upsert that keeps its product's
+    title (a new price or stock) is logged without a vector: its vector stays."""
 
     EMBED_BATCH = 256
 
-    def __init__(self, log: CatalogueLog, embed: Embed, encoder: str) -> None:
+    def __init__(
+        self, log: CatalogueLog, embed: Embed, encoder: str, titles: LiveCatalogue | None = None
+    ) -> None:
         self.log = log
         self.embed = embed
         self.encoder = encoder
+        self.titles = titles  # the catalogue's titles now (the build's, with the log over it)
 
     @classmethod
     def from_repository(cls, repository: Path, version: int | None = None) -> CatalogueWriter:
@@ -299,37 +313,57 @@ class CatalogueWriter:
         if not location:
             raise RuntimeError(f"no catalogue log: {CATALOGUE_LOG_ENV} is not set")
         tokenizer = load_tokenizer(repository, version)
-        encoder = OnnxEncoder(store.in_process_model_file(repository, store.ENCODER, version), 1)
+        parameters = store.config_parameters(repository, store.CATALOGUE)
+        encoder = OnnxEncoder(
+            store.in_process_model_file(repository, store.ENCODER, version),
+            int(parameters.get("intra_op_threads", "1")),
+        )
+        log = open_catalogue_log(location)
+        titles = LiveCatalogue(store.load_catalogue(repository, version), Attributes(), log=log)
+        titles.refresh()
         return cls(
-            open_catalogue_log(location),
-            lambda titles: encoder(*tokenizer.batch(titles)),
+            log,
+            lambda texts: encoder(*tokenizer.batch(texts)),
             encoder_digest(repository, version),
+            titles,
         )
 
     def write(self, updates: Sequence[CatalogueUpdate]) -> list[bool | InvalidRequest]:
         """For each update: True (applied), False (a retry of an applied one) or the
-        InvalidRequest that refused it. The titles of all of them are embedded together."""
-        titles = [title for update in updates for title in update.titles()]
-        vectors = self._embed(titles)
+        InvalidRequest that refused it. The new titles of all of them are embedded together."""
+        refresh_catalogue(self.titles)
+        retitled = [[self._retitled(p) for p in update.upserts()] for update in updates]
+        titles = [
+            p.title
+            for update, flags in zip(updates, retitled, strict=True)
+            for p, new in zip(update.upserts(), flags, strict=True)
+            if new
+        ]
+        embedded = iter(self._embed(titles))
         results: list[bool | InvalidRequest] = []
-        start = 0
-        for update in updates:
-            count = len(update.titles())
+        for update, flags in zip(updates, retitled, strict=True):
+            vectors = [next(embedded) if new else None for new in flags]
             try:
-                results.append(
-                    self.log.append(update, vectors[start : start + count], self.encoder)
-                )
+                results.append(self.log.append(update, vectors, self.encoder))
             except InvalidRequest as exc:
                 results.append(exc)
-            start += count
         return results
 
+    def _retitled(self, product: ProductUpdate) -> bool:
+        """Whether an upsert gives its product a title it does not have now (or adds it)."""
+        if self.titles is None:
+            return True
+        row = self.titles.row_of.get(product.product_id)
+        return row is None or self.titles.titles[row] != product.title
+
     def _embed(self, titles: list[str]) -> np.ndarray:
+        """Embeddings in the order of ``titles``, computed in batches of similar length (a batch
+        is padded to its longest title)."""
         if not titles:
             return np.empty((0, 0), dtype=np.float32)
-        return np.concatenate(
-            [
-                self.embed(titles[i : i + self.EMBED_BATCH])
-                for i in range(0, len(titles), self.EMBED_BATCH)
-            ]
-        )
+        order = np.argsort([len(t) for t in titles], kind="stable")
+        chunks = [order[i : i + self.EMBED_BATCH] for i in range(0, len(order), self.EMBED_BATCH)]
+        embedded = np.concatenate([self.embed([titles[i] for i in chunk]) for chunk in chunks])
+        out = np.empty_like(embedded)
+        out[order] = embedded
+        return out

@@ -152,34 +152,42 @@ class Attributes:
             categories,
         )
 
-    def with_row(
-        self, row: int, rows: int, price: float, in_stock: int, category: tuple[str, ...]
+    def with_rows(
+        self,
+        rows: Sequence[int],
+        count: int,
+        prices: Sequence[float],
+        stock: Sequence[int],
+        categories: Sequence[tuple[str, ...]],
     ) -> Attributes:
-        """These attributes over ``rows`` rows, row ``row`` set to a catalogue update's values
-        (``in_stock`` -1: unknown). A column the build lacked starts with this update."""
+        """These attributes over ``count`` rows, ``rows`` set to catalogue updates' values in
+        order (a price NaN and a stock -1 are unknown). A column the build lacked starts with the
+        first update that gives it."""
 
         def grown(values: np.ndarray | None, fill: object, dtype: type) -> np.ndarray:
-            if values is None:
-                values = np.full(0, fill, dtype=dtype)
-            out = np.full(rows, fill, dtype=dtype)
-            out[: len(values)] = values
+            out = np.full(count, fill, dtype=dtype)
+            if values is not None:
+                out[: len(values)] = values
             return out
 
-        price_column = self.price
-        if price_column is not None or not math.isnan(price):
-            price_column = grown(self.price, np.nan, np.float32)
-            price_column[row] = price
-        stock_column = self.in_stock
-        if stock_column is not None or in_stock >= 0:
-            stock_column = grown(self.in_stock, False, bool)
-            stock_column[row] = in_stock == 1
-        codes, categories = self.category_codes, self.categories
-        if codes is not None or category:
+        price = self.price
+        if price is not None or not all(math.isnan(p) for p in prices):
+            price = grown(self.price, np.nan, np.float32)
+            price[list(rows)] = prices
+        in_stock = self.in_stock
+        if in_stock is not None or any(s >= 0 for s in stock):
+            in_stock = grown(self.in_stock, False, bool)
+            in_stock[list(rows)] = [s == 1 for s in stock]
+        codes, known = self.category_codes, self.categories
+        if codes is not None or any(categories):
             codes = grown(self.category_codes, -1, np.int32)
-            if category and category not in categories:
-                categories = (*categories, category)
-            codes[row] = categories.index(category) if category else -1
-        return Attributes(price_column, stock_column, codes, categories)
+            index = {path: code for code, path in enumerate(known)}
+            for row, path in zip(rows, categories, strict=True):
+                if path and path not in index:
+                    index[path] = len(index)
+                codes[row] = index[path] if path else -1
+            known = tuple(index)
+        return Attributes(price, in_stock, codes, known)
 
     def save(self, path: Path) -> None:
         arrays = {

@@ -144,15 +144,15 @@ class LexicalIndex:
     def size(self) -> int:
         return len(self.words.offsets) - 1
 
-    def analyze(self, text: str) -> QueryTerms:
-        (tokens,) = bm25s.tokenize(
-            [text],
-            stopwords=STOPWORDS,
-            stemmer=self.stemmer,
-            return_ids=False,
-            show_progress=False,
+    def distinct_terms(self, texts: list[str]) -> list[list[str]]:
+        """Each text's distinct stemmed terms (stopwords dropped), in order, as the index has them."""
+        tokens = bm25s.tokenize(
+            texts, stopwords=STOPWORDS, stemmer=self.stemmer, return_ids=False, show_progress=False
         )
-        words = list(dict.fromkeys(tokens))
+        return [list(dict.fromkeys(t)) for t in tokens]
+
+    def analyze(self, text: str) -> QueryTerms:
+        (words,) = self.distinct_terms([text])
         grams = char_trigrams(text)
         return QueryTerms(
             words,

@@ -56,7 +56,7 @@ def test_an_update_is_read_whole() -> None:
     deleted = parsed.products[1]
     assert (deleted.operation, deleted.product_id, deleted.title) == ("delete", 8, "")
     assert math.isnan(deleted.price) and deleted.in_stock == -1
-    assert parsed.titles() == ["Cordless drill"]
+    assert [p.title for p in parsed.upserts()] == ["Cordless drill"]
 
 
 def test_bad_rows_are_named_and_nothing_is_taken() -> None:
@@ -310,4 +310,32 @@ def test_the_log_exports_for_the_next_build_which_serving_then_skips(tmp_path) -
     assert live.refresh() == 4 and not live.changed  # every record is in the build already
     log.append(update("e", ["delete"], [9], [""]), None, "e")
     assert live.refresh() == 1 and not live.known(9)
+    log.close()
+
+
+def test_a_new_price_keeps_the_title_and_its_vector(tmp_path, small_shop) -> None:
+    """The writer embeds only titles the catalogue does not have; readers keep the vector."""
+    from shopserve.ensemble.catalogue_log import CatalogueWriter
+
+    live, _, vectors, embedded = small_shop
+    log = SqliteCatalogueLog(tmp_path / "catalogue.sqlite")
+    titles = LiveCatalogue(Catalogue(live.product_ids.copy(), list(TITLES)), Attributes(), log=log)
+    written: list[str] = []
+
+    def embed(texts: list[str]) -> np.ndarray:
+        written.extend(texts)
+        return np.stack([unit(np.arange(1, 9)) for _ in texts])
+
+    writer = CatalogueWriter(log, embed, "enc", titles)
+    repriced = update("p1", ["upsert", "upsert"], [101, 990], ["claw hammer steel", "new drill"],
+                      prices=np.array([3.5, 20.0]))  # fmt: skip
+    assert writer.write([repriced]) == [True]
+    assert written == ["new drill"]  # the hammer kept its title: not embedded again
+    hammer, drill = log.records()
+    assert hammer.vector is None and hammer.encoder == "" and drill.vector is not None
+    live.log = log
+    live.refresh()
+    assert np.allclose(live.vectors(np.array([1]))[0], vectors[1])  # the build's vector stays
+    assert live.delta_rows == [6] and embedded == []  # only the new product is in the delta
+    assert live.attributes.price[1] == 3.5
     log.close()

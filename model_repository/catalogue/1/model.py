@@ -25,10 +25,12 @@ from shopserve.ensemble.triton_adapter import (
 from shopserve.ensemble.validation import InvalidRequest
 
 ADMIN_KEY_ENV = "SHOPSERVE_ADMIN_KEY"
+NICENESS = 10
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        os.nice(NICENESS)  # embedding updates yields the CPU to the requests shoppers wait for
         version_dir, _ = model_context(args)
         self.writer = CatalogueWriter.from_repository(version_dir.parents[1], int(version_dir.name))
         self.operator_key = os.environ.get(ADMIN_KEY_ENV)
