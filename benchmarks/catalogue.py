@@ -6,6 +6,8 @@
 * **Update throughput**: CONCURRENCY clients send upserts of BATCH new products each (real Home
   Depot titles with a suffix: new strings, so every title is embedded), back to back for
   DURATION_S: products a second, embedding and the durable log write included.
+* **Repricing throughput**: the same, for the build's products with their own titles and a new
+  price: nothing to embed (the log keeps their vectors).
 * **Visible on the next request**: VISIBILITY_CHECKS updates, each followed at once by a search
   for its title: the share found in the top 10.
 
@@ -19,6 +21,7 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,6 +42,26 @@ STREAM_INTERVAL_S = 0.05  # 20 products a second
 ROUNDS = 3
 VISIBILITY_CHECKS = 100
 FIRST_NEW_ID = 900_000_000
+
+
+class _Repricing:
+    """Batches of the build's products with their own titles and a new price: no title to embed."""
+
+    def __init__(self, catalogue: store.Catalogue) -> None:
+        self.catalogue = catalogue
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def take(self) -> list[ProductChange]:
+        with self.lock:
+            start, self.count = self.count, self.count + BATCH
+        rows = [i % len(self.catalogue) for i in range(start, start + BATCH)]
+        return [
+            ProductChange(
+                int(self.catalogue.product_ids[r]), self.catalogue.titles[r], 1 + start % 97, True
+            )
+            for r in rows
+        ]
 
 
 class _Titles:
@@ -69,14 +92,14 @@ def _stream(url: str, titles: _Titles, stop: threading.Event) -> None:
             time.sleep(max(0.0, next_at - time.monotonic()))
 
 
-def _throughput(url: str, titles: _Titles) -> dict:
+def _throughput(url: str, batches: Callable[[], list[ProductChange]]) -> dict:
     sent = [0] * CONCURRENCY
     deadline = time.monotonic() + DURATION_S
 
     def client_loop(worker: int) -> None:
         with SearchClient(url, timeout=60) as client:
             while time.monotonic() < deadline:
-                sent[worker] += client.update_catalogue(titles.take(BATCH)).applied
+                sent[worker] += client.update_catalogue(batches()).applied
 
     started = time.monotonic()
     workers = [threading.Thread(target=client_loop, args=(w,)) for w in range(CONCURRENCY)]
@@ -107,7 +130,8 @@ def run(repository: Path, out: Path, queries: int = 1000) -> Path:
     search_data = write_perf_analyzer_data(
         load_traffic(manifest, queries).queries, out / "raw" / "catalogue_search.json"
     )
-    titles = _Titles(store.load_catalogue(repository).titles)
+    catalogue = store.load_catalogue(repository)
+    titles = _Titles(catalogue.titles)
     work = WORK_DIR / "triton" / "catalogue"
     shutil.rmtree(work / "catalogue", ignore_errors=True)  # the log starts empty
     config = ServerConfig(repository, *free_ports(3), work_dir=work)
@@ -136,7 +160,8 @@ def run(repository: Path, out: Path, queries: int = 1000) -> Path:
                 streamer.join()
             rises.append(busy["p99_us"] / quiet["p99_us"])
         with cpu_lock("catalogue throughput"):
-            throughput = _throughput(server.grpc_url, titles)
+            throughput = _throughput(server.grpc_url, lambda: titles.take(BATCH))
+            repricing = _throughput(server.grpc_url, _Repricing(catalogue).take)
         visibility = _visibility(server.grpc_url, titles)
         after = measure("search_c1_after_updates")
     result = {
@@ -146,6 +171,7 @@ def run(repository: Path, out: Path, queries: int = 1000) -> Path:
         "search_p99_rises": rises,
         "stream_products_per_s": 1 / STREAM_INTERVAL_S,
         "throughput": {"concurrency": CONCURRENCY, "batch": BATCH, **throughput},
+        "repricing": repricing,
         "visibility": visibility,
         "products_added": titles.count,
         "search_p50_after_over_before": after["p50_us"]
@@ -175,6 +201,9 @@ def markdown(result: dict) -> str:
             f"| updates at concurrency {throughput['concurrency']}, {throughput['batch']} new "
             f"products each, embedding included | {throughput['products_per_s']:.0f} products/s "
             f"({throughput['products']} in {throughput['seconds']:.1f} s) | ≥ 200 |",
+            f"| updates at concurrency {throughput['concurrency']} repricing the build's products "
+            f"({throughput['batch']} each, same titles: nothing to embed) "
+            f"| {result['repricing']['products_per_s']:.0f} products/s | – |",
             f"| search p99 at concurrency 1 while {result['stream_products_per_s']:.0f} products/s "
             f"stream in, over quiet (median of {len(result['search_p99_rises'])} rounds: {rises}) "
             f"| {result['search_p99_with_updates_over_quiet']:.2f} | ≤ 1.20 |",
