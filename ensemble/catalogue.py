@@ -372,6 +372,7 @@ class LiveCatalogue:
         self.delta_rows: list[int] = []  # rows whose vector is in delta_vectors, in its order
         self.delta_position: dict[int, int] = {}
         self.delta_array = np.empty(0, dtype=np.int64)  # delta_rows as an array
+        self.superseded = np.zeros(self.base_rows, dtype=bool)  # the build's rows now in the delta
         self.delta_vectors = np.empty((0, 0), dtype=np.float32)  # a view of _vector_buffer
         self._vector_buffer = np.empty((0, 0), dtype=np.float32)
         self.position = ""  # the last log record folded
@@ -398,16 +399,17 @@ class LiveCatalogue:
         return self.rows > self.base_rows or bool(self.delta_rows) or not self.alive.all()
 
     def in_delta(self, rows: np.ndarray) -> np.ndarray:
-        if not self.delta_rows:
-            return np.zeros(len(rows), dtype=bool)
-        return np.isin(rows, self.delta_array)
+        """Which ``rows`` the delta answers for: every product added since the build, and the
+        build's products retitled since."""
+        rows = np.asarray(rows, dtype=np.int64)
+        added = rows >= self.base_rows
+        return added | self.superseded[np.where(added, 0, rows)] & ~added
 
     def base_allowed(self, allowed: np.ndarray | None) -> np.ndarray | None:
         """The build's rows a request may be answered with: alive, not superseded, and allowed."""
         if not self.changed:
             return None if allowed is None else allowed[: self.base_rows]
-        mask = self.alive[: self.base_rows].copy()
-        mask[self.delta_array[self.delta_array < self.base_rows]] = False  # superseded
+        mask = self.alive[: self.base_rows] & ~self.superseded
         return mask if allowed is None else mask & allowed[: self.base_rows]
 
     def live_rows(self, allowed: np.ndarray | None) -> np.ndarray | None:
@@ -522,6 +524,8 @@ class LiveCatalogue:
         self.delta_position[row] = len(self.delta_rows)
         self.delta_rows.append(row)
         self.delta_array = np.append(self.delta_array, np.int64(row))
+        if row < self.base_rows:
+            self.superseded[row] = True
 
     def search_delta(
         self, query: np.ndarray, n: int, allowed: np.ndarray | None
@@ -532,8 +536,12 @@ class LiveCatalogue:
         if not rows.size:
             return rows, np.empty(0, dtype=np.float32)
         keep = self.alive[rows] if allowed is None else self.alive[rows] & allowed[rows]
-        rows, scores = rows[keep], self.delta_vectors[keep] @ query
-        best = np.argsort(-scores, kind="stable")[:n]
+        scores = self.delta_vectors @ query  # all, then the kept: no copy of the vectors
+        rows, scores = rows[keep], scores[keep]
+        if len(rows) > n:
+            top = np.argpartition(-scores, n - 1)[:n]
+            rows, scores = rows[top], scores[top]
+        best = np.argsort(-scores, kind="stable")
         return rows[best], scores[best]
 
     def delta_bm25(self, words: Sequence[str], scores: np.ndarray) -> np.ndarray:
