@@ -545,15 +545,7 @@ class SearchClient(_ClientSettings):
         """Record a batch (all or nothing); returns how many events were new. Transient failures
         (unreachable, overloaded, deadline) are retried with the same event ids, so they count
         once."""
-        call = self._events_call(events, timeout)
-        pauses = _retry_delays()
-        while True:
-            try:
-                return self._send(call)
-            except SearchError as exc:
-                if not _retryable(exc, len(pauses)):
-                    raise
-                time.sleep(pauses.pop(0))
+        return self._send_with_retries(self._events_call(events, timeout))
 
     def forget(self, user_id: str | bytes, timeout: float | None = None) -> bool:
         """Erase everything stored about a shopper (needs the operator's key, ``admin_key``);
@@ -570,14 +562,7 @@ class SearchClient(_ClientSettings):
         when this returns. Transient failures are retried under the same ``update_id`` (a fresh
         UUID by default), so the update applies once."""
         call = self._catalogue_call(update_id or uuid.uuid4().hex, changes, timeout)
-        pauses = _retry_delays()
-        while True:
-            try:
-                return self._send(call)
-            except SearchError as exc:
-                if not _retryable(exc, len(pauses)):
-                    raise
-                time.sleep(pauses.pop(0))
+        return self._send_with_retries(call)
 
     def _batched(self, model: str) -> bool:
         """Whether ``model`` batches (its inputs then carry a batch dimension): asked once."""
@@ -594,6 +579,17 @@ class SearchClient(_ClientSettings):
             return call.parse(self._client.infer(call.model, call.inputs, **call.options))
         except InferenceServerException as exc:
             raise map_error(exc) from exc
+
+    def _send_with_retries(self, call: _Call) -> Any:
+        """Send ``call``, again after each transient failure (its ids make a retry count once)."""
+        pauses = _retry_delays()
+        while True:
+            try:
+                return self._send(call)
+            except SearchError as exc:
+                if not _retryable(exc, len(pauses)):
+                    raise
+                time.sleep(pauses.pop(0))
 
     def search_many(
         self,
@@ -770,15 +766,7 @@ class AsyncSearchClient(_ClientSettings):
         """Record a batch (all or nothing); returns how many events were new. Transient failures
         (unreachable, overloaded, deadline) are retried with the same event ids, so they count
         once."""
-        call = self._events_call(events, timeout)
-        pauses = _retry_delays()
-        while True:
-            try:
-                return await self._send(call)
-            except SearchError as exc:
-                if not _retryable(exc, len(pauses)):
-                    raise
-                await asyncio.sleep(pauses.pop(0))
+        return await self._send_with_retries(self._events_call(events, timeout))
 
     async def forget(self, user_id: str | bytes, timeout: float | None = None) -> bool:
         """Erase everything stored about a shopper (needs the operator's key, ``admin_key``);
@@ -793,14 +781,7 @@ class AsyncSearchClient(_ClientSettings):
     ) -> CatalogueApplied:
         """Upsert and delete products (all or nothing); see SearchClient.update_catalogue."""
         call = self._catalogue_call(update_id or uuid.uuid4().hex, changes, timeout)
-        pauses = _retry_delays()
-        while True:
-            try:
-                return await self._send(call)
-            except SearchError as exc:
-                if not _retryable(exc, len(pauses)):
-                    raise
-                await asyncio.sleep(pauses.pop(0))
+        return await self._send_with_retries(call)
 
     async def _batched(self, model: str) -> bool:
         """Whether ``model`` batches (its inputs then carry a batch dimension): asked once."""
@@ -817,6 +798,17 @@ class AsyncSearchClient(_ClientSettings):
             return call.parse(await self._triton().infer(call.model, call.inputs, **call.options))
         except InferenceServerException as exc:
             raise map_error(exc) from exc
+
+    async def _send_with_retries(self, call: _Call) -> Any:
+        """Send ``call``, again after each transient failure (its ids make a retry count once)."""
+        pauses = _retry_delays()
+        while True:
+            try:
+                return await self._send(call)
+            except SearchError as exc:
+                if not _retryable(exc, len(pauses)):
+                    raise
+                await asyncio.sleep(pauses.pop(0))
 
     async def close(self) -> None:
         if self._client is not None:

@@ -60,6 +60,11 @@ class ProductUpdate:
     in_stock: int = UNKNOWN_STOCK
     category: str = ""
 
+    def fields(self) -> tuple:
+        """operation, product id, title, price (None: unknown), stock, category."""
+        price = None if math.isnan(self.price) else self.price
+        return (self.operation, self.product_id, self.title, price, self.in_stock, self.category)
+
 
 @dataclass(frozen=True)
 class CatalogueUpdate:
@@ -68,17 +73,7 @@ class CatalogueUpdate:
 
     def digest(self) -> str:
         """What a retry must repeat: the same update id with other rows is refused."""
-        rows = [
-            [
-                p.operation,
-                p.product_id,
-                p.title,
-                None if math.isnan(p.price) else p.price,
-                p.in_stock,
-                p.category,
-            ]
-            for p in self.products
-        ]
+        rows = [list(p.fields()) for p in self.products]
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:32]
 
     def upserts(self) -> list[ProductUpdate]:

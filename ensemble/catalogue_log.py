@@ -82,20 +82,7 @@ def _rows(
     for p in update.products:
         given = next(upserts) if p.operation == "upsert" else None
         vector = None if given is None else np.asarray(given, dtype=np.float32).tobytes()
-        rows.append(
-            (
-                update.update_id,
-                p.operation,
-                p.product_id,
-                p.title,
-                None if math.isnan(p.price) else p.price,
-                p.in_stock,
-                p.category,
-                "" if vector is None else encoder,
-                vector,
-                now,
-            )
-        )
+        rows.append((update.update_id, *p.fields(), "" if vector is None else encoder, vector, now))
     return rows
 
 

@@ -50,6 +50,24 @@ def invalid_argument(exc: Exception):
     )
 
 
+def parse_each(
+    requests: list,
+    parse: Callable[[object], object],
+    refused: tuple[type[Exception], ...] = (InvalidRequest,),
+) -> tuple[list, list[tuple[int, object]]]:
+    """Parse every request alone: one that raises ``refused`` gets INVALID_ARGUMENT in its place
+    and the rest go on. Returns the responses (None where a request parsed) and the (index,
+    parsed) of those that did."""
+    responses: list = [None] * len(requests)
+    valid = []
+    for index, request in enumerate(requests):
+        try:
+            valid.append((index, parse(request)))
+        except refused as exc:
+            responses[index] = invalid_argument(exc)
+    return responses, valid
+
+
 def search_response(result: SearchResult, batched: bool = False):
     """The endpoint's response: PRODUCT_IDS, SCORES and UTF-8 TITLES, best first (with a leading
     batch dimension of 1 for a model with max_batch_size > 0)."""

@@ -188,7 +188,7 @@ def test_updates_are_carried_to_a_new_build(
     serves every update logged while the old one served."""
     with (
         start_server(personal_repository, tmp_path) as old,
-        SearchClient(old.grpc_url, timeout=30) as client,
+        SearchClient(old.grpc_url, timeout=30, security=OPERATOR) as client,
     ):
         client.update_catalogue([ProductChange(NEW_PRODUCT + 30, "Wendlebrook rye sourdough")])
         delisted = ids(client.recommend("1", top_k=10))[0]

@@ -20,6 +20,7 @@ from shopserve.ensemble.triton_adapter import (
     invalid_argument,
     model_context,
     optional_input,
+    parse_each,
     respond,
 )
 from shopserve.ensemble.validation import InvalidRequest
@@ -51,13 +52,7 @@ class TritonPythonModel:
         )
 
     def execute(self, requests: list) -> list:
-        responses = [None] * len(requests)
-        valid = []
-        for index, request in enumerate(requests):
-            try:
-                valid.append((index, self._parse(request)))
-            except (InvalidRequest, OperatorKeyError) as exc:
-                responses[index] = invalid_argument(exc)
+        responses, valid = parse_each(requests, self._parse, (InvalidRequest, OperatorKeyError))
         if not valid:
             return responses
         try:

@@ -11,12 +11,11 @@ from shopserve.ensemble.personal import LiveEvents
 from shopserve.ensemble.triton_adapter import (
     freeze_loaded_state,
     input_array,
-    invalid_argument,
     model_context,
     optional_input,
+    parse_each,
     respond,
 )
-from shopserve.ensemble.validation import InvalidRequest
 
 
 class TritonPythonModel:
@@ -37,14 +36,8 @@ class TritonPythonModel:
         )
 
     def execute(self, requests: list) -> list:
-        responses = [None] * len(requests)
-        valid = []
         known_products = self.live.known_products()
-        for index, request in enumerate(requests):
-            try:
-                valid.append((index, self._parse(request, known_products)))
-            except InvalidRequest as exc:
-                responses[index] = invalid_argument(exc)
+        responses, valid = parse_each(requests, lambda r: self._parse(r, known_products))
         if valid:
             try:
                 accepted = self.live.record([batch for _, batch in valid])
