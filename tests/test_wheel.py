@@ -105,6 +105,11 @@ def test_a_non_editable_install_builds_serves_and_answers(wheel, data_dir, tmp_p
                 if probe.ready() or server.poll() is not None:
                     break
                 time.sleep(0.5)
+        # The launcher polls readiness too, every 0.25 s: give its line the time to follow.
+        for _ in range(20):
+            if "shopserve ready" in (tmp_path / "launcher.out").read_text():
+                break
+            time.sleep(0.25)
         assert "shopserve ready" in (tmp_path / "launcher.out").read_text()
         answer = run(
             tmp_path / "env" / "bin" / "shopserve", "search", "cordless drill", "-k", "3",
