@@ -364,9 +364,8 @@ class LiveCatalogue:
                 LiveTerms(lexical.words, self, False), LiveTerms(lexical.trigrams, self, True)
             )
         )
-        self.delta_rows: list[int] = []  # rows whose vector is in delta_vectors, in its order
-        self.delta_position: dict[int, int] = {}
-        self.delta_array = np.empty(0, dtype=np.int64)  # delta_rows as an array
+        self.delta_position: dict[int, int] = {}  # row -> its place in delta_vectors
+        self.delta_array = np.empty(0, dtype=np.int64)  # the delta's rows, in that order
         self.superseded = np.zeros(self.base_rows, dtype=bool)  # the build's rows now in the delta
         self.delta_vectors = np.empty((0, 0), dtype=np.float32)  # a view of _vector_buffer
         self._vector_buffer = np.empty((0, 0), dtype=np.float32)
@@ -391,7 +390,11 @@ class LiveCatalogue:
 
     @property
     def changed(self) -> bool:
-        return self.rows > self.base_rows or bool(self.delta_rows) or not self.alive.all()
+        return self.rows > self.base_rows or bool(self.delta_array.size) or not self.alive.all()
+
+    @property
+    def delta_rows(self) -> list[int]:
+        return self.delta_array.tolist()
 
     def in_delta(self, rows: np.ndarray) -> np.ndarray:
         """Which ``rows`` the delta answers for: every product added since the build, and the
@@ -508,7 +511,7 @@ class LiveCatalogue:
         if row in self.delta_position:
             self.delta_vectors[self.delta_position[row]] = vector
             return
-        used = len(self.delta_rows)
+        used = len(self.delta_array)
         if used == len(self._vector_buffer):  # grow by doubling: appends cost O(1) on average
             grown = np.empty((max(2 * used, 64), vector.size), dtype=np.float32)
             if used:
@@ -516,8 +519,7 @@ class LiveCatalogue:
             self._vector_buffer = grown
         self._vector_buffer[used] = vector
         self.delta_vectors = self._vector_buffer[: used + 1]
-        self.delta_position[row] = len(self.delta_rows)
-        self.delta_rows.append(row)
+        self.delta_position[row] = used
         self.delta_array = np.append(self.delta_array, np.int64(row))
         if row < self.base_rows:
             self.superseded[row] = True
@@ -546,7 +548,7 @@ class LiveCatalogue:
             return scores
         out = np.zeros(self.rows, dtype=np.float32)
         out[: self.base_rows] = scores
-        if self.delta_rows and self.lexicon is not None:
+        if self.delta_array.size and self.lexicon is not None:
             out[self.delta_array] = 0.0  # a changed row's build score was for its old title
             rows, values = self.lexicon.bm25(words)
             out[rows] = values
@@ -559,7 +561,7 @@ class LiveCatalogue:
             "position": self.position,
             "applied": self.applied,
             "added": self.rows - self.base_rows,
-            "changed": len(self.delta_rows),
+            "changed": len(self.delta_array),
             "deleted": int((~self.alive).sum()),
         }
 
