@@ -96,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     catalogue.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     catalogue.add_argument("--out", type=Path, default=RESULTS_DIR)
+    memory = commands.add_parser(
+        "memory", help="the server's memory (PSS, RSS) against search instances and catalogue size"
+    )
+    memory.add_argument(
+        "--repository", type=Path, action="append", help="a store (repeat for several)"
+    )
+    memory.add_argument("--out", type=Path, default=RESULTS_DIR)
     smoke = commands.add_parser("smoke", help="seconds of everything (CI)")
     smoke.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     smoke.add_argument("--out", type=Path, default=WORK_DIR / "smoke")
@@ -176,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             from .catalogue import run as run_catalogue
 
             path = run_catalogue(args.repository, args.out)
+        elif args.command == "memory":
+            from .memory import run as run_memory
+
+            path = run_memory(args.repository or [BUILT_REPOSITORY], args.out)
         elif args.command == "smoke":
             from .run import smoke as run_smoke
 

@@ -32,7 +32,7 @@ import numpy as np
 from . import store
 from .filters import Attributes, category_path
 from .lexical import LexicalIndex, QueryTerms, char_trigrams
-from .store import Catalogue
+from .store import Catalogue, ProductRows
 from .validation import InvalidRequest, decode_text
 
 if TYPE_CHECKING:
@@ -327,6 +327,34 @@ class LiveTitleTerms:
     trigrams: LiveTerms
 
 
+class LiveTitles(Sequence[str]):
+    """Titles by row: the build's (shared, mapped), with the titles set since over them."""
+
+    def __init__(self, built: Sequence[str]) -> None:
+        self.built = built
+        self.changed: dict[int, str] = {}
+        self.rows = len(built)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, row: int) -> str:
+        if row in self.changed:
+            return self.changed[row]
+        if not 0 <= row < self.rows:
+            raise IndexError(f"title row {row} out of range ({self.rows} rows)")
+        return self.built[row]
+
+    def __setitem__(self, row: int, title: str) -> None:
+        if not 0 <= row < self.rows:
+            raise IndexError(f"title row {row} out of range ({self.rows} rows)")
+        self.changed[row] = title
+
+    def append(self, title: str) -> None:
+        self.changed[self.rows] = title
+        self.rows += 1
+
+
 class LiveCatalogue:
     """The build's catalogue with the catalogue log folded over it.
 
@@ -348,9 +376,9 @@ class LiveCatalogue:
         self.log = log
         self.log_through = catalogue.log_through
         self.base_rows = len(catalogue)
-        self.product_ids = catalogue.product_ids.copy()
-        self.titles = list(catalogue.titles)
-        self.row_of = {pid: row for row, pid in enumerate(self.product_ids.tolist())}
+        self.product_ids = catalogue.product_ids  # never written: a new product makes a new array
+        self.titles = LiveTitles(catalogue.titles)
+        self.row_of = ProductRows(self.product_ids)
         self.alive = np.ones(self.base_rows, dtype=bool)
         self.attributes = attributes
         self.encoder = encoder
@@ -495,7 +523,7 @@ class LiveCatalogue:
             self.product_ids = np.concatenate([self.product_ids, np.fromiter(new, np.int64)])
             self.alive = np.concatenate([self.alive, np.ones(len(new), dtype=bool)])
             for pid in new:
-                self.row_of[pid] = len(self.titles)
+                self.row_of.add(pid, len(self.titles))
                 self.titles.append("")
         for record in records:
             row = self.row_of.get(record.product.product_id)
@@ -568,12 +596,7 @@ class LiveCatalogue:
 
 def encoder_digest(repository: Path, version: int | None = None) -> str:
     """Names the encoder whose vectors a log record holds: a digest of its served graph."""
-    digest = hashlib.sha256()
-    path = store.in_process_model_file(repository, store.ENCODER, version)
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:32]
+    return store.model_digest(store.in_process_model_file(repository, store.ENCODER, version))[:32]
 
 
 def follow_catalogue_log(

@@ -30,6 +30,7 @@ class DenseIndex:
         self.stored = faiss.rev_swig_ptr(storage.get_xb(), index.ntotal * index.d).reshape(
             index.ntotal, index.d
         )
+        self.stored.flags.writeable = False  # a loaded index maps its file read-only
         embeddings = self.stored.astype(np.float64)
         self.mean = embeddings.mean(0)
         self.second_moment = embeddings.T @ embeddings / max(len(embeddings), 1)
@@ -59,7 +60,9 @@ class DenseIndex:
 
     @classmethod
     def load(cls, path: Path, ef_search: int = DEFAULT_EF_SEARCH) -> DenseIndex:
-        return cls(faiss.read_index(str(path)), ef_search)
+        """The index at ``path``, memory-mapped (vectors and graph): every process that serves
+        it shares one copy of its pages."""
+        return cls(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), ef_search)
 
     @classmethod
     def served(cls, repository: Path, version: int | None = None) -> DenseIndex:

@@ -16,6 +16,9 @@ import Stemmer
 STOPWORDS = "en"
 STEMMER_LANGUAGE = "english"
 _WORD = re.compile(r"\w+")
+# A saved index's files (beside bm25s's own): each title's word and trigram ids.
+WORDS_PREFIX = "title_words"
+TRIGRAMS_PREFIX = "title_trigrams"
 
 
 def top_rows(scores: np.ndarray, n: int) -> np.ndarray:
@@ -52,13 +55,18 @@ class TermSets:
         ids = np.fromiter((i for r in distinct for i in r), dtype=np.int64, count=offsets[-1])
         return cls(ids, offsets)
 
-    def save(self, path: Path) -> None:
-        np.savez(path, ids=self.ids, offsets=self.offsets)
+    def save(self, prefix: Path) -> None:
+        """``<prefix>.ids.npy`` and ``<prefix>.offsets.npy``: plain arrays, so they can be mapped."""
+        np.save(f"{prefix}.ids.npy", self.ids)
+        np.save(f"{prefix}.offsets.npy", self.offsets)
 
     @classmethod
-    def load(cls, path: Path) -> TermSets:
-        with np.load(path) as data:
-            return cls(data["ids"], data["offsets"])
+    def load(cls, prefix: Path) -> TermSets:
+        """The sets saved at ``prefix``, memory-mapped read-only (shared by every process)."""
+        return cls(
+            np.load(f"{prefix}.ids.npy", mmap_mode="r"),
+            np.load(f"{prefix}.offsets.npy", mmap_mode="r"),
+        )
 
     def sizes(self, rows: np.ndarray) -> np.ndarray:
         return self.offsets[rows + 1] - self.offsets[rows]
@@ -118,8 +126,8 @@ class LexicalIndex:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.bm25.save(str(directory), show_progress=False)
-        self.words.save(directory / "title_words.npz")
-        self.trigrams.save(directory / "title_trigrams.npz")
+        self.words.save(directory / WORDS_PREFIX)
+        self.trigrams.save(directory / TRIGRAMS_PREFIX)
         (directory / "analyzer.json").write_text(
             json.dumps(
                 {
@@ -134,9 +142,9 @@ class LexicalIndex:
     def load(cls, directory: Path) -> LexicalIndex:
         analyzer = json.loads((directory / "analyzer.json").read_text())
         return cls(
-            bm25s.BM25.load(str(directory)),
-            TermSets.load(directory / "title_words.npz"),
-            TermSets.load(directory / "title_trigrams.npz"),
+            bm25s.BM25.load(str(directory), mmap=True),
+            TermSets.load(directory / WORDS_PREFIX),
+            TermSets.load(directory / TRIGRAMS_PREFIX),
             analyzer["trigram_vocab"],
         )
 

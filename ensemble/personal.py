@@ -64,9 +64,9 @@ class ProductVectors:
         self.repository = repository
 
     @functools.cached_property
-    def _index(self) -> tuple[DenseIndex, dict[int, int]]:
-        ids = store.load_catalogue(self.repository).product_ids.tolist()
-        return DenseIndex.served(self.repository), {pid: row for row, pid in enumerate(ids)}
+    def _index(self) -> tuple[DenseIndex, store.ProductRows]:
+        ids = store.load_catalogue(self.repository).product_ids
+        return DenseIndex.served(self.repository), store.ProductRows(ids)
 
     def __call__(self, product_id: int) -> np.ndarray:
         dense, row_of = self._index

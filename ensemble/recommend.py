@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import store
 from .dense import DenseIndex
 from .neighbours import ShopperVectors
 from .profiles import BASKET_DECAY, Profile
@@ -202,17 +203,11 @@ class Recommender:
         self.dense = dense
         self.product_ids = product_ids
         self.shoppers = shoppers
-        self.row_of = {pid: row for row, pid in enumerate(product_ids.tolist())}
-        self._by_id = np.argsort(product_ids, kind="stable")
-        self._sorted_ids = product_ids[self._by_id]
+        self.row_of = store.ProductRows(product_ids)
 
     def rows_of(self, product_ids: np.ndarray) -> np.ndarray:
         """Catalogue rows of ``product_ids``; -1 for an id the catalogue does not have."""
-        product_ids = np.asarray(product_ids, dtype=np.int64)
-        if not len(self._sorted_ids):
-            return np.full(len(product_ids), -1, dtype=np.int64)
-        at = np.minimum(np.searchsorted(self._sorted_ids, product_ids), len(self._sorted_ids) - 1)
-        return np.where(self._sorted_ids[at] == product_ids, self._by_id[at], -1).astype(np.int64)
+        return self.row_of.rows(product_ids)
 
     def view(self, profile: Profile, user_key: str = "") -> UserView:
         """The shopper ``user_key`` (left out of their own neighbourhood) as the features see them."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
@@ -31,6 +35,7 @@ DENSE_INDEX_FILE = "dense.faiss"
 LEXICAL_INDEX_DIR = "lexical"
 CATALOGUE_FILE = "catalogue.json"
 ATTRIBUTES_FILE = "attributes.npz"  # retrieve/N: the catalogue's filterable attributes
+WEIGHTS_SUFFIX = ".data"  # an ONNX graph's weights kept beside it: model.onnx -> model.onnx.data
 MANIFEST_FILE = "manifest.json"
 FITTED_FILE = "fitted.json"  # in a version directory: the values the build fitted for it
 # Where the build writes and the server reads by default (git-ignored): never the shipped templates.
@@ -128,6 +133,23 @@ def in_process_model_file(repository: Path, model: str, version: int | None = No
     return model_file(repository, model, version)
 
 
+def weights_file(model_path: Path) -> Path:
+    """Where an ONNX graph's external weights are kept (they need not exist)."""
+    return model_path.with_name(model_path.name + WEIGHTS_SUFFIX)
+
+
+def model_digest(model_path: Path) -> str:
+    """SHA-256 over an ONNX graph's file and its external weights where it has them: two graphs
+    of one shape with other weights must not share a digest."""
+    digest = hashlib.sha256()
+    for path in (model_path, weights_file(model_path)):
+        if path.exists():
+            with path.open("rb") as handle:
+                for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
 def _config_text(repository: Path, model: str) -> str:
     return (Path(repository) / model / "config.pbtxt").read_text(encoding="utf-8")
 
@@ -141,31 +163,142 @@ def adapter_parameters(model_config: dict, version_directory: Path) -> dict[str,
     )
 
 
+class Titles(Sequence[str]):
+    """Titles by catalogue row, kept as one UTF-8 buffer and row offsets; a title is decoded when
+    asked for. Loaded, both arrays are memory-mapped: every process shares one copy."""
+
+    def __init__(self, text: np.ndarray, offsets: np.ndarray) -> None:
+        self.text = text  # uint8: every title's UTF-8 bytes, in row order
+        self.offsets = offsets  # int64 [rows + 1]
+
+    @classmethod
+    def of(cls, titles: Sequence[str]) -> Titles:
+        if isinstance(titles, Titles):
+            return titles
+        encoded = [t.encode("utf-8") for t in titles]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @overload
+    def __getitem__(self, row: int) -> str: ...
+    @overload
+    def __getitem__(self, row: slice) -> list[str]: ...
+    def __getitem__(self, row: int | slice) -> str | list[str]:
+        if isinstance(row, slice):
+            return [self[r] for r in range(*row.indices(len(self)))]
+        if row < 0:
+            row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(f"title row {row} out of range ({len(self)} rows)")
+        start, end = self.offsets[row], self.offsets[row + 1]
+        return self.text[start:end].tobytes().decode("utf-8")
+
+    def __iter__(self) -> Iterator[str]:
+        text = self.text.tobytes()
+        offsets = self.offsets.tolist()
+        for start, end in pairwise(offsets):
+            yield text[start:end].decode("utf-8")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+
 @dataclass(frozen=True)
 class Catalogue:
+    """The products a build serves, by catalogue row. Saved as ``catalogue.json`` (the row count
+    and ``log_through``) beside plain arrays of the ids and titles, which load memory-mapped."""
+
     product_ids: np.ndarray  # int64 [n], by catalogue row
-    titles: list[str]
+    titles: Sequence[str]
     # The catalogue log's updates logged up to this time (Unix seconds) are in this catalogue (the
     # build folded them): serving replays only the later ones.
     log_through: float = 0.0
 
     def save(self, path: Path) -> None:
-        data = {"product_ids": self.product_ids.tolist(), "titles": self.titles}
+        titles = Titles.of(self.titles)
+        np.save(path.with_name(_CATALOGUE_ARRAYS["ids"]), np.asarray(self.product_ids, np.int64))
+        np.save(path.with_name(_CATALOGUE_ARRAYS["text"]), titles.text)
+        np.save(path.with_name(_CATALOGUE_ARRAYS["offsets"]), titles.offsets)
+        data: dict = {"products": len(self.product_ids)}
         if self.log_through:
             data["log_through"] = self.log_through
         path.write_text(json.dumps(data))
 
     @classmethod
     def load(cls, path: Path) -> Catalogue:
-        data = json.loads(Path(path).read_text())
-        return cls(
-            np.asarray(data["product_ids"], dtype=np.int64),
-            data["titles"],
+        path = Path(path)
+        data = json.loads(path.read_text())
+        arrays = {
+            key: np.load(path.with_name(name), mmap_mode="r")
+            for key, name in _CATALOGUE_ARRAYS.items()
+        }
+        catalogue = cls(
+            arrays["ids"],
+            Titles(arrays["text"], arrays["offsets"]),
             float(data.get("log_through", 0.0)),
         )
+        if not len(catalogue) == len(catalogue.titles) == data["products"]:
+            raise ValueError(f"{path.parent}: the catalogue's arrays disagree on its size")
+        return catalogue
 
     def __len__(self) -> int:
         return len(self.product_ids)
+
+
+class ProductRows:
+    """Product id -> catalogue row by binary search over the ids sorted once: a dict of every
+    product would cost each serving process about 100 bytes a product. Rows added while serving
+    (the live catalogue's new products) are kept beside them."""
+
+    def __init__(self, product_ids: np.ndarray) -> None:
+        ids = np.asarray(product_ids, dtype=np.int64)
+        self._order = np.argsort(ids, kind="stable")
+        self._sorted = ids[self._order]
+        self._added: dict[int, int] = {}
+
+    def rows(self, product_ids: np.ndarray) -> np.ndarray:
+        """Rows of ``product_ids``; -1 for an id without one."""
+        product_ids = np.asarray(product_ids, dtype=np.int64).reshape(-1)
+        if len(self._sorted):
+            at = np.minimum(np.searchsorted(self._sorted, product_ids), len(self._sorted) - 1)
+            found = np.where(self._sorted[at] == product_ids, self._order[at], -1)
+        else:
+            found = np.full(len(product_ids), -1)
+        if self._added:
+            added = [self._added.get(pid, -1) for pid in product_ids.tolist()]
+            found = np.where(found >= 0, found, added)
+        return found.astype(np.int64)
+
+    def get(self, product_id: int, default: int | None = None) -> int | None:
+        row = int(self.rows(np.array([product_id]))[0])
+        return default if row < 0 else row
+
+    def __getitem__(self, product_id: int) -> int:
+        row = self.get(product_id)
+        if row is None:
+            raise KeyError(product_id)
+        return row
+
+    def __contains__(self, product_id: object) -> bool:
+        return isinstance(product_id, (int, np.integer)) and self.get(int(product_id)) is not None
+
+    def add(self, product_id: int, row: int) -> None:
+        """A product given a row after these rows were indexed."""
+        if product_id in self:
+            raise ValueError(f"product {product_id} has a row already")
+        self._added[product_id] = row
+
+
+# Beside catalogue.json: its arrays (titles: UTF-8 bytes and row offsets into them).
+_CATALOGUE_ARRAYS = {
+    "ids": "catalogue_ids.npy",
+    "text": "catalogue_titles.npy",
+    "offsets": "catalogue_title_offsets.npy",
+}
 
 
 def load_catalogue(repository: Path, version: int | None = None) -> Catalogue:

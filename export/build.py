@@ -244,6 +244,10 @@ def _make_encoder(
         )
     gpu_target = options.target == GPU
     int8_file = GPU_INT8_ENCODER_FILE if gpu_target else CPU_INT8_ENCODER_FILE
+    weights = {}
+    if not gpu_target:  # served by ONNX Runtime: the instances share its mapped weights
+        data = encoder_export.externalize_weights(inputs.encoder_dir / int8_file)
+        weights = {"weights_file": data.name}
     return {
         **record,
         "served": f"{int8_file} on TensorRT (GPU)"
@@ -252,6 +256,7 @@ def _make_encoder(
         "export": exported.__dict__,
         "int8": {
             "file": int8_file,
+            **weights,
             "quantization": "static INT8, explicit Q/DQ ("
             + ("signed symmetric" if gpu_target else "unsigned asymmetric")
             + " activations), "
@@ -306,7 +311,8 @@ def _reuse_encoder(options: BuildOptions, encoder_dir: Path) -> dict:
                 "build with the same judgments file, --seed and --dev-fraction, or without "
                 "--encoder-from"
             )
-    for name in (FP32_ENCODER_FILE, record["int8"]["file"]):
+    int8_files = [record["int8"]["file"], record["int8"].get("weights_file")]
+    for name in [FP32_ENCODER_FILE] + [name for name in int8_files if name]:
         path = source / store.ENCODER / str(version) / name
         expected = manifest["files"].get(f"{store.ENCODER}/{version}/{name}")
         if not path.exists() or file_digest(path) != expected:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
+from shopserve.ensemble import store
 
 from .cache import cache_key, cache_root, file_digest
 
@@ -53,7 +54,10 @@ def title_digests(titles: Sequence[str]) -> np.ndarray:
 def cache_file_for(encoder_file: Path, tokenizer_file: Path, max_length: int) -> Path:
     """The cache file of one encoder graph, tokenizer and ONNX Runtime version."""
     key = cache_key(
-        file_digest(encoder_file), file_digest(tokenizer_file), max_length, onnxruntime.__version__
+        store.model_digest(encoder_file),
+        file_digest(tokenizer_file),
+        max_length,
+        onnxruntime.__version__,
     )
     return cache_root("embeddings") / f"{key}.npz"
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from shopserve.ensemble import store
 
 log = logging.getLogger("shopserve.export.encoder")
 
@@ -17,6 +18,25 @@ MAX_ABS_DIFF = 1e-4
 
 class ExportValidationError(RuntimeError):
     """An exported model disagrees with its source model beyond tolerance."""
+
+
+def externalize_weights(model_path: Path) -> Path:
+    """Move ``model_path``'s weights into ``<model_path>.data`` beside it (the graph stays in
+    ``model_path``); return the data file. ONNX Runtime maps such a file into memory instead of
+    copying it, so every process serving the model shares one copy of its weights."""
+    import onnx
+
+    data = store.weights_file(model_path)
+    model = onnx.load(str(model_path))
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(
+        model, str(model_path), save_as_external_data=True, location=data.name, size_threshold=1024
+    )
+    data.chmod(model_path.stat().st_mode & 0o777)  # onnx creates it owner-only
+    log.info(
+        "%s: weights moved to %s (%.1f MB)", model_path.name, data.name, data.stat().st_size / 1e6
+    )
+    return data
 
 
 def model_dir() -> Path:

@@ -26,6 +26,7 @@ def test_manifest_records_versions_checksums_data_and_split(built_repository, ma
     for relative, digest in manifest["files"].items():
         assert hashlib.sha256((built_repository / relative).read_bytes()).hexdigest() == digest
     assert "encoder/1/model_int8.onnx" in manifest["files"]
+    assert "encoder/1/model_int8.onnx.data" in manifest["files"]  # its weights, mapped when served
     assert manifest["data"]["products"] == 54_667
     expected = hashlib.sha256((data_dir / "judgments.csv").read_bytes()).hexdigest()
     assert manifest["data"]["files"]["judgments.csv"] == expected
@@ -38,6 +39,7 @@ def test_encoder_finetuning_export_and_int8_gate_hold(built_repository, manifest
     encoder = manifest["encoder"]
     int8 = encoder["int8"]
     assert int8["file"] == CPU_INT8_ENCODER_FILE and encoder["served"].startswith(int8["file"])
+    assert int8["weights_file"] == CPU_INT8_ENCODER_FILE + ".data"
     assert len(int8["fp32_matmuls"]) < 12  # most of the 48 MatMuls, if not all, run in INT8
     graph = store.latest_version_dir(built_repository, store.ENCODER) / int8["file"]
     assert qdq.qdq_model_problems(graph, tensorrt=False) == []

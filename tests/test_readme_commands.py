@@ -220,7 +220,7 @@ def test_a_catalogue_refresh_reuses_the_encoder_and_embeds_only_what_changed(wor
         "fine-tune encoder" not in manifest["timings_s"]
         and "reuse encoder" in manifest["timings_s"]
     )
-    for name in ("model_fp32.onnx", "model_int8.onnx"):
+    for name in ("model_fp32.onnx", "model_int8.onnx", "model_int8.onnx.data"):
         assert manifest["files"][f"encoder/1/{name}"] == source["files"][f"encoder/1/{name}"]
 
     # A fine-tuned encoder is not reused on another split: its train queries could be dev queries.

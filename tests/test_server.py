@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,6 +158,38 @@ def test_response_cache_counts_hits_on_the_anonymous_ensemble(server) -> None:
         steps.search("unique cache probe query", top_k=4)
     assert stats(store.ENSEMBLE)["cache_hit"]["count"] == before + 1
     assert stats(store.SEARCH)["cache_hit"]["count"] == 0
+
+
+def test_search_instances_share_one_copy_of_the_served_files(server, client) -> None:
+    """The large artefacts are memory-mapped: the page cache holds one copy, and each search
+    instance's own (anonymous) memory is smaller than the files it serves from."""
+    from shopserve.memory import file_mappings, server_memory
+
+    repository = Path(server.config.model_repository).resolve()
+    dense = store.version_dir(repository, store.RETRIEVE) / store.DENSE_INDEX_FILE
+    encoder = store.model_file(repository, store.ENCODER)
+    served = [
+        dense,
+        encoder.with_name(encoder.name + ".data"),
+        *(store.version_dir(repository, store.RETRIEVE) / store.LEXICAL_INDEX_DIR).glob("*.npy"),
+        *store.version_dir(repository, store.POSTPROCESS).glob("*.npy"),
+    ]
+    assert len(served) >= 9, served  # the index, the weights, 7 lexical and 3 catalogue arrays
+    assert len(client.search("cordless drill", top_k=5)) == 5
+    instances = [p for p in server_memory(server.process.pid) if p.model == store.SEARCH]
+    assert len(instances) == 2  # the config's count
+    vectors_kib = store.load_catalogue(repository).product_ids.size * 384 * 4 // 1024
+    for instance in instances:
+        mapped = file_mappings(instance.pid)
+        for path in served:
+            assert path in mapped, f"{instance.name} does not map {path.name}"
+            # read-only mappings: never a private copy of a page
+            assert mapped[path]["Private_Dirty"] == mapped[path]["Anonymous"] == 0
+        # every vector was read at load (the index's moments), by both instances: shared pages
+        assert mapped[dense]["Rss"] >= vectors_kib
+        assert mapped[dense]["Shared_Clean"] >= vectors_kib
+        served_kib = sum(path.stat().st_size for path in served) // 1024
+        assert instance.kib["Anonymous"] < served_kib, (instance.kib, served_kib)
 
 
 def test_serve_command_starts_and_stops_cleanly(built_repository, tmp_path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from shopserve.ensemble import MAX_QUERY_BYTES, InvalidRequest
@@ -138,6 +140,68 @@ def test_cosine_moments_match_a_full_scan() -> None:
     )
     rows, scores = index.search(query[None], 5)
     assert rows[0, 0] == 3 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_saved_index_loads_mapped_and_answers_the_same(tmp_path) -> None:
+    from shopserve.ensemble.dense import DenseIndex
+
+    items = np.random.default_rng(1).normal(size=(300, 16)).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    built = DenseIndex.build(items, m=8, ef_construction=40, ef_search=40)
+    built.save(tmp_path / "dense.faiss")
+    loaded = DenseIndex.load(tmp_path / "dense.faiss", ef_search=40)
+    assert str(tmp_path / "dense.faiss") in Path("/proc/self/maps").read_text()
+    np.testing.assert_array_equal(loaded.search(items[:20], 10)[0], built.search(items[:20], 10)[0])
+    np.testing.assert_array_equal(loaded.vectors(np.arange(300)), items)
+    with pytest.raises(ValueError, match="read-only"):
+        loaded.stored[0, 0] = 1.0  # the mapped file is never written through
+
+
+def test_catalogue_round_trip_maps_ids_and_titles(tmp_path) -> None:
+    from shopserve.ensemble.store import Catalogue, Titles
+
+    titles = ["Cordless drill", "", "Sägeblatt 24 Zähne", 'Hose, 50 ft "heavy"']
+    Catalogue(np.array([7, 3, 11, 5]), titles, log_through=12.5).save(tmp_path / "catalogue.json")
+    loaded = Catalogue.load(tmp_path / "catalogue.json")
+    assert isinstance(loaded.product_ids, np.memmap) and isinstance(loaded.titles, Titles)
+    assert loaded.product_ids.tolist() == [7, 3, 11, 5] and loaded.log_through == 12.5
+    assert list(loaded.titles) == titles and loaded.titles[2] == titles[2]
+    assert loaded.titles[-1] == titles[-1] and loaded.titles[1:3] == titles[1:3]
+    with pytest.raises(IndexError):
+        loaded.titles[4]
+    np.save(tmp_path / "catalogue_ids.npy", np.array([7, 3]))  # a broken store says so
+    with pytest.raises(ValueError, match="disagree on its size"):
+        Catalogue.load(tmp_path / "catalogue.json")
+
+
+def test_a_model_digest_covers_its_external_weights(tmp_path) -> None:
+    import hashlib
+
+    from shopserve.ensemble.store import model_digest, weights_file
+
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"graph")
+    alone = model_digest(graph)
+    assert alone == hashlib.sha256(b"graph").hexdigest()  # a one-file model: its file's digest
+    weights_file(graph).write_bytes(b"weights one")
+    first = model_digest(graph)
+    weights_file(graph).write_bytes(b"weights two")
+    assert len({alone, first, model_digest(graph)}) == 3
+
+
+def test_product_rows_find_built_and_added_products() -> None:
+    from shopserve.ensemble.store import ProductRows
+
+    rows = ProductRows(np.array([40, 10, 30, 20]))
+    assert rows.rows(np.array([10, 20, 99, 40])).tolist() == [1, 3, -1, 0]
+    assert rows[30] == 2 and 99 not in rows and rows.get(99) is None
+    rows.add(99, 4)
+    assert rows[99] == 4 and rows.rows(np.array([99, 30])).tolist() == [4, 2]
+    with pytest.raises(ValueError, match="has a row"):
+        rows.add(10, 5)
+    with pytest.raises(KeyError):
+        rows[12]
+    assert ProductRows(np.array([], dtype=np.int64)).rows(np.array([1])).tolist() == [-1]
 
 
 def test_top_k_is_softmax_with_stable_ties() -> None:
