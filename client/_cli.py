@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None, recommend: bool = False) -> int:
 def _connection(parser: argparse.ArgumentParser, timeout: float = 30.0) -> None:
     """The options every command shares: where the server is, the deadline, TLS and keys."""
     parser.add_argument(
-        "--url", default=DEFAULT_URL, help=f"Triton gRPC address (default: {DEFAULT_URL})"
+        "--url",
+        default=DEFAULT_URL,
+        help=f"Triton gRPC address (default: {DEFAULT_URL}); several replicas: commas between them",
     )
     parser.add_argument(
         "--timeout",

@@ -22,6 +22,7 @@ import tritonclient.grpc.aio as aio_grpcclient
 from tritonclient.utils import InferenceServerException
 
 from ._errors import RequestTimeoutError, SearchError, ServerUnavailableError, map_error
+from ._replicas import channel as replica_channel
 
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_MODEL_NAME = "search"
@@ -373,18 +374,24 @@ def _retryable(error: SearchError, pauses_left: int) -> bool:
 class _ClientSettings:
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         model_name: str,
         timeout: float,
         recommend_model: str,
         security: Security | None,
     ) -> None:
         self.url = url
+        self.security = security or Security()
+        # one address as given; several: one gRPC channel over the replicas (see _replicas)
+        self._target, self._replica_options = replica_channel(url, self.security.ssl)
         self.model_name = model_name
         self.recommend_model = recommend_model
         self.timeout = timeout
-        self.security = security or Security()
         self._batching: dict[str, bool] = {}  # model -> whether its requests carry a batch dim
+
+    def _channel_options(self) -> dict:
+        """Keyword arguments of tritonclient's InferenceServerClient besides the target."""
+        return {**self.security.channel(), **self._replica_options}
 
     def _infer_options(
         self,
@@ -475,19 +482,21 @@ class _Call:
 class SearchClient(_ClientSettings):
     """Blocking client over tritonclient.grpc; safe to share between threads.
 
-    ``timeout`` (seconds) is the default end-to-end deadline of every call.
+    ``url`` is one server's ``host:port``, or several (a list, or commas between them): replicas
+    of one store, balanced and failed over by gRPC (see _replicas). ``timeout`` (seconds) is the
+    default end-to-end deadline of every call.
     """
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         model_name: str = DEFAULT_MODEL_NAME,
         timeout: float = 5.0,
         recommend_model: str = RECOMMEND_MODEL_NAME,
         security: Security | None = None,
     ) -> None:
         super().__init__(url, model_name, timeout, recommend_model, security)
-        self._client = grpcclient.InferenceServerClient(url, **self.security.channel())
+        self._client = grpcclient.InferenceServerClient(self._target, **self._channel_options())
 
     def ready(self) -> bool:
         """True when the server is live and ready and the model is ready."""
@@ -664,7 +673,7 @@ class AsyncSearchClient(_ClientSettings):
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         model_name: str = DEFAULT_MODEL_NAME,
         timeout: float = 5.0,
         recommend_model: str = RECOMMEND_MODEL_NAME,
@@ -675,7 +684,9 @@ class AsyncSearchClient(_ClientSettings):
 
     def _triton(self) -> aio_grpcclient.InferenceServerClient:
         if self._client is None:
-            self._client = aio_grpcclient.InferenceServerClient(self.url, **self.security.channel())
+            self._client = aio_grpcclient.InferenceServerClient(
+                self._target, **self._channel_options()
+            )
         return self._client
 
     async def ready(self) -> bool:

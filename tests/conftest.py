@@ -325,6 +325,27 @@ def start_server(repository: Path, work: Path, profile_store: str | None = None,
     return TritonServer(config, log_file=work / "server.log")
 
 
+def ensure_installed(command: str, package: str) -> str:
+    """The path of ``command``, installing Debian's ``package`` first where it is missing and
+    this is a Debian machine we may install on (root); else the test is skipped, saying why."""
+    import shutil
+    import subprocess
+
+    found = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", package]
+        for steps in ([install], [["apt-get", "update", "-q"], install]):
+            for step in steps:
+                subprocess.run(step, env=env, capture_output=True, timeout=600, check=False)
+            found = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
+            if found:
+                break
+    if found is None:
+        pytest.skip(f"{command} is not installed and could not be: apt-get install {package}")
+    return found
+
+
 CUT_QUERIES = 300
 CUT_PRODUCTS = 3000
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
+import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -292,6 +295,65 @@ def test_two_servers_share_one_redis(personal_repository, redis_url, catalogue, 
         assert ids(to_second.recommend(shopper, top_k=10)) != cold
         assert to_second.forget(shopper) is True
         assert ids(to_first.recommend(shopper, top_k=10)) == cold
+
+
+def _searches_answered(server) -> int:
+    """How many ``search`` requests ``server`` has answered (its Prometheus metrics)."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    found = re.search(r'nv_inference_request_success\{model="search",version="\d+"\} (\d+)', text)
+    return int(found.group(1)) if found else 0
+
+
+def test_one_client_over_two_replicas_balances_and_survives_a_kill(
+    personal_repository, redis_url, catalogue, tmp_path
+) -> None:
+    """Two servers on one Redis, one client given both addresses: gRPC's round robin uses both;
+    an event sent through either is served by both; one server killed (-9) under load costs no
+    request (gRPC retries it on the other)."""
+    location = redis_url + "?namespace=replicas"
+    shopper = f"{SHOPPER}-replicas"
+    with (
+        start_server(personal_repository, tmp_path / "a", location) as first,
+        start_server(personal_repository, tmp_path / "b", location) as second,
+        SearchClient([first.grpc_url, second.grpc_url], timeout=30, security=OPERATOR) as replicas,
+        SearchClient(second.grpc_url, timeout=30) as to_second,
+    ):
+        before = [_searches_answered(s) for s in (first, second)]
+        for _ in range(20):
+            assert len(replicas.search(QUERY, top_k=5)) == 5
+        spread = [_searches_answered(s) - b for s, b in zip((first, second), before, strict=True)]
+        assert sum(spread) == 20 and min(spread) >= 5, spread  # both replicas answered
+
+        cold = ids(to_second.recommend(shopper, top_k=10))
+        for _ in range(2):  # each event reaches one replica or the other
+            replicas.record_many([Event(shopper, int(p), "purchase") for p in catalogue[300:305]])
+        assert ids(to_second.recommend(shopper, top_k=10)) != cold
+
+        answered: list[int] = []  # appends are atomic: one per answer
+        failed: list[Exception] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    answered.append(len(replicas.search(QUERY, top_k=5)))
+                except Exception as exc:  # every failure counts
+                    failed.append(exc)
+
+        workers = [threading.Thread(target=load) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        time.sleep(2)
+        first.process.kill()  # -9: no drain, connections cut with requests in flight
+        killed_at = len(answered)
+        time.sleep(3)
+        stop.set()
+        for worker in workers:
+            worker.join()
+        assert failed == [], failed[:3]
+        assert len(answered) - killed_at >= 20 and set(answered) == {5}  # the other kept answering
+        assert len(replicas.search(QUERY, top_k=5)) == 5
 
 
 def test_no_personal_data_in_the_logs(live, client, catalogue) -> None:

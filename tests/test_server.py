@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROJECT, assert_same_ranking, raw_infer, tensor
+from conftest import PROJECT, assert_same_ranking, ensure_installed, raw_infer, tensor
 from shopserve.client import AsyncSearchClient, InvalidRequestError, SearchClient
 from shopserve.client._cli import main as search_cli
 from shopserve.ensemble import store
@@ -190,6 +190,43 @@ def test_search_instances_share_one_copy_of_the_served_files(server, client) -> 
         assert mapped[dense]["Shared_Clean"] >= vectors_kib
         served_kib = sum(path.stat().st_size for path in served) // 1024
         assert instance.kib["Anonymous"] < served_kib, (instance.kib, served_kib)
+
+
+def test_the_documented_nginx_proxy_serves_and_skips_a_dead_replica(server, tmp_path) -> None:
+    """deploy/nginx/grpc-proxy.conf, its replicas pointed at a port where nothing listens and at
+    the real server: every request through nginx is answered."""
+    nginx = ensure_installed("nginx", "nginx")
+    dead, listen = free_ports(2)
+    config = (PROJECT / "deploy" / "nginx" / "grpc-proxy.conf").read_text(encoding="utf-8")
+    for documented, ours in (
+        ("127.0.0.1:8001", f"127.0.0.1:{dead}"),
+        ("127.0.0.1:8011", server.grpc_url),
+        ("127.0.0.1:8101", f"127.0.0.1:{listen}"),
+    ):
+        assert config.count(documented) == 1, documented
+        config = config.replace(documented, ours)
+    (tmp_path / "grpc-proxy.conf").write_text(config, encoding="utf-8")
+    proxy = subprocess.Popen(
+        [nginx, "-p", str(tmp_path), "-c", str(tmp_path / "grpc-proxy.conf"), "-g", "daemon off;"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with (
+            SearchClient(f"127.0.0.1:{listen}", timeout=30) as proxied,
+            SearchClient(server.grpc_url, timeout=30) as direct,
+        ):
+            deadline = time.monotonic() + 30
+            while not proxied.ready():
+                assert proxy.poll() is None, proxy.stderr.read()
+                assert time.monotonic() < deadline, "nginx did not come up"
+                time.sleep(0.2)
+            for query in ("cordless drill", "garden hose", "led light bulb", "paint brush"):
+                expected = [hit.product_id for hit in direct.search(query)]
+                assert [hit.product_id for hit in proxied.search(query)] == expected
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
 
 
 def test_serve_command_starts_and_stops_cleanly(built_repository, tmp_path) -> None:
