@@ -1,7 +1,7 @@
 """``python -m benchmarks memory``: the whole server's memory against search instances and
 catalogue size.
 
-For each store and each count in INSTANCES, the server runs a copy of the store (hard links, its
+For each store and each count in INSTANCES, the server runs a private copy of the store (its
 ``search`` config set to that many instances), answers WARM_QUERIES real queries from 4 threads so
 every instance has served, and then the resident (RSS) and proportional (PSS: a shared page counted
 once over all the processes that map it) memory of tritonserver and all its model processes is read
@@ -11,7 +11,6 @@ from /proc (shopserve.memory). The target: PSS with four ``search`` instances â‰
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -33,24 +32,20 @@ TARGET_RATIO = 1.25
 _COUNT = re.compile(r"(instance_group \[ \{ kind: KIND_CPU count: )\d+( \} \])")
 
 
-def _link_or_copy(source: str, destination: str) -> None:
-    try:
-        os.link(source, destination)
-    except OSError:  # another file system: a copy serves the same
-        shutil.copy2(source, destination)
-
-
-def with_search_instances(repository: Path, count: int, destination: Path) -> Path:
-    """A copy of ``repository`` (hard links) whose ``search`` model runs ``count`` instances."""
+def store_copy(repository: Path, destination: Path) -> Path:
+    """A private copy of ``repository``: files of their own, so that no other process that maps
+    the original (another server, a test) shares their pages and lowers this server's PSS."""
     shutil.rmtree(destination, ignore_errors=True)
-    shutil.copytree(repository, destination, copy_function=_link_or_copy)
-    config = destination / store.SEARCH / "config.pbtxt"
+    return Path(shutil.copytree(repository, destination, ignore=shutil.ignore_patterns(".triton")))
+
+
+def set_search_instances(repository: Path, count: int) -> None:
+    """Set the ``search`` model's instance count in ``repository``'s config."""
+    config = repository / store.SEARCH / "config.pbtxt"
     text, replaced = _COUNT.subn(rf"\g<1>{count}\g<2>", config.read_text(encoding="utf-8"))
     if replaced != 1:
         raise BenchmarkError(f"{config}: no single instance_group count to set")
-    config.unlink()  # a hard link: the original must keep its own count
     config.write_text(text, encoding="utf-8")
-    return destination
 
 
 def _served_bytes(repository: Path) -> int:
@@ -63,10 +58,9 @@ def _served_bytes(repository: Path) -> int:
     )
 
 
-def measure(repository: Path, count: int, queries: list[str]) -> dict:
-    work = WORK_DIR / "memory"
-    copy = with_search_instances(repository, count, work / "store")
-    config = ServerConfig(copy, *free_ports(3), work_dir=work / "triton")
+def measure(copy: Path, count: int, queries: list[str]) -> dict:
+    set_search_instances(copy, count)
+    config = ServerConfig(copy, *free_ports(3), work_dir=WORK_DIR / "memory" / "triton")
     with TritonServer(config, log_file=WORK_DIR / "logs" / "memory.log") as server:
         with SearchClient(server.grpc_url, timeout=60) as client, ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda q: client.search(q, top_k=10), queries))
@@ -95,7 +89,8 @@ def run(repositories: list[Path], out: Path) -> Path:
     for repository in repositories:
         manifest = json.loads((repository / store.MANIFEST_FILE).read_text())
         queries = load_traffic(manifest, WARM_QUERIES).queries
-        runs = [measure(repository, count, queries) for count in INSTANCES]
+        copy = store_copy(repository, WORK_DIR / "memory" / "store")
+        runs = [measure(copy, count, queries) for count in INSTANCES]
         stores.append(
             {
                 "repository": str(repository),
