@@ -32,7 +32,7 @@ from shopserve.ensemble import store
 from shopserve.server import ServerConfig, TritonServer, free_ports
 
 from . import machine, perf_analyzer
-from .common import WORK_DIR, BenchmarkError, cpu_lock
+from .common import WORK_DIR, BenchmarkError, cpu_lock, write_results
 from .queries import load_traffic, write_perf_analyzer_data
 
 CONCURRENCY = 4
@@ -177,10 +177,7 @@ def run(repository: Path, out: Path, queries: int = 1000) -> Path:
         "search_p50_after_over_before": after["p50_us"]
         / rows["search_c1_before_updates"]["p50_us"],
     }
-    (out / "catalogue.json").write_text(json.dumps(result, indent=2) + "\n")
-    path = out / "catalogue.md"
-    path.write_text(markdown(result))
-    return path
+    return write_results(out, "catalogue", result, markdown(result))
 
 
 def markdown(result: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import time
@@ -93,3 +94,12 @@ def repository_key(repository: Path) -> str:
             "build it first: make store"
         )
     return sha256_file(manifest)[:16]
+
+
+def write_results(out: Path, name: str, result: dict, markdown: str) -> Path:
+    """``out/NAME.json`` (the numbers) and ``out/NAME.md`` (their table); the latter's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = out / f"{name}.md"
+    path.write_text(markdown)
+    return path

@@ -23,7 +23,7 @@ from shopserve.memory import server_memory, total_kib
 from shopserve.server import ServerConfig, TritonServer, free_ports
 
 from . import machine
-from .common import WORK_DIR, BenchmarkError
+from .common import WORK_DIR, BenchmarkError, write_results
 from .queries import load_traffic
 
 INSTANCES = (1, 2, 4)
@@ -101,11 +101,7 @@ def run(repositories: list[Path], out: Path) -> Path:
             }
         )
     result = {"machine": machine.describe(), "target_ratio": TARGET_RATIO, "stores": stores}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    path = out / "memory.md"
-    path.write_text(markdown(result))
-    return path
+    return write_results(out, "memory", result, markdown(result))
 
 
 def markdown(result: dict) -> str:

@@ -34,7 +34,7 @@ from shopserve.ensemble import store
 from shopserve.server import ServerConfig, TritonServer, free_ports
 
 from . import variants
-from .common import WORK_DIR, cpu_lock
+from .common import WORK_DIR, cpu_lock, write_results
 from .queries import load_traffic
 from .tuning import HEADLINE
 
@@ -152,8 +152,7 @@ def run(repository: Path, out: Path) -> dict:
         },
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "overload.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "overload.md").write_text(markdown(result))
+    write_results(out, "overload", result, markdown(result))
     return result
 
 

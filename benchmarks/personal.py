@@ -27,7 +27,7 @@ from shopserve.export.selfcheck import category_leaf
 from shopserve.server import ServerConfig, TritonServer, free_ports
 
 from . import perf_analyzer, realtime, variants
-from .common import WORK_DIR, BenchmarkError, cpu_lock
+from .common import WORK_DIR, BenchmarkError, cpu_lock, write_results
 from .tuning import HEADLINE
 
 log = logging.getLogger("benchmarks.personal")
@@ -173,8 +173,7 @@ def run(
         },
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "personal.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "personal.md").write_text(markdown(result))
+    write_results(out, "personal", result, markdown(result))
     log.info("personalisation scenarios: %s", result["targets"])
     return result
 

@@ -22,7 +22,7 @@ import numpy as np
 from shopserve.ensemble import store
 
 from . import agreement, perf_analyzer
-from .common import BUILT_REPOSITORY, RESULTS_DIR, WORK_DIR, BenchmarkError, cpu_lock
+from .common import BUILT_REPOSITORY, RESULTS_DIR, WORK_DIR, BenchmarkError, cpu_lock, write_results
 from .loadgen import answers as collect_answers
 from .measure import measure_level
 from .queries import Traffic, load_traffic, write_perf_analyzer_data
@@ -456,7 +456,6 @@ def _write(out: Path, checks: dict[int, AnnCheck], runs: int, rows: list[dict]) 
         "kept_config_changes": [r["change"] for r in rows if r["kept"] and r["kind"] == "config"],
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tuning.json").write_text(json.dumps(result, indent=2) + "\n")
-    path = out / "tuning.md"
-    path.write_text("# Tuning\n\n" + "\n".join(tuning_lines(result)) + "\n")
-    return path
+    return write_results(
+        out, "tuning", result, "# Tuning\n\n" + "\n".join(tuning_lines(result)) + "\n"
+    )
