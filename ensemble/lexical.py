@@ -13,6 +13,8 @@ import bm25s
 import numpy as np
 import Stemmer
 
+from .store import REBUILD, StoreFormatError
+
 STOPWORDS = "en"
 STEMMER_LANGUAGE = "english"
 _WORD = re.compile(r"\w+")
@@ -63,6 +65,8 @@ class TermSets:
     @classmethod
     def load(cls, prefix: Path) -> TermSets:
         """The sets saved at ``prefix``, memory-mapped read-only (shared by every process)."""
+        if not Path(f"{prefix}.ids.npy").exists() and Path(f"{prefix}.npz").exists():
+            raise StoreFormatError(f"{Path(prefix).parent}: {REBUILD}")
         return cls(
             np.load(f"{prefix}.ids.npy", mmap_mode="r"),
             np.load(f"{prefix}.offsets.npy", mmap_mode="r"),

@@ -163,6 +163,17 @@ def adapter_parameters(model_config: dict, version_directory: Path) -> dict[str,
     )
 
 
+class StoreFormatError(ValueError):
+    """A store whose files this version cannot serve."""
+
+
+# What a store built before the served artefacts were memory-mapped needs.
+REBUILD = (
+    "built by an earlier shopserve, in a format this one cannot serve (its catalogue and lexical "
+    "index are now memory-mapped arrays): build the store again"
+)
+
+
 class Titles(Sequence[str]):
     """Titles by catalogue row, kept as one UTF-8 buffer and row offsets; a title is decoded when
     asked for. Loaded, both arrays are memory-mapped: every process shares one copy."""
@@ -232,6 +243,8 @@ class Catalogue:
     def load(cls, path: Path) -> Catalogue:
         path = Path(path)
         data = json.loads(path.read_text())
+        if "products" not in data:  # the one-JSON format, before the arrays could be mapped
+            raise StoreFormatError(f"{path.parent}: {REBUILD}")
         arrays = {
             key: np.load(path.with_name(name), mmap_mode="r")
             for key, name in _CATALOGUE_ARRAYS.items()

@@ -174,6 +174,20 @@ def test_catalogue_round_trip_maps_ids_and_titles(tmp_path) -> None:
         Catalogue.load(tmp_path / "catalogue.json")
 
 
+def test_a_store_of_the_earlier_format_asks_for_a_rebuild(tmp_path) -> None:
+    import json
+
+    from shopserve.ensemble.lexical import TermSets
+    from shopserve.ensemble.store import Catalogue, StoreFormatError
+
+    (tmp_path / "catalogue.json").write_text(json.dumps({"product_ids": [1], "titles": ["a"]}))
+    with pytest.raises(StoreFormatError, match="build the store again"):
+        Catalogue.load(tmp_path / "catalogue.json")
+    np.savez(tmp_path / "title_words.npz", ids=np.array([0]), offsets=np.array([0, 1]))
+    with pytest.raises(StoreFormatError, match="build the store again"):
+        TermSets.load(tmp_path / "title_words")
+
+
 def test_a_model_digest_covers_its_external_weights(tmp_path) -> None:
     import hashlib
 
