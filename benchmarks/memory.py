@@ -48,11 +48,11 @@ def set_search_instances(repository: Path, count: int) -> None:
     config.write_text(text, encoding="utf-8")
 
 
-def _served_bytes(repository: Path) -> int:
+def _served_bytes(repository: Path, models: list[str]) -> int:
     """Bytes on disk of every served version's files (the artefacts the processes map or load)."""
     return sum(
         path.stat().st_size
-        for model in json.loads((repository / store.MANIFEST_FILE).read_text())["models"]
+        for model in models
         for path in store.version_dir(repository, model).rglob("*")
         if path.is_file() and "__pycache__" not in path.parts
     )
@@ -95,7 +95,7 @@ def run(repositories: list[Path], out: Path) -> Path:
             {
                 "repository": str(repository),
                 "products": len(store.load_catalogue(repository)),
-                "served_files_mib": _served_bytes(repository) / 2**20,
+                "served_files_mib": _served_bytes(repository, manifest["models"]) / 2**20,
                 "runs": runs,
                 "pss_4_over_1": runs[-1]["pss_mib"] / runs[0]["pss_mib"],
             }

@@ -151,7 +151,6 @@ def run(repository: Path, out: Path) -> dict:
             "late_answers": sum(level["late"] for level in levels),
         },
     }
-    out.mkdir(parents=True, exist_ok=True)
     write_results(out, "overload", result, markdown(result))
     return result
 

@@ -172,7 +172,6 @@ def run(
             "recommend_p99_with_events_over_quiet": ingest["recommend_p99_with_events_over_quiet"],
         },
     }
-    out.mkdir(parents=True, exist_ok=True)
     write_results(out, "personal", result, markdown(result))
     log.info("personalisation scenarios: %s", result["targets"])
     return result

@@ -455,7 +455,6 @@ def _write(out: Path, checks: dict[int, AnnCheck], runs: int, rows: list[dict]) 
         "changes": rows,
         "kept_config_changes": [r["change"] for r in rows if r["kept"] and r["kind"] == "config"],
     }
-    out.mkdir(parents=True, exist_ok=True)
     return write_results(
         out, "tuning", result, "# Tuning\n\n" + "\n".join(tuning_lines(result)) + "\n"
     )

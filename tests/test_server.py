@@ -170,7 +170,7 @@ def test_search_instances_share_one_copy_of_the_served_files(server, client) -> 
     encoder = store.model_file(repository, store.ENCODER)
     served = [
         dense,
-        encoder.with_name(encoder.name + ".data"),
+        store.weights_file(encoder),
         *(store.version_dir(repository, store.RETRIEVE) / store.LEXICAL_INDEX_DIR).glob("*.npy"),
         *store.version_dir(repository, store.POSTPROCESS).glob("*.npy"),
     ]
