@@ -4,6 +4,7 @@ servers sharing one Redis, and no personal data in the logs."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -24,6 +25,7 @@ from conftest import (
     tls_in_front_of,
 )
 from shopserve.client import (
+    AsyncSearchClient,
     Event,
     InvalidRequestError,
     PermissionDeniedError,
@@ -326,6 +328,15 @@ def test_one_client_over_two_replicas_balances_and_survives_a_kill(
             assert len(replicas.search(QUERY, top_k=5)) == 5
         spread = [_searches_answered(s) - b for s, b in zip((first, second), before, strict=True)]
         assert sum(spread) == 20 and min(spread) >= 5, spread  # both replicas answered
+
+        async def search_both_async() -> list[int]:
+            async with AsyncSearchClient([first.grpc_url, second.grpc_url], timeout=30) as aio:
+                return [len(await aio.search(QUERY, top_k=5)) for _ in range(12)]
+
+        before = [_searches_answered(s) for s in (first, second)]
+        assert asyncio.run(search_both_async()) == [5] * 12  # the async client over both
+        spread = [_searches_answered(s) - b for s, b in zip((first, second), before, strict=True)]
+        assert sum(spread) == 12 and min(spread) >= 1, spread
 
         cold = ids(to_second.recommend(shopper, top_k=10))
         for _ in range(2):  # each event reaches one replica or the other
