@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         "--repository", type=Path, action="append", help="a store (repeat for several)"
     )
     memory.add_argument("--out", type=Path, default=RESULTS_DIR)
+    milvus = commands.add_parser(
+        "milvus", help="dense retrieval on Milvus against FAISS: recall@100 and latency"
+    )
+    milvus.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
+    milvus.add_argument("--uri", help="a Milvus server (default: start Milvus Lite)")
+    milvus.add_argument("--out", type=Path, default=RESULTS_DIR)
     smoke = commands.add_parser("smoke", help="seconds of everything (CI)")
     smoke.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     smoke.add_argument("--out", type=Path, default=WORK_DIR / "smoke")
@@ -187,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             from .memory import run as run_memory
 
             path = run_memory(args.repository or [BUILT_REPOSITORY], args.out)
+        elif args.command == "milvus":
+            from .milvus import run as run_milvus
+
+            path = run_milvus(args.repository, args.out, args.uri)
         elif args.command == "smoke":
             from .run import smoke as run_smoke
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import store
 from .catalogue import LiveCatalogue, follow_catalogue_log, refresh_catalogue
-from .dense import DenseIndex
+from .dense import VectorIndex, served_dense
 from .events import EventIngest, EventRequest
 from .filters import Attributes, load_attributes, parse_filter
 from .models import OnnxRanker
@@ -64,9 +64,9 @@ class ProductVectors:
         self.repository = repository
 
     @functools.cached_property
-    def _index(self) -> tuple[DenseIndex, store.ProductRows]:
+    def _index(self) -> tuple[VectorIndex, store.ProductRows]:
         ids = store.load_catalogue(self.repository).product_ids
-        return DenseIndex.served(self.repository), store.ProductRows(ids)
+        return served_dense(self.repository), store.ProductRows(ids)
 
     def __call__(self, product_id: int) -> np.ndarray:
         dense, row_of = self._index
@@ -92,7 +92,7 @@ class Personalization:
     def from_repository(
         cls,
         repository: Path,
-        dense: DenseIndex,
+        dense: VectorIndex,
         product_ids: np.ndarray,
         version: int | None = None,
     ) -> Personalization | None:
@@ -128,7 +128,7 @@ class Personalization:
         cls, repository: Path, version: int | None = None
     ) -> tuple[Personalization, store.Catalogue]:
         """A personalised store's personalisation and catalogue, with the dense index it reads."""
-        dense = DenseIndex.served(repository, version)
+        dense = served_dense(repository, version)
         catalogue = store.load_catalogue(repository, version)
         personal = cls.from_repository(repository, dense, catalogue.product_ids, version)
         if personal is None:

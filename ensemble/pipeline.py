@@ -11,7 +11,7 @@ import numpy as np
 
 from . import store
 from .catalogue import LiveCatalogue, follow_catalogue_log, refresh_catalogue
-from .dense import DenseIndex
+from .dense import served_dense
 from .filters import Attributes, load_attributes, parse_filter
 from .lexical import LexicalIndex
 from .models import OnnxEncoder, OnnxRanker
@@ -39,7 +39,7 @@ def load_retriever(repository: Path, version: int | None = None) -> Retriever:
     params = store.config_parameters(repository, store.RETRIEVE, version)
     version_dir = store.version_dir(repository, store.RETRIEVE, version)
     return Retriever(
-        DenseIndex.served(repository, version),
+        served_dense(repository, version),
         LexicalIndex.load(version_dir / store.LEXICAL_INDEX_DIR),
         dense_depth=int(params["dense_depth"]),
         lexical_depth=int(params["lexical_depth"]),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import store
-from .dense import DenseIndex
+from .dense import VectorIndex
 from .neighbours import ShopperVectors
 from .profiles import BASKET_DECAY, Profile
 from .validation import MAX_TOP_K
@@ -195,7 +195,7 @@ class Recommender:
     def __init__(
         self,
         items: ShopItems,
-        dense: DenseIndex,
+        dense: VectorIndex,
         product_ids: np.ndarray,
         shoppers: ShopperVectors | None = None,
     ) -> None:

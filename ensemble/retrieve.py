@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .dense import DenseIndex
+from .dense import VectorIndex
 from .features import CatalogueStats, ranking_features
 from .lexical import LexicalIndex, top_rows
 
@@ -27,7 +27,7 @@ class Candidates:
 class Retriever:
     def __init__(
         self,
-        dense: DenseIndex,
+        dense: VectorIndex,
         lexical: LexicalIndex,
         dense_depth: int = DEFAULT_DENSE_DEPTH,
         lexical_depth: int = DEFAULT_LEXICAL_DEPTH,

@@ -209,7 +209,38 @@ def parser() -> argparse.ArgumentParser:
     cut.add_argument("--queries", type=int, required=True, help="how many queries to keep")
     cut.add_argument("--products", type=int, required=True, help="the catalogue's size")
     cut.add_argument("--output", type=Path, required=True, help="folder to write into")
+    milvus = sub.add_parser(
+        "milvus",
+        help="load a built store's item vectors into a Milvus collection, check its recall, and "
+        "serve dense retrieval from it (docs/milvus.md)",
+    )
+    milvus.add_argument("--repository", type=Path, default=store.DEFAULT_REPOSITORY)
+    milvus.add_argument("--version", type=int, help="the store version (default: the newest)")
+    milvus_target = milvus.add_mutually_exclusive_group(required=True)
+    milvus_target.add_argument(
+        "--uri", help="Milvus address, e.g. http://milvus:19530 (token: $SHOPSERVE_MILVUS_TOKEN)"
+    )
+    milvus_target.add_argument(
+        "--detach", action="store_true", help="serve the version from its FAISS index again"
+    )
+    milvus.add_argument("--collection", help="default: shopserve_v<version>_<index digest>")
+    milvus.add_argument(
+        "--replace", action="store_true", help="drop and load again a collection of that name"
+    )
     return root
+
+
+def _milvus(args: argparse.Namespace) -> dict:
+    from dataclasses import asdict
+
+    from . import milvus
+
+    if args.detach:
+        return {"detached": str(milvus.detach(args.repository, args.version))}
+    report = milvus.load_into_milvus(
+        args.repository, args.uri, args.collection, args.version, args.replace
+    )
+    return asdict(report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                 else cut_homedepot(args.data, args.output, args.queries, args.products)
             )
             print("\n".join(map(str, written)))
+            return 0
+        if args.command == "milvus":
+            print(json.dumps(_milvus(args), indent=2))
             return 0
         catalogue, judgments = _inputs(args)  # evaluate reads the catalogue from the repository
         if args.command == "build":

@@ -21,6 +21,7 @@ MAX_README_LINES = 260
 # runner here fails this suite; so does a runner whose block is gone.
 RUNNERS = {
     "new-catalogue": "tests/test_readme_commands.py::test_a_store_built_from_judgments",
+    "milvus": "tests/test_milvus.py::test_the_documented_commands_load_serve_and_detach",
 }
 
 # Each documented command: the program that prints its help, and the documents where every flag of
@@ -32,6 +33,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "transfer": (EXPORT, ("docs/building.md",)),
     "instacart": (EXPORT, ("docs/building.md",)),
     "cut": (EXPORT, ("docs/building.md",)),
+    "milvus": (EXPORT, ("docs/milvus.md",)),
     "serve": (SHOPSERVE, ("docs/serving.md",)),
     "rollout": (SHOPSERVE, ("docs/serving.md",)),
     "keys": (SHOPSERVE, ("docs/serving.md",)),
@@ -46,7 +48,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # Where a command is named in the docs: "python -m shopserve.export build", "shopserve serve".
 _COMMAND = re.compile(
-    r"shopserve\.export (?P<export>build|evaluate|transfer|instacart|cut)\b"
+    r"shopserve\.export (?P<export>build|evaluate|transfer|instacart|cut|milvus)\b"
     r"|(?<![\w.-])shopserve (?P<shopserve>serve|rollout|search|recommend|keys|events export"
     r"|events compact|events|forget|catalogue export|catalogue)\b"
 )

@@ -1,7 +1,7 @@
 """Triton adapter for hybrid retrieval and feature fusion (see shopserve.ensemble.retrieve)."""
 
 from shopserve.ensemble import store
-from shopserve.ensemble.dense import DenseIndex
+from shopserve.ensemble.dense import open_dense
 from shopserve.ensemble.lexical import LexicalIndex
 from shopserve.ensemble.retrieve import Retriever
 from shopserve.ensemble.triton_adapter import (
@@ -17,7 +17,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir, params = model_context(args)
         self.retriever = Retriever(
-            DenseIndex.load(version_dir / store.DENSE_INDEX_FILE, int(params["ef_search"])),
+            open_dense(version_dir, params),
             LexicalIndex.load(version_dir / store.LEXICAL_INDEX_DIR),
             dense_depth=int(params["dense_depth"]),
             lexical_depth=int(params["lexical_depth"]),
