@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 from shopserve.ensemble import SearchPipeline, store
-from shopserve.ensemble.dense import served_dense
 from shopserve.export.index import exact_top
 from shopserve.export.milvus import load_into_milvus, milvus_lite_server, recall
 
@@ -67,7 +66,7 @@ def compare(repository: Path, copy: Path, uri: str) -> dict:
     pipelines["milvus"] = SearchPipeline.from_repository(copy)
     reference = pipelines["faiss"]
     embeddings = reference.encoder(*reference.tokenizer.batch(queries))
-    exact = exact_top(served_dense(repository).stored, embeddings, DEPTH)
+    exact = exact_top(reference.retriever.dense.stored, embeddings, DEPTH)
     backends, found = {}, {}
     for name, pipeline in pipelines.items():
         backends[name], found[name] = measure_backend(pipeline, queries, embeddings, exact)
@@ -85,6 +84,10 @@ def compare(repository: Path, copy: Path, uri: str) -> dict:
         "queries": len(queries),
         "milvus_uri": uri if not uri.startswith("http://127.0.0.1") else "Milvus Lite (local)",
         "milvus_load_s": loaded.load_s,
+        "ef_search": {
+            "faiss": reference.retriever.dense.ef_search,
+            "milvus": loaded.check.ef_search,
+        },
         "overlap_at_100": recall(found["milvus"], found["faiss"]),
         "same_top10_share": float(same_top10),
         "backends": backends,
@@ -113,7 +116,9 @@ def markdown(result: dict) -> str:
         f"Commit {described['git_commit']}, {described['date_utc']}; written by "
         "`python -m benchmarks milvus` (benchmarks/milvus.py). "
         f"{result['products']:,} products, {result['queries']} real queries, one process, "
-        f"Milvus: {result['milvus_uri']}, loaded in {result['milvus_load_s']:.0f} s.",
+        f"Milvus: {result['milvus_uri']}, loaded in {result['milvus_load_s']:.0f} s. efSearch: "
+        f"FAISS {result['ef_search']['faiss']} (the build's choice), Milvus "
+        f"{result['ef_search']['milvus']} (the load's: the smallest matching FAISS's recall).",
         "",
         "| backend | recall@100 vs exact | dense search p50 / p99 (ms) | whole search p50 / p99 (ms) |",
         "|---|---|---|---|",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dense import MOMENTS_FILE, EmbeddingMoments
+from .dense import EXACT_FILTER_SHARE, MOMENTS_FILE, EmbeddingMoments
 
 log = logging.getLogger("shopserve.milvus")
 
@@ -24,6 +24,7 @@ ROW_FIELD = "row"  # the primary key: the item's catalogue row
 VECTOR_FIELD = "embedding"
 TOKEN_ENV = "SHOPSERVE_MILVUS_TOKEN"  # "user:password" or an API key; never in a config file
 TIMEOUT_S = 10.0
+MAX_EF_SEARCH = 32768
 
 
 class MilvusUnavailable(RuntimeError):
@@ -45,6 +46,16 @@ def connect(uri: str):
 
 def search_params(ef_search: int) -> dict:
     return {"metric_type": "IP", "params": {"ef": int(ef_search)}}
+
+
+def filtered_ef_search(ef_search: int, share: float) -> int:
+    """efSearch for a search among ``share`` of the items. As on FAISS, raised by 1/sqrt(share);
+    below EXACT_FILTER_SHARE, where FAISS scans the allowed rows exactly, by 1/share (capped), so
+    the graph walk reaches nearly all of them: on Home Depot's dev queries at a 2 % share, 1/sqrt
+    found 0.87 of the exact filtered top-100."""
+    if share < EXACT_FILTER_SHARE:
+        return min(MAX_EF_SEARCH, int(np.ceil(ef_search / share)))
+    return max(ef_search, int(np.ceil(ef_search / np.sqrt(share))))
 
 
 class MilvusIndex:
@@ -126,8 +137,7 @@ class MilvusIndex:
             where = f"{ROW_FIELD} in {included.tolist()}"
         else:
             where = f"{ROW_FIELD} not in {excluded.tolist()}"
-        share = len(included) / max(self.size, 1)
-        ef = max(self.ef_search, int(np.ceil(self.ef_search / np.sqrt(share))))
+        ef = filtered_ef_search(self.ef_search, len(included) / max(self.size, 1))
         rows, _ = self._search(query, n, ef, where)
         return rows[0][rows[0] >= 0]
 
