@@ -96,6 +96,14 @@ def repository_key(repository: Path) -> str:
     return sha256_file(manifest)[:16]
 
 
+def provenance(described: dict, name: str) -> str:
+    """The line under a results table's title: the commit, the date, the command that wrote it."""
+    return (
+        f"Commit {described['git_commit']}, {described['date_utc']}; written by "
+        f"`python -m benchmarks {name}` (benchmarks/{name}.py)."
+    )
+
+
 def write_results(out: Path, name: str, result: dict, markdown: str) -> Path:
     """``out/NAME.json`` (the numbers) and ``out/NAME.md`` (their table); the latter's path."""
     out.mkdir(parents=True, exist_ok=True)

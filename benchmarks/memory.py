@@ -23,7 +23,7 @@ from shopserve.memory import server_memory, total_kib
 from shopserve.server import ServerConfig, TritonServer, free_ports
 
 from . import machine
-from .common import WORK_DIR, BenchmarkError, write_results
+from .common import WORK_DIR, BenchmarkError, provenance, write_results
 from .queries import load_traffic
 
 INSTANCES = (1, 2, 4)
@@ -109,8 +109,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# Server memory against search instances and catalogue size",
         "",
-        f"Commit {described['git_commit']}, {described['date_utc']}; written by "
-        "`python -m benchmarks memory` (benchmarks/memory.py). PSS counts a page shared by n "
+        provenance(described, "memory") + " PSS counts a page shared by n "
         "processes 1/n in each, so the PSS of all the server's processes is the memory it takes.",
         "",
         "| store | products | files served (MiB) | search instances | PSS (MiB) | RSS (MiB) "

@@ -23,7 +23,7 @@ from shopserve.export.milvus import load_into_milvus, milvus_lite_server, recall
 from shopserve.server import free_ports
 
 from . import machine
-from .common import WORK_DIR, cpu_lock, write_results
+from .common import WORK_DIR, cpu_lock, provenance, write_results
 from .queries import load_traffic
 
 QUERIES = 500
@@ -109,12 +109,10 @@ def run(repository: Path, out: Path, uri: str | None = None) -> Path:
 
 
 def markdown(result: dict) -> str:
-    described = result["machine"]
     lines = [
         "# Dense retrieval: Milvus against FAISS on the same store",
         "",
-        f"Commit {described['git_commit']}, {described['date_utc']}; written by "
-        "`python -m benchmarks milvus` (benchmarks/milvus.py). "
+        provenance(result["machine"], "milvus") + " "
         f"{result['products']:,} products, {result['queries']} real queries, one process, "
         f"Milvus: {result['milvus_uri']}, loaded in {result['milvus_load_s']:.0f} s. efSearch: "
         f"FAISS {result['ef_search']['faiss']} (the build's choice), Milvus "

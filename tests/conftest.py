@@ -234,6 +234,17 @@ def assert_same_ranking(ids, scores, reference_ids, reference_scores, context: o
             start = end
 
 
+def assert_hits_match(hits, reference, context: object = "") -> None:
+    """Served ``hits`` (client Hits) rank as the in-process ``reference`` (a SearchResult) does."""
+    assert_same_ranking(
+        [h.product_id for h in hits],
+        [h.score for h in hits],
+        reference.product_ids.tolist(),
+        reference.scores,
+        context,
+    )
+
+
 def raw_infer(url: str, model: str, inputs: list):
     """Send ``inputs`` as they are and return the error the server answers with."""
     import tritonclient.grpc as grpcclient

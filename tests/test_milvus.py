@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROJECT, assert_same_ranking, export, start_server
+from conftest import PROJECT, assert_hits_match, export, start_server
 from shopserve.ensemble import SearchPipeline, store
 from shopserve.ensemble.dense import MOMENTS_FILE, DenseIndex, served_dense
 from shopserve.ensemble.milvus import MilvusIndex, MilvusUnavailable
@@ -180,14 +180,7 @@ def test_the_documented_commands_load_serve_and_detach(
             with SearchClient(server.grpc_url, model_name=endpoint, timeout=30) as client:
                 for query in dev_queries[:10]:
                     hits = client.search(query, top_k=10)
-                    reference = on_milvus.search(query, top_k=10)
-                    assert_same_ranking(
-                        [h.product_id for h in hits],
-                        [h.score for h in hits],
-                        reference.product_ids.tolist(),
-                        reference.scores,
-                        query,
-                    )
+                    assert_hits_match(hits, on_milvus.search(query, top_k=10), query)
     assert run_documented(detach, repository, milvus_uri).returncode == 0
     assert isinstance(served_dense(repository), DenseIndex)
     assert not (store.latest_version_dir(repository, store.RETRIEVE) / MOMENTS_FILE).exists()

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROJECT, assert_same_ranking, ensure_installed, raw_infer, tensor
+from conftest import (
+    PROJECT,
+    assert_hits_match,
+    assert_same_ranking,
+    ensure_installed,
+    raw_infer,
+    tensor,
+)
 from shopserve.client import AsyncSearchClient, InvalidRequestError, SearchClient
 from shopserve.client._cli import main as search_cli
 from shopserve.ensemble import store
@@ -44,13 +51,7 @@ def test_served_ids_equal_the_in_process_pipeline(endpoint, pipeline, dev_querie
     for query, hits in zip(queries, served, strict=True):
         # Up to 4 in flight: "search" may embed this query in one call with others.
         reference = pipeline.search(query, 10)
-        assert_same_ranking(
-            [h.product_id for h in hits],
-            [h.score for h in hits],
-            reference.product_ids.tolist(),
-            reference.scores,
-            query,
-        )
+        assert_hits_match(hits, reference, query)
         titles = dict(zip(reference.product_ids.tolist(), reference.titles, strict=True))
         assert all(titles.get(h.product_id, h.title) == h.title for h in hits)
 
