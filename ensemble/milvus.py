@@ -23,7 +23,7 @@ log = logging.getLogger("shopserve.milvus")
 ROW_FIELD = "row"  # the primary key: the item's catalogue row
 VECTOR_FIELD = "embedding"
 TOKEN_ENV = "SHOPSERVE_MILVUS_TOKEN"  # "user:password" or an API key; never in a config file
-TIMEOUT_S = 10.0
+TIMEOUT_S = 10.0  # connecting, and each search or fetch: a stuck Milvus fails the request
 MAX_EF_SEARCH = 32768
 
 
@@ -111,6 +111,7 @@ class MilvusIndex:
             filter=where,
             output_fields=[ROW_FIELD],
             search_params=search_params(ef_search),
+            timeout=TIMEOUT_S,
         )
         rows = np.full((len(queries), n), -1, dtype=np.int64)
         scores = np.full((len(queries), n), -np.inf, dtype=np.float32)
@@ -147,7 +148,7 @@ class MilvusIndex:
             return np.empty((0, self.dimension), dtype=np.float32)
         unique = np.unique(rows)
         records = self.client.get(
-            self.collection, ids=unique.tolist(), output_fields=[VECTOR_FIELD]
+            self.collection, ids=unique.tolist(), output_fields=[VECTOR_FIELD], timeout=TIMEOUT_S
         )
         by_row = {int(r[ROW_FIELD]): r[VECTOR_FIELD] for r in records}
         missing = [int(r) for r in unique if int(r) not in by_row]
