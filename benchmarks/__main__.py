@@ -73,6 +73,20 @@ def main(argv: list[str] | None = None) -> int:
         help="write DATA/events-before-last.csv: the events without each shopper's last basket",
     )
     held_out.add_argument("--data", type=Path, default=PROJECT / "stores" / "instacart-data")
+    grow = commands.add_parser(
+        "grow-catalogue",
+        help="the Home Depot catalogue grown to N products: real titles, then labelled synthetic "
+        "variants (benchmarks/grow_catalogue.py)",
+    )
+    grow.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="the folder with homedepot/ and instacart/ (default: $DATA_DIR, ../shared/data)",
+    )
+    grow.add_argument("--products", type=int, required=True)
+    grow.add_argument("--output", type=Path, required=True, help="the catalogue CSV to write")
+    grow.add_argument("--seed", type=int, default=19)
     overload = commands.add_parser(
         "overload", help="1-64 clients with a 50 ms deadline: goodput, refusals, recovery"
     )
@@ -155,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write
 
             path = write(args.out)
+        elif args.command == "grow-catalogue":
+            from shopserve.export.data import DEFAULT_DATA_DIR
+
+            from .grow_catalogue import write as write_grown
+
+            data = args.data or DEFAULT_DATA_DIR.parent
+            counts = write_grown(data, args.products, args.output, args.seed)
+            print(", ".join(f"{count:,} {source}" for source, count in counts.items()))
+            path = args.output
         elif args.command == "held-out-events":
             from .realtime import write_events_before_last
 
