@@ -59,7 +59,7 @@ def load_embeddings(repository: Path, source: str) -> np.ndarray:
 
 def exact_dense_index(embeddings: np.ndarray):
     """A DenseIndex whose search is exact: one torch matmul over every catalogue embedding."""
-    from shopserve.ensemble.dense import DenseIndex
+    from shopserve.ensemble.dense import DenseIndex, EmbeddingMoments
 
     torch = _torch()
 
@@ -69,9 +69,7 @@ def exact_dense_index(embeddings: np.ndarray):
         def __init__(self, vectors: np.ndarray) -> None:  # no faiss index to wrap
             self.embeddings = np.ascontiguousarray(vectors, dtype=np.float32)
             self.matrix = torch.from_numpy(self.embeddings)
-            as64 = self.embeddings.astype(np.float64)
-            self.mean = as64.mean(0)
-            self.second_moment = as64.T @ as64 / max(len(as64), 1)
+            self.moments = EmbeddingMoments.of(self.embeddings)
 
         @property
         def size(self) -> int:
