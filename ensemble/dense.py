@@ -2,7 +2,7 @@
 
 A version's ``dense_backend`` parameter picks where the index lives: ``faiss`` (the default: the
 store's own memory-mapped file) or ``milvus`` (a Milvus collection, :mod:`.milvus`), both behind
-the interface of :class:`DenseIndex`. :func:`open_dense` is the one place that chooses.
+:class:`VectorIndex`. :func:`open_dense` is the one place that chooses.
 """
 
 from __future__ import annotations

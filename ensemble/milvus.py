@@ -38,9 +38,8 @@ def connect(uri: str):
 
     try:
         return MilvusClient(uri=uri, token=os.environ.get(TOKEN_ENV, ""), timeout=TIMEOUT_S)
-    except (
-        Exception
-    ) as exc:  # pymilvus raises its own types, or gRPC's, for a server it can't reach
+    # pymilvus raises its own types, or gRPC's, for a server it can't reach
+    except Exception as exc:
         raise MilvusUnavailable(f"cannot connect to Milvus at {uri}: {exc}") from exc
 
 

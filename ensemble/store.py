@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,15 @@ def fitted_parameters(version_directory: Path) -> dict[str, str]:
     they live with that version's files, so a rollback serves exactly what the version served."""
     path = Path(version_directory) / FITTED_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def write_fitted_parameters(version_directory: Path, fitted: dict[str, str]) -> None:
+    """Replace one version's fitted values. The file is written beside and renamed over (a new
+    inode), so a store copied with hard links keeps its own."""
+    path = Path(version_directory) / FITTED_FILE
+    staged = path.with_suffix(".tmp")
+    staged.write_text(json.dumps(fitted, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(staged, path)
 
 
 def config_parameters(repository: Path, model: str, version: int | None = None) -> dict[str, str]:

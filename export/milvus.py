@@ -245,15 +245,8 @@ def point_at_collection(
         "milvus_rows": str(dense.size),
         "milvus_ef_search": str(ef_search),
     }
-    write_fitted(version_dir, fitted)
+    store.write_fitted_parameters(version_dir, fitted)
     log.info("%s now retrieves from Milvus %s (%s)", version_dir, collection, uri)
-
-
-def write_fitted(version_dir: Path, fitted: dict[str, str]) -> None:
-    path = version_dir / store.FITTED_FILE
-    staged = path.with_suffix(".tmp")
-    staged.write_text(json.dumps(fitted, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(staged, path)
 
 
 def detach(repository: Path, version: int | None = None) -> Path:
@@ -264,7 +257,7 @@ def detach(repository: Path, version: int | None = None) -> Path:
         for key, value in store.fitted_parameters(version_dir).items()
         if key != "dense_backend" and not key.startswith("milvus_")
     }
-    write_fitted(version_dir, fitted)
+    store.write_fitted_parameters(version_dir, fitted)
     (version_dir / MOMENTS_FILE).unlink(missing_ok=True)
     log.info("%s retrieves from its FAISS index again", version_dir)
     return version_dir

@@ -110,8 +110,7 @@ class RepositoryWriter:
         """Record a value the build fitted, with this version's files (the shared config keeps
         the template's default)."""
         fitted = store.fitted_parameters(self.version_dir(model)) | {key: value}
-        path = self.version_dir(model) / store.FITTED_FILE
-        path.write_text(json.dumps(fitted, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        store.write_fitted_parameters(self.version_dir(model), fitted)
 
     def checksums(self) -> dict[str, str]:
         files = sorted(
