@@ -9,7 +9,6 @@ their overlap, and the latency of the dense search alone and of the whole in-pro
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -18,7 +17,12 @@ from pathlib import Path
 import numpy as np
 from shopserve.ensemble import SearchPipeline, store
 from shopserve.export.index import exact_top
-from shopserve.export.milvus import load_into_milvus, milvus_lite_server, recall
+from shopserve.export.milvus import (
+    linked_store_copy,
+    load_into_milvus,
+    milvus_lite_server,
+    recall,
+)
 
 from shopserve.server import free_ports
 
@@ -97,7 +101,7 @@ def compare(repository: Path, copy: Path, uri: str) -> dict:
 def run(repository: Path, out: Path, uri: str | None = None) -> Path:
     work = WORK_DIR / "milvus"
     shutil.rmtree(work, ignore_errors=True)
-    copy = Path(shutil.copytree(repository, work / "store", copy_function=os.link))
+    copy = linked_store_copy(repository, work / "store")
     with cpu_lock("benchmarks milvus"):
         if uri is None:
             with milvus_lite_server(work / "milvus-lite", *free_ports(1)) as lite:

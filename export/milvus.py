@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -86,6 +87,21 @@ def milvus_lite_server(folder: Path, port: int, start_timeout_s: float = 60) -> 
     finally:
         process.terminate()
         process.wait(30)
+
+
+def linked_store_copy(repository: Path, destination: Path) -> Path:
+    """A copy of a store to load into Milvus beside the original: the retrieve model's files
+    hard-linked (the large ones; this command replaces, never writes through, the files it
+    changes), the rest copied (ONNX's checker refuses weights that have several hard links)."""
+    retrieve = (Path(repository) / store.RETRIEVE).resolve()
+
+    def place(source: str, target: str) -> str:
+        if Path(source).resolve().is_relative_to(retrieve):
+            os.link(source, target)
+            return target
+        return shutil.copy2(source, target)
+
+    return Path(shutil.copytree(repository, destination, copy_function=place))
 
 
 def default_collection(repository: Path, version: int) -> str:

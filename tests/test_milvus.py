@@ -8,10 +8,8 @@ path (a hard-linked copy of the session's store)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from shopserve.ensemble import SearchPipeline, store
 from shopserve.ensemble.dense import MOMENTS_FILE, DenseIndex, served_dense
 from shopserve.ensemble.milvus import MilvusIndex, MilvusUnavailable
 from shopserve.export.index import exact_top
-from shopserve.export.milvus import milvus_lite_server
+from shopserve.export.milvus import linked_store_copy, milvus_lite_server
 
 pytestmark = pytest.mark.slow
 
@@ -60,15 +58,10 @@ def milvus_uri(tmp_path_factory: pytest.TempPathFactory):
         yield uri
 
 
-def linked_copy(repository: Path, destination: Path) -> Path:
-    """The store, its files hard-linked (the Milvus command replaces the files it changes)."""
-    return Path(shutil.copytree(repository, destination, copy_function=os.link))
-
-
 @pytest.fixture(scope="module")
 def milvus_store(built_repository: Path, milvus_uri: str, tmp_path_factory) -> tuple[Path, dict]:
     """The session's store loaded into Milvus by the block's second line."""
-    repository = linked_copy(built_repository, tmp_path_factory.mktemp("on_milvus") / "store")
+    repository = linked_store_copy(built_repository, tmp_path_factory.mktemp("on_milvus") / "store")
     done = run_documented(documented_commands()[1], repository, milvus_uri)
     assert done.returncode == 0, done.stderr[-3000:]
     return repository, json.loads(done.stdout)
@@ -173,7 +166,7 @@ def test_the_documented_commands_load_serve_and_detach(
 
     *_, serve, detach = documented_commands()
     assert serve == ["shopserve", "serve", "--model-repository", DOCUMENTED_STORE]
-    repository = linked_copy(milvus_store[0], tmp_path / "store")
+    repository = linked_store_copy(milvus_store[0], tmp_path / "store")
     on_milvus = SearchPipeline.from_repository(repository)
     with start_server(repository, tmp_path) as server:
         for endpoint in (store.SEARCH, store.ENSEMBLE):
@@ -201,7 +194,7 @@ def test_a_missing_collection_or_server_is_a_clear_error(milvus_store, milvus_ur
     to FAISS); the load command names the server it could not reach."""
     from shopserve.server import ServerError
 
-    copy = linked_copy(milvus_store[0], tmp_path / "store")
+    copy = linked_store_copy(milvus_store[0], tmp_path / "store")
     version_dir = store.latest_version_dir(copy, store.RETRIEVE)
     fitted = store.fitted_parameters(version_dir)
     (version_dir / store.FITTED_FILE).unlink()
