@@ -32,7 +32,7 @@ import numpy as np
 from . import store
 from .filters import Attributes, category_path
 from .lexical import LexicalIndex, QueryTerms, char_trigrams
-from .store import Catalogue, ProductRows
+from .store import Catalogue
 from .validation import InvalidRequest, decode_text
 
 if TYPE_CHECKING:
@@ -216,11 +216,10 @@ class _DeltaLexicon:
 
     def __init__(self, lexical: LexicalIndex) -> None:
         self.lexical = lexical
-        scores = lexical.bm25.scores
-        self.document_frequency = np.diff(np.asarray(scores["indptr"]))
-        self.documents = max(int(scores.get("num_docs", lexical.size)), 1)
+        self.document_frequency = lexical.bm25.document_frequency()
+        self.documents = max(lexical.bm25.documents, 1)
         self.mean_length = max(float(lexical.words.sizes(np.arange(lexical.size)).mean()), 1.0)
-        self.k1, self.b = float(lexical.bm25.k1), float(lexical.bm25.b)
+        self.k1, self.b = lexical.bm25.k1, lexical.bm25.b
         self.new_words: dict[str, int] = {}
         self.new_trigrams: dict[str, int] = {}
         # row -> its words, word ids and trigram ids
@@ -228,17 +227,17 @@ class _DeltaLexicon:
         self.postings: dict[str, dict[int, float]] = {}  # word -> {row: its term weight}
 
     def _word_id(self, word: str) -> int:
-        known = self.lexical.vocab.get(word)
+        known = self.lexical.vocabulary.get(word)
         if known is not None:
             return known
-        return self.new_words.setdefault(word, len(self.lexical.vocab) + len(self.new_words))
+        return self.new_words.setdefault(word, len(self.lexical.vocabulary) + len(self.new_words))
 
     def _trigram_id(self, gram: str) -> int:
-        known = self.lexical.trigram_vocab.get(gram)
+        known = self.lexical.trigram_vocabulary.get(gram)
         if known is not None:
             return known
         vocab = self.new_trigrams
-        return vocab.setdefault(gram, len(self.lexical.trigram_vocab) + len(vocab))
+        return vocab.setdefault(gram, len(self.lexical.trigram_vocabulary) + len(vocab))
 
     def put(self, row: int, title: str, words: list[str]) -> None:
         """Index ``row``'s new title, whose distinct terms are ``words`` (LexicalIndex.words)."""
@@ -248,7 +247,7 @@ class _DeltaLexicon:
         word_ids = frozenset(self._word_id(w) for w in words)
         grams = frozenset(self._trigram_id(g) for g in char_trigrams(title))
         self.rows[row] = (frozenset(words), word_ids, grams)
-        # bm25s' Lucene term weight for a term the title holds once (titles rarely repeat one)
+        # BM25's Lucene term weight (as the build's) for a term the title holds once (titles rarely repeat one)
         norm = self.k1 * (1 - self.b + self.b * len(word_ids) / self.mean_length)
         for word in words:
             self.postings.setdefault(word, {})[row] = 1.0 / (1.0 + norm)
@@ -272,7 +271,7 @@ class _DeltaLexicon:
             posting = self.postings.get(word)
             if not posting:
                 continue
-            known = self.lexical.vocab.get(word)
+            known = self.lexical.vocabulary.get(word)
             df = int(self.document_frequency[known]) if known is not None else 0
             idf = math.log(1 + (self.documents - df + 0.5) / (df + 0.5))
             for row, weight in posting.items():
@@ -378,7 +377,7 @@ class LiveCatalogue:
         self.base_rows = len(catalogue)
         self.product_ids = catalogue.product_ids  # never written: a new product makes a new array
         self.titles = LiveTitles(catalogue.titles)
-        self.row_of = ProductRows(self.product_ids)
+        self.row_of = catalogue.product_rows()
         self.alive = np.ones(self.base_rows, dtype=bool)
         self.attributes = attributes
         self.encoder = encoder

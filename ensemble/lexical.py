@@ -1,24 +1,34 @@
-"""Lexical retrieval over product titles: BM25 (bm25s) with English stemming and stopwords, plus
-each title's distinct word terms and character trigrams for the ranker's overlap features."""
+"""Lexical retrieval over product titles: BM25 with English stemming and stopwords, plus each
+title's distinct word terms and character trigrams for the ranker's overlap features.
+
+The build writes the index (shopserve.export.lexical, with bm25s); serving reads it as memory-mapped
+arrays and analyses queries itself, exactly as the build analysed the titles. No serving process
+imports bm25s or SciPy, which cost each model instance about 11 MiB of its own memory.
+"""
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import bm25s
 import numpy as np
 import Stemmer
 
-from .store import REBUILD, StoreFormatError
+from .store import REBUILD, StoreFormatError, Titles
 
-STOPWORDS = "en"
 STEMMER_LANGUAGE = "english"
+TOKEN_PATTERN = re.compile(r"(?u)\b\w\w+\b")  # words of two or more word characters
 _WORD = re.compile(r"\w+")
-# A saved index's files (beside bm25s's own): each title's word and trigram ids.
+# A saved index's files: the analyzer's settings and BM25's parameters, the BM25 weights, the two
+# vocabularies, and each title's word and trigram ids.
+ANALYZER_FILE = "analyzer.json"
+BM25_PREFIX = "bm25"
+VOCABULARY_PREFIX = "vocabulary"
+TRIGRAM_VOCABULARY_PREFIX = "trigram_vocabulary"
 WORDS_PREFIX = "title_words"
 TRIGRAMS_PREFIX = "title_trigrams"
 
@@ -88,6 +98,113 @@ class TermSets:
         return np.where(lengths > 0, sums, 0.0).astype(np.float32)
 
 
+class Analyzer:
+    """Text to BM25 terms: lower-cased words of two or more word characters, stopwords left out,
+    Snowball-stemmed: the analysis of bm25s.tokenize, used for titles and queries alike."""
+
+    def __init__(self, stopwords: Iterable[str], language: str = STEMMER_LANGUAGE) -> None:
+        self.stopwords = sorted(set(stopwords))
+        self.language = language
+        self._stopwords = frozenset(self.stopwords)
+        self._stemmer = Stemmer.Stemmer(language)
+
+    def tokens(self, text: str) -> list[str]:
+        """Every term of ``text`` in order, repeats kept."""
+        words = [w for w in TOKEN_PATTERN.findall(text.lower()) if w not in self._stopwords]
+        return self._stemmer.stemWords(words)
+
+    def terms(self, text: str) -> list[str]:
+        """The distinct terms of ``text``, in order."""
+        return list(dict.fromkeys(self.tokens(text)))
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Term -> id, as the sorted terms (store.Titles: one UTF-8 buffer) beside their ids. Loaded,
+    both are memory-mapped: a dict of tens of thousands of terms would cost every serving process
+    megabytes of its own."""
+
+    terms: Sequence[str]  # sorted
+    ids: np.ndarray  # int64: the id of each term
+
+    @classmethod
+    def of(cls, ids_by_term: Mapping[str, int]) -> Vocabulary:
+        ordered = sorted(ids_by_term)
+        return cls(Titles.of(ordered), np.array([ids_by_term[t] for t in ordered], np.int64))
+
+    def save(self, prefix: Path) -> None:
+        terms = Titles.of(self.terms)
+        np.save(f"{prefix}.terms.npy", terms.text)
+        np.save(f"{prefix}.offsets.npy", terms.offsets)
+        np.save(f"{prefix}.ids.npy", self.ids)
+
+    @classmethod
+    def load(cls, prefix: Path) -> Vocabulary:
+        def mapped(part: str) -> np.ndarray:
+            return np.load(f"{prefix}.{part}.npy", mmap_mode="r")
+
+        return cls(Titles(mapped("terms"), mapped("offsets")), mapped("ids"))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def get(self, term: str) -> int | None:
+        at = bisect.bisect_left(self.terms, term)
+        if at < len(self.ids) and self.terms[at] == term:
+            return int(self.ids[at])
+        return None
+
+    def known_ids(self, terms: Iterable[str]) -> list[int]:
+        """The ids of the known ``terms``, in their order (unknown ones left out)."""
+        return [i for i in map(self.get, terms) if i is not None]
+
+
+@dataclass(frozen=True)
+class Bm25:
+    """The build's BM25 weights (the Lucene variant; k1 and b as built): for each term, the titles
+    that hold it and the term's weight in each, as a terms x titles matrix in CSC form."""
+
+    weights: np.ndarray  # float32: by term, then title
+    titles: np.ndarray  # int: the title (catalogue row) of each weight
+    starts: np.ndarray  # int [terms + 1]: where each term's titles start
+    documents: int
+    k1: float
+    b: float
+
+    def save(self, prefix: Path) -> dict:
+        """Write the arrays at ``prefix``; return the parameters the analyzer file keeps."""
+        for part in ("weights", "titles", "starts"):
+            np.save(f"{prefix}.{part}.npy", getattr(self, part))
+        return {"documents": self.documents, "k1": self.k1, "b": self.b}
+
+    @classmethod
+    def load(cls, prefix: Path, parameters: dict) -> Bm25:
+        def mapped(part: str) -> np.ndarray:
+            return np.load(f"{prefix}.{part}.npy", mmap_mode="r")
+
+        return cls(
+            mapped("weights"),
+            mapped("titles"),
+            mapped("starts"),
+            int(parameters["documents"]),
+            float(parameters["k1"]),
+            float(parameters["b"]),
+        )
+
+    def document_frequency(self) -> np.ndarray:
+        return np.diff(np.asarray(self.starts))
+
+    def scores(self, term_ids: Sequence[int]) -> np.ndarray:
+        """Every title's BM25 for the terms ``term_ids`` (float32 [documents]), summed in their
+        order as bm25s sums them, so a score is the same to the last bit."""
+        scores = np.zeros(self.documents, dtype=np.float32)
+        if term_ids:
+            spans = [slice(self.starts[t], self.starts[t + 1]) for t in term_ids]
+            titles = np.concatenate([self.titles[s] for s in spans])
+            np.add.at(scores, titles, np.concatenate([self.weights[s] for s in spans]))
+        return scores
+
+
 @dataclass(frozen=True)
 class QueryTerms:
     """A query analysed like the titles: stemmed word terms and character trigrams."""
@@ -98,58 +215,40 @@ class QueryTerms:
     trigram_ids: np.ndarray
 
 
+@dataclass(frozen=True)
 class LexicalIndex:
-    def __init__(
-        self, bm25: bm25s.BM25, words: TermSets, trigrams: TermSets, trigram_vocab: list[str]
-    ) -> None:
-        self.bm25 = bm25
-        self.stemmer = Stemmer.Stemmer(STEMMER_LANGUAGE)
-        self.vocab: dict[str, int] = bm25.vocab_dict
-        self.words = words
-        self.trigrams = trigrams
-        self.trigram_vocab = {gram: i for i, gram in enumerate(trigram_vocab)}
+    """BM25 over the titles, and each title's word and trigram ids, with the vocabularies that
+    number them. Built by shopserve.export.lexical; loaded, every array is memory-mapped."""
 
-    @classmethod
-    def build(cls, titles: Sequence[str], show_progress: bool = True) -> LexicalIndex:
-        stemmer = Stemmer.Stemmer(STEMMER_LANGUAGE)
-        tokenized = bm25s.tokenize(
-            list(titles), stopwords=STOPWORDS, stemmer=stemmer, show_progress=show_progress
-        )
-        bm25 = bm25s.BM25()
-        bm25.index(tokenized, show_progress=show_progress)
-        # bm25s numbers tokens in the tokenizer's vocabulary; map them to the index's vocabulary.
-        to_index = {i: bm25.vocab_dict[token] for token, i in tokenized.vocab.items()}
-        words = TermSets.from_lists([to_index[i] for i in ids] for ids in tokenized.ids)
-        trigram_vocab: dict[str, int] = {}
-        trigrams = TermSets.from_lists(
-            [trigram_vocab.setdefault(g, len(trigram_vocab)) for g in char_trigrams(title)]
-            for title in titles
-        )
-        return cls(bm25, words, trigrams, list(trigram_vocab))
+    analyzer: Analyzer
+    bm25: Bm25
+    vocabulary: Vocabulary
+    words: TermSets
+    trigram_vocabulary: Vocabulary
+    trigrams: TermSets
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.bm25.save(str(directory), show_progress=False)
+        bm25 = self.bm25.save(directory / BM25_PREFIX)
+        self.vocabulary.save(directory / VOCABULARY_PREFIX)
+        self.trigram_vocabulary.save(directory / TRIGRAM_VOCABULARY_PREFIX)
         self.words.save(directory / WORDS_PREFIX)
         self.trigrams.save(directory / TRIGRAMS_PREFIX)
-        (directory / "analyzer.json").write_text(
-            json.dumps(
-                {
-                    "stopwords": STOPWORDS,
-                    "stemmer": STEMMER_LANGUAGE,
-                    "trigram_vocab": list(self.trigram_vocab),
-                }
-            )
-        )
+        analyzer = {"stemmer": self.analyzer.language, "stopwords": self.analyzer.stopwords}
+        (directory / ANALYZER_FILE).write_text(json.dumps({**analyzer, "bm25": bm25}))
 
     @classmethod
     def load(cls, directory: Path) -> LexicalIndex:
-        analyzer = json.loads((directory / "analyzer.json").read_text())
+        settings = json.loads((directory / ANALYZER_FILE).read_text())
+        if "bm25" not in settings:  # bm25s's own files: the format before serving mapped them
+            raise StoreFormatError(f"{directory}: {REBUILD}")
         return cls(
-            bm25s.BM25.load(str(directory), mmap=True),
+            Analyzer(settings["stopwords"], settings["stemmer"]),
+            Bm25.load(directory / BM25_PREFIX, settings["bm25"]),
+            Vocabulary.load(directory / VOCABULARY_PREFIX),
             TermSets.load(directory / WORDS_PREFIX),
+            Vocabulary.load(directory / TRIGRAM_VOCABULARY_PREFIX),
             TermSets.load(directory / TRIGRAMS_PREFIX),
-            analyzer["trigram_vocab"],
         )
 
     @property
@@ -157,29 +256,23 @@ class LexicalIndex:
         return len(self.words.offsets) - 1
 
     def distinct_terms(self, texts: list[str]) -> list[list[str]]:
-        """Each text's distinct stemmed terms (stopwords dropped), in order, as the index has them."""
-        tokens = bm25s.tokenize(
-            texts, stopwords=STOPWORDS, stemmer=self.stemmer, return_ids=False, show_progress=False
-        )
-        return [list(dict.fromkeys(t)) for t in tokens]
+        """Each text's distinct terms (stopwords dropped), in order, as the index has them."""
+        return [self.analyzer.terms(text) for text in texts]
 
     def analyze(self, text: str) -> QueryTerms:
-        (words,) = self.distinct_terms([text])
+        words = self.analyzer.terms(text)
         grams = char_trigrams(text)
         return QueryTerms(
             words,
-            _known_ids(words, self.vocab),
+            _id_set(self.vocabulary.known_ids(words)),
             len(grams),
-            _known_ids(grams, self.trigram_vocab),
+            _id_set(self.trigram_vocabulary.known_ids(grams)),
         )
 
     def scores(self, terms: QueryTerms) -> np.ndarray:
         """BM25 score of every title for an analysed query."""
-        if not terms.words:
-            return np.zeros(self.size, dtype=np.float32)
-        return self.bm25.get_scores(terms.words).astype(np.float32, copy=False)
+        return self.bm25.scores(self.vocabulary.known_ids(terms.words))
 
 
-def _known_ids(terms: Sequence[str], vocab: dict[str, int]) -> np.ndarray:
-    ids = sorted({vocab[t] for t in terms if t in vocab})
-    return np.asarray(ids, dtype=np.int64)
+def _id_set(ids: list[int]) -> np.ndarray:
+    return np.asarray(sorted(set(ids)), dtype=np.int64)

@@ -16,15 +16,72 @@ linear ranker that reads that one feature.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from scipy import sparse
 
 NEIGHBOURS_FILE = "neighbours.npz"
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    """A float32 matrix kept by rows (CSR: row r's columns ``columns[starts[r]:starts[r + 1]]``,
+    ascending, and their values): the little of SciPy's csr_matrix that serving needs, without
+    SciPy, whose import costs every serving process about 5 MiB of its own."""
+
+    values: np.ndarray  # float32
+    columns: np.ndarray  # int64
+    starts: np.ndarray  # int64 [height + 1]
+    width: int
+
+    @classmethod
+    def of(cls, rows: Sequence[tuple[np.ndarray, np.ndarray]], width: int) -> SparseRows:
+        """From each row's (columns, values); a column given twice in a row holds their sum."""
+        merged = [_merged(np.asarray(c, np.int64), np.asarray(v, np.float64)) for c, v in rows]
+        starts = np.zeros(len(merged) + 1, dtype=np.int64)
+        np.cumsum([len(c) for c, _ in merged], out=starts[1:])
+        return cls(
+            np.concatenate([v for _, v in merged] or [[]]).astype(np.float32),
+            np.concatenate([c for c, _ in merged] or [[]]).astype(np.int64),
+            starts,
+            width,
+        )
+
+    @property
+    def height(self) -> int:
+        return len(self.starts) - 1
+
+    def _row_of_each(self) -> np.ndarray:
+        return np.repeat(np.arange(self.height), np.diff(self.starts))
+
+    def transposed(self) -> SparseRows:
+        rows = self._row_of_each()
+        order = np.lexsort((rows, self.columns))
+        starts = np.zeros(self.width + 1, dtype=np.int64)
+        np.cumsum(np.bincount(self.columns, minlength=self.width), out=starts[1:])
+        return SparseRows(self.values[order], rows[order], starts, self.height)
+
+    def squared_norms(self) -> np.ndarray:
+        squares = np.square(self.values, dtype=np.float64)
+        return np.bincount(self._row_of_each(), weights=squares, minlength=self.height)
+
+    def weighted_sum(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """``sum over i of weights[i] * row rows[i]``, float64 [width]."""
+        spans = [slice(self.starts[r], self.starts[r + 1]) for r in np.asarray(rows).tolist()]
+        if not spans:
+            return np.zeros(self.width)
+        counts = [s.stop - s.start for s in spans]
+        values = np.concatenate([self.values[s] for s in spans]) * np.repeat(weights, counts)
+        columns = np.concatenate([self.columns[s] for s in spans])
+        return np.bincount(columns, weights=values, minlength=self.width)
+
+
+def _merged(columns: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    distinct, at = np.unique(columns, return_inverse=True)
+    return distinct, np.bincount(at, weights=values, minlength=len(distinct))
 
 
 @dataclass(frozen=True)
@@ -34,7 +91,7 @@ class ShopperVectors:
     shopper's own vector."""
 
     keys: np.ndarray  # str [users], sorted: the keyed hashes of the user ids
-    matrix: sparse.csr_matrix  # float32 [users, catalogue rows]
+    matrix: SparseRows  # [users, catalogue rows]
     k: int
     alpha: float
 
@@ -49,26 +106,17 @@ class ShopperVectors:
         """From (user key, catalogue rows, shares) triples; shoppers with no share are left out
         (they have bought nothing, so they are nobody's neighbour)."""
         kept = sorted((key, rows, values) for key, rows, values in vectors if np.any(values > 0))
-        indptr = np.cumsum([0] + [len(rows) for _, rows, _ in kept])
-        matrix = sparse.csr_matrix(
-            (
-                np.concatenate([v for *_, v in kept] or [[]]).astype(np.float32),
-                np.concatenate([r for _, r, _ in kept] or [[]]).astype(np.int64),
-                indptr,
-            ),
-            shape=(len(kept), items),
-        )
-        matrix.sum_duplicates()
+        matrix = SparseRows.of([(rows, values) for _, rows, values in kept], items)
         return cls(np.array([key for key, *_ in kept], dtype=str), matrix, k, alpha)
 
     def save(self, path: Path) -> None:
         np.savez(
             path,
             keys=self.keys,
-            data=self.matrix.data,
-            indices=self.matrix.indices,
-            indptr=self.matrix.indptr,
-            shape=np.array(self.matrix.shape),
+            data=self.matrix.values,
+            indices=self.matrix.columns,
+            indptr=self.matrix.starts,
+            shape=np.array([self.matrix.height, self.matrix.width]),
             k=np.array(self.k),
             alpha=np.array(self.alpha),
         )
@@ -76,26 +124,29 @@ class ShopperVectors:
     @classmethod
     def load(cls, path: Path) -> ShopperVectors:
         with np.load(path) as data:
-            matrix = sparse.csr_matrix(
-                (data["data"], data["indices"], data["indptr"]), shape=tuple(data["shape"])
+            matrix = SparseRows(
+                data["data"].astype(np.float32, copy=False),
+                data["indices"].astype(np.int64, copy=False),
+                data["indptr"].astype(np.int64, copy=False),
+                int(data["shape"][1]),
             )
             return cls(data["keys"], matrix, int(data["k"]), float(data["alpha"]))
 
     @cached_property
-    def _by_item(self) -> sparse.csr_matrix:
+    def _by_item(self) -> SparseRows:
         """The transpose, so that the columns of a shopper's items are cheap rows."""
-        return self.matrix.T.tocsr()
+        return self.matrix.transposed()
 
     @cached_property
     def _squared_norms(self) -> np.ndarray:
-        return np.asarray(self.matrix.multiply(self.matrix).sum(1), dtype=np.float64).ravel()
+        return self.matrix.squared_norms()
 
     def nearest(self, rows: np.ndarray, shares: np.ndarray, user_key: str = "") -> np.ndarray:
         """Indices of the ``k`` shoppers nearest (Euclidean) to the vector ``shares`` over catalogue
         ``rows``, the shopper ``user_key`` left out; ties by user key."""
         if not len(self.keys) or not np.any(shares > 0):
             return np.zeros(0, dtype=np.int64)
-        dots = self._by_item[np.asarray(rows, dtype=np.int64)].T @ np.asarray(shares, np.float64)
+        dots = self._by_item.weighted_sum(rows, np.asarray(shares, np.float64))
         distances = self._squared_norms - 2.0 * dots  # + |shares|^2, the same for every shopper
         at = int(np.searchsorted(self.keys, user_key))
         if user_key and at < len(self.keys) and self.keys[at] == user_key:
@@ -114,8 +165,9 @@ class ShopperVectors:
         """The mean vector of the nearest shoppers, float32 [catalogue rows] (zeros without any)."""
         nearest = self.nearest(rows, shares, user_key)
         if not len(nearest):
-            return np.zeros(self.matrix.shape[1], dtype=np.float32)
-        return np.asarray(self.matrix[nearest].sum(0), dtype=np.float32).ravel() / len(nearest)
+            return np.zeros(self.matrix.width, dtype=np.float32)
+        ones = np.ones(len(nearest))
+        return (self.matrix.weighted_sum(nearest, ones) / len(nearest)).astype(np.float32)
 
     def score(self, shares: np.ndarray, neighbourhood: np.ndarray) -> np.ndarray:
         """TIFU-KNN's prediction from the shopper's own shares and their neighbourhood's."""

@@ -65,8 +65,7 @@ class ProductVectors:
 
     @functools.cached_property
     def _index(self) -> tuple[VectorIndex, store.ProductRows]:
-        ids = store.load_catalogue(self.repository).product_ids
-        return served_dense(self.repository), store.ProductRows(ids)
+        return served_dense(self.repository), store.load_catalogue(self.repository).product_rows()
 
     def __call__(self, product_id: int) -> np.ndarray:
         dense, row_of = self._index
@@ -93,7 +92,7 @@ class Personalization:
         cls,
         repository: Path,
         dense: VectorIndex,
-        product_ids: np.ndarray,
+        catalogue: store.Catalogue,
         version: int | None = None,
     ) -> Personalization | None:
         """The personalisation of a built store, or None when it was built without events."""
@@ -111,8 +110,9 @@ class Personalization:
             Recommender(
                 ShopItems.load(version_dir / ITEMS_FILE),
                 dense,
-                product_ids,
+                catalogue.product_ids,
                 ShopperVectors.load(version_dir / NEIGHBOURS_FILE),
+                catalogue.product_rows(),
             ),
             OnnxRanker(store.model_file(repository, store.REC_RANKER, version), 1),
             OnnxRanker(store.version_dir(repository, store.REC_RANKER, version) / EXPLORE_FILE, 1),
@@ -130,7 +130,7 @@ class Personalization:
         """A personalised store's personalisation and catalogue, with the dense index it reads."""
         dense = served_dense(repository, version)
         catalogue = store.load_catalogue(repository, version)
-        personal = cls.from_repository(repository, dense, catalogue.product_ids, version)
+        personal = cls.from_repository(repository, dense, catalogue, version)
         if personal is None:
             raise FileNotFoundError(f"{repository} was built without behaviour data (--events)")
         return personal, catalogue

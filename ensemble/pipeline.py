@@ -106,9 +106,7 @@ class SearchPipeline:
                 _intra_op_threads(repository, store.RANKER),
             ),
             postprocessor,
-            Personalization.from_repository(
-                repository, retriever.dense, catalogue.product_ids, version
-            ),
+            Personalization.from_repository(repository, retriever.dense, catalogue, version),
             attributes,
             live,
         )

@@ -198,12 +198,13 @@ class Recommender:
         dense: VectorIndex,
         product_ids: np.ndarray,
         shoppers: ShopperVectors | None = None,
+        row_of: store.ProductRows | None = None,  # computed from product_ids when not given
     ) -> None:
         self.items = items
         self.dense = dense
         self.product_ids = product_ids
         self.shoppers = shoppers
-        self.row_of = store.ProductRows(product_ids)
+        self.row_of = row_of if row_of is not None else store.ProductRows.of(product_ids)
 
     def rows_of(self, product_ids: np.ndarray) -> np.ndarray:
         """Catalogue rows of ``product_ids``; -1 for an id the catalogue does not have."""
@@ -219,7 +220,7 @@ class Recommender:
         )
 
     def with_shoppers(self, shoppers: ShopperVectors) -> Recommender:
-        return Recommender(self.items, self.dense, self.product_ids, shoppers)
+        return Recommender(self.items, self.dense, self.product_ids, shoppers, self.row_of)
 
     def shopper_vectors(
         self, profiles: Iterable[tuple[str, Profile]], k: int, alpha: float

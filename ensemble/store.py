@@ -238,12 +238,20 @@ class Catalogue:
     # The catalogue log's updates logged up to this time (Unix seconds) are in this catalogue (the
     # build folded them): serving replays only the later ones.
     log_through: float = 0.0
+    # Product id -> row: saved with the catalogue and memory-mapped when loaded (else computed).
+    row_index: ProductRows | None = None
 
     def save(self, path: Path) -> None:
         titles = Titles.of(self.titles)
-        np.save(path.with_name(_CATALOGUE_ARRAYS["ids"]), np.asarray(self.product_ids, np.int64))
-        np.save(path.with_name(_CATALOGUE_ARRAYS["text"]), titles.text)
-        np.save(path.with_name(_CATALOGUE_ARRAYS["offsets"]), titles.offsets)
+        rows = self.product_rows()
+        for key, array in (
+            ("ids", np.asarray(self.product_ids, np.int64)),
+            ("text", titles.text),
+            ("offsets", titles.offsets),
+            ("sorted_ids", rows.sorted_ids),
+            ("id_rows", rows.order),
+        ):
+            np.save(path.with_name(_CATALOGUE_ARRAYS[key]), array)
         data: dict = {"products": len(self.product_ids)}
         if self.log_through:
             data["log_through"] = self.log_through
@@ -253,7 +261,8 @@ class Catalogue:
     def load(cls, path: Path) -> Catalogue:
         path = Path(path)
         data = json.loads(path.read_text())
-        if "products" not in data:  # the one-JSON format, before the arrays could be mapped
+        missing = [n for n in _CATALOGUE_ARRAYS.values() if not path.with_name(n).exists()]
+        if "products" not in data or missing:  # a format from before the arrays could be mapped
             raise StoreFormatError(f"{path.parent}: {REBUILD}")
         arrays = {
             key: np.load(path.with_name(name), mmap_mode="r")
@@ -263,10 +272,19 @@ class Catalogue:
             arrays["ids"],
             Titles(arrays["text"], arrays["offsets"]),
             float(data.get("log_through", 0.0)),
+            ProductRows(arrays["sorted_ids"], arrays["id_rows"]),
         )
-        if not len(catalogue) == len(catalogue.titles) == data["products"]:
+        sizes = {len(catalogue), len(catalogue.titles), len(arrays["id_rows"]), data["products"]}
+        if len(sizes) != 1:
             raise ValueError(f"{path.parent}: the catalogue's arrays disagree on its size")
         return catalogue
+
+    def product_rows(self) -> ProductRows:
+        """A product id -> row index of its own (rows added to it stay its own), over the saved
+        arrays where the catalogue was loaded."""
+        if self.row_index is None:
+            return ProductRows.of(self.product_ids)
+        return ProductRows(self.row_index.sorted_ids, self.row_index.order)
 
     def __len__(self) -> int:
         return len(self.product_ids)
@@ -274,21 +292,27 @@ class Catalogue:
 
 class ProductRows:
     """Product id -> catalogue row by binary search over the ids sorted once: a dict of every
-    product would cost each serving process about 100 bytes a product. Rows added while serving
-    (the live catalogue's new products) are kept beside them."""
+    product would cost each serving process about 100 bytes a product. A built catalogue saves the
+    sorted ids and their rows, which load memory-mapped (shared by every process). Rows added while
+    serving (the live catalogue's new products) are kept beside them."""
 
-    def __init__(self, product_ids: np.ndarray) -> None:
-        ids = np.asarray(product_ids, dtype=np.int64)
-        self._order = np.argsort(ids, kind="stable")
-        self._sorted = ids[self._order]
+    def __init__(self, sorted_ids: np.ndarray, order: np.ndarray) -> None:
+        self.sorted_ids = sorted_ids  # int64: the catalogue's ids, ascending
+        self.order = order  # int64: the row of each
         self._added: dict[int, int] = {}
+
+    @classmethod
+    def of(cls, product_ids: np.ndarray) -> ProductRows:
+        ids = np.asarray(product_ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        return cls(ids[order], order)
 
     def rows(self, product_ids: np.ndarray) -> np.ndarray:
         """Rows of ``product_ids``; -1 for an id without one."""
         product_ids = np.asarray(product_ids, dtype=np.int64).reshape(-1)
-        if len(self._sorted):
-            at = np.minimum(np.searchsorted(self._sorted, product_ids), len(self._sorted) - 1)
-            found = np.where(self._sorted[at] == product_ids, self._order[at], -1)
+        if len(self.sorted_ids):
+            at = np.minimum(np.searchsorted(self.sorted_ids, product_ids), len(self.sorted_ids) - 1)
+            found = np.where(self.sorted_ids[at] == product_ids, self.order[at], -1)
         else:
             found = np.full(len(product_ids), -1)
         if self._added:
@@ -321,6 +345,8 @@ _CATALOGUE_ARRAYS = {
     "ids": "catalogue_ids.npy",
     "text": "catalogue_titles.npy",
     "offsets": "catalogue_title_offsets.npy",
+    "sorted_ids": "catalogue_sorted_ids.npy",  # the ids ascending, and each one's row (ProductRows)
+    "id_rows": "catalogue_id_rows.npy",
 }
 
 

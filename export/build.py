@@ -46,6 +46,7 @@ from .embeddings import cache_file_for, embed_catalogue
 from .evaluate import evaluate, rerank_ndcg_by_cosine
 from .finetune import FinetuneOptions, finetune
 from .index import EF_SEARCH_CHOICES, MIN_RECALL_QUERIES, ann_recall, build_dense_index
+from .lexical import build_lexical_index
 from .personalize import SearchSide, build_personalization
 from .quantize import accuracy_gate
 from .ranker import (
@@ -398,7 +399,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
     queries = judgments.queries if judgments else []
     dev = judgments.subset(dev_queries) if judgments else None
     with timer.step("lexical index"):
-        lexical = LexicalIndex.build(catalogue.titles)
+        lexical = build_lexical_index(catalogue.titles)
         lexical.save(writer.version_dir(store.RETRIEVE) / store.LEXICAL_INDEX_DIR)
         attributes.save(writer.version_dir(store.RETRIEVE) / store.ATTRIBUTES_FILE)
     validation = _sample(catalogue.titles, 256, rng) + _sample(queries, 256, rng)

@@ -21,12 +21,12 @@ import numpy as np
 from shopserve.ensemble import store
 from shopserve.ensemble.dense import DenseIndex
 from shopserve.ensemble.features import FUSION_WEIGHTS
-from shopserve.ensemble.lexical import LexicalIndex
 from shopserve.ensemble.models import OnnxEncoder, OnnxRanker
 from shopserve.ensemble.pipeline import load_retriever, load_tokenizer
 from shopserve.ensemble.retrieve import Retriever
 
 from .data import CatalogueData, Judgments, split_queries
+from .lexical import build_lexical_index
 from .selfcheck import LinearScorer, Scorer, category_checks, served_ndcg
 
 log = logging.getLogger("shopserve.export.transfer")
@@ -49,7 +49,7 @@ def _retriever_like(reference: Retriever, titles: list[str], embeddings: np.ndar
     """A retriever over another catalogue with the store's retrieval settings."""
     return Retriever(
         DenseIndex.build(embeddings, ef_search=reference.dense.ef_search),
-        LexicalIndex.build(titles, show_progress=False),
+        build_lexical_index(titles, show_progress=False),
         reference.dense_depth,
         reference.lexical_depth,
     )

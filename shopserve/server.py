@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shopserve.client._client import ADMIN_KEY_NAME, INFERENCE_KEY_NAME
+from shopserve.ensemble import store
 from shopserve.ensemble.catalogue_log import CATALOGUE_LOG_ENV, CATALOGUE_LOG_FILE
+from shopserve.ensemble.models import PREPACKED_DIR_ENV, prepacked_model
 from shopserve.ensemble.personal import ProductVectors, profile_namespace, snapshot_path
 from shopserve.ensemble.profile_store import LIVE_PROFILES_FILE, PROFILE_STORE_ENV, seed
 from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
@@ -221,6 +223,7 @@ class TritonServer:
         if "recommend" in models:
             env[PROFILE_STORE_ENV] = self._live_profiles(repo, work_dir)
         env[CATALOGUE_LOG_ENV] = self._catalogue_log(work_dir)
+        env[PREPACKED_DIR_ENV] = str(self._prepack_encoders(repo, work_dir / "prepacked"))
         env.pop(ADMIN_KEY_ENV, None)
         if self.config.admin_key:
             env[ADMIN_KEY_ENV] = self.config.admin_key
@@ -240,6 +243,17 @@ class TritonServer:
         self.process = subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.STDOUT)
         self.wait_ready(timeout)
         return self
+
+    @staticmethod
+    def _prepack_encoders(repo: Path, directory: Path) -> Path:
+        """Make the served encoders' pre-packed copies here, before the model processes start: the
+        process that made one would keep the memory it took (a version rolled out later gets its
+        copy from the first model process that loads it)."""
+        for version_dir in store.version_dirs(repo, store.ENCODER):
+            prepacked_model(
+                store.in_process_model_file(repo, store.ENCODER, int(version_dir.name)), directory
+            )
+        return directory
 
     def _live_profiles(self, repo: Path, work_dir: Path) -> str:
         """Check the secret, seed the live profile store from the build's snapshot (once) and

@@ -19,10 +19,10 @@ from shopserve.ensemble.catalogue import (
 from shopserve.ensemble.catalogue_log import RedisCatalogueLog, SqliteCatalogueLog
 from shopserve.ensemble.dense import DenseIndex
 from shopserve.ensemble.filters import Attributes, ProductFilter
-from shopserve.ensemble.lexical import LexicalIndex
 from shopserve.ensemble.retrieve import Retriever
 from shopserve.ensemble.store import Catalogue
 from shopserve.ensemble.validation import InvalidRequest
+from shopserve.export.lexical import build_lexical_index
 
 
 def strings(*values: str) -> np.ndarray:
@@ -160,7 +160,7 @@ def small_shop():
     rng = np.random.default_rng(0)
     vectors = np.stack([unit(v) for v in rng.normal(size=(len(TITLES), 8))])
     dense = DenseIndex.build(vectors)
-    retriever = Retriever(dense, LexicalIndex.build(TITLES, show_progress=False), 3, 3)
+    retriever = Retriever(dense, build_lexical_index(TITLES, show_progress=False), 3, 3)
     catalogue = Catalogue(np.arange(100, 100 + len(TITLES), dtype=np.int64), list(TITLES))
     attributes = Attributes(price=np.arange(1, len(TITLES) + 1, dtype=np.float32))
     embedded: list[str] = []

@@ -43,3 +43,31 @@ def test_client_imports_without_torch_or_transformers() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+SERVING = textwrap.dedent(
+    """
+    import sys
+
+    import shopserve.ensemble.catalogue_log
+    import shopserve.ensemble.personal
+    import shopserve.ensemble.pipeline
+    import shopserve.ensemble.recommend
+    import shopserve.server
+
+    heavy = {"scipy", "bm25s", "torch", "transformers", "pandas", "onnx"}
+    loaded = sorted({m.partition(".")[0] for m in sys.modules} & heavy)
+    assert not loaded, loaded
+    print("ok")
+    """
+)
+
+
+def test_serving_imports_none_of_the_builds_libraries() -> None:
+    """Every model process imports the serving modules: SciPy and bm25s would cost each instance
+    about 11 MiB of its own memory, and the build's libraries more."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SERVING], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"

@@ -15,9 +15,9 @@ from shopserve.ensemble.filters import (
     category_path,
     parse_filter,
 )
-from shopserve.ensemble.lexical import LexicalIndex
 from shopserve.ensemble.retrieve import Retriever
 from shopserve.ensemble.validation import InvalidRequest
+from shopserve.export.lexical import build_lexical_index
 
 COLUMNS = {
     "price": ["9.99", "", "120", "49.5", "0"],
@@ -147,7 +147,7 @@ def test_dense_search_within_returns_n_allowed_rows(share) -> None:
 def test_the_retriever_keeps_to_the_allowed_rows() -> None:
     titles = [f"cordless drill {i}" if i % 2 else f"garden hose {i}" for i in range(400)]
     dense, _ = synthetic_index(len(titles), seed=2)
-    retriever = Retriever(dense, LexicalIndex.build(titles), 50, 50)
+    retriever = Retriever(dense, build_lexical_index(titles), 50, 50)
     allowed = np.zeros(len(titles), dtype=bool)
     allowed[::4] = True  # hoses only
     everything = retriever("cordless drill", dense.stored[1])

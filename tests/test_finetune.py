@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_cut
-from shopserve.ensemble.lexical import LexicalIndex
 from shopserve.export import finetune as finetune_module
 from shopserve.export.cache import CACHE_ENV
 from shopserve.export.data import load_catalogue, load_judgments, split_queries
 from shopserve.export.encoder import model_dir, pooled_encoder
 from shopserve.export.finetune import FinetuneOptions, examples_for, finetune
+from shopserve.export.lexical import build_lexical_index
 
 TRAIN_QUERIES = 64
 
@@ -23,7 +23,7 @@ def cut(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     catalogue = load_catalogue(items)
     judgments = load_judgments(judged, catalogue)
     train, dev = split_queries(judgments.queries, 0.2, 13)
-    lexical = LexicalIndex.build(catalogue.titles, show_progress=False)
+    lexical = build_lexical_index(catalogue.titles, show_progress=False)
     return catalogue, judgments.subset(train[:TRAIN_QUERIES]), judgments.subset(dev), lexical
 
 

@@ -163,19 +163,27 @@ def test_response_cache_counts_hits_on_the_anonymous_ensemble(server) -> None:
 
 def test_search_instances_share_one_copy_of_the_served_files(server, client) -> None:
     """The large artefacts are memory-mapped: the page cache holds one copy, and each search
-    instance's own (anonymous) memory is smaller than the files it serves from."""
+    instance's own (anonymous) memory is smaller than the files it serves from. The encoder's
+    pre-packed weights are mapped from the server's copy, and no instance loads SciPy."""
+    from shopserve.ensemble.models import prepacked_model
+
     from shopserve.memory import file_mappings, server_memory
 
     repository = Path(server.config.model_repository).resolve()
     dense = store.version_dir(repository, store.RETRIEVE) / store.DENSE_INDEX_FILE
-    encoder = store.model_file(repository, store.ENCODER)
+    encoder = prepacked_model(
+        store.in_process_model_file(repository, store.ENCODER),
+        Path(server.config.work_dir).resolve() / "prepacked",
+    )
     served = [
         dense,
         store.weights_file(encoder),
         *(store.version_dir(repository, store.RETRIEVE) / store.LEXICAL_INDEX_DIR).glob("*.npy"),
         *store.version_dir(repository, store.POSTPROCESS).glob("*.npy"),
     ]
-    assert len(served) >= 9, served  # the index, the weights, 7 lexical and 3 catalogue arrays
+    # the index, the weights, 13 lexical arrays (BM25, two vocabularies, two term sets) and 3
+    # catalogue arrays
+    assert len(served) == 18, served
     assert len(client.search("cordless drill", top_k=5)) == 5
     instances = [p for p in server_memory(server.process.pid) if p.model == store.SEARCH]
     assert len(instances) == 2  # the config's count
@@ -191,6 +199,7 @@ def test_search_instances_share_one_copy_of_the_served_files(server, client) -> 
         assert mapped[dense]["Shared_Clean"] >= vectors_kib
         served_kib = sum(path.stat().st_size for path in served) // 1024
         assert instance.kib["Anonymous"] < served_kib, (instance.kib, served_kib)
+        assert not [path for path in mapped if "scipy" in path.parts], instance.name
 
 
 def test_the_documented_nginx_proxy_serves_and_skips_a_dead_replica(server, tmp_path) -> None:

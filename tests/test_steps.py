@@ -19,6 +19,7 @@ from shopserve.ensemble.tokenize import QueryTokenizer
 from shopserve.ensemble.validation import check_top_k, decode_query
 from shopserve.export import encoder as encoder_export
 from shopserve.export.data import DataError, load_catalogue, load_judgments, split_queries
+from shopserve.export.lexical import build_lexical_index
 from shopserve.export.metrics import ndcg_at_k, rank_by_score, recall_at_k
 
 TITLES = [
@@ -31,7 +32,7 @@ TITLES = [
 
 @pytest.fixture(scope="module")
 def lexical() -> LexicalIndex:
-    return LexicalIndex.build(TITLES, show_progress=False)
+    return build_lexical_index(TITLES, show_progress=False)
 
 
 @pytest.mark.parametrize(
@@ -108,6 +109,41 @@ def test_trigrams_tolerate_typos(lexical: LexicalIndex) -> None:
     assert grams.argmax() == 0 and grams[0] >= 6 and grams[1] == 0
 
 
+def test_the_served_analysis_and_bm25_are_bm25s_to_the_last_bit(
+    lexical: LexicalIndex, tmp_path
+) -> None:
+    """Serving analyses and scores without bm25s, exactly as bm25s does (tokenize, then BM25's
+    Lucene variant), from the saved arrays."""
+    import bm25s
+    import Stemmer
+
+    queries = ["cordless drills", "the DRILL-bit set", "wood", "x", "Wood & Metal 21 piece", ""]
+    stemmer = Stemmer.Stemmer("english")
+    reference = bm25s.BM25()
+    reference.index(bm25s.tokenize(TITLES, stopwords="en", stemmer=stemmer, show_progress=False))
+    lexical.save(tmp_path)
+    loaded = LexicalIndex.load(tmp_path)
+    expected = bm25s.tokenize(
+        queries, stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False
+    )
+    for query, tokens in zip(queries, expected, strict=True):
+        terms = loaded.analyze(query)
+        assert terms.words == list(dict.fromkeys(tokens)), query
+        bm25 = loaded.scores(terms)
+        want = reference.get_scores(terms.words) if terms.words else np.zeros(len(TITLES))
+        assert bm25.dtype == np.float32 and np.array_equal(bm25, want.astype(np.float32)), query
+
+
+def test_vocabulary_finds_terms_by_binary_search(tmp_path) -> None:
+    from shopserve.ensemble.lexical import Vocabulary
+
+    Vocabulary.of({"drill": 2, "angl": 0, "wood": 1, "é": 3}).save(tmp_path / "v")
+    vocabulary = Vocabulary.load(tmp_path / "v")
+    assert len(vocabulary) == 4 and vocabulary.get("wood") == 1 and vocabulary.get("é") == 3
+    assert vocabulary.get("aaa") is None and vocabulary.get("zzz") is None
+    assert vocabulary.known_ids(["wood", "nail", "angl", "wood"]) == [1, 0, 1]
+
+
 def test_features_follow_their_names(lexical: LexicalIndex) -> None:
     terms = lexical.analyze("cordless drill unknownword")
     rows = np.array([0, 2, 3])
@@ -167,6 +203,12 @@ def test_catalogue_round_trip_maps_ids_and_titles(tmp_path) -> None:
     assert loaded.product_ids.tolist() == [7, 3, 11, 5] and loaded.log_through == 12.5
     assert list(loaded.titles) == titles and loaded.titles[2] == titles[2]
     assert loaded.titles[-1] == titles[-1] and loaded.titles[1:3] == titles[1:3]
+    rows = loaded.product_rows()  # the saved id index, mapped
+    assert isinstance(rows.sorted_ids, np.memmap) and rows.rows(np.array([11, 4, 7])).tolist() == [
+        2,
+        -1,
+        0,
+    ]
     with pytest.raises(IndexError):
         loaded.titles[4]
     np.save(tmp_path / "catalogue_ids.npy", np.array([7, 3]))  # a broken store says so
@@ -186,6 +228,10 @@ def test_a_store_of_the_earlier_format_asks_for_a_rebuild(tmp_path) -> None:
     np.savez(tmp_path / "title_words.npz", ids=np.array([0]), offsets=np.array([0, 1]))
     with pytest.raises(StoreFormatError, match="build the store again"):
         TermSets.load(tmp_path / "title_words")
+    # bm25s's own files, before serving mapped the BM25 weights and vocabularies
+    (tmp_path / "analyzer.json").write_text(json.dumps({"stopwords": "en", "stemmer": "english"}))
+    with pytest.raises(StoreFormatError, match="build the store again"):
+        LexicalIndex.load(tmp_path)
 
 
 def test_a_model_digest_covers_its_external_weights(tmp_path) -> None:
@@ -206,7 +252,7 @@ def test_a_model_digest_covers_its_external_weights(tmp_path) -> None:
 def test_product_rows_find_built_and_added_products() -> None:
     from shopserve.ensemble.store import ProductRows
 
-    rows = ProductRows(np.array([40, 10, 30, 20]))
+    rows = ProductRows.of(np.array([40, 10, 30, 20]))
     assert rows.rows(np.array([10, 20, 99, 40])).tolist() == [1, 3, -1, 0]
     assert rows[30] == 2 and 99 not in rows and rows.get(99) is None
     rows.add(99, 4)
@@ -215,7 +261,7 @@ def test_product_rows_find_built_and_added_products() -> None:
         rows.add(10, 5)
     with pytest.raises(KeyError):
         rows[12]
-    assert ProductRows(np.array([], dtype=np.int64)).rows(np.array([1])).tolist() == [-1]
+    assert ProductRows.of(np.array([], dtype=np.int64)).rows(np.array([1])).tolist() == [-1]
 
 
 def test_top_k_is_softmax_with_stable_ties() -> None:
