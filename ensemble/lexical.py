@@ -8,17 +8,16 @@ imports bm25s or SciPy, which cost each model instance about 11 MiB of its own m
 
 from __future__ import annotations
 
-import bisect
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import Stemmer
 
-from .store import REBUILD, StoreFormatError, Titles
+from .store import REBUILD, StoreFormatError, Vocabulary
 
 STEMMER_LANGUAGE = "english"
 TOKEN_PATTERN = re.compile(r"(?u)\b\w\w+\b")  # words of two or more word characters
@@ -116,47 +115,6 @@ class Analyzer:
     def terms(self, text: str) -> list[str]:
         """The distinct terms of ``text``, in order."""
         return list(dict.fromkeys(self.tokens(text)))
-
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """Term -> id, as the sorted terms (store.Titles: one UTF-8 buffer) beside their ids. Loaded,
-    both are memory-mapped: a dict of tens of thousands of terms would cost every serving process
-    megabytes of its own."""
-
-    terms: Sequence[str]  # sorted
-    ids: np.ndarray  # int64: the id of each term
-
-    @classmethod
-    def of(cls, ids_by_term: Mapping[str, int]) -> Vocabulary:
-        ordered = sorted(ids_by_term)
-        return cls(Titles.of(ordered), np.array([ids_by_term[t] for t in ordered], np.int64))
-
-    def save(self, prefix: Path) -> None:
-        terms = Titles.of(self.terms)
-        np.save(f"{prefix}.terms.npy", terms.text)
-        np.save(f"{prefix}.offsets.npy", terms.offsets)
-        np.save(f"{prefix}.ids.npy", self.ids)
-
-    @classmethod
-    def load(cls, prefix: Path) -> Vocabulary:
-        def mapped(part: str) -> np.ndarray:
-            return np.load(f"{prefix}.{part}.npy", mmap_mode="r")
-
-        return cls(Titles(mapped("terms"), mapped("offsets")), mapped("ids"))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def get(self, term: str) -> int | None:
-        at = bisect.bisect_left(self.terms, term)
-        if at < len(self.ids) and self.terms[at] == term:
-            return int(self.ids[at])
-        return None
-
-    def known_ids(self, terms: Iterable[str]) -> list[int]:
-        """The ids of the known ``terms``, in their order (unknown ones left out)."""
-        return [i for i in map(self.get, terms) if i is not None]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from .personal import Personalization
 from .postprocess import PostProcessor, SearchResult
 from .profile_store import ProfileStoreUnavailable
 from .retrieve import Retriever
-from .tokenize import QueryTokenizer
+from .tokenize import QueryTokenizer, WordPiece
 from .validation import InvalidRequest, check_top_k, decode_query, decode_user_id
 
 log = logging.getLogger("shopserve.search")
@@ -30,7 +30,7 @@ __all__ = ["SearchPipeline", "SearchRequest", "SearchResult", "load_retriever", 
 def load_tokenizer(repository: Path, version: int | None = None) -> QueryTokenizer:
     params = store.config_parameters(repository, store.TOKENIZE, version)
     return QueryTokenizer(
-        store.version_dir(repository, store.TOKENIZE, version) / store.TOKENIZER_FILE,
+        WordPiece.load(store.version_dir(repository, store.TOKENIZE, version)),
         max_length=int(params["max_length"]),
     )
 

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -226,6 +226,59 @@ class Titles(Sequence[str]):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and list(self) == list(other)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Term -> id: the terms sorted, as one UTF-8 buffer and offsets (as Titles keeps them), beside
+    their ids, found by binary search over the bytes (UTF-8 sorts as the code points do). Loaded,
+    the arrays are memory-mapped: a dict of tens of thousands of terms would cost every serving
+    process megabytes of its own."""
+
+    text: np.ndarray  # uint8: the sorted terms' UTF-8 bytes
+    offsets: np.ndarray  # int64 [terms + 1]
+    ids: np.ndarray  # int64: the id of each term
+
+    @classmethod
+    def of(cls, ids_by_term: Mapping[str, int]) -> Vocabulary:
+        ordered = sorted(ids_by_term)
+        terms = Titles.of(ordered)
+        ids = np.array([ids_by_term[t] for t in ordered], np.int64)
+        return cls(terms.text, terms.offsets, ids)
+
+    def save(self, prefix: Path) -> None:
+        for part in ("text", "offsets", "ids"):
+            np.save(f"{prefix}.{part}.npy", getattr(self, part))
+
+    @classmethod
+    def load(cls, prefix: Path) -> Vocabulary:
+        # plain views of the maps: indexing a np.memmap costs several times more
+        def mapped(part: str) -> np.ndarray:
+            return np.asarray(np.load(f"{prefix}.{part}.npy", mmap_mode="r"))
+
+        return cls(mapped("text"), mapped("offsets"), mapped("ids"))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def get(self, term: str) -> int | None:
+        key = term.encode("utf-8")
+        text, offsets = self.text, self.offsets
+        low, high = 0, len(self.ids)
+        while low < high:
+            middle = (low + high) // 2
+            probe = text[offsets.item(middle) : offsets.item(middle + 1)].tobytes()
+            if probe < key:
+                low = middle + 1
+            elif probe > key:
+                high = middle
+            else:
+                return self.ids.item(middle)
+        return None
+
+    def known_ids(self, terms: Iterable[str]) -> list[int]:
+        """The ids of the known ``terms``, in their order (unknown ones left out)."""
+        return [i for i in map(self.get, terms) if i is not None]
 
 
 @dataclass(frozen=True)

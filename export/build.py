@@ -24,7 +24,7 @@ from shopserve.ensemble.models import OnnxEncoder, OnnxRanker
 from shopserve.ensemble.profiles import UserKeys
 from shopserve.ensemble.recommend import REC_FEATURE_NAMES
 from shopserve.ensemble.retrieve import Retriever
-from shopserve.ensemble.tokenize import QueryTokenizer
+from shopserve.ensemble.tokenize import QueryTokenizer, WordPiece
 
 from . import encoder as encoder_export
 from . import gpu, qdq
@@ -394,7 +394,8 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
             f"tokenize max_length {max_length} differs from the encoder's "
             f"{encoder_export.max_sequence_length()}"
         )
-    tokenizer = QueryTokenizer(tokenizer_path, max_length)
+    WordPiece.from_json(tokenizer_path).save(tokenizer_path.parent)
+    tokenizer = QueryTokenizer(WordPiece.load(tokenizer_path.parent), max_length)
     encoder_dir = writer.version_dir(store.ENCODER)
     queries = judgments.queries if judgments else []
     dev = judgments.subset(dev_queries) if judgments else None

@@ -180,10 +180,11 @@ def test_search_instances_share_one_copy_of_the_served_files(server, client) -> 
         store.weights_file(encoder),
         *(store.version_dir(repository, store.RETRIEVE) / store.LEXICAL_INDEX_DIR).glob("*.npy"),
         *store.version_dir(repository, store.POSTPROCESS).glob("*.npy"),
+        *store.version_dir(repository, store.TOKENIZE).glob("*.npy"),
     ]
-    # the index, the weights, 13 lexical arrays (BM25, two vocabularies, two term sets) and 3
-    # catalogue arrays
-    assert len(served) == 18, served
+    # the index, the weights, 13 lexical arrays (BM25, two vocabularies, two term sets), 5
+    # catalogue arrays (ids, titles, the id index) and the tokenizer's vocabulary
+    assert len(served) == 23, served
     assert len(client.search("cordless drill", top_k=5)) == 5
     instances = [p for p in server_memory(server.process.pid) if p.model == store.SEARCH]
     assert len(instances) == 2  # the config's count

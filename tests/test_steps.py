@@ -15,7 +15,7 @@ from shopserve.ensemble.features import (
 )
 from shopserve.ensemble.lexical import LexicalIndex, char_trigrams, top_rows
 from shopserve.ensemble.postprocess import softmax, top_k
-from shopserve.ensemble.tokenize import QueryTokenizer
+from shopserve.ensemble.tokenize import QueryTokenizer, WordPiece
 from shopserve.ensemble.validation import check_top_k, decode_query
 from shopserve.export import encoder as encoder_export
 from shopserve.export.data import DataError, load_catalogue, load_judgments, split_queries
@@ -77,14 +77,66 @@ def test_top_k_bounds_are_inclusive() -> None:
     assert check_top_k(np.array([100], np.int32)) == 100
 
 
-def test_tokenizer_does_not_pad_and_truncates() -> None:
-    tokenizer = QueryTokenizer(encoder_export.model_dir() / "tokenizer.json", max_length=256)
+def test_tokenizer_does_not_pad_and_truncates(tmp_path) -> None:
+    WordPiece.from_json(encoder_export.model_dir() / "tokenizer.json").save(tmp_path)
+    tokenizer = QueryTokenizer(WordPiece.load(tmp_path), max_length=256)  # as a store serves it
     ids, mask = tokenizer("cordless drill")
-    expected = tokenizer.tokenizer.encode("cordless drill").ids
-    assert ids.tolist() == [expected] and mask.tolist() == [[1] * len(expected)]
-    assert ids.dtype == mask.dtype == np.int64
+    assert ids.tolist() == [[101, 11601, 3238, 12913, 102]]  # cord ##less drill
+    assert mask.tolist() == [[1] * 5] and ids.dtype == mask.dtype == np.int64
     ids, mask = tokenizer("drill " * 400)
-    assert ids.shape == (1, 256) and mask.all()
+    assert ids.shape == (1, 256) and mask.all() and ids[0, -1] == 102
+
+
+AWKWARD_TEXTS = [
+    "",
+    "   ",
+    "ΑΣ ΟΔΟΣ",  # lower-cased by character: no final sigma
+    "İstanbul naïve résumé e\u0301",  # accents stripped before lower-casing
+    "a\u200bb x\u00a0y\u3000z\u2028w",  # format characters dropped, white space split
+    "\x0bv\x85w a\x00b \ufffd",  # control characters and U+FFFD dropped
+    "\u0378 unassigned \U0002b820x \U0002b920x",  # kept; Hugging Face's CJK ranges
+    "[CLS]drill[MASK] [CLS",  # special tokens are matched in the raw text
+    "日本語のテキスト 🔧🪛 ＡＢＣ ß Ǆ ﷽ ١٢٣",
+    "x^2 ~y `z` ¿qué? «quotes» $5.99 & 10% 1/2-in. x 10-ft.",
+    "a" * 150,  # past max_input_chars_per_word: one [UNK]
+]
+
+
+def test_the_python_tokenizer_is_hugging_faces_to_the_token(data_dir) -> None:
+    """The same ids as the tokenizers library on real titles and queries and on awkward text."""
+    import random
+
+    from tokenizers import Tokenizer
+
+    path = encoder_export.model_dir() / "tokenizer.json"
+    reference = Tokenizer.from_file(str(path))
+    reference.no_padding()
+    reference.enable_truncation(256)
+    ours = QueryTokenizer(WordPiece.from_json(path), max_length=256)
+    catalogue = load_catalogue(data_dir / "products.csv")
+    rng = random.Random(7)
+    alphabet = [chr(c) for c in [*range(32, 0x250), *range(0x370, 0x3FF), *range(0x2000, 0x2070)]]
+    texts = [
+        *rng.sample(list(catalogue.titles), 3000),
+        *rng.sample(load_judgments(data_dir / "judgments.csv", catalogue).queries, 1000),
+        *AWKWARD_TEXTS,
+        *("".join(rng.choices(alphabet, k=rng.randint(1, 30))) for _ in range(500)),
+    ]
+    expected = [e.ids for e in reference.encode_batch(texts)]
+    differing = [t for t, e in zip(texts, expected, strict=True) if ours.encode(t) != e]
+    assert not differing, differing[:5]
+
+
+def test_a_tokenizer_other_than_berts_is_refused(tmp_path) -> None:
+    import json
+
+    from shopserve.ensemble.tokenize import TokenizerConfigError
+
+    config = json.loads((encoder_export.model_dir() / "tokenizer.json").read_text())
+    config["normalizer"] = {"type": "NFKC"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerConfigError, match="not a BERT WordPiece tokenizer"):
+        WordPiece.from_json(tmp_path / "tokenizer.json")
 
 
 def test_top_rows_orders_by_score_then_row() -> None:
@@ -135,7 +187,7 @@ def test_the_served_analysis_and_bm25_are_bm25s_to_the_last_bit(
 
 
 def test_vocabulary_finds_terms_by_binary_search(tmp_path) -> None:
-    from shopserve.ensemble.lexical import Vocabulary
+    from shopserve.ensemble.store import Vocabulary
 
     Vocabulary.of({"drill": 2, "angl": 0, "wood": 1, "é": 3}).save(tmp_path / "v")
     vocabulary = Vocabulary.load(tmp_path / "v")
@@ -232,6 +284,8 @@ def test_a_store_of_the_earlier_format_asks_for_a_rebuild(tmp_path) -> None:
     (tmp_path / "analyzer.json").write_text(json.dumps({"stopwords": "en", "stemmer": "english"}))
     with pytest.raises(StoreFormatError, match="build the store again"):
         LexicalIndex.load(tmp_path)
+    with pytest.raises(StoreFormatError, match="build the store again"):  # tokenizer.json only
+        WordPiece.load(tmp_path)
 
 
 def test_a_model_digest_covers_its_external_weights(tmp_path) -> None:

@@ -1,7 +1,6 @@
 """Triton adapter for the tokenize step (see shopserve.ensemble.tokenize and .validation)."""
 
-from shopserve.ensemble import store
-from shopserve.ensemble.tokenize import QueryTokenizer
+from shopserve.ensemble.tokenize import QueryTokenizer, WordPiece
 from shopserve.ensemble.triton_adapter import (
     freeze_loaded_state,
     input_array,
@@ -16,7 +15,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir, params = model_context(args)
         self.tokenizer = QueryTokenizer(
-            version_dir / store.TOKENIZER_FILE, max_length=int(params["max_length"])
+            WordPiece.load(version_dir), max_length=int(params["max_length"])
         )
         freeze_loaded_state()
 
