@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .common import (
@@ -123,6 +124,22 @@ def main(argv: list[str] | None = None) -> int:
     milvus.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     milvus.add_argument("--uri", help="a Milvus server (default: start Milvus Lite)")
     milvus.add_argument("--out", type=Path, default=RESULTS_DIR)
+    scale = commands.add_parser(
+        "scale",
+        help="the catalogue grown to 250,000 and 1,000,000 products against the 55k store: build, "
+        "memory, latency, quality (hours on 2 cores)",
+    )
+    scale.add_argument(
+        "--sizes", type=int, nargs="+", default=None, help="products (250000 1000000)"
+    )
+    scale.add_argument(
+        "--encoder-from",
+        type=Path,
+        default=BUILT_REPOSITORY,
+        help="the 55k store whose encoder is reused",
+    )
+    scale.add_argument("--data", type=Path, help="the folder holding homedepot/ and instacart/")
+    scale.add_argument("--out", type=Path, default=RESULTS_DIR)
     smoke = commands.add_parser("smoke", help="seconds of everything (CI)")
     smoke.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     smoke.add_argument("--out", type=Path, default=WORK_DIR / "smoke")
@@ -220,6 +237,14 @@ def main(argv: list[str] | None = None) -> int:
             from .milvus import run as run_milvus
 
             path = run_milvus(args.repository, args.out, args.uri)
+        elif args.command == "scale":
+            from .scale import SIZES, ScaleOptions
+            from .scale import run as run_scale
+
+            options = ScaleOptions(tuple(args.sizes or SIZES), args.encoder_from, out=args.out)
+            if args.data:
+                options = replace(options, data_dir=args.data)
+            path = run_scale(options)
         elif args.command == "smoke":
             from .run import smoke as run_smoke
 

@@ -12,7 +12,10 @@ scale scenario (issue 19). Rows come in this order, each labelled in a ``source`
    measure cost only, never quality.
 
 Deterministic for a given seed. The output is the generic catalogue format
-(``product_id,title,source``), which ``python -m shopserve.export build --catalogue`` reads.
+(``product_id,title,source,category``), which ``python -m shopserve.export build --catalogue``
+reads. The category files the real products under ``real/`` (``real/homedepot``,
+``real/instacart``) and the variants under ``synthetic``, so that a search filtered to CATEGORY
+``real`` leaves the variants out (the scale scenario measures quality so).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+REAL_CATEGORY = "real"
 INSTACART_ID_OFFSET = 10_000_000
 SYNTHETIC_ID_OFFSET = 100_000_000
 _NUMBER = re.compile(r"\d+")
@@ -83,8 +87,9 @@ def write(data_dir: Path, products: int, output: Path, seed: int = 19) -> dict[s
     counts: dict[str, int] = {}
     with output.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["product_id", "title", "source"])
+        writer.writerow(["product_id", "title", "source", "category"])
         for product_id, title, source in grow(data_dir, products, seed):
-            writer.writerow([product_id, title, source])
+            category = source if source == "synthetic" else f"{REAL_CATEGORY}/{source}"
+            writer.writerow([product_id, title, source, category])
             counts[source] = counts.get(source, 0) + 1
     return counts

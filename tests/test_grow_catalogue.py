@@ -66,3 +66,6 @@ def test_the_command_writes_a_catalogue_the_build_reads(data: Path, tmp_path: Pa
     assert "2 homedepot, 3 instacart, 45 synthetic" in done.stdout
     catalogue = load_catalogue(output)
     assert len(catalogue) == 50 and catalogue.titles[:2] == HOMEDEPOT
+    categories = catalogue.extra["category"]
+    assert categories[:5] == ["real/homedepot"] * 2 + ["real/instacart"] * 3
+    assert set(categories[5:]) == {"synthetic"}
