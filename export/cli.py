@@ -227,7 +227,35 @@ def parser() -> argparse.ArgumentParser:
     milvus.add_argument(
         "--replace", action="store_true", help="drop and load again a collection of that name"
     )
+    audit = sub.add_parser(
+        "audit",
+        help="whom the served search shows: exposure by brand or category, its concentration, "
+        "exposure against merit, with 95 %% intervals (docs/fairness.md)",
+    )
+    _data_arguments(audit)
+    audit.add_argument("--output", type=Path, required=True, help="folder for the report")
+    audit.add_argument(
+        "--queries",
+        type=Path,
+        help="a query log, one query a line (default: the build's dev split of the judgments)",
+    )
     return root
+
+
+def _audit(args: argparse.Namespace, judgments_path: Path | None) -> Path:
+    from .audit import audit
+    from .reproduce import held_out_judgments
+
+    if args.queries is not None:
+        lines = args.queries.read_text(encoding="utf-8").splitlines()
+        queries = [q.strip() for q in lines if q.strip()]
+        if not queries:
+            raise DataError(f"{args.queries} holds no query")
+        return audit(args.repository, args.output, queries, None, f"the log {args.queries}")
+    if judgments_path is None:
+        raise DataError("audit needs judged queries (--judgments) or a query log (--queries)")
+    judgments, scope = held_out_judgments(args.repository, judgments_path)
+    return audit(args.repository, args.output, judgments.queries, judgments, scope)
 
 
 def _milvus(args: argparse.Namespace) -> dict:
@@ -295,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             print(json.dumps({k: record[k] for k in ("timings_s",) if k in record}, indent=2))
+        elif args.command == "audit":
+            print(_audit(args, judgments))
         elif args.command == "transfer":
             print(_dump(_transfer(args, catalogue, judgments), args.output))
         else:

@@ -12,16 +12,16 @@ from shopserve.ensemble.pipeline import load_retriever, load_tokenizer
 from shopserve.ensemble.retrieve import Retriever
 
 from .build import EMBED_THREADS, FP32_ENCODER_FILE
-from .data import CatalogueData, fingerprint, load_judgments, split_queries
+from .data import CatalogueData, Judgments, fingerprint, load_judgments, split_queries
 from .evaluate import evaluate
 from .index import build_dense_index
 
 log = logging.getLogger("shopserve.export.evaluate")
 
 
-def evaluate_repository(repository: Path, judgments_path: Path, fp32: bool = False) -> dict:
-    """The build's evaluation of the served encoder (and, with ``fp32``, of the FP32 graph it was
-    quantized from, over a catalogue it re-embeds) on ``judgments_path``."""
+def held_out_judgments(repository: Path, judgments_path: Path) -> tuple[Judgments, str]:
+    """The judgments a built store can be judged on: the build's dev split when ``judgments_path``
+    is the file it was built from, else all of them; and which of the two it is."""
     manifest = json.loads((repository / store.MANIFEST_FILE).read_text())
     catalogue = store.load_catalogue(repository)
     judgments = load_judgments(
@@ -31,9 +31,15 @@ def evaluate_repository(repository: Path, judgments_path: Path, fp32: bool = Fal
     if built_from == fingerprint([judgments_path])[judgments_path.name]:
         split = manifest["split"]
         _, dev = split_queries(judgments.queries, split["dev_fraction"], split["seed"])
-        judgments, scope = judgments.subset(dev), f"dev split (seed {split['seed']})"
-    else:
-        scope = "all queries of a file the build did not see"
+        return judgments.subset(dev), f"dev split (seed {split['seed']})"
+    return judgments, "all queries of a file the build did not see"
+
+
+def evaluate_repository(repository: Path, judgments_path: Path, fp32: bool = False) -> dict:
+    """The build's evaluation of the served encoder (and, with ``fp32``, of the FP32 graph it was
+    quantized from, over a catalogue it re-embeds) on ``judgments_path``."""
+    catalogue = store.load_catalogue(repository)
+    judgments, scope = held_out_judgments(repository, judgments_path)
     log.info("evaluating %d queries: %s", len(judgments), scope)
     tokenizer = load_tokenizer(repository)
     retriever = load_retriever(repository)

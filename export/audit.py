@@ -1,0 +1,273 @@
+"""``python -m shopserve.export audit``: whom the served search shows, against whom it should.
+
+Queries (the build's dev split of a judgments file, or a log of queries) run through the served
+search graph in process (``SearchPipeline``, the graph the server runs). Over their top 10:
+provider exposure by group under the logarithmic attention model (shopserve.export.exposure), its
+concentration (Gini over every group of the catalogue, the share of the top 1 % of groups),
+catalogue coverage, and, where the queries are judged, exposure against merit (the disparity) and
+nDCG@10. Every number but the coverage (a count) has a 95 % jackknife interval over queries. The report (``audit.md``), its
+numbers (``audit.json``) and two plots (the exposure Lorenz curve, exposure against merit per
+group) go to ``--output``.
+
+A product's group is its top-level category where the catalogue has a category column, else its
+brand, taken as the first word of its title, lower-cased (Home Depot titles start with the brand:
+"DEWALT 20-Volt ...", "BEHR Premium ..."; a title that starts otherwise, "1/2 in. ...", makes a
+group of its own word, which the report counts like any other).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import sparse
+from shopserve.ensemble import SearchPipeline, store
+from shopserve.ensemble.filters import load_attributes
+from tqdm.auto import tqdm
+
+from .data import Judgments
+from .exposure import attention, coverage, gini, jackknife, lorenz, shares, top_share
+from .metrics import ndcg_at_k
+
+K = 10
+TOP_GROUPS = 0.01  # the "top 1 %" of groups
+_FIRST_WORD = re.compile(r"\w[\w&'.-]*")
+
+
+@dataclass(frozen=True)
+class ProductGroups:
+    """The group of every catalogue row, and what a group is."""
+
+    kind: str
+    names: list[str]  # every group of the catalogue, sorted
+    of_row: np.ndarray  # int: the group (index into names) of each catalogue row
+
+
+def product_groups(repository: Path, version: int | None = None) -> ProductGroups:
+    attributes = load_attributes(repository, version)
+    if attributes.category_codes is not None:
+        tops = [path[0] if path else "?" for path in attributes.categories]
+        labels = [tops[c] if c >= 0 else "?" for c in attributes.category_codes.tolist()]
+        kind = "top-level category"
+    else:
+        titles = store.load_catalogue(repository, version).titles
+        labels = [brand(title) for title in titles]
+        kind = "brand (the title's first word)"
+    names, of_row = np.unique(np.array(labels, dtype=str), return_inverse=True)
+    return ProductGroups(kind, names.tolist(), of_row)
+
+
+def brand(title: str) -> str:
+    match = _FIRST_WORD.search(title)
+    return match.group().lower() if match else "?"
+
+
+@dataclass(frozen=True)
+class SearchRankings:
+    queries: list[str]
+    rows: list[np.ndarray]  # each query's top-K catalogue rows, best first
+    product_ids: np.ndarray  # the catalogue's, by row
+
+
+def search_rankings(
+    pipeline: SearchPipeline, catalogue: store.Catalogue, queries: Sequence[str]
+) -> SearchRankings:
+    rows_of = catalogue.product_rows()
+    rows = [
+        rows_of.rows(pipeline.search(query, K).product_ids)
+        for query in tqdm(queries, desc="audit queries", unit="query")
+    ]
+    return SearchRankings(list(queries), rows, np.asarray(catalogue.product_ids))
+
+
+def _exposure_matrix(rankings: SearchRankings, groups: ProductGroups) -> sparse.csr_matrix:
+    """Exposure by query (rows) and group (columns)."""
+    weights = attention(K)
+    data, columns, starts = [], [], [0]
+    for rows in rankings.rows:
+        data.extend(weights[: len(rows)])
+        columns.extend(groups.of_row[rows].tolist())
+        starts.append(len(data))
+    shape = (len(rankings.rows), len(groups.names))
+    matrix = sparse.csr_matrix((data, columns, starts), shape=shape)
+    matrix.sum_duplicates()
+    return matrix
+
+
+def _merit_matrix(
+    rankings: SearchRankings, groups: ProductGroups, judgments: Judgments
+) -> sparse.csr_matrix:
+    """Judged gain by query and group (a judged product the catalogue lacks counts for none)."""
+    row_of = {pid: row for row, pid in enumerate(rankings.product_ids.tolist())}
+    data, columns, starts = [], [], [0]
+    for query in rankings.queries:
+        for pid, gain in judgments.gains(query).items():
+            if pid in row_of and gain > 0:
+                data.append(gain)
+                columns.append(int(groups.of_row[row_of[pid]]))
+        starts.append(len(data))
+    shape = (len(rankings.queries), len(groups.names))
+    matrix = sparse.csr_matrix((data, columns, starts), shape=shape)
+    matrix.sum_duplicates()
+    return matrix
+
+
+def _with_interval(value: float, interval: tuple[float, float]) -> dict:
+    return {"value": round(value, 4), "ci95": [round(interval[0], 4), round(interval[1], 4)]}
+
+
+def search_audit(
+    rankings: SearchRankings, groups: ProductGroups, judgments: Judgments | None
+) -> dict:
+    """Exposure concentration, coverage and (judged queries) disparity and nDCG@10."""
+    exposure = _exposure_matrix(rankings, groups)
+    count = len(rankings.rows)
+
+    def totals(matrix: sparse.csr_matrix, weights: np.ndarray) -> np.ndarray:
+        return np.asarray(matrix.T @ weights).ravel()
+
+    everyone = np.ones(count)
+    statistics = {
+        "exposure_gini": lambda w: gini(totals(exposure, w)),
+        "top_1pct_groups_share": lambda w: top_share(totals(exposure, w), TOP_GROUPS),
+    }
+    if judgments is not None:
+        merit = _merit_matrix(rankings, groups, judgments)
+
+        def disparity(weights: np.ndarray) -> float:
+            exposed, deserved = totals(exposure, weights), totals(merit, weights)
+            return float(0.5 * np.abs(exposed / exposed.sum() - deserved / deserved.sum()).sum())
+
+        gains = [judgments.gains(q) for q in rankings.queries]
+        ndcg = np.array(
+            [
+                ndcg_at_k(rankings.product_ids[rows].tolist(), gain, K)
+                for rows, gain in zip(rankings.rows, gains, strict=True)
+            ]
+        )
+        statistics["disparity_to_merit"] = disparity
+        statistics["ndcg_at_10"] = lambda w: float(w @ ndcg / w.sum())
+    result = {
+        name: _with_interval(statistic(everyone), jackknife(statistic, count))
+        for name, statistic in statistics.items()
+    }
+    # Coverage has no interval: it counts the distinct products this query set shows, and any
+    # reweighting of the same queries shows the same products.
+    result["coverage_at_10"] = {
+        "value": round(
+            coverage([r.tolist() for r in rankings.rows], K, len(rankings.product_ids)), 4
+        ),
+        "ci95": None,
+    }
+    by_group = totals(exposure, everyone)
+    table = {"exposure_share": shares(dict(enumerate(by_group)), range(len(groups.names)))}
+    if judgments is not None:
+        table["merit_share"] = shares(
+            dict(enumerate(totals(merit, everyone))), range(len(groups.names))
+        )
+    return {
+        "queries": count,
+        "groups": len(groups.names),
+        "groups_shown": int((by_group > 0).sum()),
+        "group_kind": groups.kind,
+        "metrics": result,
+        "top_groups": _top_groups(groups, table),
+        "_exposure_by_group": by_group,
+        "_shares": table,
+    }
+
+
+def _top_groups(groups: ProductGroups, table: dict[str, np.ndarray], count: int = 15) -> list:
+    order = np.argsort(-table["exposure_share"], kind="stable")[:count]
+    return [
+        {"group": groups.names[g], **{k: round(float(v[g]), 4) for k, v in table.items()}}
+        for g in order
+    ]
+
+
+def plot(audit: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    share_of_groups, share_of_exposure = lorenz(audit["_exposure_by_group"])
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.plot(share_of_groups, share_of_exposure, label="served search")
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="equal exposure")
+    axis.set(xlabel=f"share of groups ({audit['group_kind']}), least exposed first")
+    axis.set(ylabel="share of exposure", title="Exposure Lorenz curve")
+    axis.legend()
+    figure.tight_layout()
+    written.append(out / "exposure_lorenz.png")
+    figure.savefig(written[-1], dpi=110)
+    plt.close(figure)
+    if "merit_share" in audit["_shares"]:
+        exposure, merit = audit["_shares"]["exposure_share"], audit["_shares"]["merit_share"]
+        figure, axis = plt.subplots(figsize=(5, 5))
+        axis.scatter(merit, exposure, s=8, alpha=0.5)
+        top = max(float(merit.max()), float(exposure.max()))
+        axis.plot([0, top], [0, top], linestyle="--", color="grey", label="exposure = merit")
+        axis.set(xlabel="share of merit (judged gain)", ylabel="share of exposure")
+        axis.set(title="Exposure against merit, per group", xscale="symlog", yscale="symlog")
+        axis.set_xscale("symlog", linthresh=1e-4)
+        axis.set_yscale("symlog", linthresh=1e-4)
+        axis.legend()
+        figure.tight_layout()
+        written.append(out / "exposure_vs_merit.png")
+        figure.savefig(written[-1], dpi=110)
+        plt.close(figure)
+    return written
+
+
+def markdown(report: dict) -> str:
+    search = report["search"]
+    lines = [
+        "# Audit: who the served search shows",
+        "",
+        f"Store `{report['repository']}`, {search['queries']:,} queries ({report['queries']}); "
+        f"groups: {search['group_kind']}, {search['groups']:,} in the catalogue, "
+        f"{search['groups_shown']:,} shown. Attention: 1 / log2(rank + 1) over the top {K}. "
+        "Intervals: 95 %, leave-one-query-out jackknife.",
+        "",
+        "| metric | value | 95 % interval |",
+        "|---|---|---|",
+    ]
+    for name, entry in search["metrics"].items():
+        interval = "–".join(f"{v:.4f}" for v in entry["ci95"]) if entry["ci95"] else "(a count)"
+        lines.append(f"| {name} | {entry['value']:.4f} | {interval} |")
+    columns = [k for k in search["top_groups"][0] if k != "group"] if search["top_groups"] else []
+    lines += ["", "Most exposed groups:", "", "| group | " + " | ".join(columns) + " |"]
+    lines.append("|---" * (len(columns) + 1) + "|")
+    for row in search["top_groups"]:
+        lines.append(f"| {row['group']} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def audit(
+    repository: Path,
+    output: Path,
+    queries: Sequence[str],
+    judgments: Judgments | None,
+    scope: str,
+) -> Path:
+    """Write ``audit.md``, ``audit.json`` and the plots for ``queries`` into ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    pipeline = SearchPipeline.from_repository(repository)
+    rankings = search_rankings(pipeline, store.load_catalogue(repository), queries)
+    search = search_audit(rankings, product_groups(repository), judgments)
+    report = {"repository": str(repository), "queries": scope, "search": search}
+    plots = plot(search, output)
+    public = {k: v for k, v in search.items() if not k.startswith("_")}
+    (output / "audit.json").write_text(
+        json.dumps({**report, "search": public, "plots": [p.name for p in plots]}, indent=2) + "\n"
+    )
+    path = output / "audit.md"
+    text = markdown({**report, "search": public})
+    path.write_text(text + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots))
+    return path
