@@ -6,8 +6,14 @@ provider exposure by group under the logarithmic attention model (shopserve.expo
 concentration (Gini over every group of the catalogue, the share of the top 1 % of groups),
 catalogue coverage, and, where the queries are judged, exposure against merit (the disparity) and
 nDCG@10. Every number but the coverage (a count) has a 95 % jackknife interval over queries. The report (``audit.md``), its
-numbers (``audit.json``) and two plots (the exposure Lorenz curve, exposure against merit per
+numbers (``audit.json``), the rankings they were computed from (``search_rankings.json``) and two plots (the exposure Lorenz curve, exposure against merit per
 group) go to ``--output``.
+
+With ``--events`` (a store built with events, and its events file), the recommendations are
+audited too, on every shopper's last basket held out as the build evaluates them: Recall@20 and
+nDCG@20 by shopper group (history length: ``new``, ``light``, ``heavy``; Fairlearn's MetricFrame
+keeps the books, with bootstrap intervals), the share of exposure the most-bought 1 % of products
+get, the share that goes to products the shopper never bought, and catalogue coverage.
 
 A product's group is its top-level category where the catalogue has a category column, else its
 brand, taken as the first word of its title, lower-cased (Home Depot titles start with the brand:
@@ -30,10 +36,26 @@ from shopserve.ensemble.filters import load_attributes
 from tqdm.auto import tqdm
 
 from .data import Judgments
-from .exposure import attention, coverage, gini, jackknife, lorenz, shares, top_share
+from .exposure import (
+    attention,
+    coverage,
+    gini,
+    jackknife,
+    lorenz,
+    product_exposure,
+    shares,
+    top_share,
+)
 from .metrics import ndcg_at_k
 
 K = 10
+RECOMMEND_K = 20
+RANKINGS_FILE = "search_rankings.json"  # beside the report: each query's served top 10
+# Shopper groups by the number of baskets before the held-out one (Instacart's shoppers have 3 or
+# more): at most NEW_BASKETS "new", at most LIGHT_BASKETS "light", more "heavy".
+NEW_BASKETS = 3
+LIGHT_BASKETS = 10
+FAIRLEARN_BOOTSTRAP = 200
 TOP_GROUPS = 0.01  # the "top 1 %" of groups
 _FIRST_WORD = re.compile(r"\w[\w&'.-]*")
 
@@ -189,6 +211,124 @@ def _top_groups(groups: ProductGroups, table: dict[str, np.ndarray], count: int 
     ]
 
 
+def history_group(baskets_before: int) -> str:
+    if baskets_before <= NEW_BASKETS:
+        return "new"
+    return "light" if baskets_before <= LIGHT_BASKETS else "heavy"
+
+
+@dataclass(frozen=True)
+class RecommendationLists:
+    """Each held-out case's served top 20, what the shopper bought next and before, and group."""
+
+    top: list[list[int]]
+    labels: list[set[int]]
+    bought_before: list[set[int]]
+    groups: list[str]
+    most_bought: set[int]  # the most-bought 1 % of products before the held-out baskets
+    catalogue_size: int
+
+
+def recommendation_lists(repository: Path, events_path: Path) -> RecommendationLists:
+    """The served recommendation ranker on every shopper's last basket, held out as the build
+    holds it out (the shop and profiles as of before it, the store's TIFU-KNN parameters)."""
+    from shopserve.ensemble.dense import served_dense
+    from shopserve.ensemble.models import OnnxRanker
+    from shopserve.ensemble.neighbours import NEIGHBOURS_FILE, ShopperVectors
+
+    from .data import CatalogueData, load_events
+    from .history import HistoryCut, bought_before, embedding_of, ranked, timelines
+
+    if not store.version_dirs(repository, store.RECOMMEND):
+        raise ValueError(f"{repository} was built without events: it has no recommendations")
+    catalogue = store.load_catalogue(repository)
+    data = CatalogueData(np.asarray(catalogue.product_ids), catalogue.titles)
+    events = load_events(events_path, data)
+    dense = served_dense(repository)
+    vectors = dense.vectors(np.arange(len(catalogue)))
+    row_of = {pid: row for row, pid in enumerate(data.product_ids.tolist())}
+    lines = timelines(events)
+    held_out = HistoryCut.of(data, events, lines, 1, embedding_of(row_of, vectors))
+    tifu = ShopperVectors.load(store.version_dir(repository, store.RECOMMEND) / NEIGHBOURS_FILE)
+    recommender = held_out.recommender(dense, tifu.k, tifu.alpha)
+    cases = held_out.cases(list(lines), recommender)
+    served = OnnxRanker(store.model_file(repository, store.REC_RANKER))
+    popularity = held_out.items.popularity
+    top_count = max(1, len(popularity) // 100)
+    most_bought = data.product_ids[np.argsort(-popularity, kind="stable")[:top_count]]
+    return RecommendationLists(
+        [ranked(c, recommender, served, RECOMMEND_K) for c in tqdm(cases, desc="audit shoppers")],
+        [c.label for c in cases],
+        [bought_before(c, recommender) for c in cases],
+        [history_group(lines[c.user].baskets - 1) for c in cases],
+        set(most_bought.tolist()),
+        len(catalogue),
+    )
+
+
+def recommendation_audit(lists: RecommendationLists) -> dict:
+    """Quality by shopper group (Fairlearn's MetricFrame), and where the exposure goes."""
+    import pandas as pd
+    from fairlearn.metrics import MetricFrame
+
+    from .evaluate_personal import interval
+    from .history import recall as recall_of
+
+    recall = np.array([recall_of(t, y) for t, y in zip(lists.top, lists.labels, strict=True)])
+    ndcg = np.array(
+        [
+            ndcg_at_k(t, dict.fromkeys(y, 1.0), RECOMMEND_K)
+            for t, y in zip(lists.top, lists.labels, strict=True)
+        ]
+    )
+    cases = np.arange(len(lists.top))
+
+    def mean_of(values: np.ndarray):
+        return lambda y_true, y_pred: float(values[np.asarray(y_true)].mean())
+
+    frame = MetricFrame(
+        metrics={"recall_at_20": mean_of(recall), "ndcg_at_20": mean_of(ndcg)},
+        y_true=cases,
+        y_pred=cases,
+        sensitive_features=pd.Series(lists.groups, name="history"),
+        n_boot=FAIRLEARN_BOOTSTRAP,
+        ci_quantiles=[0.025, 0.975],
+        random_state=0,
+    )
+    by_group = {}
+    for group in frame.by_group.index:
+        low, high = (frame.by_group_ci[i].loc[group] for i in (0, 1))
+        by_group[str(group)] = {
+            "shoppers": lists.groups.count(group),
+            **{
+                metric: {
+                    "value": round(float(frame.by_group.loc[group, metric]), 4),
+                    "ci95": [round(float(low[metric]), 4), round(float(high[metric]), 4)],
+                }
+                for metric in frame.by_group.columns
+            },
+        }
+    exposure = product_exposure(lists.top, RECOMMEND_K)
+    total = sum(exposure.values())
+    unseen = sum(
+        weight
+        for top, before in zip(lists.top, lists.bought_before, strict=True)
+        for weight, pid in zip(attention(RECOMMEND_K), top, strict=False)
+        if pid not in before
+    )
+    return {
+        "shoppers": len(lists.top),
+        "overall": {"recall_at_20": interval(recall), "ndcg_at_20": interval(ndcg)},
+        "by_history": by_group,
+        "largest_gap": {m: round(float(v), 4) for m, v in frame.difference().items()},
+        "most_bought_1pct_exposure_share": round(
+            sum(w for pid, w in exposure.items() if pid in lists.most_bought) / total, 4
+        ),
+        "new_to_shopper_exposure_share": round(unseen / total, 4),
+        "coverage_at_20": round(coverage(lists.top, RECOMMEND_K, lists.catalogue_size), 4),
+    }
+
+
 def plot(audit: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -225,6 +365,36 @@ def plot(audit: dict, out: Path) -> list[Path]:
     return written
 
 
+def plot_shopper_groups(audit: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("new", "light", "heavy") if n in audit["by_history"]]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for offset, metric in ((-0.2, "recall_at_20"), (0.2, "ndcg_at_20")):
+        entries = [audit["by_history"][n][metric] for n in names]
+        values = [e["value"] for e in entries]
+        errors = np.array(
+            [
+                [e["value"] - e["ci95"][0] for e in entries],
+                [e["ci95"][1] - e["value"] for e in entries],
+            ]
+        )
+        axis.bar(np.arange(len(names)) + offset, values, 0.4, yerr=errors, label=metric)
+    axis.set_xticks(
+        np.arange(len(names)), [f"{n} ({audit['by_history'][n]['shoppers']})" for n in names]
+    )
+    axis.set(ylabel="mean over shoppers", title="Recommendation quality by shopper history")
+    axis.legend()
+    figure.tight_layout()
+    path = out / "quality_by_shopper_group.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def markdown(report: dict) -> str:
     search = report["search"]
     lines = [
@@ -246,7 +416,54 @@ def markdown(report: dict) -> str:
     lines.append("|---" * (len(columns) + 1) + "|")
     for row in search["top_groups"]:
         lines.append(f"| {row['group']} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
+    if "recommend" in report:
+        lines += _recommendation_lines(report["recommend"])
     return "\n".join(lines) + "\n"
+
+
+def _recommendation_lines(audit: dict) -> list[str]:
+    overall = audit["overall"]
+    lines = [
+        "",
+        "## Recommendations: whom they serve well",
+        "",
+        f"{audit['shoppers']:,} shoppers, each one's last basket held out; Recall@20 and nDCG@20 "
+        f"of the served ranker by history length (baskets before the held-out one: new ≤ "
+        f"{NEW_BASKETS}, light ≤ {LIGHT_BASKETS}, heavy more). Intervals: 95 %, bootstrap "
+        f"({FAIRLEARN_BOOTSTRAP} rounds, Fairlearn's MetricFrame); overall: normal approximation.",
+        "",
+        "| shoppers | count | Recall@20 | 95 % interval | nDCG@20 | 95 % interval |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("new", "light", "heavy"):
+        if name not in audit["by_history"]:
+            continue
+        group = audit["by_history"][name]
+        cells = [
+            f"{group[m]['value']:.4f} | {group[m]['ci95'][0]:.4f}–{group[m]['ci95'][1]:.4f}"
+            for m in ("recall_at_20", "ndcg_at_20")
+        ]
+        lines.append(f"| {name} | {group['shoppers']:,} | " + " | ".join(cells) + " |")
+    cells = [
+        f"{overall[m]['mean']:.4f} | {overall[m]['ci95'][0]:.4f}–{overall[m]['ci95'][1]:.4f}"
+        for m in ("recall_at_20", "ndcg_at_20")
+    ]
+    lines.append(f"| all | {audit['shoppers']:,} | " + " | ".join(cells) + " |")
+    gap = audit["largest_gap"]
+    lines += [
+        "",
+        f"Largest gap between groups: Recall@20 {gap['recall_at_20']:.4f}, "
+        f"nDCG@20 {gap['ndcg_at_20']:.4f}.",
+        "",
+        "| popularity and novelty | value |",
+        "|---|---|",
+        f"| exposure share of the most-bought 1 % of products | "
+        f"{audit['most_bought_1pct_exposure_share']:.4f} |",
+        f"| exposure share of products new to the shopper | "
+        f"{audit['new_to_shopper_exposure_share']:.4f} |",
+        f"| catalogue coverage of the top 20 | {audit['coverage_at_20']:.4f} |",
+    ]
+    return lines
 
 
 def audit(
@@ -255,19 +472,41 @@ def audit(
     queries: Sequence[str],
     judgments: Judgments | None,
     scope: str,
+    events: Path | None = None,
 ) -> Path:
-    """Write ``audit.md``, ``audit.json`` and the plots for ``queries`` into ``output``."""
+    """Write ``audit.md``, ``audit.json`` and the plots for ``queries`` (and, with ``events``, the
+    recommendations) into ``output``."""
     output.mkdir(parents=True, exist_ok=True)
     pipeline = SearchPipeline.from_repository(repository)
     rankings = search_rankings(pipeline, store.load_catalogue(repository), queries)
     search = search_audit(rankings, product_groups(repository), judgments)
-    report = {"repository": str(repository), "queries": scope, "search": search}
-    plots = plot(search, output)
     public = {k: v for k, v in search.items() if not k.startswith("_")}
+    manifest = json.loads((repository / store.MANIFEST_FILE).read_text())
+    report = {
+        "repository": str(repository),
+        "built_at": manifest.get("built_at"),
+        "queries": scope,
+        "events": str(events) if events else None,
+        "search": public,
+    }
+    rankings_file = output / RANKINGS_FILE
+    rankings_file.write_text(
+        json.dumps(
+            {
+                "queries": rankings.queries,
+                "product_ids": [rankings.product_ids[r].tolist() for r in rankings.rows],
+            }
+        )
+        + "\n"
+    )
+    plots = plot(search, output)
+    if events is not None:
+        report["recommend"] = recommendation_audit(recommendation_lists(repository, events))
+        plots.append(plot_shopper_groups(report["recommend"], output))
     (output / "audit.json").write_text(
-        json.dumps({**report, "search": public, "plots": [p.name for p in plots]}, indent=2) + "\n"
+        json.dumps({**report, "plots": [p.name for p in plots]}, indent=2) + "\n"
     )
     path = output / "audit.md"
-    text = markdown({**report, "search": public})
+    text = markdown(report)
     path.write_text(text + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots))
     return path

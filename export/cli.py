@@ -239,6 +239,11 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         help="a query log, one query a line (default: the build's dev split of the judgments)",
     )
+    audit.add_argument(
+        "--events",
+        type=Path,
+        help="the events file of a store built with events: audit its recommendations too",
+    )
     return root
 
 
@@ -251,11 +256,12 @@ def _audit(args: argparse.Namespace, judgments_path: Path | None) -> Path:
         queries = [q.strip() for q in lines if q.strip()]
         if not queries:
             raise DataError(f"{args.queries} holds no query")
-        return audit(args.repository, args.output, queries, None, f"the log {args.queries}")
+        scope = f"the log {args.queries}"
+        return audit(args.repository, args.output, queries, None, scope, args.events)
     if judgments_path is None:
         raise DataError("audit needs judged queries (--judgments) or a query log (--queries)")
     judgments, scope = held_out_judgments(args.repository, judgments_path)
-    return audit(args.repository, args.output, judgments.queries, judgments, scope)
+    return audit(args.repository, args.output, judgments.queries, judgments, scope, args.events)
 
 
 def _milvus(args: argparse.Namespace) -> dict:

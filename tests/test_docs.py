@@ -22,6 +22,7 @@ MAX_README_LINES = 260
 RUNNERS = {
     "new-catalogue": "tests/test_readme_commands.py::test_a_store_built_from_judgments",
     "milvus": "tests/test_milvus.py::test_the_documented_commands_load_serve_and_detach",
+    "audit": "tests/test_audit.py::test_the_home_depot_audit_reproduces_from_its_rankings",
 }
 
 # Each documented command: the program that prints its help, and the documents where every flag of
@@ -34,6 +35,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "instacart": (EXPORT, ("docs/building.md",)),
     "cut": (EXPORT, ("docs/building.md",)),
     "milvus": (EXPORT, ("docs/milvus.md",)),
+    "audit": (EXPORT, ("docs/fairness.md",)),
     "serve": (SHOPSERVE, ("docs/serving.md",)),
     "rollout": (SHOPSERVE, ("docs/serving.md",)),
     "keys": (SHOPSERVE, ("docs/serving.md",)),
@@ -48,7 +50,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # Where a command is named in the docs: "python -m shopserve.export build", "shopserve serve".
 _COMMAND = re.compile(
-    r"shopserve\.export (?P<export>build|evaluate|transfer|instacart|cut|milvus)\b"
+    r"shopserve\.export (?P<export>build|evaluate|transfer|instacart|cut|milvus|audit)\b"
     r"|(?<![\w.-])shopserve (?P<shopserve>serve|rollout|search|recommend|keys|events export"
     r"|events compact|events|forget|catalogue export|catalogue)\b"
 )
