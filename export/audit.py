@@ -466,6 +466,17 @@ def _recommendation_lines(audit: dict) -> list[str]:
     return lines
 
 
+def audit_summary(repository: Path, version: int, judgments: Judgments) -> dict:
+    """The search audit's numbers for a build's manifest: the dev queries through the graph of
+    ``version`` (the build calls it on its staged repository)."""
+    pipeline = SearchPipeline.from_repository(repository, version)
+    catalogue = store.load_catalogue(repository, version)
+    rankings = search_rankings(pipeline, catalogue, judgments.queries)
+    search = search_audit(rankings, product_groups(repository, version), judgments)
+    keep = ("queries", "group_kind", "groups", "groups_shown", "metrics")
+    return {"command": "python -m shopserve.export audit", **{k: search[k] for k in keep}}
+
+
 def audit(
     repository: Path,
     output: Path,

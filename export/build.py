@@ -28,6 +28,7 @@ from shopserve.ensemble.tokenize import QueryTokenizer, WordPiece
 
 from . import encoder as encoder_export
 from . import gpu, qdq
+from .audit import audit_summary
 from .cache import cache_key, cache_root, file_digest
 from .data import (
     CatalogueData,
@@ -587,6 +588,9 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
                 record["personalization"]["event_log"] = folded_log
     if folded_updates is not None:
         record["catalogue_log"] = folded_updates
+    if dev is not None and len(dev):
+        with timer.step("audit"):
+            record["audit"] = audit_summary(writer.stage, options.version, dev)
     inputs = [
         p
         for p in (
