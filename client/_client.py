@@ -94,6 +94,18 @@ class Filters:
     category: str | None = None
 
 
+@dataclass(frozen=True)
+class Exposure:
+    """An exposure-aware answer (docs/fairness.md): the top k drawn from the ranker's own
+    probabilities (``"plackett-luce"``) at ``temperature`` (the store's default when None; lower
+    stays closer to the ranker's order), reproducibly with ``seed``; ``"off"`` asks for the
+    ranker's own order even where the store draws by default."""
+
+    mode: str = "plackett-luce"
+    temperature: float | None = None
+    seed: int | None = None
+
+
 def _value_tensor(
     name: str, value: object, datatype: str, dtype: type, batched: bool
 ) -> grpcclient.InferInput:
@@ -118,20 +130,34 @@ def _filter_inputs(filters: Filters, batched: bool) -> list[grpcclient.InferInpu
     return inputs
 
 
+def _exposure_inputs(exposure: Exposure, batched: bool) -> list[grpcclient.InferInput]:
+    inputs = [_bytes_tensor("EXPOSURE", exposure.mode, batched)]
+    if exposure.temperature is not None:
+        inputs.append(
+            _value_tensor("TEMPERATURE", exposure.temperature, "FP32", np.float32, batched)
+        )
+    if exposure.seed is not None:
+        inputs.append(_value_tensor("SEED", exposure.seed, "INT64", np.int64, batched))
+    return inputs
+
+
 def build_inputs(
     query: str | bytes,
     top_k: int,
     user_id: str | bytes | None = None,
     batched: bool = False,
     filters: Filters | None = None,
+    exposure: Exposure | None = None,
 ) -> list[grpcclient.InferInput]:
     """The search request: QUERY and TOP_K (shape [1], or [1, 1] for a model that batches, like
-    ``search``), USER_ID when personalised, and the filters' inputs."""
+    ``search``), USER_ID when personalised, and the filters' and exposure's inputs."""
     inputs = [_bytes_tensor("QUERY", query, batched), _top_k_tensor(top_k, batched)]
     if user_id is not None:
         inputs.append(_bytes_tensor("USER_ID", user_id, batched))
     if filters is not None:
         inputs.extend(_filter_inputs(filters, batched))
+    if exposure is not None:
+        inputs.extend(_exposure_inputs(exposure, batched))
     return inputs
 
 
@@ -433,8 +459,9 @@ class _ClientSettings:
         user_id: str | bytes | None,
         batched: bool,
         filters: Filters | None = None,
+        exposure: Exposure | None = None,
     ) -> _Call:
-        inputs = build_inputs(query, top_k, user_id, batched, filters)
+        inputs = build_inputs(query, top_k, user_id, batched, filters, exposure)
         # Every output the endpoint has: PERSONALISED where it has one (stores built before it
         # have not, and asking for it by name would fail there).
         return _Call(self.model_name, inputs, self._infer_options(timeout, None), parse_hits)
@@ -516,12 +543,14 @@ class SearchClient(_ClientSettings):
         timeout: float | None = None,
         user_id: str | bytes | None = None,
         filters: Filters | None = None,
+        exposure: Exposure | None = None,
     ) -> Hits:
         """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged. With
         ``user_id`` the answer is personalised for that shopper; with ``filters``, only products
-        that pass them (fewer than top_k only when fewer pass)."""
+        that pass them (fewer than top_k only when fewer pass); with ``exposure``, the top k drawn
+        from the ranker's probabilities (the ``search`` endpoint only)."""
         batched = self._batched(self.model_name)
-        call = self._search_call(query, top_k, timeout, user_id, batched, filters)
+        call = self._search_call(query, top_k, timeout, user_id, batched, filters, exposure)
         return self._send(call)
 
     def recommend(
@@ -708,12 +737,14 @@ class AsyncSearchClient(_ClientSettings):
         timeout: float | None = None,
         user_id: str | bytes | None = None,
         filters: Filters | None = None,
+        exposure: Exposure | None = None,
     ) -> Hits:
         """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged. With
         ``user_id`` the answer is personalised for that shopper; with ``filters``, only products
-        that pass them (fewer than top_k only when fewer pass)."""
+        that pass them (fewer than top_k only when fewer pass); with ``exposure``, the top k drawn
+        from the ranker's probabilities (the ``search`` endpoint only)."""
         batched = await self._batched(self.model_name)
-        call = self._search_call(query, top_k, timeout, user_id, batched, filters)
+        call = self._search_call(query, top_k, timeout, user_id, batched, filters, exposure)
         return await self._send(call)
 
     async def recommend(

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import store
-from .validation import InvalidRequest, check_flag, decode_text
+from .validation import InvalidRequest, check_flag, decode_number, decode_text
 
 FILTER_INPUTS = ("IN_STOCK", "PRICE_MIN", "PRICE_MAX", "CATEGORY")
 MAX_CATEGORY_BYTES = 512
@@ -51,17 +51,10 @@ class ProductFilter:
 def _price(raw: object, name: str) -> float | None:
     if raw is None:
         return None
-    if isinstance(raw, np.ndarray):
-        if raw.size != 1:
-            raise InvalidRequest(f"{name} must hold exactly one number, got {raw.size}")
-        if not np.issubdtype(raw.dtype, np.floating):
-            raise InvalidRequest(f"{name} must be a float, got {raw.dtype}")
-        raw = raw.reshape(-1)[0].item()
-    if isinstance(raw, bool) or not isinstance(raw, int | float):
-        raise InvalidRequest(f"{name} must be a number, got {type(raw).__name__}")
-    if not math.isfinite(raw) or raw < 0:
-        raise InvalidRequest(f"{name} must be a finite number ≥ 0, got {raw}")
-    return float(raw)
+    price = decode_number(raw, name, integer=False)
+    if not math.isfinite(price) or price < 0:
+        raise InvalidRequest(f"{name} must be a finite number ≥ 0, got {price}")
+    return float(price)
 
 
 def parse_filter(inputs: Mapping[str, object] | None) -> ProductFilter:

@@ -12,6 +12,7 @@ import numpy as np
 from . import store
 from .catalogue import LiveCatalogue, follow_catalogue_log, refresh_catalogue
 from .dense import served_dense
+from .exposure import ExposurePolicy
 from .filters import Attributes, load_attributes, parse_filter
 from .lexical import LexicalIndex
 from .models import OnnxEncoder, OnnxRanker
@@ -63,8 +64,10 @@ class SearchPipeline:
         personal: Personalization | None = None,
         attributes: Attributes | None = None,
         live: LiveCatalogue | None = None,
+        exposure: ExposurePolicy | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.exposure = exposure or ExposurePolicy()  # the store's default; a request overrides it
         self.built_attributes = attributes or Attributes()
         self.live = live
         retriever.live = live
@@ -109,6 +112,9 @@ class SearchPipeline:
             Personalization.from_repository(repository, retriever.dense, catalogue, version),
             attributes,
             live,
+            ExposurePolicy.of_parameters(
+                store.config_parameters(repository, store.SEARCH, version)
+            ),
         )
 
     @property
@@ -122,12 +128,14 @@ class SearchPipeline:
         top_k: int | np.ndarray = 10,
         user_id: str | bytes | np.ndarray | None = None,
         filters: Mapping[str, object] | None = None,
+        exposure: Mapping[str, object] | None = None,
     ) -> SearchResult:
         """Validate like the server does, then run every step. With the id of a shopper the store
         knows, each candidate's query logit is fused with the shopper's affinity for it; without
         one, or for a shopper it does not know, the answer is the anonymous one. ``filters``: the
-        request's filter inputs by name (IN_STOCK, PRICE_MIN, PRICE_MAX, CATEGORY)."""
-        (answer,) = self.search_many([SearchRequest(query, top_k, user_id, filters)])
+        request's filter inputs by name (IN_STOCK, PRICE_MIN, PRICE_MAX, CATEGORY); ``exposure``:
+        its EXPOSURE, TEMPERATURE and SEED (shopserve.ensemble.exposure)."""
+        (answer,) = self.search_many([SearchRequest(query, top_k, user_id, filters, exposure)])
         if isinstance(answer, InvalidRequest):
             raise answer
         return answer
@@ -156,7 +164,8 @@ class SearchPipeline:
         if request.user_id is not None:
             shopper = decode_user_id(request.user_id)
             user = self._shopper(shopper) if self.personal else None
-        return _Parsed(text, k, user, allowed)
+        exposure = self.exposure.with_inputs(request.exposure)
+        return _Parsed(text, k, user, allowed, exposure)
 
     def _shopper(self, user_id: str):
         """The shopper's view, or None (the anonymous answer) when the store cannot be read."""
@@ -178,7 +187,7 @@ class SearchPipeline:
         if request.user is not None:
             affinity = self.personal.affinity(request.user, candidates.rows)
             logits = logits + self.personal.search_weight * affinity
-        answer = self.postprocessor(candidates.rows, logits, request.top_k)
+        answer = self.postprocessor(candidates.rows, logits, request.top_k, request.exposure)
         return replace(answer, personalised=request.user is not None)
 
 
@@ -190,6 +199,7 @@ class SearchRequest:
     top_k: int | np.ndarray = 10
     user_id: str | bytes | np.ndarray | None = None
     filters: Mapping[str, object] | None = None  # filter inputs by name, absent ones None
+    exposure: Mapping[str, object] | None = None  # EXPOSURE, TEMPERATURE, SEED; absent ones None
 
 
 @dataclass(frozen=True)
@@ -198,3 +208,4 @@ class _Parsed:
     top_k: int
     user: object | None  # the shopper's profile view, when personalised
     allowed: np.ndarray | None  # the rows the request's filter allows (None: every row)
+    exposure: ExposurePolicy

@@ -1,4 +1,5 @@
-"""Post-processing: softmax over the candidates' ranker scores, then a stable top-k."""
+"""Post-processing: softmax over the candidates' ranker scores, then a stable top-k (or the top k an
+exposure policy draws, shopserve.ensemble.exposure)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .exposure import ExposurePolicy
 from .store import Catalogue
 
 
@@ -14,12 +16,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (shifted / shifted.sum()).astype(np.float32)
 
 
-def top_k(product_ids: np.ndarray, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` most probable products, ties broken by ascending product id."""
+def top_k(
+    product_ids: np.ndarray, logits: np.ndarray, k: int, exposure: ExposurePolicy | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most probable products, ties broken by ascending product id; or, with an
+    exposure policy that is on, the ``k`` it draws (scores: the products' probabilities)."""
     if len(product_ids) == 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
     probabilities = softmax(np.asarray(logits, dtype=np.float32).reshape(-1))
-    order = np.lexsort((product_ids, -probabilities))[:k]
+    order = exposure.order(logits, k) if exposure is not None else None
+    if order is None:
+        order = np.lexsort((product_ids, -probabilities))[:k]
     return product_ids[order].astype(np.int64), probabilities[order]
 
 
@@ -39,9 +46,11 @@ class PostProcessor:
     def __init__(self, catalogue: Catalogue) -> None:
         self.catalogue = catalogue
 
-    def __call__(self, rows: np.ndarray, logits: np.ndarray, k: int) -> SearchResult:
+    def __call__(
+        self, rows: np.ndarray, logits: np.ndarray, k: int, exposure: ExposurePolicy | None = None
+    ) -> SearchResult:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        product_ids, scores = top_k(self.catalogue.product_ids[rows], logits, k)
+        product_ids, scores = top_k(self.catalogue.product_ids[rows], logits, k, exposure)
         row_of = dict(zip(self.catalogue.product_ids[rows].tolist(), rows.tolist(), strict=True))
         titles = [self.catalogue.titles[row_of[pid]] for pid in product_ids.tolist()]
         return SearchResult(product_ids, scores, titles)

@@ -46,19 +46,29 @@ def decode_query(raw: object) -> str:
     return decode_text(raw, "QUERY", MAX_QUERY_BYTES)
 
 
-def check_top_k(raw: object) -> int:
-    """Return TOP_K as an int in [MIN_TOP_K, MAX_TOP_K], or raise InvalidRequest."""
+def decode_number(raw: object, name: str, integer: bool) -> int | float:
+    """The one number of a [1] input, as a Python int (``integer``) or float, or raise
+    InvalidRequest naming the problem."""
+    noun, kind = ("integer", "an integer") if integer else ("number", "a float")
     if isinstance(raw, np.ndarray):
         if raw.size != 1:
-            raise InvalidRequest(f"TOP_K must hold exactly one integer, got {raw.size}")
-        if not np.issubdtype(raw.dtype, np.integer):
-            raise InvalidRequest(f"TOP_K must be an integer, got {raw.dtype}")
+            raise InvalidRequest(f"{name} must hold exactly one {noun}, got {raw.size}")
+        if not np.issubdtype(raw.dtype, np.integer if integer else np.floating):
+            raise InvalidRequest(f"{name} must be {kind}, got {raw.dtype}")
         raw = raw.reshape(-1)[0].item()
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        raise InvalidRequest(f"TOP_K must be an integer, got {type(raw).__name__}")
-    if not MIN_TOP_K <= raw <= MAX_TOP_K:
-        raise InvalidRequest(f"TOP_K must be between {MIN_TOP_K} and {MAX_TOP_K}, got {raw}")
+    if isinstance(raw, bool) or not isinstance(raw, int if integer else int | float):
+        raise InvalidRequest(
+            f"{name} must be {'an integer' if integer else 'a number'}, got {type(raw).__name__}"
+        )
     return raw
+
+
+def check_top_k(raw: object) -> int:
+    """Return TOP_K as an int in [MIN_TOP_K, MAX_TOP_K], or raise InvalidRequest."""
+    top_k = decode_number(raw, "TOP_K", integer=True)
+    if not MIN_TOP_K <= top_k <= MAX_TOP_K:
+        raise InvalidRequest(f"TOP_K must be between {MIN_TOP_K} and {MAX_TOP_K}, got {top_k}")
+    return top_k
 
 
 MAX_USER_ID_BYTES = 256

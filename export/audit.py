@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 from shopserve.ensemble import SearchPipeline, store
+from shopserve.ensemble.exposure import OFF, PLACKETT_LUCE
 from shopserve.ensemble.filters import load_attributes
 from tqdm.auto import tqdm
 
@@ -56,6 +58,8 @@ RANKINGS_FILE = "search_rankings.json"  # beside the report: each query's served
 NEW_BASKETS = 3
 LIGHT_BASKETS = 10
 FAIRLEARN_BOOTSTRAP = 200
+TRADEOFF_TEMPERATURES = (0.1, 0.25, 0.5, 1.0)
+DRAWS = 4  # Plackett-Luce draws per query in the trade-off curve
 TOP_GROUPS = 0.01  # the "top 1 %" of groups
 _FIRST_WORD = re.compile(r"\w[\w&'.-]*")
 
@@ -138,14 +142,21 @@ def _merit_matrix(
     return matrix
 
 
-def _with_interval(value: float, interval: tuple[float, float]) -> dict:
-    return {"value": round(value, 4), "ci95": [round(interval[0], 4), round(interval[1], 4)]}
+def _with_interval(value: float, interval: tuple[float, float] | None) -> dict:
+    return {
+        "value": round(value, 4),
+        "ci95": None if interval is None else [round(interval[0], 4), round(interval[1], 4)],
+    }
 
 
 def search_audit(
-    rankings: SearchRankings, groups: ProductGroups, judgments: Judgments | None
+    rankings: SearchRankings,
+    groups: ProductGroups,
+    judgments: Judgments | None,
+    intervals: bool = True,
 ) -> dict:
-    """Exposure concentration, coverage and (judged queries) disparity and nDCG@10."""
+    """Exposure concentration, coverage and (judged queries) disparity and nDCG@10; the jackknife
+    intervals unless ``intervals`` is False."""
     exposure = _exposure_matrix(rankings, groups)
     count = len(rankings.rows)
 
@@ -174,7 +185,9 @@ def search_audit(
         statistics["disparity_to_merit"] = disparity
         statistics["ndcg_at_10"] = lambda w: float(w @ ndcg / w.sum())
     result = {
-        name: _with_interval(statistic(everyone), jackknife(statistic, count))
+        name: _with_interval(
+            statistic(everyone), jackknife(statistic, count) if intervals else None
+        )
         for name, statistic in statistics.items()
     }
     # Coverage has no interval: it counts the distinct products this query set shows, and any
@@ -209,6 +222,45 @@ def _top_groups(groups: ProductGroups, table: dict[str, np.ndarray], count: int 
         {"group": groups.names[g], **{k: round(float(v[g]), 4) for k, v in table.items()}}
         for g in order
     ]
+
+
+def exposure_tradeoff(
+    pipeline: SearchPipeline,
+    catalogue: store.Catalogue,
+    judgments: Judgments,
+    groups: ProductGroups,
+) -> list[dict]:
+    """nDCG@10 against exposure concentration for the ranker's own order and Plackett-Luce draws
+    at each of TRADEOFF_TEMPERATURES: DRAWS seeded draws per query, so the exposure is the
+    expected exposure over repeated queries."""
+    rows_of = catalogue.product_rows()
+    curve = []
+    for temperature in (None, *TRADEOFF_TEMPERATURES):
+        seeds = [None] if temperature is None else range(DRAWS)
+        keys, rows = [], []
+        for query in tqdm(judgments.queries, desc=f"exposure at {temperature}", unit="query"):
+            for seed in seeds:
+                exposure = None
+                if temperature is not None:
+                    exposure = {"EXPOSURE": PLACKETT_LUCE, "TEMPERATURE": temperature, "SEED": seed}
+                answer = pipeline.search(query, K, exposure=exposure)
+                keys.append(query)
+                rows.append(rows_of.rows(answer.product_ids))
+        # each draw weighs as one query: shares and means are those of the expected exposure
+        draws = Judgments(
+            OrderedDict((str(i), judgments.by_query[q]) for i, q in enumerate(keys)),
+            judgments.min_relevance,
+        )
+        ranked = SearchRankings([str(i) for i in range(len(keys))], rows, catalogue.product_ids)
+        metrics = search_audit(ranked, groups, draws, intervals=False)["metrics"]
+        curve.append(
+            {
+                "exposure": OFF if temperature is None else PLACKETT_LUCE,
+                "temperature": temperature,
+                **{name: entry["value"] for name, entry in metrics.items()},
+            }
+        )
+    return curve
 
 
 def history_group(baskets_before: int) -> str:
@@ -365,6 +417,26 @@ def plot(audit: dict, out: Path) -> list[Path]:
     return written
 
 
+def plot_tradeoff(curve: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 4))
+    axis.plot([p["exposure_gini"] for p in curve], [p["ndcg_at_10"] for p in curve], marker="o")
+    for point in curve:
+        label = "off" if point["temperature"] is None else f"T={point['temperature']}"
+        axis.annotate(label, (point["exposure_gini"], point["ndcg_at_10"]), fontsize=8)
+    axis.set(xlabel="Gini of group exposure (expected)", ylabel="nDCG@10")
+    axis.set(title="Exposure option: relevance against concentration")
+    figure.tight_layout()
+    path = out / "exposure_tradeoff.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def plot_shopper_groups(audit: dict, out: Path) -> Path:
     import matplotlib
 
@@ -416,9 +488,35 @@ def markdown(report: dict) -> str:
     lines.append("|---" * (len(columns) + 1) + "|")
     for row in search["top_groups"]:
         lines.append(f"| {row['group']} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
+    if "exposure_tradeoff" in report:
+        lines += _tradeoff_lines(report["exposure_tradeoff"])
     if "recommend" in report:
         lines += _recommendation_lines(report["recommend"])
     return "\n".join(lines) + "\n"
+
+
+def _tradeoff_lines(curve: list[dict]) -> list[str]:
+    off = curve[0]
+    lines = [
+        "",
+        "## The exposure option's trade-off",
+        "",
+        f"The same queries answered by the ranker's own order and by Plackett-Luce draws ({DRAWS} "
+        "seeded draws a query: expected exposure); changes relative to the ranker's order.",
+        "",
+        "| exposure | temperature | nDCG@10 | change | exposure Gini | change | disparity to merit "
+        "| coverage@10 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for point in curve:
+        ndcg_change = point["ndcg_at_10"] / off["ndcg_at_10"] - 1
+        gini_change = point["exposure_gini"] / off["exposure_gini"] - 1
+        lines.append(
+            f"| {point['exposure']} | {point['temperature'] or '—'} | {point['ndcg_at_10']:.4f} "
+            f"| {ndcg_change:+.1%} | {point['exposure_gini']:.4f} | {gini_change:+.1%} "
+            f"| {point['disparity_to_merit']:.4f} | {point['coverage_at_10']:.4f} |"
+        )
+    return lines
 
 
 def _recommendation_lines(audit: dict) -> list[str]:
@@ -484,9 +582,10 @@ def audit(
     judgments: Judgments | None,
     scope: str,
     events: Path | None = None,
+    tradeoff: bool = False,
 ) -> Path:
     """Write ``audit.md``, ``audit.json`` and the plots for ``queries`` (and, with ``events``, the
-    recommendations) into ``output``."""
+    recommendations; with ``tradeoff``, the exposure option's trade-off curve) into ``output``."""
     output.mkdir(parents=True, exist_ok=True)
     pipeline = SearchPipeline.from_repository(repository)
     rankings = search_rankings(pipeline, store.load_catalogue(repository), queries)
@@ -511,6 +610,14 @@ def audit(
         + "\n"
     )
     plots = plot(search, output)
+    if tradeoff:
+        if judgments is None:
+            raise ValueError("the exposure trade-off needs judged queries (relevance to trade)")
+        catalogue = store.load_catalogue(repository)
+        report["exposure_tradeoff"] = exposure_tradeoff(
+            pipeline, catalogue, judgments, product_groups(repository)
+        )
+        plots.append(plot_tradeoff(report["exposure_tradeoff"], output))
     if events is not None:
         report["recommend"] = recommendation_audit(recommendation_lists(repository, events))
         plots.append(plot_shopper_groups(report["recommend"], output))

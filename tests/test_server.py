@@ -23,7 +23,7 @@ from conftest import (
     raw_infer,
     tensor,
 )
-from shopserve.client import AsyncSearchClient, InvalidRequestError, SearchClient
+from shopserve.client import AsyncSearchClient, Exposure, InvalidRequestError, SearchClient
 from shopserve.client._cli import main as search_cli
 from shopserve.ensemble import store
 
@@ -135,6 +135,39 @@ def test_async_client_and_batched_search(server) -> None:
     results = asyncio.run(run())
     assert [len(r) for r in results] == [3, 3, 3]
     assert any("hose" in h.title.lower() for h in results[1])
+
+
+def test_an_exposure_aware_answer_is_drawn_reproducibly_and_checked(server, client, pipeline):
+    """EXPOSURE, TEMPERATURE and SEED through the real server, sync and async: a seed replays the
+    in-process draw; the draw differs from the ranker's order; bad values are INVALID_ARGUMENT."""
+    query = "cordless drill"
+    drawn = Exposure(temperature=1.0, seed=11)
+
+    def ids(hits) -> list[int]:
+        return [hit.product_id for hit in hits]
+
+    hits = ids(client.search(query, top_k=10, exposure=drawn))
+    assert hits == ids(client.search(query, top_k=10, exposure=drawn))
+    expected = pipeline.search(
+        query, 10, exposure={"EXPOSURE": "plackett-luce", "TEMPERATURE": 1.0, "SEED": 11}
+    )
+    assert hits == expected.product_ids.tolist()
+
+    async def async_search():
+        async with AsyncSearchClient(server.grpc_url, timeout=30) as aclient:
+            return await aclient.search(query, top_k=10, exposure=drawn)
+
+    assert ids(asyncio.run(async_search())) == hits
+    ranked = ids(client.search(query, top_k=10))
+    draws = {tuple(ids(client.search(query, 10, exposure=Exposure(seed=s)))) for s in range(8)}
+    assert len(draws) > 1 and any(list(d) != ranked for d in draws)
+    for bad, problem in (
+        (Exposure(mode="shuffle"), "EXPOSURE must be one of"),
+        (Exposure(temperature=0.0), "TEMPERATURE must be between"),
+        (Exposure(seed=-2), "SEED must be"),
+    ):
+        with pytest.raises(InvalidRequestError, match=problem):
+            client.search(query, top_k=10, exposure=bad)
 
 
 def test_search_cli_prints_a_table(server, capsys) -> None:

@@ -3,10 +3,12 @@
 The steps load from the step models' directories and configs in this repository, so this model
 answers exactly as the "search_steps" ensemble and the in-process SearchPipeline do. An optional
 USER_ID personalises the answer (stores built with --events); optional IN_STOCK, PRICE_MIN,
-PRICE_MAX and CATEGORY filter it (catalogues with those columns). The requests of one execution
-share one encoder call.
+PRICE_MAX and CATEGORY filter it (catalogues with those columns); optional EXPOSURE, TEMPERATURE
+and SEED draw an exposure-aware answer (shopserve.ensemble.exposure). The requests of one
+execution share one encoder call.
 """
 
+from shopserve.ensemble.exposure import EXPOSURE_INPUTS
 from shopserve.ensemble.filters import FILTER_INPUTS
 from shopserve.ensemble.pipeline import SearchPipeline, SearchRequest
 from shopserve.ensemble.triton_adapter import (
@@ -39,6 +41,7 @@ class TritonPythonModel:
                         input_array(request, "TOP_K"),
                         optional_input(request, "USER_ID"),
                         {name: optional_input(request, name) for name in FILTER_INPUTS},
+                        {name: optional_input(request, name) for name in EXPOSURE_INPUTS},
                     )
                     for request in live
                 ]
