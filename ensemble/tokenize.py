@@ -124,6 +124,9 @@ class WordPiece:
         # Words repeat (in titles above all): the pieces of the latest ones are kept, a bounded
         # few hundred kilobytes.
         object.__setattr__(self, "_cached_word", functools.lru_cache(WORD_CACHE)(self._word))
+        longest_first = sorted(self.specials, key=len, reverse=True)
+        pattern = re.compile("|".join(map(re.escape, longest_first))) if longest_first else None
+        object.__setattr__(self, "_special_pattern", pattern)
 
     @classmethod
     def from_json(cls, path: Path) -> WordPiece:
@@ -180,13 +183,6 @@ class WordPiece:
             raise StoreFormatError(f"{directory}: {REBUILD}")
         settings = json.loads((directory / SETTINGS_FILE).read_text(encoding="utf-8"))
         return cls(Vocabulary.load(directory / VOCABULARY_PREFIX), **settings)
-
-    @property
-    def _special_pattern(self) -> re.Pattern[str] | None:
-        if not self.specials:
-            return None
-        longest_first = sorted(self.specials, key=len, reverse=True)
-        return re.compile("|".join(map(re.escape, longest_first)))
 
     def ids(self, text: str) -> list[int]:
         """The token ids of ``text``, without [CLS] and [SEP]."""
