@@ -294,7 +294,9 @@ def recommendation_lists(repository: Path, events_path: Path) -> RecommendationL
     if not store.version_dirs(repository, store.RECOMMEND):
         raise ValueError(f"{repository} was built without events: it has no recommendations")
     catalogue = store.load_catalogue(repository)
-    data = CatalogueData(np.asarray(catalogue.product_ids), catalogue.titles)
+    data = CatalogueData(
+        np.asarray(catalogue.product_ids), catalogue.titles, _category_column(repository)
+    )
     events = load_events(events_path, data)
     dense = served_dense(repository)
     vectors = dense.vectors(np.arange(len(catalogue)))
@@ -316,6 +318,16 @@ def recommendation_lists(repository: Path, events_path: Path) -> RecommendationL
         set(most_bought.tolist()),
         len(catalogue),
     )
+
+
+def _category_column(repository: Path) -> dict[str, list[str]]:
+    """The catalogue's category column as the build read it (the recommender's item features
+    compare categories), rebuilt from the store's attributes."""
+    attributes = load_attributes(repository)
+    if attributes.category_codes is None:
+        return {}
+    paths = [" / ".join(path) for path in attributes.categories]
+    return {"category": [paths[c] if c >= 0 else "" for c in attributes.category_codes.tolist()]}
 
 
 def recommendation_audit(lists: RecommendationLists) -> dict:
