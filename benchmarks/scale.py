@@ -45,6 +45,8 @@ from .common import (
 from .grow_catalogue import REAL_CATEGORY
 from .grow_catalogue import write as write_grown
 from .queries import load_traffic, write_perf_analyzer_data
+from .tuning import SWEEP_QUEUE
+from .variants import set_queue_size
 
 HOMEDEPOT_PRODUCTS = 54_667
 SIZES = (250_000, 1_000_000)
@@ -104,10 +106,14 @@ def served_bytes(repository: Path) -> dict[str, int]:
 def serve_and_measure(repository: Path, queries: list[str], options: ScaleOptions) -> dict:
     """The server's memory after warm-up traffic, then latency and throughput (perf_analyzer)."""
     name = repository.name
+    # closed-loop clients without deadlines: the shipped bound of 4 waiting requests would refuse
+    # concurrency 8 (as in the sweep, benchmarks/tuning.py)
+    config = repository / store.SEARCH / "config.pbtxt"
+    config.write_text(set_queue_size(SWEEP_QUEUE)(config.read_text(encoding="utf-8")), "utf-8")
     wrapper = perf_analyzer.install()
     data = write_perf_analyzer_data(queries, options.work / f"{name}-queries.json")
-    config = ServerConfig(repository, *free_ports(3), work_dir=options.work / "triton")
-    with TritonServer(config, log_file=options.work / f"{name}-server.log") as server:
+    served = ServerConfig(repository, *free_ports(3), work_dir=options.work / "triton")
+    with TritonServer(served, log_file=options.work / f"{name}-server.log") as server:
         with SearchClient(server.grpc_url, timeout=60) as client, ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda q: client.search(q, top_k=10), queries[:WARM_QUERIES]))
         processes = server_memory(server.process.pid)
