@@ -37,7 +37,7 @@ from shopserve.ensemble.exposure import OFF, PLACKETT_LUCE
 from shopserve.ensemble.filters import load_attributes
 from tqdm.auto import tqdm
 
-from .data import Judgments
+from .data import DataError, Judgments
 from .exposure import (
     attention,
     coverage,
@@ -599,9 +599,12 @@ def audit(
     """Write ``audit.md``, ``audit.json`` and the plots for ``queries`` (and, with ``events``, the
     recommendations; with ``tradeoff``, the exposure option's trade-off curve) into ``output``."""
     output.mkdir(parents=True, exist_ok=True)
+    if tradeoff and judgments is None:
+        raise DataError("the exposure trade-off needs judged queries (relevance to trade)")
     pipeline = SearchPipeline.from_repository(repository)
-    rankings = search_rankings(pipeline, store.load_catalogue(repository), queries)
-    search = search_audit(rankings, product_groups(repository), judgments)
+    catalogue, groups = store.load_catalogue(repository), product_groups(repository)
+    rankings = search_rankings(pipeline, catalogue, queries)
+    search = search_audit(rankings, groups, judgments)
     public = {k: v for k, v in search.items() if not k.startswith("_")}
     manifest = json.loads((repository / store.MANIFEST_FILE).read_text())
     report = {
@@ -623,12 +626,7 @@ def audit(
     )
     plots = plot(search, output)
     if tradeoff:
-        if judgments is None:
-            raise ValueError("the exposure trade-off needs judged queries (relevance to trade)")
-        catalogue = store.load_catalogue(repository)
-        report["exposure_tradeoff"] = exposure_tradeoff(
-            pipeline, catalogue, judgments, product_groups(repository)
-        )
+        report["exposure_tradeoff"] = exposure_tradeoff(pipeline, catalogue, judgments, groups)
         plots.append(plot_tradeoff(report["exposure_tradeoff"], output))
     if events is not None:
         report["recommend"] = recommendation_audit(recommendation_lists(repository, events))
