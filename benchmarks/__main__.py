@@ -140,6 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     scale.add_argument("--data", type=Path, help="the folder holding homedepot/ and instacart/")
     scale.add_argument("--out", type=Path, default=RESULTS_DIR)
+    explain = commands.add_parser(
+        "explain", help="what EXPLAIN costs: search, personalised search, recommend, off and on"
+    )
+    explain.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
+    explain.add_argument(
+        "--personal-repository", type=Path, default=PROJECT / "stores" / "instacart"
+    )
+    explain.add_argument(
+        "--data",
+        type=Path,
+        default=PROJECT / "stores" / "instacart-data",
+        help="the folder with the personal store's items.csv and events.csv",
+    )
+    explain.add_argument("--rounds", type=int, default=3)
+    explain.add_argument("--out", type=Path, default=RESULTS_DIR)
     smoke = commands.add_parser("smoke", help="seconds of everything (CI)")
     smoke.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
     smoke.add_argument("--out", type=Path, default=WORK_DIR / "smoke")
@@ -245,6 +260,17 @@ def main(argv: list[str] | None = None) -> int:
             if args.data:
                 options = replace(options, data_dir=args.data)
             path = run_scale(options)
+        elif args.command == "explain":
+            from .explain import run as run_explain
+
+            run_explain(
+                args.repository,
+                args.personal_repository,
+                args.data,
+                args.out,
+                rounds_count=args.rounds,
+            )
+            path = args.out / "explain.md"
         elif args.command == "smoke":
             from .run import smoke as run_smoke
 

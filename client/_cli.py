@@ -16,6 +16,7 @@ from ._client import DEFAULT_URL, Event, Filters, Hit, ProductChange, SearchClie
 from ._errors import InvalidRequestError, SearchError
 
 TITLE_WIDTH = 70
+REASONS_SHOWN = 3  # --explain: the largest contributions printed under each hit
 
 
 def _one_line(text: str, width: int) -> str:
@@ -25,23 +26,37 @@ def _one_line(text: str, width: int) -> str:
 
 
 def format_table(hits: Sequence[Hit]) -> str:
-    """Render hits as an aligned table: rank, score (4 decimals), product id, title."""
+    """Render hits as an aligned table: rank, score (4 decimals), product id, title; under a hit
+    with an explanation, its largest reasons."""
     header = ("rank", "score", "product_id", "title")
     rows = [
         (str(hit.rank), f"{hit.score:.4f}", str(hit.product_id), _one_line(hit.title, TITLE_WIDTH))
         for hit in hits
     ]
     widths = [max(len(row[col]) for row in [header, *rows]) for col in range(3)]
-    lines = [
-        f"{rank:>{widths[0]}}  {score:>{widths[1]}}  {product_id:>{widths[2]}}  {title}".rstrip()
-        for rank, score, product_id, title in [header, *rows]
-    ]
+    indent = " " * (sum(widths) + 6)
+    lines = []
+    for hit, (rank, score, product_id, title) in zip([None, *hits], [header, *rows], strict=True):
+        line = f"{rank:>{widths[0]}}  {score:>{widths[1]}}  {product_id:>{widths[2]}}  {title}"
+        lines.append(line.rstrip())
+        if hit is not None and hit.explanation is not None:
+            lines.extend(
+                f"{indent}{reason.contribution:+.2f} {reason.signal}: {reason.text}"
+                for reason in hit.explanation.reasons[:REASONS_SHOWN]
+            )
     return "\n".join(lines)
 
 
 def format_json_lines(hits: Sequence[Hit]) -> str:
-    """One JSON object per hit, one per line."""
-    return "\n".join(json.dumps(dataclasses.asdict(hit), ensure_ascii=False) for hit in hits)
+    """One JSON object per hit, one per line (with its explanation when it has one)."""
+
+    def row(hit: Hit) -> dict:
+        fields = dataclasses.asdict(hit)
+        if hit.explanation is None:
+            del fields["explanation"]
+        return fields
+
+    return "\n".join(json.dumps(row(hit), ensure_ascii=False) for hit in hits)
 
 
 def _parser(recommend: bool = False) -> argparse.ArgumentParser:
@@ -69,6 +84,11 @@ def _parser(recommend: bool = False) -> argparse.ArgumentParser:
         "-k", "--top-k", type=int, default=10, help="number of results (default: 10)"
     )
     _connection(parser, timeout=5.0)
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help=f"under each hit, its {REASONS_SHOWN} largest reasons (all of them with --json)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     return parser
 
@@ -85,11 +105,19 @@ def main(argv: list[str] | None = None, recommend: bool = False) -> int:
             filters = Filters(args.in_stock, args.price_min, args.price_max, args.category)
             if recommend:
                 hits = client.recommend(
-                    args.user_id, top_k=args.top_k, new_only=args.new_only, filters=filters
+                    args.user_id,
+                    top_k=args.top_k,
+                    new_only=args.new_only,
+                    filters=filters,
+                    explain=args.explain,
                 )
             else:
                 hits = client.search(
-                    args.query, top_k=args.top_k, user_id=args.user, filters=filters
+                    args.query,
+                    top_k=args.top_k,
+                    user_id=args.user,
+                    filters=filters,
+                    explain=args.explain,
                 )
     except SearchError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -8,6 +8,7 @@ valid and answers bad values with INVALID_ARGUMENT.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import uuid
@@ -29,18 +30,46 @@ DEFAULT_MODEL_NAME = "search"
 RECOMMEND_MODEL_NAME = "recommend"
 OUTPUT_NAMES = ("PRODUCT_IDS", "SCORES", "TITLES")
 PERSONALISED_OUTPUT = "PERSONALISED"  # search with a USER_ID: whether the history was used
+EXPLANATIONS_OUTPUT = "EXPLANATIONS"  # with EXPLAIN: a JSON document per hit
 
 _INT32 = np.iinfo(np.int32)
 
 
 @dataclass(frozen=True)
+class Reason:
+    """One signal's part in a hit's score: ``contribution`` in logit units, ``text`` in words."""
+
+    signal: str
+    contribution: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why a hit scored as it did (asked with ``explain=True``): ``logit == reference + sum of
+    the reasons' contributions``, the reasons largest first (docs/explanations.md)."""
+
+    logit: float
+    reference: float
+    reasons: tuple[Reason, ...]
+
+    @classmethod
+    def from_json(cls, text: bytes) -> Explanation:
+        document = json.loads(text)
+        reasons = tuple(Reason(**reason) for reason in document["reasons"])
+        return cls(float(document["logit"]), float(document["reference"]), reasons)
+
+
+@dataclass(frozen=True)
 class Hit:
-    """One search result; ``rank`` is 1-based and ``score`` is a softmax probability."""
+    """One search result; ``rank`` is 1-based and ``score`` is a softmax probability;
+    ``explanation`` when the request asked for one."""
 
     rank: int
     product_id: int
     score: float
     title: str
+    explanation: Explanation | None = None
 
 
 class Hits(list):
@@ -148,9 +177,10 @@ def build_inputs(
     batched: bool = False,
     filters: Filters | None = None,
     exposure: Exposure | None = None,
+    explain: bool = False,
 ) -> list[grpcclient.InferInput]:
     """The search request: QUERY and TOP_K (shape [1], or [1, 1] for a model that batches, like
-    ``search``), USER_ID when personalised, and the filters' and exposure's inputs."""
+    ``search``), USER_ID when personalised, the filters' and exposure's inputs, and EXPLAIN."""
     inputs = [_bytes_tensor("QUERY", query, batched), _top_k_tensor(top_k, batched)]
     if user_id is not None:
         inputs.append(_bytes_tensor("USER_ID", user_id, batched))
@@ -158,19 +188,27 @@ def build_inputs(
         inputs.extend(_filter_inputs(filters, batched))
     if exposure is not None:
         inputs.extend(_exposure_inputs(exposure, batched))
+    if explain:
+        inputs.append(_value_tensor("EXPLAIN", True, "BOOL", np.bool_, batched))
     return inputs
 
 
 def build_recommend_inputs(
-    user_id: str | bytes, top_k: int, new_only: bool = False, filters: Filters | None = None
+    user_id: str | bytes,
+    top_k: int,
+    new_only: bool = False,
+    filters: Filters | None = None,
+    explain: bool = False,
 ) -> list[grpcclient.InferInput]:
-    """The recommend request: USER_ID and TOP_K (shape [1]), NEW_ONLY for discovery, and the
-    filters' inputs."""
+    """The recommend request: USER_ID and TOP_K (shape [1]), NEW_ONLY for discovery, the
+    filters' inputs, and EXPLAIN."""
     inputs = [_bytes_tensor("USER_ID", user_id), _top_k_tensor(top_k)]
     if new_only:
         inputs.append(_value_tensor("NEW_ONLY", True, "BOOL", np.bool_, batched=False))
     if filters is not None:
         inputs.extend(_filter_inputs(filters, batched=False))
+    if explain:
+        inputs.append(_value_tensor("EXPLAIN", True, "BOOL", np.bool_, batched=False))
     return inputs
 
 
@@ -304,15 +342,23 @@ def parse_hits(result: TensorResult) -> Hits:
             f"response outputs differ in length: {len(ids)} ids, {len(scores)} scores, "
             f"{len(titles)} titles"
         )
+    explanations = result.as_numpy(EXPLANATIONS_OUTPUT)
+    if explanations is None:
+        explained: list[Explanation | None] = [None] * len(ids)
+    else:
+        explained = [Explanation.from_json(e) for e in explanations.reshape(-1)]
+        if len(explained) != len(ids):
+            raise SearchError(f"response has {len(explained)} explanations for {len(ids)} hits")
     hits = Hits(
         Hit(
             rank=rank,
             product_id=int(product_id),
             score=float(score),
             title=title.decode("utf-8", errors="replace"),
+            explanation=explanation,
         )
-        for rank, (product_id, score, title) in enumerate(
-            zip(ids, scores, titles, strict=True), start=1
+        for rank, (product_id, score, title, explanation) in enumerate(
+            zip(ids, scores, titles, explained, strict=True), start=1
         )
     )
     personalised = result.as_numpy(PERSONALISED_OUTPUT)
@@ -460,8 +506,9 @@ class _ClientSettings:
         batched: bool,
         filters: Filters | None = None,
         exposure: Exposure | None = None,
+        explain: bool = False,
     ) -> _Call:
-        inputs = build_inputs(query, top_k, user_id, batched, filters, exposure)
+        inputs = build_inputs(query, top_k, user_id, batched, filters, exposure, explain)
         # Every output the endpoint has: PERSONALISED where it has one (stores built before it
         # have not, and asking for it by name would fail there).
         return _Call(self.model_name, inputs, self._infer_options(timeout, None), parse_hits)
@@ -473,9 +520,11 @@ class _ClientSettings:
         timeout: float | None,
         new_only: bool,
         filters: Filters | None = None,
+        explain: bool = False,
     ) -> _Call:
-        inputs = build_recommend_inputs(user_id, top_k, new_only, filters)
-        return _Call(self.recommend_model, inputs, self._infer_options(timeout), parse_hits)
+        inputs = build_recommend_inputs(user_id, top_k, new_only, filters, explain)
+        # Every output: EXPLANATIONS comes only when asked for (stores built before it have not).
+        return _Call(self.recommend_model, inputs, self._infer_options(timeout, None), parse_hits)
 
     def _events_call(self, events: Sequence[Event], timeout: float | None) -> _Call:
         options = self._infer_options(timeout, ["ACCEPTED"])
@@ -544,13 +593,17 @@ class SearchClient(_ClientSettings):
         user_id: str | bytes | None = None,
         filters: Filters | None = None,
         exposure: Exposure | None = None,
+        explain: bool = False,
     ) -> Hits:
         """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged. With
         ``user_id`` the answer is personalised for that shopper; with ``filters``, only products
         that pass them (fewer than top_k only when fewer pass); with ``exposure``, the top k drawn
-        from the ranker's probabilities (the ``search`` endpoint only)."""
+        from the ranker's probabilities; with ``explain``, each hit's ``explanation`` (the
+        ``search`` endpoint only)."""
         batched = self._batched(self.model_name)
-        call = self._search_call(query, top_k, timeout, user_id, batched, filters, exposure)
+        call = self._search_call(
+            query, top_k, timeout, user_id, batched, filters, exposure, explain
+        )
         return self._send(call)
 
     def recommend(
@@ -560,11 +613,13 @@ class SearchClient(_ClientSettings):
         timeout: float | None = None,
         new_only: bool = False,
         filters: Filters | None = None,
+        explain: bool = False,
     ) -> Hits:
         """Return the shopper's top_k recommendations (popular items for an unknown shopper);
         with ``new_only``, only products they never bought; with ``filters``, only products
-        that pass them."""
-        return self._send(self._recommend_call(user_id, top_k, timeout, new_only, filters))
+        that pass them; with ``explain``, each hit's ``explanation``."""
+        call = self._recommend_call(user_id, top_k, timeout, new_only, filters, explain)
+        return self._send(call)
 
     def record(
         self,
@@ -738,13 +793,17 @@ class AsyncSearchClient(_ClientSettings):
         user_id: str | bytes | None = None,
         filters: Filters | None = None,
         exposure: Exposure | None = None,
+        explain: bool = False,
     ) -> Hits:
         """Return the top_k hits; a str query is UTF-8 encoded, bytes are sent unchanged. With
         ``user_id`` the answer is personalised for that shopper; with ``filters``, only products
         that pass them (fewer than top_k only when fewer pass); with ``exposure``, the top k drawn
-        from the ranker's probabilities (the ``search`` endpoint only)."""
+        from the ranker's probabilities; with ``explain``, each hit's ``explanation`` (the
+        ``search`` endpoint only)."""
         batched = await self._batched(self.model_name)
-        call = self._search_call(query, top_k, timeout, user_id, batched, filters, exposure)
+        call = self._search_call(
+            query, top_k, timeout, user_id, batched, filters, exposure, explain
+        )
         return await self._send(call)
 
     async def recommend(
@@ -754,11 +813,13 @@ class AsyncSearchClient(_ClientSettings):
         timeout: float | None = None,
         new_only: bool = False,
         filters: Filters | None = None,
+        explain: bool = False,
     ) -> Hits:
         """Return the shopper's top_k recommendations (popular items for an unknown shopper);
         with ``new_only``, only products they never bought; with ``filters``, only products
-        that pass them."""
-        return await self._send(self._recommend_call(user_id, top_k, timeout, new_only, filters))
+        that pass them; with ``explain``, each hit's ``explanation``."""
+        call = self._recommend_call(user_id, top_k, timeout, new_only, filters, explain)
+        return await self._send(call)
 
     async def search_many(
         self,

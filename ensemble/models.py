@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ log = logging.getLogger("shopserve.models")
 # machine, with its pre-packed weights, is kept (see prepacked_model).
 PREPACKED_DIR_ENV = "SHOPSERVE_PREPACKED_DIR"
 PREPACKED_FILE = "model.onnx"
+RANKER_METADATA_KEY = "shopserve.ranker"  # a ranker's feature contract in its ONNX metadata
 
 
 def _session_options(threads: int) -> ort.SessionOptions:
@@ -151,6 +153,13 @@ class OnnxRanker:
 
     def __init__(self, model_path: Path | str, threads: int = 1) -> None:
         self.session = ort_session(model_path, threads)
+
+    @property
+    def contract(self) -> dict | None:
+        """The feature contract the export recorded in the model (its inputs, and for a learned
+        ranker each feature's training range); None for a model without one."""
+        text = self.session.get_modelmeta().custom_metadata_map.get(RANKER_METADATA_KEY)
+        return None if text is None else json.loads(text)
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         (scores,) = self.session.run(["SCORES"], {"FEATURES": features})

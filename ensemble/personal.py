@@ -13,7 +13,7 @@ import hmac
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from . import store
 from .catalogue import LiveCatalogue, follow_catalogue_log, refresh_catalogue
 from .dense import VectorIndex, served_dense
 from .events import EventIngest, EventRequest
+from .explain import Explanation, RecommendExplainer, popular_for_newcomers
 from .filters import Attributes, load_attributes, parse_filter
 from .models import OnnxRanker
 from .neighbours import NEIGHBOURS_FILE, ShopperVectors
@@ -146,6 +147,10 @@ class Personalization:
             ) from exc
         return None if profile is None else self.recommender.view(profile, key)
 
+    def explainer(self, title: Callable[[int], str]) -> RecommendExplainer:
+        """Explains affinities (``title``: a catalogue row's title, for the words)."""
+        return RecommendExplainer(self.recommender, self.ranker, self.explorer, title)
+
     def affinity(self, user: UserView, rows: np.ndarray, new_only: bool = False) -> np.ndarray:
         """The recommendation ranker's logit for each candidate row (of the NEW_ONLY ranker's, for
         products the shopper never bought)."""
@@ -179,6 +184,7 @@ class RecommendPipeline:
         ids = personalization.recommender.product_ids  # the build's (popularity is by its rows)
         self._best_sellers = np.lexsort((ids, -popularity))
         self.refusals = 0  # requests refused because the profile store could not be read
+        self.explainer = personalization.explainer(lambda row: postprocessor.catalogue.titles[row])
 
     @classmethod
     def from_repository(
@@ -203,12 +209,15 @@ class RecommendPipeline:
         k: int | np.ndarray = 10,
         new_only: bool | np.ndarray | None = None,
         filters: Mapping[str, object] | None = None,
+        explain: bool | np.ndarray | None = None,
     ) -> SearchResult:
         """The shopper's top-k; with ``new_only``, only products they never bought; with
-        ``filters`` (filter inputs by name), only products that pass them."""
+        ``filters`` (filter inputs by name), only products that pass them; with ``explain``,
+        each hit's reasons (shopserve.ensemble.explain)."""
         user_text = decode_user_id(user_id)
         count = check_top_k(k)
         discover = check_flag(new_only, "NEW_ONLY")
+        reasons = check_flag(explain, "EXPLAIN")
         allowed = self._allowed(filters)
         try:
             user = self.personal.view(user_text)
@@ -217,13 +226,22 @@ class RecommendPipeline:
             log.warning("%s: recommend refused (UNAVAILABLE, retryable)", exc)
             raise
         if user is None:
-            return self.cold_start(count, allowed)
+            return self.cold_start(count, allowed, reasons)
         rows = self.personal.recommender.candidates(user, discover, allowed)
         scores = self.personal.affinity(user, rows, discover) if rows.size else np.empty(0)
-        return self.postprocessor(rows, scores, count)
+        explain = None
+        if reasons:
 
-    def cold_start(self, k: int, allowed: np.ndarray | None = None) -> SearchResult:
-        """The shop's most popular (allowed) items, scored by their share of purchases."""
+            def explain(positions: np.ndarray) -> list[Explanation]:
+                return self.explainer(user, rows[positions], scores[positions], discover)
+
+        return self.postprocessor(rows, scores, count, explain=explain)
+
+    def cold_start(
+        self, k: int, allowed: np.ndarray | None = None, explain: bool = False
+    ) -> SearchResult:
+        """The shop's most popular (allowed) items, scored by their share of purchases (with
+        ``explain``, each hit's one reason says so)."""
         popularity = self.personal.recommender.items.popularity
         catalogue = self.postprocessor.catalogue
         best = (
@@ -234,7 +252,12 @@ class RecommendPipeline:
         rows = best[:k]
         share = popularity[rows] / max(float(popularity.sum()), 1.0)
         titles = [catalogue.titles[r] for r in rows.tolist()]
-        return SearchResult(catalogue.product_ids[rows], share.astype(np.float32), titles)
+        return SearchResult(
+            catalogue.product_ids[rows],
+            share.astype(np.float32),
+            titles,
+            explanations=[popular_for_newcomers(s) for s in share.tolist()] if explain else None,
+        )
 
 
 class LiveEvents:

@@ -12,6 +12,7 @@ import numpy as np
 from . import store
 from .catalogue import LiveCatalogue, follow_catalogue_log, refresh_catalogue
 from .dense import served_dense
+from .explain import Explanation, SearchExplainer
 from .exposure import ExposurePolicy
 from .filters import Attributes, load_attributes, parse_filter
 from .lexical import LexicalIndex
@@ -21,7 +22,7 @@ from .postprocess import PostProcessor, SearchResult
 from .profile_store import ProfileStoreUnavailable
 from .retrieve import Retriever
 from .tokenize import QueryTokenizer, WordPiece
-from .validation import InvalidRequest, check_top_k, decode_query, decode_user_id
+from .validation import InvalidRequest, check_flag, check_top_k, decode_query, decode_user_id
 
 log = logging.getLogger("shopserve.search")
 
@@ -76,6 +77,12 @@ class SearchPipeline:
         self.ranker = ranker
         self.postprocessor = postprocessor
         self.personal = personal
+        self.explainer = SearchExplainer(ranker)
+        self.history_explainer = (
+            personal.explainer(lambda row: postprocessor.catalogue.titles[row])
+            if personal
+            else None
+        )
         self.anonymous_fallbacks = 0  # personalised searches answered anonymously: store down
 
     @classmethod
@@ -129,13 +136,16 @@ class SearchPipeline:
         user_id: str | bytes | np.ndarray | None = None,
         filters: Mapping[str, object] | None = None,
         exposure: Mapping[str, object] | None = None,
+        explain: bool | np.ndarray | None = None,
     ) -> SearchResult:
         """Validate like the server does, then run every step. With the id of a shopper the store
         knows, each candidate's query logit is fused with the shopper's affinity for it; without
         one, or for a shopper it does not know, the answer is the anonymous one. ``filters``: the
         request's filter inputs by name (IN_STOCK, PRICE_MIN, PRICE_MAX, CATEGORY); ``exposure``:
-        its EXPOSURE, TEMPERATURE and SEED (shopserve.ensemble.exposure)."""
-        (answer,) = self.search_many([SearchRequest(query, top_k, user_id, filters, exposure)])
+        its EXPOSURE, TEMPERATURE and SEED (shopserve.ensemble.exposure); ``explain``: each hit's
+        reasons (shopserve.ensemble.explain)."""
+        request = SearchRequest(query, top_k, user_id, filters, exposure, explain)
+        (answer,) = self.search_many([request])
         if isinstance(answer, InvalidRequest):
             raise answer
         return answer
@@ -165,7 +175,7 @@ class SearchPipeline:
             shopper = decode_user_id(request.user_id)
             user = self._shopper(shopper) if self.personal else None
         exposure = self.exposure.with_inputs(request.exposure)
-        return _Parsed(text, k, user, allowed, exposure)
+        return _Parsed(text, k, user, allowed, exposure, check_flag(request.explain, "EXPLAIN"))
 
     def _shopper(self, user_id: str):
         """The shopper's view, or None (the anonymous answer) when the store cannot be read."""
@@ -182,12 +192,29 @@ class SearchPipeline:
             return replace(
                 self.postprocessor(candidates.rows, np.empty(0, np.float32), request.top_k),
                 personalised=request.user is not None,
+                explanations=[] if request.explain else None,
             )
-        logits = self.ranker(candidates.features)
+        query_logits = self.ranker(candidates.features)
+        logits, affinity = query_logits, None
         if request.user is not None:
             affinity = self.personal.affinity(request.user, candidates.rows)
-            logits = logits + self.personal.search_weight * affinity
-        answer = self.postprocessor(candidates.rows, logits, request.top_k, request.exposure)
+            logits = query_logits + self.personal.search_weight * affinity
+        explain = None
+        if request.explain:
+
+            def explain(positions: np.ndarray) -> list[Explanation]:
+                explained = self.explainer(candidates.features[positions], query_logits[positions])
+                if affinity is None or not self.personal.search_weight:
+                    return explained
+                history = self.history_explainer(
+                    request.user, candidates.rows[positions], affinity[positions]
+                )
+                weight = self.personal.search_weight
+                return [q.plus(h.scaled(weight)) for q, h in zip(explained, history, strict=True)]
+
+        answer = self.postprocessor(
+            candidates.rows, logits, request.top_k, request.exposure, explain
+        )
         return replace(answer, personalised=request.user is not None)
 
 
@@ -200,6 +227,7 @@ class SearchRequest:
     user_id: str | bytes | np.ndarray | None = None
     filters: Mapping[str, object] | None = None  # filter inputs by name, absent ones None
     exposure: Mapping[str, object] | None = None  # EXPOSURE, TEMPERATURE, SEED; absent ones None
+    explain: bool | np.ndarray | None = None  # EXPLAIN
 
 
 @dataclass(frozen=True)
@@ -209,3 +237,4 @@ class _Parsed:
     user: object | None  # the shopper's profile view, when personalised
     allowed: np.ndarray | None  # the rows the request's filter allows (None: every row)
     exposure: ExposurePolicy
+    explain: bool

@@ -3,6 +3,7 @@ exposure policy draws, shopserve.ensemble.exposure)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,17 +17,26 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (shifted / shifted.sum()).astype(np.float32)
 
 
-def top_k(
+def ranked(
     product_ids: np.ndarray, logits: np.ndarray, k: int, exposure: ExposurePolicy | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` most probable products, ties broken by ascending product id; or, with an
-    exposure policy that is on, the ``k`` it draws (scores: the products' probabilities)."""
-    if len(product_ids) == 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    """The positions of the ``k`` most probable candidates, ties broken by ascending product id
+    (or, with an exposure policy that is on, of the ``k`` it draws), and every candidate's
+    probability."""
     probabilities = softmax(np.asarray(logits, dtype=np.float32).reshape(-1))
     order = exposure.order(logits, k) if exposure is not None else None
     if order is None:
         order = np.lexsort((product_ids, -probabilities))[:k]
+    return order, probabilities
+
+
+def top_k(
+    product_ids: np.ndarray, logits: np.ndarray, k: int, exposure: ExposurePolicy | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top k's product ids and probabilities (see :func:`ranked`)."""
+    if len(product_ids) == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    order, probabilities = ranked(product_ids, logits, k, exposure)
     return product_ids[order].astype(np.int64), probabilities[order]
 
 
@@ -38,6 +48,12 @@ class SearchResult:
     # search: whether the shopper's history shaped the answer (None where the endpoint has no such
     # output)
     personalised: bool | None = None
+    # each hit's reasons (shopserve.ensemble.explain.Explanation), when the request asked (EXPLAIN)
+    explanations: list | None = None
+
+
+# Explains the hits at these positions among the candidates (one Explanation each).
+Explain = Callable[[np.ndarray], list]
 
 
 class PostProcessor:
@@ -47,10 +63,24 @@ class PostProcessor:
         self.catalogue = catalogue
 
     def __call__(
-        self, rows: np.ndarray, logits: np.ndarray, k: int, exposure: ExposurePolicy | None = None
+        self,
+        rows: np.ndarray,
+        logits: np.ndarray,
+        k: int,
+        exposure: ExposurePolicy | None = None,
+        explain: Explain | None = None,
     ) -> SearchResult:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        product_ids, scores = top_k(self.catalogue.product_ids[rows], logits, k, exposure)
-        row_of = dict(zip(self.catalogue.product_ids[rows].tolist(), rows.tolist(), strict=True))
-        titles = [self.catalogue.titles[row_of[pid]] for pid in product_ids.tolist()]
-        return SearchResult(product_ids, scores, titles)
+        product_ids = self.catalogue.product_ids[rows]
+        if len(rows) == 0:
+            return SearchResult(
+                np.empty(0, np.int64), np.empty(0, np.float32), [], None, [] if explain else None
+            )
+        order, probabilities = ranked(product_ids, logits, k, exposure)
+        titles = [self.catalogue.titles[row] for row in rows[order].tolist()]
+        return SearchResult(
+            product_ids[order].astype(np.int64),
+            probabilities[order],
+            titles,
+            explanations=explain(order) if explain else None,
+        )

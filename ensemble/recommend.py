@@ -79,6 +79,29 @@ class Neighbours:
             np.float32
         )
 
+    def strongest(self, sources: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each target row, the source row with the largest weight for it and that weight
+        (-1 and 0 where no source has one)."""
+        sources = np.asarray(sources, dtype=np.int64)
+        starts, lengths = self.indptr[sources], self.indptr[sources + 1] - self.indptr[sources]
+        offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        positions = offsets + np.arange(int(lengths.sum()))
+        owners = np.repeat(sources, lengths)
+        targets = np.asarray(targets, dtype=np.int64)
+        wanted = np.isin(self.indices[positions], targets)
+        kept, owners = positions[wanted], owners[wanted]
+        # The strongest entry of each target first, then the first of each target.
+        order = np.lexsort((-self.values[kept], self.indices[kept]))
+        found, first = np.unique(self.indices[kept][order], return_index=True)
+        mates, weights = np.full(len(targets), -1, np.int64), np.zeros(len(targets), np.float32)
+        if not len(found):
+            return mates, weights
+        at = np.searchsorted(found, targets)
+        hit = (at < len(found)) & (found[np.minimum(at, len(found) - 1)] == targets)
+        best = order[first[at[hit]]]
+        mates[hit], weights[hit] = owners[best], self.values[kept][best]
+        return mates, weights
+
 
 @dataclass(frozen=True)
 class ShopItems:
@@ -158,6 +181,15 @@ class UserView:
     neighbourhood: np.ndarray | None = (
         None  # float32 [catalogue rows]: nearest shoppers' mean share
     )
+
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        """Where each catalogue row is in the history arrays; -1 for a row not in them."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(self.rows):
+            return np.full(len(rows), -1, dtype=np.int64)
+        order = np.argsort(self.rows, kind="stable")
+        at = np.minimum(np.searchsorted(self.rows[order], rows), len(order) - 1)
+        return np.where(self.rows[order][at] == rows, order[at], -1)
 
     @property
     def shares(self) -> np.ndarray:
@@ -272,11 +304,7 @@ class Recommender:
     def features(self, user: UserView, rows: np.ndarray) -> np.ndarray:
         """``[len(rows), len(REC_FEATURE_NAMES)]`` float32, in the order of REC_FEATURE_NAMES."""
         rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(user.rows, kind="stable")
-        at = np.searchsorted(user.rows[order], rows)
-        at = np.minimum(at, max(len(order) - 1, 0))
-        found = (user.rows[order][at] == rows) if len(order) else np.zeros(len(rows), bool)
-        index = np.where(found, order[at] if len(order) else 0, -1)
+        index = user.positions(rows)
 
         def history(values: np.ndarray) -> np.ndarray:
             """The shopper's value for each candidate row; 0 where it is not in the history."""

@@ -69,12 +69,17 @@ def parse_each(
 
 
 def search_response(result: SearchResult, batched: bool = False):
-    """The endpoint's response: PRODUCT_IDS, SCORES and UTF-8 TITLES, best first (with a leading
-    batch dimension of 1 for a model with max_batch_size > 0)."""
+    """The endpoint's response: PRODUCT_IDS, SCORES and UTF-8 TITLES, best first, with
+    PERSONALISED and EXPLANATIONS (a JSON document per hit) where the answer has them (with a
+    leading batch dimension of 1 for a model with max_batch_size > 0)."""
     titles = np.array([t.encode("utf-8") for t in result.titles], dtype=np.object_)
     outputs = {"PRODUCT_IDS": result.product_ids, "SCORES": result.scores, "TITLES": titles}
     if result.personalised is not None:
         outputs["PERSONALISED"] = np.array([result.personalised])
+    if result.explanations is not None:
+        outputs["EXPLANATIONS"] = np.array(
+            [e.to_json().encode("utf-8") for e in result.explanations], dtype=np.object_
+        )
     return respond(**{k: v.reshape(1, -1) if batched else v for k, v in outputs.items()})
 
 

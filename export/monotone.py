@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from shopserve.ensemble.models import RANKER_METADATA_KEY
 from tqdm.auto import tqdm
 
 log = logging.getLogger("shopserve.export.monotone")
@@ -32,7 +33,6 @@ log = logging.getLogger("shopserve.export.monotone")
 KNOTS = 8  # calibrator segments per feature
 HIDDEN = 16
 MAX_ABS_DIFF = 1e-5
-METADATA_KEY = "shopserve.ranker"
 
 
 class ModelExportError(RuntimeError):
@@ -286,7 +286,7 @@ def write_contract(path: Path, contract: dict) -> None:
     model = onnx.load(str(path))
     del model.metadata_props[:]
     entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(contract)
+    entry.key, entry.value = RANKER_METADATA_KEY, json.dumps(contract)
     onnx.save(model, str(path))
 
 
@@ -295,6 +295,6 @@ def read_contract(path: Path) -> dict | None:
 
     model = onnx.load(str(path), load_external_data=False)
     for entry in model.metadata_props:
-        if entry.key == METADATA_KEY:
+        if entry.key == RANKER_METADATA_KEY:
             return json.loads(entry.value)
     return None

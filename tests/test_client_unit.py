@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from shopserve.client import (
     AsyncSearchClient,
+    Explanation,
     Hit,
     InvalidRequestError,
     OverloadedError,
     PermissionDeniedError,
+    Reason,
     RequestTimeoutError,
     SearchClient,
     SearchError,
@@ -173,6 +175,37 @@ def test_parse_hits() -> None:
         Hit(rank=2, product_id=7, score=0.25, title="Drill"),
     ]
     assert all(type(h.product_id) is int and type(h.score) is float for h in hits)
+
+
+def test_parse_hits_reads_each_hits_explanation() -> None:
+    document = {
+        "logit": 2.5,
+        "reference": 0.5,
+        "reasons": [
+            {"signal": "meaning", "contribution": 1.5, "text": "cosine 0.8"},
+            {"signal": "bm25", "contribution": 0.5, "text": "BM25 90 %"},
+        ],
+    }
+    result = FakeResult(
+        PRODUCT_IDS=np.array([42], dtype=np.int64),
+        SCORES=np.array([1.0], dtype=np.float32),
+        TITLES=np.array([b"Drill"], dtype=np.object_),
+        EXPLANATIONS=np.array([json.dumps(document).encode()], dtype=np.object_),
+    )
+    (hit,) = parse_hits(result)
+    assert hit.explanation == Explanation(
+        2.5, 0.5, (Reason("meaning", 1.5, "cosine 0.8"), Reason("bm25", 0.5, "BM25 90 %"))
+    )
+    table = format_table([hit]).splitlines()
+    assert table[2].split() == ["+1.50", "meaning:", "cosine", "0.8"]
+    assert table[2].index("+1.50") == table[1].index("Drill")
+    assert json.loads(format_json_lines([hit]))["explanation"] == document
+    with pytest.raises(SearchError, match="2 explanations for 1 hits"):
+        parse_hits(
+            FakeResult(
+                **{**result._arrays, "EXPLANATIONS": np.repeat(result._arrays["EXPLANATIONS"], 2)}
+            )
+        )
 
 
 def test_parse_hits_empty() -> None:

@@ -179,6 +179,51 @@ def test_personalised_search_matches_the_in_process_pipeline(client, searcher) -
     assert changed > 0  # the shopper's history moves some answers
 
 
+def test_recommendations_explain_themselves_in_the_shoppers_own_numbers(
+    client, recommender, searcher
+) -> None:
+    """EXPLAIN on recommend (known shopper, NEW_ONLY, unknown shopper) and on personalised search,
+    through the server: the in-process explanations, adding up to each hit's logit; a product the
+    shopper bought says how often, one of NEW_ONLY never does."""
+    from test_server import assert_same_explanations
+
+    shopper = SHOPPERS[0]
+    view = recommender.personal.view(shopper)
+    history = dict(
+        zip(
+            recommender.personal.recommender.product_ids[view.rows].tolist(),
+            view.purchases.tolist(),
+            strict=True,
+        )
+    )
+    hits = client.recommend(shopper, top_k=10, explain=True)
+    assert ids(hits) == ids(client.recommend(shopper, top_k=10))
+    assert_same_explanations(hits, recommender.recommend(shopper, 10, explain=True))
+    for hit in hits:
+        words = {r.signal: r.text for r in hit.explanation.reasons}
+        if history.get(hit.product_id, 0) > 0:
+            count = history[hit.product_id]
+            times = {1: "once", 2: "twice"}.get(count, f"{count} times")
+            assert words["your_purchases"].startswith(f"you bought it {times},")
+        else:
+            assert words["your_purchases"] == "you have not bought it before"
+    fresh = client.recommend(shopper, top_k=10, new_only=True, explain=True)
+    assert_same_explanations(fresh, recommender.recommend(shopper, 10, True, explain=True))
+    assert all(
+        r.contribution == 0
+        for h in fresh
+        for r in h.explanation.reasons
+        if r.signal == "your_purchases"
+    )
+    newcomer = client.recommend("never-seen-shopper", top_k=3, explain=True)
+    assert all("we do not know you yet" in h.explanation.reasons[0].text for h in newcomer)
+    personalised = client.search("organic milk", top_k=5, user_id=shopper, explain=True)
+    expected = searcher.search("organic milk", 5, user_id=shopper, explain=True)
+    assert_same_explanations(personalised, expected)
+    signals = {r.signal for h in personalised for r in h.explanation.reasons}
+    assert {"meaning", "your_purchases"} <= signals
+
+
 @pytest.mark.parametrize(
     ("user_id", "problem"),
     [
@@ -232,6 +277,10 @@ def test_recommend_and_personalised_search_cli(personal_server, capsys) -> None:
     frozen = [SHOPPERS[0], "--category", "frozen", "--json", "--url", personal_server.grpc_url]
     assert cli(frozen, recommend=True) == 0
     assert len(capsys.readouterr().out.splitlines()) == 10
+    explained = [SHOPPERS[0], "-k", "2", "--explain", "--url", personal_server.grpc_url]
+    assert cli(explained, recommend=True) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 3 + 2 * 3 and "you bought it" in out
 
 
 def test_the_server_refuses_a_personalised_store_without_the_secret(personal_repository, tmp_path):

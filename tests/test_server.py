@@ -170,11 +170,64 @@ def test_an_exposure_aware_answer_is_drawn_reproducibly_and_checked(server, clie
             client.search(query, top_k=10, exposure=bad)
 
 
+def assert_same_explanations(hits, expected) -> None:
+    """Served explanations equal the in-process ones, and each adds up to its logit."""
+    assert len(hits) == len(expected.explanations)
+    for hit, explanation in zip(hits, expected.explanations, strict=True):
+        served = hit.explanation
+        assert [(r.signal, r.text) for r in served.reasons] == [
+            (r.signal, r.text) for r in explanation.reasons
+        ]
+        np.testing.assert_allclose(
+            [r.contribution for r in served.reasons],
+            [r.contribution for r in explanation.reasons],
+            atol=1e-4,
+        )
+        total = served.reference + sum(r.contribution for r in served.reasons)
+        assert abs(total - served.logit) < 1e-4
+
+
+def test_explanations_come_only_when_asked_and_match_the_pipeline(server, client, pipeline):
+    """EXPLAIN through the real server, sync and async: each hit's reasons are the in-process
+    ones and add up to its logit; the answer itself is unchanged; without EXPLAIN there are none;
+    a malformed EXPLAIN is INVALID_ARGUMENT."""
+    query = "cordless drill"
+    explained = client.search(query, top_k=5, explain=True)
+    plain = client.search(query, top_k=5)
+    assert [h.product_id for h in explained] == [h.product_id for h in plain]
+    assert [h.score for h in explained] == [h.score for h in plain]
+    assert all(h.explanation is None for h in plain)
+    assert_same_explanations(explained, pipeline.search(query, 5, explain=True))
+
+    async def async_search():
+        async with AsyncSearchClient(server.grpc_url, timeout=30) as aclient:
+            return await aclient.search(query, top_k=5, explain=True)
+
+    assert [h.explanation for h in asyncio.run(async_search())] == [
+        h.explanation for h in explained
+    ]
+    error = raw_infer(
+        server.grpc_url,
+        "search",
+        [
+            tensor("QUERY", np.array([[b"drill"]], dtype=object), "BYTES"),
+            tensor("TOP_K", np.array([[3]], np.int32), "INT32"),
+            tensor("EXPLAIN", np.array([[1]], np.int32), "INT32"),
+        ],
+    )
+    assert error.status() == "StatusCode.INVALID_ARGUMENT" and "EXPLAIN" in error.message()
+
+
 def test_search_cli_prints_a_table(server, capsys) -> None:
     assert search_cli(["cordless drill", "-k", "5", "--url", server.grpc_url]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) >= 6 and "drill" in "\n".join(lines).lower()
     assert search_cli(["", "--url", server.grpc_url]) == 2
+    assert search_cli(["cordless drill", "-k", "2", "--explain", "--url", server.grpc_url]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    reasons = [line.split()[1] for line in lines if re.match(r"\s+[+-]\d+\.\d\d ", line)]
+    assert len(lines) == 3 + 2 * 3 and len(reasons) == 6
+    assert set(reasons) <= {"meaning:", "bm25:", "words:", "spelling:"}
 
 
 def test_response_cache_counts_hits_on_the_anonymous_ensemble(server) -> None:

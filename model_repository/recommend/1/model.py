@@ -29,6 +29,7 @@ class TritonPythonModel:
                 input_array(request, "TOP_K"),
                 optional_input(request, "NEW_ONLY"),
                 {name: optional_input(request, name) for name in FILTER_INPUTS},
+                optional_input(request, "EXPLAIN"),
             ),
         )
         self.store_failures.count_up_to(self.pipeline.refusals)

@@ -4,8 +4,8 @@ The steps load from the step models' directories and configs in this repository,
 answers exactly as the "search_steps" ensemble and the in-process SearchPipeline do. An optional
 USER_ID personalises the answer (stores built with --events); optional IN_STOCK, PRICE_MIN,
 PRICE_MAX and CATEGORY filter it (catalogues with those columns); optional EXPOSURE, TEMPERATURE
-and SEED draw an exposure-aware answer (shopserve.ensemble.exposure). The requests of one
-execution share one encoder call.
+and SEED draw an exposure-aware answer (shopserve.ensemble.exposure); EXPLAIN adds each hit's
+reasons (shopserve.ensemble.explain). The requests of one execution share one encoder call.
 """
 
 from shopserve.ensemble.exposure import EXPOSURE_INPUTS
@@ -42,6 +42,7 @@ class TritonPythonModel:
                         optional_input(request, "USER_ID"),
                         {name: optional_input(request, name) for name in FILTER_INPUTS},
                         {name: optional_input(request, name) for name in EXPOSURE_INPUTS},
+                        optional_input(request, "EXPLAIN"),
                     )
                     for request in live
                 ]
