@@ -44,7 +44,6 @@ def cpu_by_step(
     """CPU µs per query of each fine step (process CPU time, one thread), the encoder called on
     ``encoder_batch`` queries at a time as the server's batches would."""
     from shopserve.ensemble.features import CatalogueStats, ranking_features
-    from shopserve.ensemble.lexical import top_rows
 
     retriever = pipeline.retriever
     for query in queries[:20]:
@@ -64,13 +63,15 @@ def cpu_by_step(
             dense_rows, _ = retriever.dense.search(embedding.reshape(1, -1), retriever.dense_depth)
             t1 = time.process_time()
             terms = retriever.lexical.analyze(query)
-            bm25 = retriever.lexical.scores(terms)
-            lexical_rows = top_rows(bm25, retriever.lexical_depth)
+            bm25 = retriever.lexical.sparse_scores(terms)
+            lexical_rows = bm25.top(retriever.lexical_depth)
             t2 = time.process_time()
             rows = np.union1d(dense_rows[0][dense_rows[0] >= 0], lexical_rows)
             cosine = retriever.dense.vectors(rows) @ embedding
             stats = CatalogueStats.of(bm25, *retriever.dense.cosine_moments(embedding))
-            features = ranking_features(retriever.lexical, terms, rows, cosine, bm25[rows], stats)
+            features = ranking_features(
+                retriever.lexical, terms, rows, cosine, bm25.at(rows), stats
+            )
             t3 = time.process_time()
             logits = pipeline.ranker(features)
             t4 = time.process_time()

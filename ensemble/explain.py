@@ -19,10 +19,11 @@ request sets EXPLAIN and only for the hits returned.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import product
 
 import numpy as np
@@ -67,7 +68,12 @@ class Explanation:
     reasons: tuple[Reason, ...]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        reasons = [
+            {"signal": r.signal, "contribution": r.contribution, "text": r.text}
+            for r in self.reasons
+        ]
+        document = {"logit": self.logit, "reference": self.reference, "reasons": reasons}
+        return json.dumps(document, ensure_ascii=False)
 
     def scaled(self, weight: float) -> Explanation:
         return Explanation(
@@ -100,6 +106,7 @@ class _Game:
     weights: np.ndarray  # [players, 2**(players - 1)], float64
 
     @classmethod
+    @functools.cache
     def of(cls, players: int) -> _Game:
         coalitions = np.array(list(product((False, True), repeat=players)), dtype=bool)
         bits = 1 << np.arange(players - 1, -1, -1)  # coalition index = its row read as binary
@@ -137,19 +144,29 @@ class ShapleyExplainer:
         self.signals = tuple(signals)
         lows = {f["name"]: f["low"] for f in (ranker.contract or {}).get("features", [])}
         self.reference = np.array([lows.get(n, 0.0) for n in feature_names], dtype=np.float32)
-        self.game = _Game.of(len(self.signals))
-        member = np.zeros((len(self.signals), len(feature_names)), dtype=bool)
+        self.member = np.zeros((len(self.signals), len(feature_names)), dtype=bool)
         for g, columns in enumerate(signals.values()):
-            member[g, [column[name] for name in columns]] = True
-        self.takes_hit = self.game.coalitions.astype(np.int8) @ member.astype(np.int8) > 0
+            self.member[g, [column[name] for name in columns]] = True
         self.reference_logit = float(ranker(self.reference.reshape(1, -1))[0])
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
-        """Each signal's contribution to each row's logit, float64 [rows, signals]."""
+        """Each signal's contribution to each row's logit, float64 [rows, signals].
+
+        A signal at the reference in every row (a shop without views: browsing) is a null
+        player: its value is 0 and leaving it out of the game changes no other value, so the
+        game is played by the others only (half the ranker rows per signal left out)."""
         features = np.asarray(features, dtype=np.float32)
-        hybrid = np.where(self.takes_hit[None], features[:, None, :], self.reference[None, None])
+        moved = (features != self.reference).any(axis=0)
+        active = np.flatnonzero((self.member & moved).any(axis=1))
+        contributions = np.zeros((len(features), len(self.signals)))
+        if not len(active):
+            return contributions
+        game = _Game.of(len(active))
+        takes_hit = game.coalitions.astype(np.int8) @ self.member[active].astype(np.int8) > 0
+        hybrid = np.where(takes_hit[None], features[:, None, :], self.reference[None, None])
         values = self.ranker(hybrid.reshape(-1, features.shape[1])).astype(np.float64)
-        return self.game.values(values.reshape(len(features), -1))
+        contributions[:, active] = game.values(values.reshape(len(features), -1))
+        return contributions
 
     def explain(
         self, features: np.ndarray, logits: np.ndarray, texts: Callable[[int], Mapping[str, str]]
@@ -227,16 +244,23 @@ class RecommendExplainer:
         self.title = title  # a catalogue row's title
 
     def __call__(
-        self, user: UserView, rows: np.ndarray, logits: np.ndarray, new_only: bool = False
+        self,
+        user: UserView,
+        rows: np.ndarray,
+        logits: np.ndarray,
+        new_only: bool = False,
+        features: np.ndarray | None = None,
     ) -> list[Explanation]:
         """One explanation per row of ``rows`` (catalogue rows) with its ``logits`` (the
-        affinity the ranker gave it). A row added to the catalogue since the build has no
-        features: its one reason is that it is new."""
+        affinity the ranker gave it) and, when the caller has them, its ``features``. A row
+        added to the catalogue since the build has no features: its one reason is that it is
+        new."""
         rows = np.asarray(rows, dtype=np.int64)
         logits = np.asarray(logits, dtype=np.float32)
         shapley = self.rankers[new_only]
         known = np.flatnonzero(rows < len(self.recommender.product_ids))
-        features = self.recommender.features(user, rows[known])
+        if features is None or len(known) < len(rows):
+            features = self.recommender.features(user, rows[known])
         history = user.positions(rows[known])
         mates = self.recommender.items.basket_mates.strongest(user.recent, rows[known])
         explained = shapley.explain(

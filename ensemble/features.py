@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .lexical import LexicalIndex, QueryTerms
+from .lexical import LexicalIndex, QueryTerms, SparseScores
 
 if TYPE_CHECKING:
     from .catalogue import LiveTitleTerms
@@ -45,11 +45,16 @@ class CatalogueStats:
     cosine_std: float
 
     @classmethod
-    def of(cls, bm25: np.ndarray, cosine_mean: float, cosine_std: float) -> CatalogueStats:
+    def of(cls, bm25: SparseScores, cosine_mean: float, cosine_std: float) -> CatalogueStats:
+        """From the query's BM25 over the catalogue, held sparsely: the moments count the rows
+        without a term as zeros, in float64, without touching them."""
+        values = bm25.values.astype(np.float64)
+        mean = values.sum() / bm25.size if bm25.size else 0.0
+        squares = ((values - mean) ** 2).sum() + (bm25.size - len(values)) * mean**2
         return cls(
-            float(bm25.max(initial=0.0)),
-            float(bm25.mean()),
-            float(bm25.std()),
+            float(bm25.values.max(initial=0.0)),
+            float(mean),
+            float(np.sqrt(squares / bm25.size)) if bm25.size else 0.0,
             cosine_mean,
             cosine_std,
         )

@@ -152,15 +152,58 @@ class Bm25:
     def document_frequency(self) -> np.ndarray:
         return np.diff(np.asarray(self.starts))
 
+    def _postings(self, term_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The titles and weights of every posting of the terms, term by term."""
+        if not term_ids:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        spans = [slice(self.starts[t], self.starts[t + 1]) for t in term_ids]
+        titles = np.concatenate([self.titles[s] for s in spans])
+        return titles, np.concatenate([self.weights[s] for s in spans])
+
     def scores(self, term_ids: Sequence[int]) -> np.ndarray:
         """Every title's BM25 for the terms ``term_ids`` (float32 [documents]), summed in their
         order as bm25s sums them, so a score is the same to the last bit."""
         scores = np.zeros(self.documents, dtype=np.float32)
-        if term_ids:
-            spans = [slice(self.starts[t], self.starts[t + 1]) for t in term_ids]
-            titles = np.concatenate([self.titles[s] for s in spans])
-            np.add.at(scores, titles, np.concatenate([self.weights[s] for s in spans]))
+        titles, weights = self._postings(term_ids)
+        np.add.at(scores, titles, weights)
         return scores
+
+    def sparse_scores(self, term_ids: Sequence[int]) -> SparseScores:
+        """The same scores, held only for the titles that have a term: the work grows with the
+        terms' postings, not with the catalogue."""
+        titles, weights = self._postings(term_ids)
+        rows, inverse = np.unique(titles, return_inverse=True)
+        values = np.zeros(len(rows), dtype=np.float32)
+        np.add.at(values, inverse, weights)  # each title's weights in the same order
+        return SparseScores(rows.astype(np.int64), values, self.documents)
+
+
+@dataclass(frozen=True)
+class SparseScores:
+    """Scores over a catalogue of ``size`` rows, zero but at ``rows`` (ascending)."""
+
+    rows: np.ndarray  # int64, ascending
+    values: np.ndarray  # float32
+    size: int
+
+    @classmethod
+    def of_dense(cls, scores: np.ndarray) -> SparseScores:
+        rows = np.flatnonzero(scores)
+        return cls(rows, np.asarray(scores, dtype=np.float32)[rows], len(scores))
+
+    def at(self, rows: np.ndarray) -> np.ndarray:
+        """The scores of ``rows`` (float32)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(self.rows):
+            return np.zeros(len(rows), dtype=np.float32)
+        at = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
+        return np.where(self.rows[at] == rows, self.values[at], 0.0).astype(np.float32)
+
+    def top(self, n: int, allowed: np.ndarray | None = None) -> np.ndarray:
+        """Rows of the ``n`` highest positive scores among ``allowed`` (a boolean mask over the
+        catalogue; every row when None), best first, ties broken by row (as :func:`top_rows`)."""
+        values = self.values if allowed is None else self.values * allowed[self.rows]
+        return self.rows[top_rows(values, n)]  # rows ascend, so position order is row order
 
 
 @dataclass(frozen=True)
@@ -230,6 +273,10 @@ class LexicalIndex:
     def scores(self, terms: QueryTerms) -> np.ndarray:
         """BM25 score of every title for an analysed query."""
         return self.bm25.scores(self.vocabulary.known_ids(terms.words))
+
+    def sparse_scores(self, terms: QueryTerms) -> SparseScores:
+        """The same, held only for the titles that have a query term."""
+        return self.bm25.sparse_scores(self.vocabulary.known_ids(terms.words))
 
 
 def _id_set(ids: list[int]) -> np.ndarray:

@@ -154,16 +154,19 @@ class Personalization:
     def affinity(self, user: UserView, rows: np.ndarray, new_only: bool = False) -> np.ndarray:
         """The recommendation ranker's logit for each candidate row (of the NEW_ONLY ranker's, for
         products the shopper never bought)."""
-        ranker = self.explorer if new_only else self.ranker
         known = rows < len(self.recommender.product_ids)
         if known.all():
-            return ranker(self.recommender.features(user, rows))
+            return self.rank(self.recommender.features(user, rows), new_only)
         # Products added since the build have no history: the least affinity among the candidates.
         affinity = np.zeros(len(rows), dtype=np.float32)
         if known.any():
-            affinity[known] = ranker(self.recommender.features(user, rows[known]))
+            affinity[known] = self.rank(self.recommender.features(user, rows[known]), new_only)
             affinity[~known] = affinity[known].min()
         return affinity
+
+    def rank(self, features: np.ndarray, new_only: bool = False) -> np.ndarray:
+        """The recommendation ranker's logits for feature rows (the NEW_ONLY ranker's)."""
+        return (self.explorer if new_only else self.ranker)(features)
 
 
 class RecommendPipeline:
@@ -228,12 +231,15 @@ class RecommendPipeline:
         if user is None:
             return self.cold_start(count, allowed, reasons)
         rows = self.personal.recommender.candidates(user, discover, allowed)
-        scores = self.personal.affinity(user, rows, discover) if rows.size else np.empty(0)
+        features = self.personal.recommender.features(user, rows)
+        scores = self.personal.rank(features, discover) if rows.size else np.empty(0)
         explain = None
         if reasons:
 
             def explain(positions: np.ndarray) -> list[Explanation]:
-                return self.explainer(user, rows[positions], scores[positions], discover)
+                return self.explainer(
+                    user, rows[positions], scores[positions], discover, features[positions]
+                )
 
         return self.postprocessor(rows, scores, count, explain=explain)
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from .dense import VectorIndex
 from .features import CatalogueStats, ranking_features
-from .lexical import LexicalIndex, top_rows
+from .lexical import LexicalIndex, SparseScores, top_rows
 
 if TYPE_CHECKING:
     from .catalogue import LiveCatalogue
@@ -52,12 +52,11 @@ class Retriever:
         else:
             dense_rows = self.dense.search_within(embedding, self.dense_depth, allowed)
         terms = self.lexical.analyze(query)
-        bm25 = self.lexical.scores(terms)  # the features' statistics stay the whole catalogue's
-        lexical_rows = top_rows(bm25 if allowed is None else bm25 * allowed, self.lexical_depth)
-        rows = np.union1d(dense_rows[dense_rows >= 0], lexical_rows)
+        bm25 = self.lexical.sparse_scores(terms)  # the statistics stay the whole catalogue's
+        rows = np.union1d(dense_rows[dense_rows >= 0], bm25.top(self.lexical_depth, allowed))
         cosine = self.dense.vectors(rows) @ embedding[0]
         stats = CatalogueStats.of(bm25, *self.dense.cosine_moments(embedding[0]))
-        features = ranking_features(self.lexical, terms, rows, cosine, bm25[rows], stats)
+        features = ranking_features(self.lexical, terms, rows, cosine, bm25.at(rows), stats)
         return Candidates(rows=rows, features=features)
 
     def _live_candidates(
@@ -80,6 +79,8 @@ class Retriever:
         lexical_rows = top_rows(bm25 * live.live_rows(allowed), self.lexical_depth)
         rows = np.union1d(dense_rows, lexical_rows)
         cosine = live.vectors(rows) @ embedding
-        stats = CatalogueStats.of(bm25, *self.dense.cosine_moments(embedding))
+        stats = CatalogueStats.of(
+            SparseScores.of_dense(bm25), *self.dense.cosine_moments(embedding)
+        )
         features = ranking_features(live.terms, terms, rows, cosine, bm25[rows], stats)
         return Candidates(rows=rows, features=features)

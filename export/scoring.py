@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from shopserve.ensemble.features import FUSION_WEIGHTS, CatalogueStats, ranking_features
-from shopserve.ensemble.lexical import LexicalIndex, QueryTerms
+from shopserve.ensemble.lexical import LexicalIndex, QueryTerms, SparseScores
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,9 @@ class QueryScores:
 
     def features(self, lexical: LexicalIndex, rows: np.ndarray) -> np.ndarray:
         """Ranker features of ``rows``, computed exactly (no ANN)."""
-        stats = CatalogueStats.of(self.bm25, float(self.cosine.mean()), float(self.cosine.std()))
+        stats = CatalogueStats.of(
+            SparseScores.of_dense(self.bm25), float(self.cosine.mean()), float(self.cosine.std())
+        )
         return ranking_features(
             lexical, self.terms, rows, self.cosine[rows], self.bm25[rows], stats
         )

@@ -34,6 +34,7 @@ class FunctionRanker:
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         self.calls += 1
+        self.rows = len(features)
         return self.function(features.astype(np.float64)).astype(np.float32)
 
 
@@ -46,6 +47,17 @@ def test_an_interaction_is_split_evenly_between_its_two_signals() -> None:
         explainer(rows), [[2 + 3, 2 + 3, 0.5], [0.0, 1.0, 0.0]], rtol=1e-6, atol=1e-6
     )
     assert explainer.reference_logit == 0.0
+
+
+def test_a_signal_at_the_reference_in_every_row_is_left_out_of_the_game() -> None:
+    """c = 0 (its reference) in every row: a null player, valued 0 without being played, and
+    the others' values are those of the whole game."""
+    ranker = FunctionRanker(lambda x: 2 * x[:, 0] + x[:, 1] + 3 * x[:, 0] * x[:, 1] + x[:, 2])
+    explainer = ShapleyExplainer(ranker, "abc", {"a": ("a",), "b": ("b",), "c": ("c",)})
+    values = explainer(np.array([[1.0, 2.0, 0.0], [0.5, 0.0, 0.0]], dtype=np.float32))
+    np.testing.assert_allclose(values, [[5.0, 5.0, 0.0], [1.0, 0.0, 0.0]], atol=1e-6)
+    assert ranker.rows == 2 * 2**2  # two players: 4 coalitions a row
+    assert (explainer(np.zeros((3, 3), np.float32)) == 0).all()
 
 
 def test_a_group_is_one_player_and_the_reference_is_the_training_low() -> None:

@@ -13,7 +13,7 @@ from shopserve.ensemble.features import (
     CatalogueStats,
     ranking_features,
 )
-from shopserve.ensemble.lexical import LexicalIndex, char_trigrams, top_rows
+from shopserve.ensemble.lexical import LexicalIndex, SparseScores, char_trigrams, top_rows
 from shopserve.ensemble.postprocess import softmax, top_k
 from shopserve.ensemble.tokenize import QueryTokenizer, WordPiece
 from shopserve.ensemble.validation import check_top_k, decode_query
@@ -153,6 +153,28 @@ def test_lexical_scores_and_term_matches(lexical: LexicalIndex) -> None:
     assert lexical.words.matches(terms.word_ids, np.arange(4)).tolist() == [2, 0, 1, 0]
 
 
+def test_sparse_scores_are_the_dense_ones_to_the_bit(lexical: LexicalIndex) -> None:
+    """Retrieval holds BM25 only for the titles with a query term: the same scores, the same top
+    rows (filtered or not), the same statistics as from the dense array."""
+    for query in ("cordless drills drills", "drill", "unknownword", "cordless nail gun"):
+        terms = lexical.analyze(query)
+        dense = lexical.scores(terms)
+        sparse = lexical.sparse_scores(terms)
+        rows = np.arange(len(dense))
+        assert np.array_equal(sparse.at(rows), dense)
+        assert sparse.top(2).tolist() == top_rows(dense, 2).tolist()
+        allowed = rows % 2 == 0
+        assert sparse.top(3, allowed).tolist() == top_rows(dense * allowed, 3).tolist()
+        assert CatalogueStats.of(sparse, 0.0, 1.0) == CatalogueStats.of(
+            SparseScores.of_dense(dense), 0.0, 1.0
+        )
+        stats = CatalogueStats.of(sparse, 0.0, 1.0)
+        assert stats.best_bm25 == dense.max()
+        np.testing.assert_allclose(
+            [stats.bm25_mean, stats.bm25_std], [dense.mean(), dense.std()], rtol=1e-6, atol=1e-9
+        )
+
+
 def test_trigrams_tolerate_typos(lexical: LexicalIndex) -> None:
     assert char_trigrams("Go go") == ["#go", "go#"]
     terms = lexical.analyze("cordles dril")  # misspelt: no word matches, many trigrams do
@@ -201,7 +223,7 @@ def test_features_follow_their_names(lexical: LexicalIndex) -> None:
     rows = np.array([0, 2, 3])
     bm25 = lexical.scores(terms)
     cosine = np.array([0.8, 0.5, 0.9], dtype=np.float32)
-    stats = CatalogueStats.of(bm25, cosine_mean=0.3, cosine_std=0.1)
+    stats = CatalogueStats.of(SparseScores.of_dense(bm25), cosine_mean=0.3, cosine_std=0.1)
     features = ranking_features(lexical, terms, rows, cosine, bm25[rows], stats)
     named = dict(zip(FEATURE_NAMES, features.T, strict=True))
     assert features.shape == (3, len(FEATURE_NAMES)) and features.dtype == np.float32
