@@ -13,8 +13,9 @@ exactly (up to float32 rounding), whatever the ranker. For the monotone rankers 
 relevance signal starts from its lowest value, so its contribution is never negative: it is how much
 that signal lifted the hit. Only the context signals (the shopper's buying habits) may be negative.
 
-With G signals that is 2**G ranker rows a hit: 16 for search, 128 for recommend, computed only when a
-request sets EXPLAIN and only for the hits returned.
+With G signals that is 2**G ranker rows a hit (16 for search, 128 for recommend; fewer when a signal
+sits at the reference in every hit), in one ranker call, computed only when a request sets EXPLAIN
+and only for the hits returned.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def search_texts(features: np.ndarray) -> Mapping[str, str]:
     """The words for each search signal of one candidate's feature row."""
     value = dict(zip(FEATURE_NAMES, features.tolist(), strict=True))
     return {
-        "meaning": f"the title means what the query says (cosine {value['cosine']:.2f})",
+        "meaning": f"cosine {value['cosine']:.2f} between the meanings of the query and the title",
         "bm25": f"BM25 {_percent(value['bm25_ratio'])} of the catalogue's best match",
         "words": f"{_percent(value['query_coverage'])} of the query's words in the title, "
         f"{_percent(value['title_coverage'])} of the title's in the query",
