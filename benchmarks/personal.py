@@ -68,16 +68,19 @@ def traffic(data: Path, steps: int = STEPS, seed: int = 0) -> list[tuple[str, st
     return pairs
 
 
+def steps(scenario: str, pairs: list[tuple[str, str]]) -> list[dict]:
+    """One scenario's requests, as perf_analyzer input data steps."""
+    if scenario == "recommend":
+        return [{"USER_ID": [user], "TOP_K": [TOP_K]} for user, _ in pairs]
+    if scenario == "search_personal":
+        return [{"QUERY": [q], "TOP_K": [TOP_K], "USER_ID": [user]} for user, q in pairs]
+    return [{"QUERY": [q], "TOP_K": [TOP_K]} for _, q in pairs]
+
+
 def input_data(scenario: str, pairs: list[tuple[str, str]], path: Path) -> Path:
     """perf_analyzer ``--input-data`` JSON for one scenario."""
-    if scenario == "recommend":
-        steps = [{"USER_ID": [user], "TOP_K": [TOP_K]} for user, _ in pairs]
-    elif scenario == "search_personal":
-        steps = [{"QUERY": [q], "TOP_K": [TOP_K], "USER_ID": [user]} for user, q in pairs]
-    else:
-        steps = [{"QUERY": [q], "TOP_K": [TOP_K]} for _, q in pairs]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"data": steps}, ensure_ascii=False))
+    path.write_text(json.dumps({"data": steps(scenario, pairs)}, ensure_ascii=False))
     return path
 
 

@@ -271,10 +271,11 @@ class RecommendExplainer:
                 user, int(history[i]), features[i], (int(mates[0][i]), float(mates[1][i]))
             ),
         )
-        out = [self._new_product(float(logit), shapley.reference_logit) for logit in logits]
-        for i, explanation in zip(known.tolist(), explained, strict=True):
-            out[i] = explanation
-        return out
+        by_row = dict(zip(known.tolist(), explained, strict=True))
+        return [
+            by_row.get(i) or self._new_product(float(logit), shapley.reference_logit)
+            for i, logit in enumerate(logits.tolist())
+        ]
 
     @staticmethod
     def _new_product(logit: float, reference: float) -> Explanation:
