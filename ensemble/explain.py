@@ -14,7 +14,7 @@ relevance signal starts from its lowest value, so its contribution is never nega
 that signal lifted the hit. Only the context signals (the shopper's buying habits) may be negative.
 
 With G signals that is 2**G ranker rows a hit (16 for search, 128 for recommend; fewer when a signal
-sits at the reference in every hit), in one ranker call, computed only when a request sets EXPLAIN
+sits at the reference in the hit), in one ranker call, computed only when a request sets EXPLAIN
 and only for the hits returned.
 """
 
@@ -153,21 +153,37 @@ class ShapleyExplainer:
     def __call__(self, features: np.ndarray) -> np.ndarray:
         """Each signal's contribution to each row's logit, float64 [rows, signals].
 
-        A signal at the reference in every row (a shop without views: browsing) is a null
-        player: its value is 0 and leaving it out of the game changes no other value, so the
-        game is played by the others only (half the ranker rows per signal left out)."""
+        A signal whose columns sit at the reference in a row (a product the shopper never
+        bought: their purchases) is a null player in that row's game: its value is 0, and leaving
+        it out changes no other value. So each row's game is played by the signals that moved in
+        it, rows with the same movers together (half the ranker rows for each signal left out),
+        and every row's coalitions go to the ranker in one call."""
         features = np.asarray(features, dtype=np.float32)
-        moved = (features != self.reference).any(axis=0)
-        active = np.flatnonzero((self.member & moved).any(axis=1))
+        moved = (self.member[None] & (features != self.reference)[:, None, :]).any(axis=-1)
         contributions = np.zeros((len(features), len(self.signals)))
-        if not len(active):
+        patterns, pattern_of = np.unique(moved, axis=0, return_inverse=True)
+        games = []
+        for index, pattern in enumerate(patterns):
+            active = np.flatnonzero(pattern)
+            if len(active):
+                games.append((np.flatnonzero(pattern_of.ravel() == index), active))
+        if not games:
             return contributions
+        hybrids = [self._coalition_rows(features[rows], active) for rows, active in games]
+        values = self.ranker(np.concatenate(hybrids)).astype(np.float64)
+        start = 0
+        for (rows, active), hybrid in zip(games, hybrids, strict=True):
+            worth = values[start : start + len(hybrid)].reshape(len(rows), -1)
+            contributions[np.ix_(rows, active)] = _Game.of(len(active)).values(worth)
+            start += len(hybrid)
+        return contributions
+
+    def _coalition_rows(self, features: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """Every coalition of the ``active`` signals for each row: [rows x 2**active, columns]."""
         game = _Game.of(len(active))
         takes_hit = game.coalitions.astype(np.int8) @ self.member[active].astype(np.int8) > 0
         hybrid = np.where(takes_hit[None], features[:, None, :], self.reference[None, None])
-        values = self.ranker(hybrid.reshape(-1, features.shape[1])).astype(np.float64)
-        contributions[:, active] = game.values(values.reshape(len(features), -1))
-        return contributions
+        return hybrid.reshape(-1, features.shape[1])
 
     def explain(
         self, features: np.ndarray, logits: np.ndarray, texts: Callable[[int], Mapping[str, str]]

@@ -49,14 +49,14 @@ def test_an_interaction_is_split_evenly_between_its_two_signals() -> None:
     assert explainer.reference_logit == 0.0
 
 
-def test_a_signal_at_the_reference_in_every_row_is_left_out_of_the_game() -> None:
-    """c = 0 (its reference) in every row: a null player, valued 0 without being played, and
-    the others' values are those of the whole game."""
+def test_a_signal_at_the_reference_in_a_row_is_left_out_of_that_rows_game() -> None:
+    """c = 0 (its reference) in every row, b in the second: null players, valued 0 without being
+    played, and the others' values are those of the whole game."""
     ranker = FunctionRanker(lambda x: 2 * x[:, 0] + x[:, 1] + 3 * x[:, 0] * x[:, 1] + x[:, 2])
     explainer = ShapleyExplainer(ranker, "abc", {"a": ("a",), "b": ("b",), "c": ("c",)})
     values = explainer(np.array([[1.0, 2.0, 0.0], [0.5, 0.0, 0.0]], dtype=np.float32))
     np.testing.assert_allclose(values, [[5.0, 5.0, 0.0], [1.0, 0.0, 0.0]], atol=1e-6)
-    assert ranker.rows == 2 * 2**2  # two players: 4 coalitions a row
+    assert ranker.rows == 2**2 + 2**1  # two players in the first row, one in the second
     assert (explainer(np.zeros((3, 3), np.float32)) == 0).all()
 
 
