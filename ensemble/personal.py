@@ -151,18 +151,22 @@ class Personalization:
         """Explains affinities (``title``: a catalogue row's title, for the words)."""
         return RecommendExplainer(self.recommender, self.ranker, self.explorer, title)
 
-    def affinity(self, user: UserView, rows: np.ndarray, new_only: bool = False) -> np.ndarray:
-        """The recommendation ranker's logit for each candidate row (of the NEW_ONLY ranker's, for
-        products the shopper never bought)."""
+    def affinity(
+        self, user: UserView, rows: np.ndarray, new_only: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The recommendation ranker's logit for each candidate row (the NEW_ONLY ranker's, for
+        products the shopper never bought), and the feature rows it ranked (None when some rows
+        are products added since the build: they have no history, and no features)."""
         known = rows < len(self.recommender.product_ids)
         if known.all():
-            return self.rank(self.recommender.features(user, rows), new_only)
-        # Products added since the build have no history: the least affinity among the candidates.
+            features = self.recommender.features(user, rows)
+            return self.rank(features, new_only), features
+        # Products added since the build: the least affinity among the candidates.
         affinity = np.zeros(len(rows), dtype=np.float32)
         if known.any():
             affinity[known] = self.rank(self.recommender.features(user, rows[known]), new_only)
             affinity[~known] = affinity[known].min()
-        return affinity
+        return affinity, None
 
     def rank(self, features: np.ndarray, new_only: bool = False) -> np.ndarray:
         """The recommendation ranker's logits for feature rows (the NEW_ONLY ranker's)."""

@@ -195,9 +195,9 @@ class SearchPipeline:
                 explanations=[] if request.explain else None,
             )
         query_logits = self.ranker(candidates.features)
-        logits, affinity = query_logits, None
+        logits, affinity, features = query_logits, None, None
         if request.user is not None:
-            affinity = self.personal.affinity(request.user, candidates.rows)
+            affinity, features = self.personal.affinity(request.user, candidates.rows)
             logits = query_logits + self.personal.search_weight * affinity
         explain = None
         if request.explain:
@@ -207,7 +207,10 @@ class SearchPipeline:
                 if affinity is None or not self.personal.search_weight:
                     return explained
                 history = self.history_explainer(
-                    request.user, candidates.rows[positions], affinity[positions]
+                    request.user,
+                    candidates.rows[positions],
+                    affinity[positions],
+                    features=None if features is None else features[positions],
                 )
                 weight = self.personal.search_weight
                 return [q.plus(h.scaled(weight)) for q, h in zip(explained, history, strict=True)]

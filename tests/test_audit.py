@@ -89,7 +89,7 @@ def test_the_recommendation_audit_agrees_with_the_build(
     report = json.loads((tmp_path / "report" / "audit.json").read_text())
     recommend = report["recommend"]
     groups = recommend["by_history"]
-    assert sum(g["shoppers"] for g in groups.values()) == recommend["shoppers"]
+    assert sum(g["cases"] for g in groups.values()) == recommend["shoppers"]
     for group in groups.values():
         low, high = group["recall_at_20"]["ci95"]
         assert low <= group["recall_at_20"]["value"] <= high
@@ -101,3 +101,26 @@ def test_the_recommendation_audit_agrees_with_the_build(
     assert 0 < recommend["most_bought_1pct_exposure_share"] < 1
     assert report["search"]["group_kind"] == "top-level category"
     assert "quality_by_shopper_group.png" in report["plots"]
+    # personalised search by shopper group: the build's basket queries through the served search
+    searched = report["personalised_search"]
+    built = manifest["personalization"]["evaluation"]["personalised_search"]
+    assert searched["queries"] == built["queries"]
+    assert sum(g["cases"] for g in searched["by_history"].values()) == searched["queries"]
+    for name, system in (
+        ("personalised_ndcg_at_10", "personalised_search"),
+        ("anonymous_ndcg_at_10", "anonymous_search"),
+    ):
+        assert searched["overall"][name]["mean"] == pytest.approx(
+            built["systems"][system]["ndcg10"]["mean"], abs=1e-3
+        )
+    gain = searched["overall"]["personalisation_gain"]["mean"]
+    assert gain == pytest.approx(
+        searched["overall"]["personalised_ndcg_at_10"]["mean"]
+        - searched["overall"]["anonymous_ndcg_at_10"]["mean"],
+        abs=2e-4,
+    )
+    assert "personalised_search_by_shopper_group.png" in report["plots"]
+    assert (
+        "## Personalised search: whom it serves well"
+        in (tmp_path / "report" / "audit.md").read_text()
+    )
