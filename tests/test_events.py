@@ -279,7 +279,8 @@ def test_acknowledged_events_survive_kill_9(
 
 def test_two_servers_share_one_redis(personal_repository, redis_url, catalogue, tmp_path) -> None:
     """The second server reaches Redis over TLS (rediss://, its certificate checked against our
-    CA): redis-py loads ssl inside the backend stub."""
+    CA): redis-py loads ssl inside the backend stub. What one server records, the other serves
+    and explains."""
     location = redis_url + "?namespace=shared"
     shopper = f"{SHOPPER}-shared"
     files = make_certificates(tmp_path)
@@ -295,8 +296,24 @@ def test_two_servers_share_one_redis(personal_repository, redis_url, catalogue, 
         SearchClient(second.grpc_url, timeout=30, security=OPERATOR) as to_second,
     ):
         cold = ids(to_second.recommend(shopper, top_k=10))
-        to_first.record_many([Event(shopper, int(p), "purchase") for p in catalogue[200:210]])
-        assert ids(to_second.recommend(shopper, top_k=10)) != cold
+        bought = [int(p) for p in catalogue[200:210]]
+        to_first.record_many([Event(shopper, p, "purchase") for p in bought])
+        warm = to_second.recommend(shopper, top_k=10, explain=True)
+        assert ids(warm) != cold
+        # the second server explains with the purchases the first one recorded, and so does the
+        # async client
+        words = [
+            {r.signal: r.text for r in hit.explanation.reasons}
+            for hit in warm
+            if hit.product_id in bought
+        ]
+        assert words and all(w["your_purchases"].startswith("you bought it once,") for w in words)
+
+        async def explained() -> list:
+            async with AsyncSearchClient(second.grpc_url, timeout=30) as aio:
+                return await aio.recommend(shopper, top_k=10, explain=True)
+
+        assert [h.explanation for h in asyncio.run(explained())] == [h.explanation for h in warm]
         assert to_second.forget(shopper) is True
         assert ids(to_first.recommend(shopper, top_k=10)) == cold
 

@@ -194,6 +194,17 @@ def _served(server) -> dict[str, list[int]]:
         return {q: [h.product_id for h in client.search(q, 10)] for q in QUERIES}
 
 
+def _explains_as(server, repository: Path, version: int) -> None:
+    """The server's explanations are those of ``version``'s own ranker and training lows."""
+    from test_server import assert_same_explanations
+
+    expected = SearchPipeline.from_repository(repository, version).search(
+        QUERIES[0], 5, explain=True
+    )
+    with SearchClient(server.grpc_url, timeout=10) as client:
+        assert_same_explanations(client.search(QUERIES[0], 5, explain=True), expected)
+
+
 class SteadyTraffic:
     """A search every 10 ms against ``server`` in a thread, counting what was sent and failed."""
 
@@ -225,7 +236,8 @@ class SteadyTraffic:
 
 def test_rollout_and_rollback_lose_no_request(versioned, tmp_path) -> None:
     """A server started on the newest version rolls back, forward and back again under traffic,
-    each version serving its own files and fitted values, and the rollback holds at a restart."""
+    each version serving its own files and fitted values (and explaining with its own ranker),
+    and the rollback holds at a restart."""
     repository, items = versioned
     fitted = {
         v: store.config_parameters(repository, store.RETRIEVE, v)["ef_search"] for v in (1, 2)
@@ -242,9 +254,11 @@ def test_rollout_and_rollback_lose_no_request(versioned, tmp_path) -> None:
             live = control.roll_to(repository, control.previous(repository))
             assert all(versions == [1] for versions in live.values()), live
             assert _served(server) == answers[1]
+            _explains_as(server, repository, 1)
             live = control.roll_to(repository, 2)
             assert all(versions == [2] for versions in live.values()), live
             assert _served(server) == answers[2]
+            _explains_as(server, repository, 2)
             # A version whose files fail their manifest checksums is refused before loading.
             _build(items, repository, 3)
             ranker = repository / store.RANKER / "3" / store.ONNX_FILE
