@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = commands.add_parser(
         "scale",
         help="the catalogue grown to 250,000 and 1,000,000 products against the 55k store: build, "
-        "memory, latency, quality (hours on 2 cores)",
+        "memory, latency, quality (about an hour on 2 cores)",
     )
     scale.add_argument(
         "--sizes", type=int, nargs="+", default=None, help="products (250000 1000000)"

@@ -1,6 +1,6 @@
 """``python -m benchmarks scale``: the Home Depot catalogue grown to 250,000 and 1,000,000 products,
 against the 55k store, in one run (issue 19, point 2). Not part of ``make test``: at a million
-products the build alone takes hours on two cores.
+products the build alone takes about 40 minutes on two cores.
 
 Each size is a catalogue from ``grow_catalogue`` (Home Depot, then Instacart's real titles, then
 labelled synthetic variants) built the same way, the 54,667-product Home Depot store included: the
