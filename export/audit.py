@@ -36,13 +36,15 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 from shopserve.ensemble import SearchPipeline, store
+from shopserve.ensemble.dense import served_dense
 from shopserve.ensemble.exposure import OFF, PLACKETT_LUCE
 from shopserve.ensemble.filters import load_attributes
 from shopserve.ensemble.models import OnnxRanker
+from shopserve.ensemble.neighbours import NEIGHBOURS_FILE, ShopperVectors
 from shopserve.ensemble.recommend import Recommender
 from tqdm.auto import tqdm
 
-from .data import CatalogueData, DataError, Judgments
+from .data import CatalogueData, DataError, Judgments, load_events
 from .evaluate_personal import interval, personal_top, score_queries
 from .exposure import (
     attention,
@@ -54,7 +56,16 @@ from .exposure import (
     shares,
     top_share,
 )
-from .history import Case, basket_queries, bought_before, ranked, recall
+from .history import (
+    Case,
+    HistoryCut,
+    basket_queries,
+    bought_before,
+    embedding_of,
+    ranked,
+    recall,
+    timelines,
+)
 from .metrics import ndcg_at_k
 
 K = 10
@@ -291,12 +302,6 @@ class HeldOutShop:
 
     @classmethod
     def of(cls, repository: Path, events_path: Path) -> HeldOutShop:
-        from shopserve.ensemble.dense import served_dense
-        from shopserve.ensemble.neighbours import NEIGHBOURS_FILE, ShopperVectors
-
-        from .data import load_events
-        from .history import HistoryCut, embedding_of, timelines
-
         if not store.version_dirs(repository, store.RECOMMEND):
             raise ValueError(f"{repository} was built without events: it has no recommendations")
         catalogue = store.load_catalogue(repository)
@@ -332,7 +337,7 @@ class RecommendationLists:
     labels: list[set[int]]
     bought_before: list[set[int]]
     groups: list[str]
-    most_bought: set[int]
+    most_bought: set[int]  # the most-bought 1 % of products before the held-out baskets
     catalogue_size: int
 
 
