@@ -30,7 +30,7 @@ from itertools import product
 import numpy as np
 
 from .features import FEATURE_NAMES
-from .models import OnnxRanker
+from .models import CalibratedNetwork, OnnxRanker
 from .recommend import REC_FEATURE_NAMES, Recommender, UserView
 
 # The signals of search and of recommend: every feature column belongs to exactly one.
@@ -97,35 +97,35 @@ def _explanation(logit: float, reference: float, reasons: Sequence[Reason]) -> E
 
 @dataclass(frozen=True)
 class _Game:
-    """Every coalition of ``players`` (a boolean row each, [2**players, players]) and, for each
-    player, the coalitions without it, the same coalitions with it, and the Shapley weight of
-    each pair: phi = sum of weight x (value with - value without)."""
+    """Every coalition of ``players`` (a boolean row each, [2**players, players]) and the linear
+    map from a game's worths to its Shapley values: phi = worth @ shapley, where each player's
+    column weighs each coalition with it by +w and the same coalition without it by -w."""
 
     coalitions: np.ndarray
-    without: np.ndarray  # [players, 2**(players - 1)] coalition indices
-    with_player: np.ndarray  # [players, 2**(players - 1)]
-    weights: np.ndarray  # [players, 2**(players - 1)], float64
+    shapley: np.ndarray  # [2**players, players], float64
 
     @classmethod
     @functools.cache
     def of(cls, players: int) -> _Game:
         coalitions = np.array(list(product((False, True), repeat=players)), dtype=bool)
-        bits = 1 << np.arange(players - 1, -1, -1)  # coalition index = its row read as binary
-        index = coalitions.astype(np.int64) @ bits
-        without = np.stack([index[~coalitions[:, g]] for g in range(players)])
         weights = np.array(
             [
                 math.factorial(s) * math.factorial(players - s - 1) / math.factorial(players)
                 for s in range(players)
             ]
         )
-        sizes = np.stack([coalitions[w].sum(axis=1) for w in without])
-        return cls(coalitions, without, without + bits[:, None], weights[sizes])
+        bits = 1 << np.arange(players - 1, -1, -1)  # coalition index = its row read as binary
+        shapley = np.zeros((len(coalitions), players))
+        for g in range(players):
+            without = np.flatnonzero(~coalitions[:, g])
+            weight = weights[coalitions[without].sum(axis=1)]
+            shapley[without + bits[g], g] = weight
+            shapley[without, g] = -weight
+        return cls(coalitions, shapley)
 
     def values(self, worth: np.ndarray) -> np.ndarray:
-        """Shapley values [rows, players] from each row's coalition worths [rows, 2**players]:
-        a player that never changes the worth gets exactly 0."""
-        return ((worth[:, self.with_player] - worth[:, self.without]) * self.weights).sum(-1)
+        """Shapley values [rows, players] from each row's coalition worths [rows, 2**players]."""
+        return worth @ self.shapley
 
 
 class ShapleyExplainer:
@@ -143,23 +143,53 @@ class ShapleyExplainer:
             raise ValueError("every feature column must belong to exactly one signal")
         self.ranker = ranker
         self.signals = tuple(signals)
-        lows = {f["name"]: f["low"] for f in (ranker.contract or {}).get("features", [])}
-        self.reference = np.array([lows.get(n, 0.0) for n in feature_names], dtype=np.float32)
+        ranges = {f["name"]: f for f in (ranker.contract or {}).get("features", [])}
+        self.reference = np.array(
+            [ranges[n]["low"] if n in ranges else 0.0 for n in feature_names], dtype=np.float32
+        )
         self.member = np.zeros((len(self.signals), len(feature_names)), dtype=bool)
         for g, columns in enumerate(signals.values()):
             self.member[g, [column[name] for name in columns]] = True
         self.reference_logit = float(ranker(self.reference.reshape(1, -1))[0])
+        highs = [ranges[n]["high"] if n in ranges else 1.0 for n in feature_names]
+        check = np.stack([self.reference, np.array(highs), (self.reference + highs) / 2])
+        self.network = CalibratedNetwork.of(ranker, check)
+        if self.network is not None:
+            self.calibrated_reference = self.network.calibrate(self.reference[None])[0]
+            self.calibrated_member = self.member[:, self.network.columns]
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         """Each signal's contribution to each row's logit, float64 [rows, signals].
 
         A signal whose columns sit at the reference in a row (a product the shopper never
-        bought: their purchases) is a null player in that row's game: its value is 0, and leaving
-        it out changes no other value. So each row's game is played by the signals that moved in
-        it, rows with the same movers together (half the ranker rows for each signal left out),
-        and every row's coalitions go to the ranker in one call."""
+        bought: their purchases) is a null player in that row's game: its value is exactly 0,
+        and leaving it out changes no other value."""
         features = np.asarray(features, dtype=np.float32)
         moved = (self.member[None] & (features != self.reference)[:, None, :]).any(axis=-1)
+        if self.network is None:
+            return self._played_by_the_ranker(features, moved)
+        return np.where(moved, self._split_along_the_network(features), 0.0)
+
+    def _split_along_the_network(self, features: np.ndarray) -> np.ndarray:
+        """The values for a ranker whose contract records its calibrated network. Its sum of
+        calibrated columns is additive, so each signal's share of it is its own columns' rise from
+        the reference. The interaction network's input is linear in the coalition (the reference
+        plus each member's rise), so its worth for every coalition of every row comes from one
+        product with the coalitions, in NumPy, and goes through the game."""
+        network = self.network
+        rise = network.calibrate(features) - self.calibrated_reference  # [rows, columns]
+        member = self.calibrated_member.astype(np.float64)  # [signals, columns]
+        additive = rise @ member.T
+        lift = (rise[:, None, :] * member[None]) @ network.w1  # [rows, signals, hidden]
+        game = _Game.of(len(self.signals))
+        base = self.calibrated_reference @ network.w1 + network.b1
+        worth = np.tanh(base + game.coalitions.astype(np.float64) @ lift) @ network.w2
+        return additive + game.values(worth)
+
+    def _played_by_the_ranker(self, features: np.ndarray, moved: np.ndarray) -> np.ndarray:
+        """The values for any other ranker: each row's game played by the signals that moved in
+        it, rows with the same movers together (half the ranker rows for each signal left out),
+        every row's coalitions valued by the ranker in one call."""
         contributions = np.zeros((len(features), len(self.signals)))
         patterns, pattern_of = np.unique(moved, axis=0, return_inverse=True)
         games = []

@@ -164,3 +164,51 @@ class OnnxRanker:
     def __call__(self, features: np.ndarray) -> np.ndarray:
         (scores,) = self.session.run(["SCORES"], {"FEATURES": features})
         return scores.reshape(-1)
+
+
+NETWORK_TENSORS = ("columns", "low", "high", "starts", "widths", "slopes", "w1", "b1", "w2")
+
+
+class CalibratedNetwork:
+    """A monotone ranker's function in NumPy, from the tensors its contract records (the export
+    writes them: shopserve.export.monotone): ``score = sum(c) + tanh(c @ w1 + b1) @ w2``, where
+    ``c`` is each read column clipped to its training range and put through its piecewise-linear
+    calibrator. The explainer splits a logit along that sum: each calibrated column's own part,
+    and the small interaction network's."""
+
+    def __init__(self, tensors: dict) -> None:
+        missing = [name for name in NETWORK_TENSORS if name not in tensors]
+        if missing:
+            raise ValueError(f"a calibrated network needs the tensors {missing}")
+        self.columns = np.asarray(tensors["columns"], dtype=np.int64)
+        self.low, self.high, self.starts, self.widths, self.slopes, self.w1, self.b1, self.w2 = (
+            np.asarray(tensors[name], dtype=np.float64) for name in NETWORK_TENSORS[1:]
+        )
+
+    @classmethod
+    def of(cls, ranker: OnnxRanker, check: np.ndarray) -> CalibratedNetwork | None:
+        """The network a ranker's contract records, checked to score ``check`` (feature rows) as
+        the ranker does; None for a ranker whose contract records none (another form, or a build
+        from before the contract carried it)."""
+        tensors = (ranker.contract or {}).get("network")
+        if tensors is None:
+            return None
+        network = cls(tensors)
+        check = np.asarray(check, dtype=np.float32)
+        gap = float(np.abs(network(check) - ranker(check)).max())
+        if gap > 1e-4:
+            raise ValueError(f"the ranker's recorded network scores {gap:.1e} off its graph")
+        return network
+
+    def calibrate(self, features: np.ndarray) -> np.ndarray:
+        """The calibrated columns ``c`` of feature rows, float64 [rows, read columns]."""
+        x = np.clip(np.asarray(features, dtype=np.float64)[:, self.columns], self.low, self.high)
+        segments = np.clip((x[..., None] - self.starts) / self.widths, 0.0, 1.0)
+        return (segments * self.slopes).sum(-1)
+
+    def interaction(self, calibrated: np.ndarray) -> np.ndarray:
+        return np.tanh(calibrated @ self.w1 + self.b1) @ self.w2
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        calibrated = self.calibrate(features)
+        return calibrated.sum(-1) + self.interaction(calibrated)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from shopserve.ensemble.models import RANKER_METADATA_KEY
+from shopserve.ensemble.models import NETWORK_TENSORS, RANKER_METADATA_KEY
 from tqdm.auto import tqdm
 
 log = logging.getLogger("shopserve.export.monotone")
@@ -100,9 +100,6 @@ def calibration_knots(values: np.ndarray, knots: int = KNOTS) -> np.ndarray:
     return np.quantile(values.astype(np.float64), levels, axis=0).T.astype(np.float32)
 
 
-TENSORS = ("columns", "low", "high", "starts", "widths", "slopes", "w1", "b1", "w2")
-
-
 def _score(features, columns, low, high, starts, widths, slopes, w1, b1, w2):
     """The model as a function of its (already constrained) tensors: shared by training and export."""
     import torch
@@ -122,11 +119,11 @@ def frozen(tensors: dict[str, np.ndarray]):
     class FrozenMonotoneRanker(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            for name in TENSORS:
+            for name in NETWORK_TENSORS:
                 self.register_buffer(name, torch.from_numpy(np.array(tensors[name])))
 
         def forward(self, features: torch.Tensor) -> torch.Tensor:
-            return _score(features, *(getattr(self, name) for name in TENSORS))
+            return _score(features, *(getattr(self, name) for name in NETWORK_TENSORS))
 
     return FrozenMonotoneRanker().eval()
 
@@ -137,7 +134,7 @@ def load_frozen(onnx_path: Path):
     from onnx import numpy_helper
 
     found = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(onnx_path)).graph.initializer}
-    missing = [name for name in TENSORS if name not in found]
+    missing = [name for name in NETWORK_TENSORS if name not in found]
     if missing:
         raise ModelExportError(f"{onnx_path} is not a monotone ranker export (no {missing})")
     return frozen(found)
@@ -270,6 +267,9 @@ def export(
         "inputs": list(input_names),
         "features": [asdict(r) for r in feature_ranges(model, specs)],
         "form": "monotone calibrated network",
+        # the function itself, for explanations that split a logit along its sum (serving has
+        # no onnx package to read the initializers with)
+        "network": {name: getattr(exported, name).numpy().tolist() for name in NETWORK_TENSORS},
     }
     write_contract(destination, contract)
     diff = float(np.abs(OnnxRanker(destination)(check) - reference).max())

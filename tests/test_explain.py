@@ -5,6 +5,7 @@ and test_personal.py."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from shopserve.ensemble.explain import (
     search_texts,
 )
 from shopserve.ensemble.features import FEATURE_NAMES
+from shopserve.ensemble.models import CalibratedNetwork
 
 
 class FunctionRanker:
@@ -94,6 +96,58 @@ def test_one_ranker_call_answers_every_coalition_of_every_hit() -> None:
     assert ranker.calls == before + 1
 
 
+def random_network(seed: int, lows: np.ndarray) -> dict:
+    """The tensors of a calibrated network over columns a, b, c (two knots each, monotone slopes,
+    a tanh interaction) whose training range starts at ``lows``."""
+    rng = np.random.default_rng(seed)
+    starts = np.stack([lows, lows + 0.5], axis=1)
+    return {
+        "columns": [0, 1, 2],
+        "low": lows.tolist(),
+        "high": (lows + 1).tolist(),
+        "starts": starts.tolist(),
+        "widths": np.full((3, 2), 0.5).tolist(),
+        "slopes": rng.uniform(0, 2, (3, 2)).tolist(),
+        "w1": rng.normal(size=(3, 4)).tolist(),
+        "b1": rng.normal(size=4).tolist(),
+        "w2": rng.uniform(0, 1, 4).tolist(),
+    }
+
+
+def test_a_recorded_network_is_split_as_the_game_splits_it() -> None:
+    """A ranker whose contract records its calibrated network: its sum is split column by column
+    and only the interaction is played, in NumPy, giving the values of the game the ranker plays
+    (which knows nothing of the network), without a ranker call per coalition."""
+    lows = np.array([0.0, 1.0, -0.5])
+    tensors = random_network(7, lows)
+    function = CalibratedNetwork(tensors)
+    played = FunctionRanker(function, lows=lows)
+    split = FunctionRanker(function, lows=lows)
+    split.contract["network"] = tensors
+    groups = {"ab": ("a", "b"), "c": ("c",)}
+    by_game, by_network = (
+        ShapleyExplainer(played, "abc", groups),
+        ShapleyExplainer(split, "abc", groups),
+    )
+    assert by_game.network is None and by_network.network is not None
+    rows = np.random.default_rng(1).uniform(lows - 0.5, lows + 1.5, (50, 3)).astype(np.float32)
+    rows[:10, 2] = lows[2]  # c at its reference: a null player, exactly 0 on both paths
+    calls = split.calls
+    values = by_network(rows)
+    assert split.calls == calls
+    np.testing.assert_allclose(values, by_game(rows), atol=1e-6)
+    assert (values[:10, 1] == 0).all()
+    np.testing.assert_allclose(by_network.reference_logit + values.sum(1), split(rows), atol=1e-5)
+
+
+def test_a_recorded_network_that_does_not_score_as_the_graph_is_refused() -> None:
+    lows = np.zeros(3)
+    ranker = FunctionRanker(CalibratedNetwork(random_network(7, lows)))
+    ranker.contract["network"] = random_network(8, lows)
+    with pytest.raises(ValueError, match=r"recorded network scores .* off its graph"):
+        ShapleyExplainer(ranker, "abc", {"a": ("a",), "b": ("b",), "c": ("c",)})
+
+
 def test_every_column_must_belong_to_one_signal() -> None:
     ranker = FunctionRanker(lambda x: x.sum(axis=1))
     with pytest.raises(ValueError, match="exactly one signal"):
@@ -146,6 +200,16 @@ def test_search_explanations_sum_to_the_logit_and_never_count_relevance_against(
         if any(name in read for name in columns) and all(read.get(n, True) for n in columns)
     }
     assert not ranges or monotone == set(SEARCH_SIGNALS)
+    split = pipeline.explainer.shapley
+    assert (split.network is not None) == bool(ranges)  # the build records a learned network
+    if split.network is not None:
+        played = copy.copy(split)
+        played.network = None
+        low, high = (np.array([f[end] for f in ranges]) for end in ("low", "high"))
+        rows = np.tile(split.reference, (200, 1))
+        read = [FEATURE_NAMES.index(f["name"]) for f in ranges]
+        rows[:, read] = np.random.default_rng(0).uniform(low - 0.1, high + 0.1, (200, len(read)))
+        np.testing.assert_allclose(split(rows), played(rows), atol=1e-5)
     for query in dev_queries[:40]:
         answer = pipeline.search(query, 10, explain=True)
         plain = pipeline.search(query, 10)

@@ -116,7 +116,7 @@ def test_milvus_returns_the_faiss_top_100_on_real_queries(
     # both are approximate, so either may miss a query's true top-1; a row both return scores
     # the same on both, and the top-1 agrees but for such misses
     for a, a_scores, b, b_scores in zip(rows, scores, faiss_rows, faiss_scores, strict=True):
-        shared, in_a, in_b = np.intersect1d(a, b, return_indices=True)
+        _, in_a, in_b = np.intersect1d(a, b, return_indices=True)
         np.testing.assert_allclose(a_scores[in_a], b_scores[in_b], atol=1e-5)
     assert np.mean(rows[:, 0] == faiss_rows[:, 0]) >= 0.95
     # vectors by row, in the order asked, repeats included

@@ -196,6 +196,9 @@ def test_recommendations_explain_themselves_in_the_shoppers_own_numbers(
             strict=True,
         )
     )
+    for split in recommender.explainer.rankers.values():  # a learned ranker records its network
+        learned = (split.ranker.contract or {}).get("form") == "monotone calibrated network"
+        assert (split.network is not None) == learned
     hits = client.recommend(shopper, top_k=10, explain=True)
     assert ids(hits) == ids(client.recommend(shopper, top_k=10))
     assert_same_explanations(hits, recommender.recommend(shopper, 10, explain=True))

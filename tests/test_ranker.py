@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from shopserve.ensemble.features import FEATURE_NAMES, FUSION_WEIGHTS, NUM_FEATURES, RANKER_FEATURES
-from shopserve.ensemble.models import OnnxRanker
+from shopserve.ensemble.models import CalibratedNetwork, OnnxRanker
 from shopserve.export import monotone
 from shopserve.export.ranker import (
     COLUMNS,
@@ -45,7 +45,7 @@ def trained(tmp_path_factory) -> tuple[OnnxRanker, dict]:
 
 
 def test_training_records_the_ranges_it_saw(trained) -> None:
-    _, info = trained
+    ranker, info = trained
     ranges = {r["name"]: r for r in info["report"].features}
     assert list(ranges) == list(RANKER_FEATURES)
     assert all(r["monotone"] for r in ranges.values())
@@ -54,6 +54,11 @@ def test_training_records_the_ranges_it_saw(trained) -> None:
     contract = monotone.read_contract(info["path"])
     assert contract["inputs"] == list(FEATURE_NAMES)
     assert [f["name"] for f in contract["features"]] == list(RANKER_FEATURES)
+    # and the function itself, which NumPy rebuilds to score as the graph does, off range too
+    rows = np.random.default_rng(0).uniform(-2, 2, (64, NUM_FEATURES)).astype(np.float32)
+    network = CalibratedNetwork.of(ranker, rows)
+    assert network is not None
+    np.testing.assert_allclose(network(rows), ranker(rows), atol=1e-5)
 
 
 @settings(
