@@ -310,7 +310,7 @@ class CatalogueWriter:
         titles.refresh()
         return cls(
             log,
-            lambda texts: encoder(*tokenizer.batch(texts)),
+            lambda texts: encoder.embed_texts(tokenizer, texts, cls.EMBED_BATCH),
             encoder_digest(repository, version),
             titles,
         )
@@ -326,7 +326,7 @@ class CatalogueWriter:
             for p, new in zip(update.upserts(), flags, strict=True)
             if new
         ]
-        embedded = iter(self._embed(titles))
+        embedded = iter(self.embed(titles) if titles else [])
         results: list[bool | InvalidRequest] = []
         for update, flags in zip(updates, retitled, strict=True):
             vectors = [next(embedded) if new else None for new in flags]
@@ -342,15 +342,3 @@ class CatalogueWriter:
             return True
         row = self.titles.row_of.get(product.product_id)
         return row is None or self.titles.titles[row] != product.title
-
-    def _embed(self, titles: list[str]) -> np.ndarray:
-        """Embeddings in the order of ``titles``, computed in batches of similar length (a batch
-        is padded to its longest title)."""
-        if not titles:
-            return np.empty((0, 0), dtype=np.float32)
-        order = np.argsort([len(t) for t in titles], kind="stable")
-        chunks = [order[i : i + self.EMBED_BATCH] for i in range(0, len(order), self.EMBED_BATCH)]
-        embedded = np.concatenate([self.embed([titles[i] for i in chunk]) for chunk in chunks])
-        out = np.empty_like(embedded)
-        out[order] = embedded
-        return out

@@ -104,7 +104,7 @@ class SearchPipeline:
             catalogue,
             attributes,
             retriever,
-            embed=lambda titles: encoder(*tokenizer.batch(titles)),
+            embed=lambda titles: encoder.embed_texts(tokenizer, titles),
         )
         postprocessor = PostProcessor(live or catalogue)
         return cls(
