@@ -31,7 +31,7 @@ import numpy as np
 
 from . import store
 from .filters import Attributes, category_path
-from .lexical import LexicalIndex, QueryTerms, char_trigrams
+from .lexical import LexicalIndex, QueryTerms, SparseScores, char_trigrams
 from .store import Catalogue
 from .validation import InvalidRequest, decode_text
 
@@ -225,6 +225,8 @@ class _DeltaLexicon:
         # row -> its words, word ids and trigram ids
         self.rows: dict[int, tuple[frozenset[str], frozenset[int], frozenset[int]]] = {}
         self.postings: dict[str, dict[int, float]] = {}  # word -> {row: its term weight}
+        # a word's posting as arrays (rows, weights), made when a query asks, dropped on a change
+        self._posting_arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _word_id(self, word: str) -> int:
         known = self.lexical.vocabulary.get(word)
@@ -244,6 +246,7 @@ class _DeltaLexicon:
         previous = self.rows.get(row)
         for word in previous[0] if previous else ():
             self.postings[word].pop(row, None)
+            self._posting_arrays.pop(word, None)
         word_ids = frozenset(self._word_id(w) for w in words)
         grams = frozenset(self._trigram_id(g) for g in char_trigrams(title))
         self.rows[row] = (frozenset(words), word_ids, grams)
@@ -251,6 +254,7 @@ class _DeltaLexicon:
         norm = self.k1 * (1 - self.b + self.b * len(word_ids) / self.mean_length)
         for word in words:
             self.postings.setdefault(word, {})[row] = 1.0 / (1.0 + norm)
+            self._posting_arrays.pop(word, None)
 
     def query_terms(self, terms: QueryTerms, text: str) -> QueryTerms:
         """``terms`` with the ids of words and trigrams only titles since the build have."""
@@ -264,20 +268,38 @@ class _DeltaLexicon:
             trigram_ids=np.union1d(terms.trigram_ids, np.array(extra_grams, dtype=np.int64)),
         )
 
-    def bm25(self, words: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The rows written since the build that hold any of the query's words, and their BM25."""
-        scores: dict[int, float] = {}
-        for word in words:
+    def _posting(self, word: str) -> tuple[np.ndarray, np.ndarray] | None:
+        arrays = self._posting_arrays.get(word)
+        if arrays is None:
             posting = self.postings.get(word)
             if not posting:
+                return None
+            arrays = (
+                np.fromiter(posting, dtype=np.int64, count=len(posting)),
+                np.fromiter(posting.values(), dtype=np.float64, count=len(posting)),
+            )
+            self._posting_arrays[word] = arrays
+        return arrays
+
+    def bm25(self, words: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The rows written since the build that hold any of the query's words (ascending), and
+        their BM25: each row's terms summed in the query's order."""
+        rows, weighted = [], []
+        for word in words:
+            posting = self._posting(word)
+            if posting is None:
                 continue
             known = self.lexical.vocabulary.get(word)
             df = int(self.document_frequency[known]) if known is not None else 0
             idf = math.log(1 + (self.documents - df + 0.5) / (df + 0.5))
-            for row, weight in posting.items():
-                scores[row] = scores.get(row, 0.0) + idf * weight
-        rows = np.fromiter(scores, dtype=np.int64, count=len(scores))
-        return rows, np.fromiter(scores.values(), dtype=np.float32, count=len(scores))
+            rows.append(posting[0])
+            weighted.append(idf * posting[1])
+        if not rows:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        unique, inverse = np.unique(np.concatenate(rows), return_inverse=True)
+        scores = np.zeros(len(unique))
+        np.add.at(scores, inverse, np.concatenate(weighted))  # in order: word by word
+        return unique, scores.astype(np.float32)
 
     def sizes(self, rows: np.ndarray, trigrams: bool) -> np.ndarray:
         return np.array([len(self.rows[r][2 if trigrams else 1]) for r in rows.tolist()], np.int64)
@@ -568,19 +590,21 @@ class LiveCatalogue:
         best = np.argsort(-scores, kind="stable")
         return rows[best], scores[best]
 
-    def delta_bm25(self, words: Sequence[str], scores: np.ndarray) -> np.ndarray:
+    def delta_bm25(self, words: Sequence[str], scores: SparseScores) -> SparseScores:
         """``scores`` (the build's BM25 over its rows) over every row: superseded and deleted
-        rows 0, rows written since scored against the build's statistics."""
+        rows 0, rows written since scored against the build's statistics. Sparse, as the build's:
+        the work grows with the query's postings, not with the catalogue."""
         if not self.changed:
             return scores
-        out = np.zeros(self.rows, dtype=np.float32)
-        out[: self.base_rows] = scores
+        kept = self.alive[scores.rows] & ~self.superseded[scores.rows]
+        rows, values = scores.rows[kept], scores.values[kept]
         if self.delta_array.size and self.lexicon is not None:
-            out[self.delta_array] = 0.0  # a changed row's build score was for its old title
-            rows, values = self.lexicon.bm25(words)
-            out[rows] = values
-        out[~self.alive] = 0.0
-        return out
+            delta_rows, delta_values = self.lexicon.bm25(words)
+            alive = self.alive[delta_rows]
+            rows = np.concatenate([rows, delta_rows[alive]])
+            values = np.concatenate([values, delta_values[alive]])
+        order = np.argsort(rows, kind="stable")
+        return SparseScores(rows[order], values[order], self.rows)
 
     def state(self) -> dict:
         """For logs and the selfcheck: how far the catalogue has moved from the build."""

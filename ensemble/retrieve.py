@@ -9,7 +9,7 @@ import numpy as np
 
 from .dense import VectorIndex
 from .features import CatalogueStats, ranking_features
-from .lexical import LexicalIndex, SparseScores, top_rows
+from .lexical import LexicalIndex
 
 if TYPE_CHECKING:
     from .catalogue import LiveCatalogue
@@ -75,12 +75,9 @@ class Retriever:
         scores = np.concatenate([self.dense.vectors(base_rows) @ embedding, delta_scores])
         dense_rows = merged[np.argsort(-scores, kind="stable")[: self.dense_depth]]
         terms = live.lexicon.query_terms(self.lexical.analyze(query), query)
-        bm25 = live.delta_bm25(terms.words, self.lexical.scores(terms))
-        lexical_rows = top_rows(bm25 * live.live_rows(allowed), self.lexical_depth)
-        rows = np.union1d(dense_rows, lexical_rows)
+        bm25 = live.delta_bm25(terms.words, self.lexical.sparse_scores(terms))
+        rows = np.union1d(dense_rows, bm25.top(self.lexical_depth, allowed))
         cosine = live.vectors(rows) @ embedding
-        stats = CatalogueStats.of(
-            SparseScores.of_dense(bm25), *self.dense.cosine_moments(embedding)
-        )
-        features = ranking_features(live.terms, terms, rows, cosine, bm25[rows], stats)
+        stats = CatalogueStats.of(bm25, *self.dense.cosine_moments(embedding))
+        features = ranking_features(live.terms, terms, rows, cosine, bm25.at(rows), stats)
         return Candidates(rows=rows, features=features)
