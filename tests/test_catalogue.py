@@ -216,6 +216,30 @@ def test_the_live_catalogue_adds_changes_and_deletes(small_shop) -> None:
     assert live.base_allowed(None).tolist() == [True, False, False, True, True, True]
 
 
+def test_the_delta_bm25_follows_each_change_after_a_query(small_shop) -> None:
+    """A query caches the delta postings of its words; a later retitle, new product or delete
+    of a row holding them is scored by the next query."""
+    live, retriever, _, _ = small_shop
+    away = unit(-np.ones(8))  # a query vector far from every product: candidates by BM25 alone
+
+    def bm25_of(query: str) -> dict[int, float]:
+        found = retriever(query, away)
+        return {row: found.features[i, 1] for i, row in enumerate(found.rows.tolist())}
+
+    live.apply([record(1, ProductUpdate("upsert", 900, "zorblax welding mask"), unit(np.ones(8)))])
+    assert bm25_of("zorblax")[6] == pytest.approx(1.0)
+    live.apply(
+        [
+            record(2, ProductUpdate("upsert", 900, "plain cardboard box"), unit(np.ones(8))),
+            record(3, ProductUpdate("upsert", 901, "zorblax garden hat"), unit(np.ones(8))),
+        ]
+    )
+    scores = bm25_of("zorblax")
+    assert scores[7] == pytest.approx(1.0) and scores.get(6, 0.0) == 0.0
+    live.apply([record(4, ProductUpdate("delete", 901))])
+    assert 7 not in bm25_of("zorblax")
+
+
 def test_records_of_another_encoder_are_embedded_again(small_shop) -> None:
     live, _, _, embedded = small_shop
     logged = unit(np.ones(8))
