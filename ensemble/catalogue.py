@@ -459,12 +459,6 @@ class LiveCatalogue:
         mask = self.alive[: self.base_rows] & ~self.superseded
         return mask if allowed is None else mask & allowed[: self.base_rows]
 
-    def live_rows(self, allowed: np.ndarray | None) -> np.ndarray | None:
-        """Every row a request may be answered with (None: all of them)."""
-        if not self.changed:
-            return allowed
-        return self.alive if allowed is None else self.alive & allowed
-
     def known(self, product_id: int) -> bool:
         row = self.row_of.get(product_id)
         return row is not None and bool(self.alive[row])

@@ -13,9 +13,12 @@ exactly (up to float32 rounding), whatever the ranker. For the monotone rankers 
 relevance signal starts from its lowest value, so its contribution is never negative: it is how much
 that signal lifted the hit. Only the context signals (the shopper's buying habits) may be negative.
 
-With G signals that is 2**G ranker rows a hit (16 for search, 128 for recommend; fewer when a signal
-sits at the reference in the hit), in one ranker call, computed only when a request sets EXPLAIN
-and only for the hits returned.
+With G signals the game has 2**G coalitions a hit (16 for search, 128 for recommend). For a learned
+ranker, whose contract records its calibrated network (models.CalibratedNetwork), the additive part
+of the logit is split by its terms and only the small interaction network is valued for every
+coalition, in NumPy; for any other ranker the ranker values them, in one call (fewer rows when a
+signal sits at the reference in the hit). Either way only when a request sets EXPLAIN, and only
+for the hits returned.
 """
 
 from __future__ import annotations

@@ -212,7 +212,9 @@ def test_the_live_catalogue_adds_changes_and_deletes(small_shop) -> None:
     # An upsert is the whole product: 101 came without a price (unknown: no price range takes
     # it), the new product with its own.
     assert cheap.tolist() == [True, False, True, True, True, True, True]
-    assert live.live_rows(cheap).tolist() == [True, False, False, True, True, True, True]
+    for query, vector in (("velvet garden gnome hose", vectors[1]), ("zorblax", new_vector)):
+        filtered = retriever(query, vector, cheap).rows.tolist()
+        assert filtered and not {1, 2} & set(filtered)  # no price, and deleted: never candidates
     assert live.base_allowed(None).tolist() == [True, False, False, True, True, True]
 
 
