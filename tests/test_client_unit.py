@@ -327,6 +327,30 @@ def test_async_closed_port(closed_url: str) -> None:
     asyncio.run(scenario())
 
 
+@pytest.fixture
+def silent_url():
+    """A port that takes connections and never answers: every call runs into its deadline."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_a_call_past_its_deadline_is_a_timeout(silent_url: str) -> None:
+    """Sync and async alike. (Against Triton 2.51 itself, a request cancelled by its deadline
+    can crash the server, upstream's gRPC cancellation race: docs/serving.md#deadlines, so the
+    tests that send past-deadline requests to a real server start their own.)"""
+    with SearchClient(silent_url, timeout=0.2) as client, pytest.raises(RequestTimeoutError):
+        client.search("drill")
+
+    async def scenario() -> None:
+        async with AsyncSearchClient(silent_url, timeout=0.2) as client:
+            with pytest.raises(RequestTimeoutError):
+                await client.search("drill")
+
+    asyncio.run(scenario())
+
+
 def test_cli_closed_port(closed_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["drill", "--url", closed_url, "--timeout", "1"]) == 1
     assert capsys.readouterr().err.startswith("error: ")

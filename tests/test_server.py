@@ -368,10 +368,10 @@ def test_serve_command_starts_and_stops_cleanly(built_repository, tmp_path) -> N
 
 
 def test_client_errors_against_the_real_server(server, client) -> None:
-    from shopserve.client import RequestTimeoutError, ServerUnavailableError
+    """(A call past its deadline is test_client_unit's: a 10 µs deadline on this shared server
+    once crashed it, Triton 2.51's gRPC cancellation race, docs/serving.md#deadlines.)"""
+    from shopserve.client import ServerUnavailableError
 
-    with pytest.raises(RequestTimeoutError):
-        client.search("cordless drill with two batteries and charger", top_k=10, timeout=1e-5)
     with pytest.raises(InvalidRequestError, match="empty"):
         client.search_many(["drill", "", "saw"], top_k=3)
     assert client.search_many([], top_k=3) == []
