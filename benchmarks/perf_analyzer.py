@@ -177,8 +177,11 @@ def measure(
     csv_path: Path,
     settings: Settings = DEFAULT_SETTINGS,
     attempts: int = 2,
+    request_count: int = 0,
 ) -> PerfRow:
-    """One closed-loop concurrency level; retried once when no stable measurement came out."""
+    """One closed-loop concurrency level; retried once when no stable measurement came out.
+    ``request_count`` > 0 sends exactly that many requests, the input data's steps in order, and
+    measures over all of them (for data that must not be sent twice, such as unique event ids)."""
     command = [
         str(wrapper),
         "-m",
@@ -188,6 +191,7 @@ def measure(
         f"--input-data={input_data}",
         f"--concurrency-range={concurrency}:{concurrency}",
         *settings.flags(),
+        *([f"--request-count={request_count}"] if request_count else []),
         "-f",
         str(csv_path),
     ]

@@ -34,7 +34,7 @@ from shopserve.export.history import timelines
 from shopserve.server import TritonServer
 
 from . import perf_analyzer
-from .common import cpu_lock
+from .common import BenchmarkError, cpu_lock
 
 log = logging.getLogger("benchmarks.realtime")
 
@@ -171,6 +171,20 @@ def _stream_events(url: str, stop: threading.Event, product_ids: np.ndarray) -> 
     return sent
 
 
+def _answered(server: TritonServer, model: str) -> float:
+    return server.metric_by_model("nv_inference_request_success").get(model, 0.0)
+
+
+def _check_sent_once(answered: float, steps: int) -> None:
+    """Each step of the events data carries new event ids: a step sent twice is a duplicate, which
+    the store skips (cheaper than a new event), and would flatter the measurement."""
+    if answered != steps:
+        raise BenchmarkError(
+            f"the events scenario was answered {answered:.0f} times for {steps} steps of input "
+            "data: every step must be sent exactly once"
+        )
+
+
 def ingestion(
     server: TritonServer,
     wrapper: Path,
@@ -186,10 +200,18 @@ def ingestion(
     product_ids = store.load_catalogue(server.config.model_repository).product_ids
     rows = {}
 
-    def measure(name: str, model: str, data: Path, level: int) -> dict:
+    def measure(name: str, model: str, data: Path, level: int, request_count: int = 0) -> dict:
         with cpu_lock(f"realtime {name}"):
             row = perf_analyzer.measure(
-                wrapper, server.grpc_url, model, data, level, out / "raw" / f"{name}.csv", settings
+                wrapper,
+                server.grpc_url,
+                model,
+                data,
+                level,
+                out / "raw" / f"{name}.csv",
+                settings,
+                attempts=1 if request_count else 2,  # a second attempt would resend the data
+                request_count=request_count,
             )
         rows[name] = asdict(row)
         return rows[name]
@@ -197,7 +219,9 @@ def ingestion(
     search = measure("search_c8", store.SEARCH, search_data, INGEST_CONCURRENCY)
     for batch, count in zip((1, 32), steps, strict=True):
         data = _events_data(out / "raw" / f"events_b{batch}.json", product_ids, batch, count)
-        measure(f"events_b{batch}_c8", store.EVENTS, data, INGEST_CONCURRENCY)
+        before = _answered(server, store.EVENTS)
+        measure(f"events_b{batch}_c8", store.EVENTS, data, INGEST_CONCURRENCY, count)
+        _check_sent_once(_answered(server, store.EVENTS) - before, count)
     rises = []
     for number in range(rounds):
         quiet = measure(f"recommend_c1_r{number}", store.RECOMMEND, recommend_data, 1)

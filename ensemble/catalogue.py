@@ -429,9 +429,13 @@ class LiveCatalogue:
         records = list(self.log.records(self.position))
         return self.apply(records) if records else 0
 
-    def served_base_ids(self) -> np.ndarray:
-        """The build's product ids that are still listed."""
-        return self.product_ids[: self.base_rows][self.alive[: self.base_rows]]
+    def listed_in_build(self, product_ids: np.ndarray) -> np.ndarray:
+        """Whether each of ``product_ids`` is one of the build's products and still listed (a
+        binary search each: events validate their products with it on every request)."""
+        rows = self.row_of.rows(product_ids)
+        listed = (rows >= 0) & (rows < self.base_rows)
+        listed[listed] = self.alive[rows[listed]]
+        return listed
 
     @property
     def rows(self) -> int:

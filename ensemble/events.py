@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +23,10 @@ MAX_EVENTS_PER_REQUEST = 1024
 MAX_EVENT_ID_BYTES = 128
 MAX_FUTURE_S = 24 * 3600  # a timestamp further ahead than this is a client clock error
 _KINDS = {name: kind for kind, name in enumerate(EVENT_TYPES)}
+
+
+# Whether each of an array of product ids may be named by an event (a boolean array).
+KnownProducts = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ def parse_events(
     timestamps: object,
     event_ids: object,
     basket_ids: object | None,
-    known_products: np.ndarray,
+    known_products: KnownProducts,
     now: float | None = None,
 ) -> EventRequest:
     """Validate a whole batch; raise InvalidRequest naming the first problem found."""
@@ -79,7 +83,7 @@ def parse_events(
     products = arrays["PRODUCT_IDS"]
     if not np.issubdtype(products.dtype, np.integer):
         raise InvalidRequest(f"PRODUCT_IDS must be integers, got {products.dtype}")
-    unknown = np.flatnonzero(~np.isin(products, known_products))
+    unknown = np.flatnonzero(~known_products(products))
     if len(unknown):
         raise InvalidRequest(
             f"PRODUCT_IDS[{unknown[0]}] = {products[unknown[0]]} is not in the catalogue "

@@ -22,7 +22,7 @@ import numpy as np
 from . import store
 from .catalogue import LiveCatalogue, follow_catalogue_log, refresh_catalogue
 from .dense import VectorIndex, served_dense
-from .events import EventIngest, EventRequest
+from .events import EventIngest, EventRequest, KnownProducts
 from .explain import Explanation, RecommendExplainer, popular_for_newcomers
 from .filters import Attributes, load_attributes, parse_filter
 from .models import OnnxRanker
@@ -284,13 +284,13 @@ class LiveEvents:
         personal, catalogue = Personalization.load(repository, version)
         return cls(personal, follow_catalogue_log(repository, version, catalogue, Attributes()))
 
-    def known_products(self) -> np.ndarray:
-        """The products events may name now: the build's, less those delisted since (a product
+    def known_products(self) -> KnownProducts:
+        """Which products events may name now: the build's, less those delisted since (a product
         added since takes events from the next build on)."""
         if self.live is None:
-            return self.personal.recommender.product_ids
+            return lambda ids: self.personal.recommender.rows_of(ids) >= 0
         refresh_catalogue(self.live)
-        return self.live.served_base_ids()
+        return self.live.listed_in_build
 
     def embedding(self, product_id: int) -> np.ndarray:
         row = self.personal.recommender.row_of[product_id]

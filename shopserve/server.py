@@ -143,6 +143,19 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.http_url.rsplit(':', 1)[0]}:{self.config.metrics_port}/metrics"
 
+    def metric_by_model(self, name: str) -> dict[str, float]:
+        """One of the server's Prometheus counters or gauges (``nv_inference_request_success``,
+        ``shopserve_profile_store_unavailable_total``, ...) per model, summed over versions."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith(name + "{"):
+                labels, value = line.rsplit(" ", 1)
+                model = labels.split('model="', 1)[1].split('"', 1)[0]
+                values[model] = values.get(model, 0.0) + float(value)
+        return values
+
     def command(self, backend_dir: Path, models: list[str]) -> list[str]:
         root = pytriton_root()
         cfg = self.config

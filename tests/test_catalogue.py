@@ -192,7 +192,8 @@ def test_the_live_catalogue_adds_changes_and_deletes(small_shop) -> None:
     assert live.state() == {"position": "3", "applied": 3, "added": 1, "changed": 2, "deleted": 1}
     assert live.product_ids.tolist()[-1] == 900 and live.titles[6] == "zorblax welding mask"
     assert live.known(900) and live.known(101) and not live.known(102)
-    assert live.served_base_ids().tolist() == [100, 101, 103, 104, 105]
+    listed = live.listed_in_build(np.array([100, 102, 105, 900, 7]))  # 900: added since the build
+    assert listed.tolist() == [True, False, True, False, False]
 
     found = retriever("zorblax mask", new_vector)
     assert 6 in found.rows.tolist()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-import urllib.request
 
 import pytest
 from conftest import running_redis, start_server
@@ -22,17 +21,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 SHOPPER = "1"
 QUERY = "yogurt"
-
-
-def unavailable_counts(server) -> dict[str, float]:
-    with urllib.request.urlopen(server.metrics_url) as response:
-        text = response.read().decode()
-    counts = {}
-    for line in text.splitlines():
-        if line.startswith("shopserve_profile_store_unavailable_total{"):
-            labels, value = line.rsplit(" ", 1)
-            counts[labels.split('model="')[1].split('"')[0]] = float(value)
-    return counts
 
 
 def _redis_pid(url: str) -> int:
@@ -70,7 +58,7 @@ def test_search_degrades_and_recommend_refuses_while_redis_is_down(
                 client.recommend(SHOPPER, top_k=5)
             assert refused.value.retryable
             assert len(client.search(QUERY, top_k=10)) == 10  # anonymous requests unaffected
-            counts = unavailable_counts(server)
+            counts = server.metric_by_model("shopserve_profile_store_unavailable_total")
             assert counts.get("search", 0) >= 1 and counts.get("recommend", 0) >= 1
             with running_redis(data, port=port) as url:  # back, with what it had
                 _until_personalised(client)

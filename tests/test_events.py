@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -318,12 +316,9 @@ def test_two_servers_share_one_redis(personal_repository, redis_url, catalogue, 
         assert ids(to_first.recommend(shopper, top_k=10)) == cold
 
 
-def _searches_answered(server) -> int:
+def _searches_answered(server) -> float:
     """How many ``search`` requests ``server`` has answered (its Prometheus metrics)."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    found = re.search(r'nv_inference_request_success\{model="search",version="\d+"\} (\d+)', text)
-    return int(found.group(1)) if found else 0
+    return server.metric_by_model("nv_inference_request_success").get("search", 0.0)
 
 
 def test_one_client_over_two_replicas_balances_and_survives_a_kill(
