@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import PROJECT
 from shopserve.ensemble.explain import (
     SEARCH_SIGNALS,
     Explanation,
@@ -224,3 +225,18 @@ def test_search_explanations_sum_to_the_logit_and_never_count_relevance_against(
             assert all(r.contribution >= -1e-5 for r in explanation.reasons if r.signal in monotone)
             magnitudes = [abs(r.contribution) for r in explanation.reasons]
             assert magnitudes == sorted(magnitudes, reverse=True)
+
+
+def test_the_cost_benchmark_compares_off_with_adapters_that_never_read_explain(tmp_path) -> None:
+    """`benchmarks explain` measures "before EXPLAIN" on the shipped adapters less their one read
+    of the input: anything else that differs would be measured as EXPLAIN's cost."""
+    from benchmarks.explain import EXPLAIN_READ, _adapters_without_explain
+
+    files = _adapters_without_explain(PROJECT / "model_repository", tmp_path)
+    assert set(files) == {"search/{version}/model.py", "recommend/{version}/model.py"}
+    for relative, path in files.items():
+        shipped = (PROJECT / "model_repository" / relative.format(version="1")).read_text()
+        before = path.read_text()
+        assert shipped.count(EXPLAIN_READ) == 1 and "EXPLAIN" not in before.split('"""', 2)[2]
+        assert len(before.splitlines()) == len(shipped.splitlines())
+        compile(before, str(path), "exec")
