@@ -1,6 +1,7 @@
 """``python -m benchmarks explain``: what EXPLAIN costs, with perf_analyzer on real servers.
 
-Each endpoint is measured with and without EXPLAIN on the same server, in turn, ROUNDS times:
+Each endpoint is measured with and without EXPLAIN on the same server, in turn, ROUNDS times, on
+servers started afresh for each round:
 
 * ``search``: the Home Depot store, the log's real queries (first server);
 * ``search_personal`` and ``recommend``: the personalised Instacart store, the log's shoppers and
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -79,6 +81,17 @@ SERVERS = {"search": ("search",), "personal": ("search_personal", "recommend")}
 MODELS = {"search": store.SEARCH, "search_personal": store.SEARCH, "recommend": store.RECOMMEND}
 
 
+def _fresh_server(repository: Path, name: str, server_name: str) -> TritonServer:
+    """A server of ``repository`` whose live state (profiles, catalogue log) starts as built: both
+    servers of a round start alike, and each round starts afresh."""
+    work = WORK_DIR / "triton" / name
+    shutil.rmtree(work, ignore_errors=True)
+    return TritonServer(
+        ServerConfig(repository, *free_ports(3), work_dir=work),
+        log_file=WORK_DIR / "logs" / f"{name}-{server_name}.log",
+    )
+
+
 def run(
     repository: Path,
     personal_repository: Path,
@@ -88,8 +101,9 @@ def run(
     rounds_count: int = ROUNDS,
     queries: int = QUERIES,
 ) -> dict:
-    """Measure each scenario off and on, alternating, on one server per store; write
-    ``explain.json`` and ``explain.md`` and return the result."""
+    """Measure each scenario off, on and before EXPLAIN, in turn, on two servers per store (as
+    shipped, and never reading EXPLAIN) started afresh for each round; write ``explain.json`` and
+    ``explain.md`` and return the result."""
     wrapper = perf_analyzer.install()
     manifest = json.loads((repository / store.MANIFEST_FILE).read_text())
     home_depot = load_traffic(manifest, queries).queries
@@ -106,23 +120,21 @@ def run(
             source,
             files=_adapters_without_explain(source, raw),
         )
-        servers = [
-            TritonServer(
-                ServerConfig(repo, *free_ports(3), work_dir=WORK_DIR / "triton" / name),
-                log_file=WORK_DIR / "logs" / f"{name}-{server_name}.log",
-            )
-            for name, repo in (("explain", variant), ("explain-before", before))
-        ]
-        with servers[0] as server, servers[1] as earlier:
-            for scenario in SERVERS[server_name]:
-                files = _input_files(scenario, home_depot, shoppers, raw)
-                targets = {
-                    "off": (server, files[False]),
-                    "on": (server, files[True]),
-                    "before": (earlier, files[False]),
-                }
-                for number in range(rounds_count):
-                    for state, (target, path) in targets.items():
+        for number in range(rounds_count):
+            with (
+                _fresh_server(variant, "explain", server_name) as server,
+                _fresh_server(before, "explain-before", server_name) as earlier,
+            ):
+                for scenario in SERVERS[server_name]:
+                    files = _input_files(scenario, home_depot, shoppers, raw)
+                    targets = {
+                        "off": (server, files[False]),
+                        "on": (server, files[True]),
+                        "before": (earlier, files[False]),
+                    }
+                    turn = number % len(STATES)  # each state first in turn: no order bias
+                    for state in STATES[turn:] + STATES[:turn]:
+                        target, path = targets[state]
                         for level in CONCURRENCY:
                             key = f"{scenario} {state} c{level}"
                             with cpu_lock(f"explain {key}"):
@@ -182,8 +194,9 @@ def markdown(result: dict) -> str:
         "# What EXPLAIN costs",
         "",
         f"Commit {result['commit']}, {result['date_utc']}. perf_analyzer on real servers, each "
-        f"scenario off and on in turn, {result['rounds']} rounds (medians; ratios: the median of "
-        "the ratios within each round). Written by `python -m benchmarks explain`.",
+        f"scenario off, on and before in turn (each first in one round), {result['rounds']} rounds "
+        "on servers started afresh for each (medians; ratios: the median of the ratios within "
+        "each round). Written by `python -m benchmarks explain`.",
         "",
         "| scenario | EXPLAIN (before: a server that never reads it) | c1 p50 ms | c1 p99 ms | "
         "c8 req/s |",
