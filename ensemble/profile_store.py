@@ -348,14 +348,9 @@ class SqliteProfileStore(ProfileStore):
             raise
         self._db.execute("COMMIT")
 
-    def _items(self, user_key: str, products: Iterable[int] | None = None) -> dict[int, ItemStats]:
+    def _items(self, user_key: str) -> dict[int, ItemStats]:
         query = f"SELECT product_id, {', '.join(_ITEM_COLUMNS)} FROM user_items WHERE user_key = ?"
-        arguments: list = [user_key]
-        if products is not None:
-            wanted = sorted(products)
-            query += f" AND product_id IN ({', '.join('?' * len(wanted))})"
-            arguments += wanted
-        return {row[0]: ItemStats(*row[1:]) for row in self._db.execute(query, arguments)}
+        return {row[0]: ItemStats(*row[1:]) for row in self._db.execute(query, (user_key,))}
 
     def _user(self, user_key: str) -> tuple | None:
         return self._db.execute(
@@ -396,14 +391,7 @@ class SqliteProfileStore(ProfileStore):
             fresh = {u: f for u, f in fresh.items() if f}
             if not fresh:
                 return set()
-            users = dict(
-                (row[0], row[1:])
-                for row in self._db.execute(
-                    f"SELECT user_key, {', '.join(_USER_COLUMNS)} FROM users WHERE user_key IN "
-                    f"({', '.join('?' * len(fresh))})",
-                    list(fresh),
-                )
-            )
+            users = self._users(list(fresh))
             items = self._select_pairs(
                 "user_items", ["product_id", *_ITEM_COLUMNS], "product_id", fresh
             )
@@ -488,22 +476,47 @@ class SqliteProfileStore(ProfileStore):
             )
             self._set_namespace(namespace)
 
+    def _per_statement(self, values_each: int) -> int:
+        """How many items of ``values_each`` bound values fit one statement: SQLite's build sets
+        the limit (32,766 by default, 250,000 in Debian's), and a group of event batches can
+        carry more."""
+        return max(1, self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // values_each)
+
+    def _users(self, user_keys: list[str]) -> dict[str, tuple]:
+        """The users rows of ``user_keys`` that exist, by key (without the key)."""
+        found: dict[str, tuple] = {}
+        step = self._per_statement(1)
+        for start in range(0, len(user_keys), step):
+            chunk = user_keys[start : start + step]
+            rows = self._db.execute(
+                f"SELECT user_key, {', '.join(_USER_COLUMNS)} FROM users WHERE user_key IN "
+                f"({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            found.update((row[0], row[1:]) for row in rows)
+        return found
+
     def _select_pairs(
         self, table: str, columns: Sequence[str], key: str, groups: dict[str, list[StoredEvent]]
     ) -> dict[str, list[tuple]]:
         """Rows of ``table`` (user_key, ``columns``...) whose (user_key, ``key``) pair an event of
-        ``groups`` carries (its attribute of the same name), by user: one indexed join."""
+        ``groups`` carries (its attribute of the same name), by user: indexed joins, as few as
+        the limit on a statement's bound values allows."""
         pairs = sorted({(u, getattr(e, key)) for u, g in groups.items() for e in g})
-        wanted = ", ".join(["(?, ?)"] * len(pairs))
         selected = ", ".join(f"{table}.{c}" for c in ("user_key", *columns))
-        rows = self._db.execute(
-            f"WITH wanted(user_key, value) AS (VALUES {wanted}) SELECT {selected} FROM wanted "
-            f"JOIN {table} ON {table}.user_key = wanted.user_key AND {table}.{key} = wanted.value",
-            [x for pair in pairs for x in pair],
-        )
         found: dict[str, list[tuple]] = {}
-        for row in rows:
-            found.setdefault(row[0], []).append(row)
+        step = self._per_statement(2)
+        for start in range(0, len(pairs), step):
+            chunk = pairs[start : start + step]
+            wanted = ", ".join(["(?, ?)"] * len(chunk))
+            rows = self._db.execute(
+                f"WITH wanted(user_key, value) AS (VALUES {wanted}) SELECT {selected} FROM wanted "
+                f"JOIN {table} ON {table}.user_key = wanted.user_key "
+                f"AND {table}.{key} = wanted.value",
+                [x for pair in chunk for x in pair],
+            )
+            for row in rows:
+                found.setdefault(row[0], []).append(row)
         return found
 
     def forget(self, user_key: str) -> bool:

@@ -4,6 +4,8 @@ and a forgotten shopper stays forgotten whichever build a server starts on."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import numpy as np
 import pytest
 from conftest import running_redis
@@ -271,3 +273,20 @@ def test_an_event_in_the_shop_files_and_the_log_counts_once(tmp_path) -> None:
     merged = with_event_log(load_events(shop, catalogue), key, load_event_log(log, catalogue))
     pairs = sorted(zip(merged.user_ids, merged.product_ids.tolist(), strict=True))
     assert pairs == [("key-a", 1), ("key-a", 2), ("key-a", 4), ("key-b", 3), ("key-b", 5)]
+
+
+def test_a_group_larger_than_sqlites_limit_on_bound_values_is_taken_whole(tmp_path) -> None:
+    """SQLite's build sets how many values one statement binds (32,766 by default, 250,000 in
+    Debian's); a group of event batches may carry more, and is then looked up in several
+    statements, in the same transaction."""
+    live = SqliteProfileStore(tmp_path / "live.sqlite")
+    live._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 50)  # a small build of SQLite
+    first = [_event(shopper, 10 + shopper % 7, f"k{shopper}", 100.0) for shopper in range(120)]
+    assert live.apply(first, _embedding) == {e.event_key for e in first}
+    again = [*first[::2], *[_event(s, 3, f"n{s}", 200.0) for s in range(60, 180)]]
+    assert live.apply(again, _embedding) == {f"n{s}" for s in range(60, 180)}  # retries skipped
+    _same_profiles(live, _expected_from_nothing(first + again[60:]))
+
+
+def _expected_from_nothing(events: list[StoredEvent]) -> dict:
+    return replay(LiveState.of({}), [_record(e) for e in events], _embedding, KNOWN).profiles
