@@ -92,6 +92,31 @@ def _fresh_server(repository: Path, name: str, server_name: str) -> TritonServer
     )
 
 
+def _measure(
+    wrapper: Path,
+    server: TritonServer,
+    scenario: str,
+    data: Path,
+    level: int,
+    settings: perf_analyzer.Settings,
+    raw: Path,
+    key: str,
+    number: int,
+) -> dict:
+    """One perf_analyzer measurement of ``key`` in round ``number``, as a dict."""
+    with cpu_lock(f"explain {key}"):
+        row = perf_analyzer.measure(
+            wrapper,
+            server.grpc_url,
+            MODELS[scenario],
+            data,
+            level,
+            raw / f"{key.replace(' ', '-')}-r{number}.csv",
+            settings,
+        )
+    return asdict(row)
+
+
 def run(
     repository: Path,
     personal_repository: Path,
@@ -120,13 +145,13 @@ def run(
             source,
             files=_adapters_without_explain(source, raw),
         )
+        inputs = {s: _input_files(s, home_depot, shoppers, raw) for s in SERVERS[server_name]}
         for number in range(rounds_count):
             with (
                 _fresh_server(variant, "explain", server_name) as server,
                 _fresh_server(before, "explain-before", server_name) as earlier,
             ):
-                for scenario in SERVERS[server_name]:
-                    files = _input_files(scenario, home_depot, shoppers, raw)
+                for scenario, files in inputs.items():
                     targets = {
                         "off": (server, files[False]),
                         "on": (server, files[True]),
@@ -137,19 +162,10 @@ def run(
                         target, path = targets[state]
                         for level in CONCURRENCY:
                             key = f"{scenario} {state} c{level}"
-                            with cpu_lock(f"explain {key}"):
-                                row = perf_analyzer.measure(
-                                    wrapper,
-                                    target.grpc_url,
-                                    MODELS[scenario],
-                                    path,
-                                    level,
-                                    raw / f"{key.replace(' ', '-')}-r{number}.csv",
-                                    settings,
-                                )
-                            measured.setdefault(scenario, {}).setdefault(key, []).append(
-                                asdict(row)
+                            row = _measure(
+                                wrapper, target, scenario, path, level, settings, raw, key, number
                             )
+                            measured.setdefault(scenario, {}).setdefault(key, []).append(row)
     result = summarise(measured, rounds_count)
     write_results(out, "explain", result, markdown(result))
     log.info("explain: %s", result["ratios"])

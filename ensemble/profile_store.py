@@ -28,6 +28,7 @@ from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
@@ -37,6 +38,7 @@ from .redis_link import is_redis, public_location
 
 PROFILE_STORE_ENV = "SHOPSERVE_PROFILE_STORE"  # where the live store is (set by shopserve serve)
 LIVE_PROFILES_FILE = "live.sqlite"  # the embedded live store, under the server's work folder
+T = TypeVar("T")
 Embedding = Callable[[int], np.ndarray]  # product id -> its embedding (the taste vector's part)
 
 _SCHEMA = """
@@ -476,18 +478,18 @@ class SqliteProfileStore(ProfileStore):
             )
             self._set_namespace(namespace)
 
-    def _per_statement(self, values_each: int) -> int:
-        """How many items of ``values_each`` bound values fit one statement: SQLite's build sets
-        the limit (32,766 by default, 250,000 in Debian's), and a group of event batches can
-        carry more."""
-        return max(1, self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // values_each)
+    def _statement_chunks(self, items: list[T], values_each: int) -> Iterator[list[T]]:
+        """``items`` in chunks that fit one statement at ``values_each`` bound values an item:
+        SQLite's build sets the limit (32,766 by default, 250,000 in Debian's), and a group of
+        event batches can carry more."""
+        step = max(1, self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // values_each)
+        for start in range(0, len(items), step):
+            yield items[start : start + step]
 
     def _users(self, user_keys: list[str]) -> dict[str, tuple]:
         """The users rows of ``user_keys`` that exist, by key (without the key)."""
         found: dict[str, tuple] = {}
-        step = self._per_statement(1)
-        for start in range(0, len(user_keys), step):
-            chunk = user_keys[start : start + step]
+        for chunk in self._statement_chunks(user_keys, 1):
             rows = self._db.execute(
                 f"SELECT user_key, {', '.join(_USER_COLUMNS)} FROM users WHERE user_key IN "
                 f"({', '.join('?' * len(chunk))})",
@@ -505,9 +507,7 @@ class SqliteProfileStore(ProfileStore):
         pairs = sorted({(u, getattr(e, key)) for u, g in groups.items() for e in g})
         selected = ", ".join(f"{table}.{c}" for c in ("user_key", *columns))
         found: dict[str, list[tuple]] = {}
-        step = self._per_statement(2)
-        for start in range(0, len(pairs), step):
-            chunk = pairs[start : start + step]
+        for chunk in self._statement_chunks(pairs, 2):
             wanted = ", ".join(["(?, ?)"] * len(chunk))
             rows = self._db.execute(
                 f"WITH wanted(user_key, value) AS (VALUES {wanted}) SELECT {selected} FROM wanted "
