@@ -4,6 +4,7 @@ shopper as of before a basket, and what that basket held)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -176,12 +177,30 @@ def _category_index(catalogue: CatalogueData) -> np.ndarray:
     )
 
 
-def split_users(users: Sequence[str], validation_fraction: float, seed: int) -> tuple[list, list]:
-    shuffled = list(users)
+def split_users(
+    events: EventsData, lines: Mapping[str, Timeline], validation_fraction: float, seed: int
+) -> tuple[list, list]:
+    """Train and validation shoppers, drawn by ``seed`` from the shoppers ordered by a digest of
+    their histories: the split depends on what the shoppers did, not on their ids, so a build whose
+    ids are keyed hashes (an exported event log) splits the same way whatever the secret."""
+    users = list(lines)
+    shuffled = sorted(users, key=lambda user: _history_digest(events, lines[user]))
     np.random.default_rng(seed).shuffle(shuffled)
     cut = round(len(shuffled) * validation_fraction)
     validation = set(shuffled[:cut])
     return [u for u in users if u not in validation], [u for u in users if u in validation]
+
+
+def _history_digest(events: EventsData, line: Timeline) -> bytes:
+    """A digest of (timestamp, product, event type) over the shopper's events, in an order that does
+    not depend on the file's (events of one basket often share a timestamp)."""
+    columns = [events.timestamps, events.product_ids, events.events]
+    values = [column[line.positions] for column in columns]
+    order = np.lexsort(values[::-1])
+    digest = hashlib.blake2b(digest_size=16)
+    for column in values:
+        digest.update(np.ascontiguousarray(column[order]).tobytes())
+    return digest.digest()
 
 
 @dataclass(frozen=True)

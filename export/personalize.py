@@ -247,7 +247,7 @@ def build_personalization(
     )
     lines = timelines(events)
     users = list(lines)
-    train_users, validation_users = split_users(users, validation_fraction, seed)
+    train_users, validation_users = split_users(events, lines, validation_fraction, seed)
     train_cuts = [HistoryCut.of(catalogue, events, lines, n, embedding) for n in TRAINING_LABELS]
     train_cut = train_cuts[0]
     held_out = HistoryCut.of(catalogue, events, lines, 1, embedding)

@@ -15,7 +15,7 @@ from shopserve.ensemble.profiles import (
     UserKeys,
 )
 from shopserve.export.data import CatalogueData, DataError, load_events, parse_timestamp
-from shopserve.export.history import timelines
+from shopserve.export.history import split_users, timelines
 
 CATALOGUE = CatalogueData(np.array([1, 2, 3, 4], dtype=np.int64), ["a", "b", "c", "d"])
 ONES = np.ones(4, dtype=np.float32)
@@ -93,6 +93,22 @@ def test_timelines_number_baskets_like_profiles(tmp_path) -> None:
     assert line.baskets == 2 and line.basket_of.tolist() == [0, -1, 1, 1]
     assert line.items(events, 1) == {2, 3}
     assert line.before(events, 1).tolist() == [0, 1]  # the view came before basket 1 began
+
+
+def test_the_validation_split_follows_histories_not_ids(tmp_path) -> None:
+    """Renaming every shopper (a log under another secret's hashes) and reordering a basket's
+    events of one timestamp draw the same shoppers for validation."""
+    histories = [[f"{1 + p % 4},{t},purchase,b{t}" for p in range(t % 3 + 1)] for t in range(40)]
+    plain, renamed = tmp_path / "plain.csv", tmp_path / "renamed.csv"
+    write(plain, [f"u{n},{row}" for n, rows in enumerate(histories) for row in rows])
+    write(renamed, [f"{99 - n:x},{row}" for n, rows in enumerate(histories) for row in rows[::-1]])
+    splits = []
+    for path in (plain, renamed):
+        events = load_events(path, CATALOGUE)
+        train, validation = split_users(events, timelines(events), 0.25, seed=13)
+        assert len(validation) == 10 and not set(train) & set(validation)
+        splits.append(sorted(int(u[1:]) if u[0] == "u" else 99 - int(u, 16) for u in validation))
+    assert splits[0] == splits[1]
 
 
 def test_profile_store_round_trip_keyed_by_hash(tmp_path) -> None:
