@@ -82,6 +82,10 @@ CREATE TABLE IF NOT EXISTS event_log (
     logged_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS live_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS applied_erasures (
+    user_key TEXT PRIMARY KEY,
+    erased_at REAL NOT NULL
+) WITHOUT ROWID;
 """
 _LOG_COLUMNS = ("user_key", "event_key", "product_id", "kind", "timestamp", "basket_key")
 _LOG_FIELDS = (*_LOG_COLUMNS, "logged_at")
@@ -123,19 +127,45 @@ class LogRecord:
 
 @dataclass
 class LiveState:
-    """What a live store holds for one build: profiles, and the event keys folded into them."""
+    """What a live store holds for one build: profiles, the event keys folded into them, and the
+    erasures the build applied (keyed hash -> when the shopper was forgotten)."""
 
     profiles: dict[str, Profile]
     seen: dict[str, set[str]]
-    position: str  # the last log record folded ("" for none)
-    watermark: float  # the snapshot's latest event: logged events up to it are in the snapshot
+    erased: dict[str, float]
+    watermarks: dict[str, float]  # each shopper's latest event in the snapshot (see ``replay``)
+    position: str = ""  # the last log record folded ("" for none)
     replayed: int = 0  # how many logged events were folded over the snapshot
 
     @classmethod
-    def of(cls, profiles: Iterable[tuple[str, Profile]]) -> LiveState:
+    def of(
+        cls,
+        profiles: Iterable[tuple[str, Profile]],
+        seen: dict[str, set[str]] | None = None,
+        erased: dict[str, float] | None = None,
+    ) -> LiveState:
         profiles = dict(profiles)
-        latest = max((p.last_ts for p in profiles.values()), default=0.0)
-        return cls(profiles, {}, "", latest)
+        watermarks = {user: profile.last_ts for user, profile in profiles.items()}
+        return cls(profiles, seen or {}, erased or {}, watermarks)
+
+    @classmethod
+    def of_snapshot(cls, path: Path) -> LiveState:
+        """A build's snapshot file as a live state (nothing replayed yet)."""
+        snapshot = SqliteProfileStore(path, readonly=True)
+        try:
+            return cls.of(snapshot.profiles(), snapshot.seen_keys(), snapshot.applied_erasures())
+        finally:
+            snapshot.close()
+
+    def erase(self, user_key: str) -> None:
+        for held in (self.profiles, self.seen, self.watermarks):
+            held.pop(user_key, None)
+
+
+def already_folded(erasure: StoredEvent, erased: dict[str, float]) -> bool:
+    """Whether the build applied this erasure record (or a later one) already: the shopper's
+    events logged after it are then in the snapshot, and must not be dropped again."""
+    return erasure.timestamp <= erased.get(erasure.user_key, -np.inf)
 
 
 def replay(
@@ -144,22 +174,23 @@ def replay(
     embedding: Embedding,
     known: Container[int],
 ) -> LiveState:
-    """Fold log records over ``state`` in log order: an erasure drops the shopper; an event is
-    skipped when its key was folded before, when it is not after the snapshot's watermark (the
-    build's own event files hold it), or when it names a product the build does not serve
-    (delisted since). Live ingestion logs each batch in the order it folded it, so this gives the
-    profiles the live store had."""
+    """Fold log records over ``state`` in log order: an erasure drops the shopper (unless the
+    build applied it); an event is skipped when its key was folded before (the build folded an
+    export of the log holding it), when it is not after the shopper's latest event in the
+    snapshot (their watermark: the build's own event files hold it), or when it names a product
+    the build does not serve (delisted since). Live ingestion logs each batch in the order it
+    folded it, so this gives the profiles the live store had."""
     for record in records:
         event = record.event
         state.position = record.position
         if event.kind == ERASED:
-            state.profiles.pop(event.user_key, None)
-            state.seen.pop(event.user_key, None)
+            if not already_folded(event, state.erased):
+                state.erase(event.user_key)
             continue
         seen = state.seen.setdefault(event.user_key, set())
         if (
             event.event_key in seen
-            or event.timestamp <= state.watermark
+            or event.timestamp <= state.watermarks.get(event.user_key, -np.inf)
             or event.product_id not in known
         ):
             continue
@@ -219,10 +250,16 @@ def in_fold_order(events: Iterable[StoredEvent]) -> list[StoredEvent]:
     return sorted(events, key=lambda e: e.timestamp)
 
 
-def fold(profile: Profile, events: Iterable[StoredEvent], embedding: Embedding) -> set[int]:
-    """Apply events in time order; return the products they touched."""
+def fold(
+    profile: Profile,
+    events: Iterable[StoredEvent],
+    embedding: Embedding,
+    in_time_order: bool = True,
+) -> set[int]:
+    """Apply events in time order (or, for a replay of the log, in the order given: the order
+    they were folded live); return the products they touched."""
     touched = set()
-    for event in in_fold_order(events):
+    for event in in_fold_order(events) if in_time_order else events:
         profile.apply(event.product_id, event.kind, event.timestamp, event.basket_key, embedding)
         touched.add(event.product_id)
     return touched
@@ -238,19 +275,19 @@ ERASED_EVENT = "forget"  # an erasure's event name in an export
 
 
 def export_log(store: ProfileStore, path: Path, since: float = 0.0) -> tuple[int, int]:
-    """Write the log records the store accepted at or after ``since`` (Unix seconds) to a CSV in
-    the events format, ids as the keyed hashes the store holds (column ``user_key``), erasures as
-    event ``forget``; return (events, erasures) written."""
+    """Write the log's events accepted at or after ``since`` (Unix seconds), and every erasure
+    record however old, to a CSV in the events format, ids as the keyed hashes the store holds
+    (column ``user_key``), erasures as event ``forget``; return (events, erasures) written."""
     counts = [0, 0]
     partial = path.with_name(path.name + ".partial")
     with partial.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow([*EXPORT_COLUMNS, "logged_at"])
         for record in store.log():
-            if record.logged_at < since:
-                continue
             event = record.event
             erased = event.kind == ERASED
+            if record.logged_at < since and not erased:  # erasures hold whatever their age
+                continue
             name = ERASED_EVENT if erased else EVENT_TYPES[event.kind]
             writer.writerow(
                 [
@@ -402,7 +439,7 @@ class SqliteProfileStore(ProfileStore):
                 stats = {row[1]: ItemStats(*row[2:]) for row in items.get(user_key, [])}
                 user = users.get(user_key)
                 profile = Profile(items=stats) if user is None else _profile(user, stats)
-                touched = fold(profile, batch, embedding)
+                touched = fold(profile, batch, embedding, in_time_order=log)
                 user_rows.append((user_key, *_user_row(profile)))
                 item_rows += [(user_key, p, *profile.items[p].row()) for p in touched]
             self._db.executemany(
@@ -534,6 +571,43 @@ class SqliteProfileStore(ProfileStore):
     def users(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM users").fetchone()[0]
 
+    def record_folded_log(self, seen: dict[str, set[str]], erased: dict[str, float]) -> None:
+        """Record in a build's snapshot what it folded from an exported event log: the logged
+        events' keys, and the erasures it applied (so no replay over it counts them again)."""
+        with self._transaction("IMMEDIATE"):
+            self._db.executemany(
+                "INSERT OR IGNORE INTO seen_events VALUES (?, ?)",
+                [(u, k) for u, keys in seen.items() for k in keys],
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO applied_erasures VALUES (?, ?)", list(erased.items())
+            )
+
+    def seen_keys(self) -> dict[str, set[str]]:
+        seen: dict[str, set[str]] = {}
+        for user_key, event_key in self._db.execute("SELECT user_key, event_key FROM seen_events"):
+            seen.setdefault(user_key, set()).add(event_key)
+        return seen
+
+    def applied_erasures(self) -> dict[str, float]:
+        """The erasures a build's snapshot applied (none in a snapshot written before they were
+        recorded)."""
+        if not self._has_table("applied_erasures"):
+            return {}
+        return dict(self._db.execute("SELECT user_key, erased_at FROM applied_erasures"))
+
+    def last_event_time(self, user_key: str) -> float:
+        """The time of the shopper's latest event (minus infinity for none): a snapshot's
+        watermark for them."""
+        row = self._db.execute(
+            "SELECT last_ts FROM users WHERE user_key = ?", (user_key,)
+        ).fetchone()
+        return -np.inf if row is None else float(row[0])
+
+    def _has_table(self, name: str) -> bool:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return self._db.execute(query, (name,)).fetchone() is not None
+
     def profiles(self) -> Iterator[tuple[str, Profile]]:
         """Every stored profile (to seed another store from this one)."""
         for (user_key,) in self._db.execute("SELECT user_key FROM users").fetchall():
@@ -639,12 +713,7 @@ def seed(
     the build changes; a Redis namespace is seeded once and then catches up with the log."""
 
     def from_snapshot(live: ProfileStore) -> LiveState:
-        snapshot_store = SqliteProfileStore(snapshot, readonly=True)
-        try:
-            state = LiveState.of(snapshot_store.profiles())
-        finally:
-            snapshot_store.close()
-        return replay(state, live.log(), embedding, known)
+        return replay(LiveState.of_snapshot(snapshot), live.log(), embedding, known)
 
     text = str(location)
     shown = public_location(text)
@@ -652,7 +721,7 @@ def seed(
     try:
         if not isinstance(live, SqliteProfileStore):  # a Redis namespace
             count = live.seed_once(lambda: from_snapshot(live), namespace)
-            caught_up = live.catch_up(embedding, known)
+            caught_up = live.catch_up(embedding, known, snapshot)
             done = (
                 f"{shown} already holds namespace {namespace}"
                 if count is None

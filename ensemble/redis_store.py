@@ -8,7 +8,9 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from pathlib import Path
 
+import numpy as np
 import redis
 
 from .profile_store import (
@@ -21,11 +23,13 @@ from .profile_store import (
     LogRecord,
     ProfileStore,
     ProfileStoreUnavailable,
+    SqliteProfileStore,
     StoredEvent,
     _by_user,
     _fresh,
     _profile,
     _user_row,
+    already_folded,
     erasure,
     fold,
     in_fold_order,
@@ -56,6 +60,13 @@ def require_fsync(client: redis.Redis, url: str) -> None:
             f"{public_location(url)}: Redis must fsync every write to keep acknowledged writes "
             f"(appendonly yes, appendfsync always); it has {settings}"
         )
+
+
+def _entry_id(position: str | bytes) -> tuple[int, int]:
+    """A Redis Stream entry id (``milliseconds-sequence``) as a comparable pair."""
+    text = position.decode() if isinstance(position, bytes) else position
+    milliseconds, sequence = text.split("-")
+    return int(milliseconds), int(sequence)
 
 
 class RedisProfileStore(ProfileStore):
@@ -183,7 +194,7 @@ class RedisProfileStore(ProfileStore):
             }
             stored = pipe.hgetall(user)
             profile = self._profile(stored, stats) if stored else Profile(items=stats)
-            commands += self._writes(user_key, profile, fold(profile, fresh, embedding))
+            commands += self._writes(user_key, profile, fold(profile, fresh, embedding, log))
             commands.append(("SADD", seen_key, *(e.event_key for e in fresh)))
             if log:
                 commands += [self._append(e) for e in in_fold_order(fresh)]
@@ -223,7 +234,19 @@ class RedisProfileStore(ProfileStore):
             commands.append(("XDEL", self.log_key, *(r.position for r in logged)))
         commands.append(self._append(erasure(user_key)))
         removed = self._transaction(commands)
-        return bool(removed[0]) or any(r.event.kind != ERASED for r in logged)
+        # Another server may have logged an event of the shopper between the scan and the
+        # transaction: its profile writes were deleted with the keys, its log record goes now.
+        erased_at = _entry_id(removed[-1])
+        late = [
+            r.position
+            for r in self.log()
+            if r.event.user_key == user_key
+            and r.event.kind != ERASED
+            and _entry_id(r.position) < erased_at
+        ]
+        if late:
+            self.client.xdel(self.log_key, *late)
+        return bool(removed[0]) or bool(late) or any(r.event.kind != ERASED for r in logged)
 
     def compact(self, before: float) -> int:
         old = [r.position for r in self.log() if r.logged_at < before and r.event.kind != ERASED]
@@ -231,24 +254,33 @@ class RedisProfileStore(ProfileStore):
             self.client.xdel(self.log_key, *old[start : start + self.LOG_PAGE])
         return len(old)
 
-    def catch_up(self, embedding: Embedding, known: Container[int]) -> int:
+    def catch_up(self, embedding: Embedding, known: Container[int], snapshot: Path) -> int:
         """Fold the log records after this namespace's last replayed position (events logged
-        through another build's namespace since this one last started); return how many events
-        were new here. Idempotent: folded event keys are skipped."""
+        through another build's namespace since this one last started) by the rules of
+        :func:`replay` over the build's ``snapshot``; return how many events were new here.
+        Idempotent: folded event keys are skipped."""
         replayed = f"{self.prefix}replayed"
-        position, watermark = self.client.mget(replayed, f"{self.prefix}watermark")
-        position, watermark = (position or b"").decode(), float(watermark or 0.0)
+        position = (self.client.get(replayed) or b"").decode()
+        build = SqliteProfileStore(snapshot, readonly=True)
+        applied, erased_here = build.applied_erasures(), set()
         folded, pending = 0, []
         for record in self.log(position):
-            position = record.position
-            erased = record.event.kind == ERASED
-            if erased or len(pending) == self.CATCH_UP_BATCH:  # in log order, bounded batches
+            position, event = record.position, record.event
+            erasure = event.kind == ERASED
+            if erasure or len(pending) == self.CATCH_UP_BATCH:  # in log order, bounded batches
                 folded += len(self.apply(pending, embedding, log=False)) if pending else 0
                 pending = []
-            if erased:
-                self.client.delete(*self._keys(record.event.user_key))
-            elif record.event.product_id in known and record.event.timestamp > watermark:
-                pending.append(record.event)
+            if erasure:
+                if not already_folded(event, applied):
+                    self.client.delete(*self._keys(event.user_key))
+                    erased_here.add(event.user_key)
+                continue
+            watermark = (
+                -np.inf if event.user_key in erased_here else build.last_event_time(event.user_key)
+            )
+            if event.product_id in known and event.timestamp > watermark:
+                pending.append(event)
+        build.close()
         if pending:
             folded += len(self.apply(pending, embedding, log=False))
         self.client.set(replayed, position)
@@ -306,7 +338,6 @@ class RedisProfileStore(ProfileStore):
         commands, count = self._put_commands(live.profiles.items())
         commands += [("SADD", self._keys(u)[2], *keys) for u, keys in live.seen.items() if keys]
         commands.append(("SET", f"{self.prefix}replayed", live.position))
-        commands.append(("SET", f"{self.prefix}watermark", repr(live.watermark)))
         commands.append(("SET", f"{self.prefix}seeded", marker))
         return None if self._transaction(commands, pipe) is None else count
 

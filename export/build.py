@@ -32,6 +32,7 @@ from .audit import audit_summary
 from .cache import cache_key, cache_root, file_digest
 from .data import (
     CatalogueData,
+    EventLog,
     HashedIds,
     Judgments,
     fingerprint,
@@ -353,6 +354,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         events = load_events(options.events, catalogue) if options.events else None
         keys: UserKeys | HashedIds | None = UserKeys.from_environment() if events else None
         folded_log: dict | None = None
+        event_log: EventLog | None = None
         if options.events_log is not None:
             if events is None or keys is None:
                 raise BuildError("--events-log needs --events (the shop's own events file)")
@@ -583,6 +585,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
                 writer,
                 options.seed,
                 options.rec_ranker,
+                event_log,
             )
             if folded_log is not None:
                 record["personalization"]["event_log"] = folded_log

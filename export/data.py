@@ -324,25 +324,52 @@ class EventLog:
     """An exported event log: events under keyed hashes (deduplicated by event key), and when each
     erased shopper was forgotten."""
 
-    events: EventsData
+    events: EventsData  # of an erased shopper, only those logged after the erasure
     erased: dict[str, float]  # keyed hash -> the time of the erasure
     duplicates: int  # rows whose event key came before (a retried write)
 
+    def event_keys(self) -> dict[str, set[str]]:
+        """Each shopper's logged event keys (a build records them: no replay counts them again)."""
+        keys: dict[str, set[str]] = {}
+        for user, key in zip(self.events.user_ids, self.events.event_ids, strict=True):
+            keys.setdefault(user, set()).add(key)
+        return keys
+
 
 def load_event_log(path: Path, catalogue: CatalogueData) -> EventLog:
-    """Read an export of a live store's event log (``shopserve events export``)."""
-    rows = _read_rows(path, {}, ("user_key", "product_id", "timestamp", "event", "event_key"))
-    erased: dict[str, float] = {}
-    events, seen, erasures = [], set(), 0
+    """Read an export of a live store's event log (``shopserve events export``). Of a shopper it
+    erased, the events logged after the erasure are kept (whatever their own timestamps say:
+    the client's clock is not the server's)."""
+    required = ("user_key", "product_id", "timestamp", "event", "event_key", "logged_at")
+    rows = _read_rows(path, {}, required)
+    erasures = {
+        str(row["user_key"]).strip(): (line, row)
+        for line, row in enumerate(rows, start=2)
+        if str(row["event"]).strip() == ERASED_EVENT
+    }
+    erased = {user: parse_timestamp(row["timestamp"]) for user, (_, row) in erasures.items()}
+    erased_logged = {user: _logged_at(path, line, row) for user, (line, row) in erasures.items()}
+    events, seen, duplicates = [], set(), 0
     for line, row in enumerate(rows, start=2):
+        user = str(row["user_key"]).strip()
         if str(row["event"]).strip() == ERASED_EVENT:
-            erased[str(row["user_key"]).strip()] = parse_timestamp(row["timestamp"])
-            erasures += 1
-        elif (row["user_key"], row["event_key"]) not in seen:
-            seen.add((row["user_key"], row["event_key"]))
+            continue
+        if (user, row["event_key"]) in seen:
+            duplicates += 1
+        elif _logged_at(path, line, row) > erased_logged.get(user, -np.inf):
+            seen.add((user, row["event_key"]))
             events.append((line, row))
-    duplicates = len(rows) - len(events) - erasures
-    return EventLog(_events(path, events, catalogue, "user_key", "event_key"), erased, duplicates)
+    log_events = _events(path, events, catalogue, "user_key", "event_key")
+    return EventLog(log_events, erased, duplicates)
+
+
+def _logged_at(path: Path, line: int, row: dict) -> float:
+    try:
+        return float(row["logged_at"])
+    except (TypeError, ValueError):
+        raise DataError(
+            f"{path}: line {line}: logged_at must be a number, got {row['logged_at']!r}"
+        ) from None
 
 
 class HashedIds:
@@ -355,7 +382,8 @@ class HashedIds:
 
 def with_event_log(events: EventsData, key: Callable[[str], str], log: EventLog) -> EventsData:
     """The shop's events under keyed hashes (``key``) together with the log's; of a shopper the
-    log erased, only the events after the erasure are kept. A logged event whose key is a shop
+    log erased, only the shop's events after the erasure are kept (the log holds only those
+    logged after it). A logged event whose key is a shop
     event's (the same ``event_id`` of the same shopper: the shop's files already hold the event
     that reached the server live) counts once."""
     hashed = [key(user) for user in events.user_ids]
@@ -370,8 +398,8 @@ def with_event_log(events: EventsData, key: Callable[[str], str], log: EventLog)
         logger.info(
             "%d logged events are in the shop's files too: counted once", len(logged) - len(kept)
         )
-    rows = _rows(events, hashed, shop_keys) + kept
-    return _sorted_events([r for r in rows if r[1] > log.erased.get(r[0], -np.inf)])
+    shop = [r for r in _rows(events, hashed, shop_keys) if r[1] > log.erased.get(r[0], -np.inf)]
+    return _sorted_events(shop + kept)
 
 
 def _rows(

@@ -31,7 +31,7 @@ from shopserve.ensemble.dense import DenseIndex
 from shopserve.ensemble.models import OnnxRanker
 from shopserve.ensemble.neighbours import NEIGHBOURS_FILE
 from shopserve.ensemble.personal import PERSONAL_WEIGHT, PROFILES_FILE
-from shopserve.ensemble.profile_store import open_store
+from shopserve.ensemble.profile_store import SqliteProfileStore
 from shopserve.ensemble.profiles import UserKeys
 from shopserve.ensemble.recommend import (
     EXPLORE_FILE,
@@ -44,7 +44,7 @@ from shopserve.ensemble.retrieve import Retriever
 from tqdm.auto import tqdm
 
 from . import monotone
-from .data import CatalogueData, EventsData, HashedIds
+from .data import CatalogueData, EventLog, EventsData, HashedIds
 from .evaluate_personal import (
     evaluate_personal_search,
     evaluate_recommendations,
@@ -235,12 +235,14 @@ def build_personalization(
     writer: RepositoryWriter,
     seed: int,
     transferred_ranker: Path | None = None,
+    event_log: EventLog | None = None,
     validation_fraction: float = 0.2,
 ) -> dict:
     """Build profiles, item statistics, TIFU-KNN vectors, the recommendation ranker and the
     personalised-search weight into the staged repository; evaluate them; return the manifest's
     record. ``transferred_ranker``: a recommendation ranker trained elsewhere, gated like one trained
-    here."""
+    here. ``event_log``: the exported log ``events`` holds (its keys and erasures go into the
+    snapshot, so no replay over it counts them again)."""
     dense = search.retriever.dense
     embedding = embedding_of(
         {pid: row for row, pid in enumerate(catalogue.product_ids.tolist())}, embeddings
@@ -280,6 +282,7 @@ def build_personalization(
         dense,
         tifu,
         writer,
+        event_log,
     )
     evaluation_cases = held_out.cases(users, held_out_rec)
     evaluation = _evaluate(
@@ -400,13 +403,16 @@ def _write_served_history(
     dense: DenseIndex,
     tifu: TifuChoice,
     writer: RepositoryWriter,
+    event_log: EventLog | None,
 ) -> int:
     """The shop and every shopper as of the whole history, under keyed hashes: what is served."""
     recommend_dir = writer.version_dir(store.RECOMMEND)
     whole.items.save(recommend_dir / ITEMS_FILE)
     keyed = [(keys.key(user), profile) for user, profile in whole.profiles.items()]
-    profiles = open_store(recommend_dir / PROFILES_FILE)
+    profiles = SqliteProfileStore(recommend_dir / PROFILES_FILE)
     stored = profiles.put(tqdm(keyed, desc="profiles", unit="user"))
+    if event_log is not None:
+        profiles.record_folded_log(event_log.event_keys(), event_log.erased)
     profiles.close()
     recommender = Recommender(whole.items, dense, whole.catalogue.product_ids)
     recommender.shopper_vectors(keyed, tifu.k, tifu.alpha).save(recommend_dir / NEIGHBOURS_FILE)

@@ -174,7 +174,10 @@ def events_export(argv: list[str]) -> int:
         help="the server's live store: WORK_DIR/profiles/live.sqlite, or its redis:// location",
     )
     parser.add_argument(
-        "--since", type=float, default=0.0, help="only records accepted at or after this Unix time"
+        "--since",
+        type=float,
+        default=0.0,
+        help="only events accepted at or after this Unix time (erasures always)",
     )
     args = parser.parse_args(argv)
 

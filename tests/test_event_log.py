@@ -83,7 +83,7 @@ LIVE = [_event(1, 90, "a", 100.0), _event(1, 91, "b", 100.0), _event(2, 92, "c",
 
 def _expected(snapshot, events) -> dict:
     """The reference: the snapshot's profiles with ``events`` folded in, in memory."""
-    state = LiveState.of(SqliteProfileStore(snapshot, readonly=True).profiles())
+    state = LiveState.of_snapshot(snapshot)
     return replay(state, [_record(e) for e in events], _embedding, KNOWN).profiles
 
 
@@ -155,6 +155,71 @@ def test_a_forgotten_shopper_stays_forgotten_on_every_build(location, builds) ->
     assert not _open(location, "v2").forget("key-never-seen")
 
 
+def _folded_build(path, forgotten: str, erased_at: float, comeback: StoredEvent):
+    """A build that folded an export of the log: the shopper forgotten at ``erased_at`` holds only
+    the event they sent afterwards, whose key the snapshot records with the erasure."""
+    store = SqliteProfileStore(path)
+    profile = Profile()
+    profile.apply(comeback.product_id, PURCHASE, comeback.timestamp, "b", _embedding)
+    store.put([(forgotten, profile)])
+    store.record_folded_log({forgotten: {comeback.event_key}}, {forgotten: erased_at})
+    store.close()
+    return path
+
+
+def test_a_build_that_folded_an_erasure_keeps_what_the_shopper_sent_after_it(
+    location, builds, tmp_path
+) -> None:
+    """Forget a shopper, who then buys again; a build folds the export. Starting on that build
+    must not apply the erasure again (it would drop the comeback, which the log holds no later
+    than the snapshot's watermark); a later forget still holds on every restart."""
+    _start(location, builds, "v1")
+    live = _open(location, "v1")
+    live.apply(LIVE, _embedding)
+    live.forget("key-1")
+    erased_at = next(r.event.timestamp for r in live.log() if r.event.kind == ERASED)
+    comeback = _event(1, 93, "after-forget", erased_at - 5.0)  # the client's clock runs behind
+    live.apply([comeback], _embedding)
+    builds["v3"] = _folded_build(tmp_path / "v3.sqlite", "key-1", erased_at, comeback)
+    for _ in range(2):  # the start that seeds, and a restart
+        _start(location, builds, "v3")
+        assert set(_open(location, "v3").get("key-1").items) == {93}
+    assert _open(location, "v3").forget("key-1")
+    for build in ("v3", "v3", "v1"):
+        _start(location, builds, build)
+        assert _open(location, build).get("key-1") is None, build
+
+
+def test_each_shopper_has_their_own_watermark(location, builds, tmp_path) -> None:
+    """A shopper whose clock ran a day ahead when the build read their event does not hide
+    another shopper's later events from the replay over that build."""
+    _start(location, builds, "v1")
+    _open(location, "v1").apply([_event(3, 95, "w", 500.0)], _embedding)
+    ahead = SqliteProfileStore(tmp_path / "ahead.sqlite")
+    skewed = Profile()
+    skewed.apply(7, PURCHASE, 500.0 + 86_400, "b", _embedding)
+    ahead.put([("key-9", skewed)])
+    ahead.close()
+    builds["ahead"] = tmp_path / "ahead.sqlite"
+    _start(location, builds, "ahead")
+    assert set(_open(location, "ahead").get("key-3").items) == {95}
+
+
+def test_a_catch_up_folds_in_log_order(location, builds) -> None:
+    """Two batches of one shopper, the later one with an earlier timestamp and no basket ids:
+    a namespace that catches up with them holds what live ingestion made of them."""
+    late_first = StoredEvent("key-4", "late", 60, PURCHASE, 5_000.0)
+    early_second = StoredEvent("key-4", "early", 61, PURCHASE, 1_000.0)
+    _start(location, builds, "v2")
+    _start(location, builds, "v1")
+    for event in (late_first, early_second):
+        _open(location, "v1").apply([event], _embedding)
+    _start(location, builds, "v2")  # a Redis namespace seeded before: it catches up
+    expected = _expected(builds["v2"], [late_first, early_second])
+    stored = _open(location, "v2").get("key-4")
+    assert stored.items == expected["key-4"].items and stored.baskets == expected["key-4"].baskets
+
+
 def test_the_log_exports_as_an_events_file_with_hashed_ids(location, builds, tmp_path) -> None:
     import csv
 
@@ -172,7 +237,8 @@ def test_the_log_exports_as_an_events_file_with_hashed_ids(location, builds, tmp
         ("key-1", "91", "purchase"),
         ("key-2", "", "forget"),
     ]
-    assert export_log(live, tmp_path / "none.csv", since=float(rows[-1]["logged_at"]) + 1) == (0, 0)
+    later = float(rows[-1]["logged_at"]) + 1  # erasures are exported whatever their age
+    assert export_log(live, tmp_path / "later.csv", since=later) == (0, 1)
 
 
 def test_events_export_cli(tmp_path, builds, monkeypatch, capsys) -> None:
@@ -265,10 +331,10 @@ def test_an_event_in_the_shop_files_and_the_log_counts_once(tmp_path) -> None:
     key = {"alice": "key-a", "bob": "key-b"}.get
     log = tmp_path / "log.csv"
     log.write_text(
-        "user_key,product_id,timestamp,event,event_key\n"
-        f"key-a,1,100,purchase,{event_key('key-a', 'order-1-line-1')}\n"  # in the shop file
-        f"key-a,4,200,purchase,{event_key('key-a', 'live-only')}\n"
-        f"key-b,5,200,purchase,{event_key('key-b', 'order-1-line-1')}\n"  # another shopper's id
+        "user_key,product_id,timestamp,event,event_key,logged_at\n"
+        f"key-a,1,100,purchase,{event_key('key-a', 'order-1-line-1')},101\n"  # in the shop file
+        f"key-a,4,200,purchase,{event_key('key-a', 'live-only')},201\n"
+        f"key-b,5,200,purchase,{event_key('key-b', 'order-1-line-1')},201\n"  # another's id
     )
     merged = with_event_log(load_events(shop, catalogue), key, load_event_log(log, catalogue))
     pairs = sorted(zip(merged.user_ids, merged.product_ids.tolist(), strict=True))

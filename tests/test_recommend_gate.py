@@ -121,6 +121,9 @@ def test_a_build_folds_an_exported_event_log_and_honours_its_erasures(shop) -> N
     assert snapshot.get(keys.key(erased)) is None
     assert set(snapshot.get(keys.key(LOG_ONLY_SHOPPER)).items) == set(products)
     assert snapshot.users() == SHOPPERS  # 150 from the file, one erased, one from the log
+    # What it folded from the log, so that no replay over this build counts it again:
+    assert set(snapshot.applied_erasures()) == {keys.key(erased)}
+    assert snapshot.seen_keys() == {keys.key(LOG_ONLY_SHOPPER): {f"e{p}" for p in products}}
 
 
 def test_a_rec_ranker_without_events_is_refused(instacart_files, tmp_path) -> None:

@@ -62,7 +62,7 @@ def _seed(url: str, snapshot, name: str) -> str:
 
 
 def _snapshot_state(snapshot):
-    return lambda: LiveState.of(SqliteProfileStore(snapshot, readonly=True).profiles())
+    return lambda: LiveState.of_snapshot(snapshot)
 
 
 def test_servers_starting_at_once_seed_one_namespace_once(redis, snapshot) -> None:
@@ -170,3 +170,23 @@ def test_a_full_redis_refuses_batches_whole_and_keeps_what_it_acknowledged(redis
         assert set(live.get(shopper).items) == set(range(20))
     again = live.apply(acknowledged[:20], _embedding)  # a client's retry counts once
     assert again == set()
+
+
+def test_an_event_logged_while_a_shopper_is_forgotten_goes_with_them(redis, monkeypatch) -> None:
+    """Another server logs an event of the shopper between ``forget``'s scan of the log and its
+    transaction: the erasure leaves no event of theirs in the log."""
+    here, there = _namespace(redis, "race"), _namespace(redis, "race")
+    here.apply([StoredEvent("key-1", "before", 1, PURCHASE, 1.0)], _embedding)
+    scans = []
+
+    def scan_then_another_server_writes(after: str = ""):
+        records = list(RedisProfileStore.log(here, after))
+        if not scans:
+            there.apply([StoredEvent("key-1", "meanwhile", 2, PURCHASE, 2.0)], _embedding)
+        scans.append(after)
+        yield from records
+
+    monkeypatch.setattr(here, "log", scan_then_another_server_writes)
+    assert here.forget("key-1")
+    assert [r.event.event_key for r in there.log() if r.event.user_key == "key-1"] == [""]
+    assert there.get("key-1") is None
