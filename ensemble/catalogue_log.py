@@ -39,7 +39,16 @@ from .redis_link import is_redis
 from .validation import InvalidRequest
 
 CATALOGUE_LOG_ENV = "SHOPSERVE_CATALOGUE_LOG"  # where the catalogue log is (set by shopserve serve)
-CATALOGUE_LOG_FILE = "catalogue.sqlite"  # the embedded log, under the server's work folder
+SHARED_CATALOGUE_LOG_FILE = "catalogue.sqlite"  # before each store had its own (read by none)
+
+
+def catalogue_log_file(repository: Path) -> str:
+    """The embedded log's file name under the server's work folder (``WORK_DIR/catalogue/``): the
+    store's folder name. Every version of a store shares it; stores beside one another (one work
+    folder) are other shops and keep their own."""
+    return f"{Path(repository).resolve().name}.sqlite"
+
+
 _FIELDS = (
     "update_id",
     "operation",
@@ -149,10 +158,15 @@ class SqliteCatalogueLog(CatalogueLog):
             self._db.execute(
                 "INSERT INTO catalogue_updates VALUES (?, ?)", (update.update_id, digest)
             )
+            # Never before the last record (the clock may step back): times follow the log.
+            last = self._db.execute(
+                "SELECT logged_at FROM catalogue_log ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+            now = max(time.time(), last[0] if last else 0.0)
             self._db.executemany(
                 f"INSERT INTO catalogue_log ({', '.join(_FIELDS)}) "
                 f"VALUES ({', '.join('?' * len(_FIELDS))})",
-                _rows(update, vectors, encoder, time.time()),
+                _rows(update, vectors, encoder, now),
             )
         except BaseException:
             if self._db.in_transaction:
@@ -179,15 +193,28 @@ class SqliteCatalogueLog(CatalogueLog):
         self._db.close()
 
 
-# Atomically: a known update id answers its digest; otherwise record it and XADD every row.
-# ARGV: update id, digest, fields per row, then each row's field/value pairs.
+# Atomically: a known update id answers its digest; otherwise record it and XADD every row,
+# logged at Redis's time and never before the last record (so the times follow the log's order,
+# whatever the servers' clocks: a build skips the records up to the latest it folded by time).
+# ARGV: update id, digest, fields per row, then each row's field/value pairs, logged_at last.
 _APPEND = """
 local seen = redis.call('HGET', KEYS[2], ARGV[1])
 if seen then return seen end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local now = redis.call('TIME')
+local at = tonumber(now[1]) + tonumber(now[2]) / 1e6
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if last then
+  for j = 1, #last[2], 2 do
+    if last[2][j] == 'logged_at' then at = math.max(at, tonumber(last[2][j + 1])) end
+  end
+end
+local logged_at = string.format('%.6f', at)
 local width = 2 * tonumber(ARGV[3])
 for i = 4, #ARGV, width do
-  redis.call('XADD', KEYS[1], '*', unpack(ARGV, i, i + width - 1))
+  local row = {unpack(ARGV, i, i + width - 1)}
+  row[width] = logged_at
+  redis.call('XADD', KEYS[1], '*', unpack(row))
 end
 return false
 """
@@ -210,7 +237,7 @@ class RedisCatalogueLog(CatalogueLog):
     def append(self, update: CatalogueUpdate, vectors: np.ndarray | None, encoder: str) -> bool:
         digest = update.digest()
         arguments: list = [update.update_id, digest, len(_FIELDS)]
-        for row in _rows(update, vectors, encoder, time.time()):
+        for row in _rows(update, vectors, encoder, 0.0):  # logged_at: set by the script
             for name, value in zip(_FIELDS, row, strict=True):
                 arguments += [name, b"" if value is None else value]
         seen = self.append_script(keys=[self.stream, f"{self.stream}:updates"], args=arguments)
@@ -315,9 +342,11 @@ class CatalogueWriter:
             titles,
         )
 
-    def write(self, updates: Sequence[CatalogueUpdate]) -> list[bool | InvalidRequest]:
-        """For each update: True (applied), False (a retry of an applied one) or the
-        InvalidRequest that refused it. The new titles of all of them are embedded together."""
+    def write(self, updates: Sequence[CatalogueUpdate]) -> list[bool | Exception]:
+        """For each update: True (applied), False (a retry of an applied one), the InvalidRequest
+        that refused it, or the store's error that stopped it (that update and every later one
+        are not written; the earlier ones are). The new titles of all of them are embedded
+        together, before any is written."""
         refresh_catalogue(self.titles)
         retitled = [[self._retitled(p) for p in update.upserts()] for update in updates]
         titles = [
@@ -327,13 +356,15 @@ class CatalogueWriter:
             if new
         ]
         embedded = iter(self.embed(titles) if titles else [])
-        results: list[bool | InvalidRequest] = []
+        results: list[bool | Exception] = []
         for update, flags in zip(updates, retitled, strict=True):
             vectors = [next(embedded) if new else None for new in flags]
             try:
                 results.append(self.log.append(update, vectors, self.encoder))
             except InvalidRequest as exc:
                 results.append(exc)
+            except Exception as exc:  # the store failed: this one and the rest are not written
+                return results + [exc] * (len(updates) - len(results))
         return results
 
     def _retitled(self, product: ProductUpdate) -> bool:

@@ -118,9 +118,10 @@ def fold_catalogue_updates(catalogue: CatalogueData, path: Path) -> tuple[Catalo
     adds it at the end; a delete removes it. Returns the catalogue and what was folded (``through``:
     the latest update's log time, up to which serving skips the log)."""
     updates = _read_rows(path, CATALOGUE_ALIASES, ("product_id", "title", "operation", "logged_at"))
-    columns = list(
-        dict.fromkeys([*catalogue.extra, *(c for c in UPDATED_COLUMNS if c in updates[0])])
-    )
+    # A column the catalogue lacks starts with the first update that gives it a value (as when
+    # serving): an export names all of them, mostly empty.
+    given = [c for c in UPDATED_COLUMNS if any(str(u.get(c) or "").strip() for u in updates)]
+    columns = list(dict.fromkeys([*catalogue.extra, *given]))
     products: dict[int, dict] = {
         int(pid): {
             "title": title,
@@ -148,7 +149,7 @@ def fold_catalogue_updates(catalogue: CatalogueData, path: Path) -> tuple[Catalo
             products[pid] = {
                 **kept,
                 "title": str(update["title"]).strip(),
-                **{c: update[c] or "" for c in UPDATED_COLUMNS if c in update},
+                **{c: update[c] or "" for c in UPDATED_COLUMNS if c in update and c in columns},
             }
             counts["upserts"] += 1
         else:
@@ -324,7 +325,7 @@ class EventLog:
     """An exported event log: events under keyed hashes (deduplicated by event key), and when each
     erased shopper was forgotten."""
 
-    events: EventsData  # of an erased shopper, only those logged after the erasure
+    events: EventsData  # of an erased shopper, only those after the erasure in log order
     erased: dict[str, float]  # keyed hash -> the time of the erasure
     duplicates: int  # rows whose event key came before (a retried write)
 
@@ -337,39 +338,27 @@ class EventLog:
 
 
 def load_event_log(path: Path, catalogue: CatalogueData) -> EventLog:
-    """Read an export of a live store's event log (``shopserve events export``). Of a shopper it
-    erased, the events logged after the erasure are kept (whatever their own timestamps say:
-    the client's clock is not the server's)."""
-    required = ("user_key", "product_id", "timestamp", "event", "event_key", "logged_at")
-    rows = _read_rows(path, {}, required)
-    erasures = {
-        str(row["user_key"]).strip(): (line, row)
-        for line, row in enumerate(rows, start=2)
-        if str(row["event"]).strip() == ERASED_EVENT
-    }
-    erased = {user: parse_timestamp(row["timestamp"]) for user, (_, row) in erasures.items()}
-    erased_logged = {user: _logged_at(path, line, row) for user, (line, row) in erasures.items()}
+    """Read an export of a live store's event log (``shopserve events export``), in log order. Of
+    a shopper it erased, the events after the erasure in the file are kept (whatever their own
+    timestamps say: the clients' clocks are not the log's order)."""
+    rows = _read_rows(path, {}, ("user_key", "product_id", "timestamp", "event", "event_key"))
+    erasure_lines: dict[str, int] = {}
+    erased: dict[str, float] = {}
+    for line, row in enumerate(rows, start=2):
+        if str(row["event"]).strip() == ERASED_EVENT:
+            user = str(row["user_key"]).strip()
+            erasure_lines[user], erased[user] = line, parse_timestamp(row["timestamp"])
     events, seen, duplicates = [], set(), 0
     for line, row in enumerate(rows, start=2):
         user = str(row["user_key"]).strip()
-        if str(row["event"]).strip() == ERASED_EVENT:
+        if str(row["event"]).strip() == ERASED_EVENT or line < erasure_lines.get(user, 0):
             continue
         if (user, row["event_key"]) in seen:
             duplicates += 1
-        elif _logged_at(path, line, row) > erased_logged.get(user, -np.inf):
+        else:
             seen.add((user, row["event_key"]))
             events.append((line, row))
-    log_events = _events(path, events, catalogue, "user_key", "event_key")
-    return EventLog(log_events, erased, duplicates)
-
-
-def _logged_at(path: Path, line: int, row: dict) -> float:
-    try:
-        return float(row["logged_at"])
-    except (TypeError, ValueError):
-        raise DataError(
-            f"{path}: line {line}: logged_at must be a number, got {row['logged_at']!r}"
-        ) from None
+    return EventLog(_events(path, events, catalogue, "user_key", "event_key"), erased, duplicates)
 
 
 class HashedIds:

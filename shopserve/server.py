@@ -31,7 +31,11 @@ from pathlib import Path
 
 from shopserve.client._client import ADMIN_KEY_NAME, INFERENCE_KEY_NAME
 from shopserve.ensemble import store
-from shopserve.ensemble.catalogue_log import CATALOGUE_LOG_ENV, CATALOGUE_LOG_FILE
+from shopserve.ensemble.catalogue_log import (
+    CATALOGUE_LOG_ENV,
+    SHARED_CATALOGUE_LOG_FILE,
+    catalogue_log_file,
+)
 from shopserve.ensemble.models import PREPACKED_DIR_ENV, prepacked_model
 from shopserve.ensemble.personal import ProductVectors, profile_namespace, snapshot_path
 from shopserve.ensemble.profile_store import LIVE_PROFILES_FILE, PROFILE_STORE_ENV, seed
@@ -235,7 +239,7 @@ class TritonServer:
         env = dict(os.environ)
         if "recommend" in models:
             env[PROFILE_STORE_ENV] = self._live_profiles(repo, work_dir)
-        env[CATALOGUE_LOG_ENV] = self._catalogue_log(work_dir)
+        env[CATALOGUE_LOG_ENV] = self._catalogue_log(repo, work_dir)
         env[PREPACKED_DIR_ENV] = str(self._prepack_encoders(repo, work_dir / "prepacked"))
         env.pop(ADMIN_KEY_ENV, None)
         if self.config.admin_key:
@@ -285,13 +289,24 @@ class TritonServer:
         log.info("profile store: %s", done)
         return location
 
-    def _catalogue_log(self, work_dir: Path) -> str:
+    def _catalogue_log(self, repo: Path, work_dir: Path) -> str:
         """Where the models keep and read the catalogue updates: the shared Redis when the
-        profiles live in one (every server sees every update), else a file in the work folder
-        (kept across restarts, rollouts and builds)."""
+        profiles live in one (every server sees every update), else the store's own file in the
+        work folder (kept across restarts, rollouts and builds)."""
         location = self.config.profile_store
         if not (location and is_redis(location)):
-            location = str(work_dir / "catalogue" / CATALOGUE_LOG_FILE)
+            folder = work_dir / "catalogue"
+            location = str(folder / catalogue_log_file(repo))
+            shared = folder / SHARED_CATALOGUE_LOG_FILE
+            if shared.is_file() and not Path(location).is_file():
+                log.warning(
+                    "%s is a catalogue log that every store in %s shared before each kept its "
+                    "own; this store does not read it. To keep its updates for this store, "
+                    "copy it to %s before the server starts",
+                    shared,
+                    work_dir,
+                    location,
+                )
         log.info("catalogue log: %s", public_location(location))
         return location
 

@@ -328,9 +328,8 @@ def test_the_log_exports_for_the_next_build_which_serving_then_skips(tmp_path) -
     assert folded.extra == {
         "brand": ["A", "C", ""],  # a column updates do not set is kept
         "price": ["", "1", ""],  # an upsert is the whole product: no price now
-        "in_stock": ["0", "", ""],
-        "category": ["", "", ""],
-    }
+        "in_stock": ["0", "", ""],  # a column the build lacked, which an update gives
+    }  # no update gives a category: none is made up (filters on it stay refused, as when serving)
 
     served = Catalogue(folded.product_ids, folded.titles, log_through=through)
     live = LiveCatalogue(served, Attributes(), log=log)
@@ -366,3 +365,64 @@ def test_a_new_price_keeps_the_title_and_its_vector(tmp_path, small_shop) -> Non
     assert live.delta_rows == [6] and embedded == []  # only the new product is in the delta
     assert live.attributes.price[1] == 3.5
     log.close()
+
+
+def test_stores_served_from_one_work_folder_keep_their_own_catalogue_logs(tmp_path, caplog) -> None:
+    """The default work folder is the stores' parent: a product added to one shop must never show
+    in another served from beside it. A log every store shared before is named, not read."""
+    from shopserve.server import ServerConfig, TritonServer
+
+    work = tmp_path / ".triton"
+    logs = {}
+    for name in ("homedepot", "instacart"):
+        repo = tmp_path / name
+        logs[name] = TritonServer(ServerConfig(repo))._catalogue_log(repo, work)
+    assert logs == {
+        "homedepot": str(work / "catalogue" / "homedepot.sqlite"),
+        "instacart": str(work / "catalogue" / "instacart.sqlite"),
+    }
+    assert "shared" not in caplog.text
+    SqliteCatalogueLog(work / "catalogue" / "catalogue.sqlite").close()  # as older servers kept it
+    TritonServer(ServerConfig(tmp_path / "homedepot"))._catalogue_log(tmp_path / "homedepot", work)
+    assert "every store in" in caplog.text and "homedepot.sqlite" in caplog.text
+
+
+def test_a_store_failure_mid_batch_keeps_what_was_written_before_it(tmp_path) -> None:
+    """Updates queued together are appended one transaction each: when the store fails on the
+    second, the first is written (and answered so), the second and third are not."""
+    import sqlite3
+
+    from shopserve.ensemble.catalogue_log import CatalogueWriter
+
+    log = SqliteCatalogueLog(tmp_path / "catalogue.sqlite")
+    appended = log.append
+
+    def full_disk_on_the_second(update, vectors, encoder):
+        if update.update_id == "second":
+            raise sqlite3.OperationalError("database or disk is full")
+        return appended(update, vectors, encoder)
+
+    log.append = full_disk_on_the_second
+    writer = CatalogueWriter(log, lambda texts: np.ones((len(texts), 2), np.float32), "e", None)
+    batch = [update(name, ["upsert"], [n], [f"Kettle {n}"]) for n, name in
+             enumerate(["first", "second", "third"], start=1)]  # fmt: skip
+    first, second, third = writer.write(batch)
+    assert first is True
+    assert isinstance(second, sqlite3.OperationalError) and third is second
+    assert [r.product.product_id for r in log.records()] == [1]
+    log.close()
+
+
+def test_records_are_timed_in_log_order_whatever_the_writers_clocks(catalogue_log, monkeypatch):
+    """A build skips the records up to the latest one it folded, by that time: a writer whose
+    clock runs a minute ahead (or a clock that steps back) must not time its record after one
+    that comes later in the log."""
+    import time as clock
+
+    real = clock.time
+    monkeypatch.setattr(clock, "time", lambda: real() + 60.0)
+    catalogue_log.append(update("ahead", ["upsert"], [1], ["Kettle"]), None, "e")
+    monkeypatch.setattr(clock, "time", real)
+    catalogue_log.append(update("on-time", ["upsert"], [2], ["Mug"]), None, "e")
+    first, second = catalogue_log.records()
+    assert first.logged_at <= second.logged_at

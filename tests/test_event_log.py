@@ -356,3 +356,25 @@ def test_a_group_larger_than_sqlites_limit_on_bound_values_is_taken_whole(tmp_pa
 
 def _expected_from_nothing(events: list[StoredEvent]) -> dict:
     return replay(LiveState.of({}), [_record(e) for e in events], _embedding, KNOWN).profiles
+
+
+def test_a_build_keeps_what_an_erased_shopper_sent_after_the_erasure_in_log_order(tmp_path):
+    """The export is in log order: an erased shopper's events after their erasure count, even
+    when the client's clock put them earlier; the shop file's events up to the erasure go."""
+    from shopserve.export.data import CatalogueData, load_event_log, load_events, with_event_log
+
+    catalogue = CatalogueData(np.arange(10, dtype=np.int64), [f"p{i}" for i in range(10)])
+    shop = tmp_path / "events.csv"
+    shop.write_text("user_id,product_id,timestamp,event\nalice,1,100,purchase\nalice,2,900,view\n")
+    log = tmp_path / "log.csv"
+    log.write_text(
+        "user_key,product_id,timestamp,event,event_key,logged_at\n"
+        "key-a,3,150,purchase,before,151\n"  # logged before the erasure (an older export's row)
+        "key-a,,500,forget,,500\n"
+        "key-a,4,450,purchase,after,502\n"  # the client's clock runs behind the server's
+    )
+    event_log = load_event_log(log, catalogue)
+    assert event_log.erased == {"key-a": 500.0}
+    assert event_log.event_keys() == {"key-a": {"after"}}
+    merged = with_event_log(load_events(shop, catalogue), {"alice": "key-a"}.get, event_log)
+    assert sorted(merged.product_ids.tolist()) == [2, 4]  # the shop's view came after the erasure

@@ -57,17 +57,17 @@ class TritonPythonModel:
             return responses
         try:
             results = self.writer.write([update for _, update in valid])
-        except Exception as exc:  # the log's store failed: nothing of these updates was written
-            error = pb_utils.TritonError(
-                f"the catalogue log did not take the update: {type(exc).__name__}",
-                pb_utils.TritonError.UNAVAILABLE,
-            )
-            for index, _ in valid:
-                responses[index] = pb_utils.InferenceResponse(error=error)
-            return responses
+        except Exception as exc:  # before anything was written (the embedding, the catalogue)
+            results = [exc] * len(valid)
         for (index, update), result in zip(valid, results, strict=True):
             if isinstance(result, InvalidRequest):
                 responses[index] = invalid_argument(result)
+            elif isinstance(result, Exception):  # the log's store failed: not written
+                error = pb_utils.TritonError(
+                    f"the catalogue log did not take the update: {type(result).__name__}",
+                    pb_utils.TritonError.UNAVAILABLE,
+                )
+                responses[index] = pb_utils.InferenceResponse(error=error)
             else:
                 applied = len(update.products) if result else 0
                 responses[index] = respond(
