@@ -39,14 +39,7 @@ from .redis_link import is_redis
 from .validation import InvalidRequest
 
 CATALOGUE_LOG_ENV = "SHOPSERVE_CATALOGUE_LOG"  # where the catalogue log is (set by shopserve serve)
-SHARED_CATALOGUE_LOG_FILE = "catalogue.sqlite"  # before each store had its own (read by none)
-
-
-def catalogue_log_file(repository: Path) -> str:
-    """The embedded log's file name under the server's work folder (``WORK_DIR/catalogue/``): the
-    store's folder name. Every version of a store shares it; stores beside one another (one work
-    folder) are other shops and keep their own."""
-    return f"{Path(repository).resolve().name}.sqlite"
+CATALOGUE_LOG_FILE = "catalogue.sqlite"  # the embedded log, under the server's work folder
 
 
 _FIELDS = (

@@ -204,8 +204,7 @@ def catalogue_export(argv: list[str]) -> int:
     parser.add_argument(
         "--catalogue-log",
         required=True,
-        help="the server's log: WORK_DIR/catalogue/STORE.sqlite (STORE: the store's folder name), "
-        "or its redis:// location",
+        help="the server's log: WORK_DIR/catalogue/catalogue.sqlite, or its redis:// location",
     )
     args = parser.parse_args(argv)
     if not is_redis(args.catalogue_log) and not Path(sqlite_path(args.catalogue_log)).is_file():

@@ -31,11 +31,7 @@ from pathlib import Path
 
 from shopserve.client._client import ADMIN_KEY_NAME, INFERENCE_KEY_NAME
 from shopserve.ensemble import store
-from shopserve.ensemble.catalogue_log import (
-    CATALOGUE_LOG_ENV,
-    SHARED_CATALOGUE_LOG_FILE,
-    catalogue_log_file,
-)
+from shopserve.ensemble.catalogue_log import CATALOGUE_LOG_ENV, CATALOGUE_LOG_FILE
 from shopserve.ensemble.models import PREPACKED_DIR_ENV, prepacked_model
 from shopserve.ensemble.personal import ProductVectors, profile_namespace, snapshot_path
 from shopserve.ensemble.profile_store import LIVE_PROFILES_FILE, PROFILE_STORE_ENV, seed
@@ -119,6 +115,34 @@ class ServerConfig:
     # HTTP (health probes, admin; no TLS in Triton) and metrics bind here: loopback by default, a
     # pod's address (0.0.0.0) where an orchestrator probes /v2/health/* and scrapes /metrics.
     http_address: str = "127.0.0.1"
+
+
+STORES_FILE = "stores.json"  # in a work folder: the stores served from it
+
+
+def _note_store(work_dir: Path, repo: Path) -> list[str]:
+    """Record that ``repo`` is served from ``work_dir``; warn when other stores were too: they
+    share its live state (catalogue updates, live profiles and the event log). Returns the
+    others."""
+    path = work_dir / STORES_FILE
+    known = json.loads(path.read_text()) if path.is_file() else []
+    store_path = str(repo.resolve())
+    others = [s for s in known if s != store_path]
+    if store_path not in known:
+        if others:
+            log.warning(
+                "%s shares the work folder %s, and with it the live state (catalogue updates, "
+                "live profiles and their event log), with %s. That is right for another build of "
+                "the same shop; serve another shop with its own --work-dir",
+                store_path,
+                work_dir,
+                ", ".join(others),
+            )
+        work_dir.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps([*known, store_path], indent=1))
+        partial.replace(path)
+    return others
 
 
 class TritonServer:
@@ -239,7 +263,8 @@ class TritonServer:
         env = dict(os.environ)
         if "recommend" in models:
             env[PROFILE_STORE_ENV] = self._live_profiles(repo, work_dir)
-        env[CATALOGUE_LOG_ENV] = self._catalogue_log(repo, work_dir)
+        _note_store(work_dir, repo)
+        env[CATALOGUE_LOG_ENV] = self._catalogue_log(work_dir)
         env[PREPACKED_DIR_ENV] = str(self._prepack_encoders(repo, work_dir / "prepacked"))
         env.pop(ADMIN_KEY_ENV, None)
         if self.config.admin_key:
@@ -289,24 +314,13 @@ class TritonServer:
         log.info("profile store: %s", done)
         return location
 
-    def _catalogue_log(self, repo: Path, work_dir: Path) -> str:
+    def _catalogue_log(self, work_dir: Path) -> str:
         """Where the models keep and read the catalogue updates: the shared Redis when the
-        profiles live in one (every server sees every update), else the store's own file in the
-        work folder (kept across restarts, rollouts and builds)."""
+        profiles live in one (every server sees every update), else a file in the work folder
+        (kept across restarts, rollouts and builds)."""
         location = self.config.profile_store
         if not (location and is_redis(location)):
-            folder = work_dir / "catalogue"
-            location = str(folder / catalogue_log_file(repo))
-            shared = folder / SHARED_CATALOGUE_LOG_FILE
-            if shared.is_file() and not Path(location).is_file():
-                log.warning(
-                    "%s is a catalogue log that every store in %s shared before each kept its "
-                    "own; this store does not read it. To keep its updates for this store, "
-                    "copy it to %s before the server starts",
-                    shared,
-                    work_dir,
-                    location,
-                )
+            location = str(work_dir / "catalogue" / CATALOGUE_LOG_FILE)
         log.info("catalogue log: %s", public_location(location))
         return location
 

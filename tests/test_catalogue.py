@@ -367,24 +367,18 @@ def test_a_new_price_keeps_the_title_and_its_vector(tmp_path, small_shop) -> Non
     log.close()
 
 
-def test_stores_served_from_one_work_folder_keep_their_own_catalogue_logs(tmp_path, caplog) -> None:
-    """The default work folder is the stores' parent: a product added to one shop must never show
-    in another served from beside it. A log every store shared before is named, not read."""
-    from shopserve.server import ServerConfig, TritonServer
+def test_stores_sharing_a_work_folder_are_told_so(tmp_path, caplog) -> None:
+    """The default work folder is the stores' parent: a second store served from it shares the
+    first one's live state (right for a new build of the same shop, wrong for another shop), and
+    the launcher says so."""
+    from shopserve.server import _note_store
 
     work = tmp_path / ".triton"
-    logs = {}
-    for name in ("homedepot", "instacart"):
-        repo = tmp_path / name
-        logs[name] = TritonServer(ServerConfig(repo))._catalogue_log(repo, work)
-    assert logs == {
-        "homedepot": str(work / "catalogue" / "homedepot.sqlite"),
-        "instacart": str(work / "catalogue" / "instacart.sqlite"),
-    }
-    assert "shared" not in caplog.text
-    SqliteCatalogueLog(work / "catalogue" / "catalogue.sqlite").close()  # as older servers kept it
-    TritonServer(ServerConfig(tmp_path / "homedepot"))._catalogue_log(tmp_path / "homedepot", work)
-    assert "every store in" in caplog.text and "homedepot.sqlite" in caplog.text
+    assert _note_store(work, tmp_path / "instacart") == []
+    assert _note_store(work, tmp_path / "instacart") == []  # a restart
+    assert "shares the work folder" not in caplog.text
+    assert _note_store(work, tmp_path / "homedepot") == [str((tmp_path / "instacart").resolve())]
+    assert "homedepot shares the work folder" in caplog.text and "own --work-dir" in caplog.text
 
 
 def test_a_store_failure_mid_batch_keeps_what_was_written_before_it(tmp_path) -> None:
