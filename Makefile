@@ -78,7 +78,7 @@ demo: $(DEMO)/homedepot/manifest.json $(DEMO)/instacart/manifest.json
 	$(BIN)/shopserve recommend 1 -k 5 --url 127.0.0.1:$(GRPC_PORT) || exit 1; \
 	echo; echo "== yogurt (anonymous)"; $(QUERY) yogurt -k 5 || exit 1; \
 	echo; echo "== yogurt (for shopper 1)"; $(QUERY) yogurt -k 5 --user 1 || exit 1,\
-	--user-key-file $(USER_KEY))
+	--user-key-file $(USER_KEY) --work-dir $(DEMO)/instacart-work)
 
 # Personalisation: Instacart through the generic formats, with the Home Depot store's ranker.
 INSTACART_DATA ?= stores/instacart-data
@@ -106,7 +106,7 @@ $(INSTACART_HELD_OUT_STORE)/manifest.json: $(INSTACART_STORE)/manifest.json
 
 serve-instacart: instacart-store
 	$(BIN)/shopserve serve --model-repository $(INSTACART_STORE) --user-key-file $(USER_KEY) \
-		--grpc-port $(GRPC_PORT)
+		--grpc-port $(GRPC_PORT) --work-dir $(INSTACART_STORE)-work
 
 test: install
 	$(BIN)/python -m pytest
