@@ -49,24 +49,31 @@ def snapshot_path(repository: Path, version: int | None = None) -> Path:
     return store.version_dir(repository, store.RECOMMEND, version) / PROFILES_FILE
 
 
-def profile_namespace(repository: Path) -> str:
+def profile_namespace(repository: Path, version: int | None = None) -> str:
     """Names this store's profiles in a shared live store: a digest of the build's snapshot, so
-    servers of the same build share them and another build starts from its own."""
-    manifest = json.loads((Path(repository) / store.MANIFEST_FILE).read_text())
-    relative = str(snapshot_path(repository).relative_to(repository))
-    return "profiles-" + manifest["files"][relative][:16]
+    servers of the same build share them and another build starts from its own (``version``: the
+    newest build's)."""
+    repository = Path(repository)
+    path = (
+        repository / store.MANIFEST_FILE
+        if version is None
+        else store.version_manifest(repository, version)
+    )
+    relative = str(snapshot_path(repository, version).relative_to(repository))
+    return "profiles-" + json.loads(path.read_text())["files"][relative][:16]
 
 
 class ProductVectors:
     """Product id -> its embedding in a served build, loaded on first use: folding logged
     purchases into the build's profiles needs it, a start whose live store is current does not."""
 
-    def __init__(self, repository: Path) -> None:
-        self.repository = repository
+    def __init__(self, repository: Path, version: int | None = None) -> None:
+        self.repository, self.version = repository, version
 
     @functools.cached_property
     def _index(self) -> tuple[VectorIndex, store.ProductRows]:
-        return served_dense(self.repository), store.load_catalogue(self.repository).product_rows()
+        catalogue = store.load_catalogue(self.repository, self.version)
+        return served_dense(self.repository, self.version), catalogue.product_rows()
 
     def __call__(self, product_id: int) -> np.ndarray:
         dense, row_of = self._index

@@ -38,6 +38,7 @@ CATALOGUE_FILE = "catalogue.json"
 ATTRIBUTES_FILE = "attributes.npz"  # retrieve/N: the catalogue's filterable attributes
 WEIGHTS_SUFFIX = ".data"  # an ONNX graph's weights kept beside it: model.onnx -> model.onnx.data
 MANIFEST_FILE = "manifest.json"
+MANIFESTS_DIR = "manifests"  # every version's own manifest: manifests/v<N>.json
 FITTED_FILE = "fitted.json"  # in a version directory: the values the build fitted for it
 # Where the build writes and the server reads by default (git-ignored): never the shipped templates.
 DEFAULT_REPOSITORY = Path("stores/homedepot")
@@ -116,6 +117,23 @@ def with_parameter(config: str, key: str, value: str) -> str:
 
 
 _VERSION_POLICY = re.compile(r"version_policy\s*:?\s*\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}")
+
+
+def version_manifest(repository: Path, version: int) -> Path:
+    """Version ``version``'s manifest (``manifest.json`` is the newest build's)."""
+    return Path(repository) / MANIFESTS_DIR / f"v{version}.json"
+
+
+_PINNED = re.compile(
+    r"version_policy\s*:?\s*\{\s*specific\s*:?\s*\{\s*versions\s*:\s*\[?\s*(\d+)\s*\]?\s*\}\s*\}"
+)
+
+
+def served_version(repository: Path) -> int:
+    """The version a server started on ``repository`` serves: the one a rollout pinned in the
+    search config, else the newest."""
+    pinned = _PINNED.search(_config_text(Path(repository), SEARCH))
+    return int(pinned.group(1)) if pinned else int(latest_version_dir(repository, SEARCH).name)
 
 
 def with_version_policy(config: str, version: int) -> str:

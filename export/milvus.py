@@ -31,6 +31,7 @@ from shopserve.ensemble.pipeline import load_tokenizer
 from tqdm.auto import tqdm
 
 from .index import EF_SEARCH_CHOICES, RECALL_DEPTH, IndexQualityError, exact_top
+from .repository import record_rewritten_files
 
 log = logging.getLogger("shopserve.export.milvus")
 
@@ -262,6 +263,7 @@ def point_at_collection(
         "milvus_ef_search": str(ef_search),
     }
     store.write_fitted_parameters(version_dir, fitted)
+    record_rewritten_files(version_dir)
     log.info("%s now retrieves from Milvus %s (%s)", version_dir, collection, uri)
 
 
@@ -275,5 +277,6 @@ def detach(repository: Path, version: int | None = None) -> Path:
     }
     store.write_fitted_parameters(version_dir, fitted)
     (version_dir / MOMENTS_FILE).unlink(missing_ok=True)
+    record_rewritten_files(version_dir)
     log.info("%s retrieves from its FAISS index again", version_dir)
     return version_dir

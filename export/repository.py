@@ -141,7 +141,7 @@ class RepositoryWriter:
                 shutil.rmtree(version_dir)
             self.version_dir(model).rename(version_dir)
         text = json.dumps(manifest, indent=2) + "\n"
-        versioned = self.repository / "manifests" / f"v{self.version}.json"
+        versioned = store.version_manifest(self.repository, self.version)
         versioned.parent.mkdir(exist_ok=True)
         versioned.write_text(text)  # what a rollout of this version checks its files against
         path = self.repository / store.MANIFEST_FILE
@@ -149,3 +149,30 @@ class RepositoryWriter:
         shutil.rmtree(self.stage)
         log.info("wrote %s (%d files checksummed)", path, len(manifest["files"]))
         return path
+
+
+def record_rewritten_files(version_dir: Path) -> None:
+    """After a tool rewrote files of a built version (``milvus load`` and ``milvus detach`` its
+    fitted values and moments), record the version directory's files afresh in that version's
+    manifests, so that a rollout to it still verifies it."""
+    repository, model, version = version_dir.parents[1], version_dir.parent.name, version_dir.name
+    current = {
+        str(p.relative_to(repository)): file_digest(p)
+        for p in sorted(version_dir.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+    prefix = f"{model}/{version}/"
+    for path in (
+        store.version_manifest(repository, int(version)),
+        repository / store.MANIFEST_FILE,
+    ):
+        if not path.is_file():
+            continue
+        manifest = json.loads(path.read_text())
+        if path.name == store.MANIFEST_FILE and str(manifest.get("version")) != version:
+            continue  # the newest build's manifest, of another version
+        files = {k: v for k, v in manifest["files"].items() if not k.startswith(prefix)}
+        manifest["files"] = dict(sorted({**files, **current}.items()))
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(manifest, indent=2) + "\n")
+        partial.replace(path)

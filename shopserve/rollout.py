@@ -5,14 +5,21 @@
 config (so a restart serves it too, until the next build or rollout) and asks the running server to
 load it (steps first, endpoints last). Triton loads the new version while the old one goes on
 serving, and unloads the old one once the new one is ready, so no request fails. A rollback is a
-rollout to an earlier version (``--rollback``: the newest version below the live one).
+rollout to an earlier version (``--rollback``: the newest version below the live one). A model that
+fails to load undoes the rollout: every config goes back to what it was and the models already
+switched are loaded again from it. One rollout at a time per repository (a lock file).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import tritonclient.grpc as grpcclient
@@ -23,7 +30,7 @@ from shopserve.ensemble import store
 
 log = logging.getLogger("shopserve.rollout")
 
-MANIFESTS_DIR = "manifests"
+MANIFESTS_DIR = store.MANIFESTS_DIR
 # Steps before the models that read them, so that an endpoint never meets older steps.
 LOAD_ORDER = (
     store.TOKENIZE,
@@ -46,7 +53,7 @@ class RolloutError(RuntimeError):
 
 
 def manifest_path(repository: Path, version: int) -> Path:
-    return Path(repository) / MANIFESTS_DIR / f"v{version}.json"
+    return store.version_manifest(repository, version)
 
 
 def versions(repository: Path) -> list[int]:
@@ -78,11 +85,25 @@ def verify(repository: Path, version: int) -> dict:
     return manifest
 
 
-def _pin(config: Path, version: int) -> None:
-    """Rewrite ``config`` to serve only ``version`` (atomically: a reader never sees half a file)."""
-    pinned = config.with_name(config.name + ".rollout")
-    pinned.write_text(store.with_version_policy(config.read_text(encoding="utf-8"), version))
-    pinned.replace(config)
+def _write(config: Path, text: str) -> None:
+    """Replace ``config`` by ``text`` atomically: a reader never sees half a file."""
+    handle, partial = tempfile.mkstemp(dir=config.parent, prefix=config.name + ".")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.chmod(partial, config.stat().st_mode)
+    Path(partial).replace(config)
+
+
+@contextmanager
+def _one_at_a_time(repository: Path) -> Iterator[None]:
+    """Hold the repository's rollout lock (a second rollout waits for the first)."""
+    folder = Path(repository) / MANIFESTS_DIR
+    with (folder / ".rollout.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class Rollout:
@@ -110,25 +131,50 @@ class Rollout:
         return {name: sorted(found) for name, found in sorted(ready.items())}
 
     def roll_to(self, repository: Path, version: int) -> dict[str, list[int]]:
-        """Load ``version`` of every model the version's manifest lists; return the live versions."""
+        """Load ``version`` of every model the version's manifest lists; return the live versions.
+        A model that fails to load undoes the rollout (configs and loaded models) before the
+        error is raised."""
         manifest = verify(repository, version)
         models = [m for m in LOAD_ORDER if m in manifest["models"]]
-        for model in models:
-            # The pin goes into the store's config on disk: Triton reloads an ensemble's steps
-            # from disk when it loads the ensemble, and a restart serves what was rolled out.
-            _pin(Path(repository) / model / "config.pbtxt", version)
-            log.info("loading %s version %d", model, version)
+        configs = {m: Path(repository) / m / "config.pbtxt" for m in models}
+        with _one_at_a_time(repository):
+            before = {m: configs[m].read_text(encoding="utf-8") for m in models}
+            pinned: list[str] = []
             try:
-                self.client.load_model(model, client_timeout=self.timeout, **self._admin())
-            except InferenceServerException as exc:
-                raise RolloutError(
-                    f"{model} version {version} did not load: {exc.message()}"
-                ) from exc
+                for model in models:
+                    # The pin goes into the store's config on disk: Triton reloads an ensemble's
+                    # steps from disk when it loads the ensemble, and a restart serves what was
+                    # rolled out.
+                    _write(configs[model], store.with_version_policy(before[model], version))
+                    pinned.append(model)
+                    self._load(model, version)
+            except RolloutError:
+                self._undo(pinned, configs, before)
+                raise
         live = self.live_versions()
         wrong = {m: live.get(m) for m in models if live.get(m) != [version]}
         if wrong:
             raise RolloutError(f"after the rollout the server reports {wrong}, not {version}")
         return live
+
+    def _load(self, model: str, version: int) -> None:
+        log.info("loading %s version %d", model, version)
+        try:
+            self.client.load_model(model, client_timeout=self.timeout, **self._admin())
+        except InferenceServerException as exc:
+            raise RolloutError(f"{model} version {version} did not load: {exc.message()}") from exc
+
+    def _undo(self, pinned: list[str], configs: dict[str, Path], before: dict[str, str]) -> None:
+        """Put back the configs of ``pinned`` and load those models from them again (in load
+        order, as a rollout would), so the server serves what it served before."""
+        for model in pinned:
+            _write(configs[model], before[model])
+        for model in pinned:
+            log.warning("rollout failed: loading %s as it was", model)
+            try:
+                self.client.load_model(model, client_timeout=self.timeout, **self._admin())
+            except InferenceServerException as exc:
+                log.error("%s did not load as it was: %s", model, exc.message())
 
     def previous(self, repository: Path) -> int:
         """The newest version below the one the search endpoint serves now."""

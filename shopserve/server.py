@@ -304,13 +304,18 @@ class TritonServer:
             keys = UserKeys.from_environment()
         except MissingUserKeyError as exc:
             raise ServerError(f"{repo} is a personalised store: {exc}") from exc
-        namespace = profile_namespace(repo)
+        # The version the server will serve: a rollback pinned an older one, and its models
+        # must start from its own snapshot and embeddings.
+        version = store.served_version(repo)
+        namespace = profile_namespace(repo, version)
         location = self.config.profile_store or str(work_dir / "profiles" / LIVE_PROFILES_FILE)
         if is_redis(location) and "namespace=" not in location:
             # Fixed for the server's life: a rollout to a newer build keeps the live profiles.
             location += ("&" if "?" in location else "?") + f"namespace={namespace}"
-        products = ProductVectors(repo)
-        done = seed(location, snapshot_path(repo), namespace, products, products, keys.log_name())
+        products = ProductVectors(repo, version)
+        done = seed(
+            location, snapshot_path(repo, version), namespace, products, products, keys.log_name()
+        )
         log.info("profile store: %s", done)
         return location
 

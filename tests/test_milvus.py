@@ -21,6 +21,8 @@ from shopserve.ensemble.milvus import MilvusIndex, MilvusUnavailable
 from shopserve.export.index import exact_top
 from shopserve.export.milvus import linked_store_copy, milvus_lite_server
 
+from shopserve.rollout import verify
+
 pytestmark = pytest.mark.slow
 
 QUERIES = 40
@@ -172,6 +174,8 @@ def test_the_documented_commands_load_serve_and_detach(
     *_, serve, detach = documented_commands()
     assert serve == ["shopserve", "serve", "--model-repository", DOCUMENTED_STORE]
     repository = linked_store_copy(milvus_store[0], tmp_path / "store")
+    version = int(store.latest_version_dir(repository, store.RETRIEVE).name)
+    verify(repository, version)  # the version on Milvus can still be rolled out (and back to)
     on_milvus = SearchPipeline.from_repository(repository)
     with start_server(repository, tmp_path) as server:
         for endpoint in (store.SEARCH, store.ENSEMBLE):
@@ -182,6 +186,7 @@ def test_the_documented_commands_load_serve_and_detach(
     assert run_documented(detach, repository, milvus_uri).returncode == 0
     assert isinstance(served_dense(repository), DenseIndex)
     assert not (store.latest_version_dir(repository, store.RETRIEVE) / MOMENTS_FILE).exists()
+    verify(repository, version)
     assert isinstance(served_dense(milvus_store[0]), MilvusIndex)  # the copy's change stayed there
 
 
