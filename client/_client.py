@@ -560,7 +560,8 @@ class SearchClient(_ClientSettings):
 
     ``url`` is one server's ``host:port``, or several (a list, or commas between them): replicas
     of one store, balanced and failed over by gRPC (see _replicas). ``timeout`` (seconds) is the
-    default end-to-end deadline of every call.
+    deadline of each request sent: ``record_many`` and ``update_catalogue`` may send one up to four
+    times (retries of transient failures), so they can take about four times as long.
     """
 
     def __init__(

@@ -121,7 +121,9 @@ class Rollout:
     def live_versions(self) -> dict[str, list[int]]:
         """What the server says is loaded: every READY model and its versions."""
         try:
-            index = self.client.get_model_repository_index(as_json=True, **self._admin())
+            index = self.client.get_model_repository_index(
+                as_json=True, client_timeout=self.timeout, **self._admin()
+            )
         except InferenceServerException as exc:
             raise RolloutError(f"the server refused the repository index: {exc.message()}") from exc
         ready: dict[str, list[int]] = {}
