@@ -40,8 +40,6 @@ from .validation import InvalidRequest
 
 CATALOGUE_LOG_ENV = "SHOPSERVE_CATALOGUE_LOG"  # where the catalogue log is (set by shopserve serve)
 CATALOGUE_LOG_FILE = "catalogue.sqlite"  # the embedded log, under the server's work folder
-
-
 _FIELDS = (
     "update_id",
     "operation",

@@ -228,18 +228,23 @@ class RedisProfileStore(ProfileStore):
             start = f"({entries[-1][0].decode()}"
 
     def forget(self, user_key: str) -> bool:
-        logged = [r for r in self.log() if r.event.user_key == user_key]
+        logged, scanned = [], ""
+        for record in self.log():
+            scanned = record.position
+            if record.event.user_key == user_key:
+                logged.append(record)
         commands: list[tuple] = [("DEL", *self._keys(user_key))]
         if logged:  # its events, and any earlier erasure record the new one supersedes
             commands.append(("XDEL", self.log_key, *(r.position for r in logged)))
         commands.append(self._append(erasure(user_key)))
         removed = self._transaction(commands)
         # Another server may have logged an event of the shopper between the scan and the
-        # transaction: its profile writes were deleted with the keys, its log record goes now.
+        # transaction: its profile writes were deleted with the keys, its log record goes now
+        # (only the entries after the scan are read again).
         erased_at = _entry_id(removed[-1])
         late = [
             r.position
-            for r in self.log()
+            for r in self.log(scanned)
             if r.event.user_key == user_key
             and r.event.kind != ERASED
             and _entry_id(r.position) < erased_at
@@ -262,25 +267,26 @@ class RedisProfileStore(ProfileStore):
         replayed = f"{self.prefix}replayed"
         position = (self.client.get(replayed) or b"").decode()
         build = SqliteProfileStore(snapshot, readonly=True)
-        applied, erased_here = build.applied_erasures(), set()
-        folded, pending = 0, []
-        for record in self.log(position):
-            position, event = record.position, record.event
-            erasure = event.kind == ERASED
-            if erasure or len(pending) == self.CATCH_UP_BATCH:  # in log order, bounded batches
-                folded += len(self.apply(pending, embedding, log=False)) if pending else 0
-                pending = []
-            if erasure:
-                if not already_folded(event, applied):
-                    self.client.delete(*self._keys(event.user_key))
-                    erased_here.add(event.user_key)
-                continue
-            watermark = (
-                -np.inf if event.user_key in erased_here else build.last_event_time(event.user_key)
-            )
-            if event.product_id in known and event.timestamp > watermark:
-                pending.append(event)
-        build.close()
+        try:
+            applied, erased_here = build.applied_erasures(), set()
+            folded, pending = 0, []
+            for record in self.log(position):
+                position, event = record.position, record.event
+                erasure = event.kind == ERASED
+                if erasure or len(pending) == self.CATCH_UP_BATCH:  # log order, bounded batches
+                    folded += len(self.apply(pending, embedding, log=False)) if pending else 0
+                    pending = []
+                if erasure:
+                    if not already_folded(event, applied):
+                        self.client.delete(*self._keys(event.user_key))
+                        erased_here.add(event.user_key)
+                    continue
+                erased = event.user_key in erased_here
+                watermark = -np.inf if erased else build.last_event_time(event.user_key)
+                if event.product_id in known and event.timestamp > watermark:
+                    pending.append(event)
+        finally:
+            build.close()
         if pending:
             folded += len(self.apply(pending, embedding, log=False))
         self.client.set(replayed, position)

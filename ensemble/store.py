@@ -124,16 +124,12 @@ def version_manifest(repository: Path, version: int) -> Path:
     return Path(repository) / MANIFESTS_DIR / f"v{version}.json"
 
 
-_PINNED = re.compile(
-    r"version_policy\s*:?\s*\{\s*specific\s*:?\s*\{\s*versions\s*:\s*\[?\s*(\d+)\s*\]?\s*\}\s*\}"
-)
-
-
 def served_version(repository: Path) -> int:
     """The version a server started on ``repository`` serves: the one a rollout pinned in the
-    search config, else the newest."""
-    pinned = _PINNED.search(_config_text(Path(repository), SEARCH))
-    return int(pinned.group(1)) if pinned else int(latest_version_dir(repository, SEARCH).name)
+    search config (see ``with_version_policy``), else the newest."""
+    policy = _VERSION_POLICY.search(_config_text(Path(repository), SEARCH))
+    pinned = policy and re.search(r"specific\s*:?\s*\{\s*versions\s*:\s*\[?\s*(\d+)", policy[0])
+    return int(pinned[1]) if pinned else int(latest_version_dir(repository, SEARCH).name)
 
 
 def with_version_policy(config: str, version: int) -> str:
