@@ -127,17 +127,33 @@ def version_manifest(repository: Path, version: int) -> Path:
 def served_version(repository: Path) -> int:
     """The version a server started on ``repository`` serves: the one a rollout pinned in the
     search config (see ``with_version_policy``), else the newest."""
-    policy = _VERSION_POLICY.search(_config_text(Path(repository), SEARCH))
-    pinned = policy and re.search(r"specific\s*:?\s*\{\s*versions\s*:\s*\[?\s*(\d+)", policy[0])
+    policy = version_policy(_config_text(Path(repository), SEARCH))
+    pinned = policy and re.search(r"specific\s*:?\s*\{\s*versions\s*:\s*\[?\s*(\d+)", policy)
     return int(pinned[1]) if pinned else int(latest_version_dir(repository, SEARCH).name)
 
 
-def with_version_policy(config: str, version: int) -> str:
-    """``config`` (config.pbtxt text) serving only version ``version``."""
-    line = f"version_policy: {{ specific: {{ versions: [ {version} ] }} }}"
+def version_policy(config: str) -> str | None:
+    """The ``version_policy`` a config.pbtxt text states (None: Triton's default, the newest)."""
+    found = _VERSION_POLICY.search(config)
+    return found[0] if found else None
+
+
+def with_version_policy(config: str, *versions: int) -> str:
+    """``config`` (config.pbtxt text) serving only ``versions`` (side by side when more than one)."""
+    listed = ", ".join(str(v) for v in sorted(set(versions)))
+    line = f"version_policy: {{ specific: {{ versions: [ {listed} ] }} }}"
     if _VERSION_POLICY.search(config):
         return _VERSION_POLICY.sub(line, config, count=1)
     return config.rstrip("\n") + "\n" + line + "\n"
+
+
+_STEP_VERSION = re.compile(r"(model_version\s*:\s*)-?\d+")
+
+
+def with_step_versions(config: str, version: int) -> str:
+    """An ensemble's ``config`` with every step pinned to ``version`` of its model (the build
+    writes -1, the newest loaded: mid-rollout, that could be a different version for each step)."""
+    return _STEP_VERSION.sub(rf"\g<1>{version}", config)
 
 
 def model_file(repository: Path, model: str, version: int | None = None) -> Path:

@@ -15,6 +15,8 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+from shopserve.ensemble import store
+
 EMBEDDING_DIM = 384
 MAX_TOKENS = 256  # the tokenizer's truncation length (ensemble/tokenize.py)
 PRECISIONS = ("INT8", "FP16")  # INT8: the Q/DQ graph; FP16: the FP32 graph
@@ -236,7 +238,7 @@ def write_gpu_configs(
     ``engine`` "onnxruntime": the encoder on the onnxruntime backend with TensorRT ``precision``
     ("INT8" for the Q/DQ graph, "FP16" for the FP32 graph); "tensorrt_plan": a prebuilt
     ``model.plan`` (build it with :func:`trtexec_command`). Model files are not touched. Returns
-    the written paths by model name.
+    the written paths by model name. A config's version policy (a rollout's pin) is kept.
     """
     if engine == "onnxruntime":
         encoder = encoder_config(precision, max_batch_size, name=encoder_name)
@@ -251,6 +253,9 @@ def write_gpu_configs(
     ):
         path = repository / name / "config.pbtxt"
         path.parent.mkdir(parents=True, exist_ok=True)
+        pinned = store.version_policy(path.read_text()) if path.exists() else None
+        if pinned:  # a rollout's pin: the GPU config serves the versions the others serve
+            text = text.rstrip("\n") + "\n" + pinned + "\n"
         path.write_text(text)
         written[name] = path
     return written

@@ -2,12 +2,14 @@
 
 ``shopserve rollout --model-repository R --version N`` checks version N's files against its manifest
 (``R/manifests/v<N>.json``) and refuses a version that fails, then pins version N in every model's
-config (so a restart serves it too, until the next build or rollout) and asks the running server to
-load it (steps first, endpoints last). Triton loads the new version while the old one goes on
-serving, and unloads the old one once the new one is ready, so no request fails. A rollback is a
-rollout to an earlier version (``--rollback``: the newest version below the live one). A model that
-fails to load undoes the rollout: every config goes back to what it was and the models already
-switched are loaded again from it. One rollout at a time per repository (a lock file).
+config (so a restart serves it too, until the next rollout: a build keeps the pins) and asks the
+running server to load it. Triton loads the new version while the old one goes on serving, and
+unloads the old one once the new one is ready, so no request fails. The search_steps ensemble's
+steps serve both versions while the ensemble switches, so that a request through it meets one
+version's steps. A rollback is a rollout to an earlier version (``--rollback``: the newest version
+below the live one). A model that fails to load undoes the rollout: every config is pinned back to
+what was live and the models already switched are loaded again from it. One rollout at a time per
+repository (a lock file).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import tritonclient.grpc as grpcclient
@@ -106,6 +110,57 @@ def _one_at_a_time(repository: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One rollout's configs: what is live pinned (``held``), the target (``wanted``) and, for
+    the steps of the search_steps ensemble, both versions side by side (``both``)."""
+
+    version: int
+    configs: dict[str, Path]
+    live: dict[str, list[int]]
+    held: dict[str, str]
+    wanted: dict[str, str]
+    both: dict[str, str]
+
+    @property
+    def steps(self) -> list[str]:
+        return list(self.both)
+
+    @property
+    def others(self) -> list[str]:
+        return [m for m in self.wanted if m not in self.both]
+
+    @classmethod
+    def of(
+        cls, repository: Path, models: list[str], version: int, live: dict[str, list[int]]
+    ) -> _Plan:
+        configs = {m: repository / m / "config.pbtxt" for m in models}
+        before = {m: configs[m].read_text(encoding="utf-8") for m in models}
+        steps = [m for m in models if m in store.STEPS] if store.ENSEMBLE in models else []
+        held = {m: store.with_version_policy(before[m], *live[m]) for m in models if live.get(m)}
+        if live.get(store.ENSEMBLE):
+            current = _ensemble_steps_version(live, steps)
+            held[store.ENSEMBLE] = store.with_step_versions(held[store.ENSEMBLE], current)
+        wanted = {m: store.with_version_policy(before[m], version) for m in models}
+        if store.ENSEMBLE in models:
+            wanted[store.ENSEMBLE] = store.with_step_versions(wanted[store.ENSEMBLE], version)
+        both = {m: store.with_version_policy(before[m], version, *live.get(m, [])) for m in steps}
+        return cls(version, configs, live, {**before, **held}, wanted, both)
+
+
+def _ensemble_steps_version(live: dict[str, list[int]], steps: list[str]) -> int:
+    """The version of the steps the live ensemble meets (the build's ensemble and steps share
+    their version numbers); refused when a step does not serve it."""
+    current = max(live[store.ENSEMBLE])
+    missing = {m: live.get(m, []) for m in steps if current not in live.get(m, [])}
+    if missing:
+        raise RolloutError(
+            f"the {store.ENSEMBLE} ensemble serves version {current}, but its steps serve "
+            f"{missing}; nothing was changed"
+        )
+    return current
+
+
 class Rollout:
     """Model control over gRPC, with the admin key when the server requires one."""
 
@@ -138,20 +193,17 @@ class Rollout:
         error is raised."""
         manifest = verify(repository, version)
         models = [m for m in LOAD_ORDER if m in manifest["models"]]
-        configs = {m: Path(repository) / m / "config.pbtxt" for m in models}
         with _one_at_a_time(repository):
-            before = {m: configs[m].read_text(encoding="utf-8") for m in models}
-            pinned: list[str] = []
+            plan = _Plan.of(Path(repository), models, version, self.live_versions())
+            self._hold(plan)
+            attempted: dict[str, str | None] = {}  # model -> the config it last loaded from
             try:
-                for model in models:
-                    # The pin goes into the store's config on disk: Triton reloads an ensemble's
-                    # steps from disk when it loads the ensemble, and a restart serves what was
-                    # rolled out.
-                    _write(configs[model], store.with_version_policy(before[model], version))
-                    pinned.append(model)
-                    self._load(model, version)
-            except RolloutError:
-                self._undo(pinned, configs, before)
+                self._forward(plan, attempted)
+            except BaseException as exc:
+                failures = self._undo(plan, attempted)
+                if failures and isinstance(exc, RolloutError):
+                    undo = "; ".join(failures)
+                    raise RolloutError(f"{exc}; undoing it failed too: {undo}") from exc
                 raise
         live = self.live_versions()
         wrong = {m: live.get(m) for m in models if live.get(m) != [version]}
@@ -159,24 +211,76 @@ class Rollout:
             raise RolloutError(f"after the rollout the server reports {wrong}, not {version}")
         return live
 
-    def _load(self, model: str, version: int) -> None:
-        log.info("loading %s version %d", model, version)
+    def _hold(self, plan: _Plan) -> None:
+        """Pin what is live on disk, and load the ensemble so pinned (its steps at -1 would take
+        each step's newest loaded version, request by request, as soon as a step serves two)."""
+        for model, text in plan.held.items():
+            _write(plan.configs[model], text)
+        if plan.live.get(store.ENSEMBLE):
+            self._load(plan, store.ENSEMBLE, plan.held[store.ENSEMBLE])
+
+    def _forward(self, plan: _Plan, attempted: dict[str, str | None]) -> None:
+        """The ensemble's steps serve both versions, then the ensemble and the other models
+        switch, then the steps serve the new version alone: a request through the ensemble meets
+        one version's steps, whichever it started on."""
+        loads = [(m, plan.both[m]) for m in plan.steps]
+        loads += [(m, plan.wanted[m]) for m in plan.others + plan.steps]
+        for model, text in loads:
+            _write(plan.configs[model], text)
+            attempted.setdefault(model, None)
+            self._load(plan, model, text)
+            attempted[model] = text
+
+    def _undo(self, plan: _Plan, attempted: dict[str, str | None]) -> list[str]:
+        """Serve again what was live before, the same three moves backwards; return what failed
+        (logged too). A model that was not live before is unloaded."""
+        log.warning("rollout failed: loading %s as they were", ", ".join(attempted))
+        failures: list[str] = []
+
+        def load(model: str, text: str) -> bool:
+            _write(plan.configs[model], text)
+            try:
+                if plan.live.get(model):
+                    self._load(plan, model, text)
+                else:  # it was not served before the rollout
+                    self._unload(model)
+            except RolloutError as exc:
+                log.error("undoing the rollout: %s", exc)
+                failures.append(str(exc))
+                return False
+            return True
+
+        for model in (m for m in plan.steps if m in attempted):
+            if attempted[model] == plan.wanted[model] != plan.both[model]:
+                load(model, plan.both[model])  # narrowed already: both again, for the ensemble
+            else:  # on disk too, should Triton reload it with the ensemble
+                _write(plan.configs[model], plan.both[model])
+        ensemble_back = True
+        for model in (m for m in plan.others if m in attempted):
+            back = load(model, plan.held[model])
+            ensemble_back &= back or model != store.ENSEMBLE
+        if not ensemble_back:
+            log.error("the ensemble did not go back: its steps go on serving both versions")
+            return failures
+        for model in (m for m in plan.steps if m in attempted):
+            load(model, plan.held[model])
+        return failures
+
+    def _load(self, plan: _Plan, model: str, text: str) -> None:
+        serving = _serving(text)
+        log.info("loading %s %s", model, serving)
         try:
             self.client.load_model(model, client_timeout=self.timeout, **self._admin())
         except InferenceServerException as exc:
-            raise RolloutError(f"{model} version {version} did not load: {exc.message()}") from exc
+            raise RolloutError(
+                f"{model} version {plan.version} did not load ({serving}): {exc.message()}"
+            ) from exc
 
-    def _undo(self, pinned: list[str], configs: dict[str, Path], before: dict[str, str]) -> None:
-        """Put back the configs of ``pinned`` and load those models from them again (in load
-        order, as a rollout would), so the server serves what it served before."""
-        for model in pinned:
-            _write(configs[model], before[model])
-        for model in pinned:
-            log.warning("rollout failed: loading %s as it was", model)
-            try:
-                self.client.load_model(model, client_timeout=self.timeout, **self._admin())
-            except InferenceServerException as exc:
-                log.error("%s did not load as it was: %s", model, exc.message())
+    def _unload(self, model: str) -> None:
+        try:
+            self.client.unload_model(model, client_timeout=self.timeout, **self._admin())
+        except InferenceServerException as exc:
+            raise RolloutError(f"{model} did not unload: {exc.message()}") from exc
 
     def previous(self, repository: Path) -> int:
         """The newest version below the one the search endpoint serves now."""
@@ -196,3 +300,12 @@ class Rollout:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _serving(config: str) -> str:
+    """The versions a config serves, in words (for logs and errors)."""
+    listed = re.search(r"versions\s*:\s*\[([^\]]*)\]", store.version_policy(config) or "")
+    if not listed:
+        return "at its newest version"
+    versions = [v.strip() for v in listed[1].split(",")]
+    return f"version{'s' * (len(versions) > 1)} {', '.join(versions)}"

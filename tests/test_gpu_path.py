@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from shopserve.ensemble import store
 from shopserve.export import gpu, qdq
 from shopserve.export.encoder import pooled, write_onnx
 
@@ -124,6 +125,19 @@ def test_write_gpu_configs(tmp_path: Path, engine: str) -> None:
     assert written["encoder"] == tmp_path / "encoder" / "config.pbtxt"
     assert (encoder.platform == "tensorrt_plan") == (engine == "tensorrt_plan")
     assert list(ranker.input[0].dims) == [-1, 8]
+
+
+def test_gpu_configs_keep_a_rollouts_pin(tmp_path: Path) -> None:
+    """A GPU build over a store a rollout pinned serves the pinned versions, like its other models
+    (else the search_steps ensemble, whose steps are pinned too, would not load at a restart)."""
+    for model in ("encoder", "ranker"):
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "config.pbtxt").write_text(
+            store.with_version_policy(f'name: "{model}"\n', 2)
+        )
+    for path in gpu.write_gpu_configs(tmp_path, "INT8", 8).values():
+        config = gpu.parse_config(path.read_text())
+        assert list(config.version_policy.specific.versions) == [2]
 
 
 def test_trtexec_command() -> None:

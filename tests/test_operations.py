@@ -10,10 +10,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ADMIN_KEY, export, make_certificates, start_server, write_cut
 from shopserve.client import (
     AsyncSearchClient,
+    Hits,
     OverloadedError,
     PermissionDeniedError,
     RequestTimeoutError,
@@ -23,6 +25,7 @@ from shopserve.client import (
     ServerUnavailableError,
 )
 from shopserve.ensemble import SearchPipeline, store
+from shopserve.export.repository import record_rewritten_files
 
 from shopserve.rollout import Rollout, RolloutError
 
@@ -206,10 +209,16 @@ def _explains_as(server, repository: Path, version: int) -> None:
 
 
 class SteadyTraffic:
-    """A search every 10 ms against ``server`` in a thread, counting what was sent and failed."""
+    """A search every 10 ms against ``server``'s ``model`` in a thread, counting what was sent and
+    failed, and keeping each answer (query -> product ids) when ``queries`` are given: a fresh
+    query each time, so that the search_steps ensemble's response cache cannot answer it."""
 
-    def __init__(self, server) -> None:
+    def __init__(self, server, model: str = store.SEARCH, queries: list[str] | None = None):
         self.server = server
+        self.model = model
+        self.queries = queries or QUERIES
+        self.answers: list[tuple[str, Hits]] = []
+        self.keep = queries is not None
         self.sent = 0
         self.failures: list[Exception] = []
         self._stop = threading.Event()
@@ -224,20 +233,68 @@ class SteadyTraffic:
         self._thread.join()
 
     def _run(self) -> None:
-        with SearchClient(self.server.grpc_url, timeout=10) as client:
+        with SearchClient(self.server.grpc_url, model_name=self.model, timeout=10) as client:
             while not self._stop.is_set():
+                rounds, at = divmod(self.sent, len(self.queries))
+                query = self.queries[at] + (f" {rounds}" if rounds else "")
                 try:
-                    client.search(QUERIES[self.sent % len(QUERIES)], top_k=10)
+                    hits = client.search(query, top_k=10)
                 except SearchError as exc:
                     self.failures.append(exc)
+                else:
+                    if self.keep:
+                        self.answers.append((query, hits))
                 self.sent += 1
                 time.sleep(0.01)
+
+
+def _fresh_queries() -> list[str]:
+    """Thousands of distinct queries made of shop words."""
+    words = [
+        "drill",
+        "bracket",
+        "paint",
+        "shower",
+        "hose",
+        "lamp",
+        "white",
+        "steel",
+        "wood",
+        "outdoor",
+        "door",
+        "light",
+        "garden",
+        "black",
+        "cordless",
+        "deck",
+        "tile",
+        "glass",
+    ]
+    return [f"{a} {b} {c}" for a in words for b in words for c in words if len({a, b, c}) == 3]
+
+
+def _mixed_answers(traffic: SteadyTraffic, repository: Path) -> list[str]:
+    """The queries whose answer was neither version 1's nor version 2's in-process answer (the
+    same products, or the same scores where two products nearly tie)."""
+    pipelines = {v: SearchPipeline.from_repository(repository, v) for v in (1, 2)}
+
+    def answers_as(version: int, query: str, hits: Hits) -> bool:
+        expected = pipelines[version].search(query, len(hits))
+        if expected.product_ids.tolist() == [h.product_id for h in hits]:
+            return True
+        scores = np.array([h.score for h in hits])
+        return len(scores) == len(expected.scores) and np.allclose(
+            scores, expected.scores, atol=1e-5
+        )
+
+    return [q for q, hits in traffic.answers if not any(answers_as(v, q, hits) for v in (1, 2))]
 
 
 def test_rollout_and_rollback_lose_no_request(versioned, tmp_path) -> None:
     """A server started on the newest version rolls back, forward and back again under traffic,
     each version serving its own files and fitted values (and explaining with its own ranker),
-    and the rollback holds at a restart."""
+    the search_steps ensemble answering as one version or the other throughout (never steps of
+    both), and the rollback holds at a restart."""
     repository, items = versioned
     fitted = {
         v: store.config_parameters(repository, store.RETRIEVE, v)["ef_search"] for v in (1, 2)
@@ -247,6 +304,7 @@ def test_rollout_and_rollback_lose_no_request(versioned, tmp_path) -> None:
     assert answers[1] != answers[2]
     with start_server(repository, tmp_path / "serve") as server:
         traffic = SteadyTraffic(server).start()
+        steps = SteadyTraffic(server, store.ENSEMBLE, _fresh_queries()).start()
         control = Rollout(server.grpc_url, Security(admin_key=ADMIN_KEY))
         try:
             assert control.live_versions()[store.SEARCH] == [2] and _served(server) == answers[2]
@@ -262,15 +320,24 @@ def test_rollout_and_rollback_lose_no_request(versioned, tmp_path) -> None:
             # A version whose files fail their manifest checksums is refused before loading.
             _build(items, repository, 3)
             ranker = repository / store.RANKER / "3" / store.ONNX_FILE
-            ranker.write_bytes(ranker.read_bytes() + b"tampered")
+            ranker.write_bytes(b"not an ONNX model")
             with pytest.raises(RolloutError, match=r"ranker/3/model\.onnx fails its manifest"):
                 control.roll_to(repository, 3)
             assert control.live_versions()[store.SEARCH] == [2]
+            # A version whose manifest records a model that cannot load: the rollout is undone.
+            record_rewritten_files(ranker.parent)
+            with pytest.raises(RolloutError, match="ranker version 3 did not load"):
+                control.roll_to(repository, 3)
+            assert all(versions == [2] for versions in control.live_versions().values())
+            assert store.served_version(repository) == 2 and _served(server) == answers[2]
             assert control.roll_to(repository, 1)[store.SEARCH] == [1]
         finally:
             traffic.stop()
+            steps.stop()
             control.close()
         assert traffic.sent > 50 and traffic.failures == []
+        assert steps.sent > 50 and steps.failures == []
+        assert _mixed_answers(steps, repository) == []
     with start_server(repository, tmp_path / "restart") as server:  # the rollback holds
         with Rollout(server.grpc_url, Security(admin_key=ADMIN_KEY)) as control:
             assert control.live_versions()[store.SEARCH] == [1]

@@ -5,6 +5,7 @@ the rollout, and two rollouts of one repository take turns."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -16,32 +17,92 @@ from tritonclient.utils import InferenceServerException
 from shopserve.rollout import MANIFESTS_DIR, Rollout, RolloutError
 
 MODELS = [store.TOKENIZE, store.ENCODER, store.RETRIEVE, store.RANKER, store.SEARCH]
+STEPS_AND_ENSEMBLE = [*store.STEPS, store.ENSEMBLE, store.SEARCH]
+ENSEMBLE_CONFIG = "".join(
+    f'step {{ model_name: "{step}" model_version: -1 }}\n' for step in store.STEPS
+)  # as the build writes it: each step's newest loaded version
 
 
-def _repository(folder: Path) -> Path:
-    """Two versions of every model, the configs serving version 1."""
+def _repository(folder: Path, models: list[str] = MODELS, pinned: bool = True) -> Path:
+    """Two versions of every model, the configs serving version 1 (``pinned``), or as a build
+    writes them: no version policy (the newest), the ensemble's steps at -1."""
     (folder / MANIFESTS_DIR).mkdir(parents=True)
-    for model in MODELS:
+    for model in models:
         (folder / model).mkdir()
-        text = f'name: "{model}"\nversion_policy: {{ specific: {{ versions: [ 1 ] }} }}\n'
+        text = f'name: "{model}"\n'
+        if pinned:
+            text += "version_policy: { specific: { versions: [ 1 ] } }\n"
+        if model == store.ENSEMBLE:
+            text += ENSEMBLE_CONFIG
         (folder / model / "config.pbtxt").write_text(text)
     for version in (1, 2):
-        manifest = {"models": MODELS, "files": {}}
+        manifest = {"models": models, "files": {}}
         (folder / MANIFESTS_DIR / f"v{version}.json").write_text(json.dumps(manifest))
     return folder
 
 
-class ModelControl:
-    """Records the loads; refuses to load ``failing`` at any version but 1."""
+def _never(model: str, versions: list[int]) -> bool:
+    return False
 
-    def __init__(self, repository: Path, failing: str = "") -> None:
-        self.repository, self.failing, self.loads = repository, failing, []
+
+class ModelControl:
+    """A stand-in for Triton's model control. A load serves the versions the model's config names
+    (without a policy, the newest: 2); a load that fails leaves the model as it was. As in Triton,
+    loading the ensemble reloads its steps from their configs, and loading a step reloads the
+    ensemble. ``refuse(model, versions)`` says which loads fail. Records the loads asked for, and
+    every moment the ensemble would have met a step version not served, or steps of two
+    versions (what a request through it meets)."""
+
+    def __init__(self, repository: Path, refuse=_never, live: int = 1) -> None:
+        self.repository, self.refuse, self.loads = repository, refuse, []
+        self.live = {p.name: [live] for p in repository.iterdir() if (p / "config.pbtxt").exists()}
+        self.ensemble = self._config(store.ENSEMBLE) if store.ENSEMBLE in self.live else ""
+        self.mixed: list[dict] = []
+
+    def get_model_repository_index(self, **_: object) -> dict:
+        return {
+            "models": [
+                {"name": model, "version": str(v), "state": "READY"}
+                for model, versions in self.live.items()
+                for v in versions
+            ]
+        }
+
+    def _config(self, model: str) -> str:
+        return (self.repository / model / "config.pbtxt").read_text()
+
+    def _versions(self, model: str) -> list[int]:
+        found = re.search(r"versions: \[ ([\d, ]+) \]", self._config(model))
+        return [int(v) for v in found[1].split(",")] if found else [2]
 
     def load_model(self, model: str, **_: object) -> None:
-        config = (self.repository / model / "config.pbtxt").read_text()
-        self.loads.append((model, "[ 1 ]" in config))
-        if model == self.failing and "[ 1 ]" not in config:
+        self.loads.append((model, self._versions(model)))
+        if not self._reload(model):
             raise InferenceServerException(f"{model}: initialize failed")
+        dependents = store.STEPS if model == store.ENSEMBLE else ()
+        dependents = (store.ENSEMBLE,) if model in store.STEPS else dependents
+        for other in dependents:
+            if other in self.live:
+                self._reload(other)
+
+    def unload_model(self, model: str, **_: object) -> None:
+        self.live.pop(model, None)
+
+    def _reload(self, model: str) -> bool:
+        versions = self._versions(model)
+        if self.refuse(model, versions):
+            return False
+        self.live[model] = versions
+        if model == store.ENSEMBLE:
+            self.ensemble = self._config(model)
+        self._check_ensemble()
+        return True
+
+    def _check_ensemble(self) -> None:
+        pins = re.findall(r'model_name: "(\w+)" model_version: (-?\d+)', self.ensemble)
+        met = {step: max(self.live[step]) if asked == "-1" else int(asked) for step, asked in pins}
+        if len(set(met.values())) > 1 or any(v not in self.live[s] for s, v in met.items()):
+            self.mixed.append(dict(self.live))
 
 
 def _rollout(control: ModelControl) -> Rollout:
@@ -53,13 +114,58 @@ def _rollout(control: ModelControl) -> Rollout:
 def test_a_model_that_fails_to_load_undoes_the_rollout(tmp_path) -> None:
     repository = _repository(tmp_path / "store")
     before = {m: (repository / m / "config.pbtxt").read_text() for m in MODELS}
-    control = ModelControl(repository, failing=store.RANKER)
+    control = ModelControl(
+        repository, lambda model, versions: model == store.RANKER and 2 in versions
+    )
     with pytest.raises(RolloutError, match="ranker version 2 did not load"):
         _rollout(control).roll_to(repository, 2)
     assert {m: (repository / m / "config.pbtxt").read_text() for m in MODELS} == before
     switched = [store.TOKENIZE, store.ENCODER, store.RETRIEVE, store.RANKER]
-    assert control.loads == [(m, False) for m in switched] + [(m, True) for m in switched]
+    assert control.loads == [(m, [2]) for m in switched] + [(m, [1]) for m in switched]
+    assert control.live == {m: [1] for m in MODELS}
     assert sorted(p.name for p in (repository / store.RANKER).iterdir()) == ["config.pbtxt"]
+
+
+ROLLOUTS = {  # name: (configs pinned, live version, target, the loads refused)
+    "forward": (True, 1, 2, _never),
+    "rollback after a build": (False, 2, 1, _never),
+    "a step fails while serving both": (True, 1, 2, lambda m, v: m == store.RANKER and 2 in v),
+    "an endpoint fails": (True, 1, 2, lambda m, v: m == store.SEARCH and 2 in v),
+    "a step fails serving the new one alone": (
+        True,
+        1,
+        2,
+        lambda m, v: m == store.RANKER and v == [2],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ROLLOUTS)
+def test_the_ensemble_meets_one_versions_steps_throughout_a_rollout(tmp_path, case) -> None:
+    """Its steps serve both versions while the ensemble switches, then the new one alone; the
+    ensemble's steps are pinned to the live version first (a build's -1 would take each step's
+    newest loaded version). A failed rollout goes back the same way."""
+    pinned, live, target, refuse = ROLLOUTS[case]
+    repository = _repository(tmp_path / "store", STEPS_AND_ENSEMBLE, pinned)
+    control = ModelControl(repository, refuse, live)
+    failing = refuse is not _never
+    if failing:
+        with pytest.raises(RolloutError, match=f"version {target} did not load"):
+            _rollout(control).roll_to(repository, target)
+    else:
+        _rollout(control).roll_to(repository, target)
+    assert control.mixed == []
+    served = live if failing else target
+    assert control.live == {m: [served] for m in STEPS_AND_ENSEMBLE}
+    ensemble = (repository / store.ENSEMBLE / "config.pbtxt").read_text()
+    assert ensemble.count(f"model_version: {served}") == len(store.STEPS)
+    if case == "forward":
+        assert control.loads == (
+            [(store.ENSEMBLE, [1])]
+            + [(m, [1, 2]) for m in store.STEPS]
+            + [(store.ENSEMBLE, [2]), (store.SEARCH, [2])]
+            + [(m, [2]) for m in store.STEPS]
+        )
 
 
 def test_two_rollouts_of_one_repository_take_turns(tmp_path) -> None:
