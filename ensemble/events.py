@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .profile_store import Embedding, ProfileStore, StoredEvent
+from .profile_store import ProfileStore, StoredEvent
 from .profiles import EVENT_TYPES, UserKeys
 from .validation import MAX_USER_ID_BYTES, InvalidRequest, decode_text
 
@@ -134,10 +134,9 @@ def event_key(user_key: str, event_id: str) -> str:
 class EventIngest:
     """Folds validated batches into the profile store."""
 
-    def __init__(self, store: ProfileStore, keys: UserKeys, embedding: Embedding) -> None:
+    def __init__(self, store: ProfileStore, keys: UserKeys) -> None:
         self.store = store
         self.keys = keys
-        self.embedding = embedding
 
     def stored(self, request: EventRequest) -> list[StoredEvent]:
         events = []
@@ -158,7 +157,7 @@ class EventIngest:
     def ingest(self, requests: Sequence[EventRequest]) -> list[int]:
         """Commit every request's events in one transaction; return how many of each were new."""
         batches = [self.stored(request) for request in requests]
-        applied = self.store.apply([e for batch in batches for e in batch], self.embedding)
+        applied = self.store.apply([e for batch in batches for e in batch])
         counts = []
         for batch in batches:
             mine = {e.event_key for e in batch} & applied

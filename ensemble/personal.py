@@ -63,24 +63,19 @@ def profile_namespace(repository: Path, version: int | None = None) -> str:
     return "profiles-" + json.loads(path.read_text())["files"][relative][:16]
 
 
-class ProductVectors:
-    """Product id -> its embedding in a served build, loaded on first use: folding logged
-    purchases into the build's profiles needs it, a start whose live store is current does not."""
+class BuildProducts:
+    """Whether a product is in a served build's catalogue, loaded on first use: replaying logged
+    events over the build's profiles needs it, a start whose live store is current does not."""
 
     def __init__(self, repository: Path, version: int | None = None) -> None:
         self.repository, self.version = repository, version
 
     @functools.cached_property
-    def _index(self) -> tuple[VectorIndex, store.ProductRows]:
-        catalogue = store.load_catalogue(self.repository, self.version)
-        return served_dense(self.repository, self.version), catalogue.product_rows()
-
-    def __call__(self, product_id: int) -> np.ndarray:
-        dense, row_of = self._index
-        return dense.vectors(np.array([row_of[product_id]]))[0]
+    def _rows(self) -> store.ProductRows:
+        return store.load_catalogue(self.repository, self.version).product_rows()
 
     def __contains__(self, product_id: object) -> bool:
-        return product_id in self._index[1]
+        return product_id in self._rows
 
 
 PERSONAL_WEIGHT = "personal_weight"  # the search config parameter the build fits
@@ -283,7 +278,7 @@ class LiveEvents:
     def __init__(self, personalization: Personalization, live: LiveCatalogue | None = None) -> None:
         self.personal = personalization
         self.live = live
-        self.ingest = EventIngest(personalization.profiles, personalization.keys, self.embedding)
+        self.ingest = EventIngest(personalization.profiles, personalization.keys)
 
     @classmethod
     def from_repository(cls, repository: Path | str, version: int | None = None) -> LiveEvents:
@@ -298,10 +293,6 @@ class LiveEvents:
             return lambda ids: self.personal.recommender.rows_of(ids) >= 0
         refresh_catalogue(self.live)
         return self.live.listed_in_build
-
-    def embedding(self, product_id: int) -> np.ndarray:
-        row = self.personal.recommender.row_of[product_id]
-        return self.personal.recommender.dense.vectors(np.array([row]))[0]
 
     def record(self, requests: list[EventRequest]) -> list[int]:
         """Commit the requests together; how many events of each were new."""

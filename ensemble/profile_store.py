@@ -24,7 +24,7 @@ import json
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,6 @@ from .redis_link import is_redis, public_location
 PROFILE_STORE_ENV = "SHOPSERVE_PROFILE_STORE"  # where the live store is (set by shopserve serve)
 LIVE_PROFILES_FILE = "live.sqlite"  # the embedded live store, under the server's work folder
 T = TypeVar("T")
-Embedding = Callable[[int], np.ndarray]  # product id -> its embedding (the taste vector's part)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -48,9 +47,7 @@ CREATE TABLE IF NOT EXISTS users (
     basket_key TEXT NOT NULL,
     last_purchase_ts REAL NOT NULL,
     last_ts REAL NOT NULL,
-    open_basket TEXT NOT NULL,
-    taste_sum BLOB,
-    taste_weight REAL NOT NULL
+    open_basket TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS user_items (
     user_key TEXT NOT NULL,
@@ -96,9 +93,14 @@ _USER_COLUMNS = (
     "last_purchase_ts",
     "last_ts",
     "open_basket",
-    "taste_sum",
-    "taste_weight",
 )
+_UPSERT_USER = (
+    f"INSERT OR REPLACE INTO users (user_key, {', '.join(_USER_COLUMNS)}) "
+    f"VALUES (?, {', '.join('?' * len(_USER_COLUMNS))})"
+)
+# Columns of users that earlier stores kept and this one does not (the taste vector is computed
+# from the items now): dropped when such a store is opened for writing.
+_DROPPED_USER_COLUMNS = ("taste_sum", "taste_weight")
 
 
 @dataclass(frozen=True)
@@ -168,12 +170,7 @@ def already_folded(erasure: StoredEvent, erased: dict[str, float]) -> bool:
     return erasure.timestamp <= erased.get(erasure.user_key, -np.inf)
 
 
-def replay(
-    state: LiveState,
-    records: Iterable[LogRecord],
-    embedding: Embedding,
-    known: Container[int],
-) -> LiveState:
+def replay(state: LiveState, records: Iterable[LogRecord], known: Container[int]) -> LiveState:
     """Fold log records over ``state`` in log order: an erasure drops the shopper (unless the
     build applied it); an event is skipped when its key was folded before (the build folded an
     export of the log holding it), when it is not after the shopper's latest event in the
@@ -196,26 +193,23 @@ def replay(
             continue
         seen.add(event.event_key)
         profile = state.profiles.setdefault(event.user_key, Profile())
-        profile.apply(event.product_id, event.kind, event.timestamp, event.basket_key, embedding)
+        profile.apply(event.product_id, event.kind, event.timestamp, event.basket_key)
         state.replayed += 1
     return state
 
 
 def _user_row(profile: Profile) -> tuple:
-    taste = None if profile.taste_sum is None else profile.taste_sum.astype(np.float32).tobytes()
     return (
         profile.baskets,
         profile.basket_key,
         float(profile.last_purchase_ts),
         profile.last_ts,
         json.dumps(profile.open_basket),
-        taste,
-        profile.taste_weight,
     )
 
 
 def _profile(user: Sequence, items: dict[int, ItemStats]) -> Profile:
-    baskets, basket_key, last_purchase, last_ts, open_basket, taste, weight = user
+    baskets, basket_key, last_purchase, last_ts, open_basket = user
     return Profile(
         baskets=int(baskets),
         basket_key=basket_key,
@@ -223,8 +217,6 @@ def _profile(user: Sequence, items: dict[int, ItemStats]) -> Profile:
         last_ts=float(last_ts),
         items=items,
         open_basket=json.loads(open_basket),
-        taste_sum=None if taste is None else np.frombuffer(taste, dtype=np.float32).copy(),
-        taste_weight=float(weight),
     )
 
 
@@ -250,17 +242,12 @@ def in_fold_order(events: Iterable[StoredEvent]) -> list[StoredEvent]:
     return sorted(events, key=lambda e: e.timestamp)
 
 
-def fold(
-    profile: Profile,
-    events: Iterable[StoredEvent],
-    embedding: Embedding,
-    in_time_order: bool = True,
-) -> set[int]:
+def fold(profile: Profile, events: Iterable[StoredEvent], in_time_order: bool = True) -> set[int]:
     """Apply events in time order (or, for a replay of the log, in the order given: the order
     they were folded live); return the products they touched."""
     touched = set()
     for event in in_fold_order(events) if in_time_order else events:
-        profile.apply(event.product_id, event.kind, event.timestamp, event.basket_key, embedding)
+        profile.apply(event.product_id, event.kind, event.timestamp, event.basket_key)
         touched.add(event.product_id)
     return touched
 
@@ -325,9 +312,7 @@ class ProfileStore(ABC):
         """Write whole profiles (replacing any stored under the same key); return how many."""
 
     @abstractmethod
-    def apply(
-        self, events: Sequence[StoredEvent], embedding: Embedding, log: bool = True
-    ) -> set[str]:
+    def apply(self, events: Sequence[StoredEvent], log: bool = True) -> set[str]:
         """Fold a batch of events into their profiles and append the new ones to the event log
         (unless ``log`` is false: a replay of the log itself), all or nothing, durably; return the
         keys of those that were new (events whose key the store has seen are skipped)."""
@@ -376,6 +361,19 @@ class SqliteProfileStore(ProfileStore):
             # Checkpoints copy the WAL back into the file; every 10,000 pages rather than 1,000.
             self._db.execute("PRAGMA wal_autocheckpoint=10000")
             self._db.executescript(_SCHEMA)
+            self._drop_old_columns()
+
+    def _drop_old_columns(self) -> None:
+        """Once, in a store written by an earlier version (several processes may open it)."""
+        if not self._old_columns():
+            return
+        with self._transaction("IMMEDIATE"):
+            for column in self._old_columns():
+                self._db.execute(f"ALTER TABLE users DROP COLUMN {column}")
+
+    def _old_columns(self) -> list[str]:
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(users)")}
+        return [c for c in _DROPPED_USER_COLUMNS if c in columns]
 
     @contextmanager
     def _transaction(self, mode: str = "DEFERRED") -> Iterator[sqlite3.Connection]:
@@ -412,7 +410,7 @@ class SqliteProfileStore(ProfileStore):
 
     def _write(self, user_key: str, profile: Profile, products: Iterable[int]) -> None:
         self._db.execute(
-            f"INSERT OR REPLACE INTO users VALUES (?, {', '.join('?' * len(_USER_COLUMNS))})",
+            _UPSERT_USER,
             (user_key, *_user_row(profile)),
         )
         self._db.executemany(
@@ -420,9 +418,7 @@ class SqliteProfileStore(ProfileStore):
             [(user_key, pid, *profile.items[pid].row()) for pid in products],
         )
 
-    def apply(
-        self, events: Sequence[StoredEvent], embedding: Embedding, log: bool = True
-    ) -> set[str]:
+    def apply(self, events: Sequence[StoredEvent], log: bool = True) -> set[str]:
         groups = _by_user(events)
         with self._transaction("IMMEDIATE"):
             seen = self._select_pairs("seen_events", ["event_key"], "event_key", groups)
@@ -439,11 +435,11 @@ class SqliteProfileStore(ProfileStore):
                 stats = {row[1]: ItemStats(*row[2:]) for row in items.get(user_key, [])}
                 user = users.get(user_key)
                 profile = Profile(items=stats) if user is None else _profile(user, stats)
-                touched = fold(profile, batch, embedding, in_time_order=log)
+                touched = fold(profile, batch, in_time_order=log)
                 user_rows.append((user_key, *_user_row(profile)))
                 item_rows += [(user_key, p, *profile.items[p].row()) for p in touched]
             self._db.executemany(
-                f"INSERT OR REPLACE INTO users VALUES (?, {', '.join('?' * len(_USER_COLUMNS))})",
+                _UPSERT_USER,
                 user_rows,
             )
             self._db.executemany(
@@ -703,7 +699,6 @@ def seed(
     location: str,
     snapshot: Path,
     namespace: str,
-    embedding: Embedding,
     known: Container[int],
     log_name: str = "log",
 ) -> str:
@@ -713,7 +708,7 @@ def seed(
     the build changes; a Redis namespace is seeded once and then catches up with the log."""
 
     def from_snapshot(live: ProfileStore) -> LiveState:
-        return replay(LiveState.of_snapshot(snapshot), live.log(), embedding, known)
+        return replay(LiveState.of_snapshot(snapshot), live.log(), known)
 
     text = str(location)
     shown = public_location(text)
@@ -721,7 +716,7 @@ def seed(
     try:
         if not isinstance(live, SqliteProfileStore):  # a Redis namespace
             count = live.seed_once(lambda: from_snapshot(live), namespace)
-            caught_up = live.catch_up(embedding, known, snapshot)
+            caught_up = live.catch_up(known, snapshot)
             done = (
                 f"{shown} already holds namespace {namespace}"
                 if count is None

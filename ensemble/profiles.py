@@ -3,8 +3,10 @@
 The same :meth:`Profile.apply` folds the release build's history and (later) live events, so a profile
 built at release time and one updated live mean the same. A profile keeps, per product: purchases, the
 number of baskets it was in, the first and last of those baskets, add-to-cart, click and view counts
-and the last time; per shopper: the number of purchase baskets, the open basket (added to the cart
-since the last purchase), and the sum of the embeddings of what they bought (the taste vector).
+and the last time; per shopper: the number of purchase baskets and the open basket (added to the cart
+since the last purchase). The shopper's taste vector is not kept: it is the purchase-weighted sum of
+the embeddings of what they bought, computed from the items where it is needed (the recommendation
+step's ``UserView``), with the served build's embeddings.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,19 +98,9 @@ class Profile:
     last_ts: float = 0.0
     items: dict[int, ItemStats] = field(default_factory=dict)
     open_basket: list[int] = field(default_factory=list)  # in the cart, not yet bought
-    taste_sum: np.ndarray | None = None  # sum of the embeddings of every purchase
-    taste_weight: float = 0.0
 
-    def apply(
-        self,
-        product_id: int,
-        kind: int,
-        timestamp: float,
-        basket_key: str,
-        embedding: Callable[[int], np.ndarray],
-    ) -> None:
-        """Fold one event into the profile (events of one shopper arrive in time order);
-        ``embedding(product_id)`` is asked for purchases only (they make the taste vector)."""
+    def apply(self, product_id: int, kind: int, timestamp: float, basket_key: str) -> None:
+        """Fold one event into the profile (events of one shopper arrive in time order)."""
         stats = self.items.setdefault(product_id, ItemStats())
         stats.last_ts = max(stats.last_ts, timestamp)
         self.last_ts = max(self.last_ts, timestamp)
@@ -122,7 +113,7 @@ class Profile:
             if product_id not in self.open_basket:
                 self.open_basket.append(product_id)
         else:
-            self._purchase(product_id, stats, timestamp, basket_key, embedding)
+            self._purchase(product_id, stats, timestamp, basket_key)
 
     def starts_basket(self, timestamp: float, basket_key: str) -> bool:
         """Whether a purchase with this basket id (or, without one, at this time) opens a basket."""
@@ -133,12 +124,7 @@ class Profile:
         return timestamp - self.last_purchase_ts > SESSION_GAP_S
 
     def _purchase(
-        self,
-        product_id: int,
-        stats: ItemStats,
-        timestamp: float,
-        basket_key: str,
-        embedding: Callable[[int], np.ndarray],
+        self, product_id: int, stats: ItemStats, timestamp: float, basket_key: str
     ) -> None:
         if self.starts_basket(timestamp, basket_key):
             self.baskets += 1
@@ -155,18 +141,6 @@ class Profile:
             stats.first_basket = current
         if product_id in self.open_basket:
             self.open_basket.remove(product_id)
-        vector = embedding(product_id)
-        if self.taste_sum is None:
-            self.taste_sum = np.zeros_like(vector, dtype=np.float32)
-        self.taste_sum += vector
-        self.taste_weight += 1.0
-
-    def taste(self) -> np.ndarray | None:
-        """The L2-normalised taste vector, or None before the first purchase."""
-        if self.taste_sum is None or self.taste_weight == 0:
-            return None
-        norm = float(np.linalg.norm(self.taste_sum))
-        return (self.taste_sum / norm).astype(np.float32) if norm > 0 else None
 
     def arrays(self) -> ItemArrays:
         ids = np.fromiter(self.items, dtype=np.int64, count=len(self.items))

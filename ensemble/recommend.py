@@ -197,8 +197,14 @@ class UserView:
         return self.decayed * (1.0 - BASKET_DECAY)
 
     @classmethod
-    def of(cls, profile: Profile, rows_of: Callable[[np.ndarray], np.ndarray]) -> UserView:
-        """``rows_of`` maps product ids to catalogue rows (-1 for a product not in it)."""
+    def of(
+        cls,
+        profile: Profile,
+        rows_of: Callable[[np.ndarray], np.ndarray],
+        vectors: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> UserView:
+        """``rows_of`` maps product ids to catalogue rows (-1 for a product not in it);
+        ``vectors`` gives rows' embeddings (for the taste vector; without it, none)."""
         arrays = profile.arrays()
         all_rows = rows_of(arrays.product_ids)
         known = all_rows >= 0
@@ -217,8 +223,21 @@ class UserView:
             profile.baskets,
             np.union1d(latest, open_cart),
             open_cart,
-            profile.taste(),
+            None if vectors is None else taste(rows, arrays.purchases[known], vectors),
         )
+
+
+def taste(
+    rows: np.ndarray, purchases: np.ndarray, vectors: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray | None:
+    """A shopper's taste vector: the sum of the embeddings of every purchase (each product's by
+    its number of purchases), L2-normalised; None before the first purchase."""
+    bought = purchases > 0
+    if not bought.any():
+        return None
+    total = purchases[bought].astype(np.float32) @ vectors(rows[bought])
+    norm = float(np.linalg.norm(total))
+    return (total / norm).astype(np.float32) if norm > 0 else None
 
 
 class Recommender:
@@ -244,7 +263,7 @@ class Recommender:
 
     def view(self, profile: Profile, user_key: str = "") -> UserView:
         """The shopper ``user_key`` (left out of their own neighbourhood) as the features see them."""
-        view = UserView.of(profile, self.rows_of)
+        view = UserView.of(profile, self.rows_of, self.dense.vectors)
         if self.shoppers is None:
             return view
         return replace(

@@ -18,7 +18,6 @@ from .profile_store import (
     _LOG_FIELDS,
     _USER_COLUMNS,
     ERASED,
-    Embedding,
     LiveState,
     LogRecord,
     ProfileStore,
@@ -131,8 +130,6 @@ class RedisProfileStore(ProfileStore):
     def _writes(self, user_key: str, profile: Profile, products: Iterable[int]) -> list[tuple]:
         user, items, _ = self._keys(user_key)
         fields = dict(zip(_USER_COLUMNS, _user_row(profile), strict=True))
-        if fields["taste_sum"] is None:
-            del fields["taste_sum"]
         commands: list[tuple] = [("HSET", user, *(x for kv in fields.items() for x in kv))]
         stats = [(p, json.dumps(profile.items[p].row())) for p in products]
         if stats:
@@ -154,15 +151,13 @@ class RedisProfileStore(ProfileStore):
             self._transaction(commands)
         return count
 
-    def apply(
-        self, events: Sequence[StoredEvent], embedding: Embedding, log: bool = True
-    ) -> set[str]:
+    def apply(self, events: Sequence[StoredEvent], log: bool = True) -> set[str]:
         groups = _by_user(events)
         watched = [key for user_key in groups for key in self._keys(user_key)]
         for _ in range(self.RETRIES):
             with self.client.pipeline() as pipe:  # its connection goes back to the pool at the end
                 pipe.watch(*watched)  # the reads below see a state EXEC checks
-                commands, applied = self._fold_commands(pipe, groups, embedding, log)
+                commands, applied = self._fold_commands(pipe, groups, log)
                 if not commands or self._transaction(commands, pipe) is not None:
                     return applied
         raise RuntimeError(f"events for {len(groups)} users kept conflicting; not applied")
@@ -171,7 +166,6 @@ class RedisProfileStore(ProfileStore):
         self,
         pipe: redis.client.Pipeline,
         groups: dict[str, list[StoredEvent]],
-        embedding: Embedding,
         log: bool,
     ) -> tuple[list[tuple], set[str]]:
         """The writes that fold each user's new events into their stored profile (read through
@@ -194,7 +188,7 @@ class RedisProfileStore(ProfileStore):
             }
             stored = pipe.hgetall(user)
             profile = self._profile(stored, stats) if stored else Profile(items=stats)
-            commands += self._writes(user_key, profile, fold(profile, fresh, embedding, log))
+            commands += self._writes(user_key, profile, fold(profile, fresh, log))
             commands.append(("SADD", seen_key, *(e.event_key for e in fresh)))
             if log:
                 commands += [self._append(e) for e in in_fold_order(fresh)]
@@ -259,7 +253,7 @@ class RedisProfileStore(ProfileStore):
             self.client.xdel(self.log_key, *old[start : start + self.LOG_PAGE])
         return len(old)
 
-    def catch_up(self, embedding: Embedding, known: Container[int], snapshot: Path) -> int:
+    def catch_up(self, known: Container[int], snapshot: Path) -> int:
         """Fold the log records after this namespace's last replayed position (events logged
         through another build's namespace since this one last started) by the rules of
         :func:`replay` over the build's ``snapshot``; return how many events were new here.
@@ -274,7 +268,7 @@ class RedisProfileStore(ProfileStore):
                 position, event = record.position, record.event
                 erasure = event.kind == ERASED
                 if erasure or len(pending) == self.CATCH_UP_BATCH:  # log order, bounded batches
-                    folded += len(self.apply(pending, embedding, log=False)) if pending else 0
+                    folded += len(self.apply(pending, log=False)) if pending else 0
                     pending = []
                 if erasure:
                     if not already_folded(event, applied):
@@ -288,7 +282,7 @@ class RedisProfileStore(ProfileStore):
         finally:
             build.close()
         if pending:
-            folded += len(self.apply(pending, embedding, log=False))
+            folded += len(self.apply(pending, log=False))
         self.client.set(replayed, position)
         return folded
 

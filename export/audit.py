@@ -61,7 +61,6 @@ from .history import (
     HistoryCut,
     basket_queries,
     bought_before,
-    embedding_of,
     ranked,
     recall,
     timelines,
@@ -310,10 +309,8 @@ class HeldOutShop:
         )
         events = load_events(events_path, data)
         dense = served_dense(repository)
-        vectors = dense.vectors(np.arange(len(catalogue)))
-        row_of = {pid: row for row, pid in enumerate(data.product_ids.tolist())}
         lines = timelines(events)
-        held_out = HistoryCut.of(data, events, lines, 1, embedding_of(row_of, vectors))
+        held_out = HistoryCut.of(data, events, lines, 1)
         tifu = ShopperVectors.load(store.version_dir(repository, store.RECOMMEND) / NEIGHBOURS_FILE)
         recommender = held_out.recommender(dense, tifu.k, tifu.alpha)
         popularity = held_out.items.popularity

@@ -577,7 +577,6 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
             record["personalization"] = build_personalization(
                 catalogue,
                 events,
-                embeddings,
                 SearchSide(
                     retriever, OnnxRanker(ranker_path), lambda q: served_encoder(*tokenizer(q))[0]
                 ),

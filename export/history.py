@@ -22,10 +22,6 @@ COOCCURRENCE_NEIGHBOURS = 50
 MIN_COOCCURRENCE = 2  # pairs bought together fewer times than this are noise
 
 
-def embedding_of(row_of: Mapping[int, int], embeddings: np.ndarray) -> Callable[[int], np.ndarray]:
-    return lambda product_id: embeddings[row_of[product_id]]
-
-
 @dataclass(frozen=True)
 class Timeline:
     """One shopper's events (positions in the log) and the basket number of each purchase."""
@@ -50,9 +46,7 @@ class Timeline:
         return set(events.product_ids[self.positions[self.basket_of == basket]].tolist())
 
 
-def replay(
-    events: EventsData, positions: np.ndarray, embedding: Callable[[int], np.ndarray]
-) -> Profile:
+def replay(events: EventsData, positions: np.ndarray) -> Profile:
     """A profile folded from the events at ``positions`` (in order)."""
     profile = Profile()
     for i in positions.tolist():
@@ -61,7 +55,6 @@ def replay(
             int(events.events[i]),
             float(events.timestamps[i]),
             events.basket_ids[i],
-            embedding,
         )
     return profile
 
@@ -69,11 +62,6 @@ def replay(
 def timelines(events: EventsData) -> dict[str, Timeline]:
     """Number every shopper's baskets the way profiles do (one pass per shopper)."""
     out = {}
-    zero = np.zeros(1, dtype=np.float32)
-
-    def no_taste(_: int) -> np.ndarray:
-        return zero
-
     for user, span in events.by_user().items():
         positions = np.arange(span.start, span.stop)
         basket_of = np.full(len(positions), -1, dtype=np.int32)
@@ -85,7 +73,6 @@ def timelines(events: EventsData) -> dict[str, Timeline]:
                 kind,
                 float(events.timestamps[i]),
                 events.basket_ids[i],
-                no_taste,
             )
             if kind == PURCHASE:
                 basket_of[j] = profile.baskets - 1
@@ -232,12 +219,11 @@ class HistoryCut:
         events: EventsData,
         lines: Mapping[str, Timeline],
         from_end: int,
-        embedding: Callable[[int], np.ndarray],
     ) -> HistoryCut:
         """``from_end`` 0 is the whole history."""
         items = shop_items(catalogue, events, lines, lambda line: line.baskets - from_end)
         profiles = {
-            user: replay(events, line.before(events, line.baskets - from_end), embedding)
+            user: replay(events, line.before(events, line.baskets - from_end))
             for user, line in tqdm(lines.items(), desc=f"profiles ({from_end} held out)")
         }
         return cls(from_end, catalogue, items, profiles, lines, events)

@@ -56,7 +56,6 @@ from .history import (
     HistoryCut,
     basket_queries,
     bought_before,
-    embedding_of,
     recall,
     split_users,
     timelines,
@@ -229,7 +228,6 @@ class SearchSide:
 def build_personalization(
     catalogue: CatalogueData,
     events: EventsData,
-    embeddings: np.ndarray,
     search: SearchSide,
     keys: UserKeys | HashedIds,
     writer: RepositoryWriter,
@@ -244,15 +242,12 @@ def build_personalization(
     here. ``event_log``: the exported log ``events`` holds (its keys and erasures go into the
     snapshot, so no replay over it counts them again)."""
     dense = search.retriever.dense
-    embedding = embedding_of(
-        {pid: row for row, pid in enumerate(catalogue.product_ids.tolist())}, embeddings
-    )
     lines = timelines(events)
     users = list(lines)
     train_users, validation_users = split_users(events, lines, validation_fraction, seed)
-    train_cuts = [HistoryCut.of(catalogue, events, lines, n, embedding) for n in TRAINING_LABELS]
+    train_cuts = [HistoryCut.of(catalogue, events, lines, n) for n in TRAINING_LABELS]
     train_cut = train_cuts[0]
-    held_out = HistoryCut.of(catalogue, events, lines, 1, embedding)
+    held_out = HistoryCut.of(catalogue, events, lines, 1)
     tifu = choose_tifu(held_out, validation_users, dense)
     log.info("TIFU-KNN: k=%d, alpha=%g", tifu.k, tifu.alpha)
     train_recs = [cut.recommender(dense, tifu.k, tifu.alpha) for cut in train_cuts]
@@ -277,7 +272,7 @@ def build_personalization(
     )
     writer.set_parameter(store.SEARCH, PERSONAL_WEIGHT, f"{weight:g}")
     stored = _write_served_history(
-        HistoryCut.of(catalogue, events, lines, 0, embedding),
+        HistoryCut.of(catalogue, events, lines, 0),
         keys,
         dense,
         tifu,

@@ -33,7 +33,7 @@ from shopserve.client._client import ADMIN_KEY_NAME, INFERENCE_KEY_NAME
 from shopserve.ensemble import store
 from shopserve.ensemble.catalogue_log import CATALOGUE_LOG_ENV, CATALOGUE_LOG_FILE
 from shopserve.ensemble.models import PREPACKED_DIR_ENV, prepacked_model
-from shopserve.ensemble.personal import ProductVectors, profile_namespace, snapshot_path
+from shopserve.ensemble.personal import BuildProducts, profile_namespace, snapshot_path
 from shopserve.ensemble.profile_store import LIVE_PROFILES_FILE, PROFILE_STORE_ENV, seed
 from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
 from shopserve.ensemble.redis_link import is_redis, public_location
@@ -305,17 +305,15 @@ class TritonServer:
         except MissingUserKeyError as exc:
             raise ServerError(f"{repo} is a personalised store: {exc}") from exc
         # The version the server will serve: a rollback pinned an older one, and its models
-        # must start from its own snapshot and embeddings.
+        # must start from its own snapshot and catalogue.
         version = store.served_version(repo)
         namespace = profile_namespace(repo, version)
         location = self.config.profile_store or str(work_dir / "profiles" / LIVE_PROFILES_FILE)
         if is_redis(location) and "namespace=" not in location:
             # Fixed for the server's life: a rollout to a newer build keeps the live profiles.
             location += ("&" if "?" in location else "?") + f"namespace={namespace}"
-        products = ProductVectors(repo, version)
-        done = seed(
-            location, snapshot_path(repo, version), namespace, products, products, keys.log_name()
-        )
+        products = BuildProducts(repo, version)
+        done = seed(location, snapshot_path(repo, version), namespace, products, keys.log_name())
         log.info("profile store: %s", done)
         return location
 

@@ -25,10 +25,6 @@ SHOPPERS = 12
 KNOWN = range(100)
 
 
-def _embedding(product_id: int) -> np.ndarray:
-    return np.full(4, float(product_id), dtype=np.float32)
-
-
 def _snapshot(path, first_product: int):
     """A build's snapshot: SHOPPERS shoppers, each with a basket starting at ``first_product``
     (two builds differ by it)."""
@@ -36,7 +32,7 @@ def _snapshot(path, first_product: int):
     profiles = []
     for shopper in range(SHOPPERS):
         profile = Profile()
-        profile.apply(first_product + shopper, PURCHASE, 10.0, "b0", _embedding)
+        profile.apply(first_product + shopper, PURCHASE, 10.0, "b0")
         profiles.append((f"key-{shopper}", profile))
     store.put(profiles)
     store.close()
@@ -66,7 +62,7 @@ def location(request, tmp_path):
 def _start(location, builds, build: str) -> None:
     """What ``shopserve serve`` does for the live store when it starts on ``build``."""
     url, test = location
-    seed(url, builds[build], f"{build}{test}", _embedding, KNOWN, f"log{test}")
+    seed(url, builds[build], f"{build}{test}", KNOWN, f"log{test}")
 
 
 def _open(location, build: str):
@@ -84,7 +80,7 @@ LIVE = [_event(1, 90, "a", 100.0), _event(1, 91, "b", 100.0), _event(2, 92, "c",
 def _expected(snapshot, events) -> dict:
     """The reference: the snapshot's profiles with ``events`` folded in, in memory."""
     state = LiveState.of_snapshot(snapshot)
-    return replay(state, [_record(e) for e in events], _embedding, KNOWN).profiles
+    return replay(state, [_record(e) for e in events], KNOWN).profiles
 
 
 def _record(event):
@@ -100,15 +96,15 @@ def _same_profiles(store, expected: dict) -> None:
         assert stored is not None, key
         assert stored.items == profile.items, key
         assert stored.baskets == profile.baskets
-        np.testing.assert_allclose(stored.taste_sum, profile.taste_sum)
+        assert stored.open_basket == profile.open_basket
 
 
 def test_every_accepted_event_is_logged_once_in_fold_order(location, builds) -> None:
     _start(location, builds, "v1")
     live = _open(location, "v1")
     later, earlier = _event(3, 5, "late", 200.0), _event(3, 6, "early", 150.0)
-    assert live.apply([later, earlier, later], _embedding) == {"late", "early"}
-    assert live.apply([later, _event(3, 7, "new", 210.0)], _embedding) == {"new"}  # a retry
+    assert live.apply([later, earlier, later]) == {"late", "early"}
+    assert live.apply([later, _event(3, 7, "new", 210.0)]) == {"new"}  # a retry
     logged = [r.event for r in live.log()]
     assert [e.event_key for e in logged] == ["early", "late", "new"]
     assert logged[0] == earlier
@@ -123,11 +119,11 @@ def test_a_release_rollback_and_restart_keep_every_logged_event(
 
     monkeypatch.setattr(RedisProfileStore, "CATCH_UP_BATCH", 1)  # a catch-up of several batches
     _start(location, builds, "v1")
-    _open(location, "v1").apply(LIVE[:2], _embedding)
+    _open(location, "v1").apply(LIVE[:2])
     _same_profiles(_open(location, "v1"), _expected(builds["v1"], LIVE[:2]))
     _start(location, builds, "v2")  # a restart on the newer build
     _same_profiles(_open(location, "v2"), _expected(builds["v2"], LIVE[:2]))
-    _open(location, "v2").apply(LIVE[2:], _embedding)
+    _open(location, "v2").apply(LIVE[2:])
     _start(location, builds, "v1")  # back to the older build: it catches up with the log
     _same_profiles(_open(location, "v1"), _expected(builds["v1"], LIVE))
     _start(location, builds, "v1")  # a plain restart changes nothing
@@ -140,13 +136,13 @@ def test_a_release_rollback_and_restart_keep_every_logged_event(
 def test_a_forgotten_shopper_stays_forgotten_on_every_build(location, builds) -> None:
     _start(location, builds, "v1")
     live = _open(location, "v1")
-    live.apply(LIVE, _embedding)
+    live.apply(LIVE)
     assert live.forget("key-1")
     logged = [r.event for r in live.log()]
     assert [e.kind for e in logged if e.user_key == "key-1"] == [ERASED]  # no event kept
     assert logged[-1].event_key == "" and logged[-1].product_id == 0
     comeback = _event(1, 93, "d", 300.0)
-    live.apply([comeback], _embedding)
+    live.apply([comeback])
     for build in ("v2", "v1", "v2"):
         _start(location, builds, build)
         store = _open(location, build)
@@ -160,7 +156,7 @@ def _folded_build(path, forgotten: str, erased_at: float, comeback: StoredEvent)
     the event they sent afterwards, whose key the snapshot records with the erasure."""
     store = SqliteProfileStore(path)
     profile = Profile()
-    profile.apply(comeback.product_id, PURCHASE, comeback.timestamp, "b", _embedding)
+    profile.apply(comeback.product_id, PURCHASE, comeback.timestamp, "b")
     store.put([(forgotten, profile)])
     store.record_folded_log({forgotten: {comeback.event_key}}, {forgotten: erased_at})
     store.close()
@@ -175,11 +171,11 @@ def test_a_build_that_folded_an_erasure_keeps_what_the_shopper_sent_after_it(
     than the snapshot's watermark); a later forget still holds on every restart."""
     _start(location, builds, "v1")
     live = _open(location, "v1")
-    live.apply(LIVE, _embedding)
+    live.apply(LIVE)
     live.forget("key-1")
     erased_at = next(r.event.timestamp for r in live.log() if r.event.kind == ERASED)
     comeback = _event(1, 93, "after-forget", erased_at - 5.0)  # the client's clock runs behind
-    live.apply([comeback], _embedding)
+    live.apply([comeback])
     builds["v3"] = _folded_build(tmp_path / "v3.sqlite", "key-1", erased_at, comeback)
     for _ in range(2):  # the start that seeds, and a restart
         _start(location, builds, "v3")
@@ -194,10 +190,10 @@ def test_each_shopper_has_their_own_watermark(location, builds, tmp_path) -> Non
     """A shopper whose clock ran a day ahead when the build read their event does not hide
     another shopper's later events from the replay over that build."""
     _start(location, builds, "v1")
-    _open(location, "v1").apply([_event(3, 95, "w", 500.0)], _embedding)
+    _open(location, "v1").apply([_event(3, 95, "w", 500.0)])
     ahead = SqliteProfileStore(tmp_path / "ahead.sqlite")
     skewed = Profile()
-    skewed.apply(7, PURCHASE, 500.0 + 86_400, "b", _embedding)
+    skewed.apply(7, PURCHASE, 500.0 + 86_400, "b")
     ahead.put([("key-9", skewed)])
     ahead.close()
     builds["ahead"] = tmp_path / "ahead.sqlite"
@@ -213,7 +209,7 @@ def test_a_catch_up_folds_in_log_order(location, builds) -> None:
     _start(location, builds, "v2")
     _start(location, builds, "v1")
     for event in (late_first, early_second):
-        _open(location, "v1").apply([event], _embedding)
+        _open(location, "v1").apply([event])
     _start(location, builds, "v2")  # a Redis namespace seeded before: it catches up
     expected = _expected(builds["v2"], [late_first, early_second])
     stored = _open(location, "v2").get("key-4")
@@ -227,7 +223,7 @@ def test_the_log_exports_as_an_events_file_with_hashed_ids(location, builds, tmp
 
     _start(location, builds, "v1")
     live = _open(location, "v1")
-    live.apply(LIVE, _embedding)
+    live.apply(LIVE)
     live.forget("key-2")
     events, erasures = export_log(live, tmp_path / "log.csv")
     rows = list(csv.DictReader((tmp_path / "log.csv").open()))
@@ -246,8 +242,8 @@ def test_events_export_cli(tmp_path, builds, monkeypatch, capsys) -> None:
 
     monkeypatch.setenv("SHOPSERVE_USER_KEY", "a-test-secret-of-enough-bytes")
     location = str(tmp_path / "live.sqlite")
-    seed(location, builds["v1"], "v1", _embedding, KNOWN)
-    open_store(location).apply(LIVE, _embedding)
+    seed(location, builds["v1"], "v1", KNOWN)
+    open_store(location).apply(LIVE)
     assert main(["events", "export", "--profile-store", location, str(tmp_path / "out.csv")]) == 0
     assert "wrote 3 events and 0 erasures" in capsys.readouterr().out
     assert len((tmp_path / "out.csv").read_text().splitlines()) == 4
@@ -259,7 +255,7 @@ def test_logged_events_a_build_already_holds_are_not_replayed_twice(location, bu
     back-fill of history): a new build's replay skips it, later events are replayed."""
     _start(location, builds, "v1")
     backfill, fresh = _event(4, 94, "old", 5.0), _event(4, 95, "new", 500.0)
-    _open(location, "v1").apply([backfill, fresh], _embedding)
+    _open(location, "v1").apply([backfill, fresh])
     _start(location, builds, "v2")
     assert set(_open(location, "v2").get("key-4").items) == {44, 95}
 
@@ -269,11 +265,11 @@ def test_compaction_drops_old_events_and_keeps_erasures(location, builds, monkey
 
     _start(location, builds, "v1")
     live = _open(location, "v1")
-    live.apply(LIVE[:2], _embedding)
+    live.apply(LIVE[:2])
     live.forget("key-5")
     cut = time.time() + 0.01
     time.sleep(0.02)
-    live.apply(LIVE[2:], _embedding)
+    live.apply(LIVE[2:])
     assert live.compact(cut) == 2
     assert [(r.event.user_key, r.event.kind) for r in live.log()] == [
         ("key-5", ERASED),
@@ -287,8 +283,8 @@ def test_events_compact_cli(tmp_path, builds, monkeypatch, capsys) -> None:
 
     monkeypatch.setenv("SHOPSERVE_USER_KEY", "a-test-secret-of-enough-bytes")
     location = str(tmp_path / "live.sqlite")
-    seed(location, builds["v1"], "v1", _embedding, KNOWN)
-    open_store(location).apply(LIVE, _embedding)
+    seed(location, builds["v1"], "v1", KNOWN)
+    open_store(location).apply(LIVE)
     assert main(["events", "compact", "--profile-store", location, "--before", "1e12"]) == 0
     assert "deleted 3 logged events" in capsys.readouterr().out
     assert list(open_store(location).log()) == []
@@ -301,7 +297,7 @@ def test_a_live_file_from_before_the_log_is_served_as_it_is(builds, tmp_path) ->
 
     old = tmp_path / "old-live.sqlite"
     shutil.copyfile(builds["v1"], old)
-    SqliteProfileStore(old).apply(LIVE, _embedding, log=False)  # no log then
+    SqliteProfileStore(old).apply(LIVE, log=False)  # no log then
     location = (str(old), "")
     _start(location, builds, "v1")
     _same_profiles(_open(location, "v1"), _expected(builds["v1"], LIVE))
@@ -348,14 +344,14 @@ def test_a_group_larger_than_sqlites_limit_on_bound_values_is_taken_whole(tmp_pa
     live = SqliteProfileStore(tmp_path / "live.sqlite")
     live._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 50)  # a small build of SQLite
     first = [_event(shopper, 10 + shopper % 7, f"k{shopper}", 100.0) for shopper in range(120)]
-    assert live.apply(first, _embedding) == {e.event_key for e in first}
+    assert live.apply(first) == {e.event_key for e in first}
     again = [*first[::2], *[_event(s, 3, f"n{s}", 200.0) for s in range(60, 180)]]
-    assert live.apply(again, _embedding) == {f"n{s}" for s in range(60, 180)}  # retries skipped
+    assert live.apply(again) == {f"n{s}" for s in range(60, 180)}  # retries skipped
     _same_profiles(live, _expected_from_nothing(first + again[60:]))
 
 
 def _expected_from_nothing(events: list[StoredEvent]) -> dict:
-    return replay(LiveState.of({}), [_record(e) for e in events], _embedding, KNOWN).profiles
+    return replay(LiveState.of({}), [_record(e) for e in events], KNOWN).profiles
 
 
 def test_a_build_keeps_what_an_erased_shopper_sent_after_the_erasure_in_log_order(tmp_path):

@@ -3,9 +3,11 @@ and the recommendation features. Fast: small hand-made logs."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import numpy as np
 import pytest
-from shopserve.ensemble.profile_store import open_store
+from shopserve.ensemble.profile_store import SqliteProfileStore, StoredEvent, open_store
 from shopserve.ensemble.profiles import (
     ADD_TO_CART,
     CLICK,
@@ -14,15 +16,11 @@ from shopserve.ensemble.profiles import (
     Profile,
     UserKeys,
 )
+from shopserve.ensemble.recommend import taste
 from shopserve.export.data import CatalogueData, DataError, load_events, parse_timestamp
 from shopserve.export.history import split_users, timelines
 
 CATALOGUE = CatalogueData(np.array([1, 2, 3, 4], dtype=np.int64), ["a", "b", "c", "d"])
-ONES = np.ones(4, dtype=np.float32)
-
-
-def E(_: int) -> np.ndarray:
-    return ONES
 
 
 def write(path, rows: list[str]) -> None:
@@ -61,27 +59,35 @@ def test_bad_events_name_their_first_rows_and_count(tmp_path) -> None:
     assert "1 rows with an empty user_id (first: row 12" in message
 
 
-def test_a_profile_folds_baskets_carts_and_taste() -> None:
+def test_a_profile_folds_baskets_and_carts() -> None:
     profile = Profile()
-    profile.apply(1, PURCHASE, 0.0, "b1", E)
-    profile.apply(2, PURCHASE, 1.0, "b1", lambda _: 2 * ONES)
-    profile.apply(1, PURCHASE, 100.0, "b2", E)
-    profile.apply(3, ADD_TO_CART, 101.0, "", E)
-    profile.apply(4, CLICK, 102.0, "", E)
+    profile.apply(1, PURCHASE, 0.0, "b1")
+    profile.apply(2, PURCHASE, 1.0, "b1")
+    profile.apply(1, PURCHASE, 100.0, "b2")
+    profile.apply(3, ADD_TO_CART, 101.0, "")
+    profile.apply(4, CLICK, 102.0, "")
     assert profile.baskets == 2
     assert profile.items[1].purchases == 2 and profile.items[1].baskets == 2
     assert (profile.items[1].first_basket, profile.items[1].last_basket) == (0, 1)
     assert profile.items[2].last_basket == 0 and profile.items[4].clicks == 1
     assert profile.open_basket == [3]
-    profile.apply(3, PURCHASE, 200.0, "b3", E)  # bought: leaves the cart
+    profile.apply(3, PURCHASE, 200.0, "b3")  # bought: leaves the cart
     assert profile.open_basket == [] and profile.baskets == 3
-    np.testing.assert_allclose(profile.taste(), np.full(4, 0.5), rtol=1e-6)
+
+
+def test_the_taste_vector_weighs_each_product_by_its_purchases() -> None:
+    vectors = np.array([[1, 0, 0, 0], [0, 2, 0, 0], [0, 0, 0, 5], [9, 9, 9, 9]], dtype=np.float32)
+    purchases = np.array([2, 1, 0, 3])  # row 2 was only put in the cart
+    expected = np.array([2 + 27, 2 + 27, 27, 27], dtype=np.float32)
+    got = taste(np.arange(4), purchases, lambda rows: vectors[rows])
+    np.testing.assert_allclose(got, expected / np.linalg.norm(expected), rtol=1e-6)
+    assert taste(np.arange(4), np.zeros(4), lambda rows: vectors[rows]) is None
 
 
 def test_baskets_without_ids_are_sessions() -> None:
     profile = Profile()
     for when in (0, 60, 600, 5000, 5060):  # a gap over 30 minutes opens a basket
-        profile.apply(1, PURCHASE, float(when), "", E)
+        profile.apply(1, PURCHASE, float(when), "")
     assert profile.baskets == 2 and profile.items[1].baskets == 2
 
 
@@ -114,15 +120,15 @@ def test_the_validation_split_follows_histories_not_ids(tmp_path) -> None:
 def test_profile_store_round_trip_keyed_by_hash(tmp_path) -> None:
     keys = UserKeys(b"0123456789abcdef0123456789abcdef")
     profile = Profile()
-    profile.apply(1, PURCHASE, 5.0, "b1", E)
-    profile.apply(2, ADD_TO_CART, 6.0, "", E)
+    profile.apply(1, PURCHASE, 5.0, "b1")
+    profile.apply(2, ADD_TO_CART, 6.0, "")
     store = open_store(f"sqlite://{tmp_path / 'profiles.sqlite'}")
     assert store.put([(keys.key("alice"), profile)]) == 1
     store.close()
     readonly = open_store(tmp_path / "profiles.sqlite", readonly=True)
     back = readonly.get(keys.key("alice"))
     assert back.items == profile.items and back.open_basket == [2] and back.baskets == 1
-    np.testing.assert_array_equal(back.taste_sum, profile.taste_sum)
+    assert back.last_ts == profile.last_ts and back.basket_key == "b1"
     assert readonly.get(keys.key("bob")) is None and readonly.get("alice") is None
     raw = (tmp_path / "profiles.sqlite").read_bytes()
     assert b"alice" not in raw and keys.key("alice").encode() in raw
@@ -140,3 +146,29 @@ def test_user_keys_need_a_real_secret(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("SHOPSERVE_USER_KEY_FILE", str(secret))
     key = UserKeys.from_environment().key("alice")
     assert len(key) == 64 and key != UserKeys(b"t" * 32).key("alice")
+
+
+def test_a_store_written_before_the_taste_vector_was_computed_opens_and_takes_events(
+    tmp_path,
+) -> None:
+    """Earlier stores kept each shopper's taste vector in users (a blob and a weight, NOT NULL):
+    opening one for writing drops those columns; its profiles read and take events as before."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE users (user_key TEXT PRIMARY KEY, baskets INTEGER NOT NULL, basket_key TEXT "
+        "NOT NULL, last_purchase_ts REAL NOT NULL, last_ts REAL NOT NULL, open_basket TEXT NOT "
+        "NULL, taste_sum BLOB, taste_weight REAL NOT NULL) WITHOUT ROWID;"
+    )
+    db.execute("INSERT INTO users VALUES ('k', 1, 'b1', 5.0, 6.0, '[2]', x'00', 1.0)")
+    db.commit()
+    db.close()
+    store = SqliteProfileStore(path)
+    assert store.get("k").open_basket == [2]
+    assert store.apply([StoredEvent("k", "e1", 2, PURCHASE, 7.0, "b2")]) == {"e1"}
+    back = store.get("k")
+    assert back.baskets == 2 and back.open_basket == [] and back.items[2].purchases == 1
+    columns = [row[1] for row in store._db.execute("PRAGMA table_info(users)")]
+    assert "taste_sum" not in columns and "taste_weight" not in columns
+    store.close()
+    assert SqliteProfileStore(path).get("k").baskets == 2  # and again, with nothing to drop

@@ -7,7 +7,6 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import export
 from shopserve.ensemble import store
@@ -58,7 +57,7 @@ def exported_log(events: Path, items: Path, folder: Path) -> tuple[Path, str, li
     live = SqliteProfileStore(folder / "live.sqlite")
     shopper = keys.key(LOG_ONLY_SHOPPER)
     bought = [StoredEvent(shopper, f"e{p}", p, 3, 2e9 + p, "live") for p in products]
-    live.apply(bought, lambda _: np.zeros(384, dtype=np.float32))
+    live.apply(bought)
     live.forget(keys.key(erased))
     export_log(live, folder / "log.csv")
     live.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import pytest
 from conftest import running_redis
 from redis.exceptions import OutOfMemoryError
@@ -25,10 +24,6 @@ PURCHASE = 3
 SHOPPERS = 40
 
 
-def _embedding(product_id: int) -> np.ndarray:
-    return np.full(4, float(product_id), dtype=np.float32)
-
-
 @pytest.fixture()
 def snapshot(tmp_path):
     """A build's profile snapshot: SHOPPERS shoppers with a few purchases each."""
@@ -38,7 +33,7 @@ def snapshot(tmp_path):
     for shopper in range(SHOPPERS):
         profile = Profile()
         for basket in range(3):
-            profile.apply(shopper + basket, PURCHASE, 10.0 * basket, f"b{basket}", _embedding)
+            profile.apply(shopper + basket, PURCHASE, 10.0 * basket, f"b{basket}")
         profiles.append((f"key-{shopper}", profile))
     store.put(profiles)
     store.close()
@@ -58,7 +53,7 @@ def _namespace(url: str, name: str) -> RedisProfileStore:
 
 
 def _seed(url: str, snapshot, name: str) -> str:
-    return seed(url, snapshot, name, _embedding, range(1000), log_name=f"log-{name}")
+    return seed(url, snapshot, name, range(1000), log_name=f"log-{name}")
 
 
 def _snapshot_state(snapshot):
@@ -89,7 +84,7 @@ def test_a_seeded_namespace_keeps_its_live_writes(redis, snapshot) -> None:
     assert _seed(redis, snapshot, "kept").startswith(f"seeded {SHOPPERS}")
     live = _namespace(redis, "kept")
     changed = Profile()
-    changed.apply(999, PURCHASE, 50.0, "live", _embedding)
+    changed.apply(999, PURCHASE, 50.0, "live")
     live.put([("key-0", changed)])
     assert "already holds" in _seed(redis, snapshot, "kept")  # a restart seeds nothing
     assert set(live.get("key-0").items) == {999}
@@ -124,7 +119,7 @@ def test_a_seeding_that_outlived_its_lock_writes_nothing(redis, snapshot) -> Non
         time.sleep(0.6)  # past the lock: the other server seeds meanwhile
         assert other.seed_once(_snapshot_state(snapshot), "other", lock_s=5) == SHOPPERS
         extra = Profile()
-        extra.apply(1, PURCHASE, 1.0, "x", _embedding)
+        extra.apply(1, PURCHASE, 1.0, "x")
         return LiveState.of([("late-only", extra)])
 
     assert slow.seed_once(late_profiles, "slow", lock_s=0.3) is None
@@ -158,7 +153,7 @@ def test_a_full_redis_refuses_batches_whole_and_keeps_what_it_acknowledged(redis
                     StoredEvent(f"shopper-{batch}", f"event-{batch}-{i}", i, PURCHASE, 1.0 * i, "b")
                     for i in range(20)
                 ]
-                live.apply(events, _embedding)
+                live.apply(events)
                 acknowledged += events
         refused = batch
     finally:
@@ -168,7 +163,7 @@ def test_a_full_redis_refuses_batches_whole_and_keeps_what_it_acknowledged(redis
     assert live.users() == refused
     for shopper in {e.user_key for e in acknowledged}:
         assert set(live.get(shopper).items) == set(range(20))
-    again = live.apply(acknowledged[:20], _embedding)  # a client's retry counts once
+    again = live.apply(acknowledged[:20])  # a client's retry counts once
     assert again == set()
 
 
@@ -176,13 +171,13 @@ def test_an_event_logged_while_a_shopper_is_forgotten_goes_with_them(redis, monk
     """Another server logs an event of the shopper between ``forget``'s scan of the log and its
     transaction: the erasure leaves no event of theirs in the log."""
     here, there = _namespace(redis, "race"), _namespace(redis, "race")
-    here.apply([StoredEvent("key-1", "before", 1, PURCHASE, 1.0)], _embedding)
+    here.apply([StoredEvent("key-1", "before", 1, PURCHASE, 1.0)])
     scans = []
 
     def scan_then_another_server_writes(after: str = ""):
         records = list(RedisProfileStore.log(here, after))
         if not scans:
-            there.apply([StoredEvent("key-1", "meanwhile", 2, PURCHASE, 2.0)], _embedding)
+            there.apply([StoredEvent("key-1", "meanwhile", 2, PURCHASE, 2.0)])
         scans.append(after)
         yield from records
 

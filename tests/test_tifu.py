@@ -69,10 +69,9 @@ def test_tifu_knn_scores_alpha_own_plus_one_minus_alpha_neighbours() -> None:
 
 def test_a_profiles_vector_is_its_decayed_basket_share() -> None:
     profile = Profile()
-    zero = np.zeros(2, dtype=np.float32)
     # item 10 in baskets 0 and 2, item 11 in basket 1
     for product, basket in ((10, "b0"), (11, "b1"), (10, "b2")):
-        profile.apply(product, PURCHASE, 0.0, basket, lambda _: zero)
+        profile.apply(product, PURCHASE, 0.0, basket)
     view = UserView.of(profile, lambda ids: np.asarray(ids) - 10)
     shares = dict(zip(view.rows.tolist(), view.shares.tolist(), strict=True))
     r = BASKET_DECAY
