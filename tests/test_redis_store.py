@@ -185,3 +185,25 @@ def test_an_event_logged_while_a_shopper_is_forgotten_goes_with_them(redis, monk
     assert here.forget("key-1")
     assert [r.event.event_key for r in there.log() if r.event.user_key == "key-1"] == [""]
     assert there.get("key-1") is None
+
+
+def test_replicas_of_the_version_before_share_a_namespace_during_an_upgrade(redis) -> None:
+    """Earlier versions kept a taste vector in the profile (taste_sum, taste_weight). A profile
+    they wrote reads here; one written here tells them it has none (weight 0), instead of failing
+    their read of a missing field."""
+    store = _namespace(redis, "upgrade")
+    user, _, _ = store._keys("key-old")
+    fields = {
+        "baskets": 1,
+        "basket_key": "b1",
+        "last_purchase_ts": 5.0,
+        "last_ts": 5.0,
+        "open_basket": "[]",
+        "taste_sum": b"\x00" * 16,
+        "taste_weight": 1.0,
+    }
+    connect(redis).hset(user, mapping=fields)
+    assert store.get("key-old").baskets == 1
+    store.apply([StoredEvent("key-old", "new", 2, PURCHASE, 9.0, "b2")])
+    assert store.get("key-old").baskets == 2
+    assert float(connect(redis).hget(user, "taste_weight")) == 0
