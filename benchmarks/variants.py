@@ -148,11 +148,12 @@ def materialize(
     destination.mkdir(parents=True)
     shutil.copy2(source / store.MANIFEST_FILE, destination / store.MANIFEST_FILE)
     # Every version's manifest: a server seeds its live profiles from the version it serves.
-    shutil.copytree(
-        source / store.MANIFESTS_DIR,
-        destination / store.MANIFESTS_DIR,
-        ignore=shutil.ignore_patterns(".*"),
-    )
+    if (source / store.MANIFESTS_DIR).is_dir():
+        shutil.copytree(
+            source / store.MANIFESTS_DIR,
+            destination / store.MANIFESTS_DIR,
+            ignore=shutil.ignore_patterns(".*"),
+        )
     replace: dict[str, Path] = {
         relative.format(version=store.latest_version_dir(source, relative.split("/")[0]).name): path
         for relative, path in (files or {}).items()

@@ -256,6 +256,7 @@ def write_gpu_configs(
         pinned = store.version_policy(path.read_text()) if path.exists() else None
         if pinned:  # a rollout's pin: the GPU config serves the versions the others serve
             text = text.rstrip("\n") + "\n" + pinned + "\n"
+            parse_config(text)
         path.write_text(text)
         written[name] = path
     return written

@@ -138,6 +138,11 @@ class _Plan:
         before = {m: configs[m].read_text(encoding="utf-8") for m in models}
         steps = [m for m in models if m in store.STEPS] if store.ENSEMBLE in models else []
         held = {m: store.with_version_policy(before[m], *live[m]) for m in models if live.get(m)}
+        if live.get(store.ENSEMBLE) and store.ENSEMBLE not in models:
+            raise RolloutError(
+                f"version {version} has no {store.ENSEMBLE} ensemble, which the server serves; "
+                "nothing was changed"
+            )
         if live.get(store.ENSEMBLE):
             current = _ensemble_steps_version(live, steps)
             held[store.ENSEMBLE] = store.with_step_versions(held[store.ENSEMBLE], current)
@@ -149,16 +154,16 @@ class _Plan:
 
 
 def _ensemble_steps_version(live: dict[str, list[int]], steps: list[str]) -> int:
-    """The version of the steps the live ensemble meets (the build's ensemble and steps share
-    their version numbers); refused when a step does not serve it."""
-    current = max(live[store.ENSEMBLE])
-    missing = {m: live.get(m, []) for m in steps if current not in live.get(m, [])}
-    if missing:
+    """The version to pin the live ensemble's steps to first: the newest every step serves (one
+    version, but for a rollout interrupted earlier, which left some steps serving two)."""
+    served = {m: live.get(m, []) for m in steps}
+    shared = set.intersection(*(set(v) for v in served.values())) if steps else set()
+    if not shared:
         raise RolloutError(
-            f"the {store.ENSEMBLE} ensemble serves version {current}, but its steps serve "
-            f"{missing}; nothing was changed"
+            f"the {store.ENSEMBLE} ensemble's steps serve no version in common ({served}); "
+            "nothing was changed"
         )
-    return current
+    return max(shared)
 
 
 class Rollout:
@@ -189,8 +194,8 @@ class Rollout:
 
     def roll_to(self, repository: Path, version: int) -> dict[str, list[int]]:
         """Load ``version`` of every model the version's manifest lists; return the live versions.
-        A model that fails to load undoes the rollout (configs and loaded models) before the
-        error is raised."""
+        A model that fails to load undoes the rollout before the error is raised: the models go
+        back to what was live, and the configs pin it."""
         manifest = verify(repository, version)
         models = [m for m in LOAD_ORDER if m in manifest["models"]]
         with _one_at_a_time(repository):
@@ -216,8 +221,8 @@ class Rollout:
         each step's newest loaded version, request by request, as soon as a step serves two)."""
         for model, text in plan.held.items():
             _write(plan.configs[model], text)
-        if plan.live.get(store.ENSEMBLE):
-            self._load(plan, store.ENSEMBLE, plan.held[store.ENSEMBLE])
+        if store.ENSEMBLE in plan.wanted and plan.live.get(store.ENSEMBLE):
+            self._load(store.ENSEMBLE, plan.held[store.ENSEMBLE])
 
     def _forward(self, plan: _Plan, attempted: dict[str, str | None]) -> None:
         """The ensemble's steps serve both versions, then the ensemble and the other models
@@ -228,20 +233,21 @@ class Rollout:
         for model, text in loads:
             _write(plan.configs[model], text)
             attempted.setdefault(model, None)
-            self._load(plan, model, text)
+            self._load(model, text, plan.version)
             attempted[model] = text
 
     def _undo(self, plan: _Plan, attempted: dict[str, str | None]) -> list[str]:
         """Serve again what was live before, the same three moves backwards; return what failed
         (logged too). A model that was not live before is unloaded."""
-        log.warning("rollout failed: loading %s as they were", ", ".join(attempted))
+        if attempted:
+            log.warning("rollout failed: loading %s as they were", ", ".join(attempted))
         failures: list[str] = []
 
         def load(model: str, text: str) -> bool:
             _write(plan.configs[model], text)
             try:
                 if plan.live.get(model):
-                    self._load(plan, model, text)
+                    self._load(model, text)
                 else:  # it was not served before the rollout
                     self._unload(model)
             except RolloutError as exc:
@@ -250,31 +256,38 @@ class Rollout:
                 return False
             return True
 
+        # Both versions again, for the ensemble (a narrowing may have finished on the server after
+        # the client gave up on it); a step that never loaded keeps what it served.
+        widened = True
         for model in (m for m in plan.steps if m in attempted):
-            if attempted[model] == plan.wanted[model] != plan.both[model]:
-                load(model, plan.both[model])  # narrowed already: both again, for the ensemble
-            else:  # on disk too, should Triton reload it with the ensemble
-                _write(plan.configs[model], plan.both[model])
+            if attempted[model] is None:
+                _write(plan.configs[model], plan.both[model])  # should Triton reload it
+            else:
+                widened &= load(model, plan.both[model])
         ensemble_back = True
         for model in (m for m in plan.others if m in attempted):
+            if model == store.ENSEMBLE and not widened:
+                ensemble_back = False  # it stays where its steps are sure to be
+                continue
             back = load(model, plan.held[model])
             ensemble_back &= back or model != store.ENSEMBLE
         if not ensemble_back:
             log.error("the ensemble did not go back: its steps go on serving both versions")
+            failures.append(f"{store.ENSEMBLE} did not go back; its steps serve both versions")
             return failures
         for model in (m for m in plan.steps if m in attempted):
             load(model, plan.held[model])
         return failures
 
-    def _load(self, plan: _Plan, model: str, text: str) -> None:
+    def _load(self, model: str, text: str, version: int | None = None) -> None:
+        """Load ``model`` from its config ``text`` (for the rollout to ``version``, if given)."""
         serving = _serving(text)
         log.info("loading %s %s", model, serving)
         try:
             self.client.load_model(model, client_timeout=self.timeout, **self._admin())
         except InferenceServerException as exc:
-            raise RolloutError(
-                f"{model} version {plan.version} did not load ({serving}): {exc.message()}"
-            ) from exc
+            name = model if version is None else f"{model} version {version}"
+            raise RolloutError(f"{name} did not load ({serving}): {exc.message()}") from exc
 
     def _unload(self, model: str) -> None:
         try:

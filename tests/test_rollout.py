@@ -168,6 +168,52 @@ def test_the_ensemble_meets_one_versions_steps_throughout_a_rollout(tmp_path, ca
         )
 
 
+def test_an_ensemble_that_cannot_go_back_keeps_its_steps_serving_both(tmp_path) -> None:
+    """search fails at version 2 after the ensemble switched, and the ensemble then refuses to
+    load version 1 again: the steps go on serving both versions (never the old one alone under
+    the new ensemble), and the error says the undo failed too."""
+    repository = _repository(tmp_path / "store", STEPS_AND_ENSEMBLE)
+    switched = []
+
+    def refuse(model: str, versions: list[int]) -> bool:
+        if model == store.ENSEMBLE and versions == [2]:
+            switched.append(True)
+        return (model == store.SEARCH and 2 in versions) or (
+            model == store.ENSEMBLE and versions == [1] and bool(switched)
+        )
+
+    control = ModelControl(repository, refuse)
+    with pytest.raises(RolloutError, match=r"undoing it failed too.*search_steps did not"):
+        _rollout(control).roll_to(repository, 2)
+    assert control.mixed == []
+    assert control.live[store.ENSEMBLE] == [2] and control.live[store.SEARCH] == [1]
+    assert all(control.live[m] == [1, 2] for m in store.STEPS)
+
+
+def test_a_rollout_after_an_interrupted_one_starts_from_the_version_every_step_serves(
+    tmp_path,
+) -> None:
+    """An earlier rollout (before the steps were pinned) stopped with the steps at version 2 and
+    the ensemble at 1, its steps at -1: it meets version 2 throughout. The rollout pins the
+    version the steps serve (not the ensemble's number, which they do not), and goes on."""
+    repository = _repository(tmp_path / "store", STEPS_AND_ENSEMBLE)
+    control = ModelControl(repository)
+    control.live.update({step: [2] for step in store.STEPS})
+    _rollout(control).roll_to(repository, 2)
+    assert control.mixed == []
+    assert control.live == {m: [2] for m in STEPS_AND_ENSEMBLE}
+
+
+def test_a_model_not_served_before_a_failed_rollout_is_unloaded(tmp_path) -> None:
+    repository = _repository(tmp_path / "store")
+    control = ModelControl(repository, lambda m, v: m == store.SEARCH and 2 in v)
+    control.unload_model(store.ENCODER)  # not served before the rollout
+    with pytest.raises(RolloutError, match="search version 2 did not load"):
+        _rollout(control).roll_to(repository, 2)
+    assert (store.ENCODER, [2]) in control.loads and store.ENCODER not in control.live
+    assert control.live == {m: [1] for m in MODELS if m != store.ENCODER}
+
+
 def test_two_rollouts_of_one_repository_take_turns(tmp_path) -> None:
     """Each rollout pins and loads every model while the other waits (no interleaved configs)."""
     repository = _repository(tmp_path / "store")
