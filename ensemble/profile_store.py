@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS users (
     basket_key TEXT NOT NULL,
     last_purchase_ts REAL NOT NULL,
     last_ts REAL NOT NULL,
-    open_basket TEXT NOT NULL
+    open_basket TEXT NOT NULL,
+    taste_sum BLOB,
+    taste_weight REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS user_items (
     user_key TEXT NOT NULL,
@@ -94,13 +96,14 @@ _USER_COLUMNS = (
     "last_ts",
     "open_basket",
 )
+# Versions before 323ecb3 kept each shopper's taste vector in users (taste_sum, taste_weight); it
+# is computed from the items now. The columns stay, written empty (NULL, weight 0: "no taste vector"
+# to those versions), so that a server of the version before can still read and write a store this
+# one wrote (a downgrade). A later release drops them.
 _UPSERT_USER = (
-    f"INSERT OR REPLACE INTO users (user_key, {', '.join(_USER_COLUMNS)}) "
-    f"VALUES (?, {', '.join('?' * len(_USER_COLUMNS))})"
+    f"INSERT OR REPLACE INTO users (user_key, {', '.join(_USER_COLUMNS)}, taste_sum, "
+    f"taste_weight) VALUES (?, {', '.join('?' * len(_USER_COLUMNS))}, NULL, 0)"
 )
-# Columns of users that earlier stores kept and this one does not (the taste vector is computed
-# from the items now): dropped when such a store is opened for writing.
-_DROPPED_USER_COLUMNS = ("taste_sum", "taste_weight")
 
 
 @dataclass(frozen=True)
@@ -361,19 +364,6 @@ class SqliteProfileStore(ProfileStore):
             # Checkpoints copy the WAL back into the file; every 10,000 pages rather than 1,000.
             self._db.execute("PRAGMA wal_autocheckpoint=10000")
             self._db.executescript(_SCHEMA)
-            self._drop_old_columns()
-
-    def _drop_old_columns(self) -> None:
-        """Once, in a store written by an earlier version (several processes may open it)."""
-        if not self._old_columns():
-            return
-        with self._transaction("IMMEDIATE"):
-            for column in self._old_columns():
-                self._db.execute(f"ALTER TABLE users DROP COLUMN {column}")
-
-    def _old_columns(self) -> list[str]:
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(users)")}
-        return [c for c in _DROPPED_USER_COLUMNS if c in columns]
 
     @contextmanager
     def _transaction(self, mode: str = "DEFERRED") -> Iterator[sqlite3.Connection]:

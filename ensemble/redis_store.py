@@ -130,11 +130,15 @@ class RedisProfileStore(ProfileStore):
     def _writes(self, user_key: str, profile: Profile, products: Iterable[int]) -> list[tuple]:
         user, items, _ = self._keys(user_key)
         fields = dict(zip(_USER_COLUMNS, _user_row(profile), strict=True))
-        # Versions before 323ecb3 kept a taste vector in the profile and read this field: 0 tells
-        # them there is none, so that replicas of both can share a namespace during a rolling
-        # upgrade. Drop it once no such replica runs.
+        # Versions before 323ecb3 kept a taste vector in the profile (taste_sum, taste_weight):
+        # weight 0 and no sum tell them there is none (their next purchase starts one), so that
+        # replicas of both can share a namespace during a rolling upgrade, or after a downgrade.
+        # A later release drops both.
         fields["taste_weight"] = 0
-        commands: list[tuple] = [("HSET", user, *(x for kv in fields.items() for x in kv))]
+        commands: list[tuple] = [
+            ("HSET", user, *(x for kv in fields.items() for x in kv)),
+            ("HDEL", user, "taste_sum"),
+        ]
         stats = [(p, json.dumps(profile.items[p].row())) for p in products]
         if stats:
             commands.append(("HSET", items, *(x for kv in stats for x in kv)))

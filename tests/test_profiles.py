@@ -148,18 +148,27 @@ def test_user_keys_need_a_real_secret(monkeypatch, tmp_path) -> None:
     assert len(key) == 64 and key != UserKeys(b"t" * 32).key("alice")
 
 
+# What versions before 323ecb3 ran against users: they kept the taste vector in it.
+_EARLIER_USERS_TABLE = (
+    "CREATE TABLE users (user_key TEXT PRIMARY KEY, baskets INTEGER NOT NULL, basket_key TEXT "
+    "NOT NULL, last_purchase_ts REAL NOT NULL, last_ts REAL NOT NULL, open_basket TEXT NOT "
+    "NULL, taste_sum BLOB, taste_weight REAL NOT NULL) WITHOUT ROWID;"
+)
+_EARLIER_READ = (
+    "SELECT baskets, basket_key, last_purchase_ts, last_ts, open_basket, taste_sum, taste_weight "
+    "FROM users WHERE user_key = ?"
+)
+_EARLIER_WRITE = "INSERT OR REPLACE INTO users VALUES (?, 3, 'b3', 8.0, 8.0, '[]', x'0000', 2.0)"
+
+
 def test_a_store_written_before_the_taste_vector_was_computed_opens_and_takes_events(
     tmp_path,
 ) -> None:
     """Earlier stores kept each shopper's taste vector in users (a blob and a weight, NOT NULL):
-    opening one for writing drops those columns; its profiles read and take events as before."""
+    their profiles read and take events as before, and a profile written now has none for them."""
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(path)
-    db.executescript(
-        "CREATE TABLE users (user_key TEXT PRIMARY KEY, baskets INTEGER NOT NULL, basket_key TEXT "
-        "NOT NULL, last_purchase_ts REAL NOT NULL, last_ts REAL NOT NULL, open_basket TEXT NOT "
-        "NULL, taste_sum BLOB, taste_weight REAL NOT NULL) WITHOUT ROWID;"
-    )
+    db.executescript(_EARLIER_USERS_TABLE)
     db.execute("INSERT INTO users VALUES ('k', 1, 'b1', 5.0, 6.0, '[2]', x'00', 1.0)")
     db.commit()
     db.close()
@@ -168,7 +177,20 @@ def test_a_store_written_before_the_taste_vector_was_computed_opens_and_takes_ev
     assert store.apply([StoredEvent("k", "e1", 2, PURCHASE, 7.0, "b2")]) == {"e1"}
     back = store.get("k")
     assert back.baskets == 2 and back.open_basket == [] and back.items[2].purchases == 1
-    columns = [row[1] for row in store._db.execute("PRAGMA table_info(users)")]
-    assert "taste_sum" not in columns and "taste_weight" not in columns
+    assert store._db.execute(_EARLIER_READ, ("k",)).fetchone()[5:] == (None, 0.0)
     store.close()
-    assert SqliteProfileStore(path).get("k").baskets == 2  # and again, with nothing to drop
+    assert SqliteProfileStore(path).get("k").baskets == 2  # and again
+
+
+def test_the_version_before_can_still_read_and_write_a_store_written_now(tmp_path) -> None:
+    """A downgrade: a server of the version before 323ecb3 runs its own statements against a store
+    this version created; what it writes reads here too."""
+    store = SqliteProfileStore(tmp_path / "new.sqlite")
+    store.apply([StoredEvent("k", "e1", 2, PURCHASE, 7.0, "b1")])
+    earlier = sqlite3.connect(tmp_path / "new.sqlite")
+    assert earlier.execute(_EARLIER_READ, ("k",)).fetchone() == (1, "b1", 7.0, 7.0, "[]", None, 0.0)
+    earlier.execute(_EARLIER_WRITE, ("k",))
+    earlier.commit()
+    earlier.close()
+    assert store.get("k").baskets == 3 and store.get("k").items[2].purchases == 1
+    store.close()

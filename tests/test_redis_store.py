@@ -189,8 +189,8 @@ def test_an_event_logged_while_a_shopper_is_forgotten_goes_with_them(redis, monk
 
 def test_replicas_of_the_version_before_share_a_namespace_during_an_upgrade(redis) -> None:
     """Earlier versions kept a taste vector in the profile (taste_sum, taste_weight). A profile
-    they wrote reads here; one written here tells them it has none (weight 0), instead of failing
-    their read of a missing field."""
+    they wrote reads here; one written here tells them it has none (weight 0, no sum), instead of
+    failing their read of a missing field or adding their next purchase to a stale sum."""
     store = _namespace(redis, "upgrade")
     user, _, _ = store._keys("key-old")
     fields = {
@@ -207,3 +207,4 @@ def test_replicas_of_the_version_before_share_a_namespace_during_an_upgrade(redi
     store.apply([StoredEvent("key-old", "new", 2, PURCHASE, 9.0, "b2")])
     assert store.get("key-old").baskets == 2
     assert float(connect(redis).hget(user, "taste_weight")) == 0
+    assert connect(redis).hget(user, "taste_sum") is None
