@@ -35,7 +35,7 @@ from .profile_store import (
     ProfileStoreUnavailable,
     open_store,
 )
-from .profiles import Profile, UserKeys
+from .profiles import USER_KEY_ENV, USER_KEY_FILE_ENV, Profile, UserKeys, WrongUserKeyError
 from .recommend import EXPLORE_FILE, ITEMS_FILE, Recommender, ShopItems, UserView
 from .validation import check_flag, check_top_k, decode_user_id
 
@@ -47,6 +47,32 @@ PROFILES_FILE = "profiles.sqlite"
 def snapshot_path(repository: Path, version: int | None = None) -> Path:
     """The profiles as the build left them (the seed of the live store)."""
     return store.version_dir(repository, store.RECOMMEND, version) / PROFILES_FILE
+
+
+USER_KEY_FINGERPRINT = "user_key_fingerprint"  # in a build's manifest, under "personalization"
+
+
+def built_user_key(repository: Path, version: int) -> str | None:
+    """The fingerprint of the secret version ``version`` hashed its shoppers with (None: a build
+    from before fingerprints were recorded)."""
+    manifest = json.loads(store.version_manifest(Path(repository), version).read_text())
+    return manifest.get("personalization", {}).get(USER_KEY_FINGERPRINT)
+
+
+def check_user_key(keys: UserKeys, repository: Path, version: int) -> bool:
+    """Raise WrongUserKeyError unless ``keys`` is the secret version ``version`` was built with;
+    False when the build recorded no fingerprint (nothing to check)."""
+    built = built_user_key(repository, version)
+    if built is None:
+        return False
+    if built != keys.fingerprint():
+        raise WrongUserKeyError(
+            f"the user-id secret given (${USER_KEY_FILE_ENV} or ${USER_KEY_ENV}) is not the one "
+            f"version {version} of {repository} was built with (fingerprint "
+            f"{keys.fingerprint()}, the build's {built}): every shopper would look unknown. "
+            "Give the build's secret"
+        )
+    return True
 
 
 def profile_namespace(repository: Path, version: int | None = None) -> str:

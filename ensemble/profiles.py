@@ -35,6 +35,11 @@ class MissingUserKeyError(RuntimeError):
     """A personalised store needs the secret its user ids are hashed with."""
 
 
+class WrongUserKeyError(MissingUserKeyError):
+    """The secret given is not the one a store's user ids were hashed with: every shopper would
+    look unknown, and their events would start new profiles."""
+
+
 class UserKeys:
     """User ids become HMAC-SHA256 hex digests under a secret; raw ids are never stored."""
 
@@ -62,6 +67,11 @@ class UserKeys:
 
     def key(self, user_id: str) -> str:
         return hmac.new(self._secret, user_id.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def fingerprint(self) -> str:
+        """Tells this secret from another without revealing it (a keyed digest of a constant): a
+        build records it, and a server or a rollout refuses a store hashed under another one."""
+        return "key-" + self.key("\x00shopserve user-key fingerprint")[:16]
 
     def log_name(self) -> str:
         """Names this shop's event log in a shared Redis: a keyed digest of a constant, so shops

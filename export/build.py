@@ -21,6 +21,7 @@ from shopserve.ensemble.features import FUSION_WEIGHTS, NUM_FEATURES
 from shopserve.ensemble.filters import Attributes, CatalogueAttributeError
 from shopserve.ensemble.lexical import LexicalIndex
 from shopserve.ensemble.models import OnnxEncoder, OnnxRanker
+from shopserve.ensemble.personal import USER_KEY_FINGERPRINT
 from shopserve.ensemble.profiles import UserKeys
 from shopserve.ensemble.recommend import REC_FEATURE_NAMES
 from shopserve.ensemble.retrieve import Retriever
@@ -353,6 +354,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
             check_reusable(options.rec_ranker, REC_FEATURE_NAMES, "--rec-ranker")
         events = load_events(options.events, catalogue) if options.events else None
         keys: UserKeys | HashedIds | None = UserKeys.from_environment() if events else None
+        user_key = keys.fingerprint() if isinstance(keys, UserKeys) else None
         folded_log: dict | None = None
         event_log: EventLog | None = None
         if options.events_log is not None:
@@ -586,6 +588,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
                 options.rec_ranker,
                 event_log,
             )
+            record["personalization"][USER_KEY_FINGERPRINT] = user_key
             if folded_log is not None:
                 record["personalization"]["event_log"] = folded_log
     if folded_updates is not None:

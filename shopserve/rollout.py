@@ -31,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 
 from shopserve.client._client import ADMIN_KEY_HEADER, Security
 from shopserve.ensemble import store
+from shopserve.ensemble.personal import built_user_key
 
 log = logging.getLogger("shopserve.rollout")
 
@@ -108,6 +109,22 @@ def _one_at_a_time(repository: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _same_user_key(repository: Path, version: int, live: dict[str, list[int]]) -> None:
+    """Refuse a version whose shoppers were hashed under another user-id secret than the live
+    version's: the server hashes with the secret it started with, so every shopper would look
+    unknown (builds that recorded no fingerprint are not checked)."""
+    serving = live.get(store.RECOMMEND)
+    if not serving or not manifest_path(repository, serving[0]).is_file():
+        return
+    wanted, current = built_user_key(repository, version), built_user_key(repository, serving[0])
+    if wanted and current and wanted != current:
+        raise RolloutError(
+            f"version {version} was built with another user-id secret (fingerprint {wanted}) "
+            f"than the live version {serving[0]} ({current}), which this server hashes shoppers "
+            "with: every shopper would look unknown; nothing was changed"
+        )
 
 
 @dataclass(frozen=True)
@@ -200,6 +217,7 @@ class Rollout:
         models = [m for m in LOAD_ORDER if m in manifest["models"]]
         with _one_at_a_time(repository):
             plan = _Plan.of(Path(repository), models, version, self.live_versions())
+            _same_user_key(Path(repository), version, plan.live)
             self._hold(plan)
             attempted: dict[str, str | None] = {}  # model -> the config it last loaded from
             try:

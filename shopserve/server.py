@@ -33,9 +33,14 @@ from shopserve.client._client import ADMIN_KEY_NAME, INFERENCE_KEY_NAME
 from shopserve.ensemble import store
 from shopserve.ensemble.catalogue_log import CATALOGUE_LOG_ENV, CATALOGUE_LOG_FILE
 from shopserve.ensemble.models import PREPACKED_DIR_ENV, prepacked_model
-from shopserve.ensemble.personal import BuildProducts, profile_namespace, snapshot_path
+from shopserve.ensemble.personal import (
+    BuildProducts,
+    check_user_key,
+    profile_namespace,
+    snapshot_path,
+)
 from shopserve.ensemble.profile_store import LIVE_PROFILES_FILE, PROFILE_STORE_ENV, seed
-from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
+from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys, WrongUserKeyError
 from shopserve.ensemble.redis_link import is_redis, public_location
 
 log = logging.getLogger("shopserve.server")
@@ -307,6 +312,16 @@ class TritonServer:
         # The version the server will serve: a rollback pinned an older one, and its models
         # must start from its own snapshot and catalogue.
         version = store.served_version(repo)
+        try:
+            if not check_user_key(keys, repo, version):
+                log.warning(
+                    "%s version %d records no fingerprint of its user-id secret (built before "
+                    "they were): the secret given cannot be checked against it",
+                    repo,
+                    version,
+                )
+        except WrongUserKeyError as exc:
+            raise ServerError(str(exc)) from exc
         namespace = profile_namespace(repo, version)
         location = self.config.profile_store or str(work_dir / "profiles" / LIVE_PROFILES_FILE)
         if is_redis(location) and "namespace=" not in location:

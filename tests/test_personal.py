@@ -19,6 +19,7 @@ from shopserve.client import Filters, InvalidRequestError, SearchClient
 from shopserve.client._cli import main as cli
 from shopserve.ensemble import SearchPipeline, store
 from shopserve.ensemble.personal import RecommendPipeline
+from shopserve.ensemble.profiles import UserKeys
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -57,6 +58,7 @@ def test_the_store_was_built_from_generic_files_without_judgments(manifest) -> N
     assert set(manifest["data"]["files"]) == {"items.csv", "events.csv"}
     personal = manifest["personalization"]
     assert personal["users"] == personal["profiles"] == 593
+    assert personal["user_key_fingerprint"] == UserKeys.from_environment().fingerprint()
     assert personal["holdout"] == "each shopper's last basket, inside the evaluation only"
     assert personal["split"]["seed"] == 13 and personal["split"]["train_users"] > 400
     recommend = personal["evaluation"]["recommend"]
@@ -298,3 +300,16 @@ def test_the_server_refuses_a_personalised_store_without_the_secret(personal_rep
     )
     assert run.returncode == 1
     assert "is a personalised store" in run.stderr and "shopserve keys create" in run.stderr
+    env["SHOPSERVE_USER_KEY"] = "another secret, not the build's"
+    run = subprocess.run(
+        [str(command), "serve", "--model-repository", str(personal_repository)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert "is not the one version 1" in run.stderr and "every shopper would look unknown" in (
+        run.stderr
+    )
+    assert env["SHOPSERVE_USER_KEY"] not in run.stderr

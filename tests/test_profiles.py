@@ -3,10 +3,13 @@ and the recommendation features. Fast: small hand-made logs."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import numpy as np
 import pytest
+from shopserve.ensemble import store
+from shopserve.ensemble.personal import USER_KEY_FINGERPRINT, check_user_key
 from shopserve.ensemble.profile_store import SqliteProfileStore, StoredEvent, open_store
 from shopserve.ensemble.profiles import (
     ADD_TO_CART,
@@ -15,6 +18,7 @@ from shopserve.ensemble.profiles import (
     MissingUserKeyError,
     Profile,
     UserKeys,
+    WrongUserKeyError,
 )
 from shopserve.ensemble.recommend import taste
 from shopserve.export.data import CatalogueData, DataError, load_events, parse_timestamp
@@ -146,6 +150,27 @@ def test_user_keys_need_a_real_secret(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("SHOPSERVE_USER_KEY_FILE", str(secret))
     key = UserKeys.from_environment().key("alice")
     assert len(key) == 64 and key != UserKeys(b"t" * 32).key("alice")
+
+
+def test_a_secrets_fingerprint_tells_it_from_another_and_reveals_nothing() -> None:
+    one, other = UserKeys(b"a" * 32), UserKeys(b"b" * 32)
+    assert one.fingerprint() == UserKeys(b"a" * 32).fingerprint() != other.fingerprint()
+    assert one.fingerprint().startswith("key-") and "a" * 8 not in one.fingerprint()
+    assert one.fingerprint() not in (one.key(""), one.log_name())
+
+
+def test_the_secret_is_checked_against_the_one_a_version_was_built_with(tmp_path) -> None:
+    manifests = tmp_path / store.MANIFESTS_DIR
+    manifests.mkdir()
+    built = UserKeys(b"a" * 32)
+    (manifests / "v1.json").write_text(
+        json.dumps({"personalization": {USER_KEY_FINGERPRINT: built.fingerprint()}})
+    )
+    (manifests / "v2.json").write_text(json.dumps({"personalization": {}}))  # built before
+    assert check_user_key(built, tmp_path, 1)
+    with pytest.raises(WrongUserKeyError, match=r"SHOPSERVE_USER_KEY_FILE.*version 1"):
+        check_user_key(UserKeys(b"b" * 32), tmp_path, 1)
+    assert not check_user_key(UserKeys(b"b" * 32), tmp_path, 2)  # nothing to check
 
 
 # What versions before 323ecb3 ran against users: they kept the taste vector in it.

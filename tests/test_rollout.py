@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from shopserve.client import Security
 from shopserve.ensemble import store
+from shopserve.ensemble.personal import USER_KEY_FINGERPRINT
+from shopserve.ensemble.profiles import UserKeys
 from tritonclient.utils import InferenceServerException
 
 from shopserve.rollout import MANIFESTS_DIR, Rollout, RolloutError
@@ -264,3 +266,21 @@ def test_a_restart_after_a_rollback_starts_from_the_pinned_versions_build(tmp_pa
     config = repository / store.SEARCH / "config.pbtxt"
     config.write_text(f'name: "{store.SEARCH}"\n')  # a new build's config: no pin
     assert store.served_version(repository) == 2
+
+
+def test_a_version_hashed_under_another_secret_is_refused(tmp_path) -> None:
+    """The server hashes shoppers with the secret it started with: a version built with another
+    one would serve every shopper as unknown, so the rollout refuses it before changing anything."""
+    models = [*MODELS, store.RECOMMEND]
+    repository = _repository(tmp_path / "store", models)
+    for version, secret in ((1, b"a" * 32), (2, b"b" * 32)):
+        path = repository / MANIFESTS_DIR / f"v{version}.json"
+        manifest = json.loads(path.read_text())
+        manifest["personalization"] = {USER_KEY_FINGERPRINT: UserKeys(secret).fingerprint()}
+        path.write_text(json.dumps(manifest))
+    before = {m: (repository / m / "config.pbtxt").read_text() for m in models}
+    control = ModelControl(repository)
+    with pytest.raises(RolloutError, match="built with another user-id secret"):
+        _rollout(control).roll_to(repository, 2)
+    assert control.loads == []
+    assert {m: (repository / m / "config.pbtxt").read_text() for m in models} == before
