@@ -290,26 +290,23 @@ def test_recommend_and_personalised_search_cli(personal_server, capsys) -> None:
 
 def test_the_server_refuses_a_personalised_store_without_the_secret(personal_repository, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOPSERVE_USER")}
-    command = Path(sys.executable).parent / "shopserve"
-    run = subprocess.run(
-        [str(command), "serve", "--model-repository", str(personal_repository)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+
+    def serve() -> subprocess.CompletedProcess:
+        command = Path(sys.executable).parent / "shopserve"
+        return subprocess.run(
+            [str(command), "serve", "--model-repository", str(personal_repository)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    run = serve()
     assert run.returncode == 1
     assert "is a personalised store" in run.stderr and "shopserve keys create" in run.stderr
-    env["SHOPSERVE_USER_KEY"] = "another secret, not the build's"
-    run = subprocess.run(
-        [str(command), "serve", "--model-repository", str(personal_repository)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    env["SHOPSERVE_USER_KEY"] = "another secret, not the build's"  # a wrong one: refused too
+    run = serve()
     assert run.returncode == 1
-    assert "is not the one version 1" in run.stderr and "every shopper would look unknown" in (
-        run.stderr
-    )
+    assert "is not the one version 1" in run.stderr
+    assert "every shopper would look unknown" in run.stderr
     assert env["SHOPSERVE_USER_KEY"] not in run.stderr
