@@ -49,20 +49,10 @@ def snapshot_path(repository: Path, version: int | None = None) -> Path:
     return store.version_dir(repository, store.RECOMMEND, version) / PROFILES_FILE
 
 
-USER_KEY_FINGERPRINT = "user_key_fingerprint"  # in a build's manifest, under "personalization"
-
-
-def built_user_key(repository: Path, version: int) -> str | None:
-    """The fingerprint of the secret version ``version`` hashed its shoppers with (None: a build
-    from before fingerprints were recorded)."""
-    manifest = json.loads(store.version_manifest(Path(repository), version).read_text())
-    return manifest.get("personalization", {}).get(USER_KEY_FINGERPRINT)
-
-
 def check_user_key(keys: UserKeys, repository: Path, version: int) -> bool:
     """Raise WrongUserKeyError unless ``keys`` is the secret version ``version`` was built with;
     False when the build recorded no fingerprint (nothing to check)."""
-    built = built_user_key(repository, version)
+    built = store.built_user_key(repository, version)
     if built is None:
         return False
     if built != keys.fingerprint():

@@ -124,6 +124,16 @@ def version_manifest(repository: Path, version: int) -> Path:
     return Path(repository) / MANIFESTS_DIR / f"v{version}.json"
 
 
+USER_KEY_FINGERPRINT = "user_key_fingerprint"  # in a build's manifest, under "personalization"
+
+
+def built_user_key(repository: Path, version: int) -> str | None:
+    """The fingerprint of the secret version ``version`` hashed its shoppers with (None: a build
+    from before fingerprints were recorded)."""
+    manifest = json.loads(version_manifest(Path(repository), version).read_text())
+    return manifest.get("personalization", {}).get(USER_KEY_FINGERPRINT)
+
+
 def served_version(repository: Path) -> int:
     """The version a server started on ``repository`` serves: the one a rollout pinned in the
     search config (see ``with_version_policy``), else the newest."""

@@ -21,7 +21,6 @@ from shopserve.ensemble.features import FUSION_WEIGHTS, NUM_FEATURES
 from shopserve.ensemble.filters import Attributes, CatalogueAttributeError
 from shopserve.ensemble.lexical import LexicalIndex
 from shopserve.ensemble.models import OnnxEncoder, OnnxRanker
-from shopserve.ensemble.personal import USER_KEY_FINGERPRINT
 from shopserve.ensemble.profiles import UserKeys
 from shopserve.ensemble.recommend import REC_FEATURE_NAMES
 from shopserve.ensemble.retrieve import Retriever
@@ -588,7 +587,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
                 options.rec_ranker,
                 event_log,
             )
-            record["personalization"][USER_KEY_FINGERPRINT] = user_key
+            record["personalization"][store.USER_KEY_FINGERPRINT] = user_key
             if folded_log is not None:
                 record["personalization"]["event_log"] = folded_log
     if folded_updates is not None:

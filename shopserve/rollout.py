@@ -31,7 +31,6 @@ from tritonclient.utils import InferenceServerException
 
 from shopserve.client._client import ADMIN_KEY_HEADER, Security
 from shopserve.ensemble import store
-from shopserve.ensemble.personal import built_user_key
 
 log = logging.getLogger("shopserve.rollout")
 
@@ -118,7 +117,8 @@ def _same_user_key(repository: Path, version: int, live: dict[str, list[int]]) -
     serving = live.get(store.RECOMMEND)
     if not serving or not manifest_path(repository, serving[0]).is_file():
         return
-    wanted, current = built_user_key(repository, version), built_user_key(repository, serving[0])
+    wanted = store.built_user_key(repository, version)
+    current = store.built_user_key(repository, serving[0])
     if wanted and current and wanted != current:
         raise RolloutError(
             f"version {version} was built with another user-id secret (fingerprint {wanted}) "

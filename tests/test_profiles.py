@@ -9,7 +9,7 @@ import sqlite3
 import numpy as np
 import pytest
 from shopserve.ensemble import store
-from shopserve.ensemble.personal import USER_KEY_FINGERPRINT, check_user_key
+from shopserve.ensemble.personal import check_user_key
 from shopserve.ensemble.profile_store import SqliteProfileStore, StoredEvent, open_store
 from shopserve.ensemble.profiles import (
     ADD_TO_CART,
@@ -164,7 +164,7 @@ def test_the_secret_is_checked_against_the_one_a_version_was_built_with(tmp_path
     manifests.mkdir()
     built = UserKeys(b"a" * 32)
     (manifests / "v1.json").write_text(
-        json.dumps({"personalization": {USER_KEY_FINGERPRINT: built.fingerprint()}})
+        json.dumps({"personalization": {store.USER_KEY_FINGERPRINT: built.fingerprint()}})
     )
     (manifests / "v2.json").write_text(json.dumps({"personalization": {}}))  # built before
     assert check_user_key(built, tmp_path, 1)

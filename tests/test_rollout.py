@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from shopserve.client import Security
 from shopserve.ensemble import store
-from shopserve.ensemble.personal import USER_KEY_FINGERPRINT
 from shopserve.ensemble.profiles import UserKeys
 from tritonclient.utils import InferenceServerException
 
@@ -276,7 +275,7 @@ def test_a_version_hashed_under_another_secret_is_refused(tmp_path) -> None:
     for version, secret in ((1, b"a" * 32), (2, b"b" * 32)):
         path = repository / MANIFESTS_DIR / f"v{version}.json"
         manifest = json.loads(path.read_text())
-        manifest["personalization"] = {USER_KEY_FINGERPRINT: UserKeys(secret).fingerprint()}
+        manifest["personalization"] = {store.USER_KEY_FINGERPRINT: UserKeys(secret).fingerprint()}
         path.write_text(json.dumps(manifest))
     before = {m: (repository / m / "config.pbtxt").read_text() for m in models}
     control = ModelControl(repository)
