@@ -70,13 +70,20 @@ class SparseRows:
 
     def weighted_sum(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """``sum over i of weights[i] * row rows[i]``, float64 [width]."""
-        spans = [slice(self.starts[r], self.starts[r + 1]) for r in np.asarray(rows).tolist()]
-        if not spans:
-            return np.zeros(self.width)
-        counts = [s.stop - s.start for s in spans]
-        values = np.concatenate([self.values[s] for s in spans]) * np.repeat(weights, counts)
-        columns = np.concatenate([self.columns[s] for s in spans])
-        return np.bincount(columns, weights=values, minlength=self.width)
+        at, counts = row_entries(self.starts, rows)
+        values = self.values[at] * np.repeat(np.asarray(weights, np.float64), counts)
+        return np.bincount(self.columns[at], weights=values, minlength=self.width)
+
+
+def row_entries(starts: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where the entries of CSR ``rows`` are stored (row by row, in the given order), and each
+    row's number of entries (row r's are ``starts[r]`` up to ``starts[r + 1]``)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    begins = starts[rows]
+    counts = starts[rows + 1] - begins
+    return np.arange(int(counts.sum())) + np.repeat(
+        begins - (np.cumsum(counts) - counts), counts
+    ), counts
 
 
 def _merged(columns: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

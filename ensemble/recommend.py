@@ -20,7 +20,7 @@ import numpy as np
 
 from . import store
 from .dense import VectorIndex
-from .neighbours import ShopperVectors
+from .neighbours import ShopperVectors, row_entries
 from .profiles import BASKET_DECAY, Profile
 from .validation import MAX_TOP_K
 
@@ -69,10 +69,7 @@ class Neighbours:
 
     def spread(self, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """sum over j of weights[j] x (row j's weight for every item), float32 [items]."""
-        rows = np.asarray(rows, dtype=np.int64)
-        starts, lengths = self.indptr[rows], self.indptr[rows + 1] - self.indptr[rows]
-        offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-        positions = offsets + np.arange(int(lengths.sum()))
+        positions, lengths = row_entries(self.indptr, rows)
         contributions = self.values[positions] * np.repeat(np.asarray(weights), lengths)
         size = len(self.indptr) - 1
         return np.bincount(self.indices[positions], weights=contributions, minlength=size).astype(
@@ -83,9 +80,7 @@ class Neighbours:
         """For each target row, the source row with the largest weight for it and that weight
         (-1 and 0 where no source has one)."""
         sources = np.asarray(sources, dtype=np.int64)
-        starts, lengths = self.indptr[sources], self.indptr[sources + 1] - self.indptr[sources]
-        offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-        positions = offsets + np.arange(int(lengths.sum()))
+        positions, lengths = row_entries(self.indptr, sources)
         owners = np.repeat(sources, lengths)
         targets = np.asarray(targets, dtype=np.int64)
         wanted = np.isin(self.indices[positions], targets)
