@@ -81,9 +81,8 @@ def row_entries(starts: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
     rows = np.asarray(rows, dtype=np.int64)
     begins = starts[rows]
     counts = starts[rows + 1] - begins
-    return np.arange(int(counts.sum())) + np.repeat(
-        begins - (np.cumsum(counts) - counts), counts
-    ), counts
+    row_offsets = begins - (np.cumsum(counts) - counts)  # storage minus output position
+    return np.arange(int(counts.sum())) + np.repeat(row_offsets, counts), counts
 
 
 def _merged(columns: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
