@@ -14,11 +14,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .cache import cache_key, cache_root
 from .data import Judgments
+from .threads import every_core
 
 log = logging.getLogger("shopserve.export.finetune")
 
@@ -175,20 +173,6 @@ def finetune(
     return entry / CHECKPOINT_DIR, report
 
 
-@contextmanager
-def _every_core(torch) -> Iterator[int]:
-    """Torch's threads set to every core this process may run on for the block, whatever
-    OMP_NUM_THREADS says: serving sets it to 1 for its model processes (and the tests for
-    theirs), and at 1 thread a training step took 3.6 s here against 2.1 s at 2, so the time
-    budget ended the epoch at about 190 of its 263 steps."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
-
-
 def _train(
     base: Path,
     examples: list[Example],
@@ -239,7 +223,7 @@ def _train(
         schedule.step()
         return loss.item()
 
-    with _every_core(torch) as threads:
+    with every_core() as threads:
         log.info("fine-tuning on %d threads", threads)
         started = time.monotonic()
         steps, stopped, recent = 0, False, []

@@ -28,6 +28,8 @@ import numpy as np
 from shopserve.ensemble.models import NETWORK_TENSORS, RANKER_METADATA_KEY
 from tqdm.auto import tqdm
 
+from .threads import every_core
+
 log = logging.getLogger("shopserve.export.monotone")
 
 KNOTS = 8  # calibrator segments per feature
@@ -212,8 +214,9 @@ def train(
     target = target / target.sum(1, keepdim=True)
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
-    loss_value = float("nan")
-    for _ in tqdm(range(epochs), desc=desc, unit="epoch"):
+
+    def epoch() -> float:
+        """One pass over the lists in a random order; the mean loss per list."""
         order = torch.randperm(len(features), generator=generator)
         total = 0.0
         for start in range(0, len(order), batch_size):
@@ -225,7 +228,12 @@ def train(
             loss.backward()
             optimiser.step()
             total += loss.item() * len(idx)
-        loss_value = total / len(order)
+        return total / len(order)
+
+    loss_value = float("nan")
+    with every_core():
+        for _ in tqdm(range(epochs), desc=desc, unit="epoch"):
+            loss_value = epoch()
     return model.eval(), loss_value
 
 
