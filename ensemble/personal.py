@@ -252,8 +252,7 @@ class RecommendPipeline:
             raise
         if user is None:
             return self.cold_start(count, allowed, reasons)
-        rows = self.personal.recommender.candidates(user, discover, allowed)
-        features = self.personal.recommender.features(user, rows)
+        rows, features = self.personal.recommender.shortlist(user, discover, allowed)
         scores = self.personal.rank(features, discover) if rows.size else np.empty(0)
         explain = None
         if reasons:

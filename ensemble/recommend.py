@@ -222,6 +222,15 @@ class UserView:
         )
 
 
+@dataclass(frozen=True)
+class ItemSignals:
+    """One shopper's item-to-item signals over every catalogue row (float32 [n]): what both the
+    candidates and the features read."""
+
+    cooccurrence: np.ndarray | None  # mean P(item | j) over the latest basket and open cart
+    also_bought: np.ndarray  # mean cosine to the shopper's items, weighted by recent_share
+
+
 def taste(
     rows: np.ndarray, purchases: np.ndarray, vectors: Callable[[np.ndarray], np.ndarray]
 ) -> np.ndarray | None:
@@ -281,8 +290,21 @@ class Recommender:
             (vector(key, profile) for key, profile in profiles), len(self.product_ids), k, alpha
         )
 
-    def candidates(
+    def shortlist(
         self, user: UserView, new_only: bool = False, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates (see _candidates) and their features, the catalogue-wide signals
+        both read computed once."""
+        signals = self._signals(user)
+        rows = self._candidates(user, signals, new_only, allowed)
+        return rows, self._features(user, rows, signals)
+
+    def _candidates(
+        self,
+        user: UserView,
+        signals: ItemSignals,
+        new_only: bool = False,
+        allowed: np.ndarray | None = None,
     ) -> np.ndarray:
         """Catalogue rows worth scoring for this shopper (ascending), the open cart left out, and
         with ``new_only`` everything they bought before too (discovery). With ``allowed`` (a
@@ -292,12 +314,10 @@ class Recommender:
         parts = [
             history[:HISTORY_CANDIDATES],
             self.items.popular(POPULAR_CANDIDATES),
-            _top_positive(self._collaborative(user), COLLABORATIVE_CANDIDATES),
+            _top_positive(signals.also_bought, COLLABORATIVE_CANDIDATES),
         ]
-        if len(user.recent):
-            parts.append(
-                _top_positive(self.items.cooccurrence(user.recent), COOCCURRENCE_CANDIDATES)
-            )
+        if signals.cooccurrence is not None:
+            parts.append(_top_positive(signals.cooccurrence, COOCCURRENCE_CANDIDATES))
         if user.neighbourhood is not None:
             parts.append(_top_positive(user.neighbourhood, NEIGHBOUR_CANDIDATES))
         if user.taste is not None:
@@ -317,7 +337,13 @@ class Recommender:
 
     def features(self, user: UserView, rows: np.ndarray) -> np.ndarray:
         """``[len(rows), len(REC_FEATURE_NAMES)]`` float32, in the order of REC_FEATURE_NAMES."""
-        rows = np.asarray(rows, dtype=np.int64)
+        return self._features(user, np.asarray(rows, dtype=np.int64), self._signals(user))
+
+    def _signals(self, user: UserView) -> ItemSignals:
+        cooccurrence = self.items.cooccurrence(user.recent) if len(user.recent) else None
+        return ItemSignals(cooccurrence, self.items.collaborative(user.rows, user.shares))
+
+    def _features(self, user: UserView, rows: np.ndarray, signals: ItemSignals) -> np.ndarray:
         index = user.positions(rows)
 
         def history(values: np.ndarray) -> np.ndarray:
@@ -344,9 +370,9 @@ class Recommender:
         put("recent_share", history(user.shares))
         put("purchases", np.minimum(np.log1p(purchases) / np.log1p(PURCHASES_SCALE), 1.0))
         put("recency", np.where(bought, 1.0 / (1.0 + since), 0.0))
-        if len(user.recent):
-            put("cooccurrence", self.items.cooccurrence(user.recent)[rows])
-        put("also_bought", self._collaborative(user)[rows])
+        if signals.cooccurrence is not None:
+            put("cooccurrence", signals.cooccurrence[rows])
+        put("also_bought", signals.also_bought[rows])
         if user.neighbourhood is not None and self.shoppers is not None:
             put("neighbour_share", user.neighbourhood[rows])
             put("tifu_knn", self.shoppers.score(history(user.shares), user.neighbourhood[rows]))
@@ -362,9 +388,6 @@ class Recommender:
         total = float(user.purchases.sum())
         put("repeat_habit", (total - float((user.purchases > 0).sum())) / total if total else 0.0)
         return out
-
-    def _collaborative(self, user: UserView) -> np.ndarray:
-        return self.items.collaborative(user.rows, user.shares)
 
     def _category_share(self, user: UserView, rows: np.ndarray) -> np.ndarray:
         categories = self.items.categories
@@ -385,4 +408,7 @@ class Recommender:
 def _top_positive(scores: np.ndarray, n: int) -> np.ndarray:
     """Rows of the ``n`` highest positive scores (ties by row)."""
     positive = np.flatnonzero(scores > 0)
+    if len(positive) > n:  # sort only those at or above the n-th highest score (ties kept)
+        values = scores[positive]
+        positive = positive[values >= np.partition(values, len(values) - n)[len(values) - n]]
     return positive[np.lexsort((positive, -scores[positive]))][:n]

@@ -265,8 +265,8 @@ def ranked(
     new_only: bool = False,
 ) -> list[int]:
     """The top-``k`` product ids for a case, as the recommend endpoint ranks them."""
-    rows = recommender.candidates(case.view, new_only)
-    return top_ids(recommender.product_ids[rows], scorer(recommender.features(case.view, rows)), k)
+    rows, features = recommender.shortlist(case.view, new_only)
+    return top_ids(recommender.product_ids[rows], scorer(features), k)
 
 
 def recall(top: Sequence[int], label: set[int]) -> float:

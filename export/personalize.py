@@ -117,10 +117,10 @@ def training_lists(
     lists = []
     for case in tqdm(cases, desc="recommendation lists", unit="user"):
         label = case.label - bought_before(case, recommender) if new_only else case.label
-        rows = recommender.candidates(case.view, new_only)
+        rows, features = recommender.shortlist(case.view, new_only)
         gains = np.isin(recommender.product_ids[rows], list(label)).astype(np.float32)
         if gains.any():
-            lists.append((recommender.features(case.view, rows), gains))
+            lists.append((features, gains))
     return lists
 
 
@@ -138,8 +138,7 @@ def recall_by_scorer(
         if not label:
             continue
         counted += 1
-        rows = recommender.candidates(case.view, new_only)
-        features = recommender.features(case.view, rows)
+        rows, features = recommender.shortlist(case.view, new_only)
         ids = recommender.product_ids[rows]
         for name, scorer in scorers.items():
             totals[name] += recall(top_ids(ids, scorer(features), GATE_K), label)
