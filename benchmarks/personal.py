@@ -24,7 +24,7 @@ import numpy as np
 from shopserve.ensemble import store
 from shopserve.export.selfcheck import category_leaf
 
-from shopserve.server import ServerConfig, TritonServer, free_ports
+from shopserve.server import ServerConfig, TritonServer, default_live_profiles, free_ports
 
 from . import perf_analyzer, realtime, variants
 from .common import WORK_DIR, BenchmarkError, cpu_lock, write_results
@@ -84,6 +84,14 @@ def input_data(scenario: str, pairs: list[tuple[str, str]], path: Path) -> Path:
     return path
 
 
+def _as_built(work: Path) -> Path:
+    """``work`` without the live profiles an earlier run left there: each run's servers start
+    from their build. (A rerun that kept them measured the real-time gain as zero: its "without
+    the live events" already held the previous run's events.)"""
+    shutil.rmtree(default_live_profiles(work).parent, ignore_errors=True)
+    return work
+
+
 def run(
     repository: Path,
     held_out_repository: Path,
@@ -105,8 +113,7 @@ def run(
     rounds: list[dict[str, dict[int, dict]]] = []
     grpc_port, http_port, metrics_port = free_ports(3)
     work = WORK_DIR / "triton" / "personal"
-    shutil.rmtree(work / "profiles", ignore_errors=True)  # live profiles start as built
-    config = ServerConfig(variant, grpc_port, http_port, metrics_port, work_dir=work)
+    config = ServerConfig(variant, grpc_port, http_port, metrics_port, work_dir=_as_built(work))
     sources = {s: input_data(s, pairs, out / "raw" / f"{s}.json") for s in SCENARIOS}
     with TritonServer(config, log_file=WORK_DIR / "logs" / "personal.log") as server:
         for number in range(rounds_count):
@@ -135,7 +142,9 @@ def run(
             settings,
             rounds_count,
         )
-    held_out = ServerConfig(held_out_repository, *free_ports(3), work_dir=work / "held-out")
+    held_out = ServerConfig(
+        held_out_repository, *free_ports(3), work_dir=_as_built(work / "held-out")
+    )
     with TritonServer(held_out, log_file=WORK_DIR / "logs" / "personal-held-out.log") as server:
         live = realtime.gain(server, data, sorted({q for _, q in pairs}))
     first = min(concurrency)

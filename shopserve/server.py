@@ -125,6 +125,12 @@ class ServerConfig:
 STORES_FILE = "stores.json"  # in a work folder: the stores served from it
 
 
+def default_live_profiles(work_dir: Path) -> Path:
+    """Where a server working in ``work_dir`` keeps a personalised store's live profiles (and
+    their event log) unless ServerConfig.profile_store says otherwise."""
+    return work_dir / "profiles" / LIVE_PROFILES_FILE
+
+
 def _note_store(work_dir: Path, repo: Path) -> list[str]:
     """Record that ``repo`` is served from ``work_dir``; warn when other stores were too: they
     share its live state (catalogue updates, live profiles and the event log). Returns the
@@ -323,7 +329,7 @@ class TritonServer:
         except WrongUserKeyError as exc:
             raise ServerError(str(exc)) from exc
         namespace = profile_namespace(repo, version)
-        location = self.config.profile_store or str(work_dir / "profiles" / LIVE_PROFILES_FILE)
+        location = self.config.profile_store or str(default_live_profiles(work_dir))
         if is_redis(location) and "namespace=" not in location:
             # Fixed for the server's life: a rollout to a newer build keeps the live profiles.
             location += ("&" if "?" in location else "?") + f"namespace={namespace}"

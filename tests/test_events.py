@@ -206,12 +206,9 @@ def test_the_in_process_pipeline_reads_the_live_store(live, client, catalogue, p
 
 
 def live_location(server) -> str:
-    from shopserve.ensemble.profile_store import LIVE_PROFILES_FILE
+    from shopserve.server import default_live_profiles
 
-    configured = server.config.profile_store
-    if configured:
-        return configured
-    return str(server.config.work_dir / "profiles" / LIVE_PROFILES_FILE)
+    return server.config.profile_store or str(default_live_profiles(server.config.work_dir))
 
 
 def _kill_everything(server) -> None:

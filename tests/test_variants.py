@@ -43,3 +43,18 @@ def test_a_variant_keeps_every_versions_manifest(tmp_path, monkeypatch) -> None:
     assert sorted(p.name for p in (made / store.MANIFESTS_DIR).iterdir()) == ["v1.json", "v2.json"]
     for version in (1, 2):  # what the launcher asks of the version it serves
         assert profile_namespace(made, version) == profile_namespace(source, version)
+
+
+def test_each_personal_run_serves_its_stores_as_built(tmp_path) -> None:
+    """A run's events must not reach the next run's servers: a rerun that kept the held-out
+    server's live profiles measured the real-time gain as zero."""
+    from benchmarks.personal import _as_built
+    from shopserve.server import default_live_profiles
+
+    work = tmp_path / "held-out"
+    live = default_live_profiles(work)
+    live.parent.mkdir(parents=True)
+    live.write_bytes(b"the previous run's profiles and events")
+    assert _as_built(work) == work
+    assert not live.exists()
+    assert _as_built(tmp_path / "never-served") == tmp_path / "never-served"
