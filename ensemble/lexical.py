@@ -33,12 +33,13 @@ TRIGRAMS_PREFIX = "title_trigrams"
 
 
 def top_rows(scores: np.ndarray, n: int) -> np.ndarray:
-    """Rows of the ``n`` highest positive scores, best first, ties broken by row."""
+    """Rows of the ``n`` highest positive scores, best first, ties broken by row (at the n-th
+    score too: of products tied there, the lowest rows are kept)."""
     positive = np.flatnonzero(scores > 0)
-    if positive.size > n:
-        keep = np.argpartition(-scores[positive], n - 1)[:n]
-        positive = positive[keep]
-    return positive[np.lexsort((positive, -scores[positive]))]
+    if positive.size > n:  # sort only those at or above the n-th highest score (ties kept)
+        values = scores[positive]
+        positive = positive[values >= np.partition(values, values.size - n)[values.size - n]]
+    return positive[np.lexsort((positive, -scores[positive]))][:n]
 
 
 def char_trigrams(text: str) -> list[str]:

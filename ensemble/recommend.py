@@ -20,6 +20,7 @@ import numpy as np
 
 from . import store
 from .dense import VectorIndex
+from .lexical import top_rows
 from .neighbours import ShopperVectors, row_entries
 from .profiles import BASKET_DECAY, Profile
 from .validation import MAX_TOP_K
@@ -314,12 +315,12 @@ class Recommender:
         parts = [
             history[:HISTORY_CANDIDATES],
             self.items.popular(POPULAR_CANDIDATES),
-            _top_positive(signals.also_bought, COLLABORATIVE_CANDIDATES),
+            top_rows(signals.also_bought, COLLABORATIVE_CANDIDATES),
         ]
         if signals.cooccurrence is not None:
-            parts.append(_top_positive(signals.cooccurrence, COOCCURRENCE_CANDIDATES))
+            parts.append(top_rows(signals.cooccurrence, COOCCURRENCE_CANDIDATES))
         if user.neighbourhood is not None:
-            parts.append(_top_positive(user.neighbourhood, NEIGHBOUR_CANDIDATES))
+            parts.append(top_rows(user.neighbourhood, NEIGHBOUR_CANDIDATES))
         if user.taste is not None:
             rows, _ = self.dense.search(
                 user.taste.reshape(1, -1), TASTE_CANDIDATES, TASTE_EF_SEARCH
@@ -403,12 +404,3 @@ class Recommender:
             return np.zeros(len(rows), dtype=np.float32)
         theirs = categories[rows]
         return np.where(theirs >= 0, counts[np.maximum(theirs, 0)] / total, 0.0).astype(np.float32)
-
-
-def _top_positive(scores: np.ndarray, n: int) -> np.ndarray:
-    """Rows of the ``n`` highest positive scores (ties by row)."""
-    positive = np.flatnonzero(scores > 0)
-    if len(positive) > n:  # sort only those at or above the n-th highest score (ties kept)
-        values = scores[positive]
-        positive = positive[values >= np.partition(values, len(values) - n)[len(values) - n]]
-    return positive[np.lexsort((positive, -scores[positive]))][:n]

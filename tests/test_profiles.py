@@ -20,7 +20,7 @@ from shopserve.ensemble.profiles import (
     UserKeys,
     WrongUserKeyError,
 )
-from shopserve.ensemble.recommend import _top_positive, taste
+from shopserve.ensemble.recommend import taste
 from shopserve.export.data import CatalogueData, DataError, load_events, parse_timestamp
 from shopserve.export.history import split_users, timelines
 
@@ -219,11 +219,3 @@ def test_the_version_before_can_still_read_and_write_a_store_written_now(tmp_pat
     earlier.close()
     assert store.get("k").baskets == 3 and store.get("k").items[2].purchases == 1
     store.close()
-
-
-def test_candidates_take_the_highest_positive_scores_ties_by_row() -> None:
-    scores = np.array([0.5, 0.0, 0.9, 0.5, -1.0, 0.5, 0.7], dtype=np.float32)
-    assert _top_positive(scores, 3).tolist() == [2, 6, 0]  # a tie at the edge: the lower row
-    assert _top_positive(scores, 4).tolist() == [2, 6, 0, 3]
-    assert _top_positive(scores, 10).tolist() == [2, 6, 0, 3, 5]  # never a zero or negative one
-    assert _top_positive(np.zeros(4, np.float32), 2).tolist() == []

@@ -143,6 +143,15 @@ def test_top_rows_orders_by_score_then_row() -> None:
     scores = np.array([0.0, 2.0, 1.0, 2.0, -1.0, 3.0], dtype=np.float32)
     assert top_rows(scores, 3).tolist() == [5, 1, 3]
     assert top_rows(scores, 10).tolist() == [5, 1, 3, 2]  # non-positive scores are not hits
+    assert top_rows(np.zeros(4, np.float32), 2).tolist() == []
+
+
+def test_top_rows_keeps_the_lowest_rows_of_a_tie_at_the_edge() -> None:
+    scores = np.array([0.5, 0.0, 0.9, 0.5, -1.0, 0.5, 0.7], dtype=np.float32)
+    assert top_rows(scores, 3).tolist() == [2, 6, 0]
+    assert top_rows(scores, 4).tolist() == [2, 6, 0, 3]
+    tied = np.ones(1000, np.float32)  # a partition would keep any 10 of them
+    assert top_rows(tied, 10).tolist() == list(range(10))
 
 
 def test_lexical_scores_and_term_matches(lexical: LexicalIndex) -> None:
