@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import Stemmer
 
-from .store import REBUILD, StoreFormatError, Vocabulary
+from .store import REBUILD, StoreFormatError, Vocabulary, mapped
 
 STEMMER_LANGUAGE = "english"
 TOKEN_PATTERN = re.compile(r"(?u)\b\w\w+\b")  # words of two or more word characters
@@ -77,10 +77,7 @@ class TermSets:
         """The sets saved at ``prefix``, memory-mapped read-only (shared by every process)."""
         if not Path(f"{prefix}.ids.npy").exists() and Path(f"{prefix}.npz").exists():
             raise StoreFormatError(f"{Path(prefix).parent}: {REBUILD}")
-        return cls(
-            np.load(f"{prefix}.ids.npy", mmap_mode="r"),
-            np.load(f"{prefix}.offsets.npy", mmap_mode="r"),
-        )
+        return cls(mapped(f"{prefix}.ids.npy"), mapped(f"{prefix}.offsets.npy"))
 
     def sizes(self, rows: np.ndarray) -> np.ndarray:
         return self.offsets[rows + 1] - self.offsets[rows]
@@ -138,13 +135,8 @@ class Bm25:
 
     @classmethod
     def load(cls, prefix: Path, parameters: dict) -> Bm25:
-        def mapped(part: str) -> np.ndarray:
-            return np.load(f"{prefix}.{part}.npy", mmap_mode="r")
-
         return cls(
-            mapped("weights"),
-            mapped("titles"),
-            mapped("starts"),
+            *(mapped(f"{prefix}.{part}.npy") for part in ("weights", "titles", "starts")),
             int(parameters["documents"]),
             float(parameters["k1"]),
             float(parameters["b"]),

@@ -268,6 +268,12 @@ class Titles(Sequence[str]):
         return isinstance(other, Sequence) and list(self) == list(other)
 
 
+def mapped(path: Path | str) -> np.ndarray:
+    """A saved array, memory-mapped read-only (its pages shared by every process that maps it), as a
+    plain ndarray view: indexing an np.memmap costs several times more."""
+    return np.asarray(np.load(path, mmap_mode="r"))
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """Term -> id: the terms sorted, as one UTF-8 buffer and offsets (as Titles keeps them), beside
@@ -292,11 +298,7 @@ class Vocabulary:
 
     @classmethod
     def load(cls, prefix: Path) -> Vocabulary:
-        # plain views of the maps: indexing a np.memmap costs several times more
-        def mapped(part: str) -> np.ndarray:
-            return np.asarray(np.load(f"{prefix}.{part}.npy", mmap_mode="r"))
-
-        return cls(mapped("text"), mapped("offsets"), mapped("ids"))
+        return cls(*(mapped(f"{prefix}.{part}.npy") for part in ("text", "offsets", "ids")))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -357,10 +359,7 @@ class Catalogue:
         missing = [n for n in _CATALOGUE_ARRAYS.values() if not path.with_name(n).exists()]
         if "products" not in data or missing:  # a format from before the arrays could be mapped
             raise StoreFormatError(f"{path.parent}: {REBUILD}")
-        arrays = {
-            key: np.load(path.with_name(name), mmap_mode="r")
-            for key, name in _CATALOGUE_ARRAYS.items()
-        }
+        arrays = {key: mapped(path.with_name(name)) for key, name in _CATALOGUE_ARRAYS.items()}
         catalogue = cls(
             arrays["ids"],
             Titles(arrays["text"], arrays["offsets"]),
