@@ -18,8 +18,11 @@ from conftest import raw_infer, tensor
 from shopserve.client import Filters, InvalidRequestError, SearchClient
 from shopserve.client._cli import main as cli
 from shopserve.ensemble import SearchPipeline, store
-from shopserve.ensemble.personal import RecommendPipeline
+from shopserve.ensemble.personal import RecommendPipeline, profile_namespace
 from shopserve.ensemble.profiles import UserKeys
+from shopserve.ensemble.redis_link import connect
+
+from shopserve.server import default_live_profiles
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -288,13 +291,27 @@ def test_recommend_and_personalised_search_cli(personal_server, capsys) -> None:
     assert len(out.splitlines()) == 3 + 2 * 3 and "you bought it" in out
 
 
-def test_the_server_refuses_a_personalised_store_without_the_secret(personal_repository, tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_the_server_refuses_a_personalised_store_without_the_secret(
+    personal_repository, tmp_path, request, backend
+):
+    """Before it writes anything: no live file, no Redis namespace seeded under a wrong secret."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOPSERVE_USER")}
+    work = tmp_path / "work"
+    live = [] if backend == "sqlite" else ["--profile-store", request.getfixturevalue("redis_url")]
 
     def serve() -> subprocess.CompletedProcess:
         command = Path(sys.executable).parent / "shopserve"
         return subprocess.run(
-            [str(command), "serve", "--model-repository", str(personal_repository)],
+            [
+                str(command),
+                "serve",
+                "--model-repository",
+                str(personal_repository),
+                "--work-dir",
+                str(work),
+                *live,
+            ],
             capture_output=True,
             text=True,
             env=env,
@@ -310,3 +327,7 @@ def test_the_server_refuses_a_personalised_store_without_the_secret(personal_rep
     assert "is not the one version 1" in run.stderr
     assert "every shopper would look unknown" in run.stderr
     assert env["SHOPSERVE_USER_KEY"] not in run.stderr
+    assert not default_live_profiles(work).exists()
+    if live:
+        namespace = profile_namespace(personal_repository)
+        assert not connect(live[1]).keys(f"shopserve:{namespace}:*")
