@@ -382,12 +382,12 @@ def choose_fp32_matmuls(
     reference = embed(fp32, held_out)
     base = cosines(reference, embed(qdq, held_out))
     log.info("all %d MatMuls quantized: mean cosine %.4f", len(names), base.mean())
-    # Sensitivities are only measured when some MatMul has to go back to FP32.
+    # Sensitivities are only measured when some MatMul has to, and may, go back to FP32.
     sensitivity = {
         name: float(
             cosines(reference_small, embed(revert_to_fp32(qdq, fp32, [name]), small)).mean()
         )
-        for name in (names if base.mean() < target_cosine else [])
+        for name in (names if base.mean() < target_cosine and max_fp32 > 0 else [])
     }
     order = sorted(sensitivity, key=lambda n: -sensitivity[n])
 

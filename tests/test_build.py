@@ -135,8 +135,10 @@ def test_evaluate_command_reproduces_the_build_numbers(
 
 
 def test_build_stops_at_the_gate_with_every_matmul_in_signed_int8(data_dir, tmp_path):
-    """TensorRT's signed symmetric Q/DQ graph with no MatMul left in FP32 reaches about 0.986
-    mean cosine on MiniLM: below the gate, so the build stops and writes nothing."""
+    """TensorRT's signed symmetric Q/DQ graph with no MatMul left in FP32 reaches about 0.98
+    mean cosine on MiniLM (measured: 0.9815 on the base encoder; 0.986 once fine-tuned): below the
+    gate, so the build stops and writes nothing. The encoder is not fine-tuned here: the gate, not
+    the training, is under test."""
     repository = copy_source_repository(tmp_path / "model_repository")
     run = export(
         "build",
@@ -148,6 +150,7 @@ def test_build_stops_at_the_gate_with_every_matmul_in_signed_int8(data_dir, tmp_
         "gpu",
         "--int8-fp32-matmuls",
         "0",
+        "--no-finetune",
     )
     assert run.returncode == 1
     assert "error: INT8 accuracy gate failed: mean cosine to FP32 is 0.9" in run.stderr

@@ -408,6 +408,11 @@ def test_choose_and_build(tiny_encoder: Path, calibration, tmp_path) -> None:
     assert not impossible.reached and len(impossible.sensitivity) == 8
     assert [step[0] for step in impossible.steps] == [0, 1, 2, 4, 8]
     assert impossible.mean_cosine == max(step[1] for step in impossible.steps)
+    none_allowed = qdq.choose_fp32_matmuls(
+        tiny_encoder, calibration, held_out, target_cosine=1.01, max_fp32=0
+    )  # no MatMul may stay FP32: nothing is measured beyond the fully quantized graph
+    assert none_allowed.keep_fp32 == () and not none_allowed.reached
+    assert none_allowed.sensitivity == {} and [s[0] for s in none_allowed.steps] == [0]
     path = tmp_path / "model.onnx"
     choice = qdq.build_qdq_encoder(tiny_encoder, path, calibration, held_out, target_cosine=0.9999)
     model = onnx.load(str(path))
