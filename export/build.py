@@ -44,7 +44,7 @@ from .data import (
     split_queries,
     with_event_log,
 )
-from .embeddings import cache_file_for, embed_catalogue
+from .embeddings import BuildEmbeddings, cache_file_for, embed_catalogue
 from .evaluate import evaluate, rerank_ndcg_by_cosine
 from .finetune import FinetuneOptions, finetune
 from .index import EF_SEARCH_CHOICES, MIN_RECALL_QUERIES, ann_recall, build_dense_index
@@ -122,23 +122,19 @@ def _sample(items: list[str], n: int, rng: np.random.Generator) -> list[str]:
 
 
 def _gate_ndcg(
-    dev: Judgments,
-    catalogue: CatalogueData,
-    tokenizer: QueryTokenizer,
-    encoders: dict[str, OnnxEncoder],
+    dev: Judgments, catalogue: CatalogueData, embedders: dict[str, BuildEmbeddings]
 ) -> Callable[[str], float]:
-    """Dev re-ranking nDCG@10 (judged products ordered by cosine) for each encoder precision."""
+    """Dev re-ranking nDCG@10 (judged products ordered by cosine) for each encoder precision; the
+    embeddings it makes are kept for the build's later steps."""
     ids = sorted({pid for q in dev.queries for pid in dev.by_query[q]})
     title_of = dict(zip(catalogue.product_ids.tolist(), catalogue.titles, strict=True))
     row_of = {pid: i for i, pid in enumerate(ids)}
 
     @functools.cache
     def ndcg(precision: str) -> float:
-        model = encoders[precision]
-        titles = model.embed_texts(
-            tokenizer, [title_of[p] for p in ids], progress=f"gate {precision}"
-        )
-        queries = model.embed_texts(tokenizer, dev.queries)
+        embed = embedders[precision]
+        titles = embed([title_of[p] for p in ids], progress=f"gate {precision}", keep=True)
+        queries = embed(dev.queries, keep=True)
         return rerank_ndcg_by_cosine(dev, row_of, titles, queries)
 
     return ndcg
@@ -151,8 +147,8 @@ def _base_ndcg(
     with tempfile.TemporaryDirectory() as scratch:
         base = Path(scratch) / "base.onnx"
         encoder_export.export_encoder(base, tokenizer, validation[:64])
-        encoders = {"base": OnnxEncoder(base, EMBED_THREADS)}
-        return _gate_ndcg(dev, catalogue, tokenizer, encoders)("base")
+        embedders = {"base": BuildEmbeddings(OnnxEncoder(base, EMBED_THREADS), tokenizer)}
+        return _gate_ndcg(dev, catalogue, embedders)("base")
 
 
 def _quantize_encoder(
@@ -431,15 +427,15 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
             rng,
         )
     encoder_files = {"fp32": FP32_ENCODER_FILE, "int8": encoder_record["int8"]["file"]}
-    encoders = {
-        precision: OnnxEncoder(encoder_dir / file, EMBED_THREADS)
+    embedders = {
+        precision: BuildEmbeddings(OnnxEncoder(encoder_dir / file, EMBED_THREADS), tokenizer)
         for precision, file in encoder_files.items()
     }
-    dev_ndcg = _gate_ndcg(dev, catalogue, tokenizer, encoders) if dev else lambda _: 0.0
+    dev_ndcg = _gate_ndcg(dev, catalogue, embedders) if dev else lambda _: 0.0
     with timer.step("INT8 accuracy gate"):
         gate = accuracy_gate(
-            encoders["fp32"].embed_texts(tokenizer, gate_texts, progress="gate texts fp32"),
-            encoders["int8"].embed_texts(tokenizer, gate_texts, progress="gate texts int8"),
+            embedders["fp32"](gate_texts, progress="gate texts fp32", keep=True),
+            embedders["int8"](gate_texts, progress="gate texts int8", keep=True),
             dev_ndcg,
             queries=len(dev_queries),
         )
@@ -458,10 +454,10 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
     # What the in-process steps (and the one-model endpoint) run: the CPU INT8 graph, or on a GPU
     # target the FP32 graph (the signed INT8 graph is TensorRT's to run).
     served = "fp32" if options.target == GPU else "int8"
-    served_encoder = encoders[served]
+    served_embed = embedders[served]
     with timer.step("embed catalogue"):
         embeddings, embedding_report = embed_catalogue(
-            lambda texts: served_encoder.embed_texts(tokenizer, texts, progress="embed catalogue"),
+            lambda texts: served_embed(texts, progress="embed catalogue"),
             catalogue.titles,
             cache_file_for(encoder_dir / encoder_files[served], tokenizer_path, max_length),
         )
@@ -474,7 +470,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         recall_queries = dev_queries + _sample(
             catalogue.titles, max(MIN_RECALL_QUERIES - len(dev_queries), 0) * 2, rng
         )
-        recall_embeddings = served_encoder.embed_texts(tokenizer, recall_queries)
+        recall_embeddings = served_embed(recall_queries)
         ann = ann_recall(
             dense,
             embeddings,
@@ -507,9 +503,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
                 embeddings,
                 row_of,
                 train.queries,
-                served_encoder.embed_texts(
-                    tokenizer, train.queries, progress="embed train queries"
-                ),
+                served_embed(train.queries, progress="embed train queries"),
                 [train.gains(q) for q in train.queries],
                 dense_depth=retriever.dense_depth,
                 lexical_depth=retriever.lexical_depth,
@@ -552,7 +546,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
             retriever,
             catalogue.product_ids,
             scorers,
-            lambda texts: served_encoder.embed_texts(tokenizer, texts),
+            served_embed,
         )
     if basis is None and LEARNED in scorers:
         basis = checks["mean_ndcg10"]
@@ -579,7 +573,9 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
                 catalogue,
                 events,
                 SearchSide(
-                    retriever, OnnxRanker(ranker_path), lambda q: served_encoder(*tokenizer(q))[0]
+                    retriever,
+                    OnnxRanker(ranker_path),
+                    lambda q: served_embed.encoder(*tokenizer(q))[0],
                 ),
                 keys,
                 writer,

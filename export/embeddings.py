@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 from shopserve.ensemble import store
+from shopserve.ensemble.models import OnnxEncoder
+from shopserve.ensemble.tokenize import QueryTokenizer
 
 from .cache import cache_key, cache_root, file_digest
 
@@ -119,3 +121,25 @@ def embed_catalogue(
         cache_file,
     )
     return rows[inverse], report
+
+
+class BuildEmbeddings:
+    """One encoder's text embeddings within a build. Texts embedded with ``keep=True`` are kept,
+    and every later call reuses them: the accuracy gate's dev titles and queries serve the
+    catalogue, recall and training steps (a text embeds alike in any batch, to float rounding)."""
+
+    def __init__(self, encoder: OnnxEncoder, tokenizer: QueryTokenizer) -> None:
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self._kept: dict[str, np.ndarray] = {}
+
+    def __call__(
+        self, texts: Sequence[str], progress: str | None = None, keep: bool = False
+    ) -> np.ndarray:
+        """Each text's embedding (rows in ``texts`` order); only texts not kept are embedded."""
+        fresh = [t for t in dict.fromkeys(texts) if t not in self._kept]
+        rows = self.encoder.embed_texts(self.tokenizer, fresh, progress=progress) if fresh else []
+        embedded = dict(zip(fresh, rows, strict=True))
+        if keep:
+            self._kept.update(embedded)
+        return np.stack([self._kept[t] if t in self._kept else embedded[t] for t in texts])

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 from shopserve.export.cache import CACHE_ENV
-from shopserve.export.embeddings import cache_file_for, embed_catalogue
+from shopserve.export.embeddings import BuildEmbeddings, cache_file_for, embed_catalogue
 
 WIDTH = 8
 
@@ -26,6 +26,34 @@ class CountingEncoder:
     def __call__(self, texts: list[str]) -> np.ndarray:
         self.asked.extend(texts)
         return np.stack([vector(t) for t in texts])
+
+
+class CountingTextEncoder(CountingEncoder):
+    """The same, in OnnxEncoder's form (``embed_texts``), each call's texts recorded apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[str]] = []
+
+    def embed_texts(self, _tokenizer, texts: list[str], progress: str | None = None) -> np.ndarray:
+        self.calls.append(list(texts))
+        return self(texts)
+
+
+def test_a_build_embeds_a_kept_text_once() -> None:
+    """What the accuracy gate embeds (kept) the catalogue step reuses; a text not kept is embedded
+    again, and a repeated text is embedded once per call."""
+    encoder = CountingTextEncoder()
+    embed = BuildEmbeddings(encoder, tokenizer=None)
+    gate = ["drill", "saw", "drill"]
+    np.testing.assert_array_equal(embed(gate, keep=True), np.stack([vector(t) for t in gate]))
+    everything = ["hammer", "saw", "drill", "hammer", "nail"]
+    np.testing.assert_array_equal(embed(everything), np.stack([vector(t) for t in everything]))
+    assert encoder.calls == [["drill", "saw"], ["hammer", "nail"]]
+    np.testing.assert_array_equal(embed(["nail"]), vector("nail")[None])
+    assert encoder.calls[-1] == ["nail"]  # not kept: embedded again
+    embed(["saw", "drill"])
+    assert len(encoder.calls) == 3  # all kept: nothing embedded
 
 
 def catalogue(n: int) -> list[str]:
