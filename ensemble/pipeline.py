@@ -151,9 +151,10 @@ class SearchPipeline:
         return answer
 
     def search_many(self, requests: Sequence[SearchRequest]) -> list[SearchResult | InvalidRequest]:
-        """Answer several requests, their queries embedded in one encoder call (the static INT8
-        encoder is batch-invariant, so each answer equals the request's answer alone); a malformed request
-        gets its InvalidRequest in its place and does not affect the others."""
+        """Answer several requests, their queries embedded in one encoder call; a malformed
+        request gets its InvalidRequest in its place and does not affect the others. A query's
+        embedding in a batch differs from its own alone by float rounding (about 2e-8), which
+        approximate nearest-neighbour search can, rarely, turn into another dense candidate."""
         refresh_catalogue(self.live)
         parsed: list[_Parsed | InvalidRequest] = []
         for request in requests:

@@ -46,14 +46,44 @@ def endpoint(request, server) -> SearchClient:
 
 
 def test_served_ids_equal_the_in_process_pipeline(endpoint, pipeline, dev_queries) -> None:
+    """One request at a time, each endpoint answers every query as the in-process pipeline does."""
     queries = dev_queries[:200]
-    served = endpoint.search_many(queries, top_k=10, max_in_flight=4)
+    served = endpoint.search_many(queries, top_k=10, max_in_flight=1)
     for query, hits in zip(queries, served, strict=True):
-        # Up to 4 in flight: "search" may embed this query in one call with others.
         reference = pipeline.search(query, 10)
         assert_hits_match(hits, reference, query)
         titles = dict(zip(reference.product_ids.tolist(), reference.titles, strict=True))
         assert all(titles.get(h.product_id, h.title) == h.title for h in hits)
+
+
+# A query embedded in one call with others differs from the same query alone by float rounding
+# (2e-8 measured), and approximate nearest-neighbour search can turn that into another dense
+# candidate, which shifts every candidate's normalised features: on one store, 1 of 2,000 dev
+# queries embedded in groups of 4 moved its scores by 1.1e-4 (and none on another store).
+BATCHED_SCORE_BOUND = 1e-3
+BATCHED_DIFFERING_SHARE = 0.01
+
+
+def test_batched_answers_stay_within_float_rounding_of_the_pipeline(
+    endpoint, pipeline, dev_queries
+) -> None:
+    """Up to 4 in flight, an endpoint may embed a query in one call with others: almost every
+    answer still equals the pipeline's, and none moves by more than the bound."""
+    queries = dev_queries[:200]
+    served = endpoint.search_many(queries, top_k=10, max_in_flight=4)
+    differing = []
+    for query, hits in zip(queries, served, strict=True):
+        reference = pipeline.search(query, 10)
+        try:
+            assert_hits_match(hits, reference, query)
+        except AssertionError:
+            differing.append(query)
+            common = set(reference.product_ids.tolist()) & {h.product_id for h in hits}
+            assert len(common) >= 8, query
+            scores = dict(zip(reference.product_ids.tolist(), reference.scores, strict=True))
+            moved = max(abs(h.score - scores[h.product_id]) for h in hits if h.product_id in common)
+            assert moved <= BATCHED_SCORE_BOUND, (query, moved)
+    assert len(differing) <= BATCHED_DIFFERING_SHARE * len(queries), differing
 
 
 def test_search_returns_ranked_real_products(client) -> None:
