@@ -137,6 +137,8 @@ class BuildEmbeddings:
         self, texts: Sequence[str], progress: str | None = None, keep: bool = False
     ) -> np.ndarray:
         """Each text's embedding (rows in ``texts`` order); only texts not kept are embedded."""
+        if not texts:  # as OnnxEncoder.embed_texts answers no texts
+            return np.empty((0, 0), dtype=np.float32)
         fresh = [t for t in dict.fromkeys(texts) if t not in self._kept]
         rows = self.encoder.embed_texts(self.tokenizer, fresh, progress=progress) if fresh else []
         embedded = dict(zip(fresh, rows, strict=True))
