@@ -441,16 +441,19 @@ def _release_rollback_restart(location, builds, catalogue, tmp_path) -> None:
             assert ids(client.recommend(forgotten, top_k=10)) == cold, build
 
 
-def second_version(repository, folder):
-    """A copy of ``repository`` with version 2 beside version 1: the same files, as a rebuild from
-    the same inputs writes them, and its own manifest (the server starts on the newest)."""
+def second_version(repository, folder, newer=None):
+    """A copy of ``repository`` with version 2 beside version 1 and its own manifest (the server
+    starts on the newest): the files of the build ``newer`` (a repository built with the same
+    configs and secret), or by default the same files, as a rebuild from the same inputs writes
+    them."""
     import json
     import shutil
 
     copy = shutil.copytree(repository, folder / "two-versions")
-    manifest = json.loads((copy / store.MANIFEST_FILE).read_text())
+    source = copy if newer is None else newer
+    manifest = json.loads((source / store.MANIFEST_FILE).read_text())
     for model in manifest["models"]:
-        shutil.copytree(copy / model / "1", copy / model / "2")
+        shutil.copytree(source / model / "1", copy / model / "2")
     manifest["version"] = 2
     manifest["models"] = dict.fromkeys(manifest["models"], 2)
     manifest["files"] = {
@@ -459,6 +462,49 @@ def second_version(repository, folder):
     for path in (copy / store.MANIFEST_FILE, copy / "manifests" / "v2.json"):
         path.write_text(json.dumps(manifest))
     return copy
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_restart_after_an_in_place_rollback_serves_version_1_and_every_event(
+    backend, personal_repository, newer_personal_repository, catalogue, tmp_path
+) -> None:
+    """Version 2 (a build from a newer events file) served, rolled back in place to version 1, the
+    server restarted: it starts on version 1 (its snapshot, under its own name), and the events
+    recorded before and after the rollback are served on it and after a rollout to version 2."""
+    from shopserve.rollout import Rollout
+
+    repository = second_version(personal_repository, tmp_path, newer_personal_repository)
+    shopper, products = f"{SHOPPER}-in-place", [int(catalogue[-11]), int(catalogue[-13])]
+    with contextlib.ExitStack() as stack:
+        location = None
+        if backend == "redis":
+            (tmp_path / "redis").mkdir()
+            location = stack.enter_context(running_redis(tmp_path / "redis"))
+
+        def served(expected: int):
+            """A server started on ``repository`` (checked to serve ``expected`` of every model):
+            its rollout control and a client."""
+            server = stack.enter_context(start_server(repository, tmp_path / "work", location))
+            control = stack.enter_context(Rollout(server.grpc_url, Security(admin_key=ADMIN_KEY)))
+            client = stack.enter_context(SearchClient(server.grpc_url, timeout=30))
+            assert set(map(tuple, control.live_versions().values())) == {(expected,)}
+            return control, client
+
+        control, client = served(2)
+        assert client.record_many([Event(shopper, products[0], "purchase") for _ in range(3)]) == 3
+        live = control.roll_to(repository, 1)
+        assert set(map(tuple, live.values())) == {(1,)}
+        assert client.record_many([Event(shopper, products[1], "purchase") for _ in range(3)]) == 3
+        assert set(products) <= set(ids(client.recommend(shopper, top_k=10)))
+        stack.close()  # the server stops, and Redis (restarted below from its append-only file)
+
+        if location is not None:
+            location = stack.enter_context(running_redis(tmp_path / "redis"))
+        control, client = served(1)
+        assert set(products) <= set(ids(client.recommend(shopper, top_k=10)))
+        live = control.roll_to(repository, 2)
+        assert set(map(tuple, live.values())) == {(2,)}
+        assert set(products) <= set(ids(client.recommend(shopper, top_k=10)))
 
 
 class EventStream:
