@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import (
     ADMIN_KEY,
+    export,
     make_certificates,
     raw_infer,
     running_redis,
@@ -570,3 +572,97 @@ def test_a_release_while_events_stream_in_loses_no_event(
                 assert carts == {e.product_id: 1 for e in batch}
         finally:
             del os.environ[PROFILE_STORE_ENV]
+
+
+@pytest.fixture(scope="module")
+def small_personal_shop(instacart_files, built_repository, user_key_file, tmp_path_factory):
+    """A small shop's first build (its files, and the repository at version 1)."""
+    from test_recommend_gate import small_shop
+
+    folder = tmp_path_factory.mktemp("export-release")
+    items, events = small_shop(instacart_files, folder)
+    ranker = store.model_file(built_repository, store.RANKER)
+    run = export(
+        "build", "--catalogue", items, "--events", events, "--ranker", ranker,
+        "--repository", folder / "shop",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return items, events, ranker, folder / "shop"
+
+
+def _live_profile(location: str, user_id: str):
+    """A shopper's profile in a SQLite live store, read beside the server."""
+    from shopserve.ensemble.profile_store import SqliteProfileStore
+    from shopserve.ensemble.profiles import UserKeys
+
+    live = SqliteProfileStore(location, readonly=True)
+    try:
+        return live.get(UserKeys.from_environment().key(user_id))
+    finally:
+        live.close()
+
+
+def test_a_build_from_the_running_servers_exported_log_rolls_out_and_back(
+    small_personal_shop, tmp_path, capsys
+) -> None:
+    """The release the docs describe, on a running server: export its event log, build version 2
+    from the shop's file and the export, roll out, roll back, restart (on version 1). The events the build folded
+    are counted once, those sent after the export are replayed, and a shopper forgotten before the
+    export stays forgotten, keeping only what they sent after the erasure."""
+    import csv
+    import shutil
+
+    from shopserve.cli import main
+    from shopserve.rollout import Rollout
+
+    items, events, ranker, built = small_personal_shop
+    repository = shutil.copytree(built, tmp_path / "shop")
+    with events.open() as handle:
+        rows = list(csv.DictReader(handle))
+    forgotten = rows[0]["user_id"]
+    history = {int(r["product_id"]) for r in rows if r["user_id"] == forgotten}
+    products = [int(p) for p in store.load_catalogue(repository).product_ids]
+    comeback = next(p for p in products if p not in history)
+    before, after = f"{SHOPPER}-exported", f"{SHOPPER}-after-export"
+    bought = {before: products[-3], after: products[-5], forgotten: comeback}
+
+    def check(client, version: int) -> None:
+        for shopper, product in bought.items():
+            assert product in ids(client.recommend(shopper, top_k=10)), (shopper, version)
+            profile = _live_profile(live_location(server), shopper)
+            expected = {comeback: 1} if shopper == forgotten else {product: 5}
+            assert {p: s.purchases for p, s in profile.items.items()} == expected, version
+
+    with (
+        start_server(repository, tmp_path / "work") as server,
+        SearchClient(server.grpc_url, timeout=30, security=OPERATOR) as client,
+        Rollout(server.grpc_url, OPERATOR) as control,
+    ):
+        assert (
+            client.record_many([Event(before, bought[before], "purchase") for _ in range(5)]) == 5
+        )
+        assert client.forget(forgotten)
+        assert client.record_many([Event(forgotten, comeback, "purchase")]) == 1
+        log = tmp_path / "log.csv"
+        assert main(["events", "export", "--profile-store", live_location(server), str(log)]) == 0
+        assert "wrote 6 events and 1 erasures" in capsys.readouterr().out
+        assert client.record_many([Event(after, bought[after], "purchase") for _ in range(5)]) == 5
+        run = export(
+            "build", "--catalogue", items, "--events", events, "--events-log", log,
+            "--ranker", ranker, "--encoder-from", repository, "--repository", repository,
+            "--version", 2,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        manifest = json.loads((repository / store.MANIFEST_FILE).read_text())
+        assert manifest["personalization"]["event_log"]["erased_shoppers"] == 1
+        for version in (2, 1):
+            live = control.roll_to(repository, version)
+            assert set(map(tuple, live.values())) == {(version,)}
+            check(client, version)
+    with (
+        start_server(repository, tmp_path / "work") as server,
+        SearchClient(server.grpc_url, timeout=30) as client,
+        Rollout(server.grpc_url, OPERATOR) as control,
+    ):
+        assert set(map(tuple, control.live_versions().values())) == {(1,)}  # the rollback held
+        check(client, 1)
