@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -161,134 +162,184 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("install", help="wire perf_analyzer and print its path")
     analyzer = commands.add_parser("model-analyzer", help="prepare model_analyzer.yaml's paths")
     analyzer.add_argument("--repository", type=Path, default=BUILT_REPOSITORY)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> Path:
+    from . import perf_analyzer
+    from .run import DEFAULT_SYSTEMS, RunOptions
+    from .run import run as run_all
+
+    return run_all(
+        RunOptions(
+            repository=args.repository,
+            runs=args.runs,
+            queries=args.queries,
+            concurrency=args.concurrency,
+            systems=args.systems or DEFAULT_SYSTEMS,
+            cross_check=args.cross_check,
+            settings=perf_analyzer.Settings(measurement_interval_ms=args.measurement_interval),
+            out=args.out,
+        )
+    )
+
+
+def _tune(args: argparse.Namespace) -> Path:
+    from .tuning import tune
+
+    return tune(
+        args.repository,
+        args.runs,
+        tuple(args.only),
+        out=args.out,
+        assume_kept=tuple(args.assume_kept),
+    )
+
+
+def _report(args: argparse.Namespace) -> Path:
+    from .report import write
+
+    return write(args.out)
+
+
+def _grow_catalogue(args: argparse.Namespace) -> Path:
+    from shopserve.export.data import DEFAULT_DATA_DIR
+
+    from .grow_catalogue import write
+
+    counts = write(args.data or DEFAULT_DATA_DIR.parent, args.products, args.output, args.seed)
+    print(", ".join(f"{count:,} {source}" for source, count in counts.items()))
+    return args.output
+
+
+def _held_out_events(args: argparse.Namespace) -> Path:
+    from .realtime import write_events_before_last
+
+    return write_events_before_last(args.data, args.data / "events-before-last.csv")
+
+
+def _personal(args: argparse.Namespace) -> Path:
+    from .personal import run
+
+    run(args.repository, args.held_out_repository, args.data, args.out)
+    return args.out / "personal.md"
+
+
+def _overload(args: argparse.Namespace) -> Path:
+    from .overload import run
+
+    run(args.repository, args.out)
+    return args.out / "overload.md"
+
+
+def _steps(args: argparse.Namespace) -> Path:
+    import json
+
+    from shopserve.ensemble import store
+
+    from .profile import compare_steps
+    from .queries import load_traffic
+
+    manifest = json.loads((args.repository / store.MANIFEST_FILE).read_text())
+    queries = load_traffic(manifest, args.queries).queries
+    path = args.out / "steps.md"
+    path.write_text(compare_steps(args.before, args.repository, queries))
+    return path
+
+
+def _filters(args: argparse.Namespace) -> Path:
+    from .filters import run
+
+    return run(args.repository, args.queries, args.out)
+
+
+def _catalogue(args: argparse.Namespace) -> Path:
+    from .catalogue import run
+
+    return run(args.repository, args.out)
+
+
+def _memory(args: argparse.Namespace) -> Path:
+    from .memory import run
+
+    return run(args.repository or [BUILT_REPOSITORY], args.out)
+
+
+def _milvus(args: argparse.Namespace) -> Path:
+    from .milvus import run
+
+    return run(args.repository, args.out, args.uri)
+
+
+def _scale(args: argparse.Namespace) -> Path:
+    from .scale import SIZES, ScaleOptions, run
+
+    options = ScaleOptions(tuple(args.sizes or SIZES), args.encoder_from, out=args.out)
+    return run(replace(options, data_dir=args.data) if args.data else options)
+
+
+def _explain(args: argparse.Namespace) -> Path:
+    from .explain import run
+
+    run(args.repository, args.personal_repository, args.data, args.out, rounds_count=args.rounds)
+    return args.out / "explain.md"
+
+
+def _smoke(args: argparse.Namespace) -> Path:
+    from .run import smoke
+
+    smoke(args.out, args.repository)
+    return args.out / "summary.md"
+
+
+def _model_analyzer(args: argparse.Namespace) -> None:
+    from .model_analyzer import prepare
+
+    print("prepared; run: " + " ".join(prepare(args.repository)))
+
+
+def _install(_args: argparse.Namespace) -> Path:
+    from .perf_analyzer import install
+
+    return install()
+
+
+# Each command: what it runs, given the parsed arguments; the path of what it wrote (printed).
+_COMMANDS: dict[str, Callable[[argparse.Namespace], Path | None]] = {
+    "run": _run,
+    "tune": _tune,
+    "report": _report,
+    "grow-catalogue": _grow_catalogue,
+    "held-out-events": _held_out_events,
+    "personal": _personal,
+    "overload": _overload,
+    "steps": _steps,
+    "filters": _filters,
+    "catalogue": _catalogue,
+    "memory": _memory,
+    "milvus": _milvus,
+    "scale": _scale,
+    "explain": _explain,
+    "smoke": _smoke,
+    "model-analyzer": _model_analyzer,
+    "install": _install,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     setup_logging(args.verbose)
     # Stop cleanly (servers stopped by their context managers) on SIGTERM, and on SIGINT even when
     # started in the background, where SIGINT would otherwise be ignored.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     try:
-        if args.command == "run":
-            from . import perf_analyzer
-            from .run import DEFAULT_SYSTEMS, RunOptions
-            from .run import run as run_all
-
-            path = run_all(
-                RunOptions(
-                    repository=args.repository,
-                    runs=args.runs,
-                    queries=args.queries,
-                    concurrency=args.concurrency,
-                    systems=args.systems or DEFAULT_SYSTEMS,
-                    cross_check=args.cross_check,
-                    settings=perf_analyzer.Settings(
-                        measurement_interval_ms=args.measurement_interval
-                    ),
-                    out=args.out,
-                )
-            )
-        elif args.command == "tune":
-            from .tuning import tune as tune_all
-
-            path = tune_all(
-                args.repository,
-                args.runs,
-                tuple(args.only),
-                out=args.out,
-                assume_kept=tuple(args.assume_kept),
-            )
-        elif args.command == "report":
-            from .report import write
-
-            path = write(args.out)
-        elif args.command == "grow-catalogue":
-            from shopserve.export.data import DEFAULT_DATA_DIR
-
-            from .grow_catalogue import write as write_grown
-
-            data = args.data or DEFAULT_DATA_DIR.parent
-            counts = write_grown(data, args.products, args.output, args.seed)
-            print(", ".join(f"{count:,} {source}" for source, count in counts.items()))
-            path = args.output
-        elif args.command == "held-out-events":
-            from .realtime import write_events_before_last
-
-            path = write_events_before_last(args.data, args.data / "events-before-last.csv")
-        elif args.command == "personal":
-            from .personal import run as run_personal
-
-            run_personal(args.repository, args.held_out_repository, args.data, args.out)
-            path = args.out / "personal.md"
-        elif args.command == "overload":
-            from .overload import run as run_overload
-
-            run_overload(args.repository, args.out)
-            path = args.out / "overload.md"
-        elif args.command == "steps":
-            import json
-
-            from shopserve.ensemble import store
-
-            from .profile import compare_steps
-            from .queries import load_traffic
-
-            manifest = json.loads((args.repository / store.MANIFEST_FILE).read_text())
-            queries = load_traffic(manifest, args.queries).queries
-            path = args.out / "steps.md"
-            path.write_text(compare_steps(args.before, args.repository, queries))
-        elif args.command == "filters":
-            from .filters import run as run_filters
-
-            path = run_filters(args.repository, args.queries, args.out)
-        elif args.command == "catalogue":
-            from .catalogue import run as run_catalogue
-
-            path = run_catalogue(args.repository, args.out)
-        elif args.command == "memory":
-            from .memory import run as run_memory
-
-            path = run_memory(args.repository or [BUILT_REPOSITORY], args.out)
-        elif args.command == "milvus":
-            from .milvus import run as run_milvus
-
-            path = run_milvus(args.repository, args.out, args.uri)
-        elif args.command == "scale":
-            from .scale import SIZES, ScaleOptions
-            from .scale import run as run_scale
-
-            options = ScaleOptions(tuple(args.sizes or SIZES), args.encoder_from, out=args.out)
-            if args.data:
-                options = replace(options, data_dir=args.data)
-            path = run_scale(options)
-        elif args.command == "explain":
-            from .explain import run as run_explain
-
-            run_explain(
-                args.repository,
-                args.personal_repository,
-                args.data,
-                args.out,
-                rounds_count=args.rounds,
-            )
-            path = args.out / "explain.md"
-        elif args.command == "smoke":
-            from .run import smoke as run_smoke
-
-            run_smoke(args.out, args.repository)
-            path = args.out / "summary.md"
-        elif args.command == "model-analyzer":
-            from .model_analyzer import prepare
-
-            print("prepared; run: " + " ".join(prepare(args.repository)))
-            return 0
-        else:
-            from .perf_analyzer import install
-
-            path = install()
+        path = _COMMANDS[args.command](args)
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(path)
+    if path is not None:
+        print(path)
     return 0
 
 
