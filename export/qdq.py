@@ -539,6 +539,39 @@ def _weight_channel_axis(node: onnx.NodeProto, rank: int) -> int:
     return rank - 1
 
 
+@dataclass(frozen=True)
+class _GraphView:
+    """A graph's constants, element types, and each tensor's producer and readers."""
+
+    values: dict[str, np.ndarray]
+    types: dict[str, int]
+    producer: dict[str, onnx.NodeProto]
+    consumers: dict[str, list[onnx.NodeProto]]
+    outputs: set[str]
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> _GraphView:
+        graph = model.graph
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        return cls(
+            _constant_values(model),
+            _elem_types(model),
+            {out: node for node in graph.node for out in node.output},
+            consumers,
+            {o.name for o in graph.output},
+        )
+
+    def readers(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        return self.consumers.get(node.output[0], [])
+
+    def is_dequantized(self, name: str) -> bool:
+        node = self.producer.get(name)
+        return node is not None and node.op_type == "DequantizeLinear"
+
+
 def tensorrt_qdq_problems(
     model: onnx.ModelProto, keep_fp32: Sequence[str] | None = None
 ) -> list[str]:
@@ -551,105 +584,116 @@ def tensorrt_qdq_problems(
     DequantizeLinear on both inputs; the FP32 MatMuls (``keep_fp32``, by default the list in
     ``metadata_props``) have none; no Q/DQ on int64 (or any non-float) tensors.
     """
-    graph = model.graph
-    problems: list[str] = []
-    values = _constant_values(model)
-    types = _elem_types(model)
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    graph_outputs = {o.name for o in graph.output}
+    view = _GraphView.of(model)
     if keep_fp32 is None:
         keep_fp32 = json.loads(metadata(model).get(METADATA_FP32, "[]"))
     keep = set(keep_fp32)
-    nodes = {n.name: n for n in graph.node}
-    for name in sorted(keep):
-        if name not in nodes or nodes[name].op_type not in QUANTIZED_OPS:
-            problems.append(f"FP32 MatMul {name!r} is not a MatMul/Gemm of the graph")
-
-    def is_dq(name: str) -> bool:
-        node = producer.get(name)
-        return node is not None and node.op_type == "DequantizeLinear"
-
-    for node in graph.node:
-        label = f"{node.op_type} {node.name!r}"
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        if len(node.input) < 3 or not node.input[2]:
-            problems.append(f"{label}: no zero point (it defaults to uint8)")
-        else:
-            zero_point = values.get(node.input[2])
-            if zero_point is None:
-                problems.append(f"{label}: zero point {node.input[2]!r} is not a constant")
-            else:
-                if zero_point.dtype != np.int8:
-                    problems.append(f"{label}: zero point is {zero_point.dtype}, not int8")
-                if np.any(zero_point != 0):
-                    problems.append(f"{label}: zero point is not 0 (asymmetric)")
-        scale = values.get(node.input[1])
+    nodes = {n.name: n for n in model.graph.node}
+    problems = [
+        f"FP32 MatMul {name!r} is not a MatMul/Gemm of the graph"
+        for name in sorted(keep)
+        if name not in nodes or nodes[name].op_type not in QUANTIZED_OPS
+    ]
+    for node in model.graph.node:
         if node.op_type == "QuantizeLinear":
-            source_type = types.get(node.input[0])
-            if source_type is not None and source_type not in _FLOAT_TYPES:
-                kind = TensorProto.DataType.Name(source_type).lower()
-                problems.append(f"{label}: quantizes {kind} tensor {node.input[0]!r}")
-            readers = consumers.get(node.output[0], [])
-            if not readers or node.output[0] in graph_outputs:
-                problems.append(f"{label}: output is not read by a DequantizeLinear")
-            for reader in readers:
-                if reader.op_type != "DequantizeLinear":
-                    problems.append(
-                        f"{label}: feeds {reader.op_type} {reader.name!r}, not DequantizeLinear"
-                    )
-            if scale is not None and scale.size != 1:
-                problems.append(f"{label}: activation scale is not per-tensor")
-            continue
-        # DequantizeLinear
-        source = node.input[0]
-        weight = values.get(source)
-        if weight is None:
-            upstream = producer.get(source)
-            if upstream is None or upstream.op_type != "QuantizeLinear":
-                problems.append(f"{label}: input {source!r} comes from no QuantizeLinear")
-            if scale is not None and scale.size != 1:
-                problems.append(f"{label}: activation scale is not per-tensor")
-            for reader in consumers.get(node.output[0], []):
-                if reader.op_type not in QUANTIZED_OPS:
-                    problems.append(
-                        f"{label}: read by {reader.op_type} {reader.name!r}; INT8 activations "
-                        "belong on the quantized MatMul inputs only"
-                    )
-            continue
-        if weight.dtype != np.int8:
-            problems.append(f"{label}: weight {source!r} is {weight.dtype}, not int8")
-        for reader in consumers.get(node.output[0], []):
-            if reader.op_type not in QUANTIZED_OPS or reader.input[1] != node.output[0]:
-                continue
-            axis = _weight_channel_axis(reader, weight.ndim)
-            attr_axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            attr_axis = attr_axis + weight.ndim if attr_axis < 0 else attr_axis
-            if scale is None or scale.ndim != 1 or scale.size == 1:
-                problems.append(f"{label}: weight scale of {reader.name!r} is not per-channel")
-            elif scale.size != weight.shape[axis] or attr_axis != axis:
-                problems.append(
-                    f"{label}: weight scale of {reader.name!r} is along axis {attr_axis} "
-                    f"({scale.size} values), not the output-channel axis {axis} "
-                    f"({weight.shape[axis]} channels)"
-                )
-    for node in graph.node:
-        if node.op_type not in QUANTIZED_OPS:
-            continue
-        label = f"{node.op_type} {node.name!r}"
-        operands = list(node.input[:2])
-        dequantized = [is_dq(name) for name in operands]
-        if node.name in keep:
-            if any(dequantized):
-                problems.append(f"{label} is listed FP32 but reads DequantizeLinear output")
-        elif not all(dequantized):
-            missing = [name for name, dq in zip(operands, dequantized, strict=True) if not dq]
-            problems.append(f"{label}: no DequantizeLinear on input(s) {missing}")
+            problems += _zero_point_problems(node, view) + _quantize_problems(node, view)
+        elif node.op_type == "DequantizeLinear":
+            problems += _zero_point_problems(node, view) + _dequantize_problems(node, view)
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            problems += _matmul_problems(node, view, keep)
     return problems
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return f"{node.op_type} {node.name!r}"
+
+
+def _zero_point_problems(node: onnx.NodeProto, view: _GraphView) -> list[str]:
+    """A Q/DQ node's zero point: a constant int8 0 (TensorRT's quantization is symmetric)."""
+    if len(node.input) < 3 or not node.input[2]:
+        return [f"{_label(node)}: no zero point (it defaults to uint8)"]
+    zero_point = view.values.get(node.input[2])
+    if zero_point is None:
+        return [f"{_label(node)}: zero point {node.input[2]!r} is not a constant"]
+    problems = []
+    if zero_point.dtype != np.int8:
+        problems.append(f"{_label(node)}: zero point is {zero_point.dtype}, not int8")
+    if np.any(zero_point != 0):
+        problems.append(f"{_label(node)}: zero point is not 0 (asymmetric)")
+    return problems
+
+
+def _quantize_problems(node: onnx.NodeProto, view: _GraphView) -> list[str]:
+    """A QuantizeLinear quantizes a float tensor per tensor, read by DequantizeLinear only."""
+    label, problems = _label(node), []
+    source_type = view.types.get(node.input[0])
+    if source_type is not None and source_type not in _FLOAT_TYPES:
+        kind = TensorProto.DataType.Name(source_type).lower()
+        problems.append(f"{label}: quantizes {kind} tensor {node.input[0]!r}")
+    readers = view.readers(node)
+    if not readers or node.output[0] in view.outputs:
+        problems.append(f"{label}: output is not read by a DequantizeLinear")
+    problems += [
+        f"{label}: feeds {reader.op_type} {reader.name!r}, not DequantizeLinear"
+        for reader in readers
+        if reader.op_type != "DequantizeLinear"
+    ]
+    scale = view.values.get(node.input[1])
+    if scale is not None and scale.size != 1:
+        problems.append(f"{label}: activation scale is not per-tensor")
+    return problems
+
+
+def _dequantize_problems(node: onnx.NodeProto, view: _GraphView) -> list[str]:
+    """An activation's DequantizeLinear (after a QuantizeLinear) is per tensor and feeds quantized
+    MatMul/Gemm only; a weight's reads int8 with its scale along the output channels."""
+    label, problems = _label(node), []
+    source = node.input[0]
+    scale = view.values.get(node.input[1])
+    weight = view.values.get(source)
+    if weight is None:
+        upstream = view.producer.get(source)
+        if upstream is None or upstream.op_type != "QuantizeLinear":
+            problems.append(f"{label}: input {source!r} comes from no QuantizeLinear")
+        if scale is not None and scale.size != 1:
+            problems.append(f"{label}: activation scale is not per-tensor")
+        return problems + [
+            f"{label}: read by {reader.op_type} {reader.name!r}; INT8 activations "
+            "belong on the quantized MatMul inputs only"
+            for reader in view.readers(node)
+            if reader.op_type not in QUANTIZED_OPS
+        ]
+    if weight.dtype != np.int8:
+        problems.append(f"{label}: weight {source!r} is {weight.dtype}, not int8")
+    for reader in view.readers(node):
+        if reader.op_type not in QUANTIZED_OPS or reader.input[1] != node.output[0]:
+            continue
+        axis = _weight_channel_axis(reader, weight.ndim)
+        attr_axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        attr_axis = attr_axis + weight.ndim if attr_axis < 0 else attr_axis
+        if scale is None or scale.ndim != 1 or scale.size == 1:
+            problems.append(f"{label}: weight scale of {reader.name!r} is not per-channel")
+        elif scale.size != weight.shape[axis] or attr_axis != axis:
+            problems.append(
+                f"{label}: weight scale of {reader.name!r} is along axis {attr_axis} "
+                f"({scale.size} values), not the output-channel axis {axis} "
+                f"({weight.shape[axis]} channels)"
+            )
+    return problems
+
+
+def _matmul_problems(node: onnx.NodeProto, view: _GraphView, keep: set[str]) -> list[str]:
+    """A quantized MatMul/Gemm reads DequantizeLinear on both inputs; an FP32 one on neither."""
+    operands = list(node.input[:2])
+    dequantized = [view.is_dequantized(name) for name in operands]
+    if node.name in keep:
+        if any(dequantized):
+            return [f"{_label(node)} is listed FP32 but reads DequantizeLinear output"]
+    elif not all(dequantized):
+        missing = [name for name, dq in zip(operands, dequantized, strict=True) if not dq]
+        return [f"{_label(node)}: no DequantizeLinear on input(s) {missing}"]
+    return []
 
 
 def qdq_model_problems(path: Path, tensorrt: bool = True) -> list[str]:
