@@ -34,7 +34,7 @@ from shopserve.client import (
 )
 from shopserve.client._cli import events_main, forget_main
 from shopserve.ensemble import store
-from shopserve.ensemble.personal import RecommendPipeline
+from shopserve.ensemble.personal import RecommendPipeline, snapshot_path
 from shopserve.ensemble.profile_store import PROFILE_STORE_ENV
 
 from shopserve.memory import process_tree
@@ -590,25 +590,26 @@ def small_personal_shop(instacart_files, built_repository, user_key_file, tmp_pa
     return items, events, ranker, folder / "shop"
 
 
-def _live_profile(location: str, user_id: str):
-    """A shopper's profile in a SQLite live store, read beside the server."""
+def _stored_profile(location, user_id: str):
+    """A shopper's profile in a SQLite profile file (a live store, or a build's snapshot), read
+    beside the server."""
     from shopserve.ensemble.profile_store import SqliteProfileStore
     from shopserve.ensemble.profiles import UserKeys
 
-    live = SqliteProfileStore(location, readonly=True)
+    stored = SqliteProfileStore(location, readonly=True)
     try:
-        return live.get(UserKeys.from_environment().key(user_id))
+        return stored.get(UserKeys.from_environment().key(user_id))
     finally:
-        live.close()
+        stored.close()
 
 
 def test_a_build_from_the_running_servers_exported_log_rolls_out_and_back(
     small_personal_shop, tmp_path, capsys
 ) -> None:
     """The release the docs describe, on a running server: export its event log, build version 2
-    from the shop's file and the export, roll out, back and out again, restart (on version 2). The events the build folded
-    are counted once, those sent after the export are replayed, and a shopper forgotten before the
-    export stays forgotten, keeping only what they sent after the erasure."""
+    from the shop's file and the export, roll out, back and out again, restart (on version 2).
+    The events the build folded count once, those sent after the export are replayed, and a
+    shopper forgotten before the export stays forgotten, keeping what they sent after it."""
     import csv
     import shutil
 
@@ -629,7 +630,7 @@ def test_a_build_from_the_running_servers_exported_log_rolls_out_and_back(
     def check(client, version: int) -> None:
         for shopper, product in bought.items():
             assert product in ids(client.recommend(shopper, top_k=10)), (shopper, version)
-            profile = _live_profile(live_location(server), shopper)
+            profile = _stored_profile(live_location(server), shopper)
             expected = {comeback: 1} if shopper == forgotten else {product: 5}
             assert {p: s.purchases for p, s in profile.items.items()} == expected, version
 
@@ -655,6 +656,10 @@ def test_a_build_from_the_running_servers_exported_log_rolls_out_and_back(
         assert run.returncode == 0, run.stderr[-3000:]
         manifest = json.loads((repository / store.MANIFEST_FILE).read_text())
         assert manifest["personalization"]["event_log"]["erased_shoppers"] == 1
+        snapshot = snapshot_path(repository, 2)  # what the build folded: the export, no more
+        assert set(_stored_profile(snapshot, forgotten).items) == {comeback}
+        assert set(_stored_profile(snapshot, before).items) == {bought[before]}
+        assert _stored_profile(snapshot, after) is None
         for version in (2, 1, 2):  # in place: the live store stays the one the server began with
             live = control.roll_to(repository, version)
             assert set(map(tuple, live.values())) == {(version,)}
