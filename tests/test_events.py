@@ -575,19 +575,25 @@ def test_a_release_while_events_stream_in_loses_no_event(
 
 
 @pytest.fixture(scope="module")
-def small_personal_shop(instacart_files, built_repository, user_key_file, tmp_path_factory):
-    """A small shop's first build (its files, and the repository at version 1)."""
+def small_personal_shop(
+    instacart_files, built_repository, personal_repository, user_key_file, tmp_path_factory
+):
+    """A small shop's first build: its files, the rankers it takes from the session's stores (no
+    training: the builds are about the event log), and the repository at version 1."""
     from test_recommend_gate import small_shop
 
     folder = tmp_path_factory.mktemp("export-release")
     items, events = small_shop(instacart_files, folder)
-    ranker = store.model_file(built_repository, store.RANKER)
+    rankers = (
+        "--ranker", store.model_file(built_repository, store.RANKER),
+        "--rec-ranker", store.model_file(personal_repository, store.REC_RANKER),
+    )  # fmt: skip
     run = export(
-        "build", "--catalogue", items, "--events", events, "--ranker", ranker,
+        "build", "--catalogue", items, "--events", events, *rankers,
         "--repository", folder / "shop",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    return items, events, ranker, folder / "shop"
+    return items, events, rankers, folder / "shop"
 
 
 def _stored_profile(location, user_id: str):
@@ -616,7 +622,7 @@ def test_a_build_from_the_running_servers_exported_log_rolls_out_and_back(
     from shopserve.cli import main
     from shopserve.rollout import Rollout
 
-    items, events, ranker, built = small_personal_shop
+    items, events, rankers, built = small_personal_shop
     repository = shutil.copytree(built, tmp_path / "shop")
     with events.open() as handle:
         rows = list(csv.DictReader(handle))
@@ -649,9 +655,8 @@ def test_a_build_from_the_running_servers_exported_log_rolls_out_and_back(
         assert "wrote 6 events and 1 erasures" in capsys.readouterr().out
         assert client.record_many([Event(after, bought[after], "purchase") for _ in range(5)]) == 5
         run = export(
-            "build", "--catalogue", items, "--events", events, "--events-log", log,
-            "--ranker", ranker, "--encoder-from", repository, "--repository", repository,
-            "--version", 2,
+            "build", "--catalogue", items, "--events", events, "--events-log", log, *rankers,
+            "--encoder-from", repository, "--repository", repository, "--version", 2,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr[-3000:]
         manifest = json.loads((repository / store.MANIFEST_FILE).read_text())
