@@ -31,13 +31,21 @@ def _redis_pid(url: str) -> int:
     return connect(url).info("server")["process_id"]
 
 
+def _until(condition, what: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {seconds:.0f} s for {what}")
+        time.sleep(0.05)
+
+
 def _until_personalised(client: SearchClient) -> None:
     """Personalised answers resume without a restart (within 20 s)."""
-    for _ in range(100):
-        if client.search(QUERY, top_k=10, user_id=SHOPPER, timeout=30).personalised:
-            return
-        time.sleep(0.2)
-    pytest.fail("personalised answers did not resume")
+    _until(
+        lambda: client.search(QUERY, top_k=10, user_id=SHOPPER, timeout=30).personalised,
+        "personalised answers to resume",
+        20.0,
+    )
 
 
 def test_search_degrades_and_recommend_refuses_while_redis_is_down(
@@ -87,14 +95,6 @@ def test_search_degrades_and_recommend_refuses_while_redis_is_down(
     log = (tmp_path / "serve" / "server.log").read_text(errors="replace")
     assert "answering a personalised search anonymously" in log
     assert "recommend refused (UNAVAILABLE, retryable)" in log
-
-
-def _until(condition, what: str, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {seconds:.0f} s for {what}")
-        time.sleep(0.05)
 
 
 def test_a_redis_killed_while_events_stream_in_keeps_every_acknowledged_event_once(

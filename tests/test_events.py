@@ -633,10 +633,10 @@ def test_a_build_from_the_running_servers_exported_log_rolls_out_and_back(
     before, after = f"{SHOPPER}-exported", f"{SHOPPER}-after-export"
     bought = {before: products[-3], after: products[-5], forgotten: comeback}
 
-    def check(client, version: int) -> None:
+    def check(client, live_store: str, version: int) -> None:
         for shopper, product in bought.items():
             assert product in ids(client.recommend(shopper, top_k=10)), (shopper, version)
-            profile = _stored_profile(live_location(server), shopper)
+            profile = _stored_profile(live_store, shopper)
             expected = {comeback: 1} if shopper == forgotten else {product: 5}
             assert {p: s.purchases for p, s in profile.items.items()} == expected, version
 
@@ -668,11 +668,11 @@ def test_a_build_from_the_running_servers_exported_log_rolls_out_and_back(
         for version in (2, 1, 2):  # in place: the live store stays the one the server began with
             live = control.roll_to(repository, version)
             assert set(map(tuple, live.values())) == {(version,)}
-            check(client, version)
+            check(client, live_location(server), version)
     with (  # a restart on version 2: its snapshot (which folded the export) and the log replayed
         start_server(repository, tmp_path / "work") as server,
         SearchClient(server.grpc_url, timeout=30) as client,
         Rollout(server.grpc_url, OPERATOR) as control,
     ):
         assert set(map(tuple, control.live_versions().values())) == {(2,)}
-        check(client, 2)
+        check(client, live_location(server), 2)
