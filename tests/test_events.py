@@ -34,7 +34,7 @@ from shopserve.client import (
 )
 from shopserve.client._cli import events_main, forget_main
 from shopserve.ensemble import store
-from shopserve.ensemble.personal import RecommendPipeline, snapshot_path
+from shopserve.ensemble.personal import RecommendPipeline, profile_namespace, snapshot_path
 from shopserve.ensemble.profile_store import PROFILE_STORE_ENV
 
 from shopserve.memory import process_tree
@@ -597,25 +597,36 @@ def small_personal_shop(
 
 
 def _stored_profile(location, user_id: str):
-    """A shopper's profile in a SQLite profile file (a live store, or a build's snapshot), read
-    beside the server."""
-    from shopserve.ensemble.profile_store import SqliteProfileStore
+    """A shopper's profile in a profile store (a live store, SQLite or a Redis namespace, or a
+    build's snapshot), read beside the server."""
+    from shopserve.ensemble.profile_store import open_store
     from shopserve.ensemble.profiles import UserKeys
 
-    stored = SqliteProfileStore(location, readonly=True)
+    stored = open_store(location, readonly=True)
     try:
         return stored.get(UserKeys.from_environment().key(user_id))
     finally:
         stored.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_a_build_from_the_running_servers_exported_log_rolls_out_and_back(
-    small_personal_shop, tmp_path, capsys
+    backend, small_personal_shop, tmp_path, capsys
 ) -> None:
     """The release the docs describe, on a running server: export its event log, build version 2
     from the shop's file and the export, roll out, back and out again, restart (on version 2).
     The events the build folded count once, those sent after the export are replayed, and a
-    shopper forgotten before the export stays forgotten, keeping what they sent after it."""
+    shopper forgotten before the export stays forgotten, keeping what they sent after it. On Redis
+    the restart seeds version 2's own namespace from its snapshot and the shop's log."""
+    with contextlib.ExitStack() as stack:
+        redis = None
+        if backend == "redis":  # a Redis of its own: the erasure is logged for the whole shop
+            (tmp_path / "redis").mkdir()
+            redis = stack.enter_context(running_redis(tmp_path / "redis"))
+        _release_from_an_exported_log(redis, small_personal_shop, tmp_path, capsys)
+
+
+def _release_from_an_exported_log(redis, small_personal_shop, tmp_path, capsys) -> None:
     import csv
     import shutil
 
@@ -640,8 +651,15 @@ def test_a_build_from_the_running_servers_exported_log_rolls_out_and_back(
             expected = {comeback: 1} if shopper == forgotten else {product: 5}
             assert {p: s.purchases for p, s in profile.items.items()} == expected, version
 
+    def live_store(server, started_on: int) -> str:
+        """Where the server keeps its live profiles: on Redis, the namespace of the version it
+        started on (kept for its life)."""
+        if redis is None:
+            return live_location(server)
+        return f"{redis}?namespace={profile_namespace(repository, started_on)}"
+
     with (
-        start_server(repository, tmp_path / "work") as server,
+        start_server(repository, tmp_path / "work", redis) as server,
         SearchClient(server.grpc_url, timeout=30, security=OPERATOR) as client,
         Rollout(server.grpc_url, OPERATOR) as control,
     ):
@@ -651,7 +669,7 @@ def test_a_build_from_the_running_servers_exported_log_rolls_out_and_back(
         assert client.forget(forgotten)
         assert client.record_many([Event(forgotten, comeback, "purchase")]) == 1
         log = tmp_path / "log.csv"
-        assert main(["events", "export", "--profile-store", live_location(server), str(log)]) == 0
+        assert main(["events", "export", "--profile-store", live_store(server, 1), str(log)]) == 0
         assert "wrote 6 events and 1 erasures" in capsys.readouterr().out
         assert client.record_many([Event(after, bought[after], "purchase") for _ in range(5)]) == 5
         run = export(
@@ -668,11 +686,11 @@ def test_a_build_from_the_running_servers_exported_log_rolls_out_and_back(
         for version in (2, 1, 2):  # in place: the live store stays the one the server began with
             live = control.roll_to(repository, version)
             assert set(map(tuple, live.values())) == {(version,)}
-            check(client, live_location(server), version)
+            check(client, live_store(server, 1), version)
     with (  # a restart on version 2: its snapshot (which folded the export) and the log replayed
-        start_server(repository, tmp_path / "work") as server,
+        start_server(repository, tmp_path / "work", redis) as server,
         SearchClient(server.grpc_url, timeout=30) as client,
         Rollout(server.grpc_url, OPERATOR) as control,
     ):
         assert set(map(tuple, control.live_versions().values())) == {(2,)}
-        check(client, live_location(server), 2)
+        check(client, live_store(server, 2), 2)
