@@ -248,44 +248,30 @@ def build_personalization(
     lines = timelines(events)
     users = list(lines)
     train_users, validation_users = split_users(events, lines, validation_fraction, seed)
-    # A transferred ranker is not trained here: only the first cut (the search weight's) is needed.
-    labels = TRAINING_LABELS[:1] if transferred_ranker else TRAINING_LABELS
-    train_cuts = [HistoryCut.of(catalogue, events, lines, n) for n in labels]
-    train_cut = train_cuts[0]
     held_out = HistoryCut.of(catalogue, events, lines, 1)
     tifu = choose_tifu(held_out, validation_users, dense)
     log.info("TIFU-KNN: k=%d, alpha=%g", tifu.k, tifu.alpha)
-    train_recs = [cut.recommender(dense, tifu.k, tifu.alpha) for cut in train_cuts]
-    train_rec = train_recs[0]
     held_out_rec = held_out.recommender(dense, tifu.k, tifu.alpha)
     rec_dir = writer.version_dir(store.REC_RANKER)
     learned = {False: rec_dir / LEARNED_FILE, True: rec_dir / LEARNED_NEW_ONLY_FILE}
-    cut_at = dict(zip(labels, zip(train_cuts, train_recs, strict=True), strict=True))
-    labels_of = {False: TRAINING_LABELS, True: NEW_ONLY_TRAINING_LABELS}
-    training = {
-        "new_only" if new_only else "ranker": _transferred(transferred_ranker, path)
-        if transferred_ranker
-        else learned_ranker(
-            [cut_at[n] for n in labels_of[new_only]], train_users, path, seed, new_only
-        )
-        for new_only, path in learned.items()
-    }
-    validation = held_out.cases(validation_users, held_out_rec)
-    selection = _gate(validation, held_out_rec, learned)
+    (train_cut, train_rec), training = _train_rankers(
+        lambda label: HistoryCut.of(catalogue, events, lines, label),
+        train_users,
+        tifu,
+        dense,
+        learned,
+        seed,
+        transferred_ranker,
+    )
+    selection = _gate(held_out.cases(validation_users, held_out_rec), held_out_rec, learned)
     rec_ranker = OnnxRanker(rec_dir / store.ONNX_FILE)
 
-    train_cases = train_cut.cases(train_users, train_rec)
     weight, weight_table, weight_queries = _fit_search_weight(
-        train_cases, catalogue, search, train_rec, rec_ranker
+        train_cut.cases(train_users, train_rec), catalogue, search, train_rec, rec_ranker
     )
     writer.set_parameter(store.SEARCH, PERSONAL_WEIGHT, f"{weight:g}")
     stored = _write_served_history(
-        HistoryCut.of(catalogue, events, lines, 0),
-        keys,
-        dense,
-        tifu,
-        writer,
-        event_log,
+        HistoryCut.of(catalogue, events, lines, 0), keys, dense, tifu, writer, event_log
     )
     evaluation_cases = held_out.cases(users, held_out_rec)
     evaluation = _evaluate(
@@ -296,18 +282,11 @@ def build_personalization(
         OnnxRanker(rec_dir / EXPLORE_FILE),
         selection["selected"],
     )
-    queries = basket_queries(evaluation_cases, catalogue)
-    if queries:
-        scored = score_queries(
-            queries,
-            search.embed,
-            search.retriever,
-            search.ranker,
-            held_out_rec,
-            rec_ranker,
-            desc="evaluate personalised search",
-        )
-        evaluation["personalised_search"] = evaluate_personal_search(scored, weight)
+    personalised_search = _evaluate_personalised_search(
+        evaluation_cases, catalogue, search, held_out_rec, rec_ranker, weight
+    )
+    if personalised_search is not None:
+        evaluation["personalised_search"] = personalised_search
     return {
         "events": len(events),
         "users": len(users),
@@ -327,6 +306,37 @@ def build_personalization(
         "search_weight": {"value": weight, "grid_ndcg10": weight_table, "queries": weight_queries},
         "evaluation": evaluation,
     }
+
+
+def _train_rankers(
+    cut_at: Callable[[int], HistoryCut],
+    train_users: Sequence[str],
+    tifu: TifuChoice,
+    dense: DenseIndex,
+    learned: Mapping[bool, Path],
+    seed: int,
+    transferred: Path | None,
+) -> tuple[tuple[HistoryCut, Recommender], dict]:
+    """Train (or take ``transferred``) the learned rankers into ``learned[new_only]``, from the
+    training shoppers' label baskets (the shop cut before each of TRAINING_LABELS); return the
+    first cut with its recommender (the search weight's) and each ranker's training record."""
+    # A transferred ranker is not trained here: only the first cut (the search weight's) is needed.
+    labels = TRAINING_LABELS[:1] if transferred else TRAINING_LABELS
+    cuts = [cut_at(label) for label in labels]
+    at_label = {
+        label: (cut, cut.recommender(dense, tifu.k, tifu.alpha))
+        for label, cut in zip(labels, cuts, strict=True)
+    }
+    labels_of = {False: TRAINING_LABELS, True: NEW_ONLY_TRAINING_LABELS}
+    training = {
+        "new_only" if new_only else "ranker": _transferred(transferred, path)
+        if transferred
+        else learned_ranker(
+            [at_label[n] for n in labels_of[new_only]], train_users, path, seed, new_only
+        )
+        for new_only, path in learned.items()
+    }
+    return at_label[TRAINING_LABELS[0]], training
 
 
 def _transferred(source: Path, destination: Path) -> dict:
@@ -455,3 +465,28 @@ def _evaluate(
             f"({recall20[best]}): the build stops rather than serve it"
         )
     return {"recommend": every, "recommend_validation_shoppers": gated}
+
+
+def _evaluate_personalised_search(
+    cases: Sequence[Case],
+    catalogue: CatalogueData,
+    search: SearchSide,
+    recommender: Recommender,
+    rec_ranker: OnnxRanker,
+    weight: float,
+) -> dict | None:
+    """Personalised search on the held-out baskets' queries at the fitted ``weight`` (None when
+    the baskets make no query)."""
+    queries = basket_queries(cases, catalogue)
+    if not queries:
+        return None
+    scored = score_queries(
+        queries,
+        search.embed,
+        search.retriever,
+        search.ranker,
+        recommender,
+        rec_ranker,
+        desc="evaluate personalised search",
+    )
+    return evaluate_personal_search(scored, weight)
