@@ -13,9 +13,11 @@ import pytest
 from conftest import ADMIN_KEY, start_server
 from shopserve.client import (
     AsyncSearchClient,
+    CatalogueApplied,
     Event,
     OverloadedError,
     PermissionDeniedError,
+    ProductChange,
     RequestTimeoutError,
     SearchClient,
     Security,
@@ -26,6 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 INFERENCE_KEY = "faces-inference-key-0123456789"
 SHOPPER = "7"
+NEW_PRODUCT = {"sync": 990_100_001, "async": 990_100_002}  # not in the catalogue
 
 
 class Face:
@@ -112,6 +115,22 @@ def test_both_clients_forget_with_the_operators_key(face) -> None:
     client.record(shopper, 196, "purchase")
     assert client.forget(shopper) is True
     assert client.forget(shopper) is False
+
+
+def test_both_clients_update_the_catalogue_once_with_the_operators_key(face) -> None:
+    """An update applies once (sent again under its id it is a duplicate), the next search finds
+    the product, and without the operator's key the update is refused."""
+    client = face(inference_key=INFERENCE_KEY, admin_key=ADMIN_KEY)
+    product, title = NEW_PRODUCT[client.kind], f"Quorvane {client.kind} rye crispbread"
+    change = [ProductChange(product, title, 2.5, True)]
+    assert client.update_catalogue(change, f"faces-{client.kind}") == CatalogueApplied(1, False)
+    assert client.update_catalogue(change, f"faces-{client.kind}") == CatalogueApplied(0, True)
+    assert ids(client.search(f"quorvane {client.kind} crispbread", top_k=3))[0] == product
+    without_key = face(inference_key=INFERENCE_KEY)
+    with pytest.raises(PermissionDeniedError, match="operator's key") as refused:
+        without_key.update_catalogue([ProductChange(product, "Another title")])
+    assert not refused.value.retryable
+    assert ids(client.search(f"quorvane {client.kind} crispbread", top_k=3))[0] == product
 
 
 @pytest.mark.parametrize("wrong", ["a-wrong-operator-key-000000", "clé-opérateur-fausse-ü"])
