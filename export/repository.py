@@ -4,17 +4,25 @@ A build writes into a staging folder beside the repository and moves the finishe
 when every step has passed, so a failed build leaves the repository as it was (and a new folder is
 not created at all). A repository folder that does not exist yet gets the shipped configs and
 adapters (the project's ``model_repository/``) as its templates.
+
+One build at a time writes into a repository: it holds a lock file beside it (``flock``, which the
+kernel releases when the build's process ends, however it ends). A build that takes the lock
+removes the staging folders of builds into the same repository that died before they finished
+(killed, out of memory).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import platform
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 from shopserve.ensemble import store
 
@@ -25,10 +33,12 @@ log = logging.getLogger("shopserve.export.repository")
 PYTHON_ADAPTER = "model.py"
 CONFIG_FILE = "config.pbtxt"
 TEMPLATES = Path(__file__).resolve().parents[1] / "model_repository"
+STAGE_MARKER = ".shopserve-build-stage"  # in every staging folder: only such folders are removed
 
 
 class RepositoryError(RuntimeError):
-    """The model repository is missing its source configs or adapters."""
+    """The model repository cannot be written: its source configs or adapters are missing, or
+    another build is writing into it."""
 
 
 def _source_of_configs(repository: Path, models: tuple[str, ...]) -> Path:
@@ -59,6 +69,32 @@ def _source_of_configs(repository: Path, models: tuple[str, ...]) -> Path:
     return TEMPLATES
 
 
+def _lock(repository: Path) -> IO[str]:
+    """Hold the repository's build lock (until the returned file is closed or the process ends);
+    another build holding it is an error."""
+    path = repository.parent / f".{repository.name}.build-lock"
+    handle = path.open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RepositoryError(
+            f"another build is writing into {repository} (it holds {path}): wait for it to "
+            "finish, or stop it"
+        ) from None
+    return handle
+
+
+def _remove_unfinished_stages(repository: Path) -> None:
+    """Remove the staging folders that builds into ``repository`` left when they died (only a
+    build holding the lock may call this: no other build is running)."""
+    named = re.compile(rf"\.{re.escape(repository.name)}\.v\d+\.")
+    for stage in repository.parent.iterdir():
+        if named.match(stage.name) and (stage / STAGE_MARKER).exists():
+            shutil.rmtree(stage)
+            log.warning("removed %s, left by a build of %s that did not finish", stage, repository)
+
+
 class RepositoryWriter:
     """Stages version ``version`` of every model; :meth:`commit` moves it into the repository.
 
@@ -73,11 +109,11 @@ class RepositoryWriter:
         self.models = models
         source = _source_of_configs(self.repository, models)
         self.repository.parent.mkdir(parents=True, exist_ok=True)
-        self.stage = Path(
-            tempfile.mkdtemp(
-                prefix=f".{self.repository.name}.v{version}.", dir=self.repository.parent
-            )
-        )
+        self._lock = _lock(self.repository)
+        _remove_unfinished_stages(self.repository)
+        stage_name = f".{self.repository.name}.v{version}."  # what a removal recognises
+        self.stage = Path(tempfile.mkdtemp(prefix=stage_name, dir=self.repository.parent))
+        (self.stage / STAGE_MARKER).touch()
         for model in models:
             (self.stage / model).mkdir()
             shutil.copy2(source / model / CONFIG_FILE, self.stage / model / CONFIG_FILE)
@@ -98,6 +134,7 @@ class RepositoryWriter:
         if self.stage.exists():
             shutil.rmtree(self.stage)
             log.info("build did not finish: %s left unchanged", self.repository)
+        self._lock.close()  # releases the lock
 
     def version_dir(self, model: str) -> Path:
         """The staged version directory of ``model``."""

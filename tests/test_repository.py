@@ -1,6 +1,13 @@
-"""The shipped model repository is a set of templates: a build never writes into it."""
+"""The shipped model repository is a set of templates: a build never writes into it. One build at
+a time writes into a repository, and one that died (kill -9) leaves it as it was."""
 
 from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import SOURCE_REPOSITORY
@@ -22,3 +29,50 @@ def test_a_new_folder_gets_the_templates(tmp_path) -> None:
         for model in store.MODELS:
             assert (writer.stage / model / "config.pbtxt").exists()
     assert not (tmp_path / "shop").exists()  # left without a commit: nothing written
+
+
+def test_a_second_build_into_one_repository_is_refused_while_the_first_runs(tmp_path) -> None:
+    with RepositoryWriter(tmp_path / "shop"):
+        with pytest.raises(RepositoryError, match="another build is writing into"):
+            RepositoryWriter(tmp_path / "shop")
+        with RepositoryWriter(tmp_path / "other-shop"):  # another repository: no conflict
+            pass
+    with RepositoryWriter(tmp_path / "shop"):  # the first has finished: the lock is free
+        pass
+
+
+def test_a_build_killed_with_kill_9_leaves_nothing_the_next_build_keeps(tmp_path, caplog) -> None:
+    """A build process killed mid-build holds the lock while it lives; once dead, the repository is
+    as it was (here: not created) and the next build removes its staging folder, and only that."""
+    repository = tmp_path / "shop"
+    unrelated = tmp_path / ".shop.venv"  # named like a stage, but not one
+    unrelated.mkdir()
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from shopserve.export.repository import RepositoryWriter; "
+            f"writer = RepositoryWriter(Path({str(repository)!r}), version=3); "
+            "print(writer.stage, flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stage = Path(child.stdout.readline().strip())
+        assert (stage / "search" / "3").is_dir()
+        with pytest.raises(RepositoryError, match="another build is writing into"):
+            RepositoryWriter(repository)
+    finally:
+        child.kill()
+        child.wait()
+    assert stage.is_dir() and not repository.exists()
+    with (
+        caplog.at_level(logging.WARNING, "shopserve.export.repository"),
+        RepositoryWriter(repository) as writer,
+    ):
+        assert not stage.exists() and unrelated.is_dir()
+        writer.commit({})
+    assert f"removed {stage}, left by a build of {repository} that did not finish" in caplog.text
+    assert json.loads((repository / store.MANIFEST_FILE).read_text())["version"] == 1
