@@ -31,7 +31,7 @@ from shopserve.ensemble.pipeline import load_tokenizer
 from tqdm.auto import tqdm
 
 from .index import EF_SEARCH_CHOICES, RECALL_DEPTH, IndexQualityError, exact_top
-from .repository import record_rewritten_files
+from .repository import record_rewritten_files, sole_writer
 
 log = logging.getLogger("shopserve.export.milvus")
 
@@ -227,23 +227,24 @@ def load_into_milvus(
 ) -> MilvusReport:
     """Load, check, and point retrieve version ``version`` (the newest) at the collection."""
     repository = Path(repository)
-    version_dir = store.version_dir(repository, store.RETRIEVE, version)
-    version = int(version_dir.name)
-    params = store.config_parameters(repository, store.RETRIEVE, version)
-    dense = DenseIndex.load(version_dir / store.DENSE_INDEX_FILE, int(params["ef_search"]))
-    collection = collection or default_collection(repository, version)
-    client = connect(uri)
-    started = time.perf_counter()
-    create_collection(client, collection, dense, replace)
-    insert_vectors(client, collection, dense.stored)
-    load_s = time.perf_counter() - started
-    log.info("loaded %d vectors into %s in %.1f s", dense.size, collection, load_s)
+    with sole_writer(repository):
+        version_dir = store.version_dir(repository, store.RETRIEVE, version)
+        version = int(version_dir.name)
+        params = store.config_parameters(repository, store.RETRIEVE, version)
+        dense = DenseIndex.load(version_dir / store.DENSE_INDEX_FILE, int(params["ef_search"]))
+        collection = collection or default_collection(repository, version)
+        client = connect(uri)
+        started = time.perf_counter()
+        create_collection(client, collection, dense, replace)
+        insert_vectors(client, collection, dense.stored)
+        load_s = time.perf_counter() - started
+        log.info("loaded %d vectors into %s in %.1f s", dense.size, collection, load_s)
 
-    milvus = MilvusIndex(client, collection, dense.size, dense.moments, dense.ef_search)
-    queries = recall_queries(repository, version, RECALL_QUERIES)
-    check = choose_ef_search(milvus, dense, queries)
-    point_at_collection(version_dir, uri, collection, dense, check.ef_search)
-    return MilvusReport(uri, collection, dense.size, round(load_s, 1), len(queries), check)
+        milvus = MilvusIndex(client, collection, dense.size, dense.moments, dense.ef_search)
+        queries = recall_queries(repository, version, RECALL_QUERIES)
+        check = choose_ef_search(milvus, dense, queries)
+        point_at_collection(version_dir, uri, collection, dense, check.ef_search)
+        return MilvusReport(uri, collection, dense.size, round(load_s, 1), len(queries), check)
 
 
 def point_at_collection(
@@ -275,8 +276,9 @@ def detach(repository: Path, version: int | None = None) -> Path:
         for key, value in store.fitted_parameters(version_dir).items()
         if key != "dense_backend" and not key.startswith("milvus_")
     }
-    store.write_fitted_parameters(version_dir, fitted)
-    (version_dir / MOMENTS_FILE).unlink(missing_ok=True)
-    record_rewritten_files(version_dir)
+    with sole_writer(repository):
+        store.write_fitted_parameters(version_dir, fitted)
+        (version_dir / MOMENTS_FILE).unlink(missing_ok=True)
+        record_rewritten_files(version_dir)
     log.info("%s retrieves from its FAISS index again", version_dir)
     return version_dir

@@ -5,10 +5,10 @@ when every step has passed, so a failed build leaves the repository as it was (a
 not created at all). A repository folder that does not exist yet gets the shipped configs and
 adapters (the project's ``model_repository/``) as its templates.
 
-One build at a time writes into a repository: it holds a lock file beside it (``flock``, which the
-kernel releases when the build's process ends, however it ends). A build that takes the lock
-removes the staging folders of builds into the same repository that died before they finished
-(killed, out of memory).
+One writer at a time (a build, ``milvus load`` or ``milvus detach``): it holds a lock file beside
+the repository (``flock``, which the kernel releases when the process ends, however it ends). A
+build that takes the lock removes the staging folders of builds into the same repository that died
+before they finished (killed, out of memory).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -70,8 +72,8 @@ def _source_of_configs(repository: Path, models: tuple[str, ...]) -> Path:
 
 
 def _lock(repository: Path) -> IO[str]:
-    """Hold the repository's build lock (until the returned file is closed or the process ends);
-    another build holding it is an error."""
+    """Hold the repository's writer lock (until the returned file is closed or the process ends);
+    another writer holding it is an error."""
     path = repository.parent / f".{repository.name}.build-lock"
     handle = path.open("a")
     try:
@@ -79,10 +81,20 @@ def _lock(repository: Path) -> IO[str]:
     except BlockingIOError:
         handle.close()
         raise RepositoryError(
-            f"another build is writing into {repository} (it holds {path}): wait for it to "
-            "finish, or stop it"
+            f"another process is writing into {repository} (a build, or a milvus load or detach: "
+            f"it holds {path}); wait for it to finish, or stop it"
         ) from None
     return handle
+
+
+@contextmanager
+def sole_writer(repository: Path) -> Iterator[None]:
+    """Write into a built ``repository`` (its files in place) as its only writer."""
+    handle = _lock(Path(repository))
+    try:
+        yield
+    finally:
+        handle.close()
 
 
 def _remove_unfinished_stages(repository: Path) -> None:

@@ -33,7 +33,7 @@ def test_a_new_folder_gets_the_templates(tmp_path) -> None:
 
 def test_a_second_build_into_one_repository_is_refused_while_the_first_runs(tmp_path) -> None:
     with RepositoryWriter(tmp_path / "shop"):
-        with pytest.raises(RepositoryError, match="another build is writing into"):
+        with pytest.raises(RepositoryError, match="another process is writing into"):
             RepositoryWriter(tmp_path / "shop")
         with RepositoryWriter(tmp_path / "other-shop"):  # another repository: no conflict
             pass
@@ -62,7 +62,7 @@ def test_a_build_killed_with_kill_9_leaves_nothing_the_next_build_keeps(tmp_path
     try:
         stage = Path(child.stdout.readline().strip())
         assert (stage / "search" / "3").is_dir()
-        with pytest.raises(RepositoryError, match="another build is writing into"):
+        with pytest.raises(RepositoryError, match="another process is writing into"):
             RepositoryWriter(repository)
     finally:
         child.kill()
@@ -76,3 +76,18 @@ def test_a_build_killed_with_kill_9_leaves_nothing_the_next_build_keeps(tmp_path
         writer.commit({})
     assert f"removed {stage}, left by a build of {repository} that did not finish" in caplog.text
     assert json.loads((repository / store.MANIFEST_FILE).read_text())["version"] == 1
+
+
+def test_milvus_detach_is_refused_while_a_build_writes(tmp_path) -> None:
+    """Tools that rewrite a built version in place take the same lock as a build."""
+    from shopserve.export import milvus
+
+    repository = tmp_path / "shop"
+    with RepositoryWriter(repository) as writer:
+        writer.commit({})
+    with (
+        RepositoryWriter(repository, version=2),
+        pytest.raises(RepositoryError, match="another process is writing into"),
+    ):
+        milvus.detach(repository, 1)
+    assert milvus.detach(repository, 1) == repository / store.RETRIEVE / "1"
