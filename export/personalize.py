@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from . import monotone
 from .data import CatalogueData, EventLog, EventsData, HashedIds
 from .evaluate_personal import (
+    ScoredQuery,
     evaluate_personal_search,
     evaluate_recommendations,
     fit_search_weight,
@@ -227,6 +228,26 @@ class SearchSide:
     ranker: Callable[[np.ndarray], np.ndarray]
     embed: Callable[[str], np.ndarray]
 
+    def score_baskets(
+        self,
+        cases: Sequence[Case],
+        catalogue: CatalogueData,
+        recommender: Recommender,
+        rec_ranker: OnnxRanker,
+        purpose: str,
+    ) -> list[ScoredQuery]:
+        """Each case's label basket as queries (its aisles), their candidates scored by the search
+        ranker and by ``rec_ranker`` for the shopper (``purpose`` names the progress bar)."""
+        return score_queries(
+            basket_queries(cases, catalogue),
+            self.embed,
+            self.retriever,
+            self.ranker,
+            recommender,
+            rec_ranker,
+            desc=f"{purpose} personalised search",
+        )
+
 
 def build_personalization(
     catalogue: CatalogueData,
@@ -396,19 +417,10 @@ def _fit_search_weight(
     rec_ranker: OnnxRanker,
 ) -> tuple[float, dict, int]:
     """The personalised-search weight, fitted on the training shoppers' label baskets."""
-    queries = basket_queries(cases, catalogue)
-    if not queries:
+    scored = search.score_baskets(cases, catalogue, recommender, rec_ranker, "fit")
+    if not scored:
         return SEARCH_WEIGHT_GRID[0], {}, 0
-    scored = score_queries(
-        queries,
-        search.embed,
-        search.retriever,
-        search.ranker,
-        recommender,
-        rec_ranker,
-        desc="fit personalised search",
-    )
-    return (*fit_search_weight(scored, SEARCH_WEIGHT_GRID), len(queries))
+    return (*fit_search_weight(scored, SEARCH_WEIGHT_GRID), len(scored))
 
 
 def _write_served_history(
@@ -477,16 +489,5 @@ def _evaluate_personalised_search(
 ) -> dict | None:
     """Personalised search on the held-out baskets' queries at the fitted ``weight`` (None when
     the baskets make no query)."""
-    queries = basket_queries(cases, catalogue)
-    if not queries:
-        return None
-    scored = score_queries(
-        queries,
-        search.embed,
-        search.retriever,
-        search.ranker,
-        recommender,
-        rec_ranker,
-        desc="evaluate personalised search",
-    )
-    return evaluate_personal_search(scored, weight)
+    scored = search.score_baskets(cases, catalogue, recommender, rec_ranker, "evaluate")
+    return evaluate_personal_search(scored, weight) if scored else None
