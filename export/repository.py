@@ -6,9 +6,9 @@ not created at all). A repository folder that does not exist yet gets the shippe
 adapters (the project's ``model_repository/``) as its templates.
 
 One writer at a time (a build, ``milvus load`` or ``milvus detach``): it holds a lock file beside
-the repository (``flock``, which the kernel releases when the process ends, however it ends). A
-build that takes the lock removes the staging folders of builds into the same repository that died
-before they finished (killed, out of memory).
+the repository while it runs (``flock``, which the kernel releases when the process ends, however it
+ends; a writer that finishes removes the file). A build that takes the lock removes the staging
+folders of builds into the same repository that died before they finished (killed, out of memory).
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 import platform
 import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
@@ -71,20 +72,35 @@ def _source_of_configs(repository: Path, models: tuple[str, ...]) -> Path:
     return TEMPLATES
 
 
+def _lock_file(repository: Path) -> Path:
+    return repository.parent / f".{repository.name}.build-lock"
+
+
 def _lock(repository: Path) -> IO[str]:
-    """Hold the repository's writer lock (until the returned file is closed or the process ends);
-    another writer holding it is an error."""
-    path = repository.parent / f".{repository.name}.build-lock"
-    handle = path.open("a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    """Hold the repository's writer lock (until :func:`_unlock`, or the process's end); another
+    writer holding it is an error."""
+    path = _lock_file(repository)
+    while True:
+        handle = path.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise RepositoryError(
+                f"another process is writing into {repository} (a build, or a milvus load or "
+                f"detach: it holds {path}); wait for it to finish, or stop it"
+            ) from None
+        # A writer that finished removes the file, so the one locked here may be gone already.
+        with suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
         handle.close()
-        raise RepositoryError(
-            f"another process is writing into {repository} (a build, or a milvus load or detach: "
-            f"it holds {path}); wait for it to finish, or stop it"
-        ) from None
-    return handle
+
+
+def _unlock(repository: Path, handle: IO[str]) -> None:
+    """Release the lock and remove its file (while still held, so the next writer locks a new one)."""
+    _lock_file(repository).unlink(missing_ok=True)
+    handle.close()
 
 
 @contextmanager
@@ -94,7 +110,7 @@ def sole_writer(repository: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        handle.close()
+        _unlock(Path(repository), handle)
 
 
 def _remove_unfinished_stages(repository: Path) -> None:
@@ -122,22 +138,32 @@ class RepositoryWriter:
         source = _source_of_configs(self.repository, models)
         self.repository.parent.mkdir(parents=True, exist_ok=True)
         self._lock = _lock(self.repository)
+        try:
+            self.stage = self._stage(source)
+        except BaseException:
+            _unlock(self.repository, self._lock)
+            raise
+
+    def _stage(self, source: Path) -> Path:
+        """A new staging folder with the configs and adapters of every model (and the folders a
+        dead build left, removed)."""
         _remove_unfinished_stages(self.repository)
-        stage_name = f".{self.repository.name}.v{version}."  # what a removal recognises
-        self.stage = Path(tempfile.mkdtemp(prefix=stage_name, dir=self.repository.parent))
-        (self.stage / STAGE_MARKER).touch()
-        for model in models:
-            (self.stage / model).mkdir()
-            shutil.copy2(source / model / CONFIG_FILE, self.stage / model / CONFIG_FILE)
+        stage_name = f".{self.repository.name}.v{self.version}."  # what a removal recognises
+        stage = Path(tempfile.mkdtemp(prefix=stage_name, dir=self.repository.parent))
+        (stage / STAGE_MARKER).touch()
+        for model in self.models:
+            (stage / model).mkdir()
+            shutil.copy2(source / model / CONFIG_FILE, stage / model / CONFIG_FILE)
             adapters = [
                 v / PYTHON_ADAPTER
                 for v in store.version_dirs(source, model)
                 if (v / PYTHON_ADAPTER).exists()
             ]
-            directory = self.stage / model / str(version)
+            directory = stage / model / str(self.version)
             directory.mkdir()
             if adapters:  # the oldest version's adapter is the source one
                 shutil.copy2(adapters[0], directory / PYTHON_ADAPTER)
+        return stage
 
     def __enter__(self) -> RepositoryWriter:
         return self
@@ -146,7 +172,7 @@ class RepositoryWriter:
         if self.stage.exists():
             shutil.rmtree(self.stage)
             log.info("build did not finish: %s left unchanged", self.repository)
-        self._lock.close()  # releases the lock
+        _unlock(self.repository, self._lock)
 
     def version_dir(self, model: str) -> Path:
         """The staged version directory of ``model``."""

@@ -39,6 +39,7 @@ def test_a_second_build_into_one_repository_is_refused_while_the_first_runs(tmp_
             pass
     with RepositoryWriter(tmp_path / "shop"):  # the first has finished: the lock is free
         pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no stage, no lock file left
 
 
 def test_a_build_killed_with_kill_9_leaves_nothing_the_next_build_keeps(tmp_path, caplog) -> None:
@@ -68,6 +69,7 @@ def test_a_build_killed_with_kill_9_leaves_nothing_the_next_build_keeps(tmp_path
         child.kill()
         child.wait()
     assert stage.is_dir() and not repository.exists()
+    assert (tmp_path / ".shop.build-lock").exists()  # a killed writer cannot remove it
     with (
         caplog.at_level(logging.WARNING, "shopserve.export.repository"),
         RepositoryWriter(repository) as writer,
@@ -76,6 +78,7 @@ def test_a_build_killed_with_kill_9_leaves_nothing_the_next_build_keeps(tmp_path
         writer.commit({})
     assert f"removed {stage}, left by a build of {repository} that did not finish" in caplog.text
     assert json.loads((repository / store.MANIFEST_FILE).read_text())["version"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shop.venv", "shop"]
 
 
 def test_milvus_detach_is_refused_while_a_build_writes(tmp_path) -> None:
