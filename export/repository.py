@@ -106,11 +106,12 @@ def _unlock(repository: Path, handle: IO[str]) -> None:
 @contextmanager
 def sole_writer(repository: Path) -> Iterator[None]:
     """Write into a built ``repository`` (its files in place) as its only writer."""
-    handle = _lock(Path(repository))
+    repository = Path(repository)
+    handle = _lock(repository)
     try:
         yield
     finally:
-        _unlock(Path(repository), handle)
+        _unlock(repository, handle)
 
 
 def _remove_unfinished_stages(repository: Path) -> None:
