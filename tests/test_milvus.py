@@ -134,11 +134,13 @@ def test_a_filtered_search_on_milvus_keeps_to_the_allowed_rows(
     milvus_store, built_repository, dev_embeddings, share
 ):
     """A few allowed rows go to Milvus as ``row in [...]``, most as ``row not in [...]``: only
-    allowed rows come back, and as many of the exact filtered top-100 as FAISS finds."""
+    allowed rows come back, and as many of the exact filtered top-100 as FAISS finds. All 40
+    queries: on 20, one build's first block fell 0.014 short at a 97 % share while 200 queries
+    put the two 0.0015 apart (Milvus 0.9847, FAISS 0.9862)."""
     milvus, faiss = served_dense(milvus_store[0]), served_dense(built_repository)
     allowed = np.random.default_rng(5).random(faiss.size) < share
     recalls: dict[str, list[float]] = {"milvus": [], "faiss": []}
-    for query in dev_embeddings[:20]:
+    for query in dev_embeddings:
         truth = np.flatnonzero(allowed)[exact_top(faiss.stored[allowed], query[None, :], 100)[0]]
         for name, index in (("milvus", milvus), ("faiss", faiss)):
             found = index.search_within(query, 100, allowed)
