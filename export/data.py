@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from shopserve.ensemble.events import event_key
+from shopserve.ensemble.events import MAX_FUTURE_S, event_key
 from shopserve.ensemble.profile_store import ERASED_EVENT
 from shopserve.ensemble.profiles import EVENT_TYPES
 
@@ -44,17 +45,68 @@ def _read_rows(path: Path, aliases: dict[str, str], required: tuple[str, ...]) -
             import pyarrow.parquet as pq
         except ImportError as exc:
             raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from exc
-        rows = pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
+        columns, rows = table.column_names, table.to_pylist()
     elif path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+        # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
     else:
         raise DataError(f"{path}: expected a .csv or .parquet file")
-    rows = [{aliases.get(k, k): v for k, v in row.items()} for row in rows]
-    missing = [c for c in required if rows and c not in rows[0]]
-    if not rows or missing:
-        raise DataError(f"{path}: missing columns {missing or list(required)}")
-    return rows
+    missing = [c for c in required if c not in {aliases.get(k, k) for k in columns}]
+    if missing:
+        raise DataError(f"{path}: missing columns {missing} (it has {columns})")
+    if not rows:
+        raise DataError(f"{path} has no rows")
+    return [{aliases.get(k, k): v for k, v in row.items()} for row in rows]
+
+
+_REPORTED_BAD_ROWS = 5
+
+
+class RowProblems:
+    """Bad rows of an input file by kind of problem: one error names the first rows of each kind
+    and how many rows have it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.found: dict[str, list[str]] = {}
+
+    def add(self, problem: str, line: int, value: object) -> None:
+        self.found.setdefault(problem, []).append(f"row {line}: {value!r}")
+
+    def check(self, problem: str, bad: bool, line: int, value: object) -> None:
+        if bad:
+            self.add(problem, line, value)
+
+    def raise_any(self) -> None:
+        if self.found:
+            raise DataError(
+                f"{self.path}: "
+                + "; ".join(
+                    f"{len(bad)} rows with {problem} (first: {', '.join(bad[:_REPORTED_BAD_ROWS])})"
+                    for problem, bad in self.found.items()
+                )
+            )
+
+
+def _integer(value: object) -> int | None:
+    """``value`` as an int64, or None."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        return None
+    return number if -(2**63) <= number < 2**63 else None
+
+
+def _finite(value: object) -> float | None:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return None
+    return number if np.isfinite(number) else None
 
 
 @dataclass(frozen=True)
@@ -98,15 +150,23 @@ class Judgments:
 
 def load_catalogue(path: Path) -> CatalogueData:
     rows = _read_rows(path, CATALOGUE_ALIASES, ("product_id", "title"))
-    try:
-        ids = np.array([int(r["product_id"]) for r in rows], dtype=np.int64)
-    except ValueError as exc:
-        raise DataError(f"{path}: product_id must be an integer ({exc})") from exc
-    if len(np.unique(ids)) != len(ids):
-        raise DataError(f"{path}: product_id values are not unique")
-    titles = [str(r["title"] or "").strip() for r in rows]
+    problems = RowProblems(path)
+    ids, titles, first_line = [], [], {}
+    for line, row in enumerate(rows, start=2):
+        product, title = _integer(row["product_id"]), str(row["title"] or "").strip()
+        problems.check(
+            "a product_id that is not a 64-bit integer", product is None, line, row["product_id"]
+        )
+        problems.check("an empty title", not title, line, row["title"])
+        if product is not None and first_line.setdefault(product, line) != line:
+            problems.add(
+                f"a product_id already given (on row {first_line[product]})", line, product
+            )
+        ids.append(product or 0)
+        titles.append(title)
+    problems.raise_any()
     extra = {c: [r[c] for r in rows] for c in OPTIONAL_CATALOGUE_COLUMNS if c in rows[0]}
-    return CatalogueData(ids, titles, extra)
+    return CatalogueData(np.array(ids, dtype=np.int64), titles, extra)
 
 
 UPDATED_COLUMNS = ("category", "price", "in_stock")  # what a catalogue update sets besides title
@@ -165,16 +225,29 @@ def fold_catalogue_updates(catalogue: CatalogueData, path: Path) -> tuple[Catalo
 def load_judgments(path: Path, catalogue: CatalogueData) -> Judgments:
     rows = _read_rows(path, JUDGMENT_ALIASES, ("query", "product_id", "relevance"))
     known = set(catalogue.product_ids.tolist())
+    problems = RowProblems(path)
     by_query: OrderedDict[str, dict[int, float]] = OrderedDict()
-    for row in rows:
-        query, pid = str(row["query"]).strip(), int(row["product_id"])
-        if not query:
-            continue
-        if pid not in known:
-            raise DataError(f"{path}: product_id {pid} is not in the catalogue")
-        by_query.setdefault(query, {})[pid] = float(row["relevance"])
-    min_relevance = min(r for grades in by_query.values() for r in grades.values())
-    return Judgments(by_query, min_relevance)
+    for line, row in enumerate(rows, start=2):
+        query, pid = str(row["query"] or "").strip(), _integer(row["product_id"])
+        relevance = _finite(row["relevance"])
+        problems.check(
+            "a product_id not in the catalogue", pid not in known, line, row["product_id"]
+        )
+        problems.check(
+            "a relevance that is not a number", relevance is None, line, row["relevance"]
+        )
+        if query and pid in known and relevance is not None:
+            by_query.setdefault(query, {})[pid] = relevance
+    problems.raise_any()
+    if not by_query:
+        raise DataError(f"{path}: every query is empty")
+    grades = {r for judged in by_query.values() for r in judged.values()}
+    if len(grades) < 2:
+        raise DataError(
+            f"{path}: every relevance is {grades.pop():g}; nDCG needs at least two grades (the "
+            "lowest is no gain)"
+        )
+    return Judgments(by_query, min(grades))
 
 
 def split_queries(
@@ -246,9 +319,6 @@ def parse_timestamp(value: object) -> float:
     return parsed.timestamp()
 
 
-_REPORTED_BAD_ROWS = 5
-
-
 def load_events(path: Path, catalogue: CatalogueData) -> EventsData:
     """Read and validate an events file; each kind of problem names its first rows and its count."""
     rows = _read_rows(path, {}, ("user_id", "product_id", "timestamp", "event"))
@@ -266,14 +336,12 @@ def _events(
     ``event_column`` the event) as EventsData, sorted by (shopper, time)."""
     known = set(catalogue.product_ids.tolist())
     kinds = {name: i for i, name in enumerate(EVENT_TYPES)}
-    problems: dict[str, list[str]] = {}
+    problems = RowProblems(path)
+    horizon = time.time() + MAX_FUTURE_S
     parsed = []
     for line, row in rows:
         user = str(row[id_column] or "").strip()
-        try:
-            product = int(row["product_id"])
-        except (TypeError, ValueError):
-            product = None
+        product = _integer(row["product_id"])
         try:
             when = parse_timestamp(row["timestamp"])
         except (TypeError, ValueError):
@@ -281,12 +349,16 @@ def _events(
         kind = kinds.get(str(row["event"]).strip())
         for problem, bad, value in (
             (f"an empty {id_column}", not user, row[id_column]),
-            ("unknown product ids", product is None or product not in known, row["product_id"]),
+            ("unknown product ids", product not in known, row["product_id"]),
             ("unparseable timestamps", when is None, row["timestamp"]),
+            (
+                "timestamps before the epoch or over a day ahead (seconds, not milliseconds)",
+                when is not None and not 0 <= when <= horizon,
+                row["timestamp"],
+            ),
             (f"unknown event types (known: {', '.join(EVENT_TYPES)})", kind is None, row["event"]),
         ):
-            if bad:
-                problems.setdefault(problem, []).append(f"row {line}: {value!r}")
+            problems.check(problem, bad, line, value)
         parsed.append(
             (
                 user,
@@ -297,14 +369,7 @@ def _events(
                 str(row.get(event_column) or ""),
             )
         )
-    if problems:
-        raise DataError(
-            f"{path}: "
-            + "; ".join(
-                f"{len(bad)} rows with {problem} (first: {', '.join(bad[:_REPORTED_BAD_ROWS])})"
-                for problem, bad in problems.items()
-            )
-        )
+    problems.raise_any()
     return _sorted_events(parsed)
 
 

@@ -52,6 +52,7 @@ def test_bad_events_name_their_first_rows_and_count(tmp_path) -> None:
     path = tmp_path / "events.csv"
     rows = ["u1,1,10,purchase,"] + [f"u1,{900 + i},10,purchase," for i in range(7)]
     rows += ["u2,1,yesterday,view,", "u3,1,10,like,", ",1,10,view,"]
+    rows += ["u4,1,nan,view,", "u4,1,-5,view,", "u4,1,1700000000000,view,"]
     write(path, rows)
     with pytest.raises(DataError) as error:
         load_events(path, CATALOGUE)
@@ -61,6 +62,11 @@ def test_bad_events_name_their_first_rows_and_count(tmp_path) -> None:
     assert "1 rows with unparseable timestamps (first: row 10: 'yesterday')" in message
     assert "1 rows with unknown event types" in message and "row 11: 'like'" in message
     assert "1 rows with an empty user_id (first: row 12" in message
+    # what the server would refuse as an event's time: not a number of seconds since the epoch
+    assert (
+        "3 rows with timestamps before the epoch or over a day ahead (seconds, not milliseconds) "
+        "(first: row 13: 'nan', row 14: '-5', row 15: '1700000000000')"
+    ) in message
 
 
 def test_a_profile_folds_baskets_and_carts() -> None:

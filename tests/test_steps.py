@@ -385,10 +385,50 @@ def test_generic_catalogue_format_and_split(tmp_path) -> None:
     judgments = load_judgments(judgments_file, catalogue)
     assert judgments.queries == ["drill", "saw"] and judgments.gains("drill") == {1: 2.0, 2: 0.0}
     judgments_file.write_text("query,product_id,relevance\ndrill,99,3\n")
-    with pytest.raises(DataError, match="99 is not in the catalogue"):
+    with pytest.raises(DataError, match="a product_id not in the catalogue \\(first: row 2: '99'"):
         load_judgments(judgments_file, catalogue)
     with pytest.raises(DataError, match="missing columns"):
         load_catalogue(judgments_file)
+
+
+def test_a_spreadsheets_csv_reads_and_bad_rows_are_named(tmp_path) -> None:
+    """A byte-order mark before the header is not part of a column name; a file of a header alone,
+    empty titles, repeated or out-of-range ids, unreadable grades and a single grade each stop the
+    build with the rows they are on."""
+    path = tmp_path / "items.csv"
+    path.write_bytes("\ufeffproduct_id,title\n1,Drill\n2,Saw\n".encode())
+    catalogue = load_catalogue(path)
+    assert catalogue.product_ids.tolist() == [1, 2]
+    path.write_text("product_id,title\n")
+    with pytest.raises(DataError, match="has no rows"):
+        load_catalogue(path)
+    path.write_text(
+        "product_id,title\n1,Drill\n2, \n1,Saw\nSKU-1,Hammer\n99999999999999999999,Nail\n"
+    )
+    with pytest.raises(DataError) as error:
+        load_catalogue(path)
+    assert "1 rows with an empty title (first: row 3: ' ')" in str(error.value)
+    assert "1 rows with a product_id already given (on row 2) (first: row 4: 1)" in str(error.value)
+    assert (
+        "2 rows with a product_id that is not a 64-bit integer (first: row 5: 'SKU-1', row 6"
+        in (str(error.value))
+    )
+    judged = tmp_path / "judged.csv"
+    judged.write_text("query,product_id,relevance\ndrill,1,high\ndrill,2,\nsaw,SKU-1,1\n")
+    with pytest.raises(DataError) as error:
+        load_judgments(judged, catalogue)
+    assert "2 rows with a relevance that is not a number (first: row 2: 'high', row 3: '')" in (
+        str(error.value)
+    )
+    assert "1 rows with a product_id not in the catalogue (first: row 4: 'SKU-1')" in str(
+        error.value
+    )
+    judged.write_text("query,product_id,relevance\ndrill,1,2\nsaw,2,2\n")
+    with pytest.raises(DataError, match="every relevance is 2; nDCG needs at least two grades"):
+        load_judgments(judged, catalogue)
+    judged.write_text("query,product_id,relevance\n ,1,2\n,2,1\n")
+    with pytest.raises(DataError, match="every query is empty"):
+        load_judgments(judged, catalogue)
 
 
 def test_parquet_catalogue_reads_like_csv(tmp_path) -> None:
