@@ -158,6 +158,8 @@ class ShopperVectors:
         if user_key and at < len(self.keys) and self.keys[at] == user_key:
             distances[at] = np.inf
         count = min(self.k, int(np.isfinite(distances).sum()))
+        if count == 0:  # the shopper is the only one
+            return np.zeros(0, dtype=np.int64)
         if count < len(distances):  # the k smallest, then an exact order among them
             candidates = np.argpartition(distances, count - 1)[:count]
             bound = distances[candidates].max()

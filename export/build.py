@@ -58,7 +58,7 @@ from .index import (
 )
 from .lexical import build_lexical_index
 from .personalize import SearchSide, build_personalization
-from .quantize import accuracy_gate
+from .quantize import MIN_GATE_TEXTS, accuracy_gate
 from .ranker import (
     FUSION,
     LEARNED,
@@ -433,7 +433,31 @@ class _Split:
         if not judgments:
             return cls([], [], None)
         train, dev = split_queries(judgments.queries, options.dev_fraction, options.seed)
+        if not train or not dev:
+            raise BuildError(
+                f"{len(judgments)} judged queries split into {len(train)} for training and "
+                f"{len(dev)} for evaluation (--dev-fraction {options.dev_fraction:g}); each part "
+                "needs at least one: judge more queries, or build with --no-judgments"
+            )
         return cls(train, dev, judgments.subset(dev))
+
+
+def _check_encoder_texts(
+    options: BuildOptions, inputs: _Inputs, gate_texts: list[str], calibration: list[str]
+) -> None:
+    """Stop a build whose catalogue and judged queries are too few to quantize and gate an INT8
+    encoder, before any minutes are spent on it."""
+    calibration_needed = 0 if options.encoder_from else CALIBRATION_TEXTS + SELECTION_TEXTS
+    if len(gate_texts) >= MIN_GATE_TEXTS and len(calibration) >= calibration_needed:
+        return
+    queries = len(inputs.judgments) if inputs.judgments else 0
+    raise BuildError(
+        f"too few texts for the INT8 encoder: its accuracy gate needs {MIN_GATE_TEXTS} real "
+        f"texts (titles and judged queries) and its calibration {calibration_needed} others, but "
+        f"{len(inputs.catalogue)} titles and {queries} judged queries give {len(gate_texts)} and "
+        f"{len(calibration)}. A catalogue of at least {MIN_GATE_TEXTS + calibration_needed} "
+        "products builds; judged queries count towards it"
+    )
 
 
 def _encoder_step(
@@ -456,11 +480,13 @@ def _encoder_step(
     # Half queries where there are enough of them; titles make up the rest.
     query_texts = _sample(queries, options.gate_texts // 2, rng)
     gate_texts = _sample(catalogue.titles, options.gate_texts - len(query_texts), rng) + query_texts
+    gate_set = set(gate_texts)
+    calibration = [t for t in catalogue.titles + split.train_queries if t not in gate_set]
+    _check_encoder_texts(options, inputs, gate_texts, calibration)
     if options.encoder_from is not None:
         with timer.step("reuse encoder"):
             record = _reuse_encoder(options, encoder_dir)
     else:
-        gate_set = set(gate_texts)
         record = _make_encoder(
             options,
             timer,
@@ -471,7 +497,7 @@ def _encoder_step(
                 catalogue,
                 lexical,
                 validation,
-                [t for t in catalogue.titles + split.train_queries if t not in gate_set],
+                calibration,
             ),
             rng,
         )

@@ -56,6 +56,7 @@ from .evaluate_personal import (
 from .history import (
     Case,
     HistoryCut,
+    Timeline,
     basket_queries,
     bought_before,
     recall,
@@ -97,6 +98,10 @@ REC_EPOCHS, REC_LEARNING_RATE, REC_BATCH = 80, 0.01, 32
 
 class RecommendationGateError(RuntimeError):
     """What the build would serve scores below the baseline it reports."""
+
+
+class ThinHistoryError(RuntimeError):
+    """The events hold too few repeat shoppers to train, gate and evaluate recommendations."""
 
 
 TIFU_WEIGHTS = {"tifu_knn": 1.0}  # TIFU-KNN served alone, with the parameters the build chose
@@ -178,6 +183,25 @@ def choose_tifu(cut: HistoryCut, users: Sequence[str], dense: DenseIndex) -> Tif
     return TifuChoice(best[1], best[2], table)
 
 
+def _check_history(
+    lines: Mapping[str, Timeline], train_users: Sequence[str], validation_users: Sequence[str]
+) -> None:
+    """Stop a build whose shoppers leave the learned ranker nothing to learn from (a training
+    shopper needs a basket before their first label basket) or its gate nothing to compare on (a
+    validation shopper needs a basket before their last)."""
+    training = sum(lines[u].baskets > TRAINING_LABELS[0] for u in train_users)
+    validation = sum(lines[u].baskets > 1 for u in validation_users)
+    if training and validation:
+        return
+    raise ThinHistoryError(
+        f"too little purchase history for recommendations: of {len(lines)} shoppers, "
+        f"{training} of the {len(train_users)} training shoppers have more than "
+        f"{TRAINING_LABELS[0]} purchase baskets and {validation} of the {len(validation_users)} "
+        "validation shoppers more than 1; each part needs at least one. Build without --events "
+        "until the log holds repeat purchases"
+    )
+
+
 def learned_ranker(
     cuts: Sequence[tuple[HistoryCut, Recommender]],
     users: Sequence[str],
@@ -187,14 +211,18 @@ def learned_ranker(
 ) -> dict:
     """Train the monotone recommendation ranker on ``users``' baskets at each cut (with
     ``new_only``, the ranker of NEW_ONLY answers); its report."""
-    lists = monotone.TrainingLists.pad(
-        [
-            one
-            for cut, recommender in cuts
-            for one in training_lists(cut.cases(users, recommender), recommender, new_only)
-        ],
-        len(REC_FEATURE_NAMES),
-    )
+    cases = [
+        one
+        for cut, recommender in cuts
+        for one in training_lists(cut.cases(users, recommender), recommender, new_only)
+    ]
+    if not cases:
+        raise ThinHistoryError(
+            "no training shopper's label basket holds a "
+            + ("product new to them among its candidates" if new_only else "candidate")
+            + f": the {'NEW_ONLY' if new_only else 'recommendation'} ranker has nothing to learn from"
+        )
+    lists = monotone.TrainingLists.pad(cases, len(REC_FEATURE_NAMES))
     model, loss = monotone.train(
         lists,
         REC_SPECS,
@@ -269,6 +297,7 @@ def build_personalization(
     lines = timelines(events)
     users = list(lines)
     train_users, validation_users = split_users(events, lines, validation_fraction, seed)
+    _check_history(lines, train_users, validation_users)
     held_out = HistoryCut.of(catalogue, events, lines, 1)
     tifu = choose_tifu(held_out, validation_users, dense)
     log.info("TIFU-KNN: k=%d, alpha=%g", tifu.k, tifu.alpha)

@@ -49,6 +49,14 @@ def test_a_shopper_is_not_their_own_neighbour() -> None:
     assert vectors(2).nearest(np.array([0, 1]), np.array([0.5, 0.25]), "a").tolist() == [1, 2]
 
 
+def test_the_only_shopper_of_a_shop_has_no_neighbours() -> None:
+    alone = ShopperVectors.from_vectors(
+        [("a", np.array([0, 1]), np.array([0.5, 0.25]))], ITEMS, 2, alpha=0.7
+    )
+    assert alone.nearest(np.array([0, 1]), np.array([0.5, 0.25]), "a").tolist() == []
+    assert not alone.neighbourhood(np.array([0, 1]), np.array([0.5, 0.25]), "a").any()
+
+
 def test_a_shopper_who_bought_nothing_has_no_neighbourhood() -> None:
     assert not vectors(2).neighbourhood(np.array([], dtype=np.int64), np.array([])).any()
 
