@@ -81,7 +81,7 @@ def _parser(recommend: bool = False) -> argparse.ArgumentParser:
         "--category", help='only products in this category path or below it ("Tools / Drills")'
     )
     parser.add_argument(
-        "-k", "--top-k", type=int, default=10, help="number of results (default: 10)"
+        "-k", "--top-k", type=_int32, default=10, help="number of results (default: 10)"
     )
     _connection(parser, timeout=5.0)
     parser.add_argument(
@@ -91,6 +91,14 @@ def _parser(recommend: bool = False) -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     return parser
+
+
+def _int32(text: str) -> int:
+    """An integer that the request's INT32 tensor can hold (the server checks the range)."""
+    value = int(text)
+    if not -(2**31) <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{value} does not fit in a 32-bit integer")
+    return value
 
 
 def main(argv: list[str] | None = None, recommend: bool = False) -> int:
@@ -181,18 +189,29 @@ def _epoch_seconds(text: str) -> float:
         return parsed.timestamp()
 
 
+_EVENT_COLUMNS = ("user_id", "product_id", "timestamp", "event")
+
+
 def read_events(path: Path) -> Iterator[Event]:
     """The events of a generic events CSV (user_id, product_id, timestamp, event, basket_id).
     Each event's id is the file's digest and its line, so importing a file again counts nothing
     twice."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    with path.open(newline="", encoding="utf-8") as handle:
-        for line, row in enumerate(csv.DictReader(handle), start=2):
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in _EVENT_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing columns {missing}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                product, when = int(row["product_id"]), _epoch_seconds(row["timestamp"])
+            except ValueError as exc:
+                raise ValueError(f"{path}: line {line}: {exc}") from exc
             yield Event(
                 row["user_id"],
-                int(row["product_id"]),
+                product,
                 row["event"],
-                _epoch_seconds(row["timestamp"]),
+                when,
                 f"{digest}:{line}",
                 row.get("basket_id") or "",
             )
@@ -267,7 +286,7 @@ def read_catalogue_changes(
     column, upsert or delete), each with an update id made of the file's digest and its first
     line, so that applying a file again changes nothing twice."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         batch: list[ProductChange] = []
         first = 2
         for line, row in enumerate(csv.DictReader(handle), start=2):

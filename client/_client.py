@@ -229,6 +229,19 @@ class Event:
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     basket_id: str = ""
 
+    def __post_init__(self) -> None:
+        """A wrong type fails here, naming the field, rather than deep in request building."""
+        for name in ("user_id", "event", "event_id", "basket_id"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str, not {type(getattr(self, name)).__name__}")
+        for name, kinds, noun in (
+            ("product_id", (int, np.integer), "an int"),
+            ("timestamp", (int, float, np.integer, np.floating), "a number of epoch seconds"),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise TypeError(f"{name} must be {noun}, not {type(value).__name__}")
+
 
 def _array_tensor(name: str, values: np.ndarray, datatype: str) -> grpcclient.InferInput:
     """A [1, n] tensor: the events model batches requests, so each carries a batch dimension."""

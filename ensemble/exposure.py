@@ -42,9 +42,10 @@ class ExposurePolicy:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InvalidRequest(f"EXPOSURE must be one of {', '.join(MODES)}, got {self.mode!r}")
+        # TEMPERATURE travels as FP32: the lowest bound sent arrives as float32(0.01) < 0.01
         if not (
             math.isfinite(self.temperature)
-            and MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE
+            and float(np.float32(MIN_TEMPERATURE)) <= self.temperature <= MAX_TEMPERATURE
         ):
             raise InvalidRequest(
                 f"TEMPERATURE must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, "

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from shopserve.client import (
     AsyncSearchClient,
+    Event,
     Explanation,
     Hit,
     InvalidRequestError,
@@ -23,7 +24,7 @@ from shopserve.client import (
     ServerUnavailableError,
     map_error,
 )
-from shopserve.client._cli import format_json_lines, format_table, main
+from shopserve.client._cli import format_json_lines, format_table, main, read_events
 from shopserve.client._client import build_inputs, parse_hits
 from tritonclient.utils import (
     InferenceServerException,
@@ -127,6 +128,48 @@ def test_top_k_must_be_int(top_k: object) -> None:
 def test_top_k_must_fit_int32() -> None:
     with pytest.raises(OverflowError):
         build_inputs("drill", 2**31)
+
+
+def test_the_cli_refuses_a_top_k_beyond_int32(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["drill", "-k", "3000000000"])
+    assert exit.value.code == 2
+    assert "-k/--top-k: 3000000000 does not fit in a 32-bit integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"user_id": 42}, "user_id must be a str, not int"),
+        ({"product_id": "196"}, "product_id must be an int, not str"),
+        ({"product_id": True}, "product_id must be an int, not bool"),
+        ({"timestamp": "2026-12-03T10:00:00Z"}, "timestamp must be a number of epoch seconds"),
+        ({"event": None}, "event must be a str, not NoneType"),
+    ],
+)
+def test_an_event_of_the_wrong_types_names_the_field(fields: dict, problem: str) -> None:
+    event = {"user_id": "u1", "product_id": 196, "event": "click", "timestamp": 1.7e9}
+    with pytest.raises(TypeError, match=problem):
+        Event(**(event | fields))
+
+
+def test_an_events_import_reads_a_spreadsheets_file_and_names_a_bad_line(tmp_path) -> None:
+    path = tmp_path / "events.csv"
+    rows = "user_id,product_id,timestamp,event\nu1,196,1700000000,click\nu1,196,yesterday,click\n"
+    path.write_bytes(("\ufeff" + rows).encode())  # a byte-order mark, as spreadsheets write
+    events = read_events(path)
+    first = next(events)
+    assert (first.user_id, first.product_id, first.timestamp, first.basket_id) == (
+        "u1",
+        196,
+        1.7e9,
+        "",
+    )
+    with pytest.raises(ValueError, match=f"{path}: line 3: Invalid isoformat string: 'yesterday'"):
+        next(events)
+    path.write_text("user,product_id,timestamp,event\n")
+    with pytest.raises(ValueError, match=r"missing columns \['user_id'\]"):
+        next(read_events(path))
 
 
 def test_query_must_be_str_or_bytes() -> None:

@@ -77,3 +77,9 @@ def test_request_inputs_override_the_store_default() -> None:
 def test_bad_exposure_inputs_are_named(inputs: dict, problem: str) -> None:
     with pytest.raises(InvalidRequest, match=problem):
         ExposurePolicy(PLACKETT_LUCE).with_inputs(inputs)
+
+
+def test_the_documented_bounds_are_accepted_as_fp32_delivers_them() -> None:
+    for bound in (0.01, 100.0):
+        temperature = np.array([bound], dtype=np.float32)  # 0.01 arrives as 0.0099999998
+        assert ExposurePolicy(PLACKETT_LUCE).with_inputs({"TEMPERATURE": temperature}).temperature
