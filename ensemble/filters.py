@@ -24,6 +24,7 @@ from .validation import InvalidRequest, check_flag, decode_number, decode_text
 
 FILTER_INPUTS = ("IN_STOCK", "PRICE_MIN", "PRICE_MAX", "CATEGORY")
 MAX_CATEGORY_BYTES = 512
+MAX_PRICE = float(np.finfo(np.float32).max)  # prices are served as float32
 _CATEGORY_SEPARATOR = re.compile(r"\s*[/>|]\s*")
 _TRUE, _FALSE = ("1", "true", "yes", "y"), ("0", "false", "no", "n")
 
@@ -95,13 +96,14 @@ def _price_column(cells: Sequence[object]) -> np.ndarray:
             value = float(text)
         except ValueError:
             value = math.nan
-        if math.isfinite(value) and value >= 0:
+        if 0 <= value <= MAX_PRICE:  # NaN fails too
             price[row] = value
         else:
             bad.append(row)
     if bad:
         raise CatalogueAttributeError(
-            f"price must be a number ≥ 0 or empty; lines {_bad_rows(bad)}"
+            f"price must be a number from 0 to {MAX_PRICE:.3g} (float32's largest) or empty; "
+            f"lines {_bad_rows(bad)}"
         )
     return price
 

@@ -93,6 +93,9 @@ def test_filter_inputs_parse() -> None:
 def test_bad_catalogue_columns_name_their_lines() -> None:
     with pytest.raises(CatalogueAttributeError, match=r"price .* lines 3, 4 \(2 in all\)"):
         Attributes.from_columns({"price": ["1", "cheap", "-2", ""]})
+    # served as float32: a price beyond its range would become infinite
+    with pytest.raises(CatalogueAttributeError, match=r"from 0 to 3.4e\+38 .* lines 2, 3 \(2 in"):
+        Attributes.from_columns({"price": ["1e39", "inf", "3e38"]})
     with pytest.raises(CatalogueAttributeError, match=r"in_stock .* lines 2 \(1 in all\)"):
         Attributes.from_columns({"in_stock": ["maybe", "1"]})
 
