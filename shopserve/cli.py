@@ -136,11 +136,13 @@ def _read_key(path: Path | None) -> str | None:
 
 
 def keys(argv: list[str]) -> int:
-    """``shopserve keys create FILE``: a new secret for hashing user ids, readable by its owner only."""
+    """``shopserve keys create FILE``: a new secret (the user-id secret, or an admin or inference
+    key), readable by its owner only."""
     from shopserve.ensemble.profiles import new_secret
 
     parser = argparse.ArgumentParser(
-        prog="shopserve keys", description="Create the secret that user ids are hashed with."
+        prog="shopserve keys",
+        description="Create a secret: the user-id secret, or an admin or inference key.",
     )
     parser.add_argument("action", choices=["create"])
     parser.add_argument("file", type=Path)
@@ -154,7 +156,7 @@ def keys(argv: list[str]) -> int:
     descriptor = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(new_secret() + b"\n")
-    print(f"wrote a new user-id secret to {args.file} (mode 600); keep it out of version control")
+    print(f"wrote a new secret to {args.file} (mode 600); keep it out of version control")
     return 0
 
 
