@@ -93,7 +93,9 @@ class RowProblems:
 
 
 def _integer(value: object) -> int | None:
-    """``value`` as an int64, or None."""
+    """``value`` as an int64, or None. A Parquet column may hold whole floats (7.0)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     try:
         number = int(str(value).strip())
     except ValueError:

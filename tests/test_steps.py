@@ -439,6 +439,9 @@ def test_parquet_catalogue_reads_like_csv(tmp_path) -> None:
     pq.write_table(pa.table({"product_uid": [7, 9], "product_title": ["Hammer", "Saw"]}), path)
     catalogue = load_catalogue(path)
     assert catalogue.product_ids.tolist() == [7, 9] and catalogue.titles == ["Hammer", "Saw"]
+    # ids a dataframe turned into floats read as the integers they hold
+    pq.write_table(pa.table({"product_id": [7.0, 9.0], "title": ["Hammer", "Saw"]}), path)
+    assert load_catalogue(path).product_ids.tolist() == [7, 9]
     (tmp_path / "items.txt").write_text("product_id,title\n")
     with pytest.raises(DataError, match=r"expected a \.csv or \.parquet file"):
         load_catalogue(tmp_path / "items.txt")
