@@ -56,7 +56,8 @@ def exported_log(events: Path, items: Path, folder: Path) -> tuple[Path, str, li
         products = [int(r["product_id"]) for r in csv.DictReader(handle)][:3]
     live = SqliteProfileStore(folder / "live.sqlite")
     shopper = keys.key(LOG_ONLY_SHOPPER)
-    bought = [StoredEvent(shopper, f"e{p}", p, 3, 2e9 + p, "live") for p in products]
+    # in 2023: after the shop's file (2017), and a time the server would have taken
+    bought = [StoredEvent(shopper, f"e{p}", p, 3, 1.7e9 + p, "live") for p in products]
     live.apply(bought)
     live.forget(keys.key(erased))
     export_log(live, folder / "log.csv")
