@@ -12,7 +12,16 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ._client import DEFAULT_URL, Event, Filters, Hit, ProductChange, SearchClient, Security
+from ._client import (
+    _INT32,
+    DEFAULT_URL,
+    Event,
+    Filters,
+    Hit,
+    ProductChange,
+    SearchClient,
+    Security,
+)
 from ._errors import InvalidRequestError, SearchError
 
 TITLE_WIDTH = 70
@@ -96,7 +105,7 @@ def _parser(recommend: bool = False) -> argparse.ArgumentParser:
 def _int32(text: str) -> int:
     """An integer that the request's INT32 tensor can hold (the server checks the range)."""
     value = int(text)
-    if not -(2**31) <= value < 2**31:
+    if not _INT32.min <= value <= _INT32.max:  # the range the client's tensor holds
         raise argparse.ArgumentTypeError(f"{value} does not fit in a 32-bit integer")
     return value
 
