@@ -17,7 +17,7 @@ from .exposure import ExposurePolicy
 from .filters import Attributes, load_attributes, parse_filter
 from .lexical import LexicalIndex
 from .models import OnnxEncoder, OnnxRanker
-from .personal import Personalization
+from .personal import Personalization, history_weights
 from .postprocess import PostProcessor, SearchResult
 from .profile_store import ProfileStoreUnavailable
 from .retrieve import Retriever
@@ -196,10 +196,11 @@ class SearchPipeline:
                 explanations=[] if request.explain else None,
             )
         query_logits = self.ranker(candidates.features)
-        logits, affinity, features = query_logits, None, None
+        logits, affinity, features, weights = query_logits, None, None, None
         if request.user is not None:
             affinity, features = self.personal.affinity(request.user, candidates.rows)
-            logits = query_logits + self.personal.search_weight * affinity
+            weights = history_weights(query_logits, self.personal.search_weight)
+            logits = query_logits + weights * affinity
         explain = None
         if request.explain:
 
@@ -213,8 +214,10 @@ class SearchPipeline:
                     affinity[positions],
                     features=None if features is None else features[positions],
                 )
-                weight = self.personal.search_weight
-                return [q.plus(h.scaled(weight)) for q, h in zip(explained, history, strict=True)]
+                return [
+                    q.plus(h.scaled(float(w))) if w else q
+                    for q, h, w in zip(explained, history, weights[positions], strict=True)
+                ]
 
         answer = self.postprocessor(
             candidates.rows, logits, request.top_k, request.exposure, explain

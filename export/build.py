@@ -284,8 +284,8 @@ def _make_encoder(
 def _reuse_encoder(options: BuildOptions, encoder_dir: Path) -> dict:
     """Copy the FP32 and INT8 encoder graphs of an earlier build into ``encoder_dir`` (checked
     against its manifest) and return its encoder record, marked as reused. A fine-tuned encoder
-    is reused only with the judgments and split it was tuned on: otherwise its train queries could
-    be this build's dev queries."""
+    is reused only with the judgments and split it was tuned on, or by a build without judgments
+    (no dev queries): otherwise its train queries could be this build's dev queries."""
     source = Path(options.encoder_from)
     current = source / store.MANIFEST_FILE
     if not current.exists():
@@ -303,15 +303,12 @@ def _reuse_encoder(options: BuildOptions, encoder_dir: Path) -> dict:
             f"--encoder-from {source} v{version} was built for target {record['target']}, "
             f"this build for {options.target}"
         )
-    if isinstance(record["finetune"], dict):
+    if isinstance(record["finetune"], dict) and options.judgments is not None:
         same_split = (manifest["split"]["seed"], manifest["split"]["dev_fraction"]) == (
             options.seed,
             options.dev_fraction,
         )
-        same_judgments = (
-            options.judgments is not None
-            and file_digest(options.judgments) in manifest["data"]["files"].values()
-        )
+        same_judgments = file_digest(options.judgments) in manifest["data"]["files"].values()
         if not (same_split and same_judgments):
             raise BuildError(
                 f"--encoder-from {source} v{version}: its encoder was fine-tuned on other judgments "

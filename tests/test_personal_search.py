@@ -1,0 +1,30 @@
+"""Personalised search's fusion: the shopper's history re-orders the query's good matches and
+never lifts a poor one (fast, no store)."""
+
+from __future__ import annotations
+
+import numpy as np
+from shopserve.ensemble.personal import HISTORY_MARGIN, history_weights
+from shopserve.export.evaluate_personal import ScoredQuery, personal_top
+
+
+def test_history_weighs_only_the_candidates_within_the_margin_of_the_best() -> None:
+    logits = np.array([9.0, 9.0 - HISTORY_MARGIN, 9.0 - HISTORY_MARGIN - 0.01], dtype=np.float32)
+    weights = history_weights(logits, 16.0)
+    assert weights.tolist() == [16.0, 16.0, 0.0]
+    assert weights.dtype == np.float32
+    assert history_weights(np.empty(0, np.float32), 16.0).size == 0
+
+
+def test_a_poor_match_the_shopper_buys_every_week_stays_below_the_good_matches() -> None:
+    # 1: the query's best match, never bought; 2: a good match bought now and then;
+    # 3: a poor match (chocolate almonds for "eggs") bought every week.
+    scored = ScoredQuery(
+        query=None,
+        product_ids=np.array([1, 2, 3]),
+        search_logits=np.array([9.0, 6.0, 9.0 - HISTORY_MARGIN - 1.0]),
+        affinity=np.array([0.0, 1.0, 50.0]),
+        purchases=np.array([0.0, 2.0, 40.0]),
+    )
+    assert personal_top(scored, 0.0) == [1, 2, 3]
+    assert personal_top(scored, 16.0) == [2, 1, 3]
