@@ -3,9 +3,20 @@ with a message that says what it has and what it needs."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import export
+from shopserve.ensemble import store
+from shopserve.export.build import (
+    CPU,
+    FP32_ENCODER_FILE,
+    BuildError,
+    BuildOptions,
+    _reuse_encoder,
+)
+from shopserve.export.cache import file_digest
 from shopserve.export.data import CatalogueData, load_events
 from shopserve.export.history import split_users, timelines
 from shopserve.export.personalize import ThinHistoryError, _check_history
@@ -71,3 +82,48 @@ def test_recommendations_need_repeat_shoppers_in_both_parts(
         return
     with pytest.raises(ThinHistoryError, match="too little purchase history for recommendations"):
         _check_history(lines, train, validation)
+
+
+def _fine_tuned_source(root, judgments) -> None:
+    """A built repository whose version 1 has an encoder fine-tuned on ``judgments``."""
+    files = {}
+    for name in (FP32_ENCODER_FILE, "model_int8.onnx"):
+        path = root / store.ENCODER / "1" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(name.encode())
+        files[f"{store.ENCODER}/1/{name}"] = file_digest(path)
+    manifest = {
+        "version": 1,
+        "encoder": {"target": CPU, "finetune": {"epochs": 1}, "int8": {"file": "model_int8.onnx"}},
+        "split": {"seed": 13, "dev_fraction": 0.2},
+        "data": {"files": {"judged.csv": file_digest(judgments)}},
+        "files": files,
+    }
+    (root / "manifests").mkdir()
+    (root / "manifests" / "v1.json").write_text(json.dumps(manifest))
+    (root / store.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_a_fine_tuned_encoder_is_reused_only_where_no_dev_query_could_be_its_train_query(
+    tmp_path,
+) -> None:
+    tuned_on, other = tmp_path / "judged.csv", tmp_path / "other.csv"
+    tuned_on.write_text("query,product_id,relevance\ndrill,1,3\n")
+    other.write_text("query,product_id,relevance\nhammer,1,3\n")
+    _fine_tuned_source(tmp_path / "source", tuned_on)
+
+    def reuse(judgments, seed: int = 13) -> dict:
+        options = BuildOptions(
+            tmp_path / "items.csv", judgments, tmp_path / "shop", seed=seed,
+            encoder_from=tmp_path / "source",
+        )  # fmt: skip
+        destination = tmp_path / "encoder"
+        destination.mkdir(exist_ok=True)
+        return _reuse_encoder(options, destination)
+
+    for judgments, seed in ((other, 13), (tuned_on, 14)):
+        with pytest.raises(BuildError, match="fine-tuned on other judgments or another"):
+            reuse(judgments, seed)
+    assert reuse(tuned_on)["reused_from"]["version"] == 1
+    assert reuse(None)["reused_from"]["version"] == 1  # another shop, no judgments: no dev queries
+    assert (tmp_path / "encoder" / FP32_ENCODER_FILE).read_bytes() == FP32_ENCODER_FILE.encode()
