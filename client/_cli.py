@@ -212,6 +212,9 @@ def read_events(path: Path) -> Iterator[Event]:
         if missing:
             raise ValueError(f"{path}: missing columns {missing}")
         for line, row in enumerate(reader, start=2):
+            short = [c for c in _EVENT_COLUMNS if row[c] is None]
+            if short:
+                raise ValueError(f"{path}: line {line}: no value for {short}")
             try:
                 product, when = int(row["product_id"]), _epoch_seconds(row["timestamp"])
             except ValueError as exc:

@@ -167,6 +167,9 @@ def test_an_events_import_reads_a_spreadsheets_file_and_names_a_bad_line(tmp_pat
     )
     with pytest.raises(ValueError, match=f"{path}: line 3: Invalid isoformat string: 'yesterday'"):
         next(events)
+    path.write_text("user_id,product_id,timestamp,event\nu1,196,1700000000,click\nu1,196\n")
+    with pytest.raises(ValueError, match=rf"{path}: line 3: no value for \['timestamp', 'event'\]"):
+        list(read_events(path))
     path.write_text("user,product_id,timestamp,event\n")
     with pytest.raises(ValueError, match=r"missing columns \['user_id'\]"):
         next(read_events(path))
