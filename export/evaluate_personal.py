@@ -10,7 +10,7 @@ computed in the same run and 95 % confidence intervals (normal approximation ove
 * personalised search: for each (shopper, category of a held-out item), the category name is the
   query and the shopper's held-out items of that category are relevant; nDCG@10 and MRR@10 of the
   anonymous search, of the shopper's purchase frequency among the query's candidates, and of the
-  personalised search.
+  personalised search; and nDCG@10 with the category's other products as partly relevant.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from shopserve.ensemble.retrieve import Retriever
 from tqdm.auto import tqdm
 
 from .history import BasketQuery, Case, bought_before, ranked, recall
-from .metrics import ndcg_at_k
+from .metrics import dcg, ndcg_at_k
 
 RECOMMEND_K = 20
 SEARCH_K = 10
@@ -47,6 +47,23 @@ def interval(values: Sequence[float]) -> dict:
 
 def _ndcg(top: Sequence[int], relevant: set[int] | frozenset[int], k: int) -> float:
     return ndcg_at_k(top, dict.fromkeys(relevant, 1.0), k)
+
+
+# nDCG with the query's category as partial relevance: a product of the queried category gains 1,
+# the basket's items of it 2. It tells a search that ranks the category's products below ones
+# the shopper buys elsewhere (history overriding the query) from one that keeps to the query.
+CATEGORY_GAIN, BASKET_GAIN = 1.0, 2.0
+
+
+def category_ndcg(top: Sequence[int], query: BasketQuery, k: int) -> float:
+    def gain(pid: int) -> float:
+        if pid in query.relevant:
+            return BASKET_GAIN
+        return CATEGORY_GAIN if pid in query.category else 0.0
+
+    basket = min(len(query.relevant), k)
+    ideal = [BASKET_GAIN] * basket + [CATEGORY_GAIN] * (min(len(query.category), k) - basket)
+    return dcg([gain(pid) for pid in top[:k]]) / dcg(ideal)
 
 
 def _mrr(top: Sequence[int], relevant: frozenset[int], k: int) -> float:
@@ -172,6 +189,9 @@ def evaluate_personal_search(scored: Sequence[ScoredQuery], weight: float) -> di
             ),
             "mrr10": interval(
                 [_mrr(t, s.query.relevant, SEARCH_K) for t, s in zip(tops, scored, strict=True)]
+            ),
+            "category_ndcg10": interval(
+                [category_ndcg(t, s.query, SEARCH_K) for t, s in zip(tops, scored, strict=True)]
             ),
         }
     return {"queries": len(scored), "weight": weight, "systems": results}

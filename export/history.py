@@ -276,11 +276,13 @@ def recall(top: Sequence[int], label: set[int]) -> float:
 @dataclass(frozen=True)
 class BasketQuery:
     """A search a shopper could have made for part of a basket: a category name as the query, the
-    basket's items of that category as the relevant answers."""
+    basket's items of that category as the relevant answers, and every product of the category
+    as the ones that match it."""
 
     case: Case
     query: str
     relevant: frozenset[int]
+    category: frozenset[int] = frozenset()
 
 
 def basket_queries(cases: Sequence[Case], catalogue: CatalogueData) -> list[BasketQuery]:
@@ -292,11 +294,17 @@ def basket_queries(cases: Sequence[Case], catalogue: CatalogueData) -> list[Bask
         pid: category_leaf(c)
         for pid, c in zip(catalogue.product_ids.tolist(), categories, strict=True)
     }
+    members: dict[str, set[int]] = {}
+    for pid, name in leaf.items():
+        members.setdefault(name, set()).add(pid)
+    category = {name: frozenset(ids) for name, ids in members.items()}  # shared by its queries
     out = []
     for case in cases:
         by_leaf: dict[str, set[int]] = {}
         for pid in sorted(case.label):
             if leaf[pid]:
                 by_leaf.setdefault(leaf[pid], set()).add(pid)
-        out.extend(BasketQuery(case, q, frozenset(ids)) for q, ids in sorted(by_leaf.items()))
+        out.extend(
+            BasketQuery(case, q, frozenset(ids), category[q]) for q, ids in sorted(by_leaf.items())
+        )
     return out

@@ -85,6 +85,10 @@ def test_the_store_was_built_from_generic_files_without_judgments(manifest) -> N
         "frequency_among_candidates",
         "personalised_search",
     }
+    for system in search["systems"].values():
+        for metric in ("ndcg10", "mrr10", "category_ndcg10"):
+            low, high = system[metric]["ci95"]
+            assert 0 <= low <= system[metric]["mean"] <= high <= 1
 
 
 def test_the_fitted_search_weight_lives_with_its_version(personal_repository, manifest) -> None:

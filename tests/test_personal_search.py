@@ -4,8 +4,10 @@ never lifts a poor one (fast, no store)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from shopserve.ensemble.personal import HISTORY_MARGIN, history_weights
-from shopserve.export.evaluate_personal import ScoredQuery, personal_top
+from shopserve.export.evaluate_personal import ScoredQuery, category_ndcg, personal_top
+from shopserve.export.history import BasketQuery
 
 
 def test_history_weighs_only_the_candidates_within_the_margin_of_the_best() -> None:
@@ -28,3 +30,17 @@ def test_a_poor_match_the_shopper_buys_every_week_stays_below_the_good_matches()
     )
     assert personal_top(scored, 0.0) == [1, 2, 3]
     assert personal_top(scored, 16.0) == [2, 1, 3]
+
+
+def test_category_ndcg_counts_the_category_as_partly_relevant() -> None:
+    # "eggs": the basket held product 2; products 1, 2 and 3 are eggs; 9 is chocolate almonds.
+    query = BasketQuery(None, "eggs", frozenset({2}), frozenset({1, 2, 3}))
+    discount = 1 / np.log2([2, 3, 4])
+    ideal = 2 * discount[0] + discount[1] + discount[2]
+    assert category_ndcg([2, 1, 3], query, 10) == 1.0
+    assert category_ndcg([9, 2, 1], query, 10) == pytest.approx(
+        (2 * discount[1] + discount[2]) / ideal
+    )
+    assert category_ndcg([1, 3, 2], query, 2) == pytest.approx(
+        (discount[0] + discount[1]) / (2 * discount[0] + discount[1])
+    )
