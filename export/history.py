@@ -282,7 +282,7 @@ class BasketQuery:
     case: Case
     query: str
     relevant: frozenset[int]
-    category: frozenset[int] = frozenset()
+    category: frozenset[int]
 
 
 def basket_queries(cases: Sequence[Case], catalogue: CatalogueData) -> list[BasketQuery]:
