@@ -166,6 +166,16 @@ def with_step_versions(config: str, version: int) -> str:
     return _STEP_VERSION.sub(rf"\g<1>{version}", config)
 
 
+def with_model_filename(config: str, filename: str, note: str = "") -> str:
+    """``config`` serving ``filename`` (its ``default_model_filename``), ``note`` as the line's
+    comment."""
+    line = f'default_model_filename: "{filename}"' + (f"  # {note}" if note else "")
+    text, count = re.subn(r'default_model_filename:\s*"[^"]*"[^\n]*', lambda _: line, config)
+    if count != 1:
+        raise ValueError(f"the config names {count} default_model_filename, not 1")
+    return text
+
+
 def model_file(repository: Path, model: str, version: int | None = None) -> Path:
     """The ONNX file Triton serves for ``model``: its ``default_model_filename`` (else model.onnx)
     in version ``version`` (the newest when None)."""

