@@ -454,6 +454,18 @@ class _Split:
         return cls(train, dev, judgments.subset(dev))
 
 
+def _check_recall_texts(catalogue: CatalogueData, split: _Split) -> None:
+    """Stop a build with too few texts to measure its HNSW index's recall on (dev queries, then
+    titles), before any minutes are spent on it."""
+    texts = len(split.dev_queries) + len(catalogue)
+    if texts < MIN_RECALL_QUERIES:
+        raise BuildError(
+            f"too few texts to measure the HNSW index's recall: it needs {MIN_RECALL_QUERIES} "
+            f"(dev queries and titles), but {len(catalogue)} titles and "
+            f"{len(split.dev_queries)} dev queries give {texts}"
+        )
+
+
 def _check_encoder_texts(
     options: BuildOptions, inputs: _Inputs, gate_texts: list[str], calibration: list[str]
 ) -> None:
@@ -663,6 +675,7 @@ def _select_search_ranker(
             catalogue.product_ids,
             scorers,
             embed,
+            scale=FUSION,
         )
     judged = basis is not None
     if basis is None and LEARNED in scorers:
@@ -672,7 +685,7 @@ def _select_search_ranker(
         learned_path.rename(ranker_path)
     else:
         learned_path.unlink(missing_ok=True)
-        write_fusion_ranker(ranker_path)
+        write_fusion_ranker(ranker_path, checks["softmax_scale"][FUSION]["scale"])
     if not basis:
         selected_by = "no learned ranker"
     else:
@@ -739,6 +752,7 @@ def _build(options: BuildOptions, writer: RepositoryWriter) -> dict:
         len(judgments) if judgments else "no",
     )
     split = _Split.of(judgments, options)
+    _check_recall_texts(catalogue, split)
     tokenizer, tokenizer_path = _write_tokenizer(writer)
     with timer.step("lexical index"):
         lexical = build_lexical_index(catalogue.titles)

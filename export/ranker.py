@@ -72,9 +72,11 @@ def train_search_ranker(
     return monotone.TrainReport(int((lists.gains.sum(1) > 0).sum()), epochs, loss, diff, ranges)
 
 
-def write_fusion_ranker(destination: Path) -> Path:
-    """The z-score fusion as an ONNX ranker over the same FEATURES."""
-    return write_linear_ranker(destination, FUSION_WEIGHTS, FUSION)
+def write_fusion_ranker(destination: Path, scale: float = 1.0) -> Path:
+    """The z-score fusion as an ONNX ranker over the same FEATURES, its weights times ``scale``
+    (the softmax scale the catalogue checks fit: the same ranking, the learned ranker's logits)."""
+    weights = {name: weight * scale for name, weight in FUSION_WEIGHTS.items()}
+    return write_linear_ranker(destination, weights, FUSION)
 
 
 def write_linear_ranker(

@@ -10,6 +10,12 @@ A shop without judgments still gets a gate. Two families of check queries are cu
 Each candidate scorer (the transferred ranker, the z-score fusion) answers every check query through
 the served retrieval and features; the mean nDCG@10 per family, averaged over the families, decides. The
 learned ranker is kept only when it does at least as well as the fusion.
+
+The checks also put the fusion's logits on the learned ranker's scale: the learned ranker is trained
+listwise (its softmax over a query's candidates is what it optimises), so the fusion is scaled to the
+factor whose softmax fits the checks' relevant answers best (:func:`softmax_scale`). The ranking is
+the same at any scale; what reads logit differences (personalised search's history margin, the
+served probabilities) then means the same with either ranker.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from bm25s.stopwords import STOPWORDS_EN
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
 from shopserve.ensemble.features import FEATURE_NAMES
 from shopserve.ensemble.filters import category_path
 from shopserve.ensemble.retrieve import Retriever
@@ -31,6 +39,7 @@ from .metrics import ndcg_at_k, rank_by_score
 
 log = logging.getLogger("shopserve.export.selfcheck")
 
+SCALE_BOUNDS = (0.05, 50.0)  # the fusion's softmax scale is fitted within these
 KNOWN_ITEM_QUERIES = 400
 CATEGORY_QUERIES = 200
 MIN_CATEGORY_PRODUCTS = 5
@@ -41,6 +50,7 @@ _UNINFORMATIVE = {"", "other", "others", "misc", "missing", "unknown", "none"}
 _STOPWORDS = set(STOPWORDS_EN)
 
 Scorer = Callable[[np.ndarray], np.ndarray]  # FEATURES [n, NUM_FEATURES] -> scores [n]
+ScoredList = tuple[np.ndarray, np.ndarray]  # one query's candidates: scores, and which are relevant
 
 
 @dataclass(frozen=True)
@@ -140,8 +150,10 @@ def served_ndcg(
     query_embeddings: np.ndarray,
     gains: Sequence[Mapping[int, float]],
     desc: str = "checks",
+    lists: Mapping[str, list[ScoredList]] | None = None,
 ) -> dict[str, float]:
-    """Mean nDCG@10 of each scorer over the served candidates of every query."""
+    """Mean nDCG@10 of each scorer over the served candidates of every query. Each scorer named
+    in ``lists`` also gets every query's scored candidates appended there."""
     sums = dict.fromkeys(scorers, 0.0)
     for query, embedding, query_gains in tqdm(
         list(zip(queries, query_embeddings, gains, strict=True)), desc=desc, unit="q"
@@ -149,9 +161,32 @@ def served_ndcg(
         candidates = retriever(query, embedding)
         ids = product_ids[candidates.rows]
         for name, scorer in scorers.items():
-            ranked = rank_by_score(ids, scorer(candidates.features))
-            sums[name] += ndcg_at_k(ranked, query_gains, 10)
+            scores = scorer(candidates.features)
+            sums[name] += ndcg_at_k(rank_by_score(ids, scores), query_gains, 10)
+            if lists is not None and name in lists:
+                lists[name].append((scores, np.isin(ids, list(query_gains))))
     return {name: total / max(len(queries), 1) for name, total in sums.items()}
+
+
+def softmax_scale(lists: Sequence[ScoredList]) -> dict:
+    """The factor ``s`` whose softmax of ``s x scores`` over each query's candidates best fits its
+    relevant ones (cross-entropy against the uniform distribution over them, as the learned ranker's
+    listwise training fits its judgments), within SCALE_BOUNDS; lists without a relevant candidate
+    say nothing about it and are left out. Returns the scale and how many lists it rests on."""
+    used = [(scores - scores.max(), relevant / relevant.sum()) for scores, relevant in lists
+            if relevant.any()]  # fmt: skip
+    if not used:
+        log.warning("no check query has a relevant candidate: the fusion keeps its scale, 1")
+        return {"scale": 1.0, "lists": 0}
+
+    def cross_entropy(log_scale: float) -> float:
+        scale = np.exp(log_scale)
+        return float(
+            np.mean([logsumexp(scale * s) - scale * (t @ s) for s, t in used], dtype=np.float64)
+        )
+
+    found = minimize_scalar(cross_entropy, bounds=np.log(SCALE_BOUNDS), method="bounded")
+    return {"scale": round(float(np.exp(found.x)), 4), "lists": len(used)}
 
 
 def run_checks(
@@ -160,8 +195,11 @@ def run_checks(
     product_ids: np.ndarray,
     scorers: Mapping[str, Scorer],
     embed: Callable[[list[str]], np.ndarray],
+    scale: str | None = None,
 ) -> dict:
-    """nDCG@10 per family and scorer, and the mean over families."""
+    """nDCG@10 per family and scorer, and the mean over families; with ``scale``, that scorer's
+    softmax scale (:func:`softmax_scale`) over every check query."""
+    lists: dict[str, list[ScoredList]] = {scale: []} if scale else {}
     by_family = {}
     for check in checks:
         by_family[check.family] = {
@@ -174,6 +212,7 @@ def run_checks(
                 embed(check.queries),
                 [dict.fromkeys(ids, 1.0) for ids in check.relevant],
                 desc=f"{check.family} checks",
+                lists=lists,
             ),
         }
     mean = {
@@ -182,7 +221,12 @@ def run_checks(
     }
     for family, result in by_family.items():
         log.info("catalogue checks, %s: %s", family, result)
-    return {"families": by_family, "mean_ndcg10": mean}
+    scales = {name: softmax_scale(found) for name, found in lists.items()}
+    if scales:
+        log.info("softmax scale on the catalogue checks: %s", scales)
+    return {"families": by_family, "mean_ndcg10": mean} | (
+        {"softmax_scale": scales} if scales else {}
+    )
 
 
 def choose(scores: Mapping[str, float], learned: str, fallback: str) -> str:

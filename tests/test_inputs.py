@@ -42,6 +42,20 @@ def test_a_catalogue_too_small_to_gate_the_int8_encoder_is_refused(tmp_path) -> 
     assert not (tmp_path / "shop").exists()
 
 
+def test_a_catalogue_too_small_to_measure_the_index_recall_on_is_refused(tmp_path) -> None:
+    write_catalogue(tmp_path / "items.csv", 400)
+    run = export(
+        "build", "--catalogue", tmp_path / "items.csv", "--repository", tmp_path / "shop",
+        "--encoder-precision", "fp32",
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert (
+        "error: too few texts to measure the HNSW index's recall: it needs 500 (dev queries and "
+        "titles), but 400 titles and 0 dev queries give 400"
+    ) in run.stderr
+    assert not (tmp_path / "shop").exists()
+
+
 def test_judgments_that_leave_no_dev_query_are_refused(tmp_path) -> None:
     write_catalogue(tmp_path / "items.csv", 2000)
     (tmp_path / "judged.csv").write_text("query,product_id,relevance\ndrill,1,3\ndrill,2,1\n")

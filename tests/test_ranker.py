@@ -24,6 +24,7 @@ from shopserve.export.selfcheck import (
     category_leaf,
     choose,
     known_item_checks,
+    softmax_scale,
 )
 
 
@@ -115,6 +116,32 @@ def test_fusion_ranker_onnx_equals_the_linear_fusion(tmp_path) -> None:
     expected = LinearScorer(FUSION_WEIGHTS)(features)
     np.testing.assert_allclose(OnnxRanker(path)(features), expected, rtol=1e-6)
     assert check_reusable(path)["form"] == FUSION
+
+
+def test_the_fusion_is_written_at_its_softmax_scale(tmp_path) -> None:
+    path = write_fusion_ranker(tmp_path / "fusion.onnx", scale=2.5)
+    features = np.random.default_rng(0).normal(size=(50, NUM_FEATURES)).astype(np.float32)
+    expected = 2.5 * LinearScorer(FUSION_WEIGHTS)(features)
+    np.testing.assert_allclose(OnnxRanker(path)(features), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("true_scale", [0.3, 1.0, 4.0])
+def test_the_softmax_scale_is_the_one_the_relevant_answers_were_drawn_with(true_scale) -> None:
+    """Each list's relevant candidate is drawn from softmax(true_scale x scores): the fitted
+    scale recovers it; lists without a relevant candidate are left out."""
+    rng = np.random.default_rng(7)
+    lists = []
+    for _ in range(3000):
+        scores = rng.normal(0.0, 2.0, size=30)
+        weights = np.exp(true_scale * (scores - scores.max()))
+        relevant = np.zeros(30, dtype=bool)
+        relevant[rng.choice(30, p=weights / weights.sum())] = True
+        lists.append((scores, relevant))
+    lists.append((rng.normal(size=30), np.zeros(30, dtype=bool)))
+    fitted = softmax_scale(lists)
+    assert fitted["lists"] == 3000
+    assert fitted["scale"] == pytest.approx(true_scale, rel=0.1)
+    assert softmax_scale(lists[-1:]) == {"scale": 1.0, "lists": 0}
 
 
 def test_a_ranker_for_other_features_is_refused(tmp_path, trained) -> None:
