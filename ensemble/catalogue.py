@@ -33,7 +33,7 @@ from . import store
 from .filters import Attributes, category_path
 from .lexical import LexicalIndex, QueryTerms, SparseScores, char_trigrams
 from .store import Catalogue
-from .validation import InvalidRequest, decode_text
+from .validation import InvalidRequest, decode_text, has_word
 
 if TYPE_CHECKING:
     from .catalogue_log import CatalogueLog
@@ -194,6 +194,8 @@ def _product(
         problems.append(f"title over {MAX_TITLE_BYTES} bytes")
     elif operation == "upsert" and not title:
         problems.append("upsert without a title")
+    elif operation == "upsert" and not has_word(title):
+        problems.append("title without a letter or digit")
     price = math.nan if arrays["PRICES"] is None else float(arrays["PRICES"][row])
     if not math.isnan(price) and (not math.isfinite(price) or price < 0):
         problems.append("price not a number ≥ 0 (NaN: unknown)")

@@ -42,8 +42,18 @@ def decode_text(raw: object, name: str, limit: int) -> str:
     return text
 
 
+def has_word(text: str) -> bool:
+    """Whether ``text`` holds a letter or a digit (of any script): a query or title of symbols and
+    emoji alone has nothing the encoder or the BM25 index can read, and would match arbitrary
+    titles (its every token unknown to the encoder)."""
+    return any(char.isalnum() for char in text)
+
+
 def decode_query(raw: object) -> str:
-    return decode_text(raw, "QUERY", MAX_QUERY_BYTES)
+    query = decode_text(raw, "QUERY", MAX_QUERY_BYTES)
+    if not has_word(query):
+        raise InvalidRequest("QUERY has no letter or digit: nothing to search for")
+    return query
 
 
 def decode_number(raw: object, name: str, integer: bool) -> int | float:

@@ -24,6 +24,7 @@ import numpy as np
 from shopserve.ensemble.events import MAX_FUTURE_S, event_key
 from shopserve.ensemble.profile_store import ERASED_EVENT
 from shopserve.ensemble.profiles import EVENT_TYPES
+from shopserve.ensemble.validation import has_word
 
 DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR", "../shared/data")) / "homedepot"
 CATALOGUE_ALIASES = {"product_uid": "product_id", "product_title": "title"}
@@ -160,6 +161,9 @@ def load_catalogue(path: Path) -> CatalogueData:
             "a product_id that is not a 64-bit integer", product is None, line, row["product_id"]
         )
         problems.check("an empty title", not title, line, row["title"])
+        problems.check(
+            "a title without a letter or digit", bool(title) and not has_word(title), line, title
+        )
         if product is not None and first_line.setdefault(product, line) != line:
             problems.add(
                 f"a product_id already given (on row {first_line[product]})", line, product

@@ -63,10 +63,10 @@ def test_bad_rows_are_named_and_nothing_is_taken() -> None:
     with pytest.raises(InvalidRequest) as raised:
         update(
             "u2",
-            ["upsert", "upsert", "rename", "upsert", "upsert"],
-            [1, 2, 3, 2, 5],
-            ["fine", "", "x", "y", "z" * 2000],
-            prices=np.array([1.0, 2.0, 3.0, -4.0, 5.0]),
+            ["upsert", "upsert", "rename", "upsert", "upsert", "upsert"],
+            [1, 2, 3, 2, 5, 6],
+            ["fine", "", "x", "y", "z" * 2000, "🔥🔥 ★"],
+            prices=np.array([1.0, 2.0, 3.0, -4.0, 5.0, 6.0]),
         )
     message = str(raised.value)
     assert message.startswith("nothing applied")
@@ -75,6 +75,7 @@ def test_bad_rows_are_named_and_nothing_is_taken() -> None:
     assert "product id repeated in the update: rows 1, 3" in message
     assert "price not a number ≥ 0 (NaN: unknown): rows 3" in message
     assert "title over 1024 bytes: rows 4" in message
+    assert "title without a letter or digit: rows 5" in message
     assert "rows 0" not in message
 
 

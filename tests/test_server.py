@@ -104,6 +104,7 @@ BAD_QUERIES = [
     (b"   ", "empty"),
     (b"x" * 1025, "limit"),
     (b"drill \xff\xfe", "not valid UTF-8"),
+    ("🔨 ★ ™".encode(), "no letter or digit"),  # every token unknown: it matched arbitrary titles
 ]
 
 

@@ -43,6 +43,7 @@ def lexical() -> LexicalIndex:
         (b"\xff\xfe drill", "not valid UTF-8"),
         (b"x" * (MAX_QUERY_BYTES + 1), "limit"),
         (np.array([b"a", b"b"], dtype=object), "exactly one"),
+        ("🔨🪚 ★ ™ & -".encode(), "no letter or digit"),
     ],
 )
 def test_bad_queries_are_named(raw: object, problem: str) -> None:
@@ -55,6 +56,8 @@ def test_query_decoding_keeps_text() -> None:
         "perceuse sans fil é"
     )
     assert decode_query(b"x" * MAX_QUERY_BYTES) == "x" * MAX_QUERY_BYTES
+    for query in ("drill 🔨", "½", "3/4", "電動ドリル", "Дрель"):  # a letter or digit of any script
+        assert decode_query(query.encode()) == query
 
 
 @pytest.mark.parametrize(
@@ -404,10 +407,14 @@ def test_a_spreadsheets_csv_reads_and_bad_rows_are_named(tmp_path) -> None:
         load_catalogue(path)
     path.write_text(
         "product_id,title\n1,Drill\n2, \n1,Saw\nSKU-1,Hammer\n99999999999999999999,Nail\n"
+        "7,🔨🔨\n8,Drill™\n"
     )
     with pytest.raises(DataError) as error:
         load_catalogue(path)
     assert "1 rows with an empty title (first: row 3: ' ')" in str(error.value)
+    assert "1 rows with a title without a letter or digit (first: row 7: '🔨🔨')" in str(
+        error.value
+    )
     assert "1 rows with a product_id already given (on row 2) (first: row 4: 1)" in str(error.value)
     assert (
         "2 rows with a product_id that is not a 64-bit integer (first: row 5: 'SKU-1', row 6"
