@@ -31,7 +31,7 @@ import numpy as np
 
 from . import store
 from .filters import Attributes, category_path
-from .lexical import LexicalIndex, QueryTerms, SparseScores, char_trigrams
+from .lexical import LexicalIndex, QueryTerms, SparseScores
 from .store import Catalogue
 from .validation import InvalidRequest, decode_text, has_word
 
@@ -250,7 +250,7 @@ class _DeltaLexicon:
             self.postings[word].pop(row, None)
             self._posting_arrays.pop(word, None)
         word_ids = frozenset(self._word_id(w) for w in words)
-        grams = frozenset(self._trigram_id(g) for g in char_trigrams(title))
+        grams = frozenset(self._trigram_id(g) for g in self.lexical.analyzer.trigrams(title))
         self.rows[row] = (frozenset(words), word_ids, grams)
         # BM25's Lucene term weight (as the build's) for a term the title holds once (titles rarely repeat one)
         norm = self.k1 * (1 - self.b + self.b * len(word_ids) / self.mean_length)
@@ -263,7 +263,8 @@ class _DeltaLexicon:
         if not self.new_words and not self.new_trigrams:
             return terms
         extra_words = [self.new_words[w] for w in terms.words if w in self.new_words]
-        extra_grams = [self.new_trigrams[g] for g in char_trigrams(text) if g in self.new_trigrams]
+        grams = self.lexical.analyzer.trigrams(text)
+        extra_grams = [self.new_trigrams[g] for g in grams if g in self.new_trigrams]
         return replace(
             terms,
             word_ids=np.union1d(terms.word_ids, np.array(extra_words, dtype=np.int64)),

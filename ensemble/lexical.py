@@ -1,5 +1,6 @@
 """Lexical retrieval over product titles: BM25 with English stemming and stopwords, plus each
-title's distinct word terms and character trigrams for the ranker's overlap features.
+title's distinct word terms and character trigrams for the ranker's overlap features. Titles and
+queries are case- and accent-folded first (:func:`fold`), so "cafe" finds "Café".
 
 The build writes the index (shopserve.export.lexical, with bm25s); serving reads it as memory-mapped
 arrays and analyses queries itself, exactly as the build analysed the titles. No serving process
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,25 @@ VOCABULARY_PREFIX = "vocabulary"
 TRIGRAM_VOCABULARY_PREFIX = "trigram_vocabulary"
 WORDS_PREFIX = "title_words"
 TRIGRAMS_PREFIX = "title_trigrams"
+# Letters below this code point (Latin and Greek) lose their accents when folded; other scripts
+# keep their combining marks, which there tell letters apart (Cyrillic й and и, Devanagari's vowels).
+_ACCENTED_SCRIPTS_END = 0x0400
+
+
+def fold(text: str) -> str:
+    """``text`` case-folded, in compatibility form, and without the accents of Latin and Greek
+    letters: "Café", "CAFE" and "ｃａｆｅ" read "cafe", "Straße" reads "strasse", whether
+    the accents came precomposed or as combining marks."""
+    if text.isascii():
+        return text.lower()
+    kept, base = [], ""
+    for char in unicodedata.normalize("NFKD", text.casefold()):
+        if not unicodedata.combining(char):
+            base = char
+        elif base and ord(base) < _ACCENTED_SCRIPTS_END:
+            continue
+        kept.append(char)
+    return unicodedata.normalize("NFC", "".join(kept))
 
 
 def top_rows(scores: np.ndarray, n: int) -> np.ndarray:
@@ -96,19 +117,30 @@ class TermSets:
 
 
 class Analyzer:
-    """Text to BM25 terms: lower-cased words of two or more word characters, stopwords left out,
-    Snowball-stemmed: the analysis of bm25s.tokenize, used for titles and queries alike."""
+    """Text to BM25 terms: folded (:func:`fold`) words of two or more word characters, stopwords
+    left out, Snowball-stemmed (the analysis of bm25s.tokenize, after folding), used for titles and
+    queries alike; and to the character trigrams of the same folded words."""
 
-    def __init__(self, stopwords: Iterable[str], language: str = STEMMER_LANGUAGE) -> None:
+    def __init__(
+        self, stopwords: Iterable[str], language: str = STEMMER_LANGUAGE, folds: bool = True
+    ) -> None:
         self.stopwords = sorted(set(stopwords))
         self.language = language
+        self.folds = folds  # False: only lower-cased (indexes built before folding)
         self._stopwords = frozenset(self.stopwords)
         self._stemmer = Stemmer.Stemmer(language)
 
+    def normalize(self, text: str) -> str:
+        return fold(text) if self.folds else text.lower()
+
     def tokens(self, text: str) -> list[str]:
         """Every term of ``text`` in order, repeats kept."""
-        words = [w for w in TOKEN_PATTERN.findall(text.lower()) if w not in self._stopwords]
+        normalized = self.normalize(text)
+        words = [w for w in TOKEN_PATTERN.findall(normalized) if w not in self._stopwords]
         return self._stemmer.stemWords(words)
+
+    def trigrams(self, text: str) -> list[str]:
+        return char_trigrams(self.normalize(text))
 
     def terms(self, text: str) -> list[str]:
         """The distinct terms of ``text``, in order."""
@@ -228,7 +260,11 @@ class LexicalIndex:
         self.trigram_vocabulary.save(directory / TRIGRAM_VOCABULARY_PREFIX)
         self.words.save(directory / WORDS_PREFIX)
         self.trigrams.save(directory / TRIGRAMS_PREFIX)
-        analyzer = {"stemmer": self.analyzer.language, "stopwords": self.analyzer.stopwords}
+        analyzer = {
+            "stemmer": self.analyzer.language,
+            "stopwords": self.analyzer.stopwords,
+            "folds": self.analyzer.folds,
+        }
         (directory / ANALYZER_FILE).write_text(json.dumps({**analyzer, "bm25": bm25}))
 
     @classmethod
@@ -237,7 +273,8 @@ class LexicalIndex:
         if "bm25" not in settings:  # bm25s's own files: the format before serving mapped them
             raise StoreFormatError(f"{directory}: {REBUILD}")
         return cls(
-            Analyzer(settings["stopwords"], settings["stemmer"]),
+            # An index built before folding has no "folds": its titles were only lower-cased.
+            Analyzer(settings["stopwords"], settings["stemmer"], settings.get("folds", False)),
             Bm25.load(directory / BM25_PREFIX, settings["bm25"]),
             Vocabulary.load(directory / VOCABULARY_PREFIX),
             TermSets.load(directory / WORDS_PREFIX),
@@ -255,7 +292,7 @@ class LexicalIndex:
 
     def analyze(self, text: str) -> QueryTerms:
         words = self.analyzer.terms(text)
-        grams = char_trigrams(text)
+        grams = self.analyzer.trigrams(text)
         return QueryTerms(
             words,
             _id_set(self.vocabulary.known_ids(words)),

@@ -14,7 +14,6 @@ from shopserve.ensemble.lexical import (
     LexicalIndex,
     TermSets,
     Vocabulary,
-    char_trigrams,
 )
 from tqdm.auto import tqdm
 
@@ -40,7 +39,7 @@ def build_lexical_index(titles: Sequence[str], show_progress: bool = True) -> Le
     )
     trigram_ids: dict[str, int] = {}
     trigrams = TermSets.from_lists(
-        [trigram_ids.setdefault(g, len(trigram_ids)) for g in char_trigrams(title)]
+        [trigram_ids.setdefault(g, len(trigram_ids)) for g in analyzer.trigrams(title)]
         for title in titles
     )
     return LexicalIndex(

@@ -220,6 +220,23 @@ def test_the_live_catalogue_adds_changes_and_deletes(small_shop) -> None:
     assert live.base_allowed(None).tolist() == [True, False, False, True, True, True]
 
 
+def test_a_live_title_is_folded_as_the_builds_titles(small_shop) -> None:
+    """A title added since the build is analysed as the build's titles are: "crème brûlée"
+    finds it without its accents, by words and by trigrams."""
+    live, retriever, _, _ = small_shop
+    vector = unit(np.ones(8))
+    live.apply([record(1, ProductUpdate("upsert", 901, "Crème Brûlée Torch", 20.0, 1), vector)])
+    found = retriever("creme brulee", -vector)  # the vector points away: only words can find it
+    assert 6 in found.rows.tolist()
+    assert found.features[found.rows.tolist().index(6), 1] == pytest.approx(1.0)  # the best BM25
+    words, _, trigram_ids = live.lexicon.rows[6]
+    assert words == {"creme", "brule", "torch"}
+    unaccented_title = "creme brulee torch"
+    analyzed = retriever.lexical.analyze(unaccented_title)
+    unaccented = live.lexicon.query_terms(analyzed, unaccented_title)
+    assert trigram_ids == frozenset(unaccented.trigram_ids.tolist())
+
+
 def test_the_delta_bm25_follows_each_change_after_a_query(small_shop) -> None:
     """A query caches the delta postings of its words; a later retitle, new product or delete
     of a row holding them is scored by the next query."""

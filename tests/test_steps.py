@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from shopserve.ensemble.features import (
     CatalogueStats,
     ranking_features,
 )
-from shopserve.ensemble.lexical import LexicalIndex, SparseScores, char_trigrams, top_rows
+from shopserve.ensemble.lexical import LexicalIndex, SparseScores, char_trigrams, fold, top_rows
 from shopserve.ensemble.postprocess import softmax, top_k
 from shopserve.ensemble.tokenize import QueryTokenizer, WordPiece
 from shopserve.ensemble.validation import check_top_k, decode_query
@@ -131,7 +132,6 @@ def test_the_python_tokenizer_is_hugging_faces_to_the_token(data_dir) -> None:
 
 
 def test_a_tokenizer_other_than_berts_is_refused(tmp_path) -> None:
-    import json
 
     from shopserve.ensemble.tokenize import TokenizerConfigError
 
@@ -193,6 +193,40 @@ def test_trigrams_tolerate_typos(lexical: LexicalIndex) -> None:
     assert lexical.words.matches(terms.word_ids, np.arange(4)).tolist() == [0, 0, 0, 0]
     grams = lexical.trigrams.matches(terms.trigram_ids, np.arange(4))
     assert grams.argmax() == 0 and grams[0] >= 6 and grams[1] == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "folded"),
+    [
+        ("DEWALT Drill", "dewalt drill"),
+        ("Café", "cafe"),
+        ("Cafe\u0301 CRÈME brûlée", "cafe creme brulee"),  # a combining accent, as macOS writes it
+        ("ｃａｆｅ ＴＯＲＣＨ", "cafe torch"),  # full-width forms
+        ("Straße", "strasse"),
+        ("Łódź Ελληνικά", "łodz ελληνικα"),  # ł has no accent to drop; Greek loses its tonos
+        ("йогурт ёлка", "йогурт ёлка"),  # Cyrillic keeps its marks: й is not и
+        ("हिन्दी", "हिन्दी"),
+    ],
+)
+def test_titles_and_queries_are_folded(text: str, folded: str) -> None:
+    assert fold(text) == folded
+
+
+def test_an_unaccented_query_finds_an_accented_title(tmp_path) -> None:
+    titles = ["Café Bustelo Espresso Ground Coffee", "Creme\u0301 Bru\u0302le\u0301e Torch", "Tea"]
+    index = build_lexical_index(titles, show_progress=False)
+    for query, row in (("cafe bustelo", 0), ("CAFÉ", 0), ("crème brûlée", 1), ("creme brulee", 1)):
+        terms = index.analyze(query)
+        assert index.scores(terms).argmax() == row and index.scores(terms)[row] > 0, query
+        assert index.trigrams.matches(terms.trigram_ids, np.arange(3)).argmax() == row
+    index.save(tmp_path / "folded")
+    assert LexicalIndex.load(tmp_path / "folded").analyze("cafe").word_ids.size == 1
+    # An index built before folding (its analyzer.json without "folds") keeps its analysis.
+    settings = tmp_path / "folded" / "analyzer.json"
+    earlier = json.loads(settings.read_text())
+    del earlier["folds"]
+    settings.write_text(json.dumps(earlier))
+    assert LexicalIndex.load(tmp_path / "folded").analyzer.normalize("Café") == "café"
 
 
 def test_the_served_analysis_and_bm25_are_bm25s_to_the_last_bit(
@@ -312,7 +346,6 @@ def test_catalogue_round_trip_maps_ids_and_titles(tmp_path) -> None:
 
 
 def test_a_store_of_the_earlier_format_asks_for_a_rebuild(tmp_path) -> None:
-    import json
 
     from shopserve.ensemble.lexical import TermSets
     from shopserve.ensemble.store import Catalogue, StoreFormatError
