@@ -33,7 +33,7 @@ from . import store
 from .filters import Attributes, category_path
 from .lexical import LexicalIndex, QueryTerms, SparseScores
 from .store import Catalogue
-from .validation import InvalidRequest, decode_text, has_word
+from .validation import InvalidRequest, decode_text, has_word, plain_text
 
 if TYPE_CHECKING:
     from .catalogue_log import CatalogueLog
@@ -187,7 +187,7 @@ def _product(
     if pid in repeated:
         problems.append("product id repeated in the update")
     raw_title = arrays["TITLES"][row]
-    title = (_text(raw_title) or "").strip()
+    title = plain_text(_text(raw_title) or "").strip()
     if _text(raw_title) is None:
         problems.append("title is not UTF-8")
     elif len(title.encode("utf-8")) > MAX_TITLE_BYTES:
@@ -202,7 +202,9 @@ def _product(
     stock = UNKNOWN_STOCK if arrays["IN_STOCK"] is None else int(arrays["IN_STOCK"][row])
     if stock not in (UNKNOWN_STOCK, 0, 1):
         problems.append("in_stock not 1, 0 or -1")
-    category = "" if arrays["CATEGORIES"] is None else (_text(arrays["CATEGORIES"][row]) or "")
+    category = (
+        "" if arrays["CATEGORIES"] is None else plain_text(_text(arrays["CATEGORIES"][row]) or "")
+    )
     if len(category.encode("utf-8")) > MAX_TITLE_BYTES:
         problems.append(f"category over {MAX_TITLE_BYTES} bytes")
     if operation == "delete":

@@ -24,12 +24,13 @@ import numpy as np
 from shopserve.ensemble.events import MAX_FUTURE_S, event_key
 from shopserve.ensemble.profile_store import ERASED_EVENT
 from shopserve.ensemble.profiles import EVENT_TYPES
-from shopserve.ensemble.validation import has_word
+from shopserve.ensemble.validation import has_word, plain_text
 
 DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR", "../shared/data")) / "homedepot"
 CATALOGUE_ALIASES = {"product_uid": "product_id", "product_title": "title"}
 JUDGMENT_ALIASES = {"search_term": "query", "product_uid": "product_id"}
 OPTIONAL_CATALOGUE_COLUMNS = ("description", "category", "brand", "price", "in_stock")
+TEXT_CATALOGUE_COLUMNS = ("description", "category", "brand")  # read as plain_text, as titles
 
 logger = logging.getLogger("shopserve.export.data")
 
@@ -154,9 +155,11 @@ class Judgments:
 def load_catalogue(path: Path) -> CatalogueData:
     rows = _read_rows(path, CATALOGUE_ALIASES, ("product_id", "title"))
     problems = RowProblems(path)
-    ids, titles, first_line = [], [], {}
+    ids, titles, first_line, decoded = [], [], {}, 0
     for line, row in enumerate(rows, start=2):
-        product, title = _integer(row["product_id"]), str(row["title"] or "").strip()
+        raw_title = str(row["title"] or "")
+        product, title = _integer(row["product_id"]), plain_text(raw_title).strip()
+        decoded += title != raw_title.strip()
         problems.check(
             "a product_id that is not a 64-bit integer", product is None, line, row["product_id"]
         )
@@ -171,7 +174,16 @@ def load_catalogue(path: Path) -> CatalogueData:
         ids.append(product or 0)
         titles.append(title)
     problems.raise_any()
-    extra = {c: [r[c] for r in rows] for c in OPTIONAL_CATALOGUE_COLUMNS if c in rows[0]}
+    if decoded:
+        logger.info("%s: decoded HTML character references in %d titles", path, decoded)
+    extra = {
+        c: [
+            plain_text(r[c]) if c in TEXT_CATALOGUE_COLUMNS and isinstance(r[c], str) else r[c]
+            for r in rows
+        ]
+        for c in OPTIONAL_CATALOGUE_COLUMNS
+        if c in rows[0]
+    }
     return CatalogueData(np.array(ids, dtype=np.int64), titles, extra)
 
 

@@ -59,6 +59,21 @@ def test_an_update_is_read_whole() -> None:
     assert [p.title for p in parsed.upserts()] == ["Cordless drill"]
 
 
+def test_an_updates_html_character_references_are_decoded() -> None:
+    """As the build reads a catalogue file: the title and category a web shop's export escaped."""
+    parsed = update(
+        "u1",
+        ["upsert"],
+        [7],
+        ["Black &amp; Decker Kid&#39;s Drill"],
+        categories=strings("Tools &amp; Hardware"),
+    )
+    assert parsed.products[0].title == "Black & Decker Kid's Drill"
+    assert parsed.products[0].category == "Tools & Hardware"
+    with pytest.raises(InvalidRequest, match="title without a letter or digit: rows 1"):
+        update("u2", ["upsert", "upsert"], [8, 9], ["Saw", "&#128296;"])
+
+
 def test_bad_rows_are_named_and_nothing_is_taken() -> None:
     with pytest.raises(InvalidRequest) as raised:
         update(

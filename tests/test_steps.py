@@ -17,7 +17,7 @@ from shopserve.ensemble.features import (
 from shopserve.ensemble.lexical import LexicalIndex, SparseScores, char_trigrams, fold, top_rows
 from shopserve.ensemble.postprocess import softmax, top_k
 from shopserve.ensemble.tokenize import QueryTokenizer, WordPiece
-from shopserve.ensemble.validation import check_top_k, decode_query
+from shopserve.ensemble.validation import check_top_k, decode_query, plain_text
 from shopserve.export import encoder as encoder_export
 from shopserve.export.data import DataError, load_catalogue, load_judgments, split_queries
 from shopserve.export.lexical import build_lexical_index
@@ -425,6 +425,41 @@ def test_generic_catalogue_format_and_split(tmp_path) -> None:
         load_judgments(judgments_file, catalogue)
     with pytest.raises(DataError, match="missing columns"):
         load_catalogue(judgments_file)
+
+
+@pytest.mark.parametrize(
+    ("text", "plain"),
+    [
+        ("KidKraft Lil&#39; Doll Bunk Bed", "KidKraft Lil' Doll Bunk Bed"),
+        ("Black &amp; Decker 15&quot; Saw &#x2122;", 'Black & Decker 15" Saw ™'),
+        ("AT&T R&D B & Q", "AT&T R&D B & Q"),  # no reference: left alone
+        ("Salt &amp Pepper &para", "Salt &amp Pepper &para"),  # incomplete: left alone
+        ("&amp;amp; &nosuchentity;", "&amp; &nosuchentity;"),  # decoded once; unknown kept
+    ],
+)
+def test_html_character_references_are_decoded(text: str, plain: str) -> None:
+    assert plain_text(text) == plain
+
+
+def test_a_catalogue_is_read_as_plain_text(tmp_path, caplog) -> None:
+    """A web shop's export escapes its titles and categories: they are served and matched as the
+    characters they stand for, and a title that stands for no letter or digit is refused."""
+    path = tmp_path / "items.csv"
+    path.write_text(
+        "product_id,title,category,price\n"
+        '1,Hunter &amp; Co Fan,Lighting &amp; Fans,10\n2,Leviton 15 Amp Outlet,Electrical,"&amp;"\n'
+    )
+    with caplog.at_level("INFO", logger="shopserve.export.data"):
+        catalogue = load_catalogue(path)
+    assert catalogue.titles == ["Hunter & Co Fan", "Leviton 15 Amp Outlet"]
+    assert catalogue.extra["category"] == ["Lighting & Fans", "Electrical"]
+    assert catalogue.extra["price"] == ["10", "&amp;"]  # not text: refused later, as it was given
+    assert "decoded HTML character references in 1 titles" in caplog.text
+    index = build_lexical_index(catalogue.titles, show_progress=False)
+    assert index.scores(index.analyze("15 amp"))[0] == 0  # "&amp;" is not the word "amp"
+    path.write_text("product_id,title\n1,&#128296;\n")
+    with pytest.raises(DataError, match="a title without a letter or digit"):
+        load_catalogue(path)
 
 
 def test_a_spreadsheets_csv_reads_and_bad_rows_are_named(tmp_path) -> None:
