@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,6 +32,20 @@ CATALOGUE_ALIASES = {"product_uid": "product_id", "product_title": "title"}
 JUDGMENT_ALIASES = {"search_term": "query", "product_uid": "product_id"}
 OPTIONAL_CATALOGUE_COLUMNS = ("description", "category", "brand", "price", "in_stock")
 TEXT_CATALOGUE_COLUMNS = ("description", "category", "brand")  # read as plain_text, as titles
+
+# Other systems' names for the event types, as their logs write them (RetailRocket's, REES46's and
+# Google Analytics 4's): read case-blind, with '-' as '_', so that a shop's log needs no renaming.
+EVENT_ALIASES = {
+    "addtocart": "add_to_cart",  # RetailRocket
+    "transaction": "purchase",  # RetailRocket
+    "cart": "add_to_cart",  # REES46
+    "view_item": "view",  # Google Analytics 4
+    "select_item": "click",  # Google Analytics 4
+}
+_EVENT_KINDS = {name: kind for kind, name in enumerate(EVENT_TYPES)}
+_UTC_SUFFIX = re.compile(
+    r"\s*(?:UTC|GMT)$", re.IGNORECASE
+)  # "2019-10-01 00:00:00 UTC" (BigQuery's)
 
 logger = logging.getLogger("shopserve.export.data")
 
@@ -325,16 +340,23 @@ class EventsData:
 
 
 def parse_timestamp(value: object) -> float:
-    """Epoch seconds from ISO 8601 text (UTC unless it says otherwise) or a number of seconds."""
+    """Epoch seconds from ISO 8601 text (UTC unless it says otherwise, as a trailing "UTC" or
+    "GMT" does) or a number of seconds."""
     text = str(value).strip()
     try:
         return float(text)
     except ValueError:
         pass
-    parsed = datetime.fromisoformat(text)
+    parsed = datetime.fromisoformat(_UTC_SUFFIX.sub("+00:00", text))
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed.timestamp()
+
+
+def event_kind(name: object) -> int | None:
+    """The index in EVENT_TYPES of an events file's event name (or alias); None if unknown."""
+    text = str(name or "").strip().lower().replace("-", "_")
+    return _EVENT_KINDS.get(EVENT_ALIASES.get(text, text))
 
 
 def load_events(path: Path, catalogue: CatalogueData) -> EventsData:
@@ -353,8 +375,11 @@ def _events(
     """Validated (line, row) pairs (line 1 is the header; ``id_column`` names the shopper,
     ``event_column`` the event) as EventsData, sorted by (shopper, time)."""
     known = set(catalogue.product_ids.tolist())
-    kinds = {name: i for i, name in enumerate(EVENT_TYPES)}
     problems = RowProblems(path)
+    unknown_kind = (
+        f"unknown event types (known: {', '.join(EVENT_TYPES)}, "
+        f"or {', '.join(EVENT_ALIASES)}; drop other events' rows first)"
+    )
     horizon = time.time() + MAX_FUTURE_S
     parsed = []
     for line, row in rows:
@@ -364,7 +389,7 @@ def _events(
             when = parse_timestamp(row["timestamp"])
         except (TypeError, ValueError):
             when = None
-        kind = kinds.get(str(row["event"]).strip())
+        kind = event_kind(row["event"])
         for problem, bad, value in (
             (f"an empty {id_column}", not user, row[id_column]),
             ("unknown product ids", product not in known, row["product_id"]),
@@ -374,7 +399,7 @@ def _events(
                 when is not None and not 0 <= when <= horizon,
                 row["timestamp"],
             ),
-            (f"unknown event types (known: {', '.join(EVENT_TYPES)})", kind is None, row["event"]),
+            (unknown_kind, kind is None, row["event"]),
         ):
             problems.check(problem, bad, line, value)
         parsed.append(

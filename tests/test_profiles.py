@@ -15,6 +15,7 @@ from shopserve.ensemble.profiles import (
     ADD_TO_CART,
     CLICK,
     PURCHASE,
+    VIEW,
     MissingUserKeyError,
     Profile,
     UserKeys,
@@ -36,6 +37,30 @@ def test_timestamps_are_iso_8601_or_epoch_seconds() -> None:
     assert parse_timestamp("1970-01-01T01:00:00+01:00") == 0.0
     assert parse_timestamp("1970-01-01 00:00:30") == 30.0  # no zone: UTC
     assert parse_timestamp("1500000000") == 1_500_000_000.0
+    # BigQuery's text form (REES46's logs, Google Analytics exports): a zone name at the end
+    assert parse_timestamp("1970-01-01 00:01:00 UTC") == 60.0
+    assert parse_timestamp("1970-01-01 00:01:00.5 gmt") == 60.5
+
+
+def test_other_systems_event_names_read_as_ours(tmp_path) -> None:
+    """RetailRocket's, REES46's and Google Analytics 4's names, and ours in any case."""
+    path = tmp_path / "events.csv"
+    names = [
+        "addtocart",
+        "transaction",
+        "cart",
+        "view_item",
+        "select_item",
+        "PURCHASE",
+        "Add-To-Cart",
+    ]
+    write(path, [f"u1,1,{10 + i},{name}," for i, name in enumerate(names)])
+    events = load_events(path, CATALOGUE)
+    kinds = [ADD_TO_CART, PURCHASE, ADD_TO_CART, VIEW, CLICK, PURCHASE, ADD_TO_CART]
+    assert events.events.tolist() == kinds
+    write(path, ["u1,1,10,remove_from_cart,"])
+    with pytest.raises(DataError, match="drop other events' rows first"):
+        load_events(path, CATALOGUE)
 
 
 def test_events_are_sorted_by_user_and_time(tmp_path) -> None:
