@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 from shopserve.client import Event, SearchClient
 from shopserve.ensemble import store
-from shopserve.export.data import load_catalogue, load_events, parse_timestamp
+from shopserve.export.data import load_catalogue, load_events
 from shopserve.export.evaluate_personal import interval
 from shopserve.export.history import timelines
 
+from shopserve.events_file import parse_timestamp
 from shopserve.server import TritonServer
 
 from . import perf_analyzer

@@ -4,8 +4,9 @@ forget and catalogue updates.
 Only numpy and tritonclient are needed; the public API is re-exported here from private modules.
 """
 
+from shopserve.events_file import EVENT_TYPES
+
 from ._client import (
-    EVENT_TYPES,
     AsyncSearchClient,
     CatalogueApplied,
     Event,

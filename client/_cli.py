@@ -9,8 +9,9 @@ import hashlib
 import json
 import sys
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
+
+from shopserve.events_file import UNKNOWN_EVENT_TYPE, event_type, parse_timestamp
 
 from ._client import (
     _INT32,
@@ -187,17 +188,6 @@ def _client(args: argparse.Namespace) -> SearchClient:
     return SearchClient(args.url, timeout=args.timeout, security=_security(args))
 
 
-def _epoch_seconds(text: str) -> float:
-    """Epoch seconds, or ISO 8601 (UTC unless it says otherwise), as the events format allows."""
-    try:
-        return float(text)
-    except ValueError:
-        parsed = datetime.fromisoformat(text.strip())
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=timezone.utc)
-        return parsed.timestamp()
-
-
 _EVENT_COLUMNS = ("user_id", "product_id", "timestamp", "event")
 
 
@@ -216,13 +206,16 @@ def read_events(path: Path) -> Iterator[Event]:
             if short:
                 raise ValueError(f"{path}: line {line}: no value for {short}")
             try:
-                product, when = int(row["product_id"]), _epoch_seconds(row["timestamp"])
+                product, when = int(row["product_id"]), parse_timestamp(row["timestamp"])
             except ValueError as exc:
                 raise ValueError(f"{path}: line {line}: {exc}") from exc
+            kind = event_type(row["event"])
+            if kind is None:
+                raise ValueError(f"{path}: line {line}: {row['event']!r}: {UNKNOWN_EVENT_TYPE}")
             yield Event(
                 row["user_id"],
                 product,
-                row["event"],
+                kind,
                 when,
                 f"{digest}:{line}",
                 row.get("basket_id") or "",

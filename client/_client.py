@@ -214,7 +214,6 @@ def build_recommend_inputs(
 
 EVENTS_MODEL_NAME = "events"
 FORGET_MODEL_NAME = "forget"
-EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 
 
 @dataclass(frozen=True)

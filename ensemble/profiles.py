@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
+from shopserve.events_file import EVENT_TYPES
+
 VIEW, CLICK, ADD_TO_CART, PURCHASE = range(len(EVENT_TYPES))
 SESSION_GAP_S = 30 * 60  # purchases without a basket id: a gap this long starts a new basket
 # Weight of a basket one basket older in the decayed purchase frequency: TIFU-KNN's published

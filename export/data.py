@@ -13,12 +13,10 @@ import hashlib
 import logging
 import os
 import random
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -27,25 +25,13 @@ from shopserve.ensemble.profile_store import ERASED_EVENT
 from shopserve.ensemble.profiles import EVENT_TYPES
 from shopserve.ensemble.validation import has_word, plain_text
 
+from shopserve.events_file import UNKNOWN_EVENT_TYPE, event_type, parse_timestamp
+
 DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR", "../shared/data")) / "homedepot"
 CATALOGUE_ALIASES = {"product_uid": "product_id", "product_title": "title"}
 JUDGMENT_ALIASES = {"search_term": "query", "product_uid": "product_id"}
 OPTIONAL_CATALOGUE_COLUMNS = ("description", "category", "brand", "price", "in_stock")
 TEXT_CATALOGUE_COLUMNS = ("description", "category", "brand")  # read as plain_text, as titles
-
-# Other systems' names for the event types, as their logs write them (RetailRocket's, REES46's and
-# Google Analytics 4's): read case-blind, with '-' as '_', so that a shop's log needs no renaming.
-EVENT_ALIASES = {
-    "addtocart": "add_to_cart",  # RetailRocket
-    "transaction": "purchase",  # RetailRocket
-    "cart": "add_to_cart",  # REES46
-    "view_item": "view",  # Google Analytics 4
-    "select_item": "click",  # Google Analytics 4
-}
-_EVENT_KINDS = {name: kind for kind, name in enumerate(EVENT_TYPES)}
-_UTC_SUFFIX = re.compile(
-    r"\s*(?:UTC|GMT)$", re.IGNORECASE
-)  # "2019-10-01 00:00:00 UTC" (BigQuery's)
 
 logger = logging.getLogger("shopserve.export.data")
 
@@ -339,24 +325,10 @@ class EventsData:
         )
 
 
-def parse_timestamp(value: object) -> float:
-    """Epoch seconds from ISO 8601 text (UTC unless it says otherwise, as a trailing "UTC" or
-    "GMT" does) or a number of seconds."""
-    text = str(value).strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    parsed = datetime.fromisoformat(_UTC_SUFFIX.sub("+00:00", text))
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.timestamp()
-
-
 def event_kind(name: object) -> int | None:
     """The index in EVENT_TYPES of an events file's event name (or alias); None if unknown."""
-    text = str(name or "").strip().lower().replace("-", "_")
-    return _EVENT_KINDS.get(EVENT_ALIASES.get(text, text))
+    kind = event_type(name)
+    return None if kind is None else EVENT_TYPES.index(kind)
 
 
 def load_events(path: Path, catalogue: CatalogueData) -> EventsData:
@@ -376,10 +348,6 @@ def _events(
     ``event_column`` the event) as EventsData, sorted by (shopper, time)."""
     known = set(catalogue.product_ids.tolist())
     problems = RowProblems(path)
-    unknown_kind = (
-        f"unknown event types (known: {', '.join(EVENT_TYPES)}, "
-        f"or {', '.join(EVENT_ALIASES)}; drop other events' rows first)"
-    )
     horizon = time.time() + MAX_FUTURE_S
     parsed = []
     for line, row in rows:
@@ -399,7 +367,7 @@ def _events(
                 when is not None and not 0 <= when <= horizon,
                 row["timestamp"],
             ),
-            (unknown_kind, kind is None, row["event"]),
+            (UNKNOWN_EVENT_TYPE, kind is None, row["event"]),
         ):
             problems.check(problem, bad, line, value)
         parsed.append(

@@ -175,6 +175,22 @@ def test_an_events_import_reads_a_spreadsheets_file_and_names_a_bad_line(tmp_pat
         next(read_events(path))
 
 
+def test_an_events_import_reads_other_systems_names_as_the_build_does(tmp_path) -> None:
+    """One reading of the events format: REES46's "cart" and BigQuery's "... UTC" times."""
+    path = tmp_path / "events.csv"
+    path.write_text(
+        "user_id,product_id,timestamp,event\n"
+        "u1,196,2023-11-14 22:13:20 UTC,cart\nu1,196,1700000000,Transaction\nu1,196,1,like\n"
+    )
+    events = read_events(path)
+    assert [(e.event, e.timestamp) for e in (next(events), next(events))] == [
+        ("add_to_cart", 1.7e9),
+        ("purchase", 1.7e9),
+    ]
+    with pytest.raises(ValueError, match=f"{path}: line 4: 'like': unknown event types"):
+        next(events)
+
+
 def test_query_must_be_str_or_bytes() -> None:
     with pytest.raises(TypeError, match="query"):
         build_inputs(42, 5)  # type: ignore[arg-type]

@@ -22,8 +22,10 @@ from shopserve.ensemble.profiles import (
     WrongUserKeyError,
 )
 from shopserve.ensemble.recommend import taste
-from shopserve.export.data import CatalogueData, DataError, load_events, parse_timestamp
+from shopserve.export.data import CatalogueData, DataError, load_events
 from shopserve.export.history import split_users, timelines
+
+from shopserve.events_file import parse_timestamp
 
 CATALOGUE = CatalogueData(np.array([1, 2, 3, 4], dtype=np.int64), ["a", "b", "c", "d"])
 
