@@ -65,7 +65,7 @@ from .history import (
     recall,
     timelines,
 )
-from .metrics import ndcg_at_k
+from .metrics import binary_ndcg_at_k, ndcg_at_k
 
 K = 10
 RECOMMEND_K = 20
@@ -449,9 +449,7 @@ def recommendation_audit(lists: RecommendationLists) -> dict:
     quality = quality_by_group(
         {
             "recall_at_20": np.array([recall(t, y) for t, y in pairs]),
-            "ndcg_at_20": np.array(
-                [ndcg_at_k(t, dict.fromkeys(y, 1.0), RECOMMEND_K) for t, y in pairs]
-            ),
+            "ndcg_at_20": np.array([binary_ndcg_at_k(t, y, RECOMMEND_K) for t, y in pairs]),
         },
         lists.groups,
     )
@@ -479,10 +477,7 @@ def personal_search_audit(lists: PersonalSearchLists) -> dict:
 
     def ndcg(tops: list[list[int]]) -> np.ndarray:
         return np.array(
-            [
-                ndcg_at_k(t, dict.fromkeys(y, 1.0), K)
-                for t, y in zip(tops, lists.relevant, strict=True)
-            ]
+            [binary_ndcg_at_k(t, y, K) for t, y in zip(tops, lists.relevant, strict=True)]
         )
 
     personalised, anonymous = ndcg(lists.personalised), ndcg(lists.anonymous)

@@ -25,7 +25,7 @@ from shopserve.ensemble.retrieve import Retriever
 from tqdm.auto import tqdm
 
 from .history import BasketQuery, Case, bought_before, ranked, recall
-from .metrics import dcg, ndcg_at_k
+from .metrics import binary_ndcg_at_k, dcg
 
 RECOMMEND_K = 20
 SEARCH_K = 10
@@ -43,10 +43,6 @@ def interval(values: Sequence[float]) -> dict:
         "ci95": [round(float(data.mean() - half), 4), round(float(data.mean() + half), 4)],
         "n": len(data),
     }
-
-
-def _ndcg(top: Sequence[int], relevant: set[int] | frozenset[int], k: int) -> float:
-    return ndcg_at_k(top, dict.fromkeys(relevant, 1.0), k)
 
 
 # nDCG with the query's category as partial relevance: a product of the queried category gains 1,
@@ -98,7 +94,7 @@ def evaluate_recommendations(
             )
         for name, (top, discovery) in lists.items():
             metrics[name]["recall20"].append(recall(top, case.label))
-            metrics[name]["ndcg20"].append(_ndcg(top, case.label, RECOMMEND_K))
+            metrics[name]["ndcg20"].append(binary_ndcg_at_k(top, case.label, RECOMMEND_K))
             if repeat:
                 metrics[name]["repeat_recall20"].append(recall(top, repeat))
             if new:
@@ -163,7 +159,11 @@ def personal_top(scored: ScoredQuery, weight: float) -> list[int]:
 def fit_search_weight(scored: Sequence[ScoredQuery], grid: Sequence[float]) -> tuple[float, dict]:
     """The weight of the shopper's affinity that maximises mean nDCG@10 (smallest on ties)."""
     table = {
-        w: float(np.mean([_ndcg(personal_top(s, w), s.query.relevant, SEARCH_K) for s in scored]))
+        w: float(
+            np.mean(
+                [binary_ndcg_at_k(personal_top(s, w), s.query.relevant, SEARCH_K) for s in scored]
+            )
+        )
         for w in grid
     }
     best = max(grid, key=lambda w: (round(table[w], 6), -w))
@@ -185,7 +185,10 @@ def evaluate_personal_search(scored: Sequence[ScoredQuery], weight: float) -> di
         tops = [rank(s) for s in scored]
         results[name] = {
             "ndcg10": interval(
-                [_ndcg(t, s.query.relevant, SEARCH_K) for t, s in zip(tops, scored, strict=True)]
+                [
+                    binary_ndcg_at_k(t, s.query.relevant, SEARCH_K)
+                    for t, s in zip(tops, scored, strict=True)
+                ]
             ),
             "mrr10": interval(
                 [_mrr(t, s.query.relevant, SEARCH_K) for t, s in zip(tops, scored, strict=True)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -18,6 +18,11 @@ def ndcg_at_k(ranked_ids: Sequence[int], gains: Mapping[int, float], k: int = 10
     if ideal <= 0:
         return 0.0
     return dcg([gains.get(pid, 0.0) for pid in list(ranked_ids)[:k]]) / ideal
+
+
+def binary_ndcg_at_k(ranked_ids: Sequence[int], relevant: Collection[int], k: int) -> float:
+    """nDCG@k where every relevant product gains 1 (a held-out basket's items)."""
+    return ndcg_at_k(ranked_ids, dict.fromkeys(relevant, 1.0), k)
 
 
 def recall_at_k(ranked_ids: Sequence[int], relevant: set[int], k: int) -> float:
