@@ -31,7 +31,7 @@ from shopserve.export.data import load_catalogue, load_events
 from shopserve.export.evaluate_personal import interval
 from shopserve.export.history import timelines
 
-from shopserve.events_file import parse_timestamp
+from shopserve.formats import parse_timestamp
 from shopserve.server import TritonServer
 
 from . import perf_analyzer

@@ -4,7 +4,7 @@ forget and catalogue updates.
 Only numpy and tritonclient are needed; the public API is re-exported here from private modules.
 """
 
-from shopserve.events_file import EVENT_TYPES
+from shopserve.formats import EVENT_TYPES
 
 from ._client import (
     AsyncSearchClient,

@@ -11,7 +11,13 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from shopserve.events_file import UNKNOWN_EVENT_TYPE, event_type, parse_timestamp
+from shopserve.formats import (
+    CATALOGUE_ALIASES,
+    UNKNOWN_EVENT_TYPE,
+    event_type,
+    in_stock,
+    parse_timestamp,
+)
 
 from ._client import (
     _INT32,
@@ -251,22 +257,19 @@ def events_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-_CATALOGUE_ALIASES = {"product_uid": "product_id", "product_title": "title"}
-_YES, _NO = ("1", "true", "yes", "y"), ("0", "false", "no", "n")
-
-
 class CatalogueFileError(ValueError):
     """A catalogue update file's line cannot be read; the message names it."""
 
 
 def _change(line: int, row: dict[str, str]) -> ProductChange:
-    row = {_CATALOGUE_ALIASES.get(k, k): (v or "").strip() for k, v in row.items() if k}
+    row = {CATALOGUE_ALIASES.get(k, k): (v or "").strip() for k, v in row.items() if k}
     operation = row.get("operation", "").lower() or "upsert"
     if operation not in ("upsert", "delete"):
         raise CatalogueFileError(f"line {line}: operation {operation!r} is not upsert or delete")
-    stock = row.get("in_stock", "").lower()
-    if stock and stock not in _YES + _NO:
-        raise CatalogueFileError(f"line {line}: in_stock must be one of {'/'.join(_YES + _NO)}")
+    try:
+        stock = in_stock(row.get("in_stock"))
+    except ValueError as exc:
+        raise CatalogueFileError(f"line {line}: {exc}") from None
     try:
         product_id = int(row["product_id"])
         price = float(row["price"]) if row.get("price") else None
@@ -278,7 +281,7 @@ def _change(line: int, row: dict[str, str]) -> ProductChange:
         product_id,
         row.get("title", ""),
         price,
-        None if not stock else stock in _YES,
+        stock,
         row.get("category", ""),
         delete=operation == "delete",
     )

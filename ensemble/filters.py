@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shopserve.formats import IN_STOCK_VALUES, in_stock
+
 from . import store
 from .validation import InvalidRequest, check_flag, decode_number, decode_text
 
@@ -26,7 +28,6 @@ FILTER_INPUTS = ("IN_STOCK", "PRICE_MIN", "PRICE_MAX", "CATEGORY")
 MAX_CATEGORY_BYTES = 512
 MAX_PRICE = float(np.finfo(np.float32).max)  # prices are served as float32
 _CATEGORY_SEPARATOR = re.compile(r"\s*[/>|]\s*")
-_TRUE, _FALSE = ("1", "true", "yes", "y"), ("0", "false", "no", "n")
 
 
 def category_path(category: object) -> tuple[str, ...]:
@@ -109,13 +110,18 @@ def _price_column(cells: Sequence[object]) -> np.ndarray:
 
 
 def _stock_column(cells: Sequence[object]) -> np.ndarray:
-    text = [str(c or "").strip().lower() for c in cells]
-    bad = [row for row, cell in enumerate(text) if cell and cell not in _TRUE + _FALSE]
+    """In stock or not per row; an empty cell (unknown) is not in stock to a filter."""
+    values, bad = [], []
+    for row, cell in enumerate(cells):
+        try:
+            values.append(in_stock(cell) or False)
+        except ValueError:
+            bad.append(row)
     if bad:
         raise CatalogueAttributeError(
-            f"in_stock must be one of {'/'.join(_TRUE + _FALSE)} or empty; lines {_bad_rows(bad)}"
+            f"in_stock must be one of {IN_STOCK_VALUES} or empty; lines {_bad_rows(bad)}"
         )
-    return np.array([cell in _TRUE for cell in text], dtype=bool)
+    return np.array(values, dtype=bool)
 
 
 def _category_column(cells: Sequence[object]) -> tuple[np.ndarray, tuple[tuple[str, ...], ...]]:

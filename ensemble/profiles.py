@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shopserve.events_file import EVENT_TYPES
+from shopserve.formats import EVENT_TYPES
 
 VIEW, CLICK, ADD_TO_CART, PURCHASE = range(len(EVENT_TYPES))
 SESSION_GAP_S = 30 * 60  # purchases without a basket id: a gap this long starts a new basket

@@ -25,10 +25,9 @@ from shopserve.ensemble.profile_store import ERASED_EVENT
 from shopserve.ensemble.profiles import EVENT_TYPES
 from shopserve.ensemble.validation import has_word, plain_text
 
-from shopserve.events_file import UNKNOWN_EVENT_TYPE, event_type, parse_timestamp
+from shopserve.formats import CATALOGUE_ALIASES, UNKNOWN_EVENT_TYPE, event_type, parse_timestamp
 
 DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR", "../shared/data")) / "homedepot"
-CATALOGUE_ALIASES = {"product_uid": "product_id", "product_title": "title"}
 JUDGMENT_ALIASES = {"search_term": "query", "product_uid": "product_id"}
 OPTIONAL_CATALOGUE_COLUMNS = ("description", "category", "brand", "price", "in_stock")
 TEXT_CATALOGUE_COLUMNS = ("description", "category", "brand")  # read as plain_text, as titles

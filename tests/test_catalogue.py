@@ -326,6 +326,9 @@ def test_an_update_file_reads_in_batches_with_stable_ids(tmp_path) -> None:
     path.write_text("product_id,title,operation\n1,Red kettle,rename\n")
     with pytest.raises(CatalogueFileError, match="line 2: operation 'rename'"):
         list(read_catalogue_changes(path, batch_size=2))
+    path.write_text("product_id,title,in_stock\n1,Red kettle,OutOfStock\n2,Pan,preorder\n")
+    with pytest.raises(CatalogueFileError, match=r"line 3: in_stock must be one of .*'preorder'"):
+        list(read_catalogue_changes(path, batch_size=2))
 
 
 def test_the_log_exports_for_the_next_build_which_serving_then_skips(tmp_path) -> None:

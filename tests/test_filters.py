@@ -19,6 +19,8 @@ from shopserve.ensemble.retrieve import Retriever
 from shopserve.ensemble.validation import InvalidRequest
 from shopserve.export.lexical import build_lexical_index
 
+from shopserve.formats import in_stock
+
 COLUMNS = {
     "price": ["9.99", "", "120", "49.5", "0"],
     "in_stock": ["1", "0", "yes", "", "true"],
@@ -98,6 +100,26 @@ def test_bad_catalogue_columns_name_their_lines() -> None:
         Attributes.from_columns({"price": ["1e39", "inf", "3e38"]})
     with pytest.raises(CatalogueAttributeError, match=r"in_stock .* lines 2 \(1 in all\)"):
         Attributes.from_columns({"in_stock": ["maybe", "1"]})
+
+
+@pytest.mark.parametrize(
+    ("cell", "stock"),
+    [
+        ("1", True), ("Yes", True), ("in_stock", True), ("In Stock", True), ("InStock", True),
+        ("https://schema.org/InStock", True), ("0", False), ("out_of_stock", False),
+        ("OutOfStock", False), ("sold out", False), ("", None), (None, None),
+    ],
+)  # fmt: skip
+def test_stock_reads_ours_and_schema_orgs_and_merchant_feeds_values(cell, stock) -> None:
+    assert in_stock(cell) is stock
+
+
+def test_a_stock_value_that_says_neither_is_refused() -> None:
+    for cell in ("preorder", "backorder", "maybe", "2"):
+        with pytest.raises(ValueError, match=f"in_stock must be one of .* not '{cell}'"):
+            in_stock(cell)
+    shop = Attributes.from_columns({"in_stock": ["InStock", "out_of_stock", ""]})
+    assert shop.allowed(ProductFilter(in_stock=True)).tolist() == [True, False, False]
 
 
 def test_attributes_round_trip(tmp_path) -> None:

@@ -25,7 +25,7 @@ from shopserve.ensemble.recommend import taste
 from shopserve.export.data import CatalogueData, DataError, load_events
 from shopserve.export.history import split_users, timelines
 
-from shopserve.events_file import parse_timestamp
+from shopserve.formats import parse_timestamp
 
 CATALOGUE = CatalogueData(np.array([1, 2, 3, 4], dtype=np.int64), ["a", "b", "c", "d"])
 

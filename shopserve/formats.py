@@ -1,6 +1,7 @@
-"""The generic events file's event types and timestamps, read alike by the build
-(shopserve.export.data) and by ``shopserve events import`` (shopserve.client): standard library
-only, so the client imports it without the export's or the server's dependencies."""
+"""How the generic files' cells read (the catalogue's column names and stock, the events' types
+and timestamps): one reading for the build (shopserve.export, shopserve.ensemble) and for the CLI's
+``events import`` and ``catalogue update`` (shopserve.client). Standard library only, so the client
+imports it without the export's or the server's dependencies."""
 
 from __future__ import annotations
 
@@ -46,3 +47,26 @@ def parse_timestamp(value: object) -> float:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed.timestamp()
+
+
+# The catalogue file's column names as Home Depot's data writes them.
+CATALOGUE_ALIASES = {"product_uid": "product_id", "product_title": "title"}
+# in_stock: ours, and the availability values of schema.org and Google Merchant feeds ("InStock",
+# "https://schema.org/OutOfStock", "in_stock", "out of stock"), read case-blind.
+IN_STOCK_YES = ("1", "true", "yes", "y", "instock")
+IN_STOCK_NO = ("0", "false", "no", "n", "outofstock", "soldout")
+IN_STOCK_VALUES = "1/true/yes/y/in_stock or 0/false/no/n/out_of_stock/sold_out"
+
+
+def in_stock(cell: object) -> bool | None:
+    """Whether a catalogue file's in_stock cell says in stock; None for an empty cell (unknown).
+    ValueError for any other value."""
+    text = str(cell or "").strip().lower().rpartition("/")[2]
+    if not text:
+        return None
+    key = text.replace("_", "").replace("-", "").replace(" ", "")
+    if key in IN_STOCK_YES:
+        return True
+    if key in IN_STOCK_NO:
+        return False
+    raise ValueError(f"in_stock must be one of {IN_STOCK_VALUES} or empty, not {text!r}")
