@@ -26,20 +26,44 @@ log = logging.getLogger("shopserve.models")
 PREPACKED_DIR_ENV = "SHOPSERVE_PREPACKED_DIR"
 PREPACKED_FILE = "model.onnx"
 RANKER_METADATA_KEY = "shopserve.ranker"  # a ranker's feature contract in its ONNX metadata
+# An INT8 graph's form, in its ONNX metadata (export/qdq.py writes it). TensorRT's form runs on CPU
+# as written (DequantizeLinear, then a float MatMul): ONNX Runtime fuses Q/DQ pairs into INT8
+# kernels that, on x86 without VNNI, saturate 16-bit sums of products where the weights use the
+# whole INT8 range. TensorRT's INT8 GEMMs sum in INT32 and do not (benchmarks/gpu_encoder.py).
+QDQ_FORMAT_KEY = "shopserve.qdq.format"
+TENSORRT_QDQ_FORMAT = "QDQ QInt8 symmetric activations; QInt8 symmetric weights"
 
 
-def _session_options(threads: int) -> ort.SessionOptions:
+def _session_options(threads: int, as_written: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle threads must sleep, not spin: on 2 cores a spinning pool starves the other steps.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if as_written:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     return options
 
 
-def _session(model_path: Path | str, options: ort.SessionOptions) -> ort.InferenceSession:
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+def _session(model: Path | str | bytes, options: ort.SessionOptions) -> ort.InferenceSession:
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def cpu_session(model: Path | str | bytes, threads: int = 1, quiet: bool = False):
+    """A CPU session over a model file or its bytes; TensorRT's INT8 form runs as written."""
+    options = _session_options(threads)
+    if quiet:
+        options.log_severity_level = 3
+    session = _session(model, options)
+    metadata = session.get_modelmeta().custom_metadata_map
+    if metadata.get(QDQ_FORMAT_KEY) != TENSORRT_QDQ_FORMAT:
+        return session
+    options = _session_options(threads, as_written=True)
+    if quiet:
+        options.log_severity_level = 3
+    return _session(model, options)
 
 
 def ort_session(model_path: Path | str, threads: int = 1) -> ort.InferenceSession:
@@ -47,8 +71,10 @@ def ort_session(model_path: Path | str, threads: int = 1) -> ort.InferenceSessio
     pre-packed copy, so that the processes that run one model share its packed weights."""
     prepacked_dir = os.environ.get(PREPACKED_DIR_ENV)
     if prepacked_dir:
-        model_path = prepacked_model(Path(model_path), Path(prepacked_dir))
-    return _session(model_path, _session_options(threads))
+        return _session(
+            prepacked_model(Path(model_path), Path(prepacked_dir)), _session_options(threads)
+        )
+    return cpu_session(model_path, threads)
 
 
 def prepacked_model(model_path: Path, directory: Path) -> Path:

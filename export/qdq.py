@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+from shopserve.ensemble.models import QDQ_FORMAT_KEY, TENSORRT_QDQ_FORMAT, cpu_session
 
 log = logging.getLogger("shopserve.export.qdq")
 
@@ -39,9 +40,9 @@ Batch = tuple[np.ndarray, np.ndarray]  # (input_ids, attention_mask), int64 [bat
 METADATA_FP32 = "shopserve.qdq.fp32_matmuls"  # JSON list of node names kept in FP32
 METADATA_CALIBRATION = "shopserve.qdq.calibration"  # JSON object: method, batches, rows, ...
 METADATA_SELECTION = "shopserve.qdq.selection"  # JSON object: target and measured cosines
-METADATA_FORMAT = "shopserve.qdq.format"
+METADATA_FORMAT = QDQ_FORMAT_KEY
 QDQ_FORMATS = {
-    True: "QDQ QInt8 symmetric activations; QInt8 symmetric weights",  # TensorRT's form
+    True: TENSORRT_QDQ_FORMAT,  # runs as written on CPU (ensemble/models.py says why)
     False: "QDQ QUInt8 asymmetric activations; QInt8 symmetric weights",  # ONNX Runtime CPU's
 }
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -218,19 +219,11 @@ def calibration_batches(tokenizer, texts: Sequence[str], batch_size: int = 16) -
 # --------------------------------------------------------------------------- measurement
 
 
-def _session(model: onnx.ModelProto | Path, threads: int = 2):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    source = str(model) if isinstance(model, Path) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
 def embed(model: onnx.ModelProto | Path, batches: Sequence[Batch], threads: int = 2) -> np.ndarray:
-    """EMBEDDING rows of all ``batches``, concatenated."""
-    session = _session(model, threads)
+    """EMBEDDING rows of all ``batches``, concatenated (TensorRT's form as written, see
+    :func:`shopserve.ensemble.models.cpu_session`)."""
+    source = model if isinstance(model, Path) else model.SerializeToString()
+    session = cpu_session(source, threads, quiet=True)
     rows = [
         session.run(["EMBEDDING"], {"INPUT_IDS": ids, "ATTENTION_MASK": mask})[0]
         for ids, mask in batches

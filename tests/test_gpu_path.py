@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from shopserve.export.encoder import pooled, write_onnx
 
 PROJECT = Path(__file__).resolve().parents[1]
 VOCAB = 100
+if str(PROJECT) not in sys.path:  # benchmarks/ is a directory of the project, not installed
+    sys.path.insert(0, str(PROJECT))
 
 
 # --------------------------------------------------------------------------- configs
@@ -384,6 +387,131 @@ def test_qdq_numerics_batch_invariant_and_close_to_fp32(tiny_encoder: Path, qdq_
     cosine = qdq.cosines(reference, batched)
     assert cosine.min() > 0.99, cosine
     assert np.abs(batched - reference).max() > 0  # it is quantized
+
+
+def test_the_gpu_check_runs_both_graphs_as_onnx_runtime_does(
+    tiny_encoder: Path, qdq_encoder
+) -> None:
+    """benchmarks/gpu_encoder.py's PyTorch run of the graphs (here on CPU): the FP32 graph as ONNX
+    Runtime runs it; the Q/DQ graph with real INT8 GEMMs, as close to FP32 as ONNX Runtime's Q/DQ
+    run and equal to the graph's own arithmetic; FP16 close to FP32."""
+    torch = pytest.importorskip("torch")
+    from benchmarks.gpu_encoder import GraphRunner
+
+    ids, mask = _batch(np.random.default_rng(11), [3, 17, 5, 9, 12, 4, 20, 8])
+    fp32_graph, qdq_graph = onnx.load(str(tiny_encoder)), onnx.load(str(qdq_encoder))
+    reference = qdq.embed(tiny_encoder, [(ids, mask)])
+    fp32 = GraphRunner(fp32_graph, "cpu", torch.float32, int8_gemm=False)(ids, mask)
+    np.testing.assert_allclose(fp32, reference, atol=1e-5)
+    fp16 = GraphRunner(fp32_graph, "cpu", torch.float16, int8_gemm=False)(ids, mask)
+    assert qdq.cosines(reference, fp16).min() > 0.999
+    runner = GraphRunner(qdq_graph, "cpu", torch.float32, int8_gemm=True)
+    int8 = runner(ids, mask)
+    # one layer: query, key, value, attention output, intermediate, output; two attention products
+    assert (runner.int8_matmuls, runner.exact_matmuls) == (6, 2)
+    as_written = GraphRunner(qdq_graph, "cpu", torch.float32, int8_gemm=False)(ids, mask)
+    assert qdq.cosines(as_written, int8).min() > 0.9999
+    onnx_runtime = qdq.cosines(reference, qdq.embed(qdq_encoder, [(ids, mask)]))
+    assert qdq.cosines(reference, int8).mean() == pytest.approx(onnx_runtime.mean(), abs=2e-3)
+
+
+def _quantized_matmuls(rng: np.random.Generator) -> onnx.ModelProto:
+    """X x W (X quantized per tensor, W an INT8 weight with a scale per column) and A x B (both
+    activations quantized per tensor, batched as attention is): the two MatMuls of a Q/DQ graph."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def tensor(name: str, value) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    weight = rng.integers(-127, 128, size=(32, 24)).astype(np.int8)
+    initializers = [
+        tensor("x_scale", np.float32(0.02)),
+        tensor("a_scale", np.float32(0.05)),
+        tensor("b_scale", np.float32(0.03)),
+        tensor("zero", np.int8(0)),
+        tensor("w", weight),
+        tensor("w_scale", rng.uniform(0.001, 0.01, size=24).astype(np.float32)),
+        tensor("w_zero", np.zeros(24, dtype=np.int8)),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["X", "x_scale", "zero"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "zero"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wd"], axis=1),
+        helper.make_node("MatMul", ["xd", "wd"], ["Y"]),
+    ]
+    for name in ("A", "B"):
+        scale = f"{name.lower()}_scale"
+        nodes += [
+            helper.make_node("QuantizeLinear", [name, scale, "zero"], [f"{name}q"]),
+            helper.make_node("DequantizeLinear", [f"{name}q", scale, "zero"], [f"{name}d"]),
+        ]
+    nodes.append(helper.make_node("MatMul", ["Ad", "Bd"], ["AB"]))
+    graph = helper.make_graph(
+        nodes,
+        "quantized_matmuls",
+        [
+            helper.make_tensor_value_info("X", TensorProto.FLOAT, [20, 32]),
+            helper.make_tensor_value_info("A", TensorProto.FLOAT, [2, 3, 20, 8]),
+            helper.make_tensor_value_info("B", TensorProto.FLOAT, [2, 3, 8, 20]),
+        ],
+        [
+            helper.make_tensor_value_info("Y", TensorProto.FLOAT, [20, 24]),
+            helper.make_tensor_value_info("AB", TensorProto.FLOAT, [2, 3, 20, 20]),
+        ],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _quantized_feeds(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "X": rng.normal(size=(20, 32)).astype(np.float32),
+        "A": rng.normal(size=(2, 3, 20, 8)).astype(np.float32),
+        "B": rng.normal(size=(2, 3, 8, 20)).astype(np.float32),
+    }
+
+
+def _as_defined(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """ONNX Runtime with every graph optimisation off: each operator as ONNX defines it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session.run(["Y", "AB"], feeds)
+
+
+def test_the_gpu_checks_int8_matmuls_are_the_graphs_arithmetic() -> None:
+    """An INT8 GEMM with per-column weight scales, and attention's product of two quantized
+    activations, as the graph's operators define them."""
+    torch = pytest.importorskip("torch")
+    from benchmarks.gpu_encoder import GraphRunner
+
+    rng = np.random.default_rng(5)
+    model = _quantized_matmuls(rng)
+    onnx.checker.check_model(model, full_check=True)
+    feeds = _quantized_feeds(rng)
+    runner = GraphRunner(model, "cpu", torch.float32, int8_gemm=True)
+    answered = runner.run(feeds, ["Y", "AB"])
+    assert (runner.int8_matmuls, runner.exact_matmuls) == (1, 1)
+    for got, expected in zip(answered, _as_defined(model, feeds), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tensorrts_int8_form_runs_as_written_on_cpu() -> None:
+    """A graph marked as TensorRT's INT8 form is run on CPU as its operators define it, never
+    through ONNX Runtime's fused INT8 kernels (which saturate on x86 without VNNI)."""
+    from shopserve.ensemble.models import cpu_session
+
+    rng = np.random.default_rng(5)
+    model = _quantized_matmuls(rng)
+    feeds = _quantized_feeds(rng)
+    qdq.set_metadata(model, {qdq.METADATA_FORMAT: qdq.QDQ_FORMATS[True]})
+    answered = cpu_session(model.SerializeToString()).run(["Y", "AB"], feeds)
+    for got, expected in zip(answered, _as_defined(model, feeds), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_revert_to_fp32_equals_quantizing_without_those_matmuls(
