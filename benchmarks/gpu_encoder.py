@@ -416,7 +416,7 @@ def run(
     report = {
         "device": torch.cuda.get_device_name(0)
         if device.startswith("cuda")
-        else platform.processor(),
+        else f"{device} ({platform.machine()})",
         "torch": torch.__version__,
         "texts": len(fp32_cpu),
         "batch": BATCH,

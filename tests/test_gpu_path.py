@@ -607,3 +607,43 @@ def test_a_gpu_target_build_writes_the_qdq_graph_and_gpu_configs(data_dir, tmp_p
     assert in_process.name == "model_fp32.onnx"
     hits = SearchPipeline.from_repository(repository).search("cordless drill", 5)
     assert len(hits.product_ids) == 5
+    _run_the_documented_gpu_check(repository, tmp_path)
+
+
+def _run_the_documented_gpu_check(repository: Path, tmp_path: Path) -> None:
+    """docs/building.md's two commands on the GPU-target store, the second on CPU."""
+    import shlex
+    import subprocess
+
+    text = (PROJECT / "docs" / "building.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- runnable: gpu-check -->\n```bash\n(.*?)```", text, re.S)
+    assert block, "docs/building.md lost its runnable gpu-check block"
+    commands = [
+        shlex.split(line) for line in block.group(1).splitlines() if line and line[0] != "#"
+    ]
+    texts = tmp_path / "texts.txt"
+    texts.write_text(
+        "cordless drill\nwhite vanity 36 inch\n"
+        + "\n".join(store.load_catalogue(repository).titles[:30])
+        + "\n"
+    )
+    swap = {
+        "STORE": repository,
+        "texts.txt": texts,
+        "ref.npz": tmp_path / "ref.npz",
+        "gpu.json": tmp_path / "gpu.json",
+    }
+    extra = [[], ["--device", "cpu", "--modes", "fp32,int8"]]
+    for command, more in zip(commands, extra, strict=True):
+        assert command[:2] == ["python", "benchmarks/gpu_encoder.py"], command
+        argv = [sys.executable, *[str(swap.get(word, word)) for word in command[1:]], *more]
+        done = subprocess.run(argv, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["texts"] == 32
+    fp32, int8 = report["modes"]["fp32"], report["modes"]["int8"]
+    assert fp32["vs_fp32_cpu"]["min"] > 0.99999
+    assert int8["int8_gemm_matmuls"] > 0 and int8["vs_fp32_cpu"]["mean"] > 0.98
+    assert int8["vs_fp32_cpu"]["mean"] == pytest.approx(
+        report["onnxruntime_cpu"]["qdq_vs_fp32_cosine"]["mean"], abs=2e-3
+    )
