@@ -43,9 +43,7 @@ METADATA_SELECTION = "shopserve.qdq.selection"  # JSON object: target and measur
 METADATA_FORMAT = QDQ_FORMAT_KEY
 QDQ_FORMATS = {
     True: TENSORRT_QDQ_FORMAT,  # runs as written on CPU (ensemble/models.py says why)
-    # ONNX Runtime CPU's: 7-bit weights, so that no x86 kernel saturates (ensemble/models.py) and
-    # the served numbers are the same on every x86 server, VNNI or not.
-    False: "QDQ QUInt8 asymmetric activations; QInt8 symmetric 7-bit weights",
+    False: "QDQ QUInt8 asymmetric activations; QInt8 symmetric weights",  # ONNX Runtime CPU's
 }
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 QUANTIZED_OPS = ("MatMul", "Gemm")
@@ -128,9 +126,7 @@ def quantize_qdq(
     end up on the quantized MatMuls' inputs only (:func:`restrict_to_matmul_inputs`). The FP32
     MatMuls and the calibration go into ``metadata_props``. ``signed``: symmetric INT8 activations
     as TensorRT's explicit quantization takes them; otherwise asymmetric UINT8 activations, which
-    ONNX Runtime's CPU kernels run several times faster, and weights in 7 bits (-64..64), whose
-    sums of two products fit the 16 bits that x86 without VNNI adds them in (the weights are
-    signed either way).
+    ONNX Runtime's CPU kernels run several times faster (the weights are signed INT8 either way).
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -153,7 +149,6 @@ def quantize_qdq(
             calibrate_method=_calibrate_method(method),
             extra_options=_extra_options(method, percentile, signed),
             calibration_cache_path=str(cache) if cache is not None else None,
-            reduce_range=not signed,
         )
     model = onnx.load(str(destination))
     restrict_to_matmul_inputs(model)

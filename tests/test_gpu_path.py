@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, numpy_helper
 from shopserve.ensemble import store
 from shopserve.export import gpu, qdq
 from shopserve.export.encoder import pooled, write_onnx
@@ -513,30 +512,6 @@ def test_tensorrts_int8_form_runs_as_written_on_cpu() -> None:
     answered = cpu_session(model.SerializeToString()).run(["Y", "AB"], feeds)
     for got, expected in zip(answered, _as_defined(model, feeds), strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_the_cpu_form_has_7_bit_weights_and_answers_alike_on_every_x86(
-    tiny_encoder: Path, calibration, tmp_path
-) -> None:
-    """The CPU store's graph (UINT8 activations) keeps its weights in -64..64: ONNX Runtime's fused
-    INT8 kernels then answer as the operators define, VNNI or not (full-range weights saturate
-    16-bit sums on x86 without VNNI)."""
-    import onnxruntime as ort
-
-    path = qdq.quantize_qdq(tiny_encoder, tmp_path / "cpu.onnx", calibration, signed=False)
-    weights = [
-        numpy_helper.to_array(i)
-        for i in onnx.load(str(path)).graph.initializer
-        if i.data_type == TensorProto.INT8 and len(i.dims) == 2
-    ]
-    assert len(weights) == 6 and all(w.min() >= -64 and w.max() <= 64 for w in weights)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    as_defined = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for ids, mask in _batches(9, 3):
-        fused = qdq.embed(path, [(ids, mask)])
-        (expected,) = as_defined.run(["EMBEDDING"], {"INPUT_IDS": ids, "ATTENTION_MASK": mask})
-        np.testing.assert_allclose(fused, expected, atol=1e-4)
 
 
 def test_revert_to_fp32_equals_quantizing_without_those_matmuls(
