@@ -210,7 +210,7 @@ class GraphRunner:
         return scaled.reshape(*qa.shape[:-1], qw.shape[-1])
 
 
-def _float(runner: GraphRunner, to: int):
+def _dtype(runner: GraphRunner, to: int):
     mapping = {
         onnx.TensorProto.FLOAT: runner.dtype,
         onnx.TensorProto.INT64: runner.torch.int64,
@@ -336,7 +336,7 @@ _OPS: dict[str, Callable] = {
     "Transpose": lambda r, i, a: i[0].permute(*a["perm"]),
     "Concat": lambda r, i, a: r.torch.cat(i, dim=a["axis"]),
     "Shape": lambda r, i, a: r.torch.tensor(list(i[0].shape), dtype=r.torch.int64, device=r.device),
-    "Cast": lambda r, i, a: i[0].to(_float(r, a["to"])),
+    "Cast": lambda r, i, a: i[0].to(_dtype(r, a["to"])),
     "Where": lambda r, i, a: r.torch.where(i[0], i[1], i[2]),
     "IsNaN": lambda r, i, a: r.torch.isnan(i[0]),
     "And": lambda r, i, a: r.torch.logical_and(i[0], i[1]),

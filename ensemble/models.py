@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,9 @@ QDQ_FORMAT_KEY = "shopserve.qdq.format"
 TENSORRT_QDQ_FORMAT = "QDQ QInt8 symmetric activations; QInt8 symmetric weights"
 
 
-def _session_options(threads: int, as_written: bool = False) -> ort.SessionOptions:
+def _session_options(
+    threads: int, as_written: bool = False, quiet: bool = False
+) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -43,6 +45,8 @@ def _session_options(threads: int, as_written: bool = False) -> ort.SessionOptio
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if as_written:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if quiet:
+        options.log_severity_level = 3
     return options
 
 
@@ -51,19 +55,25 @@ def _session(model: Path | str | bytes, options: ort.SessionOptions) -> ort.Infe
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def cpu_session(model: Path | str | bytes, threads: int = 1, quiet: bool = False):
-    """A CPU session over a model file or its bytes; TensorRT's INT8 form runs as written."""
-    options = _session_options(threads)
-    if quiet:
-        options.log_severity_level = 3
-    session = _session(model, options)
-    metadata = session.get_modelmeta().custom_metadata_map
-    if metadata.get(QDQ_FORMAT_KEY) != TENSORRT_QDQ_FORMAT:
-        return session
-    options = _session_options(threads, as_written=True)
-    if quiet:
-        options.log_severity_level = 3
-    return _session(model, options)
+def runs_as_written(metadata: Mapping[str, str]) -> bool:
+    """Whether a graph with this ONNX metadata is TensorRT's INT8 form."""
+    return metadata.get(QDQ_FORMAT_KEY) == TENSORRT_QDQ_FORMAT
+
+
+def cpu_session(
+    model: Path | str | bytes,
+    threads: int = 1,
+    quiet: bool = False,
+    as_written: bool | None = None,
+) -> ort.InferenceSession:
+    """A CPU session over a model file or its bytes; TensorRT's INT8 form runs as written.
+    ``as_written`` None: read from the graph's metadata (a second session where it says so)."""
+    if as_written is None:
+        session = _session(model, _session_options(threads, quiet=quiet))
+        if not runs_as_written(session.get_modelmeta().custom_metadata_map):
+            return session
+        as_written = True
+    return _session(model, _session_options(threads, as_written, quiet))
 
 
 def ort_session(model_path: Path | str, threads: int = 1) -> ort.InferenceSession:

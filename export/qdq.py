@@ -31,7 +31,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
-from shopserve.ensemble.models import QDQ_FORMAT_KEY, TENSORRT_QDQ_FORMAT, cpu_session
+from shopserve.ensemble.models import (
+    QDQ_FORMAT_KEY,
+    TENSORRT_QDQ_FORMAT,
+    cpu_session,
+    runs_as_written,
+)
 
 log = logging.getLogger("shopserve.export.qdq")
 
@@ -222,8 +227,11 @@ def calibration_batches(tokenizer, texts: Sequence[str], batch_size: int = 16) -
 def embed(model: onnx.ModelProto | Path, batches: Sequence[Batch], threads: int = 2) -> np.ndarray:
     """EMBEDDING rows of all ``batches``, concatenated (TensorRT's form as written, see
     :func:`shopserve.ensemble.models.cpu_session`)."""
-    source = model if isinstance(model, Path) else model.SerializeToString()
-    session = cpu_session(source, threads, quiet=True)
+    if isinstance(model, Path):
+        session = cpu_session(model, threads, quiet=True)
+    else:  # a graph in hand says its form: one session, not two
+        as_written = runs_as_written(metadata(model))
+        session = cpu_session(model.SerializeToString(), threads, True, as_written)
     rows = [
         session.run(["EMBEDDING"], {"INPUT_IDS": ids, "ATTENTION_MASK": mask})[0]
         for ids, mask in batches
