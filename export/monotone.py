@@ -206,23 +206,30 @@ def train(
     usable = lists.gains.sum(1) > 0
     knots = calibration_knots(lists.rows()[:, list(columns)])
     model = _module(specs, columns, knots, seed)
-    features = torch.from_numpy(lists.features[usable])
     mask = torch.from_numpy(lists.mask[usable])
+    # The model scores only real candidates (the padding of a list is not computed): the rows of
+    # every usable list, and each padded slot's row number.
+    rows = torch.from_numpy(lists.features[usable][lists.mask[usable]])
+    row_of = torch.zeros(mask.shape, dtype=torch.int64)
+    row_of[mask] = torch.arange(len(rows))
     gains = torch.from_numpy(lists.gains[usable])
     # Target distribution over each list: exponential gain, as in nDCG's 2^g - 1.
     target = torch.where(mask, torch.exp2(gains) - 1, torch.zeros_like(gains))
     target = target / target.sum(1, keepdim=True)
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
+    padding = torch.tensor(float("-inf"))
 
     def epoch() -> float:
         """One pass over the lists in a random order; the mean loss per list."""
-        order = torch.randperm(len(features), generator=generator)
+        order = torch.randperm(len(mask), generator=generator)
         total = 0.0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            logits = model(features[idx]).masked_fill(~mask[idx], float("-inf"))
-            log_probs = torch.log_softmax(logits, dim=1).masked_fill(~mask[idx], 0.0)
+            real = mask[idx]
+            scores = model(rows[row_of[idx][real]])
+            logits = padding.expand(real.shape).masked_scatter(real, scores)
+            log_probs = torch.log_softmax(logits, dim=1).masked_fill(~real, 0.0)
             loss = -(target[idx] * log_probs).sum(1).mean()
             optimiser.zero_grad()
             loss.backward()

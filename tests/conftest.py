@@ -164,8 +164,15 @@ def personal_repository(
     )
 
 
-def build_personal(repository: Path, items: Path, events: Path, built_repository: Path) -> Path:
-    """Build a personal store from generic files, with the Home Depot store's ranker."""
+def build_personal(
+    repository: Path,
+    items: Path,
+    events: Path,
+    built_repository: Path,
+    rec_ranker: Path | None = None,
+) -> Path:
+    """Build a personal store from generic files, with the Home Depot store's ranker (and
+    ``rec_ranker`` as its recommendation ranker, when given, instead of training one)."""
     from shopserve.ensemble import store
     from shopserve.export.build import BuildOptions, build
 
@@ -176,6 +183,7 @@ def build_personal(repository: Path, items: Path, events: Path, built_repository
             repository=repository,
             ranker=store.model_file(built_repository, store.RANKER),
             events=events,
+            rec_ranker=rec_ranker,
         )
     )
     return repository
@@ -185,13 +193,18 @@ def build_personal(repository: Path, items: Path, events: Path, built_repository
 def newer_personal_repository(
     tmp_path_factory: pytest.TempPathFactory,
     built_repository: Path,
+    personal_repository: Path,
     instacart_files,
     user_key_file,
 ) -> Path:
-    """The personal store built again, from scratch, from a newer events file: every event of the
-    first build's file plus one later basket of another shopper (a new snapshot and watermark)."""
+    """The personal store built again, into a new folder, from a newer events file: every event
+    of the first build's file plus one later basket of another shopper (a new snapshot and
+    watermark). Its recommendation ranker is the first build's, passed as ``--rec-ranker``
+    (gated again), which saves the ranker's training."""
     import csv
     from datetime import datetime, timedelta
+
+    from shopserve.ensemble import store
 
     items, events = instacart_files
     folder = tmp_path_factory.mktemp("personal-newer")
@@ -210,7 +223,13 @@ def newer_personal_repository(
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return build_personal(folder / "store", items, newer, built_repository)
+    return build_personal(
+        folder / "store",
+        items,
+        newer,
+        built_repository,
+        rec_ranker=store.model_file(personal_repository, store.REC_RANKER),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -183,7 +183,7 @@ def test_updates_outlive_a_rollback_and_a_roll_forward(server, client, repositor
 def test_updates_are_carried_to_a_new_build(
     personal_repository, newer_personal_repository, tmp_path
 ) -> None:
-    """A release to another build (built from scratch from newer events) on the same work folder
+    """A release to another build (built again from newer events) on the same work folder
     serves every update logged while the old one served."""
     with (
         start_server(personal_repository, tmp_path) as old,

@@ -417,8 +417,8 @@ def test_no_personal_data_in_the_logs(live, client, catalogue) -> None:
 def test_logged_events_and_erasures_outlive_a_new_build_and_a_rollback(
     backend, personal_repository, newer_personal_repository, catalogue, tmp_path
 ) -> None:
-    """Events recorded on one build are served after a restart on a newer build (built from
-    scratch from a newer events file), and again after a restart back on the older one; a
+    """Events recorded on one build are served after a restart on a newer build (built again,
+    into its own folder, from a newer events file), and again after a restart back on the older one; a
     forgotten shopper stays forgotten on both."""
     with contextlib.ExitStack() as stack:
         location = None

@@ -14,6 +14,7 @@ from shopserve.export.ranker import (
     COLUMNS,
     FUSION,
     LEARNED,
+    SPECS,
     check_reusable,
     train_search_ranker,
     write_fusion_ranker,
@@ -108,6 +109,34 @@ def test_the_ranker_learns_the_signal(trained) -> None:
     rows, gains = lists.features.reshape(-1, NUM_FEATURES), lists.gains.reshape(-1)
     scores = ranker(rows)
     assert scores[gains > 0].mean() > scores[gains == 0].mean() + 1.0
+
+
+def test_training_scores_only_real_candidates_with_the_padded_lists_loss() -> None:
+    """Training scores each list's real candidates only; its first loss (one batch of every list,
+    before any step) is the ListNet loss of the model on the padded lists, padding masked out, and
+    lists with no gain are left out."""
+    import torch
+
+    lists = synthetic_lists(queries=24, width=30)
+    lengths = np.random.default_rng(5).integers(3, 31, len(lists.gains))
+    lists.mask = np.arange(30) < lengths[:, None]
+    lists.gains[~lists.mask] = 0.0
+    lists.features[~lists.mask] = 1e6  # padding that would swamp the loss if it were scored
+    lists.gains[0] = 0.0  # a list without gain
+    _, loss = monotone.train(lists, SPECS, COLUMNS, seed=4, epochs=1, batch_size=64)
+
+    usable = lists.gains.sum(1) > 0
+    knots = monotone.calibration_knots(lists.rows()[:, list(COLUMNS)])
+    model = monotone._module(SPECS, COLUMNS, knots, seed=4)
+    mask = torch.from_numpy(lists.mask[usable])
+    features = torch.from_numpy(np.where(lists.mask[..., None], lists.features, 0.0)[usable])
+    with torch.no_grad():
+        logits = model(features).masked_fill(~mask, float("-inf"))
+    gains = torch.from_numpy(lists.gains[usable])
+    target = torch.where(mask, torch.exp2(gains) - 1, torch.zeros_like(gains))
+    target = target / target.sum(1, keepdim=True)
+    log_probs = torch.log_softmax(logits, dim=1).masked_fill(~mask, 0.0)
+    assert loss == pytest.approx(float(-(target * log_probs).sum(1).mean()), rel=1e-6)
 
 
 def test_fusion_ranker_onnx_equals_the_linear_fusion(tmp_path) -> None:
