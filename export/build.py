@@ -21,7 +21,7 @@ from shopserve.ensemble.dense import DenseIndex
 from shopserve.ensemble.features import FUSION_WEIGHTS, NUM_FEATURES
 from shopserve.ensemble.filters import Attributes, CatalogueAttributeError
 from shopserve.ensemble.lexical import LexicalIndex
-from shopserve.ensemble.models import OnnxEncoder, OnnxRanker
+from shopserve.ensemble.models import OnnxEncoder, OnnxRanker, int8_sums
 from shopserve.ensemble.profiles import UserKeys
 from shopserve.ensemble.recommend import REC_FEATURE_NAMES
 from shopserve.ensemble.retrieve import Retriever
@@ -174,8 +174,8 @@ def _quantize_encoder(
     texts, and the MatMuls left in FP32 chosen by measurement on 256 others (none of them is a gate
     text). Static scales make it batch-invariant. Cached under a key of every input (the FP32
     graph's bytes, the texts, the settings, the Q/DQ code and ONNX Runtime's version): the graph is
-    deterministic, so a rebuild of the same encoder and catalogue reuses it. The accuracy gate
-    still runs on every build."""
+    deterministic, so a rebuild of the same encoder and catalogue on the same kind of CPU reuses
+    it. The accuracy gate still runs on every build."""
     picked = _sample(texts, CALIBRATION_TEXTS + SELECTION_TEXTS, rng)
     rng.shuffle(picked)
     gpu_target = options.target == GPU
@@ -185,6 +185,7 @@ def _quantize_encoder(
         file_digest(fp32_file),
         file_digest(Path(qdq.__file__)),
         onnxruntime.__version__,
+        int8_sums(),  # the selection measures this CPU's INT8 kernels
         picked,
         [options.int8_max_fp32_matmuls, options.per_channel, gpu_target],
     )

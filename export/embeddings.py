@@ -2,8 +2,9 @@
 
 Embedding the catalogue is the build's longest step after fine-tuning. The served encoder gives a
 title the same embedding in any batch, to float rounding (measured: 5e-8 for the static INT8 graph),
-so a title's embedding depends only on the graph, the tokenizer and ONNX Runtime. The cache is keyed
-by those, one file per key, and holds one row per title (by a digest of the title). A rebuild embeds
+so a title's embedding depends only on the graph, the tokenizer, ONNX Runtime and how the CPU adds
+INT8 products (``int8_sums``: x86 without VNNI saturates 16-bit sums). The cache is keyed by those,
+one file per key, and holds one row per title (by a digest of the title). A rebuild embeds
 only the titles its cache lacks: after a 1 % catalogue change, about 1 % of the catalogue.
 
 The file grows with every distinct title a key's encoder has embedded; a new encoder starts a new
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 from shopserve.ensemble import store
-from shopserve.ensemble.models import OnnxEncoder
+from shopserve.ensemble.models import OnnxEncoder, int8_sums
 from shopserve.ensemble.tokenize import QueryTokenizer
 
 from .cache import cache_key, cache_root, file_digest
@@ -41,6 +42,7 @@ class EmbeddingReport:
     embedded: int
     from_cache: int
     cache_file: str
+    int8_sums: str  # how the CPU that embedded them adds INT8 products (models.int8_sums)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,12 +56,14 @@ def title_digests(titles: Sequence[str]) -> np.ndarray:
 
 
 def cache_file_for(encoder_file: Path, tokenizer_file: Path, max_length: int) -> Path:
-    """The cache file of one encoder graph, tokenizer and ONNX Runtime version."""
+    """The cache file of one encoder graph, tokenizer, ONNX Runtime version and kind of CPU (an
+    INT8 graph embeds otherwise where the CPU adds INT8 products otherwise)."""
     key = cache_key(
         store.model_digest(encoder_file),
         file_digest(tokenizer_file),
         max_length,
         onnxruntime.__version__,
+        int8_sums(),
     )
     return cache_root("embeddings") / f"{key}.npz"
 
@@ -112,6 +116,7 @@ def embed_catalogue(
         embedded=len(missing),
         from_cache=len(unique) - len(missing),
         cache_file=str(cache_file),
+        int8_sums=int8_sums(),
     )
     log.info(
         "catalogue embeddings: %d of %d distinct titles embedded, %d from the cache (%s)",

@@ -32,7 +32,12 @@ from pathlib import Path
 from shopserve.client._client import ADMIN_KEY_NAME, INFERENCE_KEY_NAME
 from shopserve.ensemble import store
 from shopserve.ensemble.catalogue_log import CATALOGUE_LOG_ENV, CATALOGUE_LOG_FILE
-from shopserve.ensemble.models import PREPACKED_DIR_ENV, prepacked_model
+from shopserve.ensemble.models import (
+    PREPACKED_DIR_ENV,
+    int8_sums,
+    int8_sums_mismatch,
+    prepacked_model,
+)
 from shopserve.ensemble.personal import (
     BuildProducts,
     check_user_key,
@@ -129,6 +134,20 @@ def default_live_profiles(work_dir: Path) -> Path:
     """Where a server working in ``work_dir`` keeps a personalised store's live profiles (and
     their event log) unless ServerConfig.profile_store says otherwise."""
     return work_dir / "profiles" / LIVE_PROFILES_FILE
+
+
+def warn_of_other_int8_sums(repo: Path, here: str | None = None) -> str | None:
+    """Log (and return) a warning when this machine, whose CPU adds INT8 products as ``here``
+    says (read when None), runs the served version's INT8 encoder otherwise than the machine that
+    embedded its catalogue."""
+    path = store.version_manifest(repo, store.served_version(repo))
+    if not path.exists():  # a build from before versions kept their own manifests
+        return None
+    manifest = json.loads(path.read_text())
+    message = int8_sums_mismatch(manifest, int8_sums() if here is None else here)
+    if message:
+        log.warning("%s version %s: %s", repo, manifest.get("version"), message)
+    return message
 
 
 def _note_store(work_dir: Path, repo: Path) -> list[str]:
@@ -269,6 +288,7 @@ class TritonServer:
                 "build it first: python -m shopserve.export build"
             )
         models = list(json.loads((repo / "manifest.json").read_text())["models"])
+        warn_of_other_int8_sums(repo)
         work_dir = Path(self.config.work_dir or repo.resolve().parent / ".triton")
         backend_dir = prepare_backend_directory(work_dir / "backends")
         env = dict(os.environ)

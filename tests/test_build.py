@@ -11,7 +11,7 @@ import pytest
 from conftest import copy_source_repository, export
 from onnx import numpy_helper
 from shopserve.ensemble import store
-from shopserve.ensemble.models import OnnxEncoder
+from shopserve.ensemble.models import OnnxEncoder, int8_sums
 from shopserve.ensemble.pipeline import load_tokenizer
 from shopserve.export import qdq
 from shopserve.export.build import CPU_INT8_ENCODER_FILE, FP32_ENCODER_FILE
@@ -52,6 +52,8 @@ def test_encoder_finetuning_export_and_int8_gate_hold(built_repository, manifest
     gate = encoder["int8"]["gate"]
     assert gate["passed"] and gate["texts"] >= 1000 and gate["mean_cosine"] >= 0.99
     assert gate["relative_ndcg_drop"] <= 0.01 and gate["queries"] >= 2000
+    # how this CPU adds INT8 products, which a server on another kind warns of
+    assert manifest["catalogue_embeddings"]["int8_sums"] == int8_sums()
 
 
 def test_the_manifest_carries_the_audit_of_the_dev_queries(manifest):

@@ -6,6 +6,8 @@ import hashlib
 
 import numpy as np
 import pytest
+from shopserve.ensemble.models import INT16_PAIR_SUMS, INT32_SUMS, int8_sums
+from shopserve.export import embeddings
 from shopserve.export.cache import CACHE_ENV
 from shopserve.export.embeddings import BuildEmbeddings, cache_file_for, embed_catalogue
 
@@ -66,6 +68,7 @@ def test_a_rebuild_after_a_one_percent_change_embeds_one_percent(tmp_path) -> No
     encoder = CountingEncoder()
     rows, report = embed_catalogue(encoder, titles, cache)
     assert sorted(encoder.asked) == sorted(set(titles))
+    assert report.int8_sums == int8_sums()  # the manifest says how this CPU adds INT8 products
     assert (report.titles, report.distinct_titles, report.embedded, report.from_cache) == (
         1003,
         1001,
@@ -93,8 +96,9 @@ def test_a_rebuild_after_a_one_percent_change_embeds_one_percent(tmp_path) -> No
     np.testing.assert_array_equal(rows, np.stack([vector(t) for t in titles]))
 
 
-@pytest.mark.parametrize("change", ["encoder", "tokenizer", "max_length"])
+@pytest.mark.parametrize("change", ["encoder", "tokenizer", "max_length", "int8_sums"])
 def test_another_encoder_or_tokenizer_has_its_own_cache(tmp_path, monkeypatch, change) -> None:
+    """... and another kind of CPU: one that adds INT8 products otherwise embeds otherwise."""
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     encoder_file, tokenizer_file = tmp_path / "model.onnx", tmp_path / "tokenizer.json"
     encoder_file.write_bytes(b"graph one")
@@ -105,5 +109,8 @@ def test_another_encoder_or_tokenizer_has_its_own_cache(tmp_path, monkeypatch, c
         encoder_file.write_bytes(b"graph two")
     elif change == "tokenizer":
         tokenizer_file.write_text('{"changed": true}')
+    elif change == "int8_sums":
+        other = INT32_SUMS if int8_sums() != INT32_SUMS else INT16_PAIR_SUMS
+        monkeypatch.setattr(embeddings, "int8_sums", lambda: other)
     after = cache_file_for(encoder_file, tokenizer_file, 256 if change == "max_length" else 128)
     assert after != before

@@ -84,3 +84,53 @@ def test_another_model_gets_another_copy(matmul_model, tmp_path) -> None:
     assert prepacked_model(other, tmp_path / "copies") != prepacked_model(
         matmul_model, tmp_path / "copies"
     )
+
+
+CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma {}\n\n"
+
+
+@pytest.mark.parametrize(
+    ("flag", "machine", "sums"),
+    [
+        ("", "x86_64", models.INT16_PAIR_SUMS),  # AVX2 alone: vpmaddubsw's saturating pairs
+        ("avx512f avx512bw", "x86_64", models.INT16_PAIR_SUMS),  # AVX-512 without VNNI
+        ("avx512_vnni", "x86_64", models.INT32_SUMS),
+        ("avx_vnni", "x86_64", models.INT32_SUMS),
+        ("amx_int8", "x86_64", models.INT32_SUMS),
+        ("", "aarch64", models.INT32_SUMS),
+    ],
+)
+def test_how_a_cpu_adds_int8_products_is_read_from_its_flags(flag, machine, sums) -> None:
+    assert models.int8_sums(CPUINFO.format(flag), machine) == sums
+    assert models.int8_sums("processor\t: 0\n", "x86_64") == models.UNKNOWN_SUMS
+
+
+def _int8_store(root: Path, built: str, target: str = "cpu", int8: bool = True) -> Path:
+    """The files a server start reads to judge its INT8 kernels: the search config, one
+    version and its manifest."""
+    import json
+
+    (root / "search" / "1").mkdir(parents=True)
+    (root / "search" / "config.pbtxt").write_text('name: "search"\n')
+    encoder = {"target": target, **({"int8": {"file": "model_int8.onnx"}} if int8 else {})}
+    manifest = {"version": 1, "encoder": encoder, "catalogue_embeddings": {"int8_sums": built}}
+    (root / "manifests").mkdir()
+    (root / "manifests" / "v1.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_a_server_warns_where_its_cpu_adds_int8_products_otherwise_than_the_builds(
+    tmp_path, caplog
+) -> None:
+    from shopserve.server import warn_of_other_int8_sums
+
+    store = _int8_store(tmp_path / "store", models.INT32_SUMS)
+    with caplog.at_level("WARNING", logger="shopserve.server"):
+        message = warn_of_other_int8_sums(store, models.INT16_PAIR_SUMS)
+    assert message and "int32" in message and "int16 pairs" in message
+    assert "Rebuild the store on this kind of machine" in caplog.text
+    assert warn_of_other_int8_sums(store, models.INT32_SUMS) is None
+    assert warn_of_other_int8_sums(store, models.UNKNOWN_SUMS) is None
+    for kind in ({"target": "gpu"}, {"int8": False}):  # TensorRT sums in INT32; FP32 has none
+        other = _int8_store(tmp_path / str(kind), models.INT32_SUMS, **kind)
+        assert warn_of_other_int8_sums(other, models.INT16_PAIR_SUMS) is None
