@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -45,17 +46,22 @@ INT32_SUMS, INT16_PAIR_SUMS, UNKNOWN_SUMS = "int32", "int16 pairs", "unknown"
 _INT32_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
+@functools.cache
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text, read once a process ("" where there is none)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def int8_sums(cpuinfo: str | None = None, machine: str | None = None) -> str:
     """How this machine adds INT8 products (``cpuinfo``: /proc/cpuinfo's text, ``machine``:
     platform.machine(), both read here when None)."""
     machine = (machine or platform.machine()).lower()
     if machine not in ("x86_64", "amd64"):
         return INT32_SUMS
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return UNKNOWN_SUMS
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags = line.split(":", 1)[1].split()
