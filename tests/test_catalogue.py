@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-from conftest import running_redis
 from shopserve.client._cli import CatalogueFileError, read_catalogue_changes
 from shopserve.ensemble.catalogue import (
     MAX_PRODUCTS_PER_UPDATE,
@@ -23,6 +22,8 @@ from shopserve.ensemble.retrieve import Retriever
 from shopserve.ensemble.store import Catalogue
 from shopserve.ensemble.validation import InvalidRequest
 from shopserve.export.lexical import build_lexical_index
+
+from benchmarks.local_redis import running_redis
 
 
 def strings(*values: str) -> np.ndarray:

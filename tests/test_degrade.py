@@ -13,12 +13,13 @@ import threading
 import time
 
 import pytest
-from conftest import running_redis, start_server
+from conftest import start_server
 from shopserve.client import RequestTimeoutError, SearchClient, ServerUnavailableError
 from shopserve.ensemble import store
 from shopserve.ensemble.redis_link import connect
 from test_events import EventStream, assert_each_cart_event_once
 
+from benchmarks.local_redis import running_redis
 from shopserve.server import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]

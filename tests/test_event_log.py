@@ -8,7 +8,6 @@ import sqlite3
 
 import numpy as np
 import pytest
-from conftest import running_redis
 from shopserve.ensemble.profile_store import (
     ERASED,
     LiveState,
@@ -19,6 +18,8 @@ from shopserve.ensemble.profile_store import (
     seed,
 )
 from shopserve.ensemble.profiles import Profile
+
+from benchmarks.local_redis import running_redis
 
 PURCHASE, VIEW = 3, 0
 SHOPPERS = 12
@@ -110,6 +111,37 @@ def test_every_accepted_event_is_logged_once_in_fold_order(location, builds) -> 
     assert logged[0] == earlier
     positions = [r.position for r in live.log()]
     assert [r.event.event_key for r in live.log(positions[0])] == ["late", "new"]
+
+
+def test_batches_of_many_shoppers_fold_as_the_reference(location, builds) -> None:
+    """Batches mixing known and new shoppers, products they hold and new ones, event kinds, keys
+    repeated inside a batch and batches sent again: each shopper's profile is the in-memory
+    reference's, and each call reports exactly its new keys (Redis reads every shopper of a batch
+    in one round trip: no reply may reach another shopper)."""
+    _start(location, builds, "v1")
+    live = _open(location, "v1")
+    rng = np.random.default_rng(5)
+    sent, batches = {}, []
+    for number in range(30):
+        batch = []
+        for i in range(int(rng.integers(1, 40))):
+            key = (
+                f"e{number}-{i}" if rng.random() > 0.1 or not sent else str(rng.choice(list(sent)))
+            )
+            event = sent.get(key) or StoredEvent(
+                f"key-{rng.integers(SHOPPERS + 6)}",
+                key,
+                int(rng.integers(20)),
+                int(rng.choice([PURCHASE, VIEW, 2])),
+                100.0 + number + i / 100,
+                f"live-{number}",
+            )
+            batch.append(event)
+        batches.append(batch)
+        assert live.apply(batch) == {e.event_key for e in batch} - set(sent)
+        sent.update({e.event_key: e for e in batch})
+    assert live.apply(batches[3]) == set()  # a whole batch again
+    _same_profiles(live, _expected(builds["v1"], list(sent.values())))
 
 
 def test_a_release_rollback_and_restart_keep_every_logged_event(

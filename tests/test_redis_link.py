@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import redis
-from conftest import make_certificates, running_redis, tls_in_front_of
+from conftest import make_certificates, tls_in_front_of
 from shopserve.ensemble.profile_store import ProfileStoreUnavailable, open_store
 from shopserve.ensemble.redis_link import connect
+
+from benchmarks.local_redis import running_redis
 
 
 @pytest.fixture()

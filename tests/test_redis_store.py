@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-from conftest import running_redis
 from redis.exceptions import OutOfMemoryError
 from shopserve.ensemble.profile_store import (
     LiveState,
@@ -19,6 +18,8 @@ from shopserve.ensemble.profile_store import (
 from shopserve.ensemble.profiles import Profile
 from shopserve.ensemble.redis_link import connect
 from shopserve.ensemble.redis_store import RedisProfileStore
+
+from benchmarks.local_redis import running_redis
 
 PURCHASE = 3
 SHOPPERS = 40
@@ -208,3 +209,12 @@ def test_replicas_of_the_version_before_share_a_namespace_during_an_upgrade(redi
     assert store.get("key-old").baskets == 2
     assert float(connect(redis).hget(user, "taste_weight")) == 0
     assert connect(redis).hget(user, "taste_sum") is None
+
+
+def test_a_redis_that_lost_its_scripts_still_folds_events(redis) -> None:
+    """A restarted (or failed-over) Redis has no scripts: the store loads its read script again."""
+    live = _namespace(redis, "scripts")
+    live.apply([StoredEvent("key-1", "first", 1, PURCHASE, 1.0, "b")])
+    connect(redis).script_flush()
+    assert live.apply([StoredEvent("key-1", "second", 2, PURCHASE, 2.0, "b")]) == {"second"}
+    assert set(live.get("key-1").items) == {1, 2}

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import running_redis
 from shopserve.client import Event, PermissionDeniedError, SearchClient, Security
 
+from benchmarks.local_redis import running_redis
 from shopserve.server import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
