@@ -26,6 +26,11 @@ from shopserve.rollout import verify
 pytestmark = pytest.mark.slow
 
 QUERIES = 40
+# Whole answers compared between the backends: both searches are approximate, so a few queries'
+# top 10 differ (2.6 % of 500 in the benchmark). Over 40 queries that rate put one CI run in about
+# 20 below 90 % (35 of 40 on a store whose first 400 queries agree at 96.5 %); over 200 the 90 %
+# floor is 5 standard deviations away.
+AGREEMENT_QUERIES = 200
 
 
 DOCUMENTED_STORE, DOCUMENTED_URI = "stores/homedepot", "http://127.0.0.1:19530"
@@ -159,7 +164,7 @@ def test_search_on_milvus_answers_as_on_faiss(milvus_store, pipeline, dev_querie
             on_milvus.search(query, top_k=10).product_ids,
             pipeline.search(query, top_k=10).product_ids,
         )
-        for query in dev_queries[:QUERIES]
+        for query in dev_queries[:AGREEMENT_QUERIES]
     ]
     assert np.mean(same) >= 0.9, same
 
