@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shopserve.ensemble import store
+from shopserve.export.repository import record_rewritten_files
 
 from .common import WORK_DIR, BenchmarkError
 
@@ -169,6 +170,7 @@ def materialize(
     unknown = set(edits) - set(models)
     if unknown:
         raise BenchmarkError(f"variant {variant.name} edits unknown models {sorted(unknown)}")
+    rewritten: set[Path] = set()  # version directories whose files differ from the source's
     for model in models:
         model_dir = destination / model
         model_dir.mkdir()
@@ -187,14 +189,21 @@ def materialize(
                     fitted = store.fitted_parameters(version)
                     kept = {k: v for k, v in fitted.items() if k not in overridden}
                     (model_dir / version.name / item.name).write_text(json.dumps(kept) + "\n")
+                    rewritten.add(model_dir / version.name)
                     continue
                 relative = f"{model}/{version.name}/{item.name}"
+                if relative in replace:
+                    rewritten.add(model_dir / version.name)
                 _link_or_copy(replace.pop(relative, item), model_dir / version.name / item.name)
     for relative, item in replace.items():  # files the source does not have: added
         target = destination / relative
         if not target.parent.is_dir():
             raise BenchmarkError(f"variant {variant.name}: no directory for {relative}")
         _link_or_copy(item, target)
+        rewritten.add(destination.joinpath(*Path(relative).parts[:2]))
+    # A server checks the version it serves against its manifest: the variant's own files.
+    for version_dir in sorted(rewritten):
+        record_rewritten_files(version_dir)
     (destination / "variant.json").write_text(
         json.dumps({"name": variant.name, "description": variant.description}, indent=2) + "\n"
     )

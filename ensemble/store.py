@@ -124,6 +124,35 @@ def version_manifest(repository: Path, version: int) -> Path:
     return Path(repository) / MANIFESTS_DIR / f"v{version}.json"
 
 
+class StoreIntegrityError(RuntimeError):
+    """A version's files are not the ones its build wrote (missing, or another SHA-256)."""
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in blocks (an encoder's weights are 90 MB)."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def verify_version(repository: Path, version: int) -> dict:
+    """Version ``version``'s manifest, once every file of its version directories matches the
+    SHA-256 the build recorded. Configs are shared by every version in Triton's layout, and a
+    later build or a rollout rewrites them, so they are not checked."""
+    path = version_manifest(repository, version)
+    if not path.is_file():
+        raise StoreIntegrityError(f"{repository} has no manifest for version {version} ({path})")
+    manifest = json.loads(path.read_text())
+    for relative, expected in manifest["files"].items():
+        if Path(relative).parts[1:2] != (str(version),):
+            continue
+        target = Path(repository) / relative
+        if not target.is_file():
+            raise StoreIntegrityError(f"version {version}: {relative} is missing")
+        if file_digest(target) != expected:
+            raise StoreIntegrityError(f"version {version}: {relative} fails its manifest checksum")
+    return manifest
+
+
 USER_KEY_FINGERPRINT = "user_key_fingerprint"  # in a build's manifest, under "personalization"
 
 

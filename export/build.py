@@ -30,7 +30,7 @@ from shopserve.ensemble.tokenize import QueryTokenizer, WordPiece
 from . import encoder as encoder_export
 from . import gpu, qdq
 from .audit import audit_summary
-from .cache import cache_key, cache_root, file_digest
+from .cache import cache_key, cache_root
 from .data import (
     CatalogueData,
     EventLog,
@@ -182,8 +182,8 @@ def _quantize_encoder(
     fp32_file = encoder_dir / FP32_ENCODER_FILE
     destination = encoder_dir / (GPU_INT8_ENCODER_FILE if gpu_target else CPU_INT8_ENCODER_FILE)
     entry = cache_root("qdq") / cache_key(
-        file_digest(fp32_file),
-        file_digest(Path(qdq.__file__)),
+        store.file_digest(fp32_file),
+        store.file_digest(Path(qdq.__file__)),
         onnxruntime.__version__,
         int8_sums(),  # the selection measures this CPU's INT8 kernels
         picked,
@@ -314,7 +314,7 @@ def _reuse_encoder(options: BuildOptions, encoder_dir: Path) -> dict:
             options.seed,
             options.dev_fraction,
         )
-        same_judgments = file_digest(options.judgments) in manifest["data"]["files"].values()
+        same_judgments = store.file_digest(options.judgments) in manifest["data"]["files"].values()
         if not (same_split and same_judgments):
             raise BuildError(
                 f"--encoder-from {source} v{version}: its encoder was fine-tuned on other judgments "
@@ -336,7 +336,7 @@ def _reuse_encoder(options: BuildOptions, encoder_dir: Path) -> dict:
     for name in filter(None, names):
         path = source / store.ENCODER / str(version) / name
         expected = manifest["files"].get(f"{store.ENCODER}/{version}/{name}")
-        if not path.exists() or file_digest(path) != expected:
+        if not path.exists() or store.file_digest(path) != expected:
             raise BuildError(f"--encoder-from: {path} is missing or differs from its manifest")
         shutil.copyfile(path, encoder_dir / name)
     log.info("encoder reused from %s version %d", source, version)

@@ -19,14 +19,6 @@ def cache_root(kind: str) -> Path:
     return Path(base) / kind
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_key(*parts: object) -> str:
     """A short key over JSON-serialisable parts."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]

@@ -26,7 +26,7 @@ from shopserve.ensemble import store
 from shopserve.ensemble.models import OnnxEncoder, int8_sums
 from shopserve.ensemble.tokenize import QueryTokenizer
 
-from .cache import cache_key, cache_root, file_digest
+from .cache import cache_key, cache_root
 
 log = logging.getLogger("shopserve.export.embeddings")
 
@@ -60,7 +60,7 @@ def cache_file_for(encoder_file: Path, tokenizer_file: Path, max_length: int) ->
     INT8 graph embeds otherwise where the CPU adds INT8 products otherwise)."""
     key = cache_key(
         store.model_digest(encoder_file),
-        file_digest(tokenizer_file),
+        store.file_digest(tokenizer_file),
         max_length,
         onnxruntime.__version__,
         int8_sums(),

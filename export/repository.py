@@ -29,8 +29,6 @@ from typing import IO
 
 from shopserve.ensemble import store
 
-from .cache import file_digest
-
 log = logging.getLogger("shopserve.export.repository")
 
 PYTHON_ADAPTER = "model.py"
@@ -195,7 +193,7 @@ class RepositoryWriter:
             for p in (self.stage / model).rglob("*")
             if p.is_file() and "__pycache__" not in p.parts
         )
-        return {str(p.relative_to(self.stage)): file_digest(p) for p in files}
+        return {str(p.relative_to(self.stage)): store.file_digest(p) for p in files}
 
     def commit(self, build: dict) -> Path:
         """Write the manifest and move the staged version into the repository."""
@@ -233,7 +231,7 @@ def record_rewritten_files(version_dir: Path) -> None:
     manifests, so that a rollout to it still verifies it."""
     repository, model, version = version_dir.parents[1], version_dir.parent.name, version_dir.name
     current = {
-        str(p.relative_to(repository)): file_digest(p)
+        str(p.relative_to(repository)): store.file_digest(p)
         for p in sorted(version_dir.rglob("*"))
         if p.is_file() and "__pycache__" not in p.parts
     }

@@ -15,8 +15,6 @@ repository (a lock file).
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import logging
 import os
 import re
@@ -65,28 +63,6 @@ def versions(repository: Path) -> list[int]:
     folder = Path(repository) / MANIFESTS_DIR
     found = (int(p.stem[1:]) for p in folder.glob("v*.json") if p.stem[1:].isdigit())
     return sorted(found)
-
-
-def verify(repository: Path, version: int) -> dict:
-    """Version ``version``'s manifest, once every file of its version directories matches its
-    sha256. (Configs are shared by every version in Triton's layout; a later build may have
-    rewritten them, so they are not checked.)"""
-    path = manifest_path(repository, version)
-    if not path.exists():
-        raise RolloutError(f"{repository} has no manifest for version {version} ({path})")
-    manifest = json.loads(path.read_text())
-    for relative, expected in manifest["files"].items():
-        if Path(relative).parts[1:2] != (str(version),):
-            continue
-        target = Path(repository) / relative
-        if not target.is_file():
-            raise RolloutError(f"version {version}: {relative} is missing; not loaded")
-        digest = hashlib.sha256(target.read_bytes()).hexdigest()
-        if digest != expected:
-            raise RolloutError(
-                f"version {version}: {relative} fails its manifest checksum; not loaded"
-            )
-    return manifest
 
 
 def _write(config: Path, text: str) -> None:
@@ -213,7 +189,10 @@ class Rollout:
         """Load ``version`` of every model the version's manifest lists; return the live versions.
         A model that fails to load undoes the rollout before the error is raised: the models go
         back to what was live, and the configs pin it."""
-        manifest = verify(repository, version)
+        try:
+            manifest = store.verify_version(repository, version)
+        except store.StoreIntegrityError as exc:
+            raise RolloutError(f"{exc}; not loaded") from exc
         models = [m for m in LOAD_ORDER if m in manifest["models"]]
         with _one_at_a_time(repository):
             plan = _Plan.of(Path(repository), models, version, self.live_versions())

@@ -288,6 +288,7 @@ class TritonServer:
                 "build it first: python -m shopserve.export build"
             )
         models = list(json.loads((repo / "manifest.json").read_text())["models"])
+        self._verify(repo)
         warn_of_other_int8_sums(repo)
         work_dir = Path(self.config.work_dir or repo.resolve().parent / ".triton")
         backend_dir = prepare_backend_directory(work_dir / "backends")
@@ -316,6 +317,26 @@ class TritonServer:
         self.process = subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.STDOUT)
         self.wait_ready(timeout)
         return self
+
+    @staticmethod
+    def _verify(repo: Path) -> None:
+        """Refuse to serve a version whose files are not the ones its build wrote: a store copied
+        in part, or damaged on disk, would fail to load or answer wrongly."""
+        version = store.served_version(repo)
+        started = time.perf_counter()
+        try:
+            store.verify_version(repo, version)
+        except store.StoreIntegrityError as exc:
+            raise ServerError(
+                f"{repo}: {exc}. The store is damaged or was copied in part: copy it again, or "
+                "build it again; the server did not start"
+            ) from exc
+        log.info(
+            "%s version %d: every file matches its manifest checksum (%.1f s)",
+            repo,
+            version,
+            time.perf_counter() - started,
+        )
 
     @staticmethod
     def _prepack_encoders(repo: Path, directory: Path) -> Path:

@@ -19,7 +19,6 @@ from shopserve.export.build import (
     BuildOptions,
     _reuse_encoder,
 )
-from shopserve.export.cache import file_digest
 from shopserve.export.data import CatalogueData, load_events
 from shopserve.export.history import split_users, timelines
 from shopserve.export.personalize import ThinHistoryError, _check_history
@@ -108,12 +107,12 @@ def _fine_tuned_source(root, judgments) -> None:
         path = root / store.ENCODER / "1" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(name.encode())
-        files[f"{store.ENCODER}/1/{name}"] = file_digest(path)
+        files[f"{store.ENCODER}/1/{name}"] = store.file_digest(path)
     manifest = {
         "version": 1,
         "encoder": {"target": CPU, "finetune": {"epochs": 1}, "int8": {"file": "model_int8.onnx"}},
         "split": {"seed": 13, "dev_fraction": 0.2},
-        "data": {"files": {"judged.csv": file_digest(judgments)}},
+        "data": {"files": {"judged.csv": store.file_digest(judgments)}},
         "files": files,
     }
     (root / "manifests").mkdir()

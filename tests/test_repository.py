@@ -94,3 +94,48 @@ def test_milvus_detach_is_refused_while_a_build_writes(tmp_path) -> None:
     ):
         milvus.detach(repository, 1)
     assert milvus.detach(repository, 1) == repository / store.RETRIEVE / "1"
+
+
+def _built(folder: Path) -> Path:
+    """What a build commits: the templates and a ranker, every version file checksummed."""
+    with RepositoryWriter(folder) as writer:
+        (writer.version_dir(store.RANKER) / store.ONNX_FILE).write_bytes(b"ranker weights")
+        writer.commit({})
+    return folder
+
+
+def test_a_version_is_checked_file_by_file_against_its_manifest(tmp_path) -> None:
+    repository = _built(tmp_path / "shop")
+    # Shared configs are rewritten by rollouts and later builds, and Python's bytecode caches are
+    # not the build's: neither is checked.
+    config = repository / store.RANKER / "config.pbtxt"
+    config.write_text(config.read_text() + "version_policy: { specific: { versions: [ 1 ] } }\n")
+    (repository / store.SEARCH / "1" / "__pycache__").mkdir()
+    (repository / store.SEARCH / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"x")
+    assert store.verify_version(repository, 1)["version"] == 1
+    ranker = repository / store.RANKER / "1" / store.ONNX_FILE
+    ranker.write_bytes(b"ranker weight")  # a copy cut short
+    with pytest.raises(store.StoreIntegrityError, match=r"ranker/1/model\.onnx fails its manifest"):
+        store.verify_version(repository, 1)
+    ranker.unlink()
+    with pytest.raises(store.StoreIntegrityError, match=r"ranker/1/model\.onnx is missing"):
+        store.verify_version(repository, 1)
+    with pytest.raises(store.StoreIntegrityError, match="no manifest for version 2"):
+        store.verify_version(repository, 2)
+
+
+def test_shopserve_serve_refuses_a_damaged_store_before_starting_anything(tmp_path) -> None:
+    repository = _built(tmp_path / "shop")
+    (repository / store.SEARCH / "1" / "model.py").write_text("# half a copy\n")
+    work = tmp_path / "work"
+    command = ["serve", "--model-repository", str(repository), "--work-dir", str(work)]
+    run = subprocess.run(
+        [sys.executable, "-m", "shopserve", *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1, run.stderr
+    assert "search/1/model.py fails its manifest checksum" in run.stderr
+    assert "copy it again, or build it again; the server did not start" in run.stderr
+    assert not work.exists()  # no backend laid out, no live store seeded, no tritonserver
