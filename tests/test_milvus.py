@@ -181,9 +181,8 @@ def test_the_documented_commands_load_serve_and_detach(
     assert serve == ["shopserve", "serve", "--model-repository", DOCUMENTED_STORE]
     repository = linked_store_copy(milvus_store[0], tmp_path / "store")
     version = int(store.latest_version_dir(repository, store.RETRIEVE).name)
-    store.verify_version(
-        repository, version
-    )  # the version on Milvus can still be rolled out (and back to)
+    # The version on Milvus can still be served, rolled out and rolled back to.
+    store.verify_version(repository, version)
     on_milvus = SearchPipeline.from_repository(repository)
     with start_server(repository, tmp_path) as server:
         for endpoint in (store.SEARCH, store.ENSEMBLE):
