@@ -253,43 +253,61 @@ def _make_encoder(
     record["export"] = exported.__dict__
     if options.encoder_precision == FP32:
         return {**record, "served": FP32_SERVED, "target": options.target}
-    with timer.step("quantize encoder (static INT8, Q/DQ)"):
-        choice = _quantize_encoder(
-            options, inputs.encoder_dir, inputs.tokenizer, inputs.quantization_texts, rng
-        )
     gpu_target = options.target == GPU
     int8_file = GPU_INT8_ENCODER_FILE if gpu_target else CPU_INT8_ENCODER_FILE
-    weights = {}
-    if not gpu_target:  # served by ONNX Runtime: the instances share its mapped weights
-        data = encoder_export.externalize_weights(inputs.encoder_dir / int8_file)
-        weights = {"weights_file": data.name}
     return {
         **record,
         "served": f"{int8_file} on TensorRT (GPU)"
         if gpu_target
         else f"{int8_file} (static INT8: the same alone or in a batch)",
-        "int8": {
-            "file": int8_file,
-            **weights,
-            "quantization": "static INT8, explicit Q/DQ ("
-            + ("signed symmetric" if gpu_target else "unsigned asymmetric")
-            + " activations), "
-            + ("per-channel" if options.per_channel else "per-tensor")
-            + " weights, activation ranges calibrated on real texts",
-            "fp32_matmuls": list(choice.keep_fp32),
-            "selection": {
-                "mean_cosine": choice.mean_cosine,
-                "all_int8_mean_cosine": choice.all_quantized_mean_cosine,
-                "seconds": round(choice.seconds, 1),
-            },
-        },
+        "int8": _int8_record(
+            options, timer, inputs.encoder_dir, inputs.tokenizer, inputs.quantization_texts, rng
+        ),
         "target": options.target,
+    }
+
+
+def _int8_record(
+    options: BuildOptions,
+    timer: _Timer,
+    encoder_dir: Path,
+    tokenizer: QueryTokenizer,
+    texts: list[str],
+    rng: np.random.Generator,
+) -> dict:
+    """Quantize the FP32 graph in ``encoder_dir`` (:func:`_quantize_encoder`); return the
+    manifest's record of the INT8 graph (the accuracy gate is the caller's)."""
+    with timer.step("quantize encoder (static INT8, Q/DQ)"):
+        choice = _quantize_encoder(options, encoder_dir, tokenizer, texts, rng)
+    gpu_target = options.target == GPU
+    int8_file = GPU_INT8_ENCODER_FILE if gpu_target else CPU_INT8_ENCODER_FILE
+    weights = {}
+    if not gpu_target:  # served by ONNX Runtime: the instances share its mapped weights
+        data = encoder_export.externalize_weights(encoder_dir / int8_file)
+        weights = {"weights_file": data.name}
+    return {
+        "file": int8_file,
+        **weights,
+        "quantization": "static INT8, explicit Q/DQ ("
+        + ("signed symmetric" if gpu_target else "unsigned asymmetric")
+        + " activations), "
+        + ("per-channel" if options.per_channel else "per-tensor")
+        + f" {qdq.WEIGHT_BITS[gpu_target]}-bit weights, activation ranges calibrated on real texts",
+        "weight_bits": qdq.WEIGHT_BITS[gpu_target],
+        "fp32_matmuls": list(choice.keep_fp32),
+        "selection": {
+            "mean_cosine": choice.mean_cosine,
+            "all_int8_mean_cosine": choice.all_quantized_mean_cosine,
+            "seconds": round(choice.seconds, 1),
+        },
     }
 
 
 def _reuse_encoder(options: BuildOptions, encoder_dir: Path) -> dict:
     """Copy the FP32 and INT8 encoder graphs of an earlier build into ``encoder_dir`` (checked
-    against its manifest) and return its encoder record, marked as reused. A fine-tuned encoder
+    against its manifest) and return its encoder record, marked as reused; an INT8 graph with
+    other weight bits than this build's (:data:`qdq.WEIGHT_BITS`) is left for the caller to
+    quantize again, and its record dropped. A fine-tuned encoder
     is reused only with the judgments and split it was tuned on, or by a build without judgments
     (no dev queries): otherwise its train queries could be this build's dev queries."""
     source = Path(options.encoder_from)
@@ -331,6 +349,16 @@ def _reuse_encoder(options: BuildOptions, encoder_dir: Path) -> dict:
             "fp32) and has no INT8 graph to reuse: build with --encoder-precision fp32, or "
             "without --encoder-from"
         )
+    elif record["int8"].get("weight_bits", 8) != qdq.WEIGHT_BITS[options.target == GPU]:
+        log.info(
+            "--encoder-from %s v%d: its INT8 graph has %d-bit weights, this build quantizes its "
+            "FP32 graph again with %d (docs/serving.md#int8-and-the-cpu)",
+            source,
+            version,
+            record["int8"].get("weight_bits", 8),
+            qdq.WEIGHT_BITS[options.target == GPU],
+        )
+        record = {k: v for k, v in record.items() if k != "int8"}
     else:
         names += [record["int8"]["file"], record["int8"].get("weights_file")]
     for name in filter(None, names):
@@ -514,6 +542,8 @@ def _encoder_step(
     if options.encoder_from is not None:
         with timer.step("reuse encoder"):
             record = _reuse_encoder(options, encoder_dir)
+        if options.encoder_precision != FP32 and "int8" not in record:
+            record["int8"] = _int8_record(options, timer, encoder_dir, tokenizer, calibration, rng)
     else:
         record = _make_encoder(
             options,

@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 from shopserve.ensemble.models import (
+    EXACT_WEIGHT_BITS,
     QDQ_FORMAT_KEY,
     TENSORRT_QDQ_FORMAT,
     cpu_session,
@@ -48,8 +49,12 @@ METADATA_SELECTION = "shopserve.qdq.selection"  # JSON object: target and measur
 METADATA_FORMAT = QDQ_FORMAT_KEY
 QDQ_FORMATS = {
     True: TENSORRT_QDQ_FORMAT,  # runs as written on CPU (ensemble/models.py says why)
-    False: "QDQ QUInt8 asymmetric activations; QInt8 symmetric weights",  # ONNX Runtime CPU's
+    False: "QDQ QUInt8 asymmetric activations; QInt8 symmetric 7-bit weights",  # ONNX Runtime CPU's
 }
+# TensorRT's INT8 GEMMs sum in INT32: its graph keeps 8-bit weights. ONNX Runtime's CPU graph gets
+# 7-bit weights (quantize_static's reduce_range), which x86 without VNNI adds without saturating,
+# so it embeds a text alike on every CPU (ensemble/models.py, EXACT_WEIGHT_BITS).
+WEIGHT_BITS = {True: 8, False: EXACT_WEIGHT_BITS}
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 QUANTIZED_OPS = ("MatMul", "Gemm")
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -131,7 +136,7 @@ def quantize_qdq(
     end up on the quantized MatMuls' inputs only (:func:`restrict_to_matmul_inputs`). The FP32
     MatMuls and the calibration go into ``metadata_props``. ``signed``: symmetric INT8 activations
     as TensorRT's explicit quantization takes them; otherwise asymmetric UINT8 activations, which
-    ONNX Runtime's CPU kernels run several times faster (the weights are signed INT8 either way).
+    ONNX Runtime's CPU kernels run several times faster, with 7-bit weights (:data:`WEIGHT_BITS`).
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -150,6 +155,7 @@ def quantize_qdq(
             per_channel=per_channel,
             activation_type=QuantType.QInt8 if signed else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            reduce_range=WEIGHT_BITS[signed] == 7,
             nodes_to_exclude=list(keep_fp32),
             calibrate_method=_calibrate_method(method),
             extra_options=_extra_options(method, percentile, signed),
@@ -697,12 +703,32 @@ def _matmul_problems(node: onnx.NodeProto, view: _GraphView, keep: set[str]) -> 
     return []
 
 
+def saturating_weights(model: onnx.ModelProto) -> list[str]:
+    """The INT8 weights of ``model`` (initializers a DequantizeLinear reads) with values beyond
+    :data:`EXACT_WEIGHT_BITS` bits, whose products x86 without VNNI may add with saturation."""
+    limit = 2 ** (EXACT_WEIGHT_BITS - 1)
+    values = {i.name: i for i in model.graph.initializer if i.data_type == TensorProto.INT8}
+    read = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return sorted(
+        name
+        for name in read & set(values)
+        if np.abs(numpy_helper.to_array(values[name]).astype(np.int16)).max() > limit
+    )
+
+
 def qdq_model_problems(path: Path, tensorrt: bool = True) -> list[str]:
-    """``onnx.checker`` (full check) and, for a graph meant for TensorRT,
-    :func:`tensorrt_qdq_problems` of the model at ``path``."""
+    """``onnx.checker`` (full check), and :func:`tensorrt_qdq_problems` of a graph meant for
+    TensorRT, or :func:`saturating_weights` of one meant for ONNX Runtime on CPU."""
     problems: list[str] = []
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         problems.append(f"onnx.checker: {str(error).strip().splitlines()[0]}")
-    return problems + (tensorrt_qdq_problems(onnx.load(str(path))) if tensorrt else [])
+    model = onnx.load(str(path))
+    if tensorrt:
+        return problems + tensorrt_qdq_problems(model)
+    return problems + [
+        f"weight {name} uses more than {EXACT_WEIGHT_BITS} bits: x86 without VNNI may saturate "
+        "its sums of products"
+        for name in saturating_weights(model)
+    ]

@@ -8,6 +8,8 @@ repository you already built to skip that step while iterating.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +37,16 @@ def export(*arguments: object, cwd: Path | None = None):
 
 
 SOURCE_REPOSITORY = PROJECT / "model_repository"
+
+
+def documented_commands(doc: str, name: str) -> list[list[str]]:
+    """The command lines of ``docs/DOC``'s runnable block ``NAME`` (``<!-- runnable: NAME -->``
+    right before its fence), split as a shell would; comment lines are left out."""
+    text = (PROJECT / "docs" / doc).read_text(encoding="utf-8")
+    block = re.search(rf"<!-- runnable: {name} -->\n```bash\n(.*?)```", text, re.S)
+    assert block, f"docs/{doc} lost its runnable block {name}"
+    lines = [line for line in block.group(1).splitlines() if line.strip()]
+    return [shlex.split(line) for line in lines if not line.lstrip().startswith("#")]
 
 
 def copy_source_repository(destination: Path) -> Path:

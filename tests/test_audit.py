@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import json
-import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROJECT
+from conftest import PROJECT, documented_commands
 from shopserve.export.audit import RANKINGS_FILE, product_groups
 from shopserve.export.exposure import product_exposure
 
 pytestmark = [pytest.mark.slow]
-
-
-def documented_command() -> list[str]:
-    """docs/fairness.md's runnable block, split as a shell would."""
-    text = (PROJECT / "docs" / "fairness.md").read_text(encoding="utf-8")
-    block = re.search(r"<!-- runnable: audit -->\n```bash\n(.*?)```", text, re.S)
-    assert block, "docs/fairness.md lost its runnable block"
-    (line,) = [shlex.split(line) for line in block.group(1).splitlines() if line.strip()]
-    return line
 
 
 def run_audit(*arguments: object, env: dict | None = None) -> None:
@@ -42,7 +31,7 @@ def run_audit(*arguments: object, env: dict | None = None) -> None:
 def test_the_home_depot_audit_reproduces_from_its_rankings(built_repository, data_dir, tmp_path):
     """The documented command on the built store; its table of the most exposed groups
     recomputed from the rankings the report keeps."""
-    command = documented_command()
+    (command,) = documented_commands("fairness.md", "audit")
     assert command[:4] == ["python", "-m", "shopserve.export", "audit"], command
     swap = {
         "stores/homedepot": built_repository,

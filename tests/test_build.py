@@ -41,6 +41,7 @@ def test_encoder_finetuning_export_and_int8_gate_hold(built_repository, manifest
     assert int8["file"] == CPU_INT8_ENCODER_FILE and encoder["served"].startswith(int8["file"])
     assert int8["weights_file"] == CPU_INT8_ENCODER_FILE + ".data"
     assert len(int8["fp32_matmuls"]) < 12  # most of the 48 MatMuls, if not all, run in INT8
+    assert int8["weight_bits"] == 7  # summed alike with and without VNNI (docs/serving.md)
     graph = store.latest_version_dir(built_repository, store.ENCODER) / int8["file"]
     assert qdq.qdq_model_problems(graph, tensorrt=False) == []
     assert encoder["export"]["max_abs_diff"] <= 1e-4 and encoder["export"]["texts_checked"] >= 500

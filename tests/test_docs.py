@@ -24,6 +24,7 @@ RUNNERS = {
     "milvus": "tests/test_milvus.py::test_the_documented_commands_load_serve_and_detach",
     "audit": "tests/test_audit.py::test_the_home_depot_audit_reproduces_from_its_rankings",
     "gpu-check": "tests/test_gpu_path.py::test_a_gpu_target_build_writes_the_qdq_graph_and_gpu_configs",
+    "cpu-kinds": "tests/test_readme_commands.py::test_the_documented_cpu_kinds_check_runs",
 }
 
 # Each documented command: the program that prints its help, and the documents where every flag of

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import documented_commands
 from shopserve.ensemble import store
 from shopserve.export import gpu, qdq
 from shopserve.export.encoder import pooled, write_onnx
@@ -253,6 +254,35 @@ def test_weights_are_int8_per_channel(qdq_encoder: Path) -> None:
         assert weight.dtype == np.int8 and zero.dtype == np.int8 and not zero.any()
         assert scale.shape == (weight.shape[1],)
         assert next(a.i for a in node.attribute if a.name == "axis") == 1
+
+
+def test_the_cpu_graphs_weights_cannot_saturate_x86_sums_without_vnni(
+    tiny_encoder: Path, calibration, tmp_path, monkeypatch
+) -> None:
+    """x86 without VNNI adds each pair of UINT8 x INT8 products in 16 bits (vpmaddubsw), which
+    saturates past 32,767: 8-bit weights can (2 x 255 x 127), 7-bit ones cannot (2 x 255 x 64 =
+    32,640). The CPU graph has 7-bit weights and says so; TensorRT's keeps 8 (it sums in INT32)."""
+    cpu = qdq.quantize_qdq(tiny_encoder, tmp_path / "cpu.onnx", calibration, signed=False)
+    trt = qdq.quantize_qdq(tiny_encoder, tmp_path / "trt.onnx", calibration, signed=True)
+
+    def widest(path: Path) -> int:
+        model = onnx.load(str(path))
+        values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        dqs = [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        return max(
+            int(np.abs(values[n].astype(int)).max())
+            for n in dqs
+            if n in values and values[n].dtype == np.int8
+        )
+
+    assert widest(cpu) == 64 and 2 * 255 * widest(cpu) <= 32_767 < 2 * 255 * widest(trt)
+    assert qdq.qdq_model_problems(cpu, tensorrt=False) == []
+    assert "7-bit weights" in qdq.metadata(onnx.load(str(cpu)))[qdq.METADATA_FORMAT]
+    # the check the build runs fails a CPU graph with 8-bit weights, naming each of the 6 weights
+    monkeypatch.setitem(qdq.WEIGHT_BITS, False, 8)
+    wide = qdq.quantize_qdq(tiny_encoder, tmp_path / "wide.onnx", calibration, signed=False)
+    problems = qdq.qdq_model_problems(wide, tensorrt=False)
+    assert len(problems) == 6 and all("more than 7 bits" in p for p in problems), problems
 
 
 def test_fp32_matmuls_are_left_without_qdq(tiny_encoder: Path, calibration, tmp_path) -> None:
@@ -587,15 +617,9 @@ def test_a_gpu_target_build_writes_the_qdq_graph_and_gpu_configs(data_dir, tmp_p
 
 def _run_the_documented_gpu_check(repository: Path, tmp_path: Path) -> None:
     """docs/building.md's two commands on the GPU-target store, the second on CPU."""
-    import shlex
     import subprocess
 
-    text = (PROJECT / "docs" / "building.md").read_text(encoding="utf-8")
-    block = re.search(r"<!-- runnable: gpu-check -->\n```bash\n(.*?)```", text, re.S)
-    assert block, "docs/building.md lost its runnable gpu-check block"
-    commands = [
-        shlex.split(line) for line in block.group(1).splitlines() if line and line[0] != "#"
-    ]
+    commands = documented_commands("building.md", "gpu-check")
     texts = tmp_path / "texts.txt"
     texts.write_text(
         "cordless drill\nwhite vanity 36 inch\n"

@@ -100,8 +100,9 @@ def test_recommendations_need_repeat_shoppers_in_both_parts(
         _check_history(lines, train, validation)
 
 
-def _fine_tuned_source(root, judgments) -> None:
-    """A built repository whose version 1 has an encoder fine-tuned on ``judgments``."""
+def _fine_tuned_source(root, judgments, weight_bits: int | None = 7) -> None:
+    """A built repository whose version 1 has an encoder fine-tuned on ``judgments`` (INT8 weights
+    of ``weight_bits``; None: a build from before the manifest said, which had 8)."""
     files = {}
     for name in (FP32_ENCODER_FILE, "model_int8.onnx"):
         path = root / store.ENCODER / "1" / name
@@ -110,7 +111,12 @@ def _fine_tuned_source(root, judgments) -> None:
         files[f"{store.ENCODER}/1/{name}"] = store.file_digest(path)
     manifest = {
         "version": 1,
-        "encoder": {"target": CPU, "finetune": {"epochs": 1}, "int8": {"file": "model_int8.onnx"}},
+        "encoder": {
+            "target": CPU,
+            "finetune": {"epochs": 1},
+            "int8": {"file": "model_int8.onnx"}
+            | ({} if weight_bits is None else {"weight_bits": weight_bits}),
+        },
         "split": {"seed": 13, "dev_fraction": 0.2},
         "data": {"files": {"judged.csv": store.file_digest(judgments)}},
         "files": files,
@@ -168,6 +174,16 @@ def test_an_fp32_build_reuses_only_the_fp32_graph_and_an_int8_build_needs_an_int
     fp32 = reuse(FP32)
     assert "int8" not in fp32 and fp32["served"] == FP32_SERVED
     assert reuse(INT8)["int8"]["file"] == "model_int8.onnx"
+    # An INT8 graph with 8-bit weights (built before 7-bit ones) is not copied: the build quantizes
+    # the FP32 graph again (docs/serving.md#int8-and-the-cpu).
+    _fine_tuned_source(tmp_path / "old-source", judgments, weight_bits=None)
+    options = BuildOptions(
+        tmp_path / "items.csv", None, tmp_path / "shop", encoder_from=tmp_path / "old-source"
+    )
+    (tmp_path / "from-old").mkdir()
+    record = _reuse_encoder(options, tmp_path / "from-old")
+    assert "int8" not in record and record["reused_from"]["version"] == 1
+    assert [p.name for p in (tmp_path / "from-old").iterdir()] == [FP32_ENCODER_FILE]
     # A store that serves its FP32 graph has no INT8 graph to give.
     (tmp_path / "fp32-source" / "manifests").mkdir(parents=True)
     for path in (tmp_path / "fp32-source" / "manifests" / "v1.json",

@@ -8,13 +8,11 @@ path (a hard-linked copy of the session's store)."""
 from __future__ import annotations
 
 import json
-import re
-import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROJECT, assert_hits_match, export, start_server
+from conftest import assert_hits_match, documented_commands, export, start_server
 from shopserve.ensemble import SearchPipeline, store
 from shopserve.ensemble.dense import MOMENTS_FILE, DenseIndex, served_dense
 from shopserve.ensemble.milvus import MilvusIndex, MilvusUnavailable
@@ -35,14 +33,6 @@ AGREEMENT_QUERIES = 200
 DOCUMENTED_STORE, DOCUMENTED_URI = "stores/homedepot", "http://127.0.0.1:19530"
 
 
-def documented_commands() -> list[list[str]]:
-    """The lines of docs/milvus.md's runnable block, split as a shell would."""
-    text = (PROJECT / "docs" / "milvus.md").read_text(encoding="utf-8")
-    block = re.search(r"<!-- runnable: milvus -->\n```bash\n(.*?)```", text, re.S)
-    assert block, "docs/milvus.md lost its runnable block"
-    return [shlex.split(line) for line in block.group(1).splitlines() if line.strip()]
-
-
 def run_documented(command: list[str], repository: Path, uri: str):
     """One documented ``python -m shopserve.export`` line on ``repository`` and ``uri``."""
     assert command[:4] == ["python", "-m", "shopserve.export", "milvus"], command
@@ -55,7 +45,7 @@ def milvus_uri(tmp_path_factory: pytest.TempPathFactory):
     """Milvus Lite started as the block's first line starts it, on a free port."""
     from shopserve.server import free_ports
 
-    start = documented_commands()[0]
+    start = documented_commands("milvus.md", "milvus")[0]
     assert start[:2] == ["milvus-lite", "server"] and start[-1] == "&", start
     options = dict(zip(start[2:-1:2], start[3:-1:2], strict=True))
     assert options == {"--data-dir": "milvus-data", "--host": "127.0.0.1", "--port": "19530"}
@@ -68,7 +58,7 @@ def milvus_uri(tmp_path_factory: pytest.TempPathFactory):
 def milvus_store(built_repository: Path, milvus_uri: str, tmp_path_factory) -> tuple[Path, dict]:
     """The session's store loaded into Milvus by the block's second line."""
     repository = linked_store_copy(built_repository, tmp_path_factory.mktemp("on_milvus") / "store")
-    done = run_documented(documented_commands()[1], repository, milvus_uri)
+    done = run_documented(documented_commands("milvus.md", "milvus")[1], repository, milvus_uri)
     assert done.returncode == 0, done.stderr[-3000:]
     return repository, json.loads(done.stdout)
 
@@ -177,7 +167,7 @@ def test_the_documented_commands_load_serve_and_detach(
     then detached back to FAISS."""
     from shopserve.client import SearchClient
 
-    *_, serve, detach = documented_commands()
+    *_, serve, detach = documented_commands("milvus.md", "milvus")
     assert serve == ["shopserve", "serve", "--model-repository", DOCUMENTED_STORE]
     repository = linked_store_copy(milvus_store[0], tmp_path / "store")
     version = int(store.latest_version_dir(repository, store.RETRIEVE).name)
@@ -199,7 +189,7 @@ def test_the_documented_commands_load_serve_and_detach(
 
 def test_loading_again_needs_replace(milvus_store, milvus_uri):
     repository, report = milvus_store
-    again = run_documented(documented_commands()[1], repository, milvus_uri)
+    again = run_documented(documented_commands("milvus.md", "milvus")[1], repository, milvus_uri)
     assert again.returncode == 1
     assert f"already has a collection '{report['collection']}'" in again.stderr
     assert "--replace" in again.stderr

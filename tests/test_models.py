@@ -105,14 +105,17 @@ def test_how_a_cpu_adds_int8_products_is_read_from_its_flags(flag, machine, sums
     assert models.int8_sums("processor\t: 0\n", "x86_64") == models.UNKNOWN_SUMS
 
 
-def _int8_store(root: Path, built: str, target: str = "cpu", int8: bool = True) -> Path:
+def _int8_store(
+    root: Path, built: str, target: str = "cpu", int8: bool = True, weight_bits: int = 8
+) -> Path:
     """The files a server start reads to judge its INT8 kernels: the search config, one
     version and its manifest."""
     import json
 
     (root / "search" / "1").mkdir(parents=True)
     (root / "search" / "config.pbtxt").write_text('name: "search"\n')
-    encoder = {"target": target, **({"int8": {"file": "model_int8.onnx"}} if int8 else {})}
+    graph = {"file": "model_int8.onnx", **({"weight_bits": 7} if weight_bits == 7 else {})}
+    encoder = {"target": target, **({"int8": graph} if int8 else {})}
     manifest = {"version": 1, "encoder": encoder, "catalogue_embeddings": {"int8_sums": built}}
     (root / "manifests").mkdir()
     (root / "manifests" / "v1.json").write_text(json.dumps(manifest))
@@ -131,6 +134,8 @@ def test_a_server_warns_where_its_cpu_adds_int8_products_otherwise_than_the_buil
     assert "Rebuild the store on this kind of machine" in caplog.text
     assert warn_of_other_int8_sums(store, models.INT32_SUMS) is None
     assert warn_of_other_int8_sums(store, models.UNKNOWN_SUMS) is None
-    for kind in ({"target": "gpu"}, {"int8": False}):  # TensorRT sums in INT32; FP32 has none
+    # TensorRT sums in INT32; FP32 has no INT8 products; 7-bit weights never saturate (builds
+    # since 2026-12-05; earlier ones record no weight_bits and had 8)
+    for kind in ({"target": "gpu"}, {"int8": False}, {"weight_bits": 7}):
         other = _int8_store(tmp_path / str(kind), models.INT32_SUMS, **kind)
         assert warn_of_other_int8_sums(other, models.INT16_PAIR_SUMS) is None

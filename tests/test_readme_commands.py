@@ -10,13 +10,17 @@ import csv
 import json
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import CUT_PRODUCTS, CUT_QUERIES, PROJECT, export, write_cut
+from conftest import CUT_PRODUCTS, CUT_QUERIES, PROJECT, documented_commands, export, write_cut
 from shopserve.ensemble import store
 from shopserve.ensemble.features import RANKER_FEATURES
+from shopserve.export import qdq
 
 pytestmark = pytest.mark.slow
 
@@ -223,6 +227,38 @@ def test_a_catalogue_refresh_reuses_the_encoder_and_embeds_only_what_changed(wor
     for name in ("model_fp32.onnx", "model_int8.onnx", "model_int8.onnx.data"):
         assert manifest["files"][f"encoder/1/{name}"] == source["files"][f"encoder/1/{name}"]
 
+    # A store built before INT8 weights had 7 bits (its manifest has no weight_bits) gives its
+    # fine-tuned FP32 graph, which the refresh quantizes again with 7-bit weights.
+    shutil.copytree(workdir / "my_store", workdir / "old_store")
+    for path in (
+        workdir / "old_store" / "manifest.json",
+        workdir / "old_store" / "manifests" / "v1.json",
+    ):
+        old = json.loads(path.read_text())
+        del old["encoder"]["int8"]["weight_bits"]
+        path.write_text(json.dumps(old))
+    run = export(
+        "build", *refresh, "--encoder-from", "old_store", "--repository", "requantized", cwd=workdir
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (
+        "its INT8 graph has 8-bit weights, this build quantizes its FP32 graph again" in run.stderr
+    )
+    manifest = json.loads((workdir / "requantized" / "manifest.json").read_text())
+    encoder = manifest["encoder"]
+    assert encoder["int8"]["weight_bits"] == 7 and encoder["int8"]["gate"]["passed"]
+    assert (
+        encoder["reused_from"]["version"] == 1
+        and encoder["finetune"] == source["encoder"]["finetune"]
+    )
+    assert "quantize encoder (static INT8, Q/DQ)" in manifest["timings_s"]
+    assert (
+        manifest["files"]["encoder/1/model_fp32.onnx"]
+        == source["files"]["encoder/1/model_fp32.onnx"]
+    )
+    graph = workdir / "requantized" / "encoder" / "1" / "model_int8.onnx"
+    assert qdq.qdq_model_problems(graph, tensorrt=False) == []  # no weight beyond 7 bits
+
     # A fine-tuned encoder is not reused on another split: its train queries could be dev queries.
     run = export(
         "build",
@@ -237,3 +273,19 @@ def test_a_catalogue_refresh_reuses_the_encoder_and_embeds_only_what_changed(wor
     )
     assert run.returncode == 1 and "another train/dev split" in run.stderr
     assert not (workdir / "resplit").exists()
+
+
+def test_the_documented_cpu_kinds_check_runs(workdir, tmp_path) -> None:
+    """docs/serving.md's command on the README's store, without the emulator (CI has no QEMU):
+    both embeddings native, so every row is identical (the script's own check)."""
+    (command,) = documented_commands("serving.md", "cpu-kinds")
+    assert command[:2] == ["python", "benchmarks/cpu_kinds.py"], command
+    swap = {"STORE": workdir / "my_store", "cpu_kinds.json": tmp_path / "cpu_kinds.json"}
+    argv = [sys.executable, *[str(swap.get(word, word)) for word in command[1:]]]
+    done = subprocess.run(
+        [*argv, "--emulator", "", "--texts", "40"], cwd=PROJECT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "cpu_kinds.json").read_text())
+    assert report["weight_bits"] == 7 and report["texts"] == 40
+    assert report["identical_rows"] == 40 and report["cosine"]["min"] == pytest.approx(1.0)
