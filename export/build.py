@@ -253,16 +253,15 @@ def _make_encoder(
     record["export"] = exported.__dict__
     if options.encoder_precision == FP32:
         return {**record, "served": FP32_SERVED, "target": options.target}
-    gpu_target = options.target == GPU
-    int8_file = GPU_INT8_ENCODER_FILE if gpu_target else CPU_INT8_ENCODER_FILE
+    int8 = _int8_record(
+        options, timer, inputs.encoder_dir, inputs.tokenizer, inputs.quantization_texts, rng
+    )
     return {
         **record,
-        "served": f"{int8_file} on TensorRT (GPU)"
-        if gpu_target
-        else f"{int8_file} (static INT8: the same alone or in a batch)",
-        "int8": _int8_record(
-            options, timer, inputs.encoder_dir, inputs.tokenizer, inputs.quantization_texts, rng
-        ),
+        "served": f"{int8['file']} on TensorRT (GPU)"
+        if options.target == GPU
+        else f"{int8['file']} (static INT8: the same alone or in a batch)",
+        "int8": int8,
         "target": options.target,
     }
 
