@@ -59,13 +59,14 @@ def compare(repository: Path, count: int, seed: int, emulator: str) -> dict:
             raise SystemExit(f"{shlex.join(command)} failed:\n{done.stderr[-3000:]}")
         seconds = time.monotonic() - started
         there = np.load(rows)
-    cosine = (here * there).sum(axis=1) / (
-        np.linalg.norm(here, axis=1) * np.linalg.norm(there, axis=1)
-    )
+    from shopserve.ensemble.models import int8_weight_bits
+    from shopserve.export.qdq import cosines
+
+    cosine = cosines(here, there)
     manifest = json.loads((repository / "manifest.json").read_text())
     return {
         "repository": str(repository),
-        "weight_bits": manifest["encoder"].get("int8", {}).get("weight_bits", 8),
+        "weight_bits": int8_weight_bits(manifest["encoder"].get("int8", {})),
         "emulator": emulator or "(none: both runs native)",
         "texts": len(here),
         "identical_rows": int((here == there).all(axis=1).sum()),

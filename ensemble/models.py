@@ -39,9 +39,9 @@ TENSORRT_QDQ_FORMAT = "QDQ QInt8 symmetric activations; QInt8 symmetric weights"
 # How a CPU's ONNX Runtime kernels add the INT8 encoder's products. x86 without VNNI (AVX2, and
 # AVX-512 without VNNI) multiplies UINT8 by INT8 with vpmaddubsw, which adds pairs of products in 16
 # bits and saturates; with VNNI or AMX, and on Arm, products are summed in 32 bits. A graph with
-# 8-bit weights therefore embeds a text differently on the two kinds: mean cosine 0.9918 on 1,650 Home Depot
-# texts (the full store's encoder, 2026-12-04) between this AVX2 machine's fused kernels and the
-# same graph run unfused, which sums in 32 bits as VNNI does; as much as the whole INT8 error.
+# 8-bit weights therefore embeds a text differently on the two kinds: mean cosine 0.9918 on 1,650
+# Home Depot texts (the full store's encoder, 2026-12-04) between an AVX2 machine's fused kernels
+# and the same graph run unfused, which sums in 32 bits as VNNI does; as much as the INT8 error.
 INT32_SUMS, INT16_PAIR_SUMS, UNKNOWN_SUMS = "int32", "int16 pairs", "unknown"
 _INT32_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # Weights of at most this many bits cannot saturate those 16-bit pairs: a weight in [-64, 64] times
@@ -49,6 +49,12 @@ _INT32_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # has 7-bit weights since 2026-12-05, and so embeds alike on both kinds; its manifest says so
 # (``encoder.int8.weight_bits``), and stores built before, with 8-bit weights, do not.
 EXACT_WEIGHT_BITS = 7
+
+
+def int8_weight_bits(int8: Mapping) -> int:
+    """The weight bits of a manifest's INT8 encoder record (``encoder.int8``); builds from
+    before the record said had 8."""
+    return int(int8.get("weight_bits", 8))
 
 
 @functools.cache
@@ -83,7 +89,7 @@ def int8_sums_mismatch(manifest: Mapping, here: str) -> str | None:
     built = manifest.get("catalogue_embeddings", {}).get("int8_sums")
     if encoder.get("target") != "cpu" or "int8" not in encoder:
         return None
-    if encoder["int8"].get("weight_bits", 8) <= EXACT_WEIGHT_BITS:
+    if int8_weight_bits(encoder["int8"]) <= EXACT_WEIGHT_BITS:
         return None
     if built in (None, UNKNOWN_SUMS) or here == UNKNOWN_SUMS or built == here:
         return None

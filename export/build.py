@@ -21,7 +21,7 @@ from shopserve.ensemble.dense import DenseIndex
 from shopserve.ensemble.features import FUSION_WEIGHTS, NUM_FEATURES
 from shopserve.ensemble.filters import Attributes, CatalogueAttributeError
 from shopserve.ensemble.lexical import LexicalIndex
-from shopserve.ensemble.models import OnnxEncoder, OnnxRanker, int8_sums
+from shopserve.ensemble.models import OnnxEncoder, OnnxRanker, int8_sums, int8_weight_bits
 from shopserve.ensemble.profiles import UserKeys
 from shopserve.ensemble.recommend import REC_FEATURE_NAMES
 from shopserve.ensemble.retrieve import Retriever
@@ -348,13 +348,13 @@ def _reuse_encoder(options: BuildOptions, encoder_dir: Path) -> dict:
             "fp32) and has no INT8 graph to reuse: build with --encoder-precision fp32, or "
             "without --encoder-from"
         )
-    elif record["int8"].get("weight_bits", 8) != qdq.WEIGHT_BITS[options.target == GPU]:
+    elif (bits := int8_weight_bits(record["int8"])) != qdq.WEIGHT_BITS[options.target == GPU]:
         log.info(
             "--encoder-from %s v%d: its INT8 graph has %d-bit weights, this build quantizes its "
             "FP32 graph again with %d (docs/serving.md#int8-and-the-cpu)",
             source,
             version,
-            record["int8"].get("weight_bits", 8),
+            bits,
             qdq.WEIGHT_BITS[options.target == GPU],
         )
         record = {k: v for k, v in record.items() if k != "int8"}
