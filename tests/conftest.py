@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,6 +62,24 @@ def copy_source_repository(destination: Path) -> Path:
         ],
     )
     return destination
+
+
+@pytest.fixture(scope="module")
+def module_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """Folders for one module's fixtures (stores, servers' work), removed when its tests are done.
+
+    A whole run kept 8.8 GB of stores until it ended, and CI's disk is shared: only the session's
+    stores live that long. A test's own ``tmp_path`` goes when it passes (pyproject's
+    ``tmp_path_retention_policy``)."""
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

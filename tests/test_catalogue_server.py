@@ -32,14 +32,14 @@ NEW_PRODUCT = 990_000_001
 
 
 @pytest.fixture(scope="module")
-def repository(personal_repository, tmp_path_factory):
+def repository(personal_repository, module_folder):
     """The personal store with a second version beside the first (the server serves the newest)."""
-    return second_version(personal_repository, tmp_path_factory.mktemp("catalogue-store"))
+    return second_version(personal_repository, module_folder("catalogue-store"))
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("catalogue-work")
+def work(module_folder):
+    return module_folder("catalogue-work")
 
 
 @pytest.fixture(scope="module")

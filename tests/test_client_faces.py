@@ -60,8 +60,8 @@ class Face:
 
 
 @pytest.fixture(scope="module")
-def keyed_server(personal_repository, tmp_path_factory):
-    work = tmp_path_factory.mktemp("faces")
+def keyed_server(personal_repository, module_folder):
+    work = module_folder("faces")
     with start_server(personal_repository, work, inference_key=INFERENCE_KEY) as server:
         yield server
 

@@ -46,8 +46,8 @@ def builds(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    with running_redis(tmp_path_factory.mktemp("redis-log")) as url:
+def redis_server(module_folder):
+    with running_redis(module_folder("redis-log")) as url:
         yield url
 
 

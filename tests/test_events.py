@@ -53,9 +53,9 @@ def catalogue(personal_repository) -> np.ndarray:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "redis"])
-def live(request, personal_repository, tmp_path_factory):
+def live(request, personal_repository, module_folder):
     """A server with its own live profile store of each backend."""
-    work = tmp_path_factory.mktemp(f"live-{request.param}")
+    work = module_folder(f"live-{request.param}")
     location = None
     if request.param == "redis":
         location = request.getfixturevalue("redis_url") + "?namespace=" + request.param
@@ -576,13 +576,13 @@ def test_a_release_while_events_stream_in_loses_no_event(
 
 @pytest.fixture(scope="module")
 def small_personal_shop(
-    instacart_files, built_repository, personal_repository, user_key_file, tmp_path_factory
+    instacart_files, built_repository, personal_repository, user_key_file, module_folder
 ):
     """A small shop's first build: its files, the rankers it takes from the session's stores (no
     training: the builds are about the event log), and the repository at version 1."""
     from test_recommend_gate import small_shop
 
-    folder = tmp_path_factory.mktemp("export-release")
+    folder = module_folder("export-release")
     items, events = small_shop(instacart_files, folder)
     rankers = (
         "--ranker", store.model_file(built_repository, store.RANKER),

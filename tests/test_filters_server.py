@@ -32,8 +32,8 @@ def attributes_of(product_id: int) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory, data_dir, built_repository) -> tuple[Path, dict[int, dict]]:
-    folder = tmp_path_factory.mktemp("filtered")
+def shop(module_folder, data_dir, built_repository) -> tuple[Path, dict[int, dict]]:
+    folder = module_folder("filtered")
     items, _ = write_cut(data_dir, folder)
     with items.open() as handle:
         rows = list(csv.DictReader(handle))
@@ -53,8 +53,8 @@ def shop(tmp_path_factory, data_dir, built_repository) -> tuple[Path, dict[int, 
 
 
 @pytest.fixture(scope="module")
-def server(shop, tmp_path_factory):
-    with start_server(shop[0], tmp_path_factory.mktemp("triton")) as running:
+def server(shop, module_folder):
+    with start_server(shop[0], module_folder("triton")) as running:
         yield running
 
 

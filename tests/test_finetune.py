@@ -18,8 +18,8 @@ TRAIN_QUERIES = 64
 
 
 @pytest.fixture(scope="module")
-def cut(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    items, judged = write_cut(data_dir, tmp_path_factory.mktemp("cut"))
+def cut(data_dir: Path, module_folder):
+    items, judged = write_cut(data_dir, module_folder("cut"))
     catalogue = load_catalogue(items)
     judgments = load_judgments(judged, catalogue)
     train, dev = split_queries(judgments.queries, 0.2, 13)

@@ -167,7 +167,7 @@ def test_trtexec_command() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory) -> Path:
+def tiny_encoder(module_folder) -> Path:
     """A one-layer random BERT (hidden 32) with mean pooling and L2 norm, exported like MiniLM."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -183,7 +183,7 @@ def tiny_encoder(tmp_path_factory) -> Path:
     )
     torch.manual_seed(0)
 
-    path = tmp_path_factory.mktemp("tiny") / "model_fp32.onnx"
+    path = module_folder("tiny") / "model_fp32.onnx"
     ids, mask = _batch(np.random.default_rng(0), [5, 3])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # legacy-exporter deprecation and tracer notes
@@ -213,8 +213,8 @@ def calibration() -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 @pytest.fixture(scope="module")
-def qdq_encoder(tiny_encoder: Path, calibration, tmp_path_factory) -> Path:
-    destination = tmp_path_factory.mktemp("qdq") / "model.onnx"
+def qdq_encoder(tiny_encoder: Path, calibration, module_folder) -> Path:
+    destination = module_folder("qdq") / "model.onnx"
     return qdq.quantize_qdq(tiny_encoder, destination, calibration)
 
 

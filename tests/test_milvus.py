@@ -41,7 +41,7 @@ def run_documented(command: list[str], repository: Path, uri: str):
 
 
 @pytest.fixture(scope="module")
-def milvus_uri(tmp_path_factory: pytest.TempPathFactory):
+def milvus_uri(module_folder):
     """Milvus Lite started as the block's first line starts it, on a free port."""
     from shopserve.server import free_ports
 
@@ -49,15 +49,15 @@ def milvus_uri(tmp_path_factory: pytest.TempPathFactory):
     assert start[:2] == ["milvus-lite", "server"] and start[-1] == "&", start
     options = dict(zip(start[2:-1:2], start[3:-1:2], strict=True))
     assert options == {"--data-dir": "milvus-data", "--host": "127.0.0.1", "--port": "19530"}
-    folder = tmp_path_factory.mktemp("milvus")
+    folder = module_folder("milvus")
     with milvus_lite_server(folder / options["--data-dir"], *free_ports(1)) as uri:
         yield uri
 
 
 @pytest.fixture(scope="module")
-def milvus_store(built_repository: Path, milvus_uri: str, tmp_path_factory) -> tuple[Path, dict]:
+def milvus_store(built_repository: Path, milvus_uri: str, module_folder) -> tuple[Path, dict]:
     """The session's store loaded into Milvus by the block's second line."""
-    repository = linked_store_copy(built_repository, tmp_path_factory.mktemp("on_milvus") / "store")
+    repository = linked_store_copy(built_repository, module_folder("on_milvus") / "store")
     done = run_documented(documented_commands("milvus.md", "milvus")[1], repository, milvus_uri)
     assert done.returncode == 0, done.stderr[-3000:]
     return repository, json.loads(done.stdout)

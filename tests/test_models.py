@@ -18,7 +18,7 @@ WIDTH = 64
 
 
 @pytest.fixture(scope="module")
-def matmul_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def matmul_model(module_folder) -> Path:
     """Y = X @ W with W a constant: ONNX Runtime pre-packs W for its GEMM kernel."""
     weights = np.random.default_rng(0).standard_normal((WIDTH, WIDTH)).astype(np.float32)
     graph = helper.make_graph(
@@ -28,7 +28,7 @@ def matmul_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["rows", WIDTH])],
         [numpy_helper.from_array(weights, "W")],
     )
-    path = tmp_path_factory.mktemp("model") / "matmul.onnx"
+    path = module_folder("model") / "matmul.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 

@@ -38,8 +38,8 @@ INFERENCE_KEY = "test-inference-key-abcdef012345"
 
 
 @pytest.fixture(scope="module")
-def tls(built_repository, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tls")
+def tls(built_repository, module_folder):
+    folder = module_folder("tls")
     files = make_certificates(folder)
     server = start_server(
         built_repository,
@@ -165,11 +165,11 @@ def test_the_deadline_reaches_the_server(server) -> None:
 
 
 @pytest.fixture(scope="module")
-def versioned(tmp_path_factory, data_dir, built_repository) -> tuple[Path, Path]:
+def versioned(module_folder, data_dir, built_repository) -> tuple[Path, Path]:
     """A small store with versions 1 and 2 built before any server starts, with different models
     (1: the transferred Home Depot ranker; 2: the fusion) and different fitted values (2 asks for
     efSearch 512; 1 serves the smallest that reaches the recall target)."""
-    folder = tmp_path_factory.mktemp("rollout")
+    folder = module_folder("rollout")
     items, _ = write_cut(data_dir, folder)
     repository = folder / "store"
     _build(items, repository, 1, "--ranker", str(store.model_file(built_repository, store.RANKER)))

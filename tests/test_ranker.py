@@ -40,8 +40,8 @@ def synthetic_lists(seed: int = 0, queries: int = 64, width: int = 40) -> monoto
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[OnnxRanker, dict]:
-    path = tmp_path_factory.mktemp("ranker") / "model.onnx"
+def trained(module_folder) -> tuple[OnnxRanker, dict]:
+    path = module_folder("ranker") / "model.onnx"
     report = train_search_ranker(synthetic_lists(), path, seed=3, epochs=8)
     return OnnxRanker(path), {"path": path, "report": report}
 

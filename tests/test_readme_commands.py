@@ -35,9 +35,9 @@ def readme_commands() -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, data_dir, built_repository) -> Path:
+def workdir(module_folder, data_dir, built_repository) -> Path:
     """Run every README command in a folder holding the cut and a built Home Depot store."""
-    directory = tmp_path_factory.mktemp("readme")
+    directory = module_folder("readme")
     write_cut(data_dir, directory)
     (directory / "stores").mkdir()
     (directory / "stores" / "homedepot").symlink_to(built_repository)

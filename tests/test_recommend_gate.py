@@ -66,9 +66,9 @@ def exported_log(events: Path, items: Path, folder: Path) -> tuple[Path, str, li
 
 
 @pytest.fixture(scope="module")
-def shop(instacart_files, built_repository, user_key_file, tmp_path_factory):
+def shop(instacart_files, built_repository, user_key_file, module_folder):
     """A small shop built with a crippled recommendation ranker and an exported event log."""
-    folder = tmp_path_factory.mktemp("gate")
+    folder = module_folder("gate")
     items, events = small_shop(instacart_files, folder)
     log, erased, products = exported_log(events, items, folder)
     crippled = write_linear_ranker(

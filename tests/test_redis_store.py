@@ -42,9 +42,9 @@ def snapshot(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory):
+def redis(module_folder):
     """One Redis server for the module; each test uses its own namespace."""
-    with running_redis(tmp_path_factory.mktemp("redis")) as url:
+    with running_redis(module_folder("redis")) as url:
         yield url
 
 

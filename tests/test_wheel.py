@@ -34,8 +34,8 @@ def run(*command: object, cwd: Path | None = None, timeout: float = 900) -> str:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
+def wheel(module_folder) -> Path:
+    out = module_folder("dist")
     run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", out, PROJECT)
     (found,) = out.glob("shopserve-*.whl")
     return found
