@@ -252,3 +252,62 @@ def test_the_version_before_can_still_read_and_write_a_store_written_now(tmp_pat
     earlier.close()
     assert store.get("k").baskets == 3 and store.get("k").items[2].purchases == 1
     store.close()
+
+
+_FILL_UNTIL_FULL = """
+import json, resource, sys
+from shopserve.ensemble.profile_store import STORE_ERRORS, SqliteProfileStore, StoredEvent
+from shopserve.ensemble.profiles import PURCHASE
+
+def batch(n):
+    return [StoredEvent(f"u{n}", f"e{n}-{j}", j + 1, PURCHASE, float(n), "b") for j in range(32)]
+
+store = SqliteProfileStore(sys.argv[1])
+store.apply(batch(0))
+# Writes past the limit fail with EFBIG, as on a full disk (Python ignores SIGXFSZ)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+acknowledged, refused = [0], None
+for n in range(1, 10_000):
+    try:
+        store.apply(batch(n))
+    except STORE_ERRORS as exc:
+        refused = (n, type(exc).__name__)
+        break
+    acknowledged.append(n)
+try:
+    store.apply(batch(10_000))
+    still_full = False
+except STORE_ERRORS:
+    still_full = True
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+retried = len(store.apply(batch(refused[0])))  # the client's retry, once there is room again
+again = len(store.apply(batch(refused[0])))
+print(json.dumps({"acknowledged": acknowledged, "refused": refused, "still_full": still_full,
+                  "retried": retried, "again": again}))
+"""
+
+
+def test_a_full_disk_refuses_a_batch_whole_and_takes_it_again_when_there_is_room(tmp_path) -> None:
+    """A real write failure (the process's file-size limit, as a full disk fails a write): the batch
+    that meets it is refused whole, every batch acknowledged before stays, and the same store takes
+    the client's retry once there is room, without reopening, counting it once."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "profiles.sqlite"
+    run = subprocess.run(
+        [sys.executable, "-c", _FILL_UNTIL_FULL, str(path), str(256 * 1024)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(run.stdout)
+    refused, kind = result["refused"]
+    assert refused > 2 and result["acknowledged"] == list(range(refused)), result
+    assert kind in ("OperationalError", "OSError") and result["still_full"]
+    assert result["retried"] == 32 and result["again"] == 0
+    store = SqliteProfileStore(path)
+    logged = [record.event.user_key for record in store.log()]
+    assert logged == [f"u{n}" for n in [*range(refused), refused] for _ in range(32)]
+    assert store.get(f"u{refused}").items[32].purchases == 1
+    store.close()
