@@ -22,6 +22,7 @@ from ._client import (
 )
 from ._errors import (
     InvalidRequestError,
+    ModelNotServedError,
     OverloadedError,
     PermissionDeniedError,
     RequestTimeoutError,
@@ -41,6 +42,7 @@ __all__ = [
     "Hit",
     "Hits",
     "InvalidRequestError",
+    "ModelNotServedError",
     "OverloadedError",
     "PermissionDeniedError",
     "ProductChange",

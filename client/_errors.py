@@ -13,6 +13,7 @@ class SearchError(Exception):
     """
 
     retryable = False  # whether sending the same request again later may succeed
+    hint = ""  # what the server's message leaves out, added to it
 
     def __init__(self, message: str, status: str | None = None) -> None:
         super().__init__(message)
@@ -28,6 +29,17 @@ class ServerUnavailableError(SearchError):
     """The server cannot be reached, or the model is missing or not ready."""
 
     retryable = True
+
+
+class ModelNotServedError(ServerUnavailableError):
+    """The server does not serve the model asked for: its store was built without it. Asking this
+    server again does not help."""
+
+    retryable = False
+    hint = (
+        "this server's store has no such model: one built without --events serves no recommend, "
+        "events or forget"
+    )
 
 
 class OverloadedError(ServerUnavailableError):
@@ -70,11 +82,14 @@ def map_error(exc: InferenceServerException) -> SearchError:
     for text, specific in _BY_MESSAGE:
         if text in lowered:
             error_type = specific
-    return error_type(message, status)
+    return error_type(f"{message} ({error_type.hint})" if error_type.hint else message, status)
 
 
 _BY_MESSAGE: tuple[tuple[str, type[SearchError]], ...] = (
     ("exceeds maximum queue size", OverloadedError),
+    # "Request for unknown model: 'recommend' is not found": the launcher loads a store's models
+    # once, at start, so the model will not appear later
+    ("' is not found", ModelNotServedError),
     ("request timeout expired", RequestTimeoutError),
     ("this protocol is restricted", PermissionDeniedError),
     ("operator's key", PermissionDeniedError),

@@ -15,6 +15,7 @@ from shopserve.client import (
     AsyncSearchClient,
     CatalogueApplied,
     Event,
+    ModelNotServedError,
     OverloadedError,
     PermissionDeniedError,
     ProductChange,
@@ -93,6 +94,23 @@ def test_both_clients_send_the_inference_key_and_get_the_same_answers(face, keye
         personal = client.search("yogurt", top_k=5, user_id=SHOPPER)
         assert ids(personal) == ids(reference.search("yogurt", top_k=5, user_id=SHOPPER))
     assert client.ready()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_both_clients_say_a_store_without_events_serves_no_recommend(kind, server) -> None:
+    """The search-only store's server has no recommend or events: an error that says why, and
+    one not to retry (record, which retries transient failures, fails at once)."""
+    client = Face(kind, server.grpc_url, Security())
+    try:
+        with pytest.raises(ModelNotServedError, match="built without --events") as missing:
+            client.recommend(SHOPPER)
+        assert not missing.value.retryable and "'recommend'" in missing.value.message
+        started = time.monotonic()
+        with pytest.raises(ModelNotServedError, match="'events'"):
+            client.record(SHOPPER, 196, "purchase")
+        assert time.monotonic() - started < 0.05  # the first retry would wait 0.05 s
+    finally:
+        client.close()
 
 
 def test_both_clients_are_refused_without_the_inference_key(face) -> None:

@@ -14,6 +14,7 @@ from shopserve.client import (
     Explanation,
     Hit,
     InvalidRequestError,
+    ModelNotServedError,
     OverloadedError,
     PermissionDeniedError,
     Reason,
@@ -50,6 +51,15 @@ def test_overload_and_key_refusals_are_typed() -> None:
         )
     )
     assert type(restricted) is PermissionDeniedError and not restricted.retryable
+    unknown = map_error(
+        InferenceServerException(
+            "Request for unknown model: 'recommend' is not found", "StatusCode.UNAVAILABLE"
+        )
+    )
+    assert type(unknown) is ModelNotServedError and not unknown.retryable
+    assert isinstance(unknown, ServerUnavailableError)  # what code written before catches
+    assert unknown.message.startswith("Request for unknown model: 'recommend' is not found (")
+    assert "built without --events" in unknown.message
     assert not map_error(InferenceServerException("bad", "StatusCode.INVALID_ARGUMENT")).retryable
 
 
