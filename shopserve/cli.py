@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -301,11 +302,45 @@ def rollout(argv: list[str]) -> int:
     return 0
 
 
+def verify(argv: list[str]) -> int:
+    """``shopserve verify``: check a store's files against its manifest, as ``serve`` and
+    ``rollout`` do before they use a version (for a store that is already being served)."""
+    from shopserve.ensemble import store
+
+    parser = argparse.ArgumentParser(
+        prog="shopserve verify",
+        description="Check every file of a version of a store against the SHA-256 its build "
+        "recorded, as serve and rollout do before they use it; exit 1 naming the first file that "
+        "is missing or differs.",
+    )
+    parser.add_argument("--model-repository", type=Path, default=store.DEFAULT_REPOSITORY)
+    parser.add_argument(
+        "--version", type=int, help="the version to check (default: the one the store serves)"
+    )
+    args = parser.parse_args(argv)
+    repository = args.model_repository
+    if not (repository / "manifest.json").is_file():
+        print(f"error: {repository} is not a built store (no manifest.json)", file=sys.stderr)
+        return 1
+    version = store.served_version(repository) if args.version is None else args.version
+    started = time.perf_counter()
+    try:
+        store.verify_version(repository, version)
+    except store.StoreIntegrityError as exc:
+        print(f"error: {repository}: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{repository} version {version}: every file matches its manifest checksum "
+        f"({time.perf_counter() - started:.1f} s)"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     usage = (
-        "usage: shopserve {serve,search,recommend,events,forget,catalogue,rollout,keys} [options]  "
-        "(shopserve COMMAND --help for more)"
+        "usage: shopserve {serve,search,recommend,events,forget,catalogue,rollout,verify,keys} "
+        "[options]  (shopserve COMMAND --help for more)"
     )
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
@@ -319,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         return keys(rest)
     if command == "rollout":
         return rollout(rest)
+    if command == "verify":
+        return verify(rest)
     if command == "events" and rest[:1] == ["export"]:
         return events_export(rest[1:])
     if command == "events" and rest[:1] == ["compact"]:

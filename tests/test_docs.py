@@ -25,6 +25,7 @@ RUNNERS = {
     "audit": "tests/test_audit.py::test_the_home_depot_audit_reproduces_from_its_rankings",
     "gpu-check": "tests/test_gpu_path.py::test_a_gpu_target_build_writes_the_qdq_graph_and_gpu_configs",
     "cpu-kinds": "tests/test_readme_commands.py::test_the_documented_cpu_kinds_check_runs",
+    "verify": "tests/test_repository.py::test_the_documented_verify_command_finds_a_damaged_file",
 }
 
 # Each documented command: the program that prints its help, and the documents where every flag of
@@ -40,6 +41,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "audit": (EXPORT, ("docs/fairness.md",)),
     "serve": (SHOPSERVE, ("docs/serving.md",)),
     "rollout": (SHOPSERVE, ("docs/serving.md",)),
+    "verify": (SHOPSERVE, ("docs/serving.md",)),
     "keys": (SHOPSERVE, ("docs/serving.md",)),
     "events": (SHOPSERVE, ("docs/serving.md",)),
     "events export": (SHOPSERVE, ("docs/serving.md",)),
@@ -53,7 +55,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
 # Where a command is named in the docs: "python -m shopserve.export build", "shopserve serve".
 _COMMAND = re.compile(
     r"shopserve\.export (?P<export>build|evaluate|transfer|instacart|cut|milvus|audit)\b"
-    r"|(?<![\w.-])shopserve (?P<shopserve>serve|rollout|search|recommend|keys|events export"
+    r"|(?<![\w.-])shopserve (?P<shopserve>serve|rollout|verify|search|recommend|keys|events export"
     r"|events compact|events|forget|catalogue export|catalogue)\b"
 )
 # A command's own flags end where the shell line goes on to something else.

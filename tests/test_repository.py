@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SOURCE_REPOSITORY
+from conftest import SOURCE_REPOSITORY, documented_commands
 from shopserve.ensemble import store
 from shopserve.export.repository import TEMPLATES, RepositoryError, RepositoryWriter
 
@@ -139,3 +139,35 @@ def test_shopserve_serve_refuses_a_damaged_store_before_starting_anything(tmp_pa
     assert "search/1/model.py fails its manifest checksum" in run.stderr
     assert "copy it again, or build it again; the server did not start" in run.stderr
     assert not work.exists()  # no backend laid out, no live store seeded, no tritonserver
+
+
+def test_the_documented_verify_command_finds_a_damaged_file(tmp_path) -> None:
+    """docs/serving.md's ``shopserve verify``: the served version's files pass, then a file changed
+    on disk (as under a running server) fails, named; so do a version never built and a folder
+    that is not a store."""
+    (command,) = documented_commands("serving.md", "verify")
+    assert command[:2] == ["shopserve", "verify"], command
+    repository = _built(tmp_path / "shop")
+
+    def verify(*more: str) -> subprocess.CompletedProcess:
+        argv = [str(repository) if word == "stores/homedepot" else word for word in command[1:]]
+        return subprocess.run(
+            [sys.executable, "-m", "shopserve", *argv, *more],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    passed = verify()
+    assert passed.returncode == 0, passed.stderr
+    assert f"{repository} version 1: every file matches its manifest checksum" in passed.stdout
+    ranker = repository / store.RANKER / "1" / store.ONNX_FILE
+    ranker.write_bytes(b"ranker weightz")
+    damaged = verify()
+    assert damaged.returncode == 1
+    assert "version 1: ranker/1/model.onnx fails its manifest checksum" in damaged.stderr
+    missing = verify("--version", "2")
+    assert missing.returncode == 1 and "no manifest for version 2" in missing.stderr
+    repository = tmp_path  # a folder, not a store
+    not_a_store = verify()
+    assert not_a_store.returncode == 1 and "not a built store" in not_a_store.stderr
