@@ -86,6 +86,10 @@ class Explanation:
             tuple(Reason(r.signal, r.contribution * weight, r.text) for r in self.reasons),
         )
 
+    def moved(self, by: float) -> Explanation:
+        """The explanation of ``logit + by``: the reference moves with it, the reasons stay."""
+        return Explanation(self.logit + by, self.reference + by, self.reasons)
+
     def plus(self, other: Explanation) -> Explanation:
         """The explanation of the sum of two logits (a query's and a shopper's)."""
         return _explanation(

@@ -109,6 +109,27 @@ def history_weights(query_logits: np.ndarray, weight: float) -> np.ndarray:
     return np.where(within, weight, 0.0).astype(query_logits.dtype)
 
 
+@dataclass(frozen=True)
+class Fused:
+    """A personalised search's logits: ``query + weights x (affinity - lift)``."""
+
+    logits: np.ndarray
+    weights: np.ndarray  # history_weights: the fitted weight within the margin, 0 below it
+    lift: float  # the most negative affinity within the margin, or 0 where none is negative
+
+
+def fuse(query_logits: np.ndarray, affinity: np.ndarray, weight: float) -> Fused:
+    """The query's logits with the shopper's affinity added within the margin. A ranker's logit
+    can be negative: the affinities there are lifted by the most negative of them, so that history
+    re-orders the good matches (the same order as ``query + weight x affinity``) and never pushes
+    one below a candidate outside the margin. Affinities of 0 or more are not moved."""
+    weights = history_weights(query_logits, weight)
+    within = weights > 0
+    lift = min(0.0, float(affinity[within].min())) if within.any() else 0.0
+    shifted = (affinity - np.float32(lift)).astype(query_logits.dtype)
+    return Fused(query_logits + weights * shifted, weights, lift)
+
+
 @dataclass
 class Personalization:
     recommender: Recommender
@@ -116,7 +137,7 @@ class Personalization:
     explorer: OnnxRanker  # ranks NEW_ONLY answers (products the shopper never bought)
     profiles: ProfileStore
     keys: UserKeys
-    search_weight: float  # personalised search: query logit + weight x affinity (history_weights)
+    search_weight: float  # personalised search: query logit + weight x affinity (fuse)
 
     @classmethod
     def from_repository(

@@ -17,7 +17,7 @@ from .exposure import ExposurePolicy
 from .filters import Attributes, load_attributes, parse_filter
 from .lexical import LexicalIndex
 from .models import OnnxEncoder, OnnxRanker
-from .personal import Personalization, history_weights
+from .personal import Personalization, fuse
 from .postprocess import PostProcessor, SearchResult
 from .profile_store import ProfileStoreUnavailable
 from .retrieve import Retriever
@@ -196,17 +196,17 @@ class SearchPipeline:
                 explanations=[] if request.explain else None,
             )
         query_logits = self.ranker(candidates.features)
-        logits, affinity, features, weights = query_logits, None, None, None
+        logits, affinity, features, fused = query_logits, None, None, None
         if request.user is not None:
             affinity, features = self.personal.affinity(request.user, candidates.rows)
-            weights = history_weights(query_logits, self.personal.search_weight)
-            logits = query_logits + weights * affinity
+            fused = fuse(query_logits, affinity, self.personal.search_weight)
+            logits = fused.logits
         explain = None
         if request.explain:
 
             def explain(positions: np.ndarray) -> list[Explanation]:
                 explained = self.explainer(candidates.features[positions], query_logits[positions])
-                if affinity is None or not self.personal.search_weight:
+                if fused is None or not self.personal.search_weight:
                     return explained
                 history = self.history_explainer(
                     request.user,
@@ -215,8 +215,8 @@ class SearchPipeline:
                     features=None if features is None else features[positions],
                 )
                 return [
-                    q.plus(h.scaled(float(w))) if w else q
-                    for q, h, w in zip(explained, history, weights[positions], strict=True)
+                    q.plus(h.moved(-fused.lift).scaled(float(w))) if w else q
+                    for q, h, w in zip(explained, history, fused.weights[positions], strict=True)
                 ]
 
         answer = self.postprocessor(

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from shopserve.ensemble.personal import history_weights
+from shopserve.ensemble.personal import fuse
 from shopserve.ensemble.recommend import Recommender
 from shopserve.ensemble.retrieve import Retriever
 from tqdm.auto import tqdm
@@ -151,9 +151,8 @@ def _top(ids: np.ndarray, scores: np.ndarray) -> list[int]:
 
 
 def personal_top(scored: ScoredQuery, weight: float) -> list[int]:
-    """The personalised search's top 10, fused as serving fuses (history_weights)."""
-    logits = scored.search_logits
-    return _top(scored.product_ids, logits + history_weights(logits, weight) * scored.affinity)
+    """The personalised search's top 10, fused as serving fuses."""
+    return _top(scored.product_ids, fuse(scored.search_logits, scored.affinity, weight).logits)
 
 
 def fit_search_weight(scored: Sequence[ScoredQuery], grid: Sequence[float]) -> tuple[float, dict]:

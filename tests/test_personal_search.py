@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from shopserve.ensemble.personal import HISTORY_MARGIN, history_weights
+from shopserve.ensemble.explain import Explanation, Reason
+from shopserve.ensemble.personal import HISTORY_MARGIN, fuse, history_weights
 from shopserve.export.evaluate_personal import ScoredQuery, category_ndcg, personal_top
 from shopserve.export.history import BasketQuery
 
@@ -30,6 +31,37 @@ def test_a_poor_match_the_shopper_buys_every_week_stays_below_the_good_matches()
     )
     assert personal_top(scored, 0.0) == [1, 2, 3]
     assert personal_top(scored, 16.0) == [2, 1, 3]
+
+
+def test_a_shopper_the_ranker_scores_below_zero_keeps_the_good_matches_on_top() -> None:
+    """A learned ranker's logit can be negative. 1 and 2 are the query's good matches, which the
+    shopper's ranker scores -3 and -1; 3 is a poor match it scores 0. Adding ``w x affinity``
+    alone would put 3 first (9 - 48 and 8 - 16 against 3); the lift keeps history's order of the
+    good matches (2, then 1) above it."""
+    scored = ScoredQuery(
+        query=None,
+        product_ids=np.array([1, 2, 3]),
+        search_logits=np.array([9.0, 8.0, 9.0 - HISTORY_MARGIN - 1.0], dtype=np.float32),
+        affinity=np.array([-3.0, -1.0, 0.0], dtype=np.float32),
+        purchases=np.zeros(3),
+    )
+    assert personal_top(scored, 16.0) == [2, 1, 3]
+    fused = fuse(scored.search_logits, scored.affinity, 16.0)
+    assert fused.lift == -3.0 and fused.logits.tolist() == [9.0, 40.0, 3.0]
+    assert fused.logits.dtype == np.float32
+    # Affinities of 0 or more are not moved: query + w x affinity, as before
+    fused = fuse(scored.search_logits, np.array([0.5, 0.0, 2.0], np.float32), 16.0)
+    assert fused.lift == 0.0 and fused.logits.tolist() == [17.0, 8.0, 3.0]
+    assert fuse(scored.search_logits, scored.affinity, 0.0).logits.tolist() == [9.0, 8.0, 3.0]
+
+
+def test_a_lifted_explanation_still_adds_up_to_its_logit() -> None:
+    history = Explanation(-1.0, -2.5, (Reason("your_purchases", 1.5, "you bought it once"),))
+    lifted = history.moved(3.0).scaled(16.0)
+    assert lifted.logit == 32.0 and lifted.reference == 8.0
+    assert lifted.logit == pytest.approx(
+        lifted.reference + sum(r.contribution for r in lifted.reasons)
+    )
 
 
 def test_category_ndcg_counts_the_category_as_partly_relevant() -> None:
