@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import ADMIN_KEY, start_server
@@ -16,7 +17,6 @@ from shopserve.client import (
     CatalogueApplied,
     Event,
     ModelNotServedError,
-    OverloadedError,
     PermissionDeniedError,
     ProductChange,
     RequestTimeoutError,
@@ -166,8 +166,10 @@ def test_forget_without_an_operators_key_is_refused_before_sending(face) -> None
 
 
 def test_both_clients_deadlines_reach_the_server(face, keyed_server) -> None:
-    """24 requests at once with a 3 ms deadline: those that pass it in the server's queue are
-    dropped there, never computed (the server gets the client's deadline)."""
+    """Requests whose deadline passes while they wait in the server's queue are dropped there,
+    never computed (the server gets the client's deadline). Two long queries (about 30 ms each)
+    occupy both search instances, one at a time so that neither is batched with the other; then 4
+    probes with a 3 ms deadline wait behind them."""
 
     def successes() -> int:
         url = f"http://{keyed_server.http_url}/v2/models/{store.SEARCH}/stats"
@@ -175,12 +177,22 @@ def test_both_clients_deadlines_reach_the_server(face, keyed_server) -> None:
             stats = json.loads(response.read())["model_stats"][0]["inference_stats"]
         return int(stats["success"]["count"])
 
+    security = Security(inference_key=INFERENCE_KEY)
+    long_query = " ".join(f"cordless drill bit set {i} inch steel" for i in range(25))
     client = face(inference_key=INFERENCE_KEY)
     client.search("warm up", top_k=5)  # the model config is asked once, outside the burst
-    before = successes()
-    with pytest.raises((RequestTimeoutError, OverloadedError)):
-        client.search_many(
-            [f"deadline probe {i}" for i in range(24)], top_k=5, timeout=0.003, max_in_flight=24
-        )
-    time.sleep(0.5)
-    assert successes() - before <= 2 * 4  # two instances, one execution of up to 4 each
+    with SearchClient(keyed_server.grpc_url, timeout=30, security=security) as blocker:
+        blocker.search("warm up", top_k=5)
+        before = successes()
+        with ThreadPoolExecutor(2) as pool:
+            blocking = []
+            for _ in range(2):
+                blocking.append(pool.submit(blocker.search, long_query, 5))
+                time.sleep(0.005)  # an idle instance takes it before the next arrives
+            with pytest.raises(RequestTimeoutError):
+                client.search_many(
+                    [f"deadline probe {i}" for i in range(4)], top_k=5, timeout=0.003
+                )
+            assert all(len(answer.result()) == 5 for answer in blocking)
+    time.sleep(0.2)
+    assert successes() - before == 2  # the long queries only
