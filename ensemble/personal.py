@@ -327,6 +327,7 @@ class LiveEvents:
         self.personal = personalization
         self.live = live
         self.ingest = EventIngest(personalization.profiles, personalization.keys)
+        self.refusals = 0  # requests refused because the store failed (a metric counts them)
 
     @classmethod
     def from_repository(cls, repository: Path | str, version: int | None = None) -> LiveEvents:
@@ -343,15 +344,39 @@ class LiveEvents:
         return self.live.listed_in_build
 
     def record(self, requests: list[EventRequest]) -> list[int]:
-        """Commit the requests together; how many events of each were new."""
-        return self.ingest.ingest(requests)
+        """Commit the requests together; how many events of each were new. When the store fails
+        (a full disk, Redis down or full) none of them is written: ProfileStoreUnavailable."""
+        try:
+            return self.ingest.ingest(requests)
+        except self.personal.profiles.FAILURES as exc:
+            raise self._refused(
+                "the profile store did not take the events", exc, len(requests)
+            ) from exc
 
     def forget(
         self, user_id: str | bytes | np.ndarray, given_key: object, operator_key: str | None
     ) -> bool:
-        """Erase a shopper, for a caller holding the operator's key."""
+        """Erase a shopper, for a caller holding the operator's key (ProfileStoreUnavailable, and
+        nothing erased, when the store fails)."""
         check_operator_key("forget", given_key, operator_key)
-        return self.personal.profiles.forget(self.personal.keys.key(decode_user_id(user_id)))
+        key = self.personal.keys.key(decode_user_id(user_id))
+        try:
+            return self.personal.profiles.forget(key)
+        except self.personal.profiles.FAILURES as exc:
+            raise self._refused("the profile store did not erase the shopper", exc, 1) from exc
+
+    def _refused(self, what: str, exc: Exception, requests: int) -> ProfileStoreUnavailable:
+        """Count and log a store failure; the error the requests get (retryable)."""
+        self.refusals += requests
+        cause = type(exc).__name__
+        # SQLite's and the OS's messages say what failed ("database or disk is full"); Redis's may
+        # name its host, and the Redis store's own errors are worded without one.
+        worded = isinstance(exc, (*STORE_ERRORS, ProfileStoreUnavailable))
+        detail = f"{cause}: {exc}" if worded else cause
+        log.warning(
+            "%s (%s): %d request(s) refused (UNAVAILABLE, retryable)", what, detail, requests
+        )
+        return ProfileStoreUnavailable(f"{what}: {cause}")
 
 
 class OperatorKeyError(PermissionError):

@@ -296,16 +296,20 @@ def export_log(store: ProfileStore, path: Path, since: float = 0.0) -> tuple[int
 
 
 class ProfileStoreUnavailable(RuntimeError):
-    """The profile store could not be read (Redis down or full, a disk error): a request that needs
-    a profile cannot be answered as asked now, but may be later."""
+    """The profile store could not be read or written (Redis down or full, a full disk, a disk
+    error): a request that needs it cannot be answered as asked now, but may be later."""
 
 
-# What the SQLite store raises when failing; the Redis store raises ProfileStoreUnavailable itself.
+# What the SQLite store raises when failing; the Redis store's reads raise ProfileStoreUnavailable.
 STORE_ERRORS = (OSError, sqlite3.Error)
 
 
 class ProfileStore(ABC):
     """Read and write profiles by user key."""
+
+    # What a failing store raises (a write that fails has written nothing): the callers that
+    # answer requests turn these into ProfileStoreUnavailable.
+    FAILURES: tuple[type[Exception], ...] = STORE_ERRORS
 
     @abstractmethod
     def get(self, user_key: str) -> Profile | None: ...

@@ -94,6 +94,7 @@ class RedisProfileStore(ProfileStore):
     prefix per build; the event log is the Stream ``shopserve:<log_name>``, one per shop, shared by
     every build's namespace."""
 
+    FAILURES = (redis.RedisError, ProfileStoreUnavailable)
     RETRIES = 20
     LOG_PAGE = 10000
     CATCH_UP_BATCH = 1000  # events a catch-up transaction folds at most
@@ -188,7 +189,9 @@ class RedisProfileStore(ProfileStore):
                 commands, applied = self._fold_commands(pipe, groups, log)
                 if not commands or self._transaction(commands, pipe) is not None:
                     return applied
-        raise RuntimeError(f"events for {len(groups)} users kept conflicting; not applied")
+        raise ProfileStoreUnavailable(
+            f"events for {len(groups)} users kept conflicting with other writers; not applied"
+        )
 
     def _fold_commands(
         self,

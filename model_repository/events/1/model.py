@@ -5,16 +5,18 @@ then the valid ones are committed in one transaction, and only then answered.
 """
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
 from shopserve.ensemble.events import parse_events
 from shopserve.ensemble.personal import LiveEvents
+from shopserve.ensemble.profile_store import ProfileStoreUnavailable
 from shopserve.ensemble.triton_adapter import (
+    StoreFailures,
     freeze_loaded_state,
     input_array,
     model_context,
     optional_input,
     parse_each,
     respond,
+    unavailable,
 )
 
 
@@ -22,6 +24,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir, _ = model_context(args)
         self.live = LiveEvents.from_repository(version_dir.parents[1], int(version_dir.name))
+        self.store_failures = StoreFailures("events")
         freeze_loaded_state()
 
     def _parse(self, request, known_products):
@@ -41,13 +44,10 @@ class TritonPythonModel:
         if valid:
             try:
                 accepted = self.live.record([batch for _, batch in valid])
-            except Exception as exc:  # the store failed: nothing of these batches was written
-                error = pb_utils.TritonError(
-                    f"the profile store did not take the events: {type(exc).__name__}",
-                    pb_utils.TritonError.UNAVAILABLE,
-                )
+            except ProfileStoreUnavailable as exc:  # nothing of these batches was written
                 for index, _ in valid:
-                    responses[index] = pb_utils.InferenceResponse(error=error)
+                    responses[index] = unavailable(exc)
+                self.store_failures.count_up_to(self.live.refusals)
             else:
                 for (index, batch), new in zip(valid, accepted, strict=True):
                     responses[index] = respond(

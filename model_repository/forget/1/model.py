@@ -10,12 +10,15 @@ import os
 
 import numpy as np
 from shopserve.ensemble.personal import LiveEvents, OperatorKeyError
+from shopserve.ensemble.profile_store import ProfileStoreUnavailable
 from shopserve.ensemble.triton_adapter import (
+    StoreFailures,
     freeze_loaded_state,
     input_array,
     invalid_argument,
     model_context,
     respond,
+    unavailable,
 )
 from shopserve.ensemble.validation import InvalidRequest
 
@@ -27,6 +30,7 @@ class TritonPythonModel:
         version_dir, _ = model_context(args)
         self.live = LiveEvents.from_repository(version_dir.parents[1], int(version_dir.name))
         self.operator_key = os.environ.get(ADMIN_KEY_ENV)
+        self.store_failures = StoreFailures("forget")
         freeze_loaded_state()
 
     def execute(self, requests: list) -> list:
@@ -39,6 +43,10 @@ class TritonPythonModel:
                 # A model cannot answer PERMISSION_DENIED; INVALID_ARGUMENT is never retried, and
                 # the client reads a missing or wrong key from the message.
                 responses.append(invalid_argument(exc))
+                continue
+            except ProfileStoreUnavailable as exc:  # nothing was erased: the operator retries
+                responses.append(unavailable(exc))
+                self.store_failures.count_up_to(self.live.refusals)
                 continue
             responses.append(respond(FORGOTTEN=np.array([found])))
         return responses
