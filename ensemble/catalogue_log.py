@@ -14,6 +14,7 @@ other rows is refused. The log is never rewritten by serving; each build can fol
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import sqlite3
@@ -35,8 +36,11 @@ from .catalogue import (
     refresh_catalogue,
 )
 from .filters import Attributes
+from .profile_store import STORE_ERRORS, failure_reason, redis_settings
 from .redis_link import is_redis
 from .validation import InvalidRequest
+
+log = logging.getLogger("shopserve.catalogue")
 
 CATALOGUE_LOG_ENV = "SHOPSERVE_CATALOGUE_LOG"  # where the catalogue log is (set by shopserve serve)
 CATALOGUE_LOG_FILE = "catalogue.sqlite"  # the embedded log, under the server's work folder
@@ -108,6 +112,8 @@ def _reused(update: CatalogueUpdate) -> InvalidRequest:
 
 
 class CatalogueLog(ABC):
+    FAILURES: tuple[type[Exception], ...] = STORE_ERRORS  # what a failing log raises
+
     @abstractmethod
     def append(self, update: CatalogueUpdate, vectors: np.ndarray | None, encoder: str) -> bool:
         """Append an update's rows durably, all or nothing; False when its update id was applied
@@ -215,10 +221,12 @@ class RedisCatalogueLog(CatalogueLog):
     PAGE = 5000
 
     def __init__(self, location: str) -> None:
-        from .profile_store import redis_settings
+        import redis
+
         from .redis_link import connect
         from .redis_store import require_fsync
 
+        self.FAILURES = (redis.RedisError,)  # redis imports ssl: only where Redis is used
         settings = redis_settings(location)
         self.client = connect(settings.url, password=settings.password, ca_file=settings.ca_file)
         require_fsync(self.client, settings.url)
@@ -354,8 +362,15 @@ class CatalogueWriter:
                 results.append(self.log.append(update, vectors, self.encoder))
             except InvalidRequest as exc:
                 results.append(exc)
-            except Exception as exc:  # the store failed: this one and the rest are not written
-                return results + [exc] * (len(updates) - len(results))
+            except self.log.FAILURES as exc:  # this one and the rest are not written
+                refused = len(updates) - len(results)
+                log.warning(
+                    "the catalogue log did not take the update (%s): %d update(s) refused "
+                    "(UNAVAILABLE, retryable)",
+                    failure_reason(exc),
+                    refused,
+                )
+                return results + [exc] * refused
         return results
 
     def _retitled(self, product: ProductUpdate) -> bool:

@@ -33,6 +33,7 @@ from .profile_store import (
     STORE_ERRORS,
     ProfileStore,
     ProfileStoreUnavailable,
+    failure_reason,
     open_store,
 )
 from .profiles import USER_KEY_ENV, USER_KEY_FILE_ENV, Profile, UserKeys, WrongUserKeyError
@@ -368,15 +369,13 @@ class LiveEvents:
     def _refused(self, what: str, exc: Exception, requests: int) -> ProfileStoreUnavailable:
         """Count and log a store failure; the error the requests get (retryable)."""
         self.refusals += requests
-        cause = type(exc).__name__
-        # SQLite's and the OS's messages say what failed ("database or disk is full"); Redis's may
-        # name its host, and the Redis store's own errors are worded without one.
-        worded = isinstance(exc, (*STORE_ERRORS, ProfileStoreUnavailable))
-        detail = f"{cause}: {exc}" if worded else cause
         log.warning(
-            "%s (%s): %d request(s) refused (UNAVAILABLE, retryable)", what, detail, requests
+            "%s (%s): %d request(s) refused (UNAVAILABLE, retryable)",
+            what,
+            failure_reason(exc),
+            requests,
         )
-        return ProfileStoreUnavailable(f"{what}: {cause}")
+        return ProfileStoreUnavailable(f"{what}: {type(exc).__name__}")
 
 
 class OperatorKeyError(PermissionError):

@@ -304,6 +304,13 @@ class ProfileStoreUnavailable(RuntimeError):
 STORE_ERRORS = (OSError, sqlite3.Error)
 
 
+def failure_reason(exc: Exception) -> str:
+    """A store's failure as a log line names it: SQLite's and the OS's messages say what failed
+    ("database or disk is full"); Redis's may name its host, so only their type."""
+    worded = isinstance(exc, (*STORE_ERRORS, ProfileStoreUnavailable))
+    return f"{type(exc).__name__}: {exc}" if worded else type(exc).__name__
+
+
 class ProfileStore(ABC):
     """Read and write profiles by user key."""
 

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 from conftest import ADMIN_KEY, start_server
 from shopserve.client import (
+    CatalogueApplied,
     Event,
+    ProductChange,
     RequestTimeoutError,
     SearchClient,
     Security,
@@ -59,7 +61,7 @@ def _until_personalised(client: SearchClient) -> None:
     )
 
 
-def test_search_degrades_and_recommend_and_forget_refuse_while_redis_is_down(
+def test_search_degrades_and_writes_are_refused_while_redis_is_down(
     personal_repository, tmp_path
 ) -> None:
     (port,) = free_ports(1)
@@ -72,7 +74,8 @@ def test_search_degrades_and_recommend_and_forget_refuse_while_redis_is_down(
             server.start()
             client = SearchClient(server.grpc_url, timeout=30)
             assert client.search(QUERY, top_k=10, user_id=SHOPPER).personalised is True
-        with client:
+        operator = Security(admin_key=ADMIN_KEY)
+        with client, SearchClient(server.grpc_url, timeout=30, security=operator) as operating:
             anonymous = [h.product_id for h in client.search(QUERY, top_k=10)]
             # Redis is down (stopped above, its data on disk): the server keeps answering.
             hits = client.search(QUERY, top_k=10, user_id=SHOPPER)
@@ -81,17 +84,19 @@ def test_search_degrades_and_recommend_and_forget_refuse_while_redis_is_down(
                 client.recommend(SHOPPER, top_k=5)
             assert refused.value.retryable
             assert len(client.search(QUERY, top_k=10)) == 10  # anonymous requests unaffected
-            operator = Security(admin_key=ADMIN_KEY)
-            with (
-                SearchClient(server.grpc_url, timeout=30, security=operator) as erasing,
-                pytest.raises(ServerUnavailableError, match="did not erase") as refused,
-            ):
-                erasing.forget(SHOPPER)
+            with pytest.raises(ServerUnavailableError, match="did not erase") as refused:
+                operating.forget(SHOPPER)
+            assert refused.value.retryable
+            update = [ProductChange(990_300_001, "Quorvane degrade oat crackers", 2.5, True)]
+            with pytest.raises(ServerUnavailableError, match="did not take the update") as refused:
+                operating.update_catalogue(update, "degrade-update")
             assert refused.value.retryable
             counts = server.metric_by_model("shopserve_profile_store_unavailable_total")
             assert counts.get("search", 0) >= 1 and counts.get("recommend", 0) >= 1
             assert counts.get("forget", 0) == 1
             with running_redis(data, port=port) as url:  # back, with what it had
+                applied = operating.update_catalogue(update, "degrade-update")
+                assert applied == CatalogueApplied(1, False)
                 _until_personalised(client)
                 assert [h.product_id for h in client.search(QUERY, 10, user_id=SHOPPER)] != (
                     anonymous
@@ -114,6 +119,8 @@ def test_search_degrades_and_recommend_and_forget_refuse_while_redis_is_down(
     log = (tmp_path / "serve" / "server.log").read_text(errors="replace")
     assert "answering a personalised search anonymously" in log
     assert "recommend refused (UNAVAILABLE, retryable)" in log
+    assert "the profile store did not erase the shopper (ConnectionError)" in log
+    assert "the catalogue log did not take the update (ConnectionError)" in log
 
 
 def test_a_redis_killed_while_events_stream_in_keeps_every_acknowledged_event_once(

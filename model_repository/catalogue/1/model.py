@@ -55,10 +55,7 @@ class TritonPythonModel:
         responses, valid = parse_each(requests, self._parse, (InvalidRequest, OperatorKeyError))
         if not valid:
             return responses
-        try:
-            results = self.writer.write([update for _, update in valid])
-        except Exception as exc:  # before anything was written (the embedding, the catalogue)
-            results = [exc] * len(valid)
+        results = self.writer.write([update for _, update in valid])
         for (index, update), result in zip(valid, results, strict=True):
             if isinstance(result, InvalidRequest):
                 responses[index] = invalid_argument(result)
