@@ -36,7 +36,7 @@ from .catalogue import (
     refresh_catalogue,
 )
 from .filters import Attributes
-from .profile_store import STORE_ERRORS, failure_reason, redis_settings
+from .profile_store import STORE_ERRORS, failure_reason, redis_settings, store_failures
 from .redis_link import is_redis
 from .validation import InvalidRequest
 
@@ -221,12 +221,10 @@ class RedisCatalogueLog(CatalogueLog):
     PAGE = 5000
 
     def __init__(self, location: str) -> None:
-        import redis
-
         from .redis_link import connect
         from .redis_store import require_fsync
 
-        self.FAILURES = (redis.RedisError,)  # redis imports ssl: only where Redis is used
+        self.FAILURES = store_failures(location)
         settings = redis_settings(location)
         self.client = connect(settings.url, password=settings.password, ca_file=settings.ca_file)
         require_fsync(self.client, settings.url)

@@ -304,6 +304,15 @@ class ProfileStoreUnavailable(RuntimeError):
 STORE_ERRORS = (OSError, sqlite3.Error)
 
 
+def store_failures(location: str) -> tuple[type[Exception], ...]:
+    """What the profile store (or catalogue log) at ``location`` raises when it fails."""
+    if is_redis(location):
+        from .redis_store import RedisProfileStore  # redis-py (and ssl) only for a Redis store
+
+        return RedisProfileStore.FAILURES
+    return STORE_ERRORS
+
+
 def failure_reason(exc: Exception) -> str:
     """A store's failure as a log line names it: SQLite's and the OS's messages say what failed
     ("database or disk is full"); Redis's may name its host, so only their type."""

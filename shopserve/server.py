@@ -44,7 +44,13 @@ from shopserve.ensemble.personal import (
     profile_namespace,
     snapshot_path,
 )
-from shopserve.ensemble.profile_store import LIVE_PROFILES_FILE, PROFILE_STORE_ENV, seed
+from shopserve.ensemble.profile_store import (
+    LIVE_PROFILES_FILE,
+    PROFILE_STORE_ENV,
+    failure_reason,
+    seed,
+    store_failures,
+)
 from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys, WrongUserKeyError
 from shopserve.ensemble.redis_link import is_redis, public_location
 
@@ -375,7 +381,18 @@ class TritonServer:
             # Fixed for the server's life: a rollout to a newer build keeps the live profiles.
             location += ("&" if "?" in location else "?") + f"namespace={namespace}"
         products = BuildProducts(repo, version)
-        done = seed(location, snapshot_path(repo, version), namespace, products, keys.log_name())
+        try:
+            done = seed(
+                location, snapshot_path(repo, version), namespace, products, keys.log_name()
+            )
+        except ValueError as exc:  # a location or a Redis the store cannot use, and why
+            raise ServerError(f"{exc}; the server did not start") from exc
+        except store_failures(location) as exc:
+            raise ServerError(
+                f"the profile store {public_location(location)} could not be prepared "
+                f"({failure_reason(exc)}): check that it can be reached and written and has room; "
+                "the server did not start"
+            ) from exc
         log.info("profile store: %s", done)
         return location
 

@@ -22,7 +22,7 @@ from shopserve.ensemble.personal import RecommendPipeline, profile_namespace
 from shopserve.ensemble.profiles import UserKeys
 from shopserve.ensemble.redis_link import connect
 
-from shopserve.server import default_live_profiles
+from shopserve.server import default_live_profiles, free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -295,6 +295,18 @@ def test_recommend_and_personalised_search_cli(personal_server, capsys) -> None:
     assert len(out.splitlines()) == 3 + 2 * 3 and "you bought it" in out
 
 
+def _serve(repository: Path, work: Path, env: dict, *flags: str) -> subprocess.CompletedProcess:
+    """``shopserve serve`` as an operator runs it, for a start that is refused."""
+    command = [str(Path(sys.executable).parent / "shopserve"), "serve"]
+    return subprocess.run(
+        [*command, "--model-repository", str(repository), "--work-dir", str(work), *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_the_server_refuses_a_personalised_store_without_the_secret(
     personal_repository, tmp_path, request, backend
@@ -305,22 +317,7 @@ def test_the_server_refuses_a_personalised_store_without_the_secret(
     live = [] if backend == "sqlite" else ["--profile-store", request.getfixturevalue("redis_url")]
 
     def serve() -> subprocess.CompletedProcess:
-        command = Path(sys.executable).parent / "shopserve"
-        return subprocess.run(
-            [
-                str(command),
-                "serve",
-                "--model-repository",
-                str(personal_repository),
-                "--work-dir",
-                str(work),
-                *live,
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-        )
+        return _serve(personal_repository, work, env, *live)
 
     run = serve()
     assert run.returncode == 1
@@ -334,3 +331,23 @@ def test_the_server_refuses_a_personalised_store_without_the_secret(
     assert not default_live_profiles(work).exists()
     if live:  # no key names the build's namespace, whatever the store's key layout
         assert not connect(live[1]).keys(f"*{profile_namespace(personal_repository)}*")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_the_server_says_why_its_profile_store_could_not_be_prepared(
+    personal_repository, tmp_path, backend
+):
+    """A Redis that is not there, or a live file that cannot be made: a message that names the
+    store (never its password) and the reason, exit 1, no traceback."""
+    if backend == "redis":
+        (port,) = free_ports(1)  # nothing listens there
+        location, reason = f"redis://:never-shown-pw@127.0.0.1:{port}/0", "(ConnectionError)"
+    else:
+        (tmp_path / "a-file").write_text("")
+        location, reason = str(tmp_path / "a-file" / "live.sqlite"), "(FileExistsError: "
+    run = _serve(
+        personal_repository, tmp_path / "work", dict(os.environ), "--profile-store", location
+    )
+    assert run.returncode == 1, run.stderr
+    assert f"could not be prepared {reason}" in run.stderr and "did not start" in run.stderr
+    assert "Traceback" not in run.stderr and "never-shown-pw" not in run.stderr
