@@ -320,6 +320,14 @@ def failure_reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}" if worded else type(exc).__name__
 
 
+def store_failed(location: str, exc: Exception, what: str) -> str:
+    """An operator's message for the profile store at ``location`` that could not be ``what``
+    (prepared, read, written): where it is (any password masked) and why."""
+    return (
+        f"the profile store {public_location(location)} could not be {what} ({failure_reason(exc)})"
+    )
+
+
 class ProfileStore(ABC):
     """Read and write profiles by user key."""
 

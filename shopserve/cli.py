@@ -253,16 +253,26 @@ def events_compact(argv: list[str]) -> int:
 def _on_live_store(location: str, readonly: bool, action: Callable[[ProfileStore], str]) -> int:
     """Open the live store at ``location`` (a Redis log is named by the user-id secret), run
     ``action`` on it and print what it says; an unusable location or secret is an error."""
-    from shopserve.ensemble.profile_store import open_store
+    from shopserve.ensemble.profile_store import open_store, store_failed, store_failures
     from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys
 
+    failures = store_failures(location)
     try:
         store = open_store(location, readonly, log_name=UserKeys.from_environment().log_name())
     except (MissingUserKeyError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except failures as exc:  # Redis down or unreachable
+        print(f"error: {store_failed(location, exc, 'opened')}", file=sys.stderr)
+        return 1
     try:
         print(action(store))
+    except failures as exc:
+        print(
+            f"error: {store_failed(location, exc, 'read' if readonly else 'written')}",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         store.close()
     return 0

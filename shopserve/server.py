@@ -47,8 +47,8 @@ from shopserve.ensemble.personal import (
 from shopserve.ensemble.profile_store import (
     LIVE_PROFILES_FILE,
     PROFILE_STORE_ENV,
-    failure_reason,
     seed,
+    store_failed,
     store_failures,
 )
 from shopserve.ensemble.profiles import MissingUserKeyError, UserKeys, WrongUserKeyError
@@ -389,9 +389,8 @@ class TritonServer:
             raise ServerError(f"{exc}; the server did not start") from exc
         except store_failures(location) as exc:
             raise ServerError(
-                f"the profile store {public_location(location)} could not be prepared "
-                f"({failure_reason(exc)}): check that it can be reached and written and has room; "
-                "the server did not start"
+                f"{store_failed(location, exc, 'prepared')}: check that it can be reached and "
+                "written and has room; the server did not start"
             ) from exc
         log.info("profile store: %s", done)
         return location

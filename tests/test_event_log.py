@@ -20,6 +20,7 @@ from shopserve.ensemble.profile_store import (
 from shopserve.ensemble.profiles import Profile
 
 from benchmarks.local_redis import running_redis
+from shopserve.server import free_ports
 
 PURCHASE, VIEW = 3, 0
 SHOPPERS = 12
@@ -280,6 +281,13 @@ def test_events_export_cli(tmp_path, builds, monkeypatch, capsys) -> None:
     assert "wrote 3 events and 0 erasures" in capsys.readouterr().out
     assert len((tmp_path / "out.csv").read_text().splitlines()) == 4
     assert main(["events", "export", "--profile-store", str(tmp_path / "no.sqlite"), "x"]) == 1
+    capsys.readouterr()
+    port = free_ports(1)[0]  # no Redis there: a message that names it (no password), no traceback
+    away = f"redis://:never-shown-pw@127.0.0.1:{port}/0"
+    assert main(["events", "export", "--profile-store", away, str(tmp_path / "x.csv")]) == 1
+    error = capsys.readouterr().err
+    assert f"127.0.0.1:{port}/0 could not be opened (ConnectionError)" in error
+    assert "never-shown-pw" not in error
 
 
 def test_logged_events_a_build_already_holds_are_not_replayed_twice(location, builds) -> None:
