@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -59,6 +60,8 @@ log = logging.getLogger("shopserve.server")
 ADMIN_PROTOCOLS = "model-repository,logging,trace"
 ADMIN_KEY_ENV = "SHOPSERVE_ADMIN_KEY"  # the models read it: forget checks the caller's key
 
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+PRIVATE_PORTS_FROM = 10000  # free_ports draws from here up to the ephemeral range
 ORT_BACKEND_SOURCE = Path(__file__).resolve().parent / "ort_backend.py"
 
 
@@ -97,13 +100,43 @@ def prepare_backend_directory(destination: Path) -> Path:
     return destination
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands to outgoing connections and to binds to port 0."""
+    try:
+        low, high = map(int, Path(EPHEMERAL_RANGE_FILE).read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports that are free now (bound together, so none repeats)."""
+    """``count`` distinct TCP ports that are free now (bound together, so none repeats).
+
+    They are drawn below the kernel's ephemeral range where it leaves room: a port from that
+    range could be taken, before the server binds it, by any outgoing connection's own end."""
+    ephemeral = _ephemeral_ports()
+    below = range(PRIVATE_PORTS_FROM, ephemeral.start)
+    candidates = random.sample(below, len(below)) if len(below) >= 1000 else [0] * count
     with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
+        ports: list[int] = []
+        for candidate in candidates:
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind(("", candidate))
+            except OSError:
+                continue
+            ports.append(sock.getsockname()[1])
+            if len(ports) == count:
+                return ports
+    raise ServerError(f"no {count} free TCP ports were found")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
 
 
 @dataclass
@@ -406,23 +439,32 @@ class TritonServer:
         return location
 
     def wait_ready(self, timeout: float) -> None:
+        """Return once every endpoint answers: Triton reports ready on HTTP before its metrics
+        service has bound its port (and exits if it cannot)."""
         deadline = time.monotonic() + timeout
-        url = f"http://{self.http_url}/v2/health/ready"
+        probes = [f"http://{self.http_url}/v2/health/ready", self.metrics_url]
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise ServerError(
                     f"tritonserver exited with code {self.process.returncode} before it was ready"
+                    + self._last_error()
                     + (f"; see {self.log_file}" if self.log_file else "")
                 )
-            try:
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            while probes and _answers(probes[0]):
+                probes.pop(0)
+            if not probes:
+                return
             time.sleep(0.25)
         self.stop()
         raise ServerError(f"tritonserver was not ready within {timeout:.0f} s")
+
+    def _last_error(self) -> str:
+        """Triton's last error line in its log (``E1205 ... main.cc:293] "failed to ..."``)."""
+        if self.log_file is None or not self.log_file.exists():
+            return ""
+        lines = self.log_file.read_text(errors="replace").splitlines()
+        errors = [line.split("] ", 1)[-1].strip('" ') for line in lines if line[:1] == "E"]
+        return f": {errors[-1]}" if errors else ""
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -396,6 +397,30 @@ def test_serve_command_starts_and_stops_cleanly(built_repository, tmp_path) -> N
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_serve_says_which_port_it_could_not_take(built_repository, tmp_path) -> None:
+    """Triton answers ready on HTTP before its metrics service binds, and exits when that port is
+    taken: the launcher waits for every endpoint and repeats Triton's reason."""
+    grpc_port, http_port, metrics_port = free_ports(3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", metrics_port))
+        result = subprocess.run(
+            [
+                *(sys.executable, "-m", "shopserve", "serve"),
+                *("--model-repository", str(built_repository), "--log-file", tmp_path / "log"),
+                *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
+                *("--metrics-port", str(metrics_port)),
+            ],
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode == 1, result.stderr
+    reason = f"failed to start Metrics service: Unavailable - Socket '127.0.0.1:{metrics_port}'"
+    assert f"exited with code 1 before it was ready: {reason} already in use" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_client_errors_against_the_real_server(server, client) -> None:
