@@ -225,6 +225,7 @@ class TritonServer:
         self.inherit_output = inherit_output
         self.process: subprocess.Popen | None = None
         self._log_handle = None
+        self._log_start = 0
 
     @property
     def grpc_url(self) -> str:
@@ -350,6 +351,7 @@ class TritonServer:
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
+            self._log_start = self._log_handle.tell()
             stdout = self._log_handle
         command = self.command(backend_dir, models)
         log.info("starting %s", " ".join(self.redacted(command)))
@@ -459,10 +461,13 @@ class TritonServer:
         raise ServerError(f"tritonserver was not ready within {timeout:.0f} s")
 
     def _last_error(self) -> str:
-        """Triton's last error line in its log (``E1205 ... main.cc:293] "failed to ..."``)."""
-        if self.log_file is None or not self.log_file.exists():
+        """Triton's last error line in what this run wrote to its log (``E1205 ... main.cc:293]
+        "failed to ..."``); the log is appended to, so earlier runs' lines are skipped."""
+        if self._log_handle is None:
             return ""
-        lines = self.log_file.read_text(errors="replace").splitlines()
+        with open(self._log_handle.name, "rb") as log_text:
+            log_text.seek(self._log_start)
+            lines = log_text.read().decode(errors="replace").splitlines()
         errors = [line.split("] ", 1)[-1].strip('" ') for line in lines if line[:1] == "E"]
         return f": {errors[-1]}" if errors else ""
 
