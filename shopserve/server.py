@@ -100,13 +100,12 @@ def prepare_backend_directory(destination: Path) -> Path:
     return destination
 
 
-def _ephemeral_ports() -> range:
-    """The ports the kernel hands to outgoing connections and to binds to port 0."""
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands to outgoing connections and to binds to port 0."""
     try:
-        low, high = map(int, Path(EPHEMERAL_RANGE_FILE).read_text().split())
-    except (OSError, ValueError):
-        low, high = 32768, 60999  # Linux's default
-    return range(low, high + 1)
+        return int(Path(EPHEMERAL_RANGE_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def free_ports(count: int) -> list[int]:
@@ -114,8 +113,7 @@ def free_ports(count: int) -> list[int]:
 
     They are drawn below the kernel's ephemeral range where it leaves room: a port from that
     range could be taken, before the server binds it, by any outgoing connection's own end."""
-    ephemeral = _ephemeral_ports()
-    below = range(PRIVATE_PORTS_FROM, ephemeral.start)
+    below = range(PRIVATE_PORTS_FROM, _ephemeral_floor())
     candidates = random.sample(below, len(below)) if len(below) >= 1000 else [0] * count
     with contextlib.ExitStack() as stack:
         ports: list[int] = []
