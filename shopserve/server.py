@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -63,6 +64,9 @@ ADMIN_KEY_ENV = "SHOPSERVE_ADMIN_KEY"  # the models read it: forget checks the c
 EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 PRIVATE_PORTS_FROM = 10000  # free_ports draws from here up to the ephemeral range
 ORT_BACKEND_SOURCE = Path(__file__).resolve().parent / "ort_backend.py"
+# Error lines this Triton build writes on every start on a machine without a GPU driver.
+NO_GPU_ERRORS = ("CudaDriverHelper has not been initialized", "CUDA driver version is insufficient")
+TRITON_ERROR_LINE = re.compile(r'^E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] "?(.*?)"?$')
 
 
 class ServerError(RuntimeError):
@@ -135,6 +139,19 @@ def _answers(url: str) -> bool:
             return response.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
+
+
+def triton_failure(log_text: str) -> str | None:
+    """The first line of Triton's reason for failing in ``log_text``: the first model that did not
+    load, else its first error (``failed to start Metrics service: ...``), skipping the errors it
+    writes on every start without a GPU."""
+    errors = []
+    for line in log_text.splitlines():
+        found = TRITON_ERROR_LINE.match(line)
+        if found and not any(noise in line for noise in NO_GPU_ERRORS):
+            errors.append(found.group(1).split("\\n", 1)[0])  # a traceback follows, escaped
+    loads = [error for error in errors if error.startswith("failed to load")]
+    return (loads or errors or [None])[0]
 
 
 @dataclass
@@ -459,15 +476,14 @@ class TritonServer:
         raise ServerError(f"tritonserver was not ready within {timeout:.0f} s")
 
     def _last_error(self) -> str:
-        """Triton's last error line in what this run wrote to its log (``E1205 ... main.cc:293]
-        "failed to ..."``); the log is appended to, so earlier runs' lines are skipped."""
+        """Why Triton exited, from what this run wrote to its log (it is appended to, so earlier
+        runs' lines are skipped)."""
         if self._log_handle is None:
             return ""
         with open(self._log_handle.name, "rb") as log_text:
             log_text.seek(self._log_start)
-            lines = log_text.read().decode(errors="replace").splitlines()
-        errors = [line.split("] ", 1)[-1].strip('" ') for line in lines if line[:1] == "E"]
-        return f": {errors[-1]}" if errors else ""
+            reason = triton_failure(log_text.read().decode(errors="replace"))
+        return f": {reason}" if reason else ""
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -209,7 +209,9 @@ def test_a_full_disk_under_a_running_server_refuses_writes_and_keeps_serving(
         files = default_live_profiles(work).parent.iterdir()
         _limit_file_size(writers, max(f.stat().st_size for f in files) + 256 * 1024)
         acknowledged = [batch(0)]
+        wal = Path(f"{default_live_profiles(work)}-wal")
         for n in range(1, 2000):
+            acknowledged_end = wal.stat().st_size  # where the next batch's pages go
             try:
                 assert client.record_many(batch(n)) == 32
             except ServerUnavailableError as refused:
@@ -219,6 +221,9 @@ def test_a_full_disk_under_a_running_server_refuses_writes_and_keeps_serving(
             acknowledged.append(batch(n))
         else:
             pytest.fail("2,000 batches of 32 events fitted in 256 KiB")
+        # The limit fails writes past an offset, and the refused batch's pages crossed it: the
+        # erasure's fewer pages, written from the same place, could still fit below it.
+        _limit_file_size(writers, acknowledged_end)
         with pytest.raises(ServerUnavailableError, match="did not erase the shopper") as erasing:
             client.forget("full-disk-0")
         assert erasing.value.retryable

@@ -399,29 +399,53 @@ def test_serve_command_starts_and_stops_cleanly(built_repository, tmp_path) -> N
             process.kill()
 
 
+def _serve_until_it_exits(
+    repository: Path, log: Path, ports: list[int], *options: str | Path
+) -> subprocess.CompletedProcess:
+    """``shopserve serve`` that is expected to stop before it is ready."""
+    grpc_port, http_port, metrics_port = ports
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "shopserve", "serve", "--model-repository", repository),
+            *("--log-file", log, "--grpc-port", str(grpc_port), "--http-port", str(http_port)),
+            *("--metrics-port", str(metrics_port), *options),
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_serve_says_which_port_it_could_not_take(built_repository, tmp_path) -> None:
     """Triton answers ready on HTTP before its metrics service binds, and exits when that port is
     taken: the launcher waits for every endpoint and repeats Triton's reason."""
-    grpc_port, http_port, metrics_port = free_ports(3)
+    ports = free_ports(3)
     (tmp_path / "log").write_text('E1204 09:00:00.0 1 main.cc:1] "an earlier run\'s error"\n')
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", metrics_port))
-        result = subprocess.run(
-            [
-                *(sys.executable, "-m", "shopserve", "serve"),
-                *("--model-repository", str(built_repository), "--log-file", tmp_path / "log"),
-                *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
-                *("--metrics-port", str(metrics_port)),
-            ],
-            cwd=PROJECT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        taken.bind(("127.0.0.1", ports[2]))
+        result = _serve_until_it_exits(built_repository, tmp_path / "log", ports)
     assert result.returncode == 1, result.stderr
-    reason = f"failed to start Metrics service: Unavailable - Socket '127.0.0.1:{metrics_port}'"
+    reason = f"failed to start Metrics service: Unavailable - Socket '127.0.0.1:{ports[2]}'"
     assert f"exited with code 1 before it was ready: {reason} already in use" in result.stderr
     assert "Traceback" not in result.stderr and "earlier run" not in result.stderr
+
+
+def test_serve_names_the_model_that_did_not_load(built_repository, tmp_path) -> None:
+    """A model that fails to load stops Triton: the launcher names it and its reason, not the
+    errors Triton writes on every start without a GPU (logged after it, in parallel loading)."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "catalogue").write_text("a file where the catalogue log's folder goes")
+    result = _serve_until_it_exits(
+        built_repository, tmp_path / "log", free_ports(3), "--work-dir", tmp_path / "work"
+    )
+    assert result.returncode == 1, result.stderr
+    reason = (
+        "failed to load 'catalogue' version 1: Internal: FileExistsError: [Errno 17] File exists"
+    )
+    assert f"exited with code 1 before it was ready: {reason}" in result.stderr
+    assert "CUDA" not in result.stderr and "Traceback" not in result.stderr
+    assert "CUDA driver version is insufficient" in (tmp_path / "log").read_text()  # skipped
 
 
 def test_client_errors_against_the_real_server(server, client) -> None:
