@@ -17,7 +17,6 @@ import csv
 import logging
 import math
 import os
-import sqlite3
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -38,6 +37,7 @@ from .catalogue import (
 from .filters import Attributes
 from .profile_store import STORE_ERRORS, failure_reason, redis_settings, store_failures
 from .redis_link import is_redis
+from .sqlite_link import connect_wal
 from .validation import InvalidRequest
 
 log = logging.getLogger("shopserve.catalogue")
@@ -132,12 +132,7 @@ class SqliteCatalogueLog(CatalogueLog):
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+        self._db = connect_wal(self.path)
         self._db.executescript(_SCHEMA)
 
     def append(self, update: CatalogueUpdate, vectors: np.ndarray | None, encoder: str) -> bool:

@@ -35,6 +35,7 @@ import numpy as np
 
 from .profiles import EVENT_TYPES, ItemStats, Profile
 from .redis_link import is_redis, public_location
+from .sqlite_link import connect_wal
 
 PROFILE_STORE_ENV = "SHOPSERVE_PROFILE_STORE"  # where the live store is (set by shopserve serve)
 LIVE_PROFILES_FILE = "live.sqlite"  # the embedded live store, under the server's work folder
@@ -378,17 +379,11 @@ class SqliteProfileStore(ProfileStore):
             uri = f"file:{self.path.resolve()}?mode=ro"
             self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=30
-            )
             # Small pages: an event batch touches a few rows of many shoppers, scattered over the
             # tables, and each touched page is written whole to the WAL (1 KiB pages took batches
             # of 32 events for random shoppers from 6,500 to 8,000-12,000 events/s here). Only a
             # new file takes it.
-            self._db.execute("PRAGMA page_size=1024")
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+            self._db = connect_wal(self.path, "PRAGMA page_size=1024")
             # Checkpoints copy the WAL back into the file; every 10,000 pages rather than 1,000.
             self._db.execute("PRAGMA wal_autocheckpoint=10000")
             self._db.executescript(_SCHEMA)
