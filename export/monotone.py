@@ -4,9 +4,10 @@ Shared by the search ranker and the recommendation ranker. For a feature row ``x
 
 1. ``x`` is clipped to the range seen in training (recorded in the model), so the model never
    extrapolates: a catalogue whose scores fall outside that range gets the edge value.
-2. Each feature goes through a piecewise-linear calibrator whose knots are training quantiles. The
-   slopes of a *monotone* feature's calibrator are non-negative (softplus); a *context* feature's
-   (lengths, sizes) are free.
+2. Each feature goes through a piecewise-linear calibrator whose knots are the feature's training
+   minimum and quantiles of its values above it (``calibration_knots``). The slopes of a
+   *monotone* feature's calibrator are non-negative (softplus); a *context* feature's (lengths,
+   sizes) are free.
 3. The score is the sum of the calibrated features plus a small interaction network,
    ``tanh(c @ W1 + b1) @ w2``, whose weights from monotone inputs and whose output weights are
    non-negative. tanh is increasing, so every path from a monotone feature to the score has a
@@ -97,9 +98,19 @@ class TrainReport:
 
 
 def calibration_knots(values: np.ndarray, knots: int = KNOTS) -> np.ndarray:
-    """``knots + 1`` non-decreasing knot positions per feature: training quantiles, [features, K+1]."""
-    levels = np.linspace(0.0, 1.0, knots + 1)
-    return np.quantile(values.astype(np.float64), levels, axis=0).T.astype(np.float32)
+    """``knots + 1`` non-decreasing knot positions per feature, [features, K+1]: the feature's
+    training minimum, then the quantiles 0, 1/(K-1) ... 1 of its training values above that
+    minimum. The first segment is the step from the floor to the smallest value above it, and the
+    others follow the values where the feature varies: a feature at its floor for most candidates
+    (a co-occurrence or a neighbours' share is 0 for most items) keeps its resolution there, where
+    quantiles of all values would stack most knots on the floor."""
+    levels = np.linspace(0.0, 1.0, knots)
+    rows = []
+    for column in values.astype(np.float64).T:
+        floor = column.min()
+        above = column[column > floor]
+        rows.append([floor, *(np.quantile(above, levels) if len(above) else [floor] * knots)])
+    return np.asarray(rows, dtype=np.float32).reshape(values.shape[1], knots + 1)
 
 
 def _score(features, columns, low, high, starts, widths, slopes, w1, b1, w2):

@@ -139,6 +139,25 @@ def test_training_scores_only_real_candidates_with_the_padded_lists_loss() -> No
     assert loss == pytest.approx(float(-(target * log_probs).sum(1).mean()), rel=1e-6)
 
 
+def test_knots_follow_a_sparse_feature_above_its_floor() -> None:
+    """A feature at 0 for 90 % of the candidates (a co-occurrence) keeps one knot at its floor and
+    spreads the others over its values above it, as does a dense feature; a constant one collapses
+    onto its value. The first and last knots are the training range."""
+    rng = np.random.default_rng(3)
+    sparse = np.where(rng.uniform(size=2000) < 0.9, 0.0, rng.uniform(0.1, 0.5, 2000))
+    dense = rng.uniform(-1.0, 1.0, 2000)
+    knots = monotone.calibration_knots(np.stack([sparse, dense, np.full(2000, 0.3)], 1), knots=4)
+
+    positive = sparse[sparse > 0]
+    np.testing.assert_allclose(knots[0], [0.0, *np.quantile(positive, [0, 1 / 3, 2 / 3, 1])])
+    assert knots[0, 1] > 0.09  # quantiles of all values would put 4 of the 5 knots at 0
+    above = np.sort(dense)[1:]
+    np.testing.assert_allclose(
+        knots[1], [dense.min(), *np.quantile(above, [0, 1 / 3, 2 / 3, 1])], rtol=1e-6
+    )
+    np.testing.assert_allclose(knots[2], 0.3)
+
+
 def test_fusion_ranker_onnx_equals_the_linear_fusion(tmp_path) -> None:
     path = write_fusion_ranker(tmp_path / "fusion.onnx")
     features = np.random.default_rng(0).normal(size=(50, NUM_FEATURES)).astype(np.float32)
