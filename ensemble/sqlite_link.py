@@ -34,7 +34,7 @@ def connect_wal(path: Path, *new_file_pragmas: str) -> sqlite3.Connection:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             break
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
+            if not _busy(exc) or time.monotonic() > deadline:
                 db.close()
                 raise
             time.sleep(_RETRY_EVERY_S)
@@ -43,3 +43,9 @@ def connect_wal(path: Path, *new_file_pragmas: str) -> sqlite3.Connection:
         raise sqlite3.OperationalError(f"{path} stays in {mode} journal mode, not WAL")
     db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
     return db
+
+
+def _busy(error: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or one of its extended codes: another connection holds the lock."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY

@@ -156,17 +156,32 @@ def personal_top(scored: ScoredQuery, weight: float) -> list[int]:
 
 
 def fit_search_weight(scored: Sequence[ScoredQuery], grid: Sequence[float]) -> tuple[float, dict]:
-    """The weight of the shopper's affinity that maximises mean nDCG@10 (smallest on ties)."""
-    table = {
-        w: float(
-            np.mean(
-                [binary_ndcg_at_k(personal_top(s, w), s.query.relevant, SEARCH_K) for s in scored]
-            )
+    """The weight of the shopper's affinity, by nDCG@10 over ``scored`` (see smallest_near_best),
+    and each weight's mean nDCG@10."""
+    per_query = {
+        w: np.array(
+            [binary_ndcg_at_k(personal_top(s, w), s.query.relevant, SEARCH_K) for s in scored]
         )
         for w in grid
     }
-    best = max(grid, key=lambda w: (round(table[w], 6), -w))
-    return best, {str(w): round(v, 4) for w, v in table.items()}
+    table = {str(w): round(float(values.mean()), 4) for w, values in per_query.items()}
+    return smallest_near_best(per_query), table
+
+
+def smallest_near_best(per_query: Mapping[float, np.ndarray]) -> float:
+    """The smallest weight whose per-query metric is, paired with the best weight's, at most one
+    standard error of the mean below it (the one-standard-error rule). Where the metric is flat
+    across a range of weights, the shopper's history then weighs no more than the queries show it
+    must, rather than wherever the noise of the plateau peaks."""
+    means = {w: float(values.mean()) for w, values in per_query.items()}
+    best = max(means, key=lambda w: (round(means[w], 6), -w))
+
+    def near(w: float) -> bool:
+        gaps = per_query[w] - per_query[best]
+        error = gaps.std(ddof=1) / np.sqrt(len(gaps)) if len(gaps) > 1 else 0.0
+        return float(gaps.mean()) >= -error
+
+    return min(w for w in means if near(w))
 
 
 def evaluate_personal_search(scored: Sequence[ScoredQuery], weight: float) -> dict:

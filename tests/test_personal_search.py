@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 from shopserve.ensemble.explain import Explanation, Reason
 from shopserve.ensemble.personal import HISTORY_MARGIN, fuse, history_weights
-from shopserve.export.evaluate_personal import ScoredQuery, category_ndcg, personal_top
+from shopserve.export.evaluate_personal import (
+    ScoredQuery,
+    category_ndcg,
+    personal_top,
+    smallest_near_best,
+)
 from shopserve.export.history import BasketQuery
 
 
@@ -75,4 +80,21 @@ def test_category_ndcg_counts_the_category_as_partly_relevant() -> None:
     )
     assert category_ndcg([1, 3, 2], query, 2) == pytest.approx(
         (discount[0] + discount[1]) / (2 * discount[0] + discount[1])
+    )
+
+
+def test_the_search_weight_is_the_smallest_within_one_standard_error_of_the_best() -> None:
+    """On a plateau (weights 4 to 64 within noise of each other) the smallest of it is chosen; a
+    weight clearly below the best is not, nor is 0 (anonymous search)."""
+    rng = np.random.default_rng(2)
+    queries = 400
+    base = rng.uniform(0.0, 1.0, queries)
+    per_query = {0.0: base - 0.2, 1.0: base - 0.05}
+    for w, lift in ((4.0, 0.0), (16.0, 0.0), (64.0, 0.003)):  # the plateau's best: 64, by noise
+        per_query[w] = base + lift + rng.normal(0.0, 0.05, queries)
+    assert max(per_query, key=lambda w: per_query[w].mean()) == 64.0
+    assert smallest_near_best(per_query) == 4.0
+    # a single query has no standard error: only the best itself is near it
+    assert smallest_near_best({w: values[:1] for w, values in per_query.items()}) == max(
+        per_query, key=lambda w: per_query[w][0]
     )
