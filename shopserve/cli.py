@@ -121,6 +121,7 @@ def serve(argv: list[str]) -> int:
     while not stop.wait(0.5):
         if server.process is None or server.process.poll() is not None:
             print("error: tritonserver exited", file=sys.stderr)
+            server.stop()
             return 1
     print("stopping tritonserver ...", flush=True)
     server.stop()

@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -64,6 +65,7 @@ ADMIN_KEY_ENV = "SHOPSERVE_ADMIN_KEY"  # the models read it: forget checks the c
 EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 PRIVATE_PORTS_FROM = 10000  # free_ports draws from here up to the ephemeral range
 ORT_BACKEND_SOURCE = Path(__file__).resolve().parent / "ort_backend.py"
+SHM_DIR = Path("/dev/shm")
 # Error lines this Triton build writes on every start on a machine without a GPU driver.
 NO_GPU_ERRORS = ("CudaDriverHelper has not been initialized", "CUDA driver version is insufficient")
 TRITON_ERROR_LINE = re.compile(r'^E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] "?(.*?)"?$')
@@ -241,6 +243,9 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._log_handle = None
         self._log_start = 0
+        # This server's backends name their shared-memory regions with it, so that stop() can
+        # remove the ones a killed server leaves in /dev/shm (1 MiB a model instance).
+        self.shm_prefix = f"shopserve_{secrets.token_hex(6)}_"
 
     @property
     def grpc_url(self) -> str:
@@ -291,6 +296,8 @@ class TritonServer:
             # on loopback unless the operator opens it; gRPC is the served endpoint.
             f"--http-address={cfg.http_address}",
             f"--exit-timeout-secs={cfg.exit_timeout_s}",
+            # Python-based backends (the ONNX Runtime one too) take the python backend's setting.
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *self._security_flags(),
         ]
 
@@ -462,11 +469,13 @@ class TritonServer:
         probes = [f"http://{self.http_url}/v2/health/ready", self.metrics_url]
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise ServerError(
+                reason = (
                     f"tritonserver exited with code {self.process.returncode} before it was ready"
                     + self._last_error()
                     + (f"; see {self.log_file}" if self.log_file else "")
                 )
+                self.stop()
+                raise ServerError(reason)
             while probes and _answers(probes[0]):
                 probes.pop(0)
             if not probes:
@@ -493,10 +502,24 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process is not None:
+            self._remove_shm_regions()
         self.process = None
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
+
+    def _remove_shm_regions(self) -> None:
+        """Remove the shared-memory regions of this server's backends, once it has exited. A
+        backend removes its own when it stops cleanly, but not when the server is killed or
+        crashes, and on a small /dev/shm (64 MiB in a default Docker container) the leftovers of
+        a few restarts keep the next server from starting."""
+        leftovers = sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
+        for region in leftovers:
+            with contextlib.suppress(FileNotFoundError):
+                region.unlink()
+        if leftovers:
+            log.info("removed %d shared-memory regions the server left", len(leftovers))
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self
