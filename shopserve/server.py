@@ -509,12 +509,16 @@ class TritonServer:
             self._log_handle.close()
             self._log_handle = None
 
+    def shm_regions(self) -> list[Path]:
+        """The shared-memory regions of this server's backends that exist now."""
+        return sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
+
     def _remove_shm_regions(self) -> None:
         """Remove the shared-memory regions of this server's backends, once it has exited. A
         backend removes its own when it stops cleanly, but not when the server is killed or
         crashes, and on a small /dev/shm (64 MiB in a default Docker container) the leftovers of
         a few restarts keep the next server from starting."""
-        leftovers = sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
+        leftovers = self.shm_regions()
         for region in leftovers:
             with contextlib.suppress(FileNotFoundError):
                 region.unlink()

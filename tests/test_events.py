@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,10 +227,6 @@ def _kill_everything(server) -> None:
     server.process.wait()
 
 
-def _shm_regions(server) -> list[Path]:
-    return sorted(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
-
-
 def _parent(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as handle:
@@ -260,11 +255,11 @@ def test_acknowledged_events_survive_kill_9(
         with SearchClient(server.grpc_url, timeout=30) as client:
             acknowledged = [client.record_many(batch) for batch in batches]
         _kill_everything(server)
-        assert _shm_regions(server)  # the killed backends could not remove their own
+        assert server.shm_regions()  # the killed backends could not remove their own
     finally:
         server.stop()
     assert acknowledged == [len(b) for b in batches]
-    assert _shm_regions(server) == []  # stop() removed what the killed server left
+    assert server.shm_regions() == []  # stop() removed what the killed server left
     with (
         start_server(personal_repository, tmp_path, location) as again,
         SearchClient(again.grpc_url, timeout=30) as client,
