@@ -86,7 +86,12 @@ def pytriton_root() -> Path:
 
 
 def prepare_backend_directory(destination: Path) -> Path:
-    """Create (or refresh) a backend directory that the bundled server can load."""
+    """Create (or refresh) a backend directory that the bundled server can load.
+
+    Another server may be running from the same directory (a second store in one work folder, a
+    second launch): a file it has loaded is never written over, since rewriting a loaded library
+    in place crashes that server. A file that is already current is left alone, and one that is
+    not is replaced by a rename, which leaves a running server its old copy."""
     root = pytriton_root()
     stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = stub / "triton_python_backend_stub"
@@ -95,15 +100,30 @@ def prepare_backend_directory(destination: Path) -> Path:
     python_dir = destination / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        shutil.copy2(root / "backends" / "python" / name, python_dir / name)
+        _install_copy(root / "backends" / "python" / name, python_dir / name)
     link = python_dir / "triton_python_backend_stub"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(stub)
+    if not (link.is_symlink() and link.readlink() == stub):
+        partial = link.with_name(f"{link.name}.{os.getpid()}.partial")
+        partial.unlink(missing_ok=True)
+        partial.symlink_to(stub)
+        partial.replace(link)
     ort_dir = destination / "onnxruntime"
     ort_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(ORT_BACKEND_SOURCE, ort_dir / "model.py")
+    _install_copy(ORT_BACKEND_SOURCE, ort_dir / "model.py")
     return destination
+
+
+def _install_copy(source: Path, target: Path) -> None:
+    """Make ``target`` a copy of ``source``: left alone when it already is one (same size and
+    modification time, as copy2 keeps them), else written beside it and renamed into place."""
+    wanted = source.stat()
+    with contextlib.suppress(FileNotFoundError):
+        held = target.stat()
+        if (held.st_size, held.st_mtime_ns) == (wanted.st_size, wanted.st_mtime_ns):
+            return
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    shutil.copy2(source, partial)
+    partial.replace(target)
 
 
 def _ephemeral_floor() -> int:
@@ -133,6 +153,21 @@ def free_ports(count: int) -> list[int]:
             if len(ports) == count:
                 return ports
     raise ServerError(f"no {count} free TCP ports were found")
+
+
+def ports_in_use(ports: dict[str, tuple[str, int]]) -> list[str]:
+    """Which of the named (address, port) pairs another process listens on now: Triton would
+    fail to bind them, and until it exits that process would answer the readiness probes."""
+    taken = []
+    for name, (address, port) in ports.items():
+        with socket.socket() as sock:
+            # As a listening server binds: a port whose last connection is in TIME_WAIT is free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((address, port))
+            except OSError:
+                taken.append(f"{name} {port}")
+    return taken
 
 
 def _answers(url: str) -> bool:
@@ -350,13 +385,14 @@ class TritonServer:
                 "build it first: python -m shopserve.export build"
             )
         models = list(json.loads((repo / "manifest.json").read_text())["models"])
+        self._check_ports()
         self._verify(repo)
         warn_of_other_int8_sums(repo)
         work_dir = Path(self.config.work_dir or repo.resolve().parent / ".triton")
-        backend_dir = prepare_backend_directory(work_dir / "backends")
         env = dict(os.environ)
         if "recommend" in models:
             env[PROFILE_STORE_ENV] = self._live_profiles(repo, work_dir)
+        backend_dir = prepare_backend_directory(work_dir / "backends")
         _note_store(work_dir, repo)
         env[CATALOGUE_LOG_ENV] = self._catalogue_log(work_dir)
         env[PREPACKED_DIR_ENV] = str(self._prepack_encoders(repo, work_dir / "prepacked"))
@@ -380,6 +416,21 @@ class TritonServer:
         self.process = subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.STDOUT)
         self.wait_ready(timeout)
         return self
+
+    def _check_ports(self) -> None:
+        cfg = self.config
+        taken = ports_in_use(
+            {
+                "gRPC": ("", cfg.grpc_port),  # Triton's gRPC listens on every address
+                "HTTP": (cfg.http_address, cfg.http_port),
+                "metrics": (cfg.http_address, cfg.metrics_port),  # Triton's default: HTTP's
+            }
+        )
+        if taken:
+            raise ServerError(
+                f"another process listens on {', '.join(taken)}: stop it, or give this server "
+                "other ports (--grpc-port, --http-port, --metrics-port); the server did not start"
+            )
 
     @staticmethod
     def _verify(repo: Path) -> None:

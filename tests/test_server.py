@@ -418,17 +418,64 @@ def _serve_until_it_exits(
 
 
 def test_serve_says_which_port_it_could_not_take(built_repository, tmp_path) -> None:
-    """Triton answers ready on HTTP before its metrics service binds, and exits when that port is
-    taken: the launcher waits for every endpoint and repeats Triton's reason."""
+    """A port another process listens on is refused before Triton starts: until Triton gave up,
+    that process would answer the readiness probes, and serve would say it was ready."""
     ports = free_ports(3)
-    (tmp_path / "log").write_text('E1204 09:00:00.0 1 main.cc:1] "an earlier run\'s error"\n')
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", ports[2]))
+        taken.listen()
         result = _serve_until_it_exits(built_repository, tmp_path / "log", ports)
     assert result.returncode == 1, result.stderr
-    reason = f"failed to start Metrics service: Unavailable - Socket '127.0.0.1:{ports[2]}'"
-    assert f"exited with code 1 before it was ready: {reason} already in use" in result.stderr
-    assert "Traceback" not in result.stderr and "earlier run" not in result.stderr
+    assert f"another process listens on metrics {ports[2]}: stop it" in result.stderr
+    assert "ready" not in result.stdout and "Traceback" not in result.stderr
+    assert not (tmp_path / "log").exists()  # tritonserver never ran
+
+
+def test_a_second_launch_in_the_work_folder_leaves_the_running_server_alone(
+    server, client, built_repository, tmp_path
+) -> None:
+    """Until the fix, a second serve on a running server's work folder (even one then refused)
+    copied the Python backend's library over the one that server had loaded, and it crashed
+    (SIGSEGV) at its next request."""
+    work = server.config.work_dir
+    library = work / "backends" / "python" / "libtriton_python.so"
+    before = library.stat().st_ino
+    same_ports = [server.config.grpc_port, server.config.http_port, server.config.metrics_port]
+    refused = _serve_until_it_exits(
+        built_repository, tmp_path / "refused.log", same_ports, "--work-dir", work
+    )
+    assert refused.returncode == 1
+    assert f"another process listens on gRPC {same_ports[0]}, HTTP {same_ports[1]}" in (
+        refused.stderr
+    )
+    grpc_port, http_port, metrics_port = free_ports(3)
+    second = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "shopserve", "serve", "--model-repository"),
+            *(str(built_repository), "--work-dir", str(work), "--grpc-port", str(grpc_port)),
+            *("--http-port", str(http_port), "--metrics-port", str(metrics_port)),
+            *("--log-file", str(tmp_path / "second.log")),
+        ],
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        line = ""
+        while "ready" not in line:
+            line = second.stdout.readline()
+            assert line or second.poll() is None, "the second server exited before it was ready"
+        with SearchClient(f"127.0.0.1:{grpc_port}", timeout=30) as second_client:
+            answer = [hit.product_id for hit in second_client.search("drill", top_k=3)]
+            assert answer == [hit.product_id for hit in client.search("drill", top_k=3)]
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+    assert library.stat().st_ino == before  # the loaded copy was never replaced
+    assert len(client.search("drill", top_k=3)) == 3 and server.process.poll() is None
 
 
 def test_serve_names_the_model_that_did_not_load(built_repository, tmp_path) -> None:
@@ -436,6 +483,7 @@ def test_serve_names_the_model_that_did_not_load(built_repository, tmp_path) -> 
     errors Triton writes on every start without a GPU (logged after it, in parallel loading)."""
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "catalogue").write_text("a file where the catalogue log's folder goes")
+    (tmp_path / "log").write_text('E1204 09:00:00.0 1 main.cc:1] "an earlier run\'s error"\n')
     result = _serve_until_it_exits(
         built_repository, tmp_path / "log", free_ports(3), "--work-dir", tmp_path / "work"
     )
@@ -445,6 +493,7 @@ def test_serve_names_the_model_that_did_not_load(built_repository, tmp_path) -> 
     )
     assert f"exited with code 1 before it was ready: {reason}" in result.stderr
     assert "CUDA" not in result.stderr and "Traceback" not in result.stderr
+    assert "earlier run" not in result.stderr  # the log is appended to: this run's lines only
     assert "CUDA driver version is insufficient" in (tmp_path / "log").read_text()  # skipped
 
 

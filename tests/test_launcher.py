@@ -1,0 +1,37 @@
+"""The launcher's preparations, without starting tritonserver."""
+
+from __future__ import annotations
+
+import socket
+
+from shopserve.server import free_ports, ports_in_use, prepare_backend_directory
+
+
+def test_a_current_backend_directory_is_left_alone_and_a_stale_file_replaced_by_rename(
+    tmp_path,
+) -> None:
+    """A running server has these files loaded: writing over one in place crashes it."""
+    backends = prepare_backend_directory(tmp_path / "backends")
+    library = backends / "python" / "libtriton_python.so"
+    stub = backends / "python" / "triton_python_backend_stub"
+    loaded = library.stat().st_ino, stub.readlink(), (backends / "onnxruntime" / "model.py").stat()
+    prepare_backend_directory(tmp_path / "backends")
+    assert library.stat().st_ino == loaded[0] and stub.readlink() == loaded[1]
+    assert (backends / "onnxruntime" / "model.py").stat().st_ino == loaded[2].st_ino
+
+    original = library.read_bytes()
+    library.write_bytes(b"an outdated copy")
+    outdated = library.stat().st_ino
+    prepare_backend_directory(tmp_path / "backends")
+    assert library.stat().st_ino != outdated and library.read_bytes() == original
+    assert not list(backends.rglob("*.partial"))
+
+
+def test_ports_in_use_names_only_the_taken_ones() -> None:
+    free, taken = free_ports(2)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", taken))
+        listener.listen()
+        found = ports_in_use({"gRPC": ("", taken), "HTTP": ("127.0.0.1", free)})
+    assert found == [f"gRPC {taken}"]
+    assert ports_in_use({"gRPC": ("", taken)}) == []  # closed again
