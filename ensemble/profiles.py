@@ -67,7 +67,9 @@ class UserKeys:
         )
 
     def key(self, user_id: str) -> str:
-        return hmac.new(self._secret, user_id.encode("utf-8"), hashlib.sha256).hexdigest()
+        """The keyed hash of a shopper's id, surrounding whitespace removed: the build reads ids
+        so from its files, and a server, an import or an erasure must find the same shopper."""
+        return hmac.new(self._secret, user_id.strip().encode("utf-8"), hashlib.sha256).hexdigest()
 
     def fingerprint(self) -> str:
         """Tells this secret from another without revealing it (a keyed digest of a constant): a

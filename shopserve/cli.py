@@ -85,6 +85,9 @@ def serve(argv: list[str]) -> int:
     args = serve_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.user_key_file is not None:
+        if not args.user_key_file.is_file():
+            print(f"error: --user-key-file {args.user_key_file} is not a file", file=sys.stderr)
+            return 1
         os.environ[USER_KEY_FILE_ENV] = str(args.user_key_file.resolve())
     server = TritonServer(
         ServerConfig(
@@ -131,6 +134,8 @@ def serve(argv: list[str]) -> int:
 def _read_key(path: Path | None) -> str | None:
     if path is None:
         return None
+    if not path.is_file():
+        raise SystemExit(f"error: the key file {path} is not a file")
     key = path.read_text().strip()
     if len(key) < 16:
         raise SystemExit(f"error: the key in {path} is shorter than 16 characters")
@@ -154,7 +159,11 @@ def keys(argv: list[str]) -> int:
             f"error: {args.file} exists; a new secret would orphan every profile", file=sys.stderr
         )
         return 1
-    args.file.parent.mkdir(parents=True, exist_ok=True)
+    try:  # its own folder (.secrets/) is made, readable by its owner only; not a missing path
+        args.file.parent.mkdir(mode=0o700, exist_ok=True)
+    except FileNotFoundError:
+        print(f"error: {args.file.parent.parent} does not exist", file=sys.stderr)
+        return 1
     descriptor = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(new_secret() + b"\n")

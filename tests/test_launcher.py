@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
+from shopserve.cli import keys, serve
 from shopserve.server import free_ports, ports_in_use, prepare_backend_directory
 
 
@@ -35,3 +38,22 @@ def test_ports_in_use_names_only_the_taken_ones() -> None:
         found = ports_in_use({"gRPC": ("", taken), "HTTP": ("127.0.0.1", free)})
     assert found == [f"gRPC {taken}"]
     assert ports_in_use({"gRPC": ("", taken)}) == []  # closed again
+
+
+def test_keys_create_makes_its_own_folder_private_but_not_a_missing_path(tmp_path, capsys) -> None:
+    assert keys(["create", str(tmp_path / ".secrets" / "admin.key")]) == 0
+    assert (tmp_path / ".secrets").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / ".secrets" / "admin.key").stat().st_mode & 0o777 == 0o600
+    assert keys(["create", str(tmp_path / "missing" / "folder" / "k")]) == 1
+    assert f"error: {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_serve_names_a_key_file_that_is_missing(tmp_path, capsys) -> None:
+    store = ["--model-repository", str(tmp_path)]
+    assert serve([*store, "--user-key-file", str(tmp_path / "user.key")]) == 1
+    assert (
+        f"error: --user-key-file {tmp_path / 'user.key'} is not a file" in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit, match=r"error: the key file .*admin\.key is not a file"):
+        serve([*store, "--admin-key-file", str(tmp_path / "admin.key")])

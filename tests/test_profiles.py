@@ -9,6 +9,7 @@ import sqlite3
 import numpy as np
 import pytest
 from shopserve.ensemble import store
+from shopserve.ensemble.events import EventIngest, EventRequest
 from shopserve.ensemble.personal import check_user_key
 from shopserve.ensemble.profile_store import SqliteProfileStore, StoredEvent, open_store
 from shopserve.ensemble.profiles import (
@@ -169,6 +170,20 @@ def test_profile_store_round_trip_keyed_by_hash(tmp_path) -> None:
     assert readonly.get(keys.key("bob")) is None and readonly.get("alice") is None
     raw = (tmp_path / "profiles.sqlite").read_bytes()
     assert b"alice" not in raw and keys.key("alice").encode() in raw
+
+
+def test_an_id_with_surrounding_spaces_is_the_same_shopper_everywhere(tmp_path) -> None:
+    """The build reads ids from its files without surrounding whitespace: an event recorded live
+    (or imported) for " alice " must land on the shopper the build and the server call "alice"."""
+    keys = UserKeys(b"0123456789abcdef0123456789abcdef")
+    assert keys.key(" alice\t") == keys.key("alice") != keys.key("al ice")
+    write(tmp_path / "events.csv", [" alice ,1,100,purchase,b1"])
+    (built,) = timelines(load_events(tmp_path / "events.csv", CATALOGUE))
+    live = open_store(f"sqlite://{tmp_path / 'live.sqlite'}")
+    EventIngest(live, keys).ingest(
+        [EventRequest([" alice "], np.array([2]), [PURCHASE], np.array([200.0]), ["e1"], [""])]
+    )
+    assert built == "alice" and set(live.get(keys.key("alice")).items) == {2}
 
 
 def test_user_keys_need_a_real_secret(monkeypatch, tmp_path) -> None:
