@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
+from typing import TypeVar
 
 from shopserve.formats import (
     CATALOGUE_ALIASES,
     UNKNOWN_EVENT_TYPE,
     event_type,
     in_stock,
+    int64,
     parse_timestamp,
+    read_csv,
 )
 
 from ._client import (
@@ -161,27 +167,71 @@ def _connection(parser: argparse.ArgumentParser, timeout: float = 30.0) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=timeout,
         help=f"deadline of each request in seconds (default: {timeout:g})",
     )
-    parser.add_argument("--tls-ca", help="connect over TLS, trusting this CA (PEM)")
-    parser.add_argument("--tls-cert", help="a client certificate (PEM), when the server asks")
-    parser.add_argument("--tls-key", help="the client certificate's key (PEM)")
-    parser.add_argument("--inference-key-file", type=Path, help="the server's inference key")
+    parser.add_argument(
+        "--tls-ca",
+        type=_readable,
+        help="connect over TLS, trusting this CA (PEM; default with --tls-cert: the system's CAs)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        type=_readable,
+        help="connect over TLS with this client certificate (PEM; needs --tls-key)",
+    )
+    parser.add_argument("--tls-key", type=_readable, help="the client certificate's key (PEM)")
+    parser.add_argument("--inference-key-file", type=_readable, help="the server's inference key")
     parser.add_argument(
         "--admin-key-file",
-        type=Path,
+        type=_readable,
         help="the operator's key (needed by forget, catalogue updates and rollout's model control)",
     )
 
 
+def _readable(text: str) -> str:
+    """A file option's path, once the file reads (else an argparse error, exit status 2)."""
+    try:
+        Path(text).read_bytes()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {exc.strerror}") from None
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
+def _batch_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+    return value
+
+
 def _security(args: argparse.Namespace) -> Security:
-    def key(path: Path | None) -> str | None:
-        return path.read_text().strip() if path else None
+    """The connection's TLS and keys. A client certificate asks for TLS, trusting the system's CAs
+    unless ``--tls-ca`` names one: it never goes out over plain text. A certificate without its
+    key (or the reverse) is an error (exit status 2)."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        raise SystemExit(2)
+
+    def key(path: str | None) -> str | None:
+        return Path(path).read_text().strip() if path else None
 
     return Security(
-        ssl=bool(args.tls_ca),
+        ssl=bool(args.tls_ca or args.tls_cert),
         root_certificates=args.tls_ca,
         private_key=args.tls_key,
         certificate_chain=args.tls_cert,
@@ -197,35 +247,61 @@ def _client(args: argparse.Namespace) -> SearchClient:
 _EVENT_COLUMNS = ("user_id", "product_id", "timestamp", "event")
 
 
-def read_events(path: Path) -> Iterator[Event]:
-    """The events of a generic events CSV (user_id, product_id, timestamp, event, basket_id).
-    Each event's id is the file's digest and its line, so importing a file again counts nothing
-    twice."""
+def read_events(path: Path) -> Iterator[tuple[int, Event]]:
+    """The events of a generic events CSV (user_id, product_id, timestamp, event, basket_id), each
+    with the file line it was read from. Each event's id is the file's digest and its line, so
+    importing a file again counts nothing twice."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in _EVENT_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing columns {missing}")
-        for line, row in enumerate(reader, start=2):
-            short = [c for c in _EVENT_COLUMNS if row[c] is None]
-            if short:
-                raise ValueError(f"{path}: line {line}: no value for {short}")
-            try:
-                product, when = int(row["product_id"]), parse_timestamp(row["timestamp"])
-            except ValueError as exc:
-                raise ValueError(f"{path}: line {line}: {exc}") from exc
-            kind = event_type(row["event"])
-            if kind is None:
-                raise ValueError(f"{path}: line {line}: {row['event']!r}: {UNKNOWN_EVENT_TYPE}")
-            yield Event(
-                row["user_id"],
-                product,
-                kind,
-                when,
-                f"{digest}:{line}",
-                row.get("basket_id") or "",
+    columns, rows = read_csv(path)
+    missing = [c for c in _EVENT_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}")
+    for line, row in rows:
+        try:
+            product, when = int64(row["product_id"]), parse_timestamp(row["timestamp"])
+        except ValueError as exc:
+            raise ValueError(f"{path}: line {line}: {exc}") from exc
+        kind = event_type(row["event"])
+        if kind is None:
+            raise ValueError(f"{path}: line {line}: {row['event']!r}: {UNKNOWN_EVENT_TYPE}")
+        event_id = f"{digest}:{line}"
+        yield line, Event(row["user_id"], product, kind, when, event_id, row.get("basket_id") or "")
+
+
+T = TypeVar("T")
+
+
+def _batches(numbered: Iterable[tuple[int, T]], size: int) -> Iterator[tuple[list[int], list[T]]]:
+    """(line, item) pairs in batches of ``size``: each batch's lines and its items."""
+    pairs = iter(numbered)
+    while batch := list(islice(pairs, size)):
+        yield [line for line, _ in batch], [item for _, item in batch]
+
+
+# Where a server's error names rows of the batch (0-based): the events endpoint names the first
+# bad one ("PRODUCT_IDS[86] = ..."), the catalogue endpoint every one ("...: rows 0, 3").
+_EVENT_POSITION = re.compile(r"\b[A-Z_]+\[(\d+)\]")
+_UPDATE_ROWS = re.compile(r"\brows (\d+(?:, \d+)*)")
+
+
+@contextmanager
+def _file_lines(path: Path, lines: Sequence[int]) -> Iterator[None]:
+    """Name the rows of a batch the server refuses by the lines of ``path`` they were read from
+    (``lines``: the batch's, in order)."""
+    try:
+        yield
+    except SearchError as exc:
+        position = _EVENT_POSITION.search(exc.message)
+        if position:
+            message = f"{path} line {lines[int(position[1])]}: {exc.message}"
+        elif _UPDATE_ROWS.search(exc.message):
+            message = f"{path}: " + _UPDATE_ROWS.sub(
+                lambda rows: "lines " + ", ".join(str(lines[int(r)]) for r in rows[1].split(", ")),
+                exc.message,
             )
+        else:
+            raise
+        raise type(exc)(message, exc.status) from None
 
 
 def events_main(argv: list[str] | None = None) -> int:
@@ -235,22 +311,17 @@ def events_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("action", choices=["import"])
     parser.add_argument("file", type=Path, help="an events CSV in the generic format")
-    parser.add_argument("--batch-size", type=int, default=256, help="events per request")
+    parser.add_argument("--batch-size", type=_batch_size, default=256, help="events per request")
     _connection(parser)
     args = parser.parse_args(argv)
     sent = new = 0
     try:
         with _client(args) as client:
-            batch: list[Event] = []
-            for event in read_events(args.file):
-                batch.append(event)
-                if len(batch) == args.batch_size:
+            for lines, batch in _batches(read_events(args.file), args.batch_size):
+                with _file_lines(args.file, lines):
                     new += client.record_many(batch)
-                    sent, batch = sent + len(batch), []
-            if batch:
-                new += client.record_many(batch)
                 sent += len(batch)
-    except (SearchError, OSError, KeyError, ValueError) as exc:
+    except (SearchError, OSError, ValueError) as exc:
         print(f"error after {sent} events: {exc}", file=sys.stderr)
         return 1
     print(f"sent {sent} events from {args.file}: {new} new, {sent - new} recorded before")
@@ -261,27 +332,25 @@ class CatalogueFileError(ValueError):
     """A catalogue update file's line cannot be read; the message names it."""
 
 
-def _change(line: int, row: dict[str, str]) -> ProductChange:
-    row = {CATALOGUE_ALIASES.get(k, k): (v or "").strip() for k, v in row.items() if k}
+def _change(row: dict[str, str]) -> ProductChange:
+    """A catalogue update file's row; ValueError naming what is wrong with it."""
+    row = {CATALOGUE_ALIASES.get(k, k): v.strip() for k, v in row.items()}
     operation = row.get("operation", "").lower() or "upsert"
     if operation not in ("upsert", "delete"):
-        raise CatalogueFileError(f"line {line}: operation {operation!r} is not upsert or delete")
+        raise ValueError(f"operation {operation!r} is not upsert or delete")
     try:
-        stock = in_stock(row.get("in_stock"))
+        product_id = int64(row["product_id"])
     except ValueError as exc:
-        raise CatalogueFileError(f"line {line}: {exc}") from None
+        raise ValueError(f"product_id {exc}") from None
     try:
-        product_id = int(row["product_id"])
         price = float(row["price"]) if row.get("price") else None
-    except (KeyError, ValueError) as exc:
-        raise CatalogueFileError(
-            f"line {line}: product_id must be an integer and price a number ({exc})"
-        ) from None
+    except ValueError:
+        raise ValueError(f"price {row['price']!r} is not a number") from None
     return ProductChange(
         product_id,
         row.get("title", ""),
         price,
-        stock,
+        in_stock(row.get("in_stock")),
         row.get("category", ""),
         delete=operation == "delete",
     )
@@ -289,21 +358,26 @@ def _change(line: int, row: dict[str, str]) -> ProductChange:
 
 def read_catalogue_changes(
     path: Path, batch_size: int
-) -> Iterator[tuple[str, list[ProductChange]]]:
+) -> Iterator[tuple[str, list[int], list[ProductChange]]]:
     """Batches of a catalogue update file (the catalogue format plus an optional ``operation``
     column, upsert or delete), each with an update id made of the file's digest and its first
-    line, so that applying a file again changes nothing twice."""
+    line, so that applying a file again changes nothing twice, and its rows' file lines."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        batch: list[ProductChange] = []
-        first = 2
-        for line, row in enumerate(csv.DictReader(handle), start=2):
-            batch.append(_change(line, row))
-            if len(batch) == batch_size:
-                yield f"{digest}:{first}", batch
-                batch, first = [], line + 1
-        if batch:
-            yield f"{digest}:{first}", batch
+    columns, rows = read_csv(path)
+    if "product_id" not in {CATALOGUE_ALIASES.get(c, c) for c in columns}:
+        raise CatalogueFileError(f"{path}: missing columns ['product_id'] (it has {columns})")
+    if not rows:
+        raise CatalogueFileError(f"{path} has no rows")
+
+    def changes() -> Iterator[tuple[int, ProductChange]]:
+        for line, row in rows:
+            try:
+                yield line, _change(row)
+            except ValueError as exc:
+                raise CatalogueFileError(f"{path}: line {line}: {exc}") from None
+
+    for lines, batch in _batches(changes(), batch_size):
+        yield f"{digest}:{lines[0]}", lines, batch
 
 
 def catalogue_main(argv: list[str] | None = None) -> int:
@@ -318,15 +392,19 @@ def catalogue_main(argv: list[str] | None = None) -> int:
         "file", type=Path, help="a catalogue CSV, optionally with an operation column"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=500, help="products per update (each all or nothing)"
+        "--batch-size",
+        type=_batch_size,
+        default=500,
+        help="products per update (each all or nothing)",
     )
     _connection(parser)
     args = parser.parse_args(argv)
     sent = applied = 0
     try:
         with _client(args) as client:
-            for update_id, changes in read_catalogue_changes(args.file, args.batch_size):
-                applied += client.update_catalogue(changes, update_id).applied
+            for update_id, lines, changes in read_catalogue_changes(args.file, args.batch_size):
+                with _file_lines(args.file, lines):
+                    applied += client.update_catalogue(changes, update_id).applied
                 sent += len(changes)
     except SearchError as exc:
         print(f"error after {sent} products: {exc.message}", file=sys.stderr)

@@ -43,6 +43,12 @@ def _inputs(args: argparse.Namespace) -> tuple[Path, Path | None]:
     return args.data / "products.csv", judgments
 
 
+def _check_built(repository: Path) -> None:
+    """Refuse a ``--repository`` that is not a built store (a command that reads one)."""
+    if not (repository / store.MANIFEST_FILE).is_file():
+        raise DataError(f"{repository} is not a built store (no {store.MANIFEST_FILE})")
+
+
 def _dump(result: dict, output: Path | None) -> str:
     text = json.dumps(result, indent=2)
     if output:
@@ -315,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             print("\n".join(map(str, written)))
             return 0
+        if args.command != "build":
+            _check_built(args.repository)
         if args.command == "milvus":
             print(json.dumps(_milvus(args), indent=2))
             return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import DataError
 from .instacart import ITEMS_FILE, read_csv
 
 log = logging.getLogger("shopserve.export.cut")
@@ -25,7 +26,7 @@ def cut_homedepot(
     their judgments, and a catalogue of their judged products plus random others up to
     ``products``."""
     if queries < 1 or products < 1:
-        raise ValueError(f"a cut needs at least one query and one product ({queries}, {products})")
+        raise DataError(f"a cut needs at least one query and one product ({queries}, {products})")
     judgments = read_csv(data_dir / "judgments.csv")
     chosen = set(list(dict.fromkeys(r["search_term"] for r in judgments))[:queries])
     judged = [r for r in judgments if r["search_term"] in chosen]

@@ -8,7 +8,6 @@ through this same path. Gains for nDCG are ``relevance - min_relevance`` (Home D
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import os
@@ -25,7 +24,15 @@ from shopserve.ensemble.profile_store import ERASED_EVENT
 from shopserve.ensemble.profiles import EVENT_TYPES
 from shopserve.ensemble.validation import has_word, plain_text
 
-from shopserve.formats import CATALOGUE_ALIASES, UNKNOWN_EVENT_TYPE, event_type, parse_timestamp
+from shopserve.formats import (
+    CATALOGUE_ALIASES,
+    UNKNOWN_EVENT_TYPE,
+    CsvFormatError,
+    event_type,
+    int64,
+    parse_timestamp,
+    read_csv,
+)
 
 DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR", "../shared/data")) / "homedepot"
 JUDGMENT_ALIASES = {"search_term": "query", "product_uid": "product_id"}
@@ -39,7 +46,11 @@ class DataError(ValueError):
     """An input file is missing, unreadable or does not follow the documented format."""
 
 
-def _read_rows(path: Path, aliases: dict[str, str], required: tuple[str, ...]) -> list[dict]:
+def read_rows(
+    path: Path, aliases: dict[str, str], required: tuple[str, ...]
+) -> list[tuple[int, dict]]:
+    """The rows of a CSV or Parquet file under the column names ``aliases`` maps to, each with its
+    line (in a CSV file, the line it starts on; in Parquet, its row + 1: the header is line 1)."""
     if not path.exists():
         raise DataError(f"{path} does not exist")
     if path.suffix == ".parquet":
@@ -48,13 +59,12 @@ def _read_rows(path: Path, aliases: dict[str, str], required: tuple[str, ...]) -
         except ImportError as exc:
             raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from exc
         table = pq.read_table(path)
-        columns, rows = table.column_names, table.to_pylist()
+        columns, rows = table.column_names, list(enumerate(table.to_pylist(), start=2))
     elif path.suffix == ".csv":
-        # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            columns = list(reader.fieldnames or [])
+        try:
+            columns, rows = read_csv(path)
+        except CsvFormatError as exc:
+            raise DataError(str(exc)) from None
     else:
         raise DataError(f"{path}: expected a .csv or .parquet file")
     missing = [c for c in required if c not in {aliases.get(k, k) for k in columns}]
@@ -62,7 +72,7 @@ def _read_rows(path: Path, aliases: dict[str, str], required: tuple[str, ...]) -
         raise DataError(f"{path}: missing columns {missing} (it has {columns})")
     if not rows:
         raise DataError(f"{path} has no rows")
-    return [{aliases.get(k, k): v for k, v in row.items()} for row in rows]
+    return [(line, {aliases.get(k, k): v for k, v in row.items()}) for line, row in rows]
 
 
 _REPORTED_BAD_ROWS = 5
@@ -99,10 +109,9 @@ def _integer(value: object) -> int | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     try:
-        number = int(str(value).strip())
+        return int64(value)
     except ValueError:
         return None
-    return number if -(2**63) <= number < 2**63 else None
 
 
 def _finite(value: object) -> float | None:
@@ -153,10 +162,10 @@ class Judgments:
 
 
 def load_catalogue(path: Path) -> CatalogueData:
-    rows = _read_rows(path, CATALOGUE_ALIASES, ("product_id", "title"))
+    numbered = read_rows(path, CATALOGUE_ALIASES, ("product_id", "title"))
     problems = RowProblems(path)
     ids, titles, first_line, decoded = [], [], {}, 0
-    for line, row in enumerate(rows, start=2):
+    for line, row in numbered:
         raw_title = str(row["title"] or "")
         product, title = _integer(row["product_id"]), plain_text(raw_title).strip()
         decoded += title != raw_title.strip()
@@ -176,6 +185,7 @@ def load_catalogue(path: Path) -> CatalogueData:
     problems.raise_any()
     if decoded:
         logger.info("%s: decoded HTML character references in %d titles", path, decoded)
+    rows = [row for _, row in numbered]
     extra = {
         c: [
             plain_text(r[c]) if c in TEXT_CATALOGUE_COLUMNS and isinstance(r[c], str) else r[c]
@@ -195,10 +205,10 @@ def fold_catalogue_updates(catalogue: CatalogueData, path: Path) -> tuple[Catalo
     upsert replaces a product's title, category, price and stock (its other columns stay) or
     adds it at the end; a delete removes it. Returns the catalogue and what was folded (``through``:
     the latest update's log time, up to which serving skips the log)."""
-    updates = _read_rows(path, CATALOGUE_ALIASES, ("product_id", "title", "operation", "logged_at"))
+    updates = read_rows(path, CATALOGUE_ALIASES, ("product_id", "title", "operation", "logged_at"))
     # A column the catalogue lacks starts with the first update that gives it a value (as when
     # serving): an export names all of them, mostly empty.
-    given = [c for c in UPDATED_COLUMNS if any(str(u.get(c) or "").strip() for u in updates)]
+    given = [c for c in UPDATED_COLUMNS if any(str(u.get(c) or "").strip() for _, u in updates)]
     columns = list(dict.fromkeys([*catalogue.extra, *given]))
     products: dict[int, dict] = {
         int(pid): {
@@ -211,7 +221,7 @@ def fold_catalogue_updates(catalogue: CatalogueData, path: Path) -> tuple[Catalo
     }
     counts = {"upserts": 0, "deletes": 0}
     through = 0.0
-    for line, update in enumerate(updates, start=2):
+    for line, update in updates:
         try:
             pid, logged_at = int(update["product_id"]), float(update["logged_at"])
         except (TypeError, ValueError) as exc:
@@ -241,11 +251,11 @@ def fold_catalogue_updates(catalogue: CatalogueData, path: Path) -> tuple[Catalo
 
 
 def load_judgments(path: Path, catalogue: CatalogueData) -> Judgments:
-    rows = _read_rows(path, JUDGMENT_ALIASES, ("query", "product_id", "relevance"))
+    rows = read_rows(path, JUDGMENT_ALIASES, ("query", "product_id", "relevance"))
     known = set(catalogue.product_ids.tolist())
     problems = RowProblems(path)
     by_query: OrderedDict[str, dict[int, float]] = OrderedDict()
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         query, pid = str(row["query"] or "").strip(), _integer(row["product_id"])
         relevance = _finite(row["relevance"])
         problems.check(
@@ -332,8 +342,8 @@ def event_kind(name: object) -> int | None:
 
 def load_events(path: Path, catalogue: CatalogueData) -> EventsData:
     """Read and validate an events file; each kind of problem names its first rows and its count."""
-    rows = _read_rows(path, {}, ("user_id", "product_id", "timestamp", "event"))
-    return _events(path, list(enumerate(rows, start=2)), catalogue, "user_id", "event_id")
+    rows = read_rows(path, {}, ("user_id", "product_id", "timestamp", "event"))
+    return _events(path, rows, catalogue, "user_id", "event_id")
 
 
 def _events(
@@ -416,15 +426,15 @@ def load_event_log(path: Path, catalogue: CatalogueData) -> EventLog:
     """Read an export of a live store's event log (``shopserve events export``), in log order. Of
     a shopper it erased, the events after the erasure in the file are kept (whatever their own
     timestamps say: the clients' clocks are not the log's order)."""
-    rows = _read_rows(path, {}, ("user_key", "product_id", "timestamp", "event", "event_key"))
+    rows = read_rows(path, {}, ("user_key", "product_id", "timestamp", "event", "event_key"))
     erasure_lines: dict[str, int] = {}
     erased: dict[str, float] = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         if str(row["event"]).strip() == ERASED_EVENT:
             user = str(row["user_key"]).strip()
             erasure_lines[user], erased[user] = line, parse_timestamp(row["timestamp"])
     events, seen, duplicates = [], set(), 0
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         user = str(row["user_key"]).strip()
         if str(row["event"]).strip() == ERASED_EVENT or line < erasure_lines.get(user, 0):
             continue

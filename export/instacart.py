@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import read_rows
+
 log = logging.getLogger("shopserve.export.instacart")
 
 BASE_DATE = datetime(2017, 1, 1, tzinfo=timezone.utc)
@@ -30,9 +32,8 @@ EVENTS_FILE = "events.csv"
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
-    """A UTF-8 CSV file's rows as dicts."""
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    """A CSV file's rows as dicts; DataError if it is missing or not well-formed UTF-8 CSV."""
+    return [row for _, row in read_rows(path, {}, ())]
 
 
 def write_generic(

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from shopserve.ensemble.features import (
     FEATURE_NAMES,
     FUSION_WEIGHTS,
@@ -122,7 +123,10 @@ def check_reusable(
     ``names`` of this build; else raise."""
     if not path.exists():
         raise monotone.ModelExportError(f"{flag} {path} does not exist")
-    contract = monotone.read_contract(path)
+    try:
+        contract = monotone.read_contract(path)
+    except (DecodeError, OSError) as exc:
+        raise monotone.ModelExportError(f"{flag} {path} is not an ONNX model ({exc})") from None
     if contract is None or contract.get("inputs") != list(names):
         found = contract.get("inputs") if contract else "no shopserve feature contract"
         raise monotone.ModelExportError(

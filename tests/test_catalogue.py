@@ -309,8 +309,8 @@ def test_an_update_file_reads_in_batches_with_stable_ids(tmp_path) -> None:
         "3,Blue kettle,,no,,upsert\n"
     )
     batches = list(read_catalogue_changes(path, batch_size=2))
-    assert [len(changes) for _, changes in batches] == [2, 1]
-    (first_id, first), (second_id, second) = batches
+    assert [(lines, len(changes)) for _, lines, changes in batches] == [([2, 3], 2), ([4], 1)]
+    (first_id, _, first), (second_id, _, second) = batches
     assert first_id.endswith(":2") and second_id.endswith(":4")
     assert first_id.split(":")[0] == second_id.split(":")[0]  # the file's digest
     kettle, deleted = first
@@ -325,7 +325,7 @@ def test_an_update_file_reads_in_batches_with_stable_ids(tmp_path) -> None:
     assert second[0].in_stock is False and second[0].price is None
     assert list(read_catalogue_changes(path, batch_size=2)) == batches  # the same ids again
     path.write_text("product_id,title,operation\n1,Red kettle,rename\n")
-    with pytest.raises(CatalogueFileError, match="line 2: operation 'rename'"):
+    with pytest.raises(CatalogueFileError, match=f"{path}: line 2: operation 'rename'"):
         list(read_catalogue_changes(path, batch_size=2))
     path.write_text("product_id,title,in_stock\n1,Red kettle,OutOfStock\n2,Pan,preorder\n")
     with pytest.raises(CatalogueFileError, match=r"line 3: in_stock must be one of .*'preorder'"):

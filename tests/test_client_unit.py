@@ -168,7 +168,8 @@ def test_an_events_import_reads_a_spreadsheets_file_and_names_a_bad_line(tmp_pat
     rows = "user_id,product_id,timestamp,event\nu1,196,1700000000,click\nu1,196,yesterday,click\n"
     path.write_bytes(("\ufeff" + rows).encode())  # a byte-order mark, as spreadsheets write
     events = read_events(path)
-    first = next(events)
+    line, first = next(events)
+    assert line == 2
     assert (first.user_id, first.product_id, first.timestamp, first.basket_id) == (
         "u1",
         196,
@@ -178,7 +179,7 @@ def test_an_events_import_reads_a_spreadsheets_file_and_names_a_bad_line(tmp_pat
     with pytest.raises(ValueError, match=f"{path}: line 3: Invalid isoformat string: 'yesterday'"):
         next(events)
     path.write_text("user_id,product_id,timestamp,event\nu1,196,1700000000,click\nu1,196\n")
-    with pytest.raises(ValueError, match=rf"{path}: line 3: no value for \['timestamp', 'event'\]"):
+    with pytest.raises(ValueError, match=f"{path}: line 3: expected 4 fields, got 2"):
         list(read_events(path))
     path.write_text("user,product_id,timestamp,event\n")
     with pytest.raises(ValueError, match=r"missing columns \['user_id'\]"):
@@ -192,7 +193,7 @@ def test_an_events_import_reads_other_systems_names_as_the_build_does(tmp_path) 
         "user_id,product_id,timestamp,event\n"
         "u1,196,2023-11-14 22:13:20 UTC,cart\nu1,196,1700000000,Transaction\nu1,196,1,like\n"
     )
-    events = read_events(path)
+    events = (event for _, event in read_events(path))
     assert [(e.event, e.timestamp) for e in (next(events), next(events))] == [
         ("add_to_cart", 1.7e9),
         ("purchase", 1.7e9),
