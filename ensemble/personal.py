@@ -101,12 +101,23 @@ PERSONAL_WEIGHT = "personal_weight"  # the search config parameter the build fit
 # almonds bought every week stay out of the top of "eggs"). On the Instacart basket queries a
 # personalised top 1 this far below the best was in the queried aisle about a third of the time.
 HISTORY_MARGIN = 5.0
+# Where the catalogue has categories, history re-orders only candidates in a category that one of
+# the query's this many best matches is in. A small catalogue's candidates for "organic milk"
+# include every organic product, all within the margin; without this, a shopper's strawberries
+# came first.
+HISTORY_CATEGORY_MATCHES = 10
 
 
-def history_weights(query_logits: np.ndarray, weight: float) -> np.ndarray:
+def history_weights(
+    query_logits: np.ndarray, weight: float, categories: np.ndarray | None = None
+) -> np.ndarray:
     """Each candidate's weight of the shopper's affinity in ``query + weight x affinity``:
-    ``weight`` within HISTORY_MARGIN of the best query logit, 0 below it."""
+    ``weight`` within HISTORY_MARGIN of the best query logit and, given the candidates'
+    ``categories`` (-1: none), in a category of one of the HISTORY_CATEGORY_MATCHES best; else 0."""
     within = query_logits >= query_logits.max(initial=-np.inf) - HISTORY_MARGIN
+    if categories is not None:
+        best = np.argsort(-query_logits, kind="stable")[:HISTORY_CATEGORY_MATCHES]
+        within &= np.isin(categories, categories[best])
     return np.where(within, weight, 0.0).astype(query_logits.dtype)
 
 
@@ -115,16 +126,22 @@ class Fused:
     """A personalised search's logits: ``query + weights x (affinity - lift)``."""
 
     logits: np.ndarray
-    weights: np.ndarray  # history_weights: the fitted weight within the margin, 0 below it
-    lift: float  # the most negative affinity within the margin, or 0 where none is negative
+    weights: np.ndarray  # history_weights: the fitted weight where history counts, 0 elsewhere
+    lift: float  # the most negative affinity where history counts, or 0 where none is negative
 
 
-def fuse(query_logits: np.ndarray, affinity: np.ndarray, weight: float) -> Fused:
-    """The query's logits with the shopper's affinity added within the margin. A ranker's logit
-    can be negative: the affinities there are lifted by the most negative of them, so that history
-    re-orders the good matches (the same order as ``query + weight x affinity``) and never pushes
-    one below a candidate outside the margin. Affinities of 0 or more are not moved."""
-    weights = history_weights(query_logits, weight)
+def fuse(
+    query_logits: np.ndarray,
+    affinity: np.ndarray,
+    weight: float,
+    categories: np.ndarray | None = None,
+) -> Fused:
+    """The query's logits with the shopper's affinity added where history counts (see
+    history_weights). A ranker's logit can be negative: the affinities there are lifted by the
+    most negative of them, so that history re-orders the good matches (the same order as
+    ``query + weight x affinity``) and never pushes one below a candidate it does not count for.
+    Affinities of 0 or more are not moved."""
+    weights = history_weights(query_logits, weight, categories)
     within = weights > 0
     lift = min(0.0, float(affinity[within].min())) if within.any() else 0.0
     shifted = (affinity - np.float32(lift)).astype(query_logits.dtype)
@@ -219,6 +236,15 @@ class Personalization:
             affinity[known] = self.rank(self.recommender.features(user, rows[known]), new_only)
             affinity[~known] = affinity[known].min()
         return affinity, None
+
+    def categories(self, rows: np.ndarray) -> np.ndarray:
+        """Each candidate row's category as the build coded it (-1: none, and for products
+        added since the build)."""
+        coded = self.recommender.items.categories
+        known = rows < len(coded)
+        out = np.full(len(rows), -1, dtype=coded.dtype)
+        out[known] = coded[rows[known]]
+        return out
 
     def rank(self, features: np.ndarray, new_only: bool = False) -> np.ndarray:
         """The recommendation ranker's logits for feature rows (the NEW_ONLY ranker's)."""

@@ -199,7 +199,12 @@ class SearchPipeline:
         logits, affinity, features, fused = query_logits, None, None, None
         if request.user is not None:
             affinity, features = self.personal.affinity(request.user, candidates.rows)
-            fused = fuse(query_logits, affinity, self.personal.search_weight)
+            fused = fuse(
+                query_logits,
+                affinity,
+                self.personal.search_weight,
+                self.personal.categories(candidates.rows),
+            )
             logits = fused.logits
         explain = None
         if request.explain:

@@ -118,6 +118,7 @@ class ScoredQuery:
     search_logits: np.ndarray
     affinity: np.ndarray
     purchases: np.ndarray  # the shopper's purchases of each candidate
+    categories: np.ndarray | None = None  # each candidate's category code (-1: none)
 
 
 def score_queries(
@@ -141,6 +142,7 @@ def score_queries(
                 search_ranker(candidates.features),
                 rec_ranker(recommender.features(view, candidates.rows)),
                 np.array([history.get(r, 0) for r in candidates.rows.tolist()], dtype=np.float64),
+                recommender.items.categories[candidates.rows],
             )
         )
     return out
@@ -152,7 +154,8 @@ def _top(ids: np.ndarray, scores: np.ndarray) -> list[int]:
 
 def personal_top(scored: ScoredQuery, weight: float) -> list[int]:
     """The personalised search's top 10, fused as serving fuses."""
-    return _top(scored.product_ids, fuse(scored.search_logits, scored.affinity, weight).logits)
+    fused = fuse(scored.search_logits, scored.affinity, weight, scored.categories)
+    return _top(scored.product_ids, fused.logits)
 
 
 def fit_search_weight(scored: Sequence[ScoredQuery], grid: Sequence[float]) -> tuple[float, dict]:

@@ -3,10 +3,17 @@ never lifts a poor one (fast, no store)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from shopserve.ensemble.explain import Explanation, Reason
-from shopserve.ensemble.personal import HISTORY_MARGIN, fuse, history_weights
+from shopserve.ensemble.personal import (
+    HISTORY_CATEGORY_MATCHES,
+    HISTORY_MARGIN,
+    fuse,
+    history_weights,
+)
 from shopserve.export.evaluate_personal import (
     ScoredQuery,
     category_ndcg,
@@ -58,6 +65,26 @@ def test_a_shopper_the_ranker_scores_below_zero_keeps_the_good_matches_on_top() 
     fused = fuse(scored.search_logits, np.array([0.5, 0.0, 2.0], np.float32), 16.0)
     assert fused.lift == 0.0 and fused.logits.tolist() == [17.0, 8.0, 3.0]
     assert fuse(scored.search_logits, scored.affinity, 0.0).logits.tolist() == [9.0, 8.0, 3.0]
+
+
+def test_history_lifts_only_categories_the_querys_best_matches_show() -> None:
+    """A small shop's candidates for "organic milk": its milks (category 0) on top and, within the
+    margin, every organic product (category 1, strawberries the shopper buys every week)."""
+    best = HISTORY_CATEGORY_MATCHES
+    logits = np.concatenate([np.linspace(9.0, 8.0, best), [6.5, 6.0]]).astype(np.float32)
+    categories = np.array([0] * best + [1, 0], dtype=np.int32)
+    affinity = np.zeros(best + 2, dtype=np.float32)
+    affinity[[best, best + 1]] = [5.0, 0.5]  # the strawberries; a milk bought now and then
+    scored = ScoredQuery(
+        None, np.arange(best + 2), logits, affinity, np.zeros(best + 2), categories
+    )
+    top = personal_top(scored, 16.0)
+    assert top[0] == best + 1 and best not in top[:best]  # the milk first, no strawberries
+    weights = history_weights(logits, 16.0, categories)
+    assert weights[best] == 0.0 and (weights[categories == 0] == 16.0).all()
+    # Without categories (none in the catalogue: all -1) the margin alone decides
+    assert personal_top(replace(scored, categories=np.full(best + 2, -1)), 16.0)[0] == best
+    assert personal_top(replace(scored, categories=None), 16.0)[0] == best
 
 
 def test_a_lifted_explanation_still_adds_up_to_its_logit() -> None:
