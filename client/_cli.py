@@ -36,6 +36,7 @@ from ._client import (
     Security,
 )
 from ._errors import InvalidRequestError, SearchError
+from ._replicas import checked_addresses
 
 TITLE_WIDTH = 70
 REASONS_SHOWN = 3  # --explain: the largest contributions printed under each hit
@@ -162,6 +163,7 @@ def _connection(parser: argparse.ArgumentParser, timeout: float = 30.0) -> None:
     """The options every command shares: where the server is, the deadline, TLS and keys."""
     parser.add_argument(
         "--url",
+        type=_address,
         default=DEFAULT_URL,
         help=f"Triton gRPC address (default: {DEFAULT_URL}); several replicas: commas between them",
     )
@@ -188,6 +190,14 @@ def _connection(parser: argparse.ArgumentParser, timeout: float = 30.0) -> None:
         type=_readable,
         help="the operator's key (needed by forget, catalogue updates and rollout's model control)",
     )
+
+
+def _address(text: str) -> str:
+    try:
+        checked_addresses(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _readable(text: str) -> str:

@@ -46,6 +46,14 @@ def split_addresses(url: str | Sequence[str]) -> list[str]:
     return addresses
 
 
+def checked_addresses(url: str | Sequence[str]) -> list[str]:
+    """``url``'s addresses (split_addresses), each checked to be host:port (else ValueError)."""
+    addresses = split_addresses(url)
+    for address in addresses:
+        _host_and_port(address)
+    return addresses
+
+
 def _host_and_port(address: str) -> tuple[str, int]:
     host, colon, port = address.rpartition(":")
     if not colon or not port.isdigit() or not host:
@@ -102,8 +110,8 @@ def replica_channel_args(first_host: str, tls: bool) -> list[tuple[str, object]]
 def channel(url: str | Sequence[str], tls: bool) -> tuple[str, dict]:
     """The target and the extra keyword arguments of tritonclient's InferenceServerClient for
     ``url``: one address as it is, several as replicas."""
-    addresses = split_addresses(url)
-    if len(addresses) == 1:
+    addresses = checked_addresses(url)
+    if len(addresses) == 1:  # resolved by gRPC when it connects: the name may come up later
         return addresses[0], {}
     first_host, _ = _host_and_port(addresses[0])
     return replica_target(addresses), {"channel_args": replica_channel_args(first_host, tls)}

@@ -180,15 +180,17 @@ def _answers(url: str) -> bool:
 
 def triton_failure(log_text: str) -> str | None:
     """The first line of Triton's reason for failing in ``log_text``: the first model that did not
-    load, else its first error (``failed to start Metrics service: ...``), skipping the errors it
-    writes on every start without a GPU."""
+    load, else its first error in its own words (``failed to start Metrics service: ...``), else
+    its first error, skipping the errors it writes on every start without a GPU."""
     errors = []
     for line in log_text.splitlines():
         found = TRITON_ERROR_LINE.match(line)
         if found and not any(noise in line for noise in NO_GPU_ERRORS):
             errors.append(found.group(1).split("\\n", 1)[0])  # a traceback follows, escaped
     loads = [error for error in errors if error.startswith("failed to load")]
-    return (loads or errors or [None])[0]
+    # Triton's own words ("failed to start GRPC service: ...") over a library's raw ones before them
+    own = [error for error in errors if error.startswith("failed to")]
+    return (loads or own or errors or [None])[0]
 
 
 @dataclass

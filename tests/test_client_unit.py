@@ -484,3 +484,20 @@ def test_record_many_retries_transient_failures_with_the_same_events(kind, monke
     with pytest.raises(OverloadedError):
         record(client)
     assert len(calls) == 8  # bounded: four attempts
+
+
+@pytest.mark.parametrize("url", ["not a url::", "127.0.0.1:notaport", "8001", "", " , "])
+def test_an_address_that_is_not_host_and_port_is_a_value_error(url) -> None:
+    with pytest.raises(ValueError, match="host:port|no server address"):
+        SearchClient(url)
+    with pytest.raises(ValueError, match="host:port|no server address"):
+        AsyncSearchClient(url)
+
+
+def test_the_cli_refuses_an_address_that_is_not_host_and_port(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_status:
+        main(["tea", "--url", "127.0.0.1:notaport"])
+    assert exit_status.value.code == 2
+    assert "argument --url: server address '127.0.0.1:notaport' is not host:port" in (
+        capsys.readouterr().err
+    )

@@ -7,7 +7,12 @@ import socket
 import pytest
 
 from shopserve.cli import keys, serve
-from shopserve.server import free_ports, ports_in_use, prepare_backend_directory
+from shopserve.server import (
+    free_ports,
+    ports_in_use,
+    prepare_backend_directory,
+    triton_failure,
+)
 
 
 def test_a_current_backend_directory_is_left_alone_and_a_stale_file_replaced_by_rename(
@@ -57,3 +62,19 @@ def test_serve_names_a_key_file_that_is_missing(tmp_path, capsys) -> None:
     )
     with pytest.raises(SystemExit, match=r"error: the key file .*admin\.key is not a file"):
         serve([*store, "--admin-key-file", str(tmp_path / "admin.key")])
+
+
+def test_the_reason_for_a_failed_start_is_tritons_own_line() -> None:
+    log = "\n".join(
+        [
+            "E1206 09:00:00.000 1 cuda.cc:1] CudaDriverHelper has not been initialized.",
+            "E1206 09:00:01.000 1 chttp2_server.cc:1053] UNKNOWN:No address added out of total 1",
+            'E1206 09:00:01.100 1 main.cc:245] "failed to start GRPC service: Unavailable - '
+            "Socket '0.0.0.0:8001' already in use\"",
+        ]
+    )
+    assert triton_failure(log) == (
+        "failed to start GRPC service: Unavailable - Socket '0.0.0.0:8001' already in use"
+    )
+    assert triton_failure(log.splitlines()[1]).startswith("UNKNOWN:No address added")
+    assert triton_failure(log.splitlines()[0]) is None
