@@ -31,9 +31,10 @@ _CATEGORY_SEPARATOR = re.compile(r"\s*[/>|]\s*")
 
 
 def category_path(category: object) -> tuple[str, ...]:
-    """A category's levels, lower-cased: 'Frozen / Frozen Pizza' -> ('frozen', 'frozen pizza')."""
-    text = str(category or "").strip()
-    return tuple(p.strip().lower() for p in _CATEGORY_SEPARATOR.split(text)) if text else ()
+    """A category's levels, lower-cased, empty ones left out: 'Frozen / Frozen Pizza' and
+    'Frozen > Frozen Pizza >' -> ('frozen', 'frozen pizza')."""
+    levels = (p.strip().lower() for p in _CATEGORY_SEPARATOR.split(str(category or "")))
+    return tuple(level for level in levels if level)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ def parse_filter(inputs: Mapping[str, object] | None) -> ProductFilter:
     category = ()
     if raw_category is not None:
         category = category_path(decode_text(raw_category, "CATEGORY", MAX_CATEGORY_BYTES))
+        if not category:
+            raise InvalidRequest("CATEGORY names no category, only separators")
     return ProductFilter(
         check_flag(inputs.get("IN_STOCK"), "IN_STOCK"), price_min, price_max, category
     )

@@ -45,6 +45,9 @@ def test_filters_select_by_stock_price_and_category_path() -> None:
     assert rows(shop.allowed(ProductFilter(price_min=10.0))) == [2, 3]
     assert rows(shop.allowed(ProductFilter(category=("tools",)))) == [0, 1, 4]
     assert rows(shop.allowed(ProductFilter(category=category_path("TOOLS > Drills")))) == [0, 4]
+    assert (
+        category_path(" tools > drills > ") == category_path("Tools//Drills") == ("tools", "drills")
+    )
     both = ProductFilter(in_stock=True, price_max=50.0, category=("tools", "drills"))
     assert rows(shop.allowed(both)) == [0, 4]
     assert rows(shop.allowed(ProductFilter(in_stock=True, price_min=200.0))) == []
@@ -72,6 +75,7 @@ def test_a_filter_on_a_missing_attribute_or_an_unknown_category_is_refused() -> 
         ({"IN_STOCK": np.array([1], np.int32)}, "IN_STOCK must be a boolean"),
         ({"CATEGORY": np.array([b"\xff"], np.object_)}, "CATEGORY is not valid UTF-8"),
         ({"CATEGORY": np.array([b"  "], np.object_)}, "CATEGORY is empty"),
+        ({"CATEGORY": np.array([b" > / "], np.object_)}, "CATEGORY names no category"),
     ],
 )
 def test_bad_filter_inputs_are_named(inputs, problem) -> None:
