@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from shopserve.ensemble.events import MAX_FUTURE_S, event_key
+from shopserve.ensemble.events import MAX_EVENT_ID_BYTES, MAX_FUTURE_S, event_key
 from shopserve.ensemble.profile_store import ERASED_EVENT
 from shopserve.ensemble.profiles import EVENT_TYPES
-from shopserve.ensemble.validation import has_word, plain_text
+from shopserve.ensemble.validation import MAX_USER_ID_BYTES, has_word, plain_text
 
 from shopserve.formats import (
     CATALOGUE_ALIASES,
@@ -258,6 +258,7 @@ def load_judgments(path: Path, catalogue: CatalogueData) -> Judgments:
     for line, row in rows:
         query, pid = str(row["query"] or "").strip(), _integer(row["product_id"])
         relevance = _finite(row["relevance"])
+        problems.check("an empty query", not query, line, row["query"])
         problems.check(
             "a product_id not in the catalogue", pid not in known, line, row["product_id"]
         )
@@ -267,8 +268,6 @@ def load_judgments(path: Path, catalogue: CatalogueData) -> Judgments:
         if query and pid in known and relevance is not None:
             by_query.setdefault(query, {})[pid] = relevance
     problems.raise_any()
-    if not by_query:
-        raise DataError(f"{path}: every query is empty")
     grades = {r for judged in by_query.values() for r in judged.values()}
     if len(grades) < 2:
         raise DataError(
@@ -367,8 +366,23 @@ def _events(
         except (TypeError, ValueError):
             when = None
         kind = event_kind(row["event"])
+        basket, event = str(row.get("basket_id") or ""), str(row.get(event_column) or "")
+        user_bytes = len(user.encode())
+        id_bytes = max(len(basket.strip().encode()), len(event.strip().encode()))
         for problem, bad, value in (
             (f"an empty {id_column}", not user, row[id_column]),
+            # The server refuses longer ones: such a shopper could never be asked about. The
+            # value is not shown (a shopper's id).
+            (
+                f"a {id_column} over {MAX_USER_ID_BYTES} bytes",
+                user_bytes > MAX_USER_ID_BYTES,
+                f"{user_bytes} bytes",
+            ),
+            (
+                f"a basket_id or {event_column} over {MAX_EVENT_ID_BYTES} bytes",
+                id_bytes > MAX_EVENT_ID_BYTES,
+                f"{id_bytes} bytes",
+            ),
             ("unknown product ids", product not in known, row["product_id"]),
             ("unparseable timestamps", when is None, row["timestamp"]),
             (
@@ -385,8 +399,8 @@ def _events(
                 when or 0.0,
                 product or 0,
                 kind or 0,
-                str(row.get("basket_id") or ""),
-                str(row.get(event_column) or ""),
+                basket,
+                event,
             )
         )
     problems.raise_any()

@@ -326,3 +326,18 @@ def test_a_full_disk_refuses_a_batch_whole_and_takes_it_again_when_there_is_room
     assert logged == [f"u{n}" for n in [*range(refused), refused] for _ in range(32)]
     assert store.get(f"u{refused}").items[32].purchases == 1
     store.close()
+
+
+def test_ids_the_server_would_refuse_stop_the_build_without_being_shown(tmp_path) -> None:
+    long_user, long_basket = "u" * 257, "b" * 129
+    write(
+        tmp_path / "events.csv",
+        [f"{long_user},1,100,purchase,b1", f"ok,1,100,purchase,{long_basket}"],
+    )
+    with pytest.raises(DataError) as error:
+        load_events(tmp_path / "events.csv", CATALOGUE)
+    assert "1 rows with a user_id over 256 bytes (first: row 2: '257 bytes')" in str(error.value)
+    assert "1 rows with a basket_id or event_id over 128 bytes (first: row 3: '129 bytes')" in (
+        str(error.value)
+    )
+    assert long_user not in str(error.value)

@@ -501,8 +501,10 @@ def test_a_spreadsheets_csv_reads_and_bad_rows_are_named(tmp_path) -> None:
     judged.write_text("query,product_id,relevance\ndrill,1,2\nsaw,2,2\n")
     with pytest.raises(DataError, match="every relevance is 2; nDCG needs at least two grades"):
         load_judgments(judged, catalogue)
-    judged.write_text("query,product_id,relevance\n ,1,2\n,2,1\n")
-    with pytest.raises(DataError, match="every query is empty"):
+    judged.write_text("query,product_id,relevance\ndrill,1,2\n ,1,2\n,2,1\n")
+    with pytest.raises(
+        DataError, match=r"2 rows with an empty query \(first: row 3: ' ', row 4: ''\)"
+    ):
         load_judgments(judged, catalogue)
 
 
