@@ -1,9 +1,11 @@
 """One client over several servers (replicas of one store), with gRPC's own machinery.
 
 The addresses become one static gRPC target; gRPC's ``round_robin`` policy spreads calls over the
-replicas whose connection is up and whose standard health service (``grpc.health.v1``, which Triton
-serves) says SERVING; a call that fails UNAVAILABLE (a replica gone, or its queue full) is retried
-by gRPC's retry policy, and round robin sends the retry to the next replica. Every inference call
+replicas whose connection is up; a call that fails UNAVAILABLE (a replica gone, or its queue full)
+is retried by gRPC's retry policy, and round robin sends the retry to the next replica. gRPC's
+client-side health checking is not asked for: it needs the health service's ``Watch``, and Triton
+(2.51) answers only ``Check`` (``Watch`` is UNIMPLEMENTED: gRPC then logs an error line to stderr
+and treats the replica as healthy anyway). Every inference call
 is safe to send twice: searches and recommendations only read, and events and catalogue updates
 carry ids that make a retry count once.
 """
@@ -21,7 +23,6 @@ RETRY_ATTEMPTS = 3  # per call, on the replicas in turn
 
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
-    "healthCheckConfig": {"serviceName": ""},
     "methodConfig": [
         {
             "name": [{"service": "inference.GRPCInferenceService"}],
