@@ -427,6 +427,15 @@ class Security:
     inference_key: str | None = None
     admin_key: str | None = None
 
+    def __post_init__(self) -> None:
+        files = (self.root_certificates, self.private_key, self.certificate_chain)
+        if not self.ssl and any(files):
+            raise ValueError(
+                "certificates are for TLS: give ssl=True (a plaintext channel would ignore them)"
+            )
+        if bool(self.private_key) != bool(self.certificate_chain):
+            raise ValueError("a client certificate needs both private_key and certificate_chain")
+
     def channel(self) -> dict:
         """Keyword arguments of tritonclient's InferenceServerClient."""
         if not self.ssl:

@@ -501,3 +501,12 @@ def test_the_cli_refuses_an_address_that_is_not_host_and_port(capsys) -> None:
     assert "argument --url: server address '127.0.0.1:notaport' is not host:port" in (
         capsys.readouterr().err
     )
+
+
+def test_certificates_without_tls_are_refused_not_ignored() -> None:
+    with pytest.raises(ValueError, match="give ssl=True"):
+        Security(root_certificates="ca.crt")
+    with pytest.raises(ValueError, match="both private_key and certificate_chain"):
+        Security(ssl=True, private_key="client.key")
+    assert Security(ssl=True, private_key="k", certificate_chain="c").channel()["ssl"] is True
+    assert Security().channel() == {}
