@@ -358,10 +358,11 @@ class RecommendExplainer:
                 if mate[0] >= 0
                 else "not often bought with what is in your basket"
             ),
-            "similar_shoppers": "shoppers like you buy it (in "
-            f"{_percent(value['neighbour_share'])} of their recent baskets; TIFU-KNN, your "
-            f"recent baskets and theirs, {value['tifu_knn']:.2f}; {value['also_bought']:.2f} "
-            "alike to what you buy)",
+            # TIFU-KNN's score is mostly the shopper's own recent baskets (alpha): say so
+            "similar_shoppers": f"TIFU-KNN {value['tifu_knn']:.2f} (your recent baskets with "
+            "those of shoppers like you, who have it in "
+            f"{_percent(value['neighbour_share'])} of theirs); {value['also_bought']:.2f} alike "
+            "to what you buy",
             "your_taste": f"close to what you buy (cosine {value['taste_cosine']:.2f}); "
             f"{_percent(value['category_share'])} of your purchases are in its category",
             "popularity": f"in the top {_top(value['popularity'])} of the shop's products by "
