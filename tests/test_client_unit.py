@@ -488,9 +488,9 @@ def test_record_many_retries_transient_failures_with_the_same_events(kind, monke
 
 @pytest.mark.parametrize("url", ["not a url::", "127.0.0.1:notaport", "8001", "", " , "])
 def test_an_address_that_is_not_host_and_port_is_a_value_error(url) -> None:
-    with pytest.raises(ValueError, match="host:port|no server address"):
+    with pytest.raises(ValueError, match=r"host:port|no server address"):
         SearchClient(url)
-    with pytest.raises(ValueError, match="host:port|no server address"):
+    with pytest.raises(ValueError, match=r"host:port|no server address"):
         AsyncSearchClient(url)
 
 
