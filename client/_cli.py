@@ -219,13 +219,18 @@ def _seconds(text: str) -> float:
     return value
 
 
+MAX_BATCH = 1024  # rows a request may carry: the events and catalogue endpoints' limit
+
+
 def _batch_size(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+    if not 1 <= value <= MAX_BATCH:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 1 to {MAX_BATCH:,} (a request's limit), got {text!r}"
+        )
     return value
 
 
@@ -257,16 +262,30 @@ def _client(args: argparse.Namespace) -> SearchClient:
 _EVENT_COLUMNS = ("user_id", "product_id", "timestamp", "event")
 
 
+def _digest(path: Path) -> str:
+    """What a file's event and update ids start with: its content's, so editing it changes them."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
+
+
+def _checked_csv(path: Path) -> tuple[list[str], int]:
+    """A CSV file's header and number of rows, once every row has read well-formed (else
+    CsvFormatError): a malformed file is refused before anything of it is sent. A pass over the
+    file, not a copy of it in memory."""
+    columns, rows = read_csv(path)
+    return columns, sum(1 for _ in rows)
+
+
 def read_events(path: Path) -> Iterator[tuple[int, Event]]:
     """The events of a generic events CSV (user_id, product_id, timestamp, event, basket_id), each
     with the file line it was read from. Each event's id is the file's digest and its line, so
     importing a file again counts nothing twice."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    columns, rows = read_csv(path)
+    digest = _digest(path)
+    columns, _ = _checked_csv(path)
     missing = [c for c in _EVENT_COLUMNS if c not in columns]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}")
-    for line, row in rows:
+    for line, row in read_csv(path)[1]:
         try:
             product, when = int64(row["product_id"]), parse_timestamp(row["timestamp"])
         except ValueError as exc:
@@ -372,15 +391,15 @@ def read_catalogue_changes(
     """Batches of a catalogue update file (the catalogue format plus an optional ``operation``
     column, upsert or delete), each with an update id made of the file's digest and its first
     line, so that applying a file again changes nothing twice, and its rows' file lines."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    columns, rows = read_csv(path)
+    digest = _digest(path)
+    columns, count = _checked_csv(path)
     if "product_id" not in {CATALOGUE_ALIASES.get(c, c) for c in columns}:
         raise CatalogueFileError(f"{path}: missing columns ['product_id'] (it has {columns})")
-    if not rows:
+    if not count:
         raise CatalogueFileError(f"{path} has no rows")
 
     def changes() -> Iterator[tuple[int, ProductChange]]:
-        for line, row in rows:
+        for line, row in read_csv(path)[1]:
             try:
                 yield line, _change(row)
             except ValueError as exc:

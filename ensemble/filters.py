@@ -31,10 +31,9 @@ _CATEGORY_SEPARATOR = re.compile(r"\s*[/>|]\s*")
 
 
 def category_path(category: object) -> tuple[str, ...]:
-    """A category's levels, lower-cased, empty ones left out: 'Frozen / Frozen Pizza' and
-    'Frozen > Frozen Pizza >' -> ('frozen', 'frozen pizza')."""
-    levels = (p.strip().lower() for p in _CATEGORY_SEPARATOR.split(str(category or "")))
-    return tuple(level for level in levels if level)
+    """A category's levels, lower-cased: 'Frozen / Frozen Pizza' -> ('frozen', 'frozen pizza')."""
+    text = str(category or "").strip()
+    return tuple(p.strip().lower() for p in _CATEGORY_SEPARATOR.split(text)) if text else ()
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,10 @@ def parse_filter(inputs: Mapping[str, object] | None) -> ProductFilter:
     raw_category = inputs.get("CATEGORY")
     category = ()
     if raw_category is not None:
-        category = category_path(decode_text(raw_category, "CATEGORY", MAX_CATEGORY_BYTES))
+        # A request's empty levels are left out ('snacks >' asks for 'snacks'). A catalogue's
+        # paths keep theirs: stores code their categories by the paths as they were read.
+        text = decode_text(raw_category, "CATEGORY", MAX_CATEGORY_BYTES)
+        category = tuple(level for level in category_path(text) if level)
         if not category:
             raise InvalidRequest("CATEGORY names no category, only separators")
     return ProductFilter(

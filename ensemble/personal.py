@@ -113,11 +113,15 @@ def history_weights(
 ) -> np.ndarray:
     """Each candidate's weight of the shopper's affinity in ``query + weight x affinity``:
     ``weight`` within HISTORY_MARGIN of the best query logit and, given the candidates'
-    ``categories`` (-1: none), in a category of one of the HISTORY_CATEGORY_MATCHES best; else 0."""
+    ``categories`` (-1: none), in a category of one of the HISTORY_CATEGORY_MATCHES best; else 0.
+    A candidate without a category is of no known kind: it gets none, unless none of the best has
+    a category either (a catalogue without them), where the margin alone decides."""
     within = query_logits >= query_logits.max(initial=-np.inf) - HISTORY_MARGIN
     if categories is not None:
-        best = np.argsort(-query_logits, kind="stable")[:HISTORY_CATEGORY_MATCHES]
-        within &= np.isin(categories, categories[best])
+        best = categories[np.argsort(-query_logits, kind="stable")[:HISTORY_CATEGORY_MATCHES]]
+        kinds = best[best >= 0]
+        if kinds.size:
+            within &= np.isin(categories, kinds)
     return np.where(within, weight, 0.0).astype(query_logits.dtype)
 
 
@@ -386,9 +390,9 @@ class LiveEvents:
         """Erase a shopper, for a caller holding the operator's key (ProfileStoreUnavailable, and
         nothing erased, when the store fails)."""
         check_operator_key("forget", given_key, operator_key)
-        key = self.personal.keys.key(decode_user_id(user_id))
+        keys = self.personal.keys.keys_to_erase(decode_user_id(user_id))
         try:
-            return self.personal.profiles.forget(key)
+            return any([self.personal.profiles.forget(key) for key in keys])  # every one erased
         except self.personal.profiles.FAILURES as exc:
             raise self._refused("the profile store did not erase the shopper", exc, 1) from exc
 

@@ -69,7 +69,15 @@ class UserKeys:
     def key(self, user_id: str) -> str:
         """The keyed hash of a shopper's id, surrounding whitespace removed: the build reads ids
         so from its files, and a server, an import or an erasure must find the same shopper."""
-        return hmac.new(self._secret, user_id.strip().encode("utf-8"), hashlib.sha256).hexdigest()
+        return self._hash(user_id.strip())
+
+    def keys_to_erase(self, user_id: str) -> list[str]:
+        """Where a shopper's data may be: their key, and for an id with surrounding whitespace
+        also its hash as given, under which servers before 2026-12-06 stored live events."""
+        return list(dict.fromkeys([self.key(user_id), self._hash(user_id)]))
+
+    def _hash(self, text: str) -> str:
+        return hmac.new(self._secret, text.encode("utf-8"), hashlib.sha256).hexdigest()
 
     def fingerprint(self) -> str:
         """Tells this secret from another without revealing it (a keyed digest of a constant): a

@@ -62,7 +62,8 @@ def read_rows(
         columns, rows = table.column_names, list(enumerate(table.to_pylist(), start=2))
     elif path.suffix == ".csv":
         try:
-            columns, rows = read_csv(path)
+            columns, numbered = read_csv(path)
+            rows = list(numbered)
         except CsvFormatError as exc:
             raise DataError(str(exc)) from None
     else:

@@ -5,9 +5,10 @@ only, so the client imports it without the export's or the server's dependencies
 
 from __future__ import annotations
 
+import codecs
 import csv
-import io
 import re
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,10 +18,10 @@ class CsvFormatError(ValueError):
 
 
 class _Lines:
-    """A text's lines for csv.reader, noting whether the reader asked past the last one."""
+    """A text file's lines for csv.reader, noting whether the reader asked past the last one."""
 
-    def __init__(self, text: str) -> None:
-        self._lines = iter(io.StringIO(text, newline=""))
+    def __init__(self, handle: Iterator[str]) -> None:
+        self._lines = handle
         self.ended = False
 
     def __iter__(self) -> _Lines:
@@ -34,44 +35,82 @@ class _Lines:
             raise
 
 
-def read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """The header and the rows of a CSV file, each row with the file line it starts on (the header
-    is line 1; blank lines are skipped). The file must be UTF-8 (a spreadsheet's byte-order mark is
-    skipped) and well-formed, or CsvFormatError names the file and the line: of a byte that is not
-    UTF-8, of a row with more or fewer fields than the header, of a quote that is never closed
-    (it would swallow the rows after it)."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise CsvFormatError(
-            f"{path}: line {line}: byte {data[exc.start]:#04x} (at offset {exc.start}) is not "
-            "UTF-8; the file must be UTF-8 (iconv -f LATIN1 -t UTF-8 converts a Latin-1 file)"
-        ) from None
-    lines = _Lines(text)
+CsvRows = Iterator[tuple[int, dict[str, str]]]
+
+
+def read_csv(path: Path) -> tuple[list[str], CsvRows]:
+    """The header of a CSV file and its rows, read as they are iterated, each with the file line it
+    starts on (the header is line 1; blank lines are skipped). The file must be UTF-8 (a
+    spreadsheet's byte-order mark is skipped) and well-formed, or CsvFormatError names the file and
+    the line: of a byte that is not UTF-8, of a row with more or fewer fields than the header, of a
+    quote that is never closed (it would swallow the rows after it)."""
+    handle = path.open(encoding="utf-8-sig", newline="")
+    lines = _Lines(handle)
     reader = csv.reader(lines, strict=True)
-    header: list[str] | None = None
-    rows = []
-    while True:
-        start = reader.line_num + 1
-        try:
-            fields = next(reader)
-        except StopIteration:
-            return header or [], rows
-        except csv.Error as exc:
-            problem = "a quote in this row is never closed" if lines.ended else str(exc)
-            raise CsvFormatError(f"{path}: line {start}: {problem}") from None
-        if not fields:
-            continue
-        if header is None:
-            header = fields
-        elif len(fields) != len(header):
-            raise CsvFormatError(
-                f"{path}: line {start}: expected {len(header)} fields, got {len(fields)}"
-            )
-        else:
-            rows.append((start, dict(zip(header, fields, strict=True))))
+
+    def next_fields() -> tuple[int, list[str]] | None:
+        """The next non-blank row and the line it starts on; None at the end."""
+        while True:
+            start = reader.line_num + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return None
+            except csv.Error as exc:
+                raise CsvFormatError(f"{path}: line {start}: {_csv_problem(exc, lines)}") from None
+            except UnicodeDecodeError:
+                raise CsvFormatError(_not_utf8(path)) from None
+            if fields:
+                return start, fields
+
+    def rows(header: list[str]) -> CsvRows:
+        with handle:
+            while (found := next_fields()) is not None:
+                start, fields = found
+                if len(fields) != len(header):
+                    raise CsvFormatError(
+                        f"{path}: line {start}: expected {len(header)} fields, got {len(fields)}"
+                    )
+                yield start, dict(zip(header, fields, strict=True))
+
+    try:
+        first = next_fields()
+    except BaseException:
+        handle.close()
+        raise
+    if first is None:
+        handle.close()
+        return [], iter(())
+    return first[1], rows(first[1])
+
+
+def _csv_problem(error: csv.Error, lines: _Lines) -> str:
+    if lines.ended:
+        return "a quote in this row is never closed"
+    if "field larger than field limit" in str(error):  # a quote left open swallows what follows
+        return f"a field runs past {csv.field_size_limit():,} characters: is a quote never closed?"
+    return str(error)
+
+
+def _not_utf8(path: Path) -> str:
+    """Where the first byte that is not UTF-8 is in ``path`` (read again, a block at a time)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with path.open("rb") as raw:
+        while block := raw.read(1 << 16):
+            pending = len(decoder.getstate()[0])  # the end of the last block, still undecoded
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                at = offset - pending + exc.start  # exc.object: those bytes, then this block
+                line += block.count(b"\n", 0, max(exc.start - pending, 0))
+                return (
+                    f"{path}: line {line}: byte {exc.object[exc.start]:#04x} (at offset {at}) is "
+                    "not UTF-8; the file must be UTF-8 (iconv -f LATIN1 -t UTF-8 converts a "
+                    "Latin-1 file)"
+                )
+            offset, line = offset + len(block), line + block.count(b"\n")
+    return f"{path}: the file must be UTF-8"
 
 
 def int64(cell: object) -> int:

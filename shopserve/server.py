@@ -15,6 +15,7 @@ CPU-only machine (see ``../shared/notes/triton-on-cpu.md``):
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -157,16 +158,25 @@ def free_ports(count: int) -> list[int]:
 
 def ports_in_use(ports: dict[str, tuple[str, int]]) -> list[str]:
     """Which of the named (address, port) pairs another process listens on now: Triton would
-    fail to bind them, and until it exits that process would answer the readiness probes."""
+    fail to bind them, and until it exits that process would answer the readiness probes. Only
+    that is reported: an address this host cannot bind, or a port it may not, is left for Triton
+    to refuse in its own words."""
     taken = []
     for name, (address, port) in ports.items():
-        with socket.socket() as sock:
+        try:
+            family, kind, _, _, where = socket.getaddrinfo(
+                address or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+        except socket.gaierror:
+            continue
+        with socket.socket(family, kind) as sock:
             # As a listening server binds: a port whose last connection is in TIME_WAIT is free.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((address, port))
-            except OSError:
-                taken.append(f"{name} {port}")
+                sock.bind(where)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    taken.append(f"{name} {port}")
     return taken
 
 
@@ -262,7 +272,7 @@ def _note_store(work_dir: Path, repo: Path) -> list[str]:
                 ", ".join(others),
             )
         work_dir.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # launches may race
         partial.write_text(json.dumps([*known, store_path], indent=1))
         partial.replace(path)
     return others

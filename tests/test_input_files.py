@@ -71,7 +71,7 @@ def test_a_malformed_csv_is_refused_naming_the_file_and_line(tmp_path, rows, pro
     path = tmp_path / "items.csv"
     path.write_text("product_id,title\n\n" + rows)  # the blank line 2 counts as a line
     with pytest.raises(CsvFormatError) as error:
-        read_csv(path)
+        list(read_csv(path)[1])
     assert str(error.value) == f"{path}: {problem}"
 
 
@@ -79,22 +79,39 @@ def test_rows_are_numbered_by_the_line_they_start_on(tmp_path) -> None:
     path = tmp_path / "items.csv"
     text = 'product_id,title\n1,"Milk\nin two lines"\n\n2,"Bread, ""sliced"""\n'
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # a spreadsheet's byte-order mark
-    assert read_csv(path) == (
-        ["product_id", "title"],
-        [
-            (2, {"product_id": "1", "title": "Milk\nin two lines"}),
-            (5, {"product_id": "2", "title": 'Bread, "sliced"'}),
-        ],
-    )
+    columns, rows = read_csv(path)
+    assert columns == ["product_id", "title"]
+    assert list(rows) == [
+        (2, {"product_id": "1", "title": "Milk\nin two lines"}),
+        (5, {"product_id": "2", "title": 'Bread, "sliced"'}),
+    ]
 
 
 def test_a_file_that_is_not_utf8_is_refused_naming_the_line(tmp_path) -> None:
     path = tmp_path / "items.csv"
     path.write_bytes("product_id,title\n1,Milk\n2,Crème brûlée\n".encode("latin-1"))
     with pytest.raises(CsvFormatError) as error:
-        read_csv(path)
+        list(read_csv(path)[1])
     assert str(error.value).startswith(
         f"{path}: line 3: byte 0xe8 (at offset 28) is not UTF-8; the file must be UTF-8"
+    )
+    # Far into a large file, where it is decoded a block at a time (a 2-byte é across blocks)
+    head = "product_id,title\n" + "".join(f"{n},Café\n" for n in range(20_000))
+    path.write_bytes(head.encode() + "20000,Crème\n".encode("latin-1"))
+    with pytest.raises(CsvFormatError) as error:
+        list(read_csv(path)[1])
+    offset = len(head.encode()) + len("20000,Cr")
+    assert f"line 20002: byte 0xe8 (at offset {offset})" in str(error.value)
+
+
+def test_a_quote_left_open_in_a_large_file_is_named_as_one(tmp_path) -> None:
+    path = tmp_path / "items.csv"
+    rows = "".join(f"{n},Milk {n}\n" for n in range(30_000))
+    path.write_text(f'product_id,title\n1,"Open quote\n{rows}')
+    with pytest.raises(CsvFormatError) as error:
+        list(read_csv(path)[1])
+    assert str(error.value) == (
+        f"{path}: line 2: a field runs past 131,072 characters: is a quote never closed?"
     )
 
 
@@ -314,8 +331,9 @@ def test_a_client_certificate_means_tls_with_the_systems_cas(tmp_path, capsys) -
 @pytest.mark.parametrize(
     ("arguments", "problem"),
     [
-        (["--batch-size", "0"], "--batch-size: expected a whole number of 1 or more, got '0'"),
-        (["--batch-size", "-5"], "--batch-size: expected a whole number of 1 or more, got '-5'"),
+        (["--batch-size", "0"], "--batch-size: expected a whole number from 1 to 1,024"),
+        (["--batch-size", "-5"], "--batch-size: expected a whole number from 1 to 1,024"),
+        (["--batch-size", "1025"], "--batch-size: expected a whole number from 1 to 1,024"),
         (["--timeout", "0"], "--timeout: expected a number of seconds above 0, got '0'"),
         (["--timeout", "-1"], "--timeout: expected a number of seconds above 0, got '-1'"),
         (["--timeout", "nan"], "--timeout: expected a number of seconds above 0, got 'nan'"),

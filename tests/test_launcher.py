@@ -78,3 +78,16 @@ def test_the_reason_for_a_failed_start_is_tritons_own_line() -> None:
     )
     assert triton_failure(log.splitlines()[1]).startswith("UNKNOWN:No address added")
     assert triton_failure(log.splitlines()[0]) is None
+
+
+def test_only_a_port_in_use_is_called_taken() -> None:
+    """An address this host cannot bind (or may not) is Triton's to refuse, in its own words."""
+    (port,) = free_ports(1)
+    assert ports_in_use({"HTTP": ("192.0.2.1", port), "gRPC": ("no-such-host.invalid", port)}) == []
+    with socket.socket(socket.AF_INET6) as listener:
+        try:
+            listener.bind(("::1", port))
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+        listener.listen()
+        assert ports_in_use({"HTTP": ("::1", port)}) == [f"HTTP {port}"]

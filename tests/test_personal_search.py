@@ -82,6 +82,11 @@ def test_history_lifts_only_categories_the_querys_best_matches_show() -> None:
     assert top[0] == best + 1 and best not in top[:best]  # the milk first, no strawberries
     weights = history_weights(logits, 16.0, categories)
     assert weights[best] == 0.0 and (weights[categories == 0] == 16.0).all()
+    # A product without a category (or added since the build) is of no known kind, even where one
+    # of the best matches has none either
+    uncategorised = categories.copy()
+    uncategorised[[0, best]] = -1
+    assert personal_top(replace(scored, categories=uncategorised), 16.0)[0] == best + 1
     # Without categories (none in the catalogue: all -1) the margin alone decides
     assert personal_top(replace(scored, categories=np.full(best + 2, -1)), 16.0)[0] == best
     assert personal_top(replace(scored, categories=None), 16.0)[0] == best

@@ -3,6 +3,8 @@ and the recommendation features. Fast: small hand-made logs."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import sqlite3
 
@@ -341,3 +343,23 @@ def test_ids_the_server_would_refuse_stop_the_build_without_being_shown(tmp_path
         str(error.value)
     )
     assert long_user not in str(error.value)
+
+
+def test_forget_also_erases_what_servers_before_stripping_ids_stored(tmp_path) -> None:
+    """Servers before 2026-12-06 hashed an id as sent: " alice "'s live events sit under the hash
+    of " alice ". Forgetting " alice " erases them and alice's own."""
+    from types import SimpleNamespace
+
+    from shopserve.ensemble.personal import LiveEvents
+
+    keys = UserKeys(b"0123456789abcdef0123456789abcdef")
+    legacy = hmac.new(b"0123456789abcdef0123456789abcdef", b" alice ", hashlib.sha256).hexdigest()
+    assert keys.keys_to_erase(" alice ") == [keys.key("alice"), legacy]
+    assert keys.keys_to_erase("alice") == [keys.key("alice")]
+    live = open_store(f"sqlite://{tmp_path / 'live.sqlite'}")
+    profile = Profile()
+    profile.apply(1, PURCHASE, 5.0, "b1")
+    live.put([(legacy, profile), (keys.key("alice"), profile)])
+    events = LiveEvents(SimpleNamespace(profiles=live, keys=keys))
+    assert events.forget(" alice ", "operator-key-0123", "operator-key-0123")
+    assert live.get(legacy) is None and live.get(keys.key("alice")) is None
