@@ -31,11 +31,12 @@ serve: store
 	$(BIN)/shopserve serve --model-repository $(REPOSITORY) --grpc-port $(GRPC_PORT)
 
 # Serve repository $(1) (serve options $(3)) in the background, run the shell commands $(2)
-# against it, stop it.
+# against it, stop it and wait until it has exited (the next server takes the same ports).
 define with_server
 	@$(BIN)/shopserve serve --model-repository $(1) --grpc-port $(GRPC_PORT) $(3) \
 		--log-file .triton/demo-server.log > .triton-demo.out 2>&1 & echo $$! > .triton-demo.pid; \
-	trap 'kill $$(cat .triton-demo.pid) 2>/dev/null; rm -f .triton-demo.pid .triton-demo.out' EXIT; \
+	trap 'kill $$(cat .triton-demo.pid) 2>/dev/null; wait $$(cat .triton-demo.pid); \
+		rm -f .triton-demo.pid .triton-demo.out' EXIT; \
 	for i in $$(seq 1 240); do grep -q ready .triton-demo.out 2>/dev/null && break; sleep 0.5; done; \
 	cat .triton-demo.out; $(2)
 endef

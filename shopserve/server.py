@@ -67,6 +67,7 @@ EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 PRIVATE_PORTS_FROM = 10000  # free_ports draws from here up to the ephemeral range
 ORT_BACKEND_SOURCE = Path(__file__).resolve().parent / "ort_backend.py"
 SHM_DIR = Path("/dev/shm")
+PORTS_GRACE_S = 10.0  # how long a port in use may take to be let go before start() refuses it
 # Error lines this Triton build writes on every start on a machine without a GPU driver.
 NO_GPU_ERRORS = ("CudaDriverHelper has not been initialized", "CUDA driver version is insufficient")
 TRITON_ERROR_LINE = re.compile(r'^E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] "?(.*?)"?$')
@@ -430,14 +431,17 @@ class TritonServer:
         return self
 
     def _check_ports(self) -> None:
+        """Refuse ports another process listens on, once a server that is stopping has had
+        PORTS_GRACE_S to let them go (a restart right after a stop)."""
         cfg = self.config
-        taken = ports_in_use(
-            {
-                "gRPC": ("", cfg.grpc_port),  # Triton's gRPC listens on every address
-                "HTTP": (cfg.http_address, cfg.http_port),
-                "metrics": (cfg.http_address, cfg.metrics_port),  # Triton's default: HTTP's
-            }
-        )
+        ports = {
+            "gRPC": ("", cfg.grpc_port),  # Triton's gRPC listens on every address
+            "HTTP": (cfg.http_address, cfg.http_port),
+            "metrics": (cfg.http_address, cfg.metrics_port),  # Triton's default: HTTP's
+        }
+        deadline = time.monotonic() + PORTS_GRACE_S
+        while (taken := ports_in_use(ports)) and time.monotonic() < deadline:
+            time.sleep(0.25)
         if taken:
             raise ServerError(
                 f"another process listens on {', '.join(taken)}: stop it, or give this server "

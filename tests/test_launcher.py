@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
 
 from shopserve.cli import keys, serve
 from shopserve.server import (
+    ServerConfig,
+    TritonServer,
     free_ports,
     ports_in_use,
     prepare_backend_directory,
@@ -91,3 +94,21 @@ def test_only_a_port_in_use_is_called_taken() -> None:
             pytest.skip("no IPv6 loopback here")
         listener.listen()
         assert ports_in_use({"HTTP": ("::1", port)}) == [f"HTTP {port}"]
+
+
+def test_a_port_let_go_within_the_grace_is_not_refused(tmp_path) -> None:
+    """A restart right after a stop: the stopping server still listens for a moment."""
+    grpc_port, http_port, metrics_port = free_ports(3)
+    config = ServerConfig(
+        tmp_path, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port
+    )
+    listener = socket.socket()
+    listener.bind(("", grpc_port))
+    listener.listen()
+    closing = threading.Timer(1.0, listener.close)
+    closing.start()
+    try:
+        TritonServer(config)._check_ports()  # returns once the port is free
+    finally:
+        closing.join()
+    assert ports_in_use({"gRPC": ("", grpc_port)}) == []
